@@ -1,1 +1,232 @@
-fn main() {}
+//! `teamcity-scim`: the SCIM 2.0 bridge for JetBrains TeamCity.
+//!
+//! This binary loads configuration, chooses the store backend, wires the server and runs the
+//! subcommands. It holds no business logic of its own.
+
+#![allow(unreachable_pub, reason = "a binary crate has no public API; `pub` marks module interfaces")]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use rand::RngCore;
+use store::{DynStore, SystemClock, WriteCtx};
+use time::OffsetDateTime;
+
+mod config;
+mod telemetry;
+mod ttl;
+
+use config::Config;
+
+#[derive(Debug, Parser)]
+#[command(name = "teamcity-scim", version, about = "SCIM 2.0 provisioning for JetBrains TeamCity")]
+struct Cli {
+    /// Configuration file (TOML). Without it, embedded defaults and the environment apply.
+    #[arg(long, global = true, env = "TEAMCITY_SCIM_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the SCIM server.
+    Serve,
+    /// Manage SCIM bearer tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Configuration helpers.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create a token; the secret is printed once, as the last line of stdout.
+    Create {
+        /// A name that says who uses it (e.g. "okta-prod").
+        #[arg(long)]
+        name: String,
+        /// Lifetime, e.g. 30d, 12h, 90m; forever when omitted.
+        #[arg(long)]
+        ttl: Option<String>,
+    },
+    /// List tokens (never their secrets).
+    List,
+    /// Revoke a token by id.
+    Revoke {
+        /// The token id from `token list`.
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Print the effective configuration (after all layers).
+    Show,
+    /// Check the configuration and exit.
+    Check,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let cfg = match config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return std::process::ExitCode::from(78);
+        }
+    };
+    telemetry::init(&cfg.log);
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli.command, cfg)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn open_store(cfg: &Config) -> anyhow::Result<DynStore> {
+    store::open(&cfg.database.url, Arc::new(SystemClock))
+        .await
+        .with_context(|| format!("cannot open the database at {}", cfg.database.url))
+}
+
+async fn run(cmd: Command, cfg: Config) -> anyhow::Result<()> {
+    match cmd {
+        Command::Serve => serve(cfg).await,
+        Command::Token { command } => token(command, &cfg).await,
+        Command::Config { command: ConfigCommand::Show } => {
+            print!("{}", toml::to_string_pretty(&cfg)?);
+            Ok(())
+        }
+        Command::Config { command: ConfigCommand::Check } => {
+            println!("configuration is valid");
+            Ok(())
+        }
+    }
+}
+
+/// Creates a token, returning (record, secret).
+async fn new_token(
+    store: &DynStore,
+    name: &str,
+    expires: Option<OffsetDateTime>,
+) -> anyhow::Result<(store::TokenRecord, String)> {
+    let mut random = [0u8; 32];
+    rand::rng().fill_bytes(&mut random);
+    let secret = server::generate_token(random);
+    let rec = store.create_token(&WriteCtx::cli(), name, server::hash_token(&secret), expires).await?;
+    Ok((rec, secret))
+}
+
+async fn token(cmd: TokenCommand, cfg: &Config) -> anyhow::Result<()> {
+    let store = open_store(cfg).await?;
+    match cmd {
+        TokenCommand::Create { name, ttl } => {
+            let expires = match ttl {
+                Some(t) => Some(OffsetDateTime::now_utc() + ttl::parse(&t)?),
+                None => None,
+            };
+            let (rec, secret) = new_token(&store, &name, expires).await?;
+            println!("Created token {} ({name}){}.", rec.id, match rec.expires {
+                Some(e) => format!(", expires {}", store::timefmt::format(e)),
+                None => String::new(),
+            });
+            println!("Store it now: it is shown only once. Send it as `Authorization: Bearer <token>`.");
+            println!("{secret}");
+        }
+        TokenCommand::List => {
+            let now = OffsetDateTime::now_utc();
+            println!("{:<18} {:<24} {:<28} {:<28} STATUS", "ID", "NAME", "CREATED", "EXPIRES");
+            for t in store.list_tokens().await? {
+                let status = if t.revoked.is_some() {
+                    "revoked"
+                } else if t.is_valid_at(now) {
+                    "valid"
+                } else {
+                    "expired"
+                };
+                println!(
+                    "{:<18} {:<24} {:<28} {:<28} {status}",
+                    t.id,
+                    t.name,
+                    store::timefmt::format(t.created),
+                    t.expires.map(store::timefmt::format).unwrap_or_else(|| "never".into()),
+                );
+            }
+        }
+        TokenCommand::Revoke { id } => match store.revoke_token(&WriteCtx::cli(), &id).await {
+            Ok(()) => println!("Revoked token {id}. Running servers stop accepting it within 2 seconds."),
+            Err(store::StoreError::NotFound) => anyhow::bail!("no valid token with id `{id}` (see `teamcity-scim token list`)"),
+            Err(e) => return Err(e.into()),
+        },
+    }
+    Ok(())
+}
+
+async fn serve(cfg: Config) -> anyhow::Result<()> {
+    let store = open_store(&cfg).await?;
+    if store.valid_token_hashes().await?.is_empty() {
+        let (rec, secret) = new_token(&store, "initial", None).await?;
+        println!("No SCIM token existed, so one was created (id {}). It is shown only this once:", rec.id);
+        println!();
+        println!("    {secret}");
+        println!();
+        println!(
+            "Give it to your identity provider as the bearer token for http://{}/scim/v2 \
+             (try: curl -H 'Authorization: Bearer <token>' http://{}/scim/v2/ServiceProviderConfig).",
+            cfg.server.listen, cfg.server.listen
+        );
+    }
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("cannot install the metrics recorder")?;
+    let mut state = server::AppState::new(store);
+    state.metrics = Some(metrics);
+    let listener = tokio::net::TcpListener::bind(cfg.server.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (server.listen)", cfg.server.listen))?;
+    tracing::info!(listen = %cfg.server.listen, base_path = server::BASE_PATH, "teamcity-scim serving SCIM");
+    server::serve(listener, state, shutdown_signal()).await?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown requested; finishing in-flight requests");
+}

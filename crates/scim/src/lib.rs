@@ -6,9 +6,18 @@
 
 pub mod error;
 pub mod filter;
+pub mod list;
+pub mod patch;
 pub mod path;
+pub mod projection;
+pub mod resource;
 pub mod schema;
 
 pub use error::{ScimError, ScimResult, ScimType};
+pub use patch::{
+    MemberChange, MemberSelector, PatchOpKind, PatchOperation, PatchOutcome, apply_patch,
+    parse_patch,
+};
 pub use path::AttrPath;
+pub use resource::{Member, Normalized, check_immutable, normalize};
 pub use schema::ResourceKind;

@@ -77,10 +77,12 @@ impl fmt::Display for AttrPath {
 /// Splits a leading `urn:` prefix from a path at its last `:`. Returns `(None, text)` when the
 /// text is not URN-qualified.
 pub fn split_urn(text: &str) -> (Option<&str>, &str) {
-    if text.len() > 4 && text[..4].eq_ignore_ascii_case("urn:") {
-        if let Some(i) = text.rfind(':') {
-            return (Some(&text[..i]), &text[i + 1..]);
-        }
+    if text.len() > 4
+        && text.is_char_boundary(4)
+        && text[..4].eq_ignore_ascii_case("urn:")
+        && let Some(i) = text.rfind(':')
+    {
+        return (Some(&text[..i]), &text[i + 1..]);
     }
     (None, text)
 }

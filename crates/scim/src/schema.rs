@@ -618,6 +618,11 @@ static COMMON_ATTRS: &[AttrDef] = &[
     },
 ];
 
+/// The common attributes (`id`, `externalId`, `meta`, `schemas`; RFC 7643 §3.1).
+pub fn common_attributes() -> &'static [AttrDef] {
+    COMMON_ATTRS
+}
+
 /// The two resource types this service provider serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ResourceKind {

@@ -1,1 +1,324 @@
-//! placeholder
+//! The HTTP surface of teamcity-scim: the SCIM 2.0 routes under a base path, bearer-token
+//! authentication, `/healthz`, `/readyz` and `/metrics`.
+//!
+//! Handlers are thin: parse with `scim`, make one store call, render. Nothing here calls
+//! TeamCity — a write reaches TeamCity only through the outbox row its store command writes.
+
+use std::future::Future;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{MatchedPath, Path, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodRouter, any, get, post};
+use scim::{ResourceKind, ScimError};
+use store::WriteCtx;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+pub mod auth;
+mod bulk;
+mod discovery;
+pub mod error;
+mod extract;
+mod render;
+mod reply;
+mod resources;
+pub mod state;
+
+pub use auth::{generate_token, hash_token};
+pub use state::{AppState, Limits};
+
+use error::{ApiError, ApiResult, scim_error_response};
+use extract::{Params, read_json};
+use reply::Reply;
+use resources::ListParams;
+
+/// The SCIM base path.
+pub const BASE_PATH: &str = "/scim/v2";
+
+/// The absolute SCIM base URL as the client addressed us (`Host`, and `X-Forwarded-Proto` from
+/// a reverse proxy).
+fn base_url(headers: &HeaderMap) -> String {
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+    let proto = headers
+        .get("x-forwarded-proto")
+        .and_then(|h| h.to_str().ok())
+        .filter(|p| *p == "https" || *p == "http")
+        .unwrap_or("http");
+    format!("{proto}://{host}{BASE_PATH}")
+}
+
+fn write_ctx(req_headers: &HeaderMap, actor: &auth::Actor) -> WriteCtx {
+    WriteCtx {
+        actor: actor.name.clone(),
+        request_id: req_headers.get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_owned),
+    }
+}
+
+fn header_str<'a>(h: &'a HeaderMap, name: header::HeaderName) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn respond(r: ApiResult<Reply>) -> Response {
+    match r {
+        Ok(reply) => reply.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    scim_error_response(&ScimError::new(
+        405,
+        None,
+        format!("{method} is not allowed on {}", uri.path()),
+    ))
+}
+
+async fn not_found(uri: Uri) -> Response {
+    scim_error_response(&ScimError::not_found(format!("no SCIM endpoint at {}", uri.path())))
+}
+
+fn collection(kind: ResourceKind) -> MethodRouter<AppState> {
+    get(move |State(s): State<AppState>, headers: HeaderMap, uri: Uri| async move {
+        let r = async {
+            let p = ListParams::from_params(&Params::from_query(uri.query()))?;
+            resources::list(&s, &base_url(&headers), kind, &p).await
+        };
+        respond(r.await)
+    })
+    .post(
+        move |State(s): State<AppState>,
+              axum::Extension(actor): axum::Extension<auth::Actor>,
+              headers: HeaderMap,
+              uri: Uri,
+              body: Body| async move {
+            let r = async {
+                let proj = Params::from_query(uri.query()).projection()?;
+                let json = read_json(&headers, body, s.limits.max_body).await?;
+                let ctx = write_ctx(&headers, &actor);
+                Ok::<_, ApiError>(resources::create(&s, &ctx, &base_url(&headers), kind, &json, &proj).await?.1)
+            };
+            respond(r.await)
+        },
+    )
+    .fallback(method_not_allowed)
+}
+
+fn search(kind: Option<ResourceKind>) -> MethodRouter<AppState> {
+    post(move |State(s): State<AppState>, headers: HeaderMap, body: Body| async move {
+        let r = async {
+            let json = read_json(&headers, body, s.limits.max_body).await?;
+            let p = ListParams::from_search_body(&json)?;
+            let base = base_url(&headers);
+            match kind {
+                Some(k) => resources::list(&s, &base, k, &p).await,
+                None => resources::search_all(&s, &base, &p).await,
+            }
+        };
+        respond(r.await)
+    })
+    .fallback(method_not_allowed)
+}
+
+fn item(kind: ResourceKind) -> MethodRouter<AppState> {
+    get(move |State(s): State<AppState>, Path(id): Path<String>, headers: HeaderMap, uri: Uri| async move {
+        let r = async {
+            let proj = Params::from_query(uri.query()).projection()?;
+            resources::get(&s, &base_url(&headers), kind, &id, &proj, header_str(&headers, header::IF_NONE_MATCH)).await
+        };
+        respond(r.await)
+    })
+    .put(
+        move |State(s): State<AppState>,
+              axum::Extension(actor): axum::Extension<auth::Actor>,
+              Path(id): Path<String>,
+              headers: HeaderMap,
+              uri: Uri,
+              body: Body| async move {
+            let r = async {
+                let proj = Params::from_query(uri.query()).projection()?;
+                let json = read_json(&headers, body, s.limits.max_body).await?;
+                let ctx = write_ctx(&headers, &actor);
+                let if_match = header_str(&headers, header::IF_MATCH);
+                resources::replace(&s, &ctx, &base_url(&headers), kind, &id, &json, if_match, &proj).await
+            };
+            respond(r.await)
+        },
+    )
+    .patch(
+        move |State(s): State<AppState>,
+              axum::Extension(actor): axum::Extension<auth::Actor>,
+              Path(id): Path<String>,
+              headers: HeaderMap,
+              uri: Uri,
+              body: Body| async move {
+            let r = async {
+                let proj = Params::from_query(uri.query()).projection()?;
+                let json = read_json(&headers, body, s.limits.max_body).await?;
+                let ctx = write_ctx(&headers, &actor);
+                let if_match = header_str(&headers, header::IF_MATCH);
+                resources::patch(&s, &ctx, &base_url(&headers), kind, &id, &json, if_match, &proj).await
+            };
+            respond(r.await)
+        },
+    )
+    .delete(
+        move |State(s): State<AppState>,
+              axum::Extension(actor): axum::Extension<auth::Actor>,
+              Path(id): Path<String>,
+              headers: HeaderMap| async move {
+            let ctx = write_ctx(&headers, &actor);
+            respond(resources::delete(&s, &ctx, kind, &id, header_str(&headers, header::IF_MATCH)).await)
+        },
+    )
+    .fallback(method_not_allowed)
+}
+
+fn discovery_routes() -> Router<AppState> {
+    let spc = get(|State(s): State<AppState>, headers: HeaderMap| async move {
+        Reply::ok(discovery::service_provider_config(&base_url(&headers), &s.limits))
+    })
+    .fallback(method_not_allowed);
+    Router::new()
+        .route("/ServiceProviderConfig", spc)
+        .route(
+            "/ResourceTypes",
+            get(|headers: HeaderMap| async move { Reply::ok(discovery::resource_types(&base_url(&headers))) })
+                .fallback(method_not_allowed),
+        )
+        .route(
+            "/ResourceTypes/{id}",
+            get(|Path(id): Path<String>, headers: HeaderMap| async move {
+                respond(discovery::resource_type(&base_url(&headers), &id).map(Reply::ok).map_err(ApiError))
+            })
+            .fallback(method_not_allowed),
+        )
+        .route(
+            "/Schemas",
+            get(|headers: HeaderMap| async move { Reply::ok(discovery::schemas(&base_url(&headers))) })
+                .fallback(method_not_allowed),
+        )
+        .route(
+            "/Schemas/{id}",
+            get(|Path(id): Path<String>, headers: HeaderMap| async move {
+                respond(discovery::schema_doc(&base_url(&headers), &id).map(Reply::ok).map_err(ApiError))
+            })
+            .fallback(method_not_allowed),
+        )
+}
+
+/// The SCIM router (to be nested under [`BASE_PATH`]), authenticated.
+fn scim_router(state: AppState) -> Router<AppState> {
+    let bulk = post(
+        |State(s): State<AppState>,
+         axum::Extension(actor): axum::Extension<auth::Actor>,
+         headers: HeaderMap,
+         body: Body| async move {
+            let r = async {
+                let json = read_json(&headers, body, s.limits.bulk_max_payload).await.map_err(|e| {
+                    if e.status == 413 {
+                        ScimError::new(
+                            413,
+                            None,
+                            format!("the bulk request is larger than {} bytes (bulk.maxPayloadSize)", s.limits.bulk_max_payload),
+                        )
+                    } else {
+                        e
+                    }
+                })?;
+                let ctx = write_ctx(&headers, &actor);
+                bulk::bulk(&s, &ctx, &base_url(&headers), &json).await
+            };
+            respond(r.await)
+        },
+    )
+    .fallback(method_not_allowed);
+    Router::new()
+        .route("/Users", collection(ResourceKind::User))
+        .route("/Users/.search", search(Some(ResourceKind::User)))
+        .route("/Users/{id}", item(ResourceKind::User))
+        .route("/Groups", collection(ResourceKind::Group))
+        .route("/Groups/.search", search(Some(ResourceKind::Group)))
+        .route("/Groups/{id}", item(ResourceKind::Group))
+        .route("/.search", search(None))
+        .route("/Bulk", bulk)
+        .route(
+            "/Me",
+            any(|| async {
+                scim_error_response(&ScimError::new(
+                    501,
+                    None,
+                    "/Me is not implemented: a SCIM client token is not a user of this service",
+                ))
+            }),
+        )
+        .merge(discovery_routes())
+        .fallback(not_found)
+        .route_layer(middleware::from_fn_with_state(state, auth::require_token))
+}
+
+async fn track_metrics(req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = req.method().to_string();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16().to_string();
+    metrics::counter!("scim_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!("scim_request_duration_seconds", "method" => method, "route" => route)
+        .record(start.elapsed().as_secs_f64());
+    resp
+}
+
+/// The whole application router.
+pub fn router(state: AppState) -> Router {
+    let scim = scim_router(state.clone());
+    Router::new()
+        .nest(BASE_PATH, scim)
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(|State(s): State<AppState>| async move {
+                match s.store.list_tokens().await {
+                    Ok(_) => (StatusCode::OK, "ready").into_response(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "readiness check failed");
+                        (StatusCode::SERVICE_UNAVAILABLE, "database unavailable").into_response()
+                    }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(|State(s): State<AppState>| async move {
+                match &s.metrics {
+                    Some(h) => (StatusCode::OK, h.render()).into_response(),
+                    None => (StatusCode::NOT_FOUND, "metrics are disabled").into_response(),
+                }
+            }),
+        )
+        .fallback(not_found)
+        .layer(middleware::from_fn(track_metrics))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(TraceLayer::new_for_http())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .with_state(state)
+}
+
+/// Serves the application on `listener` until `shutdown` resolves, then drains in-flight
+/// requests.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+}

@@ -1,1 +1,356 @@
-//! placeholder
+//! Persistence for teamcity-scim behind one backend-neutral [`Store`] trait.
+//!
+//! The store owns the SCIM resources (canonical JSON plus indexed columns), group membership as
+//! rows, SCIM bearer tokens (hashes only), the hash-chained audit trail and the transactional
+//! outbox. **Every mutating command writes its change, its audit event and its outbox row in one
+//! database transaction**; nothing else audits or enqueues. Nothing above this trait knows which
+//! database is in use; the SQLite implementation lives in [`sqlite`], PostgreSQL follows.
+//!
+//! This crate does no HTTP and never talks to TeamCity.
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use scim::filter::Filter;
+use scim::{AttrPath, ResourceKind};
+use serde_json::Value;
+use time::OffsetDateTime;
+
+pub mod audit;
+mod clock;
+pub mod sqlite;
+mod sql_filter;
+pub mod timefmt;
+
+pub use clock::{Clock, FixedClock, SystemClock};
+
+/// Errors a store command reports. Callers branch on these variants only.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The resource does not exist (404).
+    #[error("not found")]
+    NotFound,
+    /// A uniqueness constraint was violated (409 `uniqueness`); the text names the attribute.
+    #[error("{0}")]
+    Conflict(String),
+    /// The expected version did not match (412).
+    #[error("version mismatch")]
+    PreconditionFailed,
+    /// The request named something that cannot be stored, e.g. a member that does not exist
+    /// (400 `invalidValue`).
+    #[error("{0}")]
+    Invalid(String),
+    /// Anything else: database unavailable, corrupt row, bug. Logged, answered as 500.
+    #[error(transparent)]
+    Other(#[from] anyhow_like::Error),
+}
+
+/// A tiny boxed error so the crate needs no `anyhow` dependency.
+pub mod anyhow_like {
+    /// A boxed error with a message.
+    pub type Error = Box<dyn std::error::Error + Send + Sync + 'static>;
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        StoreError::Other(Box::new(e))
+    }
+}
+
+impl From<serde_json::Error> for StoreError {
+    fn from(e: serde_json::Error) -> Self {
+        StoreError::Other(Box::new(e))
+    }
+}
+
+/// Result alias for store commands.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Who is writing, for the audit trail.
+#[derive(Debug, Clone)]
+pub struct WriteCtx {
+    /// `token:<id>`, `cli`, `reconciler`.
+    pub actor: String,
+    /// The request id of the HTTP request, if any.
+    pub request_id: Option<String>,
+}
+
+impl WriteCtx {
+    /// A context for a CLI command.
+    pub fn cli() -> Self {
+        WriteCtx { actor: "cli".into(), request_id: None }
+    }
+}
+
+/// The type of a group member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MemberType {
+    /// A user.
+    User,
+    /// A nested group.
+    Group,
+}
+
+impl MemberType {
+    /// `User` or `Group`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberType::User => "User",
+            MemberType::Group => "Group",
+        }
+    }
+
+    /// Parses `User`/`Group` case-insensitively.
+    pub fn parse(s: &str) -> Option<Self> {
+        if s.eq_ignore_ascii_case("user") {
+            Some(MemberType::User)
+        } else if s.eq_ignore_ascii_case("group") {
+            Some(MemberType::Group)
+        } else {
+            None
+        }
+    }
+}
+
+/// A member to add: its id and, if the client said, its type. A missing type is resolved by
+/// looking the id up (users first).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewMember {
+    /// The member's SCIM id.
+    pub value: String,
+    /// The member's type, if given.
+    pub ty: Option<MemberType>,
+}
+
+/// A change to a group's membership, applied row by row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MembershipChange {
+    /// Add these members (already present ones are kept).
+    Add(Vec<NewMember>),
+    /// Remove these member ids (absent ones are ignored).
+    Remove(Vec<String>),
+    /// Remove every member.
+    RemoveAll,
+    /// Make the membership exactly this list.
+    ReplaceAll(Vec<NewMember>),
+}
+
+/// A member as read back, with its current display name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberRef {
+    /// The member's SCIM id.
+    pub value: String,
+    /// The member's type.
+    pub ty: MemberType,
+    /// The member's `userName` (users) or `displayName` (groups).
+    pub display: Option<String>,
+}
+
+/// A group a user belongs to, as read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupRef {
+    /// The group's SCIM id.
+    pub value: String,
+    /// The group's `displayName`.
+    pub display: String,
+}
+
+/// A stored SCIM resource.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resource {
+    /// User or Group.
+    pub kind: ResourceKind,
+    /// The SCIM id (server-assigned, never reused).
+    pub id: String,
+    /// Canonical attributes, without `id`, `meta` and members.
+    pub attrs: Value,
+    /// Creation time.
+    pub created: OffsetDateTime,
+    /// Last modification time.
+    pub last_modified: OffsetDateTime,
+    /// Version counter; the ETag is derived from it.
+    pub version: i64,
+    /// Group members, when they were asked for.
+    pub members: Option<Vec<MemberRef>>,
+    /// A user's groups, when they were asked for.
+    pub groups: Option<Vec<GroupRef>>,
+}
+
+/// What to load besides the attributes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReadOpts {
+    /// Load a group's members.
+    pub members: bool,
+    /// Load a user's groups.
+    pub groups: bool,
+}
+
+/// A list query. `filter` is evaluated in SQL where the attributes are indexed and in memory for
+/// the rest (after an SQL pre-filter).
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    /// The filter, already validated against the resource type.
+    pub filter: Option<Filter>,
+    /// The sort attribute; `None` is the stable creation order.
+    pub sort_by: Option<AttrPath>,
+    /// Descending order.
+    pub descending: bool,
+    /// Zero-based offset of the first result.
+    pub offset: usize,
+    /// Page size (0 returns only the total).
+    pub count: usize,
+    /// Load members / groups for the returned resources.
+    pub read: ReadOpts,
+}
+
+/// One page of a list.
+#[derive(Debug, Clone)]
+pub struct ListPage {
+    /// Number of resources matching the filter.
+    pub total: usize,
+    /// The requested page.
+    pub resources: Vec<Resource>,
+}
+
+/// A stored SCIM bearer token (never the secret itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRecord {
+    /// Public id, shown in `token list` and in the audit trail.
+    pub id: String,
+    /// Human-readable name.
+    pub name: String,
+    /// When it was created.
+    pub created: OffsetDateTime,
+    /// When it stops working, if ever.
+    pub expires: Option<OffsetDateTime>,
+    /// When it was revoked, if it was.
+    pub revoked: Option<OffsetDateTime>,
+}
+
+impl TokenRecord {
+    /// Whether the token may authenticate at `now`.
+    pub fn is_valid_at(&self, now: OffsetDateTime) -> bool {
+        self.revoked.is_none() && self.expires.is_none_or(|e| now < e)
+    }
+}
+
+/// An outbox row, as the sync engine will consume it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxItem {
+    /// Row id.
+    pub id: i64,
+    /// `user` or `group`.
+    pub entity_type: String,
+    /// The SCIM id of the changed entity.
+    pub entity_id: String,
+    /// `upsert`, `delete` or `members`.
+    pub operation: String,
+    /// JSON detail (e.g. the member ids a membership change touched).
+    pub detail: String,
+    /// The audit event written in the same transaction.
+    pub audit_seq: i64,
+    /// `pending`, `done` or `dead`.
+    pub state: String,
+    /// Attempts so far.
+    pub attempts: i64,
+}
+
+pub use audit::AuditEvent;
+
+/// The backend-neutral store. Implementations must make every mutating method one transaction
+/// that also appends its audit event and outbox row.
+#[async_trait]
+pub trait Store: Send + Sync + fmt::Debug + 'static {
+    /// Creates a resource. Groups may be created with members.
+    async fn create(
+        &self,
+        ctx: &WriteCtx,
+        kind: ResourceKind,
+        attrs: Value,
+        members: Option<Vec<NewMember>>,
+    ) -> StoreResult<Resource>;
+
+    /// Replaces a resource's attributes (PUT). `members: Some` replaces a group's membership.
+    async fn replace(
+        &self,
+        ctx: &WriteCtx,
+        kind: ResourceKind,
+        id: &str,
+        expected_version: Option<i64>,
+        attrs: Value,
+        members: Option<Vec<NewMember>>,
+    ) -> StoreResult<Resource>;
+
+    /// Applies a computed update (PATCH): new attributes if they changed, then membership
+    /// changes in order. Fails with `PreconditionFailed` if the version moved.
+    async fn update(
+        &self,
+        ctx: &WriteCtx,
+        kind: ResourceKind,
+        id: &str,
+        expected_version: i64,
+        attrs: Option<Value>,
+        members: &[MembershipChange],
+    ) -> StoreResult<Resource>;
+
+    /// Deletes a resource and its membership rows.
+    async fn delete(
+        &self,
+        ctx: &WriteCtx,
+        kind: ResourceKind,
+        id: &str,
+        expected_version: Option<i64>,
+    ) -> StoreResult<()>;
+
+    /// Reads one resource.
+    async fn get(&self, kind: ResourceKind, id: &str, read: ReadOpts) -> StoreResult<Option<Resource>>;
+
+    /// Lists resources matching a query.
+    async fn list(&self, kind: ResourceKind, query: &ListQuery) -> StoreResult<ListPage>;
+
+    /// Stores a new token hash (the caller generated and shows the secret).
+    async fn create_token(
+        &self,
+        ctx: &WriteCtx,
+        name: &str,
+        hash: [u8; 32],
+        expires: Option<OffsetDateTime>,
+    ) -> StoreResult<TokenRecord>;
+
+    /// Lists tokens, newest first.
+    async fn list_tokens(&self) -> StoreResult<Vec<TokenRecord>>;
+
+    /// Revokes a token; `NotFound` if there is none with that id.
+    async fn revoke_token(&self, ctx: &WriteCtx, id: &str) -> StoreResult<()>;
+
+    /// Every token that is neither revoked nor expired, with its SHA-256 hash, for the
+    /// server's authentication snapshot.
+    async fn valid_token_hashes(&self) -> StoreResult<Vec<([u8; 32], TokenRecord)>>;
+
+    /// Audit events with `seq > after`, oldest first, at most `limit`.
+    async fn audit_events(&self, after: i64, limit: i64) -> StoreResult<Vec<AuditEvent>>;
+
+    /// Outbox rows with `id > after`, oldest first, at most `limit`.
+    async fn outbox_items(&self, after: i64, limit: i64) -> StoreResult<Vec<OutboxItem>>;
+}
+
+/// A shared store handle.
+pub type DynStore = Arc<dyn Store>;
+
+/// Opens the store a database URL names (`sqlite://PATH`, `sqlite::memory:`), creating and
+/// migrating it as needed.
+pub async fn open(url: &str, clock: Arc<dyn Clock>) -> StoreResult<DynStore> {
+    if url.starts_with("sqlite:") {
+        Ok(Arc::new(sqlite::SqliteStore::open(url, clock).await?))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Err(StoreError::Invalid(
+            "PostgreSQL support is not built yet; use a sqlite:// URL for now".into(),
+        ))
+    } else {
+        Err(StoreError::Invalid(format!(
+            "unsupported database URL scheme in `{}`: expected sqlite://PATH",
+            url.split(':').next().unwrap_or(url)
+        )))
+    }
+}

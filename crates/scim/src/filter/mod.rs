@@ -12,8 +12,10 @@ use crate::path::AttrPath;
 
 mod eval;
 mod parse;
+#[cfg(test)]
+mod tests;
 
-pub use eval::matches;
+pub use eval::{matches, validate};
 pub use parse::{MAX_FILTER_DEPTH, MAX_FILTER_LEN, PatchPath, parse, parse_patch_path};
 
 /// A comparison operator.

@@ -1,0 +1,203 @@
+//! Configuration: defaults < TOML file (`--config FILE`) < environment
+//! (`TEAMCITY_SCIM_<SECTION>__<KEY>`) < `*_file` keys for secrets.
+//!
+//! Errors name the bad key and where its value came from (figment keeps provenance). Unknown
+//! keys are errors, so a typo never silently falls back to a default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// The environment variable prefix.
+pub const ENV_PREFIX: &str = "TEAMCITY_SCIM_";
+
+/// The whole configuration.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `[server]`
+    pub server: ServerConfig,
+    /// `[database]`
+    pub database: DatabaseConfig,
+    /// `[log]`
+    pub log: LogConfig,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on; the SCIM base path is `/scim/v2`.
+    pub listen: SocketAddr,
+}
+
+/// `[database]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// `sqlite://PATH` (created if missing).
+    pub url: String,
+    /// A file holding the URL (for URLs with credentials); wins over `url`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url_file: Option<PathBuf>,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `info,server=debug`; `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig { listen: SocketAddr::from(([127, 0, 0, 1], 8080)) }
+    }
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig { url: "sqlite://teamcity-scim.db".into(), url_file: None }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { format: LogFormat::Text, level: "info".into() }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config { server: ServerConfig::default(), database: DatabaseConfig::default(), log: LogConfig::default() }
+    }
+}
+
+/// The layered sources, without reading secret files yet.
+pub fn figment(file: Option<&Path>) -> Figment {
+    let mut f = Figment::from(Serialized::defaults(Config::default()));
+    if let Some(path) = file {
+        f = f.merge(Toml::file_exact(path));
+    }
+    f.merge(Env::prefixed(ENV_PREFIX).split("__"))
+}
+
+/// Loads and validates the configuration.
+pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
+    if let Some(path) = file {
+        anyhow::ensure!(path.exists(), "config file {} does not exist", path.display());
+    }
+    let mut cfg: Config = figment(file).extract().map_err(|e| {
+        // figment's message names the key and the source ("in TOML file …", "in environment").
+        anyhow::anyhow!("invalid configuration: {e}")
+    })?;
+    if let Some(path) = &cfg.database.url_file {
+        let url = std::fs::read_to_string(path)
+            .with_context(|| format!("database.url_file: cannot read {}", path.display()))?;
+        cfg.database.url = url.trim().to_owned();
+    }
+    anyhow::ensure!(
+        cfg.database.url.starts_with("sqlite:"),
+        "database.url: `{}` is not supported; use sqlite://PATH (PostgreSQL support comes later)",
+        cfg.database.url.split(':').next().unwrap_or_default()
+    );
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../../config.example.toml");
+
+    fn keys(v: &toml::Value, prefix: &str, out: &mut BTreeSet<String>) {
+        if let toml::Value::Table(t) = v {
+            for (k, v) in t {
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                if v.is_table() {
+                    keys(v, &key, out);
+                } else {
+                    out.insert(key);
+                }
+            }
+        }
+    }
+
+    /// Every key the code knows is in the example (set or shown commented out), and every key
+    /// the example sets is one the code accepts, with the code's default value.
+    #[test]
+    fn example_is_in_step_with_the_code() {
+        let mut full = Config::default();
+        full.database.url_file = Some("/run/secrets/database-url".into());
+        let mut code_keys = BTreeSet::new();
+        keys(&toml::Value::try_from(&full).unwrap(), "", &mut code_keys);
+
+        // Uncommenting every `# key = value` line must give a file the code accepts.
+        let mut section = String::new();
+        let mut example_keys = BTreeSet::new();
+        let mut uncommented = String::new();
+        for line in EXAMPLE.lines() {
+            let l = line.trim_start_matches('#').trim();
+            if l.starts_with('[') {
+                section = l.trim_matches(|c| c == '[' || c == ']').to_owned();
+                uncommented.push_str(l);
+            } else if let Some((k, _)) = l.split_once(" = ") {
+                example_keys.insert(format!("{section}.{}", k.trim()));
+                uncommented.push_str(l);
+            }
+            uncommented.push('\n');
+        }
+        assert_eq!(code_keys, example_keys, "config.example.toml and Config disagree on keys");
+        let parsed: Config = toml::from_str(&uncommented).expect("example parses with every key set");
+        assert_eq!(parsed.server, full.server);
+
+        // What the example sets uncommented are the defaults.
+        let set_only: Config = toml::from_str(EXAMPLE).unwrap();
+        assert_eq!(set_only, Config::default());
+    }
+
+    #[test]
+    fn layers_and_errors_name_key_and_source() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("c.toml", "[server]\nlisten = \"127.0.0.1:9000\"\n[database]\nurl = \"sqlite://a.db\"\n")?;
+            let c = load(Some(Path::new("c.toml"))).unwrap();
+            assert_eq!(c.server.listen.port(), 9000);
+            jail.set_env("TEAMCITY_SCIM_SERVER__LISTEN", "127.0.0.1:9100");
+            let c = load(Some(Path::new("c.toml"))).unwrap();
+            assert_eq!(c.server.listen.port(), 9100, "env beats the file");
+            jail.create_file("url", "sqlite://from-file.db\n")?;
+            jail.set_env("TEAMCITY_SCIM_DATABASE__URL_FILE", "url");
+            let c = load(Some(Path::new("c.toml"))).unwrap();
+            assert_eq!(c.database.url, "sqlite://from-file.db", "*_file beats everything");
+
+            jail.set_env("TEAMCITY_SCIM_SERVER__LISTEN", "not-an-address");
+            let e = load(Some(Path::new("c.toml"))).unwrap_err().to_string();
+            assert!(e.contains("server.listen") && e.to_lowercase().contains("environment"), "{e}");
+
+            jail.clear_env();
+            jail.create_file("bad.toml", "[server]\nlisen = \"127.0.0.1:1\"\n")?;
+            let e = load(Some(Path::new("bad.toml"))).unwrap_err().to_string();
+            assert!(e.contains("lisen") && e.contains("bad.toml"), "{e}");
+            Ok(())
+        });
+    }
+}

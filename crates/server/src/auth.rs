@@ -1,0 +1,149 @@
+//! Bearer-token authentication for SCIM clients.
+//!
+//! Tokens are random secrets shown once; the store keeps only their SHA-256. The server holds a
+//! snapshot of the valid hashes, refreshed every [`REFRESH`] (so `token revoke` from the CLI
+//! takes effect within that time) and on an unknown token at most every [`MISS_REFRESH`].
+//! Every presented token is compared with every snapshot entry in constant time.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use scim::ScimError;
+use sha2::{Digest, Sha256};
+use store::{DynStore, TokenRecord};
+use subtle::ConstantTimeEq;
+use tokio::sync::RwLock;
+
+use crate::error::scim_error_response;
+use crate::state::AppState;
+
+/// How often the snapshot of valid tokens is refreshed.
+pub const REFRESH: Duration = Duration::from_secs(2);
+/// How soon an unknown token may trigger another refresh.
+pub const MISS_REFRESH: Duration = Duration::from_millis(250);
+
+/// The prefix of every token this service issues (helps secret scanners).
+pub const TOKEN_PREFIX: &str = "tcscim_";
+
+/// Generates a new token secret: the prefix and 256 random bits, base64url.
+pub fn generate_token(random: [u8; 32]) -> String {
+    format!("{TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(random))
+}
+
+/// The SHA-256 of a token secret, as stored.
+pub fn hash_token(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// The authenticated client, available to handlers as a request extension.
+#[derive(Debug, Clone)]
+pub struct Actor {
+    /// `token:<id>`.
+    pub name: String,
+}
+
+#[derive(Debug)]
+struct Snapshot {
+    entries: Vec<([u8; 32], TokenRecord)>,
+    loaded: Instant,
+}
+
+/// The snapshot of valid token hashes.
+#[derive(Debug, Clone)]
+pub struct TokenCache {
+    store: DynStore,
+    snapshot: Arc<RwLock<Snapshot>>,
+}
+
+impl TokenCache {
+    /// A cache over `store`, loaded on first use.
+    pub fn new(store: DynStore) -> Self {
+        let stale = Instant::now().checked_sub(REFRESH * 10).unwrap_or_else(Instant::now);
+        TokenCache { store, snapshot: Arc::new(RwLock::new(Snapshot { entries: vec![], loaded: stale })) }
+    }
+
+    async fn refresh_if_older_than(&self, age: Duration) {
+        let mut snap = self.snapshot.write().await;
+        if snap.loaded.elapsed() < age {
+            return;
+        }
+        match self.store.valid_token_hashes().await {
+            Ok(entries) => {
+                snap.entries = entries;
+                snap.loaded = Instant::now();
+            }
+            Err(e) => tracing::warn!(error = %e, "could not refresh SCIM tokens; keeping the last snapshot"),
+        }
+    }
+
+    fn find(entries: &[([u8; 32], TokenRecord)], hash: &[u8; 32]) -> Option<TokenRecord> {
+        // No early exit: every entry is compared in constant time.
+        let mut found = None;
+        for (h, rec) in entries {
+            if bool::from(h.ct_eq(hash)) {
+                found = Some(rec.clone());
+            }
+        }
+        found
+    }
+
+    /// Checks a presented token; returns its record when valid now.
+    pub async fn authenticate(&self, token: &str) -> Option<TokenRecord> {
+        let hash = hash_token(token);
+        if self.snapshot.read().await.loaded.elapsed() >= REFRESH {
+            self.refresh_if_older_than(REFRESH).await;
+        }
+        let now = time::OffsetDateTime::now_utc();
+        let hit = Self::find(&self.snapshot.read().await.entries, &hash);
+        let hit = match hit {
+            Some(rec) => Some(rec),
+            None => {
+                // A token created a moment ago by the CLI: look again, but not on every miss.
+                self.refresh_if_older_than(MISS_REFRESH).await;
+                Self::find(&self.snapshot.read().await.entries, &hash)
+            }
+        };
+        hit.filter(|rec| rec.is_valid_at(now))
+    }
+}
+
+fn unauthorized(detail: &str, invalid: bool) -> Response {
+    let mut resp = scim_error_response(&ScimError::new(401, None, detail));
+    if invalid {
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer realm=\"teamcity-scim\", error=\"invalid_token\""),
+        );
+    }
+    resp
+}
+
+/// Middleware: requires a valid bearer token and records the actor.
+pub async fn require_token(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let Some(value) = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
+        return unauthorized(
+            "authentication required: send `Authorization: Bearer <token>` (create one with `teamcity-scim token create --name NAME`)",
+            false,
+        );
+    };
+    let token = match value.split_once(' ') {
+        Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") => t.trim(),
+        _ => return unauthorized("the Authorization header must use the Bearer scheme", true),
+    };
+    match state.tokens.authenticate(token).await {
+        Some(rec) => {
+            req.extensions_mut().insert(Actor { name: format!("token:{}", rec.id) });
+            next.run(req).await
+        }
+        None => {
+            metrics::counter!("scim_auth_failures_total").increment(1);
+            unauthorized("the bearer token is not valid (unknown, revoked or expired)", true).into_response()
+        }
+    }
+}

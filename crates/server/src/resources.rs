@@ -1,0 +1,456 @@
+//! The resource operations behind `/Users` and `/Groups`: thin adapters from parsed requests to
+//! one store command each. The HTTP handlers and `/Bulk` both call these functions; neither
+//! calls TeamCity (the store's outbox row is the only path there).
+
+use axum::http::StatusCode;
+use scim::filter::{self, Filter};
+use scim::list::{self, Cursor, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
+use scim::patch::{MemberChange, MemberSelector};
+use scim::resource::Member;
+use scim::{AttrPath, ResourceKind, ScimError, ScimResult, ScimType};
+use serde_json::{Value, json};
+use store::{ListQuery, MemberType, MembershipChange, NewMember, ReadOpts, StoreError, WriteCtx};
+
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{Projection, get_ci};
+use crate::render::{etag, location, parse_etags, render};
+use crate::reply::Reply;
+use crate::state::AppState;
+
+/// Attempts at a PATCH's read-modify-write when another writer got in between.
+const PATCH_ATTEMPTS: usize = 5;
+
+fn read_opts(kind: ResourceKind, proj: &Projection) -> ReadOpts {
+    ReadOpts {
+        members: kind == ResourceKind::Group && proj.keeps("members"),
+        groups: kind == ResourceKind::User && proj.keeps("groups"),
+    }
+}
+
+fn new_members(list: Vec<Member>) -> Vec<NewMember> {
+    list.into_iter()
+        .map(|m| NewMember { ty: m.ty.as_deref().and_then(MemberType::parse), value: m.value })
+        .collect()
+}
+
+/// The version an `If-Match` header demands, given the current one: `Ok(None)` for no header or
+/// `*`, `Err(412)` when no listed version is current.
+fn expected_version(if_match: Option<&str>, current: i64) -> ApiResult<Option<i64>> {
+    let Some(h) = if_match else { return Ok(None) };
+    match parse_etags(h) {
+        Some(list) if list.iter().any(|v| v.is_none()) => Ok(None),
+        Some(list) if list.contains(&Some(current)) => Ok(Some(current)),
+        _ => Err(StoreError::PreconditionFailed.into()),
+    }
+}
+
+async fn current(state: &AppState, kind: ResourceKind, id: &str, read: ReadOpts) -> ApiResult<store::Resource> {
+    state
+        .store
+        .get(kind, id, read)
+        .await?
+        .ok_or_else(|| ApiError(ScimError::not_found(format!("{} `{id}` not found", kind.name()))))
+}
+
+/// `POST /{Users,Groups}`.
+pub(crate) async fn create(
+    state: &AppState,
+    ctx: &WriteCtx,
+    base: &str,
+    kind: ResourceKind,
+    body: &Value,
+    proj: &Projection,
+) -> ApiResult<(String, Reply)> {
+    let n = scim::resource::normalize(kind, body)?;
+    let members = n.members.map(new_members);
+    let mut r = state.store.create(ctx, kind, n.attrs, members).await?;
+    if kind == ResourceKind::Group && proj.keeps("members") {
+        r = current(state, kind, &r.id, read_opts(kind, proj)).await?;
+    }
+    let reply = Reply {
+        status: StatusCode::CREATED,
+        body: Some(render(base, &r, proj)),
+        etag: Some(etag(r.version)),
+        location: Some(location(base, kind, &r.id)),
+    };
+    Ok((r.id, reply))
+}
+
+/// `GET /{Users,Groups}/{id}`.
+pub(crate) async fn get(
+    state: &AppState,
+    base: &str,
+    kind: ResourceKind,
+    id: &str,
+    proj: &Projection,
+    if_none_match: Option<&str>,
+) -> ApiResult<Reply> {
+    let r = current(state, kind, id, read_opts(kind, proj)).await?;
+    if let Some(list) = if_none_match.and_then(parse_etags) {
+        if list.iter().any(|v| v.is_none_or(|v| v == r.version)) {
+            let mut reply = Reply::empty(StatusCode::NOT_MODIFIED);
+            reply.etag = Some(etag(r.version));
+            return Ok(reply);
+        }
+    }
+    Ok(Reply {
+        status: StatusCode::OK,
+        body: Some(render(base, &r, proj)),
+        etag: Some(etag(r.version)),
+        location: Some(location(base, kind, &r.id)),
+    })
+}
+
+/// `PUT /{Users,Groups}/{id}`: replaces every writable attribute; read-only values in the body
+/// are ignored; a changed immutable value is 400 `mutability`. Never creates.
+pub(crate) async fn replace(
+    state: &AppState,
+    ctx: &WriteCtx,
+    base: &str,
+    kind: ResourceKind,
+    id: &str,
+    body: &Value,
+    if_match: Option<&str>,
+    proj: &Projection,
+) -> ApiResult<Reply> {
+    let old = current(state, kind, id, ReadOpts::default()).await?;
+    let expected = expected_version(if_match, old.version)?;
+    let n = scim::resource::normalize(kind, body)?;
+    scim::resource::check_immutable(kind, &old.attrs, &n.attrs)?;
+    let members = n.members.map(new_members);
+    let mut r = state.store.replace(ctx, kind, id, expected, n.attrs, members).await?;
+    if kind == ResourceKind::Group && proj.keeps("members") {
+        r = current(state, kind, id, read_opts(kind, proj)).await?;
+    }
+    Ok(Reply {
+        status: StatusCode::OK,
+        body: Some(render(base, &r, proj)),
+        etag: Some(etag(r.version)),
+        location: Some(location(base, kind, id)),
+    })
+}
+
+/// `PATCH /{Users,Groups}/{id}`: atomic; answers 200 with the resource (a group without its
+/// members unless `attributes` asks for them).
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn patch(
+    state: &AppState,
+    ctx: &WriteCtx,
+    base: &str,
+    kind: ResourceKind,
+    id: &str,
+    body: &Value,
+    if_match: Option<&str>,
+    proj: &Projection,
+) -> ApiResult<Reply> {
+    let ops = scim::patch::parse_patch(kind, body)?;
+    let mut attempt = 0;
+    let r = loop {
+        attempt += 1;
+        let cur = current(state, kind, id, ReadOpts::default()).await?;
+        let pinned = expected_version(if_match, cur.version)?;
+        let outcome = scim::patch::apply_patch(kind, &cur.attrs, &ops)?;
+        let mut changes = Vec::with_capacity(outcome.members.len());
+        for c in outcome.members {
+            changes.push(membership_change(state, id, c).await?);
+        }
+        let attrs = (outcome.attrs != cur.attrs).then_some(outcome.attrs);
+        match state.store.update(ctx, kind, id, cur.version, attrs, &changes).await {
+            Ok(r) => break r,
+            Err(StoreError::PreconditionFailed) if pinned.is_none() && attempt < PATCH_ATTEMPTS => continue,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let patch_proj = Projection {
+        attributes: proj.attributes.clone(),
+        excluded: if kind == ResourceKind::Group && !proj.requests("members") {
+            let mut ex = proj.excluded.clone();
+            ex.push(AttrPath::simple("members"));
+            ex
+        } else {
+            proj.excluded.clone()
+        },
+    };
+    let r = if read_opts(kind, &patch_proj).members {
+        current(state, kind, id, read_opts(kind, &patch_proj)).await?
+    } else {
+        r
+    };
+    Ok(Reply {
+        status: StatusCode::OK,
+        body: Some(render(base, &r, &patch_proj)),
+        etag: Some(etag(r.version)),
+        location: Some(location(base, kind, id)),
+    })
+}
+
+/// Resolves a PATCH member change to row operations; a filter selector is evaluated against
+/// the current members.
+async fn membership_change(state: &AppState, group_id: &str, c: MemberChange) -> ApiResult<MembershipChange> {
+    Ok(match c {
+        MemberChange::Add(list) => MembershipChange::Add(new_members(list)),
+        MemberChange::ReplaceAll(list) => MembershipChange::ReplaceAll(new_members(list)),
+        MemberChange::Remove(MemberSelector::All) => MembershipChange::RemoveAll,
+        MemberChange::Remove(MemberSelector::Values(ids)) => MembershipChange::Remove(ids),
+        MemberChange::Remove(MemberSelector::Filter(f)) => {
+            let g = current(state, ResourceKind::Group, group_id, ReadOpts { members: true, groups: false }).await?;
+            let vp = Filter::ValuePath { path: AttrPath::simple("members"), filter: Box::new(f) };
+            let ids = g
+                .members
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|m| {
+                    let doc = json!({"members": [{"value": m.value, "type": m.ty.as_str(), "display": m.display}]});
+                    filter::matches(&vp, ResourceKind::Group, &doc)
+                })
+                .map(|m| m.value)
+                .collect();
+            MembershipChange::Remove(ids)
+        }
+    })
+}
+
+/// `DELETE /{Users,Groups}/{id}`.
+pub(crate) async fn delete(
+    state: &AppState,
+    ctx: &WriteCtx,
+    kind: ResourceKind,
+    id: &str,
+    if_match: Option<&str>,
+) -> ApiResult<Reply> {
+    let expected = match if_match {
+        None => None,
+        Some(_) => {
+            let cur = current(state, kind, id, ReadOpts::default()).await?;
+            expected_version(if_match, cur.version)?
+        }
+    };
+    match state.store.delete(ctx, kind, id, expected).await {
+        Ok(()) => Ok(Reply::empty(StatusCode::NO_CONTENT)),
+        Err(StoreError::NotFound) => Err(ApiError(ScimError::not_found(format!("{} `{id}` not found", kind.name())))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// List/search parameters, from a query string or a SearchRequest body.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct ListParams {
+    /// `filter`.
+    pub(crate) filter: Option<String>,
+    /// `sortBy`.
+    pub(crate) sort_by: Option<String>,
+    /// `sortOrder`.
+    pub(crate) sort_order: Option<String>,
+    /// `startIndex` as given.
+    pub(crate) start_index: Option<Value>,
+    /// `count` as given.
+    pub(crate) count: Option<Value>,
+    /// `cursor` (RFC 9865); `Some("")` asks for the first page.
+    pub(crate) cursor: Option<String>,
+    /// `attributes`/`excludedAttributes`.
+    pub(crate) projection: Projection,
+}
+
+impl ListParams {
+    /// From query parameters.
+    pub(crate) fn from_params(p: &crate::extract::Params) -> ScimResult<Self> {
+        Ok(ListParams {
+            filter: p.get("filter").map(str::to_owned),
+            sort_by: p.get("sortBy").filter(|s| !s.is_empty()).map(str::to_owned),
+            sort_order: p.get("sortOrder").filter(|s| !s.is_empty()).map(str::to_owned),
+            start_index: p.get("startIndex").map(|s| Value::String(s.to_owned())),
+            count: p.get("count").map(|s| Value::String(s.to_owned())),
+            cursor: p.get("cursor").map(str::to_owned),
+            projection: p.projection()?,
+        })
+    }
+
+    /// From a SearchRequest body.
+    pub(crate) fn from_search_body(body: &Value) -> ScimResult<Self> {
+        if !body.is_object() {
+            return Err(ScimError::invalid_syntax("a SearchRequest must be a JSON object"));
+        }
+        let text = |key: &str| -> ScimResult<Option<String>> {
+            match get_ci(body, key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s.clone())),
+                Some(_) => Err(ScimError::bad_request(ScimType::InvalidValue, format!("`{key}` must be a string"))),
+            }
+        };
+        Ok(ListParams {
+            filter: text("filter")?,
+            sort_by: text("sortBy")?,
+            sort_order: text("sortOrder")?,
+            start_index: get_ci(body, "startIndex").cloned(),
+            count: get_ci(body, "count").cloned(),
+            cursor: text("cursor")?,
+            projection: Projection::from_body(body)?,
+        })
+    }
+}
+
+fn int_param(v: &Value, name: &str, scim_type: ScimType) -> ScimResult<i64> {
+    let n = match v {
+        Value::Number(n) => n.as_i64().or_else(|| n.as_f64().map(|f| f as i64)),
+        Value::String(s) => s.trim().parse::<i64>().ok(),
+        _ => None,
+    };
+    n.ok_or_else(|| ScimError::bad_request(scim_type, format!("`{name}` must be an integer")))
+}
+
+/// A validated list query for one resource type.
+#[derive(Debug)]
+pub(crate) struct Plan {
+    /// The store query (offset/count filled in by the caller).
+    pub(crate) query: ListQuery,
+    /// 1-based index of the first result (index paging).
+    pub(crate) start_index: usize,
+    /// The cursor in use (cursor paging), and the fingerprint it is bound to.
+    pub(crate) cursor: Option<u64>,
+}
+
+/// Validates list parameters for `kind`.
+pub(crate) fn plan_list(kind: ResourceKind, p: &ListParams, now_unix: i64) -> ScimResult<Plan> {
+    let filter = match p.filter.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(text) => {
+            let f = filter::parse(text)?;
+            filter::validate(&f, kind)?;
+            Some(f)
+        }
+    };
+    let sort_by = match &p.sort_by {
+        None => None,
+        Some(s) => {
+            let path = AttrPath::parse(s).map_err(|_| {
+                ScimError::bad_request(ScimType::InvalidValue, format!("`sortBy={s}` is not an attribute path"))
+            })?;
+            if path.resolve(kind).is_none() {
+                return Err(ScimError::bad_request(
+                    ScimType::InvalidValue,
+                    format!("`sortBy`: {} has no attribute `{s}`", kind.name()),
+                ));
+            }
+            Some(path)
+        }
+    };
+    let descending = match p.sort_order.as_deref() {
+        None => false,
+        Some(s) if s.eq_ignore_ascii_case("ascending") => false,
+        Some(s) if s.eq_ignore_ascii_case("descending") => true,
+        Some(s) => {
+            return Err(ScimError::bad_request(
+                ScimType::InvalidValue,
+                format!("`sortOrder={s}`: use ascending or descending"),
+            ));
+        }
+    };
+    let cursor_mode = p.cursor.is_some();
+    let count_type = if cursor_mode { ScimType::InvalidCount } else { ScimType::InvalidValue };
+    let count = match &p.count {
+        None => DEFAULT_PAGE_SIZE,
+        Some(v) => int_param(v, "count", count_type)?.clamp(0, MAX_PAGE_SIZE as i64) as usize,
+    };
+    let (offset, start_index, cursor) = if let Some(c) = &p.cursor {
+        let fp = list::fingerprint(&[
+            kind.name(),
+            p.filter.as_deref().unwrap_or(""),
+            p.sort_by.as_deref().unwrap_or(""),
+            if descending { "d" } else { "a" },
+        ]);
+        let offset = if c.is_empty() { 0 } else { Cursor::decode(c, fp, now_unix)?.offset };
+        (offset, offset + 1, Some(fp))
+    } else {
+        let si = match &p.start_index {
+            None => 1,
+            Some(v) => int_param(v, "startIndex", ScimType::InvalidValue)?.max(1) as usize,
+        };
+        (si - 1, si, None)
+    };
+    Ok(Plan {
+        query: ListQuery { filter, sort_by, descending, offset, count, read: ReadOpts::default() },
+        start_index,
+        cursor,
+    })
+}
+
+/// `GET /{Users,Groups}` and `POST /{Users,Groups}/.search`.
+pub(crate) async fn list(state: &AppState, base: &str, kind: ResourceKind, p: &ListParams) -> ApiResult<Reply> {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let mut plan = plan_list(kind, p, now)?;
+    plan.query.read = read_opts(kind, &p.projection);
+    let page = state.store.list(kind, &plan.query).await?;
+    let resources: Vec<Value> = page.resources.iter().map(|r| render(base, r, &p.projection)).collect();
+    let n = resources.len();
+    let mut body = list::list_response(page.total, plan.start_index, resources);
+    if let Some(fp) = plan.cursor {
+        add_cursors(&mut body, plan.query.offset, plan.query.count, n, page.total, fp, now);
+    }
+    Ok(Reply::ok(body))
+}
+
+fn add_cursors(body: &mut Value, offset: usize, count: usize, n: usize, total: usize, fp: u64, now: i64) {
+    if offset + n < total && n > 0 {
+        body["nextCursor"] = json!(Cursor { offset: offset + n, fingerprint: fp, issued: now }.encode());
+    }
+    if offset > 0 {
+        let prev = offset.saturating_sub(count.max(1));
+        body["previousCursor"] = json!(Cursor { offset: prev, fingerprint: fp, issued: now }.encode());
+    }
+}
+
+/// `POST /.search` at the root: Users then Groups, paged as one list.
+pub(crate) async fn search_all(state: &AppState, base: &str, p: &ListParams) -> ApiResult<Reply> {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let fp = list::fingerprint(&[
+        "*",
+        p.filter.as_deref().unwrap_or(""),
+        p.sort_by.as_deref().unwrap_or(""),
+        p.sort_order.as_deref().unwrap_or(""),
+    ]);
+    let cursor_offset = match p.cursor.as_deref() {
+        None | Some("") => 0,
+        Some(c) => Cursor::decode(c, fp, now)?.offset,
+    };
+    let per_type = ListParams { cursor: None, ..p.clone() };
+    let mut plans = vec![];
+    let mut first_err = None;
+    for kind in [ResourceKind::User, ResourceKind::Group] {
+        match plan_list(kind, &per_type, now) {
+            Ok(plan) => plans.push((kind, plan)),
+            Err(e) if e.scim_type == Some(ScimType::InvalidFilter) || e.scim_type == Some(ScimType::InvalidValue) => {
+                first_err.get_or_insert(e);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if plans.is_empty() {
+        return Err(first_err.map(ApiError).unwrap_or_else(|| ApiError(ScimError::invalid_filter("invalid filter"))));
+    }
+    let count = plans[0].1.query.count;
+    let (offset, start_index) =
+        if p.cursor.is_some() { (cursor_offset, cursor_offset + 1) } else { (plans[0].1.query.offset, plans[0].1.start_index) };
+    let mut total = 0;
+    let mut resources = vec![];
+    for (kind, mut plan) in plans {
+        // Count this type, then take the part of the combined page that falls in it.
+        plan.query.count = 0;
+        plan.query.offset = 0;
+        let t = state.store.list(kind, &plan.query).await?.total;
+        let want = count.saturating_sub(resources.len());
+        if want > 0 && offset + resources.len() < total + t {
+            plan.query.offset = (offset + resources.len()).saturating_sub(total);
+            plan.query.count = want;
+            plan.query.read = read_opts(kind, &p.projection);
+            let page = state.store.list(kind, &plan.query).await?;
+            resources.extend(page.resources.iter().map(|r| render(base, r, &p.projection)));
+        }
+        total += t;
+    }
+    let n = resources.len();
+    let mut body = list::list_response(total, start_index, resources);
+    if p.cursor.is_some() {
+        add_cursors(&mut body, offset, count, n, total, fp, now);
+    }
+    Ok(Reply::ok(body))
+}

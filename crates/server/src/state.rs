@@ -1,0 +1,43 @@
+//! Shared state handed to every handler.
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use store::DynStore;
+
+use crate::auth::TokenCache;
+
+/// Request-size limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest request body accepted on ordinary routes, in bytes.
+    pub max_body: usize,
+    /// `bulk.maxOperations`.
+    pub bulk_max_operations: usize,
+    /// `bulk.maxPayloadSize`, in bytes.
+    pub bulk_max_payload: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_body: 1024 * 1024, bulk_max_operations: 1000, bulk_max_payload: 4 * 1024 * 1024 }
+    }
+}
+
+/// Everything handlers need.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// The store.
+    pub store: DynStore,
+    /// The authentication snapshot.
+    pub tokens: TokenCache,
+    /// Size limits.
+    pub limits: Limits,
+    /// Prometheus renderer for `/metrics`, when metrics are enabled.
+    pub metrics: Option<PrometheusHandle>,
+}
+
+impl AppState {
+    /// State over a store with default limits.
+    pub fn new(store: DynStore) -> Self {
+        AppState { tokens: TokenCache::new(store.clone()), store, limits: Limits::default(), metrics: None }
+    }
+}

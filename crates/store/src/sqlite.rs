@@ -1,0 +1,947 @@
+//! The SQLite backend: WAL, one writer connection (plus `BEGIN IMMEDIATE`, so other processes
+//! such as `teamcity-scim token create` serialise with a running server), a small read pool.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use scim::filter::{self, Filter};
+use scim::schema::ResourceKind;
+use scim::AttrPath;
+use serde_json::{Map, Value, json};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{AssertSqlSafe, Row, SqlitePool, Sqlite, Transaction};
+use time::OffsetDateTime;
+
+use crate::audit::{AuditEvent, GENESIS_HASH};
+use crate::sql_filter::{self, Bind};
+use crate::{
+    Clock, GroupRef, ListPage, ListQuery, MemberRef, MemberType, MembershipChange, NewMember,
+    OutboxItem, ReadOpts, Resource, Store, StoreError, StoreResult, TokenRecord, WriteCtx, timefmt,
+};
+
+/// The SQLite store.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    read: SqlitePool,
+    write: SqlitePool,
+    clock: Arc<dyn Clock>,
+}
+
+type Tx = Transaction<'static, Sqlite>;
+
+const USER_COLS: &str = "t.id, t.created, t.last_modified, t.version, t.data";
+const GROUPS_OF_USER: &str = "(SELECT json_group_array(json_object('value', g.id, 'display', g.display_name)) \
+     FROM group_members m JOIN groups g ON g.id = m.group_id WHERE m.member_id = t.id)";
+
+fn table(kind: ResourceKind) -> &'static str {
+    match kind {
+        ResourceKind::User => "users",
+        ResourceKind::Group => "groups",
+    }
+}
+
+fn str_attr<'a>(attrs: &'a Value, name: &str) -> Option<&'a str> {
+    attrs.get(name).and_then(Value::as_str)
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) and migrates the database at `url`.
+    pub async fn open(url: &str, clock: Arc<dyn Clock>) -> StoreResult<Self> {
+        let memory = url.contains(":memory:") || url.contains("mode=memory");
+        let opts = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(if memory { SqliteJournalMode::Memory } else { SqliteJournalMode::Wal })
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10))
+            .pragma("cache_size", "-4000")
+            .pragma("temp_store", "memory");
+        let write = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(opts.clone())
+            .await?;
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&write)
+            .await
+            .map_err(|e| StoreError::Other(Box::new(e)))?;
+        // An in-memory database exists once per connection: share the writer.
+        let read = if memory {
+            write.clone()
+        } else {
+            SqlitePoolOptions::new()
+                .max_connections(4)
+                .min_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None)
+                .connect_with(opts.read_only(true))
+                .await?
+        };
+        Ok(SqliteStore { read, write, clock })
+    }
+
+    async fn begin(&self) -> StoreResult<Tx> {
+        Ok(self.write.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
+    fn now(&self) -> OffsetDateTime {
+        self.clock.now()
+    }
+}
+
+/// What a command records besides its change.
+struct Record<'a> {
+    resource_type: &'a str,
+    resource_id: &'a str,
+    operation: &'a str,
+    status: i64,
+    detail: Value,
+    /// `(entity_type, operation, detail)` of the outbox row, if the change concerns TeamCity.
+    outbox: Option<(&'a str, &'a str, Value)>,
+}
+
+/// Appends the audit event (and the outbox row) inside `tx`.
+async fn record(tx: &mut Tx, ctx: &WriteCtx, now: OffsetDateTime, r: Record<'_>) -> StoreResult<i64> {
+    let last: Option<(i64, String)> =
+        sqlx::query_as("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(&mut **tx)
+            .await?;
+    let (prev_seq, prev_hash) = last.unwrap_or((0, GENESIS_HASH.to_owned()));
+    let mut ev = AuditEvent {
+        seq: prev_seq + 1,
+        time: timefmt::format(now),
+        actor: ctx.actor.clone(),
+        request_id: ctx.request_id.clone(),
+        resource_type: r.resource_type.to_owned(),
+        resource_id: Some(r.resource_id.to_owned()),
+        operation: r.operation.to_owned(),
+        outcome: "success".to_owned(),
+        status: Some(r.status),
+        detail: r.detail.to_string(),
+        prev_hash,
+        hash: String::new(),
+    };
+    ev.hash = ev.compute_hash();
+    sqlx::query(
+        "INSERT INTO audit_events (seq, time, actor, request_id, resource_type, resource_id, operation, \
+         outcome, status, detail, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(ev.seq)
+    .bind(&ev.time)
+    .bind(&ev.actor)
+    .bind(&ev.request_id)
+    .bind(&ev.resource_type)
+    .bind(&ev.resource_id)
+    .bind(&ev.operation)
+    .bind(&ev.outcome)
+    .bind(ev.status)
+    .bind(&ev.detail)
+    .bind(&ev.prev_hash)
+    .bind(&ev.hash)
+    .execute(&mut **tx)
+    .await?;
+    if let Some((entity_type, op, detail)) = r.outbox {
+        sqlx::query(
+            "INSERT INTO outbox (entity_type, entity_id, operation, detail, audit_seq, created, next_attempt_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(entity_type)
+        .bind(r.resource_id)
+        .bind(op)
+        .bind(detail.to_string())
+        .bind(ev.seq)
+        .bind(&ev.time)
+        .bind(&ev.time)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(ev.seq)
+}
+
+fn entity(kind: ResourceKind) -> &'static str {
+    match kind {
+        ResourceKind::User => "user",
+        ResourceKind::Group => "group",
+    }
+}
+
+/// The indexed values of a resource's attributes.
+struct Indexed {
+    name: String,
+    name_ci: String,
+    external_id: Option<String>,
+    active: bool,
+}
+
+fn indexed(kind: ResourceKind, attrs: &Value) -> StoreResult<Indexed> {
+    let key = match kind {
+        ResourceKind::User => "userName",
+        ResourceKind::Group => "displayName",
+    };
+    let name = str_attr(attrs, key)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| StoreError::Invalid(format!("{key} is required")))?
+        .to_owned();
+    Ok(Indexed {
+        name_ci: name.to_lowercase(),
+        name,
+        external_id: str_attr(attrs, "externalId").map(str::to_owned),
+        active: attrs.get("active").and_then(Value::as_bool).unwrap_or(true),
+    })
+}
+
+async fn check_unique(tx: &mut Tx, kind: ResourceKind, ix: &Indexed, except_id: Option<&str>) -> StoreResult<()> {
+    let sql = match kind {
+        ResourceKind::User => "SELECT id FROM users WHERE user_name_ci = ?",
+        ResourceKind::Group => "SELECT id FROM groups WHERE display_name_ci = ?",
+    };
+    let found: Option<(String,)> = sqlx::query_as(sql).bind(&ix.name_ci).fetch_optional(&mut **tx).await?;
+    match found {
+        Some((id,)) if Some(id.as_str()) != except_id => Err(StoreError::Conflict(match kind {
+            ResourceKind::User => "a User with this userName already exists (userName is unique, compared case-insensitively)".into(),
+            ResourceKind::Group => "a Group with this displayName already exists (displayName is unique, compared case-insensitively)".into(),
+        })),
+        _ => Ok(()),
+    }
+}
+
+/// Resolves a member's type, checking that it exists.
+async fn resolve_member(tx: &mut Tx, group_id: &str, m: &NewMember) -> StoreResult<MemberType> {
+    let candidates = match m.ty {
+        Some(t) => vec![t],
+        None => vec![MemberType::User, MemberType::Group],
+    };
+    for t in candidates {
+        if t == MemberType::Group && m.value == group_id {
+            return Err(StoreError::Invalid("a group cannot be a member of itself".into()));
+        }
+        let sql = match t {
+            MemberType::User => "SELECT 1 FROM users WHERE id = ?",
+            MemberType::Group => "SELECT 1 FROM groups WHERE id = ?",
+        };
+        if sqlx::query(sql).bind(&m.value).fetch_optional(&mut **tx).await?.is_some() {
+            return Ok(t);
+        }
+    }
+    Err(StoreError::Invalid(format!("member `{}` does not exist", m.value)))
+}
+
+/// Applies one membership change; returns the ids added and removed.
+async fn apply_members(
+    tx: &mut Tx,
+    group_id: &str,
+    change: &MembershipChange,
+    added: &mut Vec<String>,
+    removed: &mut Vec<String>,
+) -> StoreResult<()> {
+    match change {
+        MembershipChange::Add(list) => add_members(tx, group_id, list, added).await?,
+        MembershipChange::Remove(ids) => {
+            for id in ids {
+                let r = sqlx::query("DELETE FROM group_members WHERE group_id = ? AND member_id = ?")
+                    .bind(group_id)
+                    .bind(id)
+                    .execute(&mut **tx)
+                    .await?;
+                if r.rows_affected() > 0 {
+                    removed.push(id.clone());
+                }
+            }
+        }
+        MembershipChange::RemoveAll | MembershipChange::ReplaceAll(_) => {
+            let keep: Vec<&str> = match change {
+                MembershipChange::ReplaceAll(list) => list.iter().map(|m| m.value.as_str()).collect(),
+                _ => vec![],
+            };
+            let current: Vec<(String,)> = sqlx::query_as("SELECT member_id FROM group_members WHERE group_id = ?")
+                .bind(group_id)
+                .fetch_all(&mut **tx)
+                .await?;
+            for (id,) in current {
+                if !keep.contains(&id.as_str()) {
+                    sqlx::query("DELETE FROM group_members WHERE group_id = ? AND member_id = ?")
+                        .bind(group_id)
+                        .bind(&id)
+                        .execute(&mut **tx)
+                        .await?;
+                    removed.push(id);
+                }
+            }
+            if let MembershipChange::ReplaceAll(list) = change {
+                add_members(tx, group_id, list, added).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn add_members(tx: &mut Tx, group_id: &str, list: &[NewMember], added: &mut Vec<String>) -> StoreResult<()> {
+    for m in list {
+        let ty = resolve_member(tx, group_id, m).await?;
+        let r = sqlx::query("INSERT OR IGNORE INTO group_members (group_id, member_id, member_type) VALUES (?, ?, ?)")
+            .bind(group_id)
+            .bind(&m.value)
+            .bind(ty.as_str())
+            .execute(&mut **tx)
+            .await?;
+        if r.rows_affected() > 0 {
+            added.push(m.value.clone());
+        }
+    }
+    Ok(())
+}
+
+fn parse_time(s: &str) -> StoreResult<OffsetDateTime> {
+    timefmt::parse(s).ok_or_else(|| StoreError::Other(format!("corrupt timestamp `{s}`").into()))
+}
+
+fn row_to_resource(kind: ResourceKind, row: &sqlx::sqlite::SqliteRow, with_groups: bool) -> StoreResult<Resource> {
+    let data: String = row.try_get("data")?;
+    let groups = if with_groups {
+        let raw: Option<String> = row.try_get("groups_json")?;
+        let list: Vec<Value> = match raw {
+            Some(s) => serde_json::from_str(&s)?,
+            None => vec![],
+        };
+        Some(
+            list.into_iter()
+                .filter_map(|g| {
+                    Some(GroupRef {
+                        value: g.get("value")?.as_str()?.to_owned(),
+                        display: g.get("display")?.as_str()?.to_owned(),
+                    })
+                })
+                .collect(),
+        )
+    } else {
+        None
+    };
+    Ok(Resource {
+        kind,
+        id: row.try_get("id")?,
+        attrs: serde_json::from_str(&data)?,
+        created: parse_time(row.try_get("created")?)?,
+        last_modified: parse_time(row.try_get("last_modified")?)?,
+        version: row.try_get("version")?,
+        members: None,
+        groups,
+    })
+}
+
+async fn load_members<'e, E>(exec: E, group_id: &str) -> StoreResult<Vec<MemberRef>>
+where
+    E: sqlx::Executor<'e, Database = Sqlite>,
+{
+    let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
+        "SELECT m.member_id, m.member_type, COALESCE(u.user_name, g.display_name) \
+         FROM group_members m \
+         LEFT JOIN users u ON m.member_type = 'User' AND u.id = m.member_id \
+         LEFT JOIN groups g ON m.member_type = 'Group' AND g.id = m.member_id \
+         WHERE m.group_id = ? ORDER BY m.member_id",
+    )
+    .bind(group_id)
+    .fetch_all(exec)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(value, ty, display)| MemberRef {
+            value,
+            ty: MemberType::parse(&ty).unwrap_or(MemberType::User),
+            display,
+        })
+        .collect())
+}
+
+fn select_sql(kind: ResourceKind, read: ReadOpts) -> String {
+    let groups = if kind == ResourceKind::User && read.groups {
+        format!(", {GROUPS_OF_USER} AS groups_json")
+    } else {
+        String::new()
+    };
+    format!("SELECT {USER_COLS}{groups} FROM {} t", table(kind))
+}
+
+/// The JSON a filter or sort is evaluated against: attributes plus `id`, `meta`, and the
+/// derived multi-valued attributes.
+fn eval_json(r: &Resource) -> Value {
+    let mut o = match &r.attrs {
+        Value::Object(m) => m.clone(),
+        _ => Map::new(),
+    };
+    o.insert("id".into(), json!(r.id));
+    o.insert(
+        "meta".into(),
+        json!({
+            "resourceType": r.kind.name(),
+            "created": timefmt::format(r.created),
+            "lastModified": timefmt::format(r.last_modified),
+            "version": format!("W/\"{}\"", r.version),
+        }),
+    );
+    if let Some(members) = &r.members {
+        let list: Vec<Value> = members
+            .iter()
+            .map(|m| json!({"value": m.value, "type": m.ty.as_str(), "display": m.display}))
+            .collect();
+        o.insert("members".into(), Value::Array(list));
+    }
+    if let Some(groups) = &r.groups {
+        let list: Vec<Value> = groups.iter().map(|g| json!({"value": g.value, "display": g.display})).collect();
+        o.insert("groups".into(), Value::Array(list));
+    }
+    Value::Object(o)
+}
+
+fn mentions(f: &Filter, attr: &str) -> bool {
+    match f {
+        Filter::And(a, b) | Filter::Or(a, b) => mentions(a, attr) || mentions(b, attr),
+        Filter::Not(a) => mentions(a, attr),
+        Filter::Present(p) | Filter::Compare { path: p, .. } | Filter::ValuePath { path: p, .. } => {
+            p.attr.eq_ignore_ascii_case(attr)
+        }
+    }
+}
+
+fn bind_all<'q>(
+    mut q: sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments>,
+    binds: &'q [Bind],
+) -> sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments> {
+    for b in binds {
+        q = match b {
+            Bind::Text(s) => q.bind(s.as_str()),
+            Bind::Int(i) => q.bind(*i),
+        };
+    }
+    q
+}
+
+impl SqliteStore {
+    async fn read_one_tx(&self, tx: &mut Tx, kind: ResourceKind, id: &str, read: ReadOpts) -> StoreResult<Resource> {
+        let sql = format!("{} WHERE t.id = ?", select_sql(kind, read));
+        let row = sqlx::query(AssertSqlSafe(sql)).bind(id).fetch_optional(&mut **tx).await?;
+        let row = row.ok_or(StoreError::NotFound)?;
+        let mut r = row_to_resource(kind, &row, kind == ResourceKind::User && read.groups)?;
+        if kind == ResourceKind::Group && read.members {
+            r.members = Some(load_members(&mut **tx, id).await?);
+        }
+        Ok(r)
+    }
+
+    async fn current_version(tx: &mut Tx, kind: ResourceKind, id: &str) -> StoreResult<i64> {
+        let sql = format!("SELECT version FROM {} WHERE id = ?", table(kind));
+        let v: Option<(i64,)> = sqlx::query_as(AssertSqlSafe(sql)).bind(id).fetch_optional(&mut **tx).await?;
+        v.map(|(v,)| v).ok_or(StoreError::NotFound)
+    }
+
+    async fn write_attrs(
+        tx: &mut Tx,
+        kind: ResourceKind,
+        id: &str,
+        attrs: &Value,
+        now: &str,
+        version: i64,
+    ) -> StoreResult<()> {
+        let ix = indexed(kind, attrs)?;
+        check_unique(tx, kind, &ix, Some(id)).await?;
+        let data = attrs.to_string();
+        match kind {
+            ResourceKind::User => {
+                sqlx::query(
+                    "UPDATE users SET user_name = ?, user_name_ci = ?, external_id = ?, active = ?, \
+                     last_modified = ?, version = ?, data = ? WHERE id = ?",
+                )
+                .bind(&ix.name)
+                .bind(&ix.name_ci)
+                .bind(&ix.external_id)
+                .bind(ix.active)
+                .bind(now)
+                .bind(version)
+                .bind(&data)
+                .bind(id)
+                .execute(&mut **tx)
+                .await?;
+            }
+            ResourceKind::Group => {
+                sqlx::query(
+                    "UPDATE groups SET display_name = ?, display_name_ci = ?, external_id = ?, \
+                     last_modified = ?, version = ?, data = ? WHERE id = ?",
+                )
+                .bind(&ix.name)
+                .bind(&ix.name_ci)
+                .bind(&ix.external_id)
+                .bind(now)
+                .bind(version)
+                .bind(&data)
+                .bind(id)
+                .execute(&mut **tx)
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn touch(tx: &mut Tx, kind: ResourceKind, id: &str, now: &str, version: i64) -> StoreResult<()> {
+        let sql = format!("UPDATE {} SET last_modified = ?, version = ? WHERE id = ?", table(kind));
+        sqlx::query(AssertSqlSafe(sql)).bind(now).bind(version).bind(id).execute(&mut **tx).await?;
+        Ok(())
+    }
+}
+
+fn read_back(kind: ResourceKind) -> ReadOpts {
+    ReadOpts { members: false, groups: kind == ResourceKind::User }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn create(
+        &self,
+        ctx: &WriteCtx,
+        kind: ResourceKind,
+        attrs: Value,
+        members: Option<Vec<NewMember>>,
+    ) -> StoreResult<Resource> {
+        let now = self.now();
+        let ts = timefmt::format(now);
+        let id = uuid::Uuid::new_v4().to_string();
+        let ix = indexed(kind, &attrs)?;
+        let mut tx = self.begin().await?;
+        check_unique(&mut tx, kind, &ix, None).await?;
+        let data = attrs.to_string();
+        let insert = match kind {
+            ResourceKind::User => sqlx::query(
+                "INSERT INTO users (id, user_name, user_name_ci, external_id, active, created, last_modified, version, data) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?)",
+            )
+            .bind(&id)
+            .bind(&ix.name)
+            .bind(&ix.name_ci)
+            .bind(&ix.external_id)
+            .bind(ix.active),
+            ResourceKind::Group => sqlx::query(
+                "INSERT INTO groups (id, display_name, display_name_ci, external_id, created, last_modified, version, data) \
+                 VALUES (?, ?, ?, ?, ?, ?, 1, ?)",
+            )
+            .bind(&id)
+            .bind(&ix.name)
+            .bind(&ix.name_ci)
+            .bind(&ix.external_id),
+        };
+        insert.bind(&ts).bind(&ts).bind(&data).execute(&mut *tx).await?;
+        let (mut added, mut removed) = (vec![], vec![]);
+        if let (ResourceKind::Group, Some(list)) = (kind, members) {
+            apply_members(&mut tx, &id, &MembershipChange::Add(list), &mut added, &mut removed).await?;
+        }
+        record(
+            &mut tx,
+            ctx,
+            now,
+            Record {
+                resource_type: kind.name(),
+                resource_id: &id,
+                operation: "create",
+                status: 201,
+                detail: json!({"members_added": added.len()}),
+                outbox: Some((entity(kind), "upsert", json!({"added": added}))),
+            },
+        )
+        .await?;
+        let r = self.read_one_tx(&mut tx, kind, &id, read_back(kind)).await?;
+        tx.commit().await?;
+        Ok(r)
+    }
+
+    async fn replace(
+        &self,
+        ctx: &WriteCtx,
+        kind: ResourceKind,
+        id: &str,
+        expected_version: Option<i64>,
+        attrs: Value,
+        members: Option<Vec<NewMember>>,
+    ) -> StoreResult<Resource> {
+        let now = self.now();
+        let ts = timefmt::format(now);
+        let mut tx = self.begin().await?;
+        let version = Self::current_version(&mut tx, kind, id).await?;
+        if expected_version.is_some_and(|v| v != version) {
+            return Err(StoreError::PreconditionFailed);
+        }
+        Self::write_attrs(&mut tx, kind, id, &attrs, &ts, version + 1).await?;
+        let (mut added, mut removed) = (vec![], vec![]);
+        if let (ResourceKind::Group, Some(list)) = (kind, members) {
+            apply_members(&mut tx, id, &MembershipChange::ReplaceAll(list), &mut added, &mut removed).await?;
+        }
+        record(
+            &mut tx,
+            ctx,
+            now,
+            Record {
+                resource_type: kind.name(),
+                resource_id: id,
+                operation: "replace",
+                status: 200,
+                detail: json!({"members_added": added.len(), "members_removed": removed.len()}),
+                outbox: Some((entity(kind), "upsert", json!({"added": added, "removed": removed}))),
+            },
+        )
+        .await?;
+        let r = self.read_one_tx(&mut tx, kind, id, read_back(kind)).await?;
+        tx.commit().await?;
+        Ok(r)
+    }
+
+    async fn update(
+        &self,
+        ctx: &WriteCtx,
+        kind: ResourceKind,
+        id: &str,
+        expected_version: i64,
+        attrs: Option<Value>,
+        members: &[MembershipChange],
+    ) -> StoreResult<Resource> {
+        let now = self.now();
+        let ts = timefmt::format(now);
+        let mut tx = self.begin().await?;
+        let version = Self::current_version(&mut tx, kind, id).await?;
+        if version != expected_version {
+            return Err(StoreError::PreconditionFailed);
+        }
+        let (mut added, mut removed) = (vec![], vec![]);
+        if kind == ResourceKind::Group {
+            for change in members {
+                apply_members(&mut tx, id, change, &mut added, &mut removed).await?;
+            }
+        }
+        let attrs_changed = attrs.is_some();
+        let members_changed = !added.is_empty() || !removed.is_empty();
+        if !attrs_changed && !members_changed {
+            // Nothing changed: no version bump, no audit noise, nothing for TeamCity.
+            let r = self.read_one_tx(&mut tx, kind, id, read_back(kind)).await?;
+            tx.commit().await?;
+            return Ok(r);
+        }
+        match &attrs {
+            Some(a) => Self::write_attrs(&mut tx, kind, id, a, &ts, version + 1).await?,
+            None => Self::touch(&mut tx, kind, id, &ts, version + 1).await?,
+        }
+        let op = if attrs_changed { "upsert" } else { "members" };
+        record(
+            &mut tx,
+            ctx,
+            now,
+            Record {
+                resource_type: kind.name(),
+                resource_id: id,
+                operation: "patch",
+                status: 200,
+                detail: json!({
+                    "attributes_changed": attrs_changed,
+                    "members_added": added.len(),
+                    "members_removed": removed.len(),
+                }),
+                outbox: Some((entity(kind), op, json!({"added": added, "removed": removed}))),
+            },
+        )
+        .await?;
+        let r = self.read_one_tx(&mut tx, kind, id, read_back(kind)).await?;
+        tx.commit().await?;
+        Ok(r)
+    }
+
+    async fn delete(
+        &self,
+        ctx: &WriteCtx,
+        kind: ResourceKind,
+        id: &str,
+        expected_version: Option<i64>,
+    ) -> StoreResult<()> {
+        let now = self.now();
+        let mut tx = self.begin().await?;
+        let version = Self::current_version(&mut tx, kind, id).await?;
+        if expected_version.is_some_and(|v| v != version) {
+            return Err(StoreError::PreconditionFailed);
+        }
+        let affected: Vec<(String,)> = sqlx::query_as("SELECT group_id FROM group_members WHERE member_id = ?")
+            .bind(id)
+            .fetch_all(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM group_members WHERE member_id = ? OR group_id = ?")
+            .bind(id)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        let sql = format!("DELETE FROM {} WHERE id = ?", table(kind));
+        sqlx::query(AssertSqlSafe(sql)).bind(id).execute(&mut *tx).await?;
+        let groups: Vec<String> = affected.into_iter().map(|(g,)| g).collect();
+        record(
+            &mut tx,
+            ctx,
+            now,
+            Record {
+                resource_type: kind.name(),
+                resource_id: id,
+                operation: "delete",
+                status: 204,
+                detail: json!({"left_groups": groups.len()}),
+                outbox: Some((entity(kind), "delete", json!({"groups": groups}))),
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn get(&self, kind: ResourceKind, id: &str, read: ReadOpts) -> StoreResult<Option<Resource>> {
+        let sql = format!("{} WHERE t.id = ?", select_sql(kind, read));
+        let Some(row) = sqlx::query(AssertSqlSafe(sql)).bind(id).fetch_optional(&self.read).await? else {
+            return Ok(None);
+        };
+        let mut r = row_to_resource(kind, &row, kind == ResourceKind::User && read.groups)?;
+        if kind == ResourceKind::Group && read.members {
+            r.members = Some(load_members(&self.read, id).await?);
+        }
+        Ok(Some(r))
+    }
+
+    async fn list(&self, kind: ResourceKind, q: &ListQuery) -> StoreResult<ListPage> {
+        let pre = q.filter.as_ref().and_then(|f| sql_filter::translate(kind, f));
+        let exact = match (&q.filter, &pre) {
+            (None, _) => true,
+            (Some(_), Some(p)) => p.exact,
+            (Some(_), None) => false,
+        };
+        let sort_col = match &q.sort_by {
+            None => Some("t.seq"),
+            Some(p) => sql_filter::sort_column(kind, p),
+        };
+        let (where_sql, binds): (String, &[Bind]) = match &pre {
+            Some(p) => (format!(" WHERE {}", p.sql), &p.binds),
+            None => (String::new(), &[]),
+        };
+        // What in-memory evaluation needs loaded.
+        let need_members = kind == ResourceKind::Group
+            && (q.read.members
+                || q.filter.as_ref().is_some_and(|f| mentions(f, "members"))
+                || q.sort_by.as_ref().is_some_and(|p| p.attr.eq_ignore_ascii_case("members")));
+        let read = ReadOpts {
+            members: need_members,
+            groups: kind == ResourceKind::User
+                && (q.read.groups || q.filter.as_ref().is_some_and(|f| mentions(f, "groups"))),
+        };
+        if let (true, Some(col)) = (exact, sort_col) {
+            let count_sql = format!("SELECT COUNT(*) FROM {} t{where_sql}", table(kind));
+            let total: i64 = bind_all(sqlx::query(AssertSqlSafe(count_sql)), binds)
+                .fetch_one(&self.read)
+                .await?
+                .try_get(0)?;
+            let mut resources = Vec::new();
+            if q.count > 0 {
+                let dir = if q.descending { "DESC" } else { "ASC" };
+                let sql = format!(
+                    "{}{where_sql} ORDER BY {col} {dir}, t.seq {dir} LIMIT ? OFFSET ?",
+                    select_sql(kind, read)
+                );
+                let rows = bind_all(sqlx::query(AssertSqlSafe(sql)), binds)
+                    .bind(q.count as i64)
+                    .bind(q.offset as i64)
+                    .fetch_all(&self.read)
+                    .await?;
+                for row in &rows {
+                    let mut r = row_to_resource(kind, row, read.groups)?;
+                    if read.members {
+                        r.members = Some(load_members(&self.read, &r.id).await?);
+                    }
+                    resources.push(r);
+                }
+            }
+            return Ok(ListPage { total: total as usize, resources });
+        }
+        // Inexact filter or a sort without a column: complete in memory over the candidates.
+        let sql = format!("{}{where_sql} ORDER BY t.seq", select_sql(kind, read));
+        let rows = bind_all(sqlx::query(AssertSqlSafe(sql)), binds).fetch_all(&self.read).await?;
+        let mut matched: Vec<(Resource, Value)> = Vec::new();
+        for row in &rows {
+            let mut r = row_to_resource(kind, row, read.groups)?;
+            if read.members {
+                r.members = Some(load_members(&self.read, &r.id).await?);
+            }
+            let v = eval_json(&r);
+            if q.filter.as_ref().is_none_or(|f| filter::matches(f, kind, &v)) {
+                matched.push((r, v));
+            }
+        }
+        if let Some(by) = &q.sort_by {
+            sort_in_memory(kind, by, q.descending, &mut matched);
+        }
+        let total = matched.len();
+        let resources = matched.into_iter().skip(q.offset).take(q.count).map(|(r, _)| r).collect();
+        Ok(ListPage { total, resources })
+    }
+
+    async fn create_token(
+        &self,
+        ctx: &WriteCtx,
+        name: &str,
+        hash: [u8; 32],
+        expires: Option<OffsetDateTime>,
+    ) -> StoreResult<TokenRecord> {
+        let now = self.now();
+        let id = format!("tok_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let mut tx = self.begin().await?;
+        sqlx::query("INSERT INTO api_tokens (id, name, hash, created, expires) VALUES (?, ?, ?, ?, ?)")
+            .bind(&id)
+            .bind(name)
+            .bind(&hash[..])
+            .bind(timefmt::format(now))
+            .bind(expires.map(timefmt::format))
+            .execute(&mut *tx)
+            .await?;
+        record(
+            &mut tx,
+            ctx,
+            now,
+            Record {
+                resource_type: "Token",
+                resource_id: &id,
+                operation: "token.create",
+                status: 201,
+                detail: json!({"name": name, "expires": expires.map(timefmt::format)}),
+                outbox: None,
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(TokenRecord { id, name: name.to_owned(), created: now, expires, revoked: None })
+    }
+
+    async fn list_tokens(&self) -> StoreResult<Vec<TokenRecord>> {
+        let rows: Vec<(String, String, String, Option<String>, Option<String>)> =
+            sqlx::query_as("SELECT id, name, created, expires, revoked FROM api_tokens ORDER BY created DESC, id")
+                .fetch_all(&self.read)
+                .await?;
+        rows.into_iter().map(token_row).collect()
+    }
+
+    async fn revoke_token(&self, ctx: &WriteCtx, id: &str) -> StoreResult<()> {
+        let now = self.now();
+        let mut tx = self.begin().await?;
+        let r = sqlx::query("UPDATE api_tokens SET revoked = ? WHERE id = ? AND revoked IS NULL")
+            .bind(timefmt::format(now))
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        if r.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        record(
+            &mut tx,
+            ctx,
+            now,
+            Record {
+                resource_type: "Token",
+                resource_id: id,
+                operation: "token.revoke",
+                status: 200,
+                detail: json!({}),
+                outbox: None,
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn valid_token_hashes(&self) -> StoreResult<Vec<([u8; 32], TokenRecord)>> {
+        let rows: Vec<(Vec<u8>, String, String, String, Option<String>, Option<String>)> = sqlx::query_as(
+            "SELECT hash, id, name, created, expires, revoked FROM api_tokens WHERE revoked IS NULL",
+        )
+        .fetch_all(&self.read)
+        .await?;
+        let now = self.now();
+        let mut out = Vec::new();
+        for (hash, id, name, created, expires, revoked) in rows {
+            let rec = token_row((id, name, created, expires, revoked))?;
+            let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) else { continue };
+            if rec.is_valid_at(now) {
+                out.push((hash, rec));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn audit_events(&self, after: i64, limit: i64) -> StoreResult<Vec<AuditEvent>> {
+        let rows = sqlx::query(
+            "SELECT seq, time, actor, request_id, resource_type, resource_id, operation, outcome, status, \
+             detail, prev_hash, hash FROM audit_events WHERE seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(AuditEvent {
+                    seq: r.try_get("seq")?,
+                    time: r.try_get("time")?,
+                    actor: r.try_get("actor")?,
+                    request_id: r.try_get("request_id")?,
+                    resource_type: r.try_get("resource_type")?,
+                    resource_id: r.try_get("resource_id")?,
+                    operation: r.try_get("operation")?,
+                    outcome: r.try_get("outcome")?,
+                    status: r.try_get("status")?,
+                    detail: r.try_get("detail")?,
+                    prev_hash: r.try_get("prev_hash")?,
+                    hash: r.try_get("hash")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn outbox_items(&self, after: i64, limit: i64) -> StoreResult<Vec<OutboxItem>> {
+        let rows = sqlx::query(
+            "SELECT id, entity_type, entity_id, operation, detail, audit_seq, state, attempts \
+             FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+        )
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(OutboxItem {
+                    id: r.try_get("id")?,
+                    entity_type: r.try_get("entity_type")?,
+                    entity_id: r.try_get("entity_id")?,
+                    operation: r.try_get("operation")?,
+                    detail: r.try_get("detail")?,
+                    audit_seq: r.try_get("audit_seq")?,
+                    state: r.try_get("state")?,
+                    attempts: r.try_get("attempts")?,
+                })
+            })
+            .collect()
+    }
+}
+
+fn token_row(
+    (id, name, created, expires, revoked): (String, String, String, Option<String>, Option<String>),
+) -> StoreResult<TokenRecord> {
+    Ok(TokenRecord {
+        id,
+        name,
+        created: parse_time(&created)?,
+        expires: expires.as_deref().map(parse_time).transpose()?,
+        revoked: revoked.as_deref().map(parse_time).transpose()?,
+    })
+}
+
+fn sort_in_memory(kind: ResourceKind, by: &AttrPath, descending: bool, items: &mut [(Resource, Value)]) {
+    items.sort_by(|(_, a), (_, b)| {
+        let o = scim::projection::sort_cmp(kind, by, a, b);
+        if descending { o.reverse() } else { o }
+    });
+}
