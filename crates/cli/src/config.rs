@@ -68,25 +68,37 @@ pub enum LogFormat {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { listen: SocketAddr::from(([127, 0, 0, 1], 8080)) }
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        }
     }
 }
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
-        DatabaseConfig { url: "sqlite://teamcity-scim.db".into(), url_file: None }
+        DatabaseConfig {
+            url: "sqlite://teamcity-scim.db".into(),
+            url_file: None,
+        }
     }
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { format: LogFormat::Text, level: "info".into() }
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
     }
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config { server: ServerConfig::default(), database: DatabaseConfig::default(), log: LogConfig::default() }
+        Config {
+            server: ServerConfig::default(),
+            database: DatabaseConfig::default(),
+            log: LogConfig::default(),
+        }
     }
 }
 
@@ -102,7 +114,11 @@ pub fn figment(file: Option<&Path>) -> Figment {
 /// Loads and validates the configuration.
 pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
     if let Some(path) = file {
-        anyhow::ensure!(path.exists(), "config file {} does not exist", path.display());
+        anyhow::ensure!(
+            path.exists(),
+            "config file {} does not exist",
+            path.display()
+        );
     }
     let mut cfg: Config = figment(file).extract().map_err(|e| {
         // figment's message names the key and the source ("in TOML file …", "in environment").
@@ -132,7 +148,11 @@ mod tests {
     fn keys(v: &toml::Value, prefix: &str, out: &mut BTreeSet<String>) {
         if let toml::Value::Table(t) = v {
             for (k, v) in t {
-                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
                 if v.is_table() {
                     keys(v, &key, out);
                 } else {
@@ -166,8 +186,12 @@ mod tests {
             }
             uncommented.push('\n');
         }
-        assert_eq!(code_keys, example_keys, "config.example.toml and Config disagree on keys");
-        let parsed: Config = toml::from_str(&uncommented).expect("example parses with every key set");
+        assert_eq!(
+            code_keys, example_keys,
+            "config.example.toml and Config disagree on keys"
+        );
+        let parsed: Config =
+            toml::from_str(&uncommented).expect("example parses with every key set");
         assert_eq!(parsed.server, full.server);
 
         // What the example sets uncommented are the defaults.
@@ -178,7 +202,10 @@ mod tests {
     #[test]
     fn layers_and_errors_name_key_and_source() {
         figment::Jail::expect_with(|jail| {
-            jail.create_file("c.toml", "[server]\nlisten = \"127.0.0.1:9000\"\n[database]\nurl = \"sqlite://a.db\"\n")?;
+            jail.create_file(
+                "c.toml",
+                "[server]\nlisten = \"127.0.0.1:9000\"\n[database]\nurl = \"sqlite://a.db\"\n",
+            )?;
             let c = load(Some(Path::new("c.toml"))).unwrap();
             assert_eq!(c.server.listen.port(), 9000);
             jail.set_env("TEAMCITY_SCIM_SERVER__LISTEN", "127.0.0.1:9100");
@@ -187,11 +214,17 @@ mod tests {
             jail.create_file("url", "sqlite://from-file.db\n")?;
             jail.set_env("TEAMCITY_SCIM_DATABASE__URL_FILE", "url");
             let c = load(Some(Path::new("c.toml"))).unwrap();
-            assert_eq!(c.database.url, "sqlite://from-file.db", "*_file beats everything");
+            assert_eq!(
+                c.database.url, "sqlite://from-file.db",
+                "*_file beats everything"
+            );
 
             jail.set_env("TEAMCITY_SCIM_SERVER__LISTEN", "not-an-address");
             let e = load(Some(Path::new("c.toml"))).unwrap_err().to_string();
-            assert!(e.contains("server.listen") && e.to_lowercase().contains("environment"), "{e}");
+            assert!(
+                e.contains("server.listen") && e.to_lowercase().contains("environment"),
+                "{e}"
+            );
 
             jail.clear_env();
             jail.create_file("bad.toml", "[server]\nlisen = \"127.0.0.1:1\"\n")?;

@@ -3,7 +3,10 @@
 //! This binary loads configuration, chooses the store backend, wires the server and runs the
 //! subcommands. It holds no business logic of its own.
 
-#![allow(unreachable_pub, reason = "a binary crate has no public API; `pub` marks module interfaces")]
+#![allow(
+    unreachable_pub,
+    reason = "a binary crate has no public API; `pub` marks module interfaces"
+)]
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,7 +24,11 @@ mod ttl;
 use config::Config;
 
 #[derive(Debug, Parser)]
-#[command(name = "teamcity-scim", version, about = "SCIM 2.0 provisioning for JetBrains TeamCity")]
+#[command(
+    name = "teamcity-scim",
+    version,
+    about = "SCIM 2.0 provisioning for JetBrains TeamCity"
+)]
 struct Cli {
     /// Configuration file (TOML). Without it, embedded defaults and the environment apply.
     #[arg(long, global = true, env = "TEAMCITY_SCIM_CONFIG")]
@@ -85,7 +92,10 @@ fn main() -> std::process::ExitCode {
     };
     telemetry::init(&cfg.log);
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -111,11 +121,15 @@ async fn run(cmd: Command, cfg: Config) -> anyhow::Result<()> {
     match cmd {
         Command::Serve => serve(cfg).await,
         Command::Token { command } => token(command, &cfg).await,
-        Command::Config { command: ConfigCommand::Show } => {
+        Command::Config {
+            command: ConfigCommand::Show,
+        } => {
             print!("{}", toml::to_string_pretty(&cfg)?);
             Ok(())
         }
-        Command::Config { command: ConfigCommand::Check } => {
+        Command::Config {
+            command: ConfigCommand::Check,
+        } => {
             println!("configuration is valid");
             Ok(())
         }
@@ -131,7 +145,9 @@ async fn new_token(
     let mut random = [0u8; 32];
     rand::rng().fill_bytes(&mut random);
     let secret = server::generate_token(random);
-    let rec = store.create_token(&WriteCtx::cli(), name, server::hash_token(&secret), expires).await?;
+    let rec = store
+        .create_token(&WriteCtx::cli(), name, server::hash_token(&secret), expires)
+        .await?;
     Ok((rec, secret))
 }
 
@@ -144,16 +160,25 @@ async fn token(cmd: TokenCommand, cfg: &Config) -> anyhow::Result<()> {
                 None => None,
             };
             let (rec, secret) = new_token(&store, &name, expires).await?;
-            println!("Created token {} ({name}){}.", rec.id, match rec.expires {
-                Some(e) => format!(", expires {}", store::timefmt::format(e)),
-                None => String::new(),
-            });
-            println!("Store it now: it is shown only once. Send it as `Authorization: Bearer <token>`.");
+            println!(
+                "Created token {} ({name}){}.",
+                rec.id,
+                match rec.expires {
+                    Some(e) => format!(", expires {}", store::timefmt::format(e)),
+                    None => String::new(),
+                }
+            );
+            println!(
+                "Store it now: it is shown only once. Send it as `Authorization: Bearer <token>`."
+            );
             println!("{secret}");
         }
         TokenCommand::List => {
             let now = OffsetDateTime::now_utc();
-            println!("{:<18} {:<24} {:<28} {:<28} STATUS", "ID", "NAME", "CREATED", "EXPIRES");
+            println!(
+                "{:<18} {:<24} {:<28} {:<28} STATUS",
+                "ID", "NAME", "CREATED", "EXPIRES"
+            );
             for t in store.list_tokens().await? {
                 let status = if t.revoked.is_some() {
                     "revoked"
@@ -167,13 +192,19 @@ async fn token(cmd: TokenCommand, cfg: &Config) -> anyhow::Result<()> {
                     t.id,
                     t.name,
                     store::timefmt::format(t.created),
-                    t.expires.map(store::timefmt::format).unwrap_or_else(|| "never".into()),
+                    t.expires
+                        .map(store::timefmt::format)
+                        .unwrap_or_else(|| "never".into()),
                 );
             }
         }
         TokenCommand::Revoke { id } => match store.revoke_token(&WriteCtx::cli(), &id).await {
-            Ok(()) => println!("Revoked token {id}. Running servers stop accepting it within 2 seconds."),
-            Err(store::StoreError::NotFound) => anyhow::bail!("no valid token with id `{id}` (see `teamcity-scim token list`)"),
+            Ok(()) => {
+                println!("Revoked token {id}. Running servers stop accepting it within 2 seconds.")
+            }
+            Err(store::StoreError::NotFound) => {
+                anyhow::bail!("no valid token with id `{id}` (see `teamcity-scim token list`)")
+            }
             Err(e) => return Err(e.into()),
         },
     }
@@ -184,7 +215,10 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let store = open_store(&cfg).await?;
     if store.valid_token_hashes().await?.is_empty() {
         let (rec, secret) = new_token(&store, "initial", None).await?;
-        println!("No SCIM token existed, so one was created (id {}). It is shown only this once:", rec.id);
+        println!(
+            "No SCIM token existed, so one was created (id {}). It is shown only this once:",
+            rec.id
+        );
         println!();
         println!("    {secret}");
         println!();

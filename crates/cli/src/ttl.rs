@@ -13,7 +13,9 @@ pub(crate) fn parse(s: &str) -> anyhow::Result<Duration> {
             num.push(c);
             continue;
         }
-        let n: i64 = num.parse().map_err(|_| anyhow::anyhow!("invalid duration `{s}`: expected e.g. 30d, 12h, 90m"))?;
+        let n: i64 = num
+            .parse()
+            .map_err(|_| anyhow::anyhow!("invalid duration `{s}`: expected e.g. 30d, 12h, 90m"))?;
         num.clear();
         total += match c {
             'd' => Duration::days(n),

@@ -33,7 +33,10 @@ pub struct Cursor {
 impl Cursor {
     /// Encodes the cursor.
     pub fn encode(&self) -> String {
-        URL_SAFE_NO_PAD.encode(format!("{}.{:x}.{}", self.offset, self.fingerprint, self.issued))
+        URL_SAFE_NO_PAD.encode(format!(
+            "{}.{:x}.{}",
+            self.offset, self.fingerprint, self.issued
+        ))
     }
 
     /// Decodes and checks a cursor for a query with `fingerprint` at time `now`.
@@ -47,7 +50,9 @@ impl Cursor {
         let raw = URL_SAFE_NO_PAD.decode(text).map_err(|_| invalid())?;
         let raw = String::from_utf8(raw).map_err(|_| invalid())?;
         let mut parts = raw.split('.');
-        let (Some(o), Some(f), Some(t), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        let (Some(o), Some(f), Some(t), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
             return Err(invalid());
         };
         let cursor = Cursor {
@@ -98,18 +103,34 @@ mod tests {
     #[test]
     fn cursor_round_trip_and_rejections() {
         let fp = fingerprint(&["User", "userName sw \"a\""]);
-        let c = Cursor { offset: 200, fingerprint: fp, issued: 1000 };
+        let c = Cursor {
+            offset: 200,
+            fingerprint: fp,
+            issued: 1000,
+        };
         let text = c.encode();
-        assert!(text.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_'));
+        assert!(
+            text.chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
+        );
         assert_eq!(Cursor::decode(&text, fp, 1100).unwrap(), c);
         let other = fingerprint(&["User", "userName sw \"b\""]);
-        assert_eq!(Cursor::decode(&text, other, 1100).unwrap_err().scim_type, Some(ScimType::InvalidCursor));
         assert_eq!(
-            Cursor::decode(&text, fp, 1000 + CURSOR_TIMEOUT_SECS + 1).unwrap_err().scim_type,
+            Cursor::decode(&text, other, 1100).unwrap_err().scim_type,
+            Some(ScimType::InvalidCursor)
+        );
+        assert_eq!(
+            Cursor::decode(&text, fp, 1000 + CURSOR_TIMEOUT_SECS + 1)
+                .unwrap_err()
+                .scim_type,
             Some(ScimType::ExpiredCursor)
         );
         for junk in ["", "!!", "YWJj", &URL_SAFE_NO_PAD.encode("1.zz.3")] {
-            assert_eq!(Cursor::decode(junk, fp, 1100).unwrap_err().scim_type, Some(ScimType::InvalidCursor), "{junk}");
+            assert_eq!(
+                Cursor::decode(junk, fp, 1100).unwrap_err().scim_type,
+                Some(ScimType::InvalidCursor),
+                "{junk}"
+            );
         }
     }
 }

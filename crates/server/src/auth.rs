@@ -64,8 +64,16 @@ pub struct TokenCache {
 impl TokenCache {
     /// A cache over `store`, loaded on first use.
     pub fn new(store: DynStore) -> Self {
-        let stale = Instant::now().checked_sub(REFRESH * 10).unwrap_or_else(Instant::now);
-        TokenCache { store, snapshot: Arc::new(RwLock::new(Snapshot { entries: vec![], loaded: stale })) }
+        let stale = Instant::now()
+            .checked_sub(REFRESH * 10)
+            .unwrap_or_else(Instant::now);
+        TokenCache {
+            store,
+            snapshot: Arc::new(RwLock::new(Snapshot {
+                entries: vec![],
+                loaded: stale,
+            })),
+        }
     }
 
     async fn refresh_if_older_than(&self, age: Duration) {
@@ -78,7 +86,9 @@ impl TokenCache {
                 snap.entries = entries;
                 snap.loaded = Instant::now();
             }
-            Err(e) => tracing::warn!(error = %e, "could not refresh SCIM tokens; keeping the last snapshot"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not refresh SCIM tokens; keeping the last snapshot")
+            }
         }
     }
 
@@ -118,15 +128,25 @@ fn unauthorized(detail: &str, invalid: bool) -> Response {
     if invalid {
         resp.headers_mut().insert(
             header::WWW_AUTHENTICATE,
-            header::HeaderValue::from_static("Bearer realm=\"teamcity-scim\", error=\"invalid_token\""),
+            header::HeaderValue::from_static(
+                "Bearer realm=\"teamcity-scim\", error=\"invalid_token\"",
+            ),
         );
     }
     resp
 }
 
 /// Middleware: requires a valid bearer token and records the actor.
-pub async fn require_token(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let Some(value) = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
+pub async fn require_token(
+    State(state): State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let Some(value) = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
         return unauthorized(
             "authentication required: send `Authorization: Bearer <token>` (create one with `teamcity-scim token create --name NAME`)",
             false,
@@ -138,12 +158,18 @@ pub async fn require_token(State(state): State<AppState>, mut req: Request, next
     };
     match state.tokens.authenticate(token).await {
         Some(rec) => {
-            req.extensions_mut().insert(Actor { name: format!("token:{}", rec.id) });
+            req.extensions_mut().insert(Actor {
+                name: format!("token:{}", rec.id),
+            });
             next.run(req).await
         }
         None => {
             metrics::counter!("scim_auth_failures_total").increment(1);
-            unauthorized("the bearer token is not valid (unknown, revoked or expired)", true).into_response()
+            unauthorized(
+                "the bearer token is not valid (unknown, revoked or expired)",
+                true,
+            )
+            .into_response()
         }
     }
 }

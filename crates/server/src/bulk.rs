@@ -54,22 +54,32 @@ fn substitute(v: &mut Value, ids: &HashMap<String, String>) {
 
 fn parse_ops(body: &Value, max_ops: usize) -> Result<(Vec<Op>, Option<usize>), ScimError> {
     if !body.is_object() {
-        return Err(ScimError::invalid_syntax("a BulkRequest must be a JSON object"));
+        return Err(ScimError::invalid_syntax(
+            "a BulkRequest must be a JSON object",
+        ));
     }
     let Some(Value::Array(items)) = get_ci(body, "Operations") else {
-        return Err(ScimError::invalid_syntax("a BulkRequest needs an `Operations` array"));
+        return Err(ScimError::invalid_syntax(
+            "a BulkRequest needs an `Operations` array",
+        ));
     };
     if items.len() > max_ops {
         return Err(ScimError::new(
             413,
             None,
-            format!("the bulk request has {} operations; the maximum is {max_ops} (bulk.maxOperations)", items.len()),
+            format!(
+                "the bulk request has {} operations; the maximum is {max_ops} (bulk.maxOperations)",
+                items.len()
+            ),
         ));
     }
     let fail_on_errors = match get_ci(body, "failOnErrors") {
         None | Some(Value::Null) => None,
         Some(v) => Some(v.as_u64().filter(|n| *n > 0).ok_or_else(|| {
-            ScimError::bad_request(ScimType::InvalidValue, "`failOnErrors` must be a positive integer")
+            ScimError::bad_request(
+                ScimType::InvalidValue,
+                "`failOnErrors` must be a positive integer",
+            )
         })? as usize),
     };
     let mut ops = vec![];
@@ -79,11 +89,15 @@ fn parse_ops(body: &Value, max_ops: usize) -> Result<(Vec<Op>, Option<usize>), S
         let method = text("method").ok_or_else(|| {
             ScimError::invalid_syntax(format!("bulk operation {index} has no `method`"))
         })?;
-        let path = text("path").ok_or_else(|| ScimError::invalid_syntax(format!("bulk operation {index} has no `path`")))?;
+        let path = text("path").ok_or_else(|| {
+            ScimError::invalid_syntax(format!("bulk operation {index} has no `path`"))
+        })?;
         let bulk_id = text("bulkId");
         if let Some(b) = &bulk_id {
             if !seen.insert(b.clone()) {
-                return Err(ScimError::invalid_syntax(format!("bulkId `{b}` is used by more than one operation")));
+                return Err(ScimError::invalid_syntax(format!(
+                    "bulkId `{b}` is used by more than one operation"
+                )));
             }
         }
         let data = get_ci(item, "data").cloned();
@@ -92,16 +106,27 @@ fn parse_ops(body: &Value, max_ops: usize) -> Result<(Vec<Op>, Option<usize>), S
         if let Some(d) = &data {
             collect_refs(d, &mut refs);
         }
-        ops.push(Op { index, method, bulk_id, version: text("version"), path, data, refs });
+        ops.push(Op {
+            index,
+            method,
+            bulk_id,
+            version: text("version"),
+            path,
+            data,
+            refs,
+        });
     }
     if method_requires_bulk_id(&ops) {
-        return Err(ScimError::invalid_syntax("every POST operation in a bulk request needs a `bulkId`"));
+        return Err(ScimError::invalid_syntax(
+            "every POST operation in a bulk request needs a `bulkId`",
+        ));
     }
     Ok((ops, fail_on_errors))
 }
 
 fn method_requires_bulk_id(ops: &[Op]) -> bool {
-    ops.iter().any(|o| o.method.eq_ignore_ascii_case("POST") && o.bulk_id.is_none())
+    ops.iter()
+        .any(|o| o.method.eq_ignore_ascii_case("POST") && o.bulk_id.is_none())
 }
 
 fn route(path: &str) -> Option<(ResourceKind, Option<&str>)> {
@@ -133,7 +158,11 @@ async fn run_one(
     let path = path.as_str().unwrap_or_default().to_owned();
     let mut data = op.data.clone().unwrap_or(Value::Null);
     substitute(&mut data, ids);
-    let bad_path = || ScimError::invalid_path(format!("bulk path `{path}` does not name /Users or /Groups"));
+    let bad_path = || {
+        ScimError::invalid_path(format!(
+            "bulk path `{path}` does not name /Users or /Groups"
+        ))
+    };
     let (kind, id) = route(&path).ok_or_else(bad_path)?;
     let proj = Projection::default();
     let m = op.method.to_ascii_uppercase();
@@ -159,7 +188,12 @@ async fn run_one(
 }
 
 /// `POST /Bulk`.
-pub(crate) async fn bulk(state: &AppState, ctx: &WriteCtx, base: &str, body: &Value) -> ApiResult<Reply> {
+pub(crate) async fn bulk(
+    state: &AppState,
+    ctx: &WriteCtx,
+    base: &str,
+    body: &Value,
+) -> ApiResult<Reply> {
     let (ops, fail_on_errors) = parse_ops(body, state.limits.bulk_max_operations)?;
     let defined: HashSet<String> = ops.iter().filter_map(|o| o.bulk_id.clone()).collect();
     let mut results: Vec<Option<Value>> = vec![None; ops.len()];
@@ -167,7 +201,11 @@ pub(crate) async fn bulk(state: &AppState, ctx: &WriteCtx, base: &str, body: &Va
     let mut failed_bulk_ids: HashSet<String> = HashSet::new();
     let mut pending: Vec<&Op> = ops.iter().collect();
     let mut errors = 0usize;
-    let entry = |op: &Op, status: u16, location: Option<String>, version: Option<String>, response: Option<Value>| {
+    let entry = |op: &Op,
+                 status: u16,
+                 location: Option<String>,
+                 version: Option<String>,
+                 response: Option<Value>| {
         let mut e = json!({"method": op.method, "status": status.to_string()});
         if let Some(b) = &op.bulk_id {
             e["bulkId"] = json!(b);
@@ -190,11 +228,16 @@ pub(crate) async fn bulk(state: &AppState, ctx: &WriteCtx, base: &str, body: &Va
             if fail_on_errors.is_some_and(|n| errors >= n) {
                 break 'passes;
             }
-            let unknown = op.refs.iter().find(|r| !defined.contains(*r) || failed_bulk_ids.contains(*r));
+            let unknown = op
+                .refs
+                .iter()
+                .find(|r| !defined.contains(*r) || failed_bulk_ids.contains(*r));
             if let Some(r) = unknown {
                 let err = ScimError::bad_request(
                     ScimType::InvalidValue,
-                    format!("bulkId `{r}` is not defined by a successful operation in this request"),
+                    format!(
+                        "bulkId `{r}` is not defined by a successful operation in this request"
+                    ),
                 );
                 results[op.index] = Some(entry(op, err.status, None, None, Some(err.to_json())));
                 if let Some(b) = &op.bulk_id {
@@ -214,14 +257,21 @@ pub(crate) async fn bulk(state: &AppState, ctx: &WriteCtx, base: &str, body: &Va
                     if let (Some(b), Some(id)) = (&op.bulk_id, created) {
                         ids.insert(b.clone(), id);
                     }
-                    results[op.index] = Some(entry(op, reply.status.as_u16(), reply.location, reply.etag, None));
+                    results[op.index] = Some(entry(
+                        op,
+                        reply.status.as_u16(),
+                        reply.location,
+                        reply.etag,
+                        None,
+                    ));
                 }
                 Err(e) => {
                     errors += 1;
                     if let Some(b) = &op.bulk_id {
                         failed_bulk_ids.insert(b.clone());
                     }
-                    results[op.index] = Some(entry(op, e.0.status, None, None, Some(e.0.to_json())));
+                    results[op.index] =
+                        Some(entry(op, e.0.status, None, None, Some(e.0.to_json())));
                 }
             }
         }
@@ -240,5 +290,7 @@ pub(crate) async fn bulk(state: &AppState, ctx: &WriteCtx, base: &str, body: &Va
         pending = next;
     }
     let operations: Vec<Value> = results.into_iter().flatten().collect();
-    Ok(Reply::ok(json!({"schemas": [BULK_RESPONSE_SCHEMA], "Operations": operations})))
+    Ok(Reply::ok(
+        json!({"schemas": [BULK_RESPONSE_SCHEMA], "Operations": operations}),
+    ))
 }

@@ -67,12 +67,19 @@ pub(crate) fn resource_type(base: &str, id: &str) -> Result<Value, ScimError> {
         .iter()
         .find(|k| k.name().eq_ignore_ascii_case(id))
         .map(|k| k.resource_type_json(base))
-        .ok_or_else(|| ScimError::not_found(format!("no resource type `{id}`; there are User and Group")))
+        .ok_or_else(|| {
+            ScimError::not_found(format!("no resource type `{id}`; there are User and Group"))
+        })
 }
 
 /// `/Schemas`.
 pub(crate) fn schemas(base: &str) -> Value {
-    list_of(schema::all_schemas().iter().map(|s| s.to_json(base)).collect())
+    list_of(
+        schema::all_schemas()
+            .iter()
+            .map(|s| s.to_json(base))
+            .collect(),
+    )
 }
 
 /// `/Schemas/{id}`.

@@ -55,7 +55,8 @@ impl IntoResponse for ApiError {
 pub fn scim_error_response(e: &ScimError) -> Response {
     let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut resp = (status, e.to_json().to_string()).into_response();
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(SCIM_JSON));
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(SCIM_JSON));
     if e.status == 401 {
         resp.headers_mut().insert(
             header::WWW_AUTHENTICATE,

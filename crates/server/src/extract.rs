@@ -14,27 +14,40 @@ pub(crate) async fn read_json(headers: &HeaderMap, body: Body, limit: usize) -> 
     if let Some(ct) = headers.get(header::CONTENT_TYPE) {
         let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
         let essence = ct.split(';').next().unwrap_or("").trim();
-        if !(essence == "application/scim+json" || essence == "application/json" || essence.ends_with("+json")) {
+        if !(essence == "application/scim+json"
+            || essence == "application/json"
+            || essence.ends_with("+json"))
+        {
             return Err(ScimError::new(
                 415,
                 None,
-                format!("unsupported Content-Type `{essence}`: send application/scim+json or application/json"),
+                format!(
+                    "unsupported Content-Type `{essence}`: send application/scim+json or application/json"
+                ),
             ));
         }
     }
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| too_large(limit))?;
+    let bytes = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| too_large(limit))?;
     parse_json(&bytes)
 }
 
 /// 413 with the limit in the detail.
 pub(crate) fn too_large(limit: usize) -> ScimError {
-    ScimError::new(413, None, format!("the request body is larger than the limit of {limit} bytes"))
+    ScimError::new(
+        413,
+        None,
+        format!("the request body is larger than the limit of {limit} bytes"),
+    )
 }
 
 /// Parses JSON, naming the line and column of a syntax error.
 pub(crate) fn parse_json(bytes: &[u8]) -> ScimResult<Value> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(ScimError::invalid_syntax("the request body is empty; a JSON object is required"));
+        return Err(ScimError::invalid_syntax(
+            "the request body is empty; a JSON object is required",
+        ));
     }
     serde_json::from_slice(bytes).map_err(|e| {
         ScimError::invalid_syntax(format!(
@@ -72,8 +85,16 @@ impl Params {
     /// `attributes` and `excludedAttributes`.
     pub(crate) fn projection(&self) -> ScimResult<Projection> {
         Ok(Projection {
-            attributes: self.get("attributes").map(parse_attribute_list).transpose()?.unwrap_or_default(),
-            excluded: self.get("excludedAttributes").map(parse_attribute_list).transpose()?.unwrap_or_default(),
+            attributes: self
+                .get("attributes")
+                .map(parse_attribute_list)
+                .transpose()?
+                .unwrap_or_default(),
+            excluded: self
+                .get("excludedAttributes")
+                .map(parse_attribute_list)
+                .transpose()?
+                .unwrap_or_default(),
         })
     }
 }
@@ -133,26 +154,39 @@ impl Projection {
                     let mut out = vec![];
                     for item in items {
                         let s = item.as_str().ok_or_else(|| {
-                            ScimError::bad_request(ScimType::InvalidValue, format!("`{key}` must list attribute names"))
+                            ScimError::bad_request(
+                                ScimType::InvalidValue,
+                                format!("`{key}` must list attribute names"),
+                            )
                         })?;
                         out.extend(parse_attribute_list(s)?);
                     }
                     Ok(out)
                 }
-                Some(_) => Err(ScimError::bad_request(ScimType::InvalidValue, format!("`{key}` must be an array of strings"))),
+                Some(_) => Err(ScimError::bad_request(
+                    ScimType::InvalidValue,
+                    format!("`{key}` must be an array of strings"),
+                )),
             }
         };
-        Ok(Projection { attributes: list("attributes")?, excluded: list("excludedAttributes")? })
+        Ok(Projection {
+            attributes: list("attributes")?,
+            excluded: list("excludedAttributes")?,
+        })
     }
 
     /// Whether `name` (a top-level attribute) is asked for explicitly.
     pub(crate) fn requests(&self, name: &str) -> bool {
-        self.attributes.iter().any(|p| p.urn.is_none() && p.attr.eq_ignore_ascii_case(name))
+        self.attributes
+            .iter()
+            .any(|p| p.urn.is_none() && p.attr.eq_ignore_ascii_case(name))
     }
 
     /// Whether `name` is excluded.
     pub(crate) fn excludes(&self, name: &str) -> bool {
-        self.excluded.iter().any(|p| p.urn.is_none() && p.attr.eq_ignore_ascii_case(name) && p.sub.is_none())
+        self.excluded
+            .iter()
+            .any(|p| p.urn.is_none() && p.attr.eq_ignore_ascii_case(name) && p.sub.is_none())
     }
 
     /// Whether the projection would keep `name` in a default response.
@@ -166,5 +200,8 @@ impl Projection {
 
 /// Case-insensitive key lookup in a JSON object.
 pub(crate) fn get_ci<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
-    v.as_object()?.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, v)| v)
+    v.as_object()?
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(key))
+        .map(|(_, v)| v)
 }

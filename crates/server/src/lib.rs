@@ -43,7 +43,10 @@ pub const BASE_PATH: &str = "/scim/v2";
 /// The absolute SCIM base URL as the client addressed us (`Host`, and `X-Forwarded-Proto` from
 /// a reverse proxy).
 fn base_url(headers: &HeaderMap) -> String {
-    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost");
     let proto = headers
         .get("x-forwarded-proto")
         .and_then(|h| h.to_str().ok())
@@ -55,7 +58,10 @@ fn base_url(headers: &HeaderMap) -> String {
 fn write_ctx(req_headers: &HeaderMap, actor: &auth::Actor) -> WriteCtx {
     WriteCtx {
         actor: actor.name.clone(),
-        request_id: req_headers.get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_owned),
+        request_id: req_headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
     }
 }
 
@@ -79,17 +85,22 @@ async fn method_not_allowed(method: Method, uri: Uri) -> Response {
 }
 
 async fn not_found(uri: Uri) -> Response {
-    scim_error_response(&ScimError::not_found(format!("no SCIM endpoint at {}", uri.path())))
+    scim_error_response(&ScimError::not_found(format!(
+        "no SCIM endpoint at {}",
+        uri.path()
+    )))
 }
 
 fn collection(kind: ResourceKind) -> MethodRouter<AppState> {
-    get(move |State(s): State<AppState>, headers: HeaderMap, uri: Uri| async move {
-        let r = async {
-            let p = ListParams::from_params(&Params::from_query(uri.query()))?;
-            resources::list(&s, &base_url(&headers), kind, &p).await
-        };
-        respond(r.await)
-    })
+    get(
+        move |State(s): State<AppState>, headers: HeaderMap, uri: Uri| async move {
+            let r = async {
+                let p = ListParams::from_params(&Params::from_query(uri.query()))?;
+                resources::list(&s, &base_url(&headers), kind, &p).await
+            };
+            respond(r.await)
+        },
+    )
     .post(
         move |State(s): State<AppState>,
               axum::Extension(actor): axum::Extension<auth::Actor>,
@@ -100,7 +111,11 @@ fn collection(kind: ResourceKind) -> MethodRouter<AppState> {
                 let proj = Params::from_query(uri.query()).projection()?;
                 let json = read_json(&headers, body, s.limits.max_body).await?;
                 let ctx = write_ctx(&headers, &actor);
-                Ok::<_, ApiError>(resources::create(&s, &ctx, &base_url(&headers), kind, &json, &proj).await?.1)
+                Ok::<_, ApiError>(
+                    resources::create(&s, &ctx, &base_url(&headers), kind, &json, &proj)
+                        .await?
+                        .1,
+                )
             };
             respond(r.await)
         },
@@ -109,18 +124,20 @@ fn collection(kind: ResourceKind) -> MethodRouter<AppState> {
 }
 
 fn search(kind: Option<ResourceKind>) -> MethodRouter<AppState> {
-    post(move |State(s): State<AppState>, headers: HeaderMap, body: Body| async move {
-        let r = async {
-            let json = read_json(&headers, body, s.limits.max_body).await?;
-            let p = ListParams::from_search_body(&json)?;
-            let base = base_url(&headers);
-            match kind {
-                Some(k) => resources::list(&s, &base, k, &p).await,
-                None => resources::search_all(&s, &base, &p).await,
-            }
-        };
-        respond(r.await)
-    })
+    post(
+        move |State(s): State<AppState>, headers: HeaderMap, body: Body| async move {
+            let r = async {
+                let json = read_json(&headers, body, s.limits.max_body).await?;
+                let p = ListParams::from_search_body(&json)?;
+                let base = base_url(&headers);
+                match kind {
+                    Some(k) => resources::list(&s, &base, k, &p).await,
+                    None => resources::search_all(&s, &base, &p).await,
+                }
+            };
+            respond(r.await)
+        },
+    )
     .fallback(method_not_allowed)
 }
 
@@ -180,7 +197,10 @@ fn item(kind: ResourceKind) -> MethodRouter<AppState> {
 
 fn discovery_routes() -> Router<AppState> {
     let spc = get(|State(s): State<AppState>, headers: HeaderMap| async move {
-        Reply::ok(discovery::service_provider_config(&base_url(&headers), &s.limits))
+        Reply::ok(discovery::service_provider_config(
+            &base_url(&headers),
+            &s.limits,
+        ))
     })
     .fallback(method_not_allowed);
     Router::new()
@@ -320,5 +340,7 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
 }

@@ -37,7 +37,11 @@ pub(crate) fn location(base_url: &str, kind: ResourceKind, id: &str) -> String {
 /// The full SCIM representation of a stored resource, projected.
 pub(crate) fn render(base_url: &str, r: &Resource, proj: &Projection) -> Value {
     let mut o = Map::new();
-    let schemas = r.attrs.get("schemas").cloned().unwrap_or_else(|| json!([r.kind.core().id]));
+    let schemas = r
+        .attrs
+        .get("schemas")
+        .cloned()
+        .unwrap_or_else(|| json!([r.kind.core().id]));
     o.insert("schemas".into(), schemas);
     o.insert("id".into(), json!(r.id));
     if let Value::Object(attrs) = &r.attrs {
@@ -47,11 +51,28 @@ pub(crate) fn render(base_url: &str, r: &Resource, proj: &Projection) -> Value {
             }
         }
     }
+    // The manager reference is derived from its id, never stored.
+    if let Some(mgr) = o
+        .get_mut(scim::schema::ENTERPRISE_USER_SCHEMA)
+        .and_then(|e| e.get_mut("manager"))
+        .and_then(Value::as_object_mut)
+    {
+        if let Some(id) = mgr.get("value").and_then(Value::as_str).map(str::to_owned) {
+            mgr.insert(
+                "$ref".into(),
+                json!(location(base_url, ResourceKind::User, &id)),
+            );
+        }
+    }
     if let Some(members) = &r.members {
         let list: Vec<Value> = members
             .iter()
             .map(|m| {
-                let kind = if m.ty == store::MemberType::Group { ResourceKind::Group } else { ResourceKind::User };
+                let kind = if m.ty == store::MemberType::Group {
+                    ResourceKind::Group
+                } else {
+                    ResourceKind::User
+                };
                 let mut e = json!({
                     "value": m.value,
                     "type": m.ty.as_str(),

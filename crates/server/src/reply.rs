@@ -22,12 +22,22 @@ pub(crate) struct Reply {
 impl Reply {
     /// 200 with a body.
     pub(crate) fn ok(body: Value) -> Self {
-        Reply { status: StatusCode::OK, body: Some(body), etag: None, location: None }
+        Reply {
+            status: StatusCode::OK,
+            body: Some(body),
+            etag: None,
+            location: None,
+        }
     }
 
     /// A status with no body.
     pub(crate) fn empty(status: StatusCode) -> Self {
-        Reply { status, body: None, etag: None, location: None }
+        Reply {
+            status,
+            body: None,
+            etag: None,
+            location: None,
+        }
     }
 }
 

@@ -20,6 +20,9 @@ use crate::state::AppState;
 /// Attempts at a PATCH's read-modify-write when another writer got in between.
 const PATCH_ATTEMPTS: usize = 5;
 
+/// Largest group whose members a PATCH response lists without being asked.
+pub(crate) const PATCH_INLINE_MEMBERS_MAX: usize = 100;
+
 fn read_opts(kind: ResourceKind, proj: &Projection) -> ReadOpts {
     ReadOpts {
         members: kind == ResourceKind::Group && proj.keeps("members"),
@@ -29,7 +32,11 @@ fn read_opts(kind: ResourceKind, proj: &Projection) -> ReadOpts {
 
 fn new_members(list: Vec<Member>) -> Vec<NewMember> {
     list.into_iter()
-        .map(|m| NewMember { ty: m.ty.as_deref().and_then(MemberType::parse), value: m.value })
+        .map(|m| NewMember {
+            ty: m.ty.as_deref().and_then(MemberType::parse),
+            value: m.value,
+            display: m.display,
+        })
         .collect()
 }
 
@@ -44,12 +51,18 @@ fn expected_version(if_match: Option<&str>, current: i64) -> ApiResult<Option<i6
     }
 }
 
-async fn current(state: &AppState, kind: ResourceKind, id: &str, read: ReadOpts) -> ApiResult<store::Resource> {
-    state
-        .store
-        .get(kind, id, read)
-        .await?
-        .ok_or_else(|| ApiError(ScimError::not_found(format!("{} `{id}` not found", kind.name()))))
+async fn current(
+    state: &AppState,
+    kind: ResourceKind,
+    id: &str,
+    read: ReadOpts,
+) -> ApiResult<store::Resource> {
+    state.store.get(kind, id, read).await?.ok_or_else(|| {
+        ApiError(ScimError::not_found(format!(
+            "{} `{id}` not found",
+            kind.name()
+        )))
+    })
 }
 
 /// `POST /{Users,Groups}`.
@@ -118,7 +131,10 @@ pub(crate) async fn replace(
     let n = scim::resource::normalize(kind, body)?;
     scim::resource::check_immutable(kind, &old.attrs, &n.attrs)?;
     let members = n.members.map(new_members);
-    let mut r = state.store.replace(ctx, kind, id, expected, n.attrs, members).await?;
+    let mut r = state
+        .store
+        .replace(ctx, kind, id, expected, n.attrs, members)
+        .await?;
     if kind == ResourceKind::Group && proj.keeps("members") {
         r = current(state, kind, id, read_opts(kind, proj)).await?;
     }
@@ -155,22 +171,29 @@ pub(crate) async fn patch(
             changes.push(membership_change(state, id, c).await?);
         }
         let attrs = (outcome.attrs != cur.attrs).then_some(outcome.attrs);
-        match state.store.update(ctx, kind, id, cur.version, attrs, &changes).await {
+        match state
+            .store
+            .update(ctx, kind, id, cur.version, attrs, &changes)
+            .await
+        {
             Ok(r) => break r,
-            Err(StoreError::PreconditionFailed) if pinned.is_none() && attempt < PATCH_ATTEMPTS => continue,
+            Err(StoreError::PreconditionFailed) if pinned.is_none() && attempt < PATCH_ATTEMPTS => {
+                continue;
+            }
             Err(e) => return Err(e.into()),
         }
     };
-    let patch_proj = Projection {
-        attributes: proj.attributes.clone(),
-        excluded: if kind == ResourceKind::Group && !proj.requests("members") {
-            let mut ex = proj.excluded.clone();
-            ex.push(AttrPath::simple("members"));
-            ex
-        } else {
-            proj.excluded.clone()
-        },
-    };
+    // A group's PATCH response leaves out its members (Entra asks for this; a 50,000-member
+    // list per membership change would dominate the cost) unless `attributes` asks for them
+    // or the group is small enough that listing them is cheap — generic SCIM clients such as
+    // scim2-tester compare the PATCH response with what they sent.
+    let mut patch_proj = proj.clone();
+    if kind == ResourceKind::Group
+        && !proj.requests("members")
+        && state.store.member_count(id).await? > PATCH_INLINE_MEMBERS_MAX
+    {
+        patch_proj.excluded.push(AttrPath::simple("members"));
+    }
     let r = if read_opts(kind, &patch_proj).members {
         current(state, kind, id, read_opts(kind, &patch_proj)).await?
     } else {
@@ -186,15 +209,31 @@ pub(crate) async fn patch(
 
 /// Resolves a PATCH member change to row operations; a filter selector is evaluated against
 /// the current members.
-async fn membership_change(state: &AppState, group_id: &str, c: MemberChange) -> ApiResult<MembershipChange> {
+async fn membership_change(
+    state: &AppState,
+    group_id: &str,
+    c: MemberChange,
+) -> ApiResult<MembershipChange> {
     Ok(match c {
         MemberChange::Add(list) => MembershipChange::Add(new_members(list)),
         MemberChange::ReplaceAll(list) => MembershipChange::ReplaceAll(new_members(list)),
         MemberChange::Remove(MemberSelector::All) => MembershipChange::RemoveAll,
         MemberChange::Remove(MemberSelector::Values(ids)) => MembershipChange::Remove(ids),
         MemberChange::Remove(MemberSelector::Filter(f)) => {
-            let g = current(state, ResourceKind::Group, group_id, ReadOpts { members: true, groups: false }).await?;
-            let vp = Filter::ValuePath { path: AttrPath::simple("members"), filter: Box::new(f) };
+            let g = current(
+                state,
+                ResourceKind::Group,
+                group_id,
+                ReadOpts {
+                    members: true,
+                    groups: false,
+                },
+            )
+            .await?;
+            let vp = Filter::ValuePath {
+                path: AttrPath::simple("members"),
+                filter: Box::new(f),
+            };
             let ids = g
                 .members
                 .unwrap_or_default()
@@ -227,7 +266,10 @@ pub(crate) async fn delete(
     };
     match state.store.delete(ctx, kind, id, expected).await {
         Ok(()) => Ok(Reply::empty(StatusCode::NO_CONTENT)),
-        Err(StoreError::NotFound) => Err(ApiError(ScimError::not_found(format!("{} `{id}` not found", kind.name())))),
+        Err(StoreError::NotFound) => Err(ApiError(ScimError::not_found(format!(
+            "{} `{id}` not found",
+            kind.name()
+        )))),
         Err(e) => Err(e.into()),
     }
 }
@@ -257,7 +299,10 @@ impl ListParams {
         Ok(ListParams {
             filter: p.get("filter").map(str::to_owned),
             sort_by: p.get("sortBy").filter(|s| !s.is_empty()).map(str::to_owned),
-            sort_order: p.get("sortOrder").filter(|s| !s.is_empty()).map(str::to_owned),
+            sort_order: p
+                .get("sortOrder")
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned),
             start_index: p.get("startIndex").map(|s| Value::String(s.to_owned())),
             count: p.get("count").map(|s| Value::String(s.to_owned())),
             cursor: p.get("cursor").map(str::to_owned),
@@ -268,13 +313,18 @@ impl ListParams {
     /// From a SearchRequest body.
     pub(crate) fn from_search_body(body: &Value) -> ScimResult<Self> {
         if !body.is_object() {
-            return Err(ScimError::invalid_syntax("a SearchRequest must be a JSON object"));
+            return Err(ScimError::invalid_syntax(
+                "a SearchRequest must be a JSON object",
+            ));
         }
         let text = |key: &str| -> ScimResult<Option<String>> {
             match get_ci(body, key) {
                 None | Some(Value::Null) => Ok(None),
                 Some(Value::String(s)) => Ok(Some(s.clone())),
-                Some(_) => Err(ScimError::bad_request(ScimType::InvalidValue, format!("`{key}` must be a string"))),
+                Some(_) => Err(ScimError::bad_request(
+                    ScimType::InvalidValue,
+                    format!("`{key}` must be a string"),
+                )),
             }
         };
         Ok(ListParams {
@@ -323,7 +373,10 @@ pub(crate) fn plan_list(kind: ResourceKind, p: &ListParams, now_unix: i64) -> Sc
         None => None,
         Some(s) => {
             let path = AttrPath::parse(s).map_err(|_| {
-                ScimError::bad_request(ScimType::InvalidValue, format!("`sortBy={s}` is not an attribute path"))
+                ScimError::bad_request(
+                    ScimType::InvalidValue,
+                    format!("`sortBy={s}` is not an attribute path"),
+                )
             })?;
             if path.resolve(kind).is_none() {
                 return Err(ScimError::bad_request(
@@ -346,7 +399,11 @@ pub(crate) fn plan_list(kind: ResourceKind, p: &ListParams, now_unix: i64) -> Sc
         }
     };
     let cursor_mode = p.cursor.is_some();
-    let count_type = if cursor_mode { ScimType::InvalidCount } else { ScimType::InvalidValue };
+    let count_type = if cursor_mode {
+        ScimType::InvalidCount
+    } else {
+        ScimType::InvalidValue
+    };
     let count = match &p.count {
         None => DEFAULT_PAGE_SIZE,
         Some(v) => int_param(v, "count", count_type)?.clamp(0, MAX_PAGE_SIZE as i64) as usize,
@@ -358,7 +415,11 @@ pub(crate) fn plan_list(kind: ResourceKind, p: &ListParams, now_unix: i64) -> Sc
             p.sort_by.as_deref().unwrap_or(""),
             if descending { "d" } else { "a" },
         ]);
-        let offset = if c.is_empty() { 0 } else { Cursor::decode(c, fp, now_unix)?.offset };
+        let offset = if c.is_empty() {
+            0
+        } else {
+            Cursor::decode(c, fp, now_unix)?.offset
+        };
         (offset, offset + 1, Some(fp))
     } else {
         let si = match &p.start_index {
@@ -368,34 +429,80 @@ pub(crate) fn plan_list(kind: ResourceKind, p: &ListParams, now_unix: i64) -> Sc
         (si - 1, si, None)
     };
     Ok(Plan {
-        query: ListQuery { filter, sort_by, descending, offset, count, read: ReadOpts::default() },
+        query: ListQuery {
+            filter,
+            sort_by,
+            descending,
+            offset,
+            count,
+            read: ReadOpts::default(),
+        },
         start_index,
         cursor,
     })
 }
 
 /// `GET /{Users,Groups}` and `POST /{Users,Groups}/.search`.
-pub(crate) async fn list(state: &AppState, base: &str, kind: ResourceKind, p: &ListParams) -> ApiResult<Reply> {
+pub(crate) async fn list(
+    state: &AppState,
+    base: &str,
+    kind: ResourceKind,
+    p: &ListParams,
+) -> ApiResult<Reply> {
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let mut plan = plan_list(kind, p, now)?;
     plan.query.read = read_opts(kind, &p.projection);
     let page = state.store.list(kind, &plan.query).await?;
-    let resources: Vec<Value> = page.resources.iter().map(|r| render(base, r, &p.projection)).collect();
+    let resources: Vec<Value> = page
+        .resources
+        .iter()
+        .map(|r| render(base, r, &p.projection))
+        .collect();
     let n = resources.len();
     let mut body = list::list_response(page.total, plan.start_index, resources);
     if let Some(fp) = plan.cursor {
-        add_cursors(&mut body, plan.query.offset, plan.query.count, n, page.total, fp, now);
+        add_cursors(
+            &mut body,
+            plan.query.offset,
+            plan.query.count,
+            n,
+            page.total,
+            fp,
+            now,
+        );
     }
     Ok(Reply::ok(body))
 }
 
-fn add_cursors(body: &mut Value, offset: usize, count: usize, n: usize, total: usize, fp: u64, now: i64) {
+fn add_cursors(
+    body: &mut Value,
+    offset: usize,
+    count: usize,
+    n: usize,
+    total: usize,
+    fp: u64,
+    now: i64,
+) {
     if offset + n < total && n > 0 {
-        body["nextCursor"] = json!(Cursor { offset: offset + n, fingerprint: fp, issued: now }.encode());
+        body["nextCursor"] = json!(
+            Cursor {
+                offset: offset + n,
+                fingerprint: fp,
+                issued: now
+            }
+            .encode()
+        );
     }
     if offset > 0 {
         let prev = offset.saturating_sub(count.max(1));
-        body["previousCursor"] = json!(Cursor { offset: prev, fingerprint: fp, issued: now }.encode());
+        body["previousCursor"] = json!(
+            Cursor {
+                offset: prev,
+                fingerprint: fp,
+                issued: now
+            }
+            .encode()
+        );
     }
 }
 
@@ -412,24 +519,35 @@ pub(crate) async fn search_all(state: &AppState, base: &str, p: &ListParams) -> 
         None | Some("") => 0,
         Some(c) => Cursor::decode(c, fp, now)?.offset,
     };
-    let per_type = ListParams { cursor: None, ..p.clone() };
+    let per_type = ListParams {
+        cursor: None,
+        ..p.clone()
+    };
     let mut plans = vec![];
     let mut first_err = None;
     for kind in [ResourceKind::User, ResourceKind::Group] {
         match plan_list(kind, &per_type, now) {
             Ok(plan) => plans.push((kind, plan)),
-            Err(e) if e.scim_type == Some(ScimType::InvalidFilter) || e.scim_type == Some(ScimType::InvalidValue) => {
+            Err(e)
+                if e.scim_type == Some(ScimType::InvalidFilter)
+                    || e.scim_type == Some(ScimType::InvalidValue) =>
+            {
                 first_err.get_or_insert(e);
             }
             Err(e) => return Err(e.into()),
         }
     }
     if plans.is_empty() {
-        return Err(first_err.map(ApiError).unwrap_or_else(|| ApiError(ScimError::invalid_filter("invalid filter"))));
+        return Err(first_err
+            .map(ApiError)
+            .unwrap_or_else(|| ApiError(ScimError::invalid_filter("invalid filter"))));
     }
     let count = plans[0].1.query.count;
-    let (offset, start_index) =
-        if p.cursor.is_some() { (cursor_offset, cursor_offset + 1) } else { (plans[0].1.query.offset, plans[0].1.start_index) };
+    let (offset, start_index) = if p.cursor.is_some() {
+        (cursor_offset, cursor_offset + 1)
+    } else {
+        (plans[0].1.query.offset, plans[0].1.start_index)
+    };
     let mut total = 0;
     let mut resources = vec![];
     for (kind, mut plan) in plans {
@@ -443,7 +561,11 @@ pub(crate) async fn search_all(state: &AppState, base: &str, p: &ListParams) -> 
             plan.query.count = want;
             plan.query.read = read_opts(kind, &p.projection);
             let page = state.store.list(kind, &plan.query).await?;
-            resources.extend(page.resources.iter().map(|r| render(base, r, &p.projection)));
+            resources.extend(
+                page.resources
+                    .iter()
+                    .map(|r| render(base, r, &p.projection)),
+            );
         }
         total += t;
     }

@@ -18,7 +18,11 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_body: 1024 * 1024, bulk_max_operations: 1000, bulk_max_payload: 4 * 1024 * 1024 }
+        Limits {
+            max_body: 1024 * 1024,
+            bulk_max_operations: 1000,
+            bulk_max_payload: 4 * 1024 * 1024,
+        }
     }
 }
 
@@ -38,6 +42,11 @@ pub struct AppState {
 impl AppState {
     /// State over a store with default limits.
     pub fn new(store: DynStore) -> Self {
-        AppState { tokens: TokenCache::new(store.clone()), store, limits: Limits::default(), metrics: None }
+        AppState {
+            tokens: TokenCache::new(store.clone()),
+            store,
+            limits: Limits::default(),
+            metrics: None,
+        }
     }
 }

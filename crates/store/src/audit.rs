@@ -42,7 +42,8 @@ pub struct AuditEvent {
 impl AuditEvent {
     /// The canonical JSON the hash covers: every field but the hashes, keys sorted.
     pub fn canonical_json(&self) -> String {
-        let detail: Value = serde_json::from_str(&self.detail).unwrap_or(Value::String(self.detail.clone()));
+        let detail: Value =
+            serde_json::from_str(&self.detail).unwrap_or(Value::String(self.detail.clone()));
         json!({
             "seq": self.seq,
             "time": self.time,
@@ -70,7 +71,10 @@ impl AuditEvent {
 
 /// Checks a run of consecutive events starting after `prev_hash`. Returns the sequence number
 /// of the first event whose link or hash is wrong.
-pub fn verify_chain<'a>(prev_hash: &str, events: impl IntoIterator<Item = &'a AuditEvent>) -> Result<String, i64> {
+pub fn verify_chain<'a>(
+    prev_hash: &str,
+    events: impl IntoIterator<Item = &'a AuditEvent>,
+) -> Result<String, i64> {
     let mut prev = prev_hash.to_owned();
     for e in events {
         if e.prev_hash != prev || e.compute_hash() != e.hash {

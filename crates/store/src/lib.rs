@@ -19,8 +19,8 @@ use time::OffsetDateTime;
 
 pub mod audit;
 mod clock;
-pub mod sqlite;
 mod sql_filter;
+pub mod sqlite;
 pub mod timefmt;
 
 pub use clock::{Clock, FixedClock, SystemClock};
@@ -79,7 +79,10 @@ pub struct WriteCtx {
 impl WriteCtx {
     /// A context for a CLI command.
     pub fn cli() -> Self {
-        WriteCtx { actor: "cli".into(), request_id: None }
+        WriteCtx {
+            actor: "cli".into(),
+            request_id: None,
+        }
     }
 }
 
@@ -121,6 +124,8 @@ pub struct NewMember {
     pub value: String,
     /// The member's type, if given.
     pub ty: Option<MemberType>,
+    /// The display name the client sent, if any (echoed back, never derived).
+    pub display: Option<String>,
 }
 
 /// A change to a group's membership, applied row by row.
@@ -143,7 +148,7 @@ pub struct MemberRef {
     pub value: String,
     /// The member's type.
     pub ty: MemberType,
-    /// The member's `userName` (users) or `displayName` (groups).
+    /// The display name the client sent with the member, if any.
     pub display: Option<String>,
 }
 
@@ -304,7 +309,15 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     ) -> StoreResult<()>;
 
     /// Reads one resource.
-    async fn get(&self, kind: ResourceKind, id: &str, read: ReadOpts) -> StoreResult<Option<Resource>>;
+    async fn get(
+        &self,
+        kind: ResourceKind,
+        id: &str,
+        read: ReadOpts,
+    ) -> StoreResult<Option<Resource>>;
+
+    /// Number of members of a group.
+    async fn member_count(&self, group_id: &str) -> StoreResult<usize>;
 
     /// Lists resources matching a query.
     async fn list(&self, kind: ResourceKind, query: &ListQuery) -> StoreResult<ListPage>;

@@ -5,9 +5,9 @@
 //! completed in memory by `scim::filter::matches` over the candidates. An indexed `eq` (the
 //! `userName eq "…"` every IdP sends) is always exact and never deserialises other rows.
 
+use scim::AttrPath;
 use scim::filter::{CompareOp, Filter};
 use scim::schema::ResourceKind;
-use scim::AttrPath;
 use serde_json::Value;
 
 use crate::timefmt;
@@ -44,7 +44,11 @@ pub(crate) fn translate(kind: ResourceKind, filter: &Filter) -> Option<SqlFilter
         }
         Filter::Not(inner) => {
             let x = translate(kind, inner)?;
-            x.exact.then(|| SqlFilter { sql: format!("NOT ({})", x.sql), binds: x.binds, exact: true })
+            x.exact.then(|| SqlFilter {
+                sql: format!("NOT ({})", x.sql),
+                binds: x.binds,
+                exact: true,
+            })
         }
         Filter::Present(path) => present(kind, path),
         Filter::Compare { path, op, value } => compare(kind, path, *op, value),
@@ -55,7 +59,11 @@ pub(crate) fn translate(kind: ResourceKind, filter: &Filter) -> Option<SqlFilter
 fn combine(x: SqlFilter, y: SqlFilter, op: &str) -> SqlFilter {
     let mut binds = x.binds;
     binds.extend(y.binds);
-    SqlFilter { sql: format!("({} {op} {})", x.sql, y.sql), binds, exact: x.exact && y.exact }
+    SqlFilter {
+        sql: format!("({} {op} {})", x.sql, y.sql),
+        binds,
+        exact: x.exact && y.exact,
+    }
 }
 
 /// The columns a path maps to.
@@ -99,12 +107,18 @@ fn column(kind: ResourceKind, path: &AttrPath) -> Option<Column> {
 }
 
 fn exact(sql: String, binds: Vec<Bind>) -> Option<SqlFilter> {
-    Some(SqlFilter { sql, binds, exact: true })
+    Some(SqlFilter {
+        sql,
+        binds,
+        exact: true,
+    })
 }
 
 fn present(kind: ResourceKind, path: &AttrPath) -> Option<SqlFilter> {
     match column(kind, path)? {
-        Column::Exact(_) | Column::Folded(_) | Column::Time(_) | Column::Bool(_) => exact("1".into(), vec![]),
+        Column::Exact(_) | Column::Folded(_) | Column::Time(_) | Column::Bool(_) => {
+            exact("1".into(), vec![])
+        }
         Column::Nullable(c) => exact(format!("({c} IS NOT NULL AND {c} <> '')"), vec![]),
         Column::Membership => exact(membership_exists(kind, None), vec![]),
     }
@@ -115,7 +129,11 @@ fn membership_exists(kind: ResourceKind, with_value: Option<()>) -> String {
         ResourceKind::Group => ("group_id", "member_id"),
         ResourceKind::User => ("member_id", "group_id"),
     };
-    let cond = if with_value.is_some() { format!(" AND m.{other} = ?") } else { String::new() };
+    let cond = if with_value.is_some() {
+        format!(" AND m.{other} = ?")
+    } else {
+        String::new()
+    };
     format!("EXISTS (SELECT 1 FROM group_members m WHERE m.{this} = t.id{cond})")
 }
 
@@ -143,7 +161,10 @@ fn compare(kind: ResourceKind, path: &AttrPath, op: CompareOp, value: &Value) ->
                 return exact("0".into(), vec![]);
             };
             let sql_op = ordering_op(op)?;
-            exact(format!("{c} {sql_op} ?"), vec![Bind::Text(timefmt::format(t))])
+            exact(
+                format!("{c} {sql_op} ?"),
+                vec![Bind::Text(timefmt::format(t))],
+            )
         }
         Column::Membership => {
             let Value::String(s) = value else { return None };
@@ -162,18 +183,42 @@ fn compare(kind: ResourceKind, path: &AttrPath, op: CompareOp, value: &Value) ->
             let (sql, binds, is_exact) = match op {
                 CompareOp::Eq => (format!("{c} = ?"), vec![Bind::Text(v)], true),
                 // Absent values are a matter of the in-memory semantics: stay a superset.
-                CompareOp::Ne if nullable => (format!("({c} IS NULL OR {c} <> ?)"), vec![Bind::Text(v)], false),
+                CompareOp::Ne if nullable => (
+                    format!("({c} IS NULL OR {c} <> ?)"),
+                    vec![Bind::Text(v)],
+                    false,
+                ),
                 CompareOp::Ne => (format!("{c} <> ?"), vec![Bind::Text(v)], true),
-                CompareOp::Co => (format!("COALESCE(instr({c}, ?) > 0, 0)"), vec![Bind::Text(v)], true),
-                CompareOp::Sw => (format!("COALESCE(substr({c}, 1, ?) = ?, 0)"), vec![Bind::Int(n), Bind::Text(v)], true),
+                CompareOp::Co => (
+                    format!("COALESCE(instr({c}, ?) > 0, 0)"),
+                    vec![Bind::Text(v)],
+                    true,
+                ),
+                CompareOp::Sw => (
+                    format!("COALESCE(substr({c}, 1, ?) = ?, 0)"),
+                    vec![Bind::Int(n), Bind::Text(v)],
+                    true,
+                ),
                 CompareOp::Ew if n == 0 => (format!("{c} IS NOT NULL"), vec![], true),
-                CompareOp::Ew => (format!("COALESCE(substr({c}, -?) = ?, 0)"), vec![Bind::Int(n), Bind::Text(v)], true),
+                CompareOp::Ew => (
+                    format!("COALESCE(substr({c}, -?) = ?, 0)"),
+                    vec![Bind::Int(n), Bind::Text(v)],
+                    true,
+                ),
                 CompareOp::Gt | CompareOp::Ge | CompareOp::Lt | CompareOp::Le => {
                     let sql_op = ordering_op(op)?;
-                    (format!("COALESCE({c} {sql_op} ?, 0)"), vec![Bind::Text(v)], true)
+                    (
+                        format!("COALESCE({c} {sql_op} ?, 0)"),
+                        vec![Bind::Text(v)],
+                        true,
+                    )
                 }
             };
-            Some(SqlFilter { sql, binds, exact: is_exact })
+            Some(SqlFilter {
+                sql,
+                binds,
+                exact: is_exact,
+            })
         }
     }
 }
@@ -196,11 +241,14 @@ fn value_path(kind: ResourceKind, path: &AttrPath, inner: &Filter) -> Option<Sql
         return None;
     }
     match inner {
-        Filter::Compare { path: p, op: CompareOp::Eq, value: Value::String(s) }
-            if p.urn.is_none() && p.sub.is_none() && p.attr.eq_ignore_ascii_case("value") =>
-        {
-            exact(membership_exists(kind, Some(())), vec![Bind::Text(s.clone())])
-        }
+        Filter::Compare {
+            path: p,
+            op: CompareOp::Eq,
+            value: Value::String(s),
+        } if p.urn.is_none() && p.sub.is_none() && p.attr.eq_ignore_ascii_case("value") => exact(
+            membership_exists(kind, Some(())),
+            vec![Bind::Text(s.clone())],
+        ),
         Filter::Or(a, b) => {
             let x = value_path(kind, path, a)?;
             let y = value_path(kind, path, b)?;
@@ -225,23 +273,69 @@ mod tests {
     use serde_json::json;
 
     fn cmp(path: &str, op: CompareOp, value: Value) -> Filter {
-        Filter::Compare { path: AttrPath::parse(path).unwrap(), op, value }
+        Filter::Compare {
+            path: AttrPath::parse(path).unwrap(),
+            op,
+            value,
+        }
     }
 
     #[test]
     fn translates_indexed_leaves() {
         let cases: Vec<(ResourceKind, Filter, Option<(&str, bool)>)> = vec![
-            (ResourceKind::User, cmp("userName", CompareOp::Eq, json!("Alice")), Some(("t.user_name_ci = ?", true))),
-            (ResourceKind::User, cmp("USERNAME", CompareOp::Sw, json!("al")), Some(("COALESCE(substr(t.user_name_ci, 1, ?) = ?, 0)", true))),
-            (ResourceKind::User, cmp("externalId", CompareOp::Ne, json!("x")), Some(("(t.external_id IS NULL OR t.external_id <> ?)", false))),
-            (ResourceKind::User, cmp("active", CompareOp::Eq, json!("False")), Some(("t.active = ?", true))),
-            (ResourceKind::User, cmp("meta.lastModified", CompareOp::Gt, json!("2011-05-13T04:42:34Z")), Some(("t.last_modified > ?", true))),
-            (ResourceKind::User, cmp("title", CompareOp::Eq, json!("x")), None),
-            (ResourceKind::Group, cmp("displayName", CompareOp::Eq, json!("Ops")), Some(("t.display_name_ci = ?", true))),
-            (ResourceKind::Group, cmp("members.value", CompareOp::Eq, json!("u1")), Some(("EXISTS (SELECT 1 FROM group_members m WHERE m.group_id = t.id AND m.member_id = ?)", true))),
             (
                 ResourceKind::User,
-                Filter::And(Box::new(cmp("userName", CompareOp::Eq, json!("a"))), Box::new(Filter::Present(AttrPath::parse("title").unwrap()))),
+                cmp("userName", CompareOp::Eq, json!("Alice")),
+                Some(("t.user_name_ci = ?", true)),
+            ),
+            (
+                ResourceKind::User,
+                cmp("USERNAME", CompareOp::Sw, json!("al")),
+                Some(("COALESCE(substr(t.user_name_ci, 1, ?) = ?, 0)", true)),
+            ),
+            (
+                ResourceKind::User,
+                cmp("externalId", CompareOp::Ne, json!("x")),
+                Some(("(t.external_id IS NULL OR t.external_id <> ?)", false)),
+            ),
+            (
+                ResourceKind::User,
+                cmp("active", CompareOp::Eq, json!("False")),
+                Some(("t.active = ?", true)),
+            ),
+            (
+                ResourceKind::User,
+                cmp(
+                    "meta.lastModified",
+                    CompareOp::Gt,
+                    json!("2011-05-13T04:42:34Z"),
+                ),
+                Some(("t.last_modified > ?", true)),
+            ),
+            (
+                ResourceKind::User,
+                cmp("title", CompareOp::Eq, json!("x")),
+                None,
+            ),
+            (
+                ResourceKind::Group,
+                cmp("displayName", CompareOp::Eq, json!("Ops")),
+                Some(("t.display_name_ci = ?", true)),
+            ),
+            (
+                ResourceKind::Group,
+                cmp("members.value", CompareOp::Eq, json!("u1")),
+                Some((
+                    "EXISTS (SELECT 1 FROM group_members m WHERE m.group_id = t.id AND m.member_id = ?)",
+                    true,
+                )),
+            ),
+            (
+                ResourceKind::User,
+                Filter::And(
+                    Box::new(cmp("userName", CompareOp::Eq, json!("a"))),
+                    Box::new(Filter::Present(AttrPath::parse("title").unwrap())),
+                ),
                 Some(("t.user_name_ci = ?", false)),
             ),
         ];

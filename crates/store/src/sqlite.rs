@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use scim::AttrPath;
 use scim::filter::{self, Filter};
 use scim::schema::ResourceKind;
-use scim::AttrPath;
 use serde_json::{Map, Value, json};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{AssertSqlSafe, Row, SqlitePool, Sqlite, Transaction};
+use sqlx::{AssertSqlSafe, Row, Sqlite, SqlitePool, Transaction};
 use time::OffsetDateTime;
 
 use crate::audit::{AuditEvent, GENESIS_HASH};
@@ -52,7 +52,11 @@ impl SqliteStore {
         let memory = url.contains(":memory:") || url.contains("mode=memory");
         let opts = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
-            .journal_mode(if memory { SqliteJournalMode::Memory } else { SqliteJournalMode::Wal })
+            .journal_mode(if memory {
+                SqliteJournalMode::Memory
+            } else {
+                SqliteJournalMode::Wal
+            })
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(10))
             .pragma("cache_size", "-4000")
@@ -104,7 +108,12 @@ struct Record<'a> {
 }
 
 /// Appends the audit event (and the outbox row) inside `tx`.
-async fn record(tx: &mut Tx, ctx: &WriteCtx, now: OffsetDateTime, r: Record<'_>) -> StoreResult<i64> {
+async fn record(
+    tx: &mut Tx,
+    ctx: &WriteCtx,
+    now: OffsetDateTime,
+    r: Record<'_>,
+) -> StoreResult<i64> {
     let last: Option<(i64, String)> =
         sqlx::query_as("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
             .fetch_optional(&mut **tx)
@@ -193,12 +202,20 @@ fn indexed(kind: ResourceKind, attrs: &Value) -> StoreResult<Indexed> {
     })
 }
 
-async fn check_unique(tx: &mut Tx, kind: ResourceKind, ix: &Indexed, except_id: Option<&str>) -> StoreResult<()> {
+async fn check_unique(
+    tx: &mut Tx,
+    kind: ResourceKind,
+    ix: &Indexed,
+    except_id: Option<&str>,
+) -> StoreResult<()> {
     let sql = match kind {
         ResourceKind::User => "SELECT id FROM users WHERE user_name_ci = ?",
         ResourceKind::Group => "SELECT id FROM groups WHERE display_name_ci = ?",
     };
-    let found: Option<(String,)> = sqlx::query_as(sql).bind(&ix.name_ci).fetch_optional(&mut **tx).await?;
+    let found: Option<(String,)> = sqlx::query_as(sql)
+        .bind(&ix.name_ci)
+        .fetch_optional(&mut **tx)
+        .await?;
     match found {
         Some((id,)) if Some(id.as_str()) != except_id => Err(StoreError::Conflict(match kind {
             ResourceKind::User => "a User with this userName already exists (userName is unique, compared case-insensitively)".into(),
@@ -216,17 +233,27 @@ async fn resolve_member(tx: &mut Tx, group_id: &str, m: &NewMember) -> StoreResu
     };
     for t in candidates {
         if t == MemberType::Group && m.value == group_id {
-            return Err(StoreError::Invalid("a group cannot be a member of itself".into()));
+            return Err(StoreError::Invalid(
+                "a group cannot be a member of itself".into(),
+            ));
         }
         let sql = match t {
             MemberType::User => "SELECT 1 FROM users WHERE id = ?",
             MemberType::Group => "SELECT 1 FROM groups WHERE id = ?",
         };
-        if sqlx::query(sql).bind(&m.value).fetch_optional(&mut **tx).await?.is_some() {
+        if sqlx::query(sql)
+            .bind(&m.value)
+            .fetch_optional(&mut **tx)
+            .await?
+            .is_some()
+        {
             return Ok(t);
         }
     }
-    Err(StoreError::Invalid(format!("member `{}` does not exist", m.value)))
+    Err(StoreError::Invalid(format!(
+        "member `{}` does not exist",
+        m.value
+    )))
 }
 
 /// Applies one membership change; returns the ids added and removed.
@@ -241,11 +268,12 @@ async fn apply_members(
         MembershipChange::Add(list) => add_members(tx, group_id, list, added).await?,
         MembershipChange::Remove(ids) => {
             for id in ids {
-                let r = sqlx::query("DELETE FROM group_members WHERE group_id = ? AND member_id = ?")
-                    .bind(group_id)
-                    .bind(id)
-                    .execute(&mut **tx)
-                    .await?;
+                let r =
+                    sqlx::query("DELETE FROM group_members WHERE group_id = ? AND member_id = ?")
+                        .bind(group_id)
+                        .bind(id)
+                        .execute(&mut **tx)
+                        .await?;
                 if r.rows_affected() > 0 {
                     removed.push(id.clone());
                 }
@@ -253,13 +281,16 @@ async fn apply_members(
         }
         MembershipChange::RemoveAll | MembershipChange::ReplaceAll(_) => {
             let keep: Vec<&str> = match change {
-                MembershipChange::ReplaceAll(list) => list.iter().map(|m| m.value.as_str()).collect(),
+                MembershipChange::ReplaceAll(list) => {
+                    list.iter().map(|m| m.value.as_str()).collect()
+                }
                 _ => vec![],
             };
-            let current: Vec<(String,)> = sqlx::query_as("SELECT member_id FROM group_members WHERE group_id = ?")
-                .bind(group_id)
-                .fetch_all(&mut **tx)
-                .await?;
+            let current: Vec<(String,)> =
+                sqlx::query_as("SELECT member_id FROM group_members WHERE group_id = ?")
+                    .bind(group_id)
+                    .fetch_all(&mut **tx)
+                    .await?;
             for (id,) in current {
                 if !keep.contains(&id.as_str()) {
                     sqlx::query("DELETE FROM group_members WHERE group_id = ? AND member_id = ?")
@@ -278,13 +309,21 @@ async fn apply_members(
     Ok(())
 }
 
-async fn add_members(tx: &mut Tx, group_id: &str, list: &[NewMember], added: &mut Vec<String>) -> StoreResult<()> {
+async fn add_members(
+    tx: &mut Tx,
+    group_id: &str,
+    list: &[NewMember],
+    added: &mut Vec<String>,
+) -> StoreResult<()> {
     for m in list {
         let ty = resolve_member(tx, group_id, m).await?;
-        let r = sqlx::query("INSERT OR IGNORE INTO group_members (group_id, member_id, member_type) VALUES (?, ?, ?)")
-            .bind(group_id)
-            .bind(&m.value)
-            .bind(ty.as_str())
+        let r = sqlx::query(
+            "INSERT OR IGNORE INTO group_members (group_id, member_id, member_type, display) VALUES (?, ?, ?, ?)",
+        )
+        .bind(group_id)
+        .bind(&m.value)
+        .bind(ty.as_str())
+        .bind(&m.display)
             .execute(&mut **tx)
             .await?;
         if r.rows_affected() > 0 {
@@ -298,7 +337,11 @@ fn parse_time(s: &str) -> StoreResult<OffsetDateTime> {
     timefmt::parse(s).ok_or_else(|| StoreError::Other(format!("corrupt timestamp `{s}`").into()))
 }
 
-fn row_to_resource(kind: ResourceKind, row: &sqlx::sqlite::SqliteRow, with_groups: bool) -> StoreResult<Resource> {
+fn row_to_resource(
+    kind: ResourceKind,
+    row: &sqlx::sqlite::SqliteRow,
+    with_groups: bool,
+) -> StoreResult<Resource> {
     let data: String = row.try_get("data")?;
     let groups = if with_groups {
         let raw: Option<String> = row.try_get("groups_json")?;
@@ -336,10 +379,7 @@ where
     E: sqlx::Executor<'e, Database = Sqlite>,
 {
     let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
-        "SELECT m.member_id, m.member_type, COALESCE(u.user_name, g.display_name) \
-         FROM group_members m \
-         LEFT JOIN users u ON m.member_type = 'User' AND u.id = m.member_id \
-         LEFT JOIN groups g ON m.member_type = 'Group' AND g.id = m.member_id \
+        "SELECT m.member_id, m.member_type, m.display FROM group_members m \
          WHERE m.group_id = ? ORDER BY m.member_id",
     )
     .bind(group_id)
@@ -389,7 +429,10 @@ fn eval_json(r: &Resource) -> Value {
         o.insert("members".into(), Value::Array(list));
     }
     if let Some(groups) = &r.groups {
-        let list: Vec<Value> = groups.iter().map(|g| json!({"value": g.value, "display": g.display})).collect();
+        let list: Vec<Value> = groups
+            .iter()
+            .map(|g| json!({"value": g.value, "display": g.display}))
+            .collect();
         o.insert("groups".into(), Value::Array(list));
     }
     Value::Object(o)
@@ -399,9 +442,9 @@ fn mentions(f: &Filter, attr: &str) -> bool {
     match f {
         Filter::And(a, b) | Filter::Or(a, b) => mentions(a, attr) || mentions(b, attr),
         Filter::Not(a) => mentions(a, attr),
-        Filter::Present(p) | Filter::Compare { path: p, .. } | Filter::ValuePath { path: p, .. } => {
-            p.attr.eq_ignore_ascii_case(attr)
-        }
+        Filter::Present(p)
+        | Filter::Compare { path: p, .. }
+        | Filter::ValuePath { path: p, .. } => p.attr.eq_ignore_ascii_case(attr),
     }
 }
 
@@ -419,9 +462,18 @@ fn bind_all<'q>(
 }
 
 impl SqliteStore {
-    async fn read_one_tx(&self, tx: &mut Tx, kind: ResourceKind, id: &str, read: ReadOpts) -> StoreResult<Resource> {
+    async fn read_one_tx(
+        &self,
+        tx: &mut Tx,
+        kind: ResourceKind,
+        id: &str,
+        read: ReadOpts,
+    ) -> StoreResult<Resource> {
         let sql = format!("{} WHERE t.id = ?", select_sql(kind, read));
-        let row = sqlx::query(AssertSqlSafe(sql)).bind(id).fetch_optional(&mut **tx).await?;
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&mut **tx)
+            .await?;
         let row = row.ok_or(StoreError::NotFound)?;
         let mut r = row_to_resource(kind, &row, kind == ResourceKind::User && read.groups)?;
         if kind == ResourceKind::Group && read.members {
@@ -432,7 +484,10 @@ impl SqliteStore {
 
     async fn current_version(tx: &mut Tx, kind: ResourceKind, id: &str) -> StoreResult<i64> {
         let sql = format!("SELECT version FROM {} WHERE id = ?", table(kind));
-        let v: Option<(i64,)> = sqlx::query_as(AssertSqlSafe(sql)).bind(id).fetch_optional(&mut **tx).await?;
+        let v: Option<(i64,)> = sqlx::query_as(AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&mut **tx)
+            .await?;
         v.map(|(v,)| v).ok_or(StoreError::NotFound)
     }
 
@@ -483,15 +538,32 @@ impl SqliteStore {
         Ok(())
     }
 
-    async fn touch(tx: &mut Tx, kind: ResourceKind, id: &str, now: &str, version: i64) -> StoreResult<()> {
-        let sql = format!("UPDATE {} SET last_modified = ?, version = ? WHERE id = ?", table(kind));
-        sqlx::query(AssertSqlSafe(sql)).bind(now).bind(version).bind(id).execute(&mut **tx).await?;
+    async fn touch(
+        tx: &mut Tx,
+        kind: ResourceKind,
+        id: &str,
+        now: &str,
+        version: i64,
+    ) -> StoreResult<()> {
+        let sql = format!(
+            "UPDATE {} SET last_modified = ?, version = ? WHERE id = ?",
+            table(kind)
+        );
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(now)
+            .bind(version)
+            .bind(id)
+            .execute(&mut **tx)
+            .await?;
         Ok(())
     }
 }
 
 fn read_back(kind: ResourceKind) -> ReadOpts {
-    ReadOpts { members: false, groups: kind == ResourceKind::User }
+    ReadOpts {
+        members: false,
+        groups: kind == ResourceKind::User,
+    }
 }
 
 #[async_trait]
@@ -529,10 +601,22 @@ impl Store for SqliteStore {
             .bind(&ix.name_ci)
             .bind(&ix.external_id),
         };
-        insert.bind(&ts).bind(&ts).bind(&data).execute(&mut *tx).await?;
+        insert
+            .bind(&ts)
+            .bind(&ts)
+            .bind(&data)
+            .execute(&mut *tx)
+            .await?;
         let (mut added, mut removed) = (vec![], vec![]);
         if let (ResourceKind::Group, Some(list)) = (kind, members) {
-            apply_members(&mut tx, &id, &MembershipChange::Add(list), &mut added, &mut removed).await?;
+            apply_members(
+                &mut tx,
+                &id,
+                &MembershipChange::Add(list),
+                &mut added,
+                &mut removed,
+            )
+            .await?;
         }
         record(
             &mut tx,
@@ -548,7 +632,9 @@ impl Store for SqliteStore {
             },
         )
         .await?;
-        let r = self.read_one_tx(&mut tx, kind, &id, read_back(kind)).await?;
+        let r = self
+            .read_one_tx(&mut tx, kind, &id, read_back(kind))
+            .await?;
         tx.commit().await?;
         Ok(r)
     }
@@ -572,7 +658,14 @@ impl Store for SqliteStore {
         Self::write_attrs(&mut tx, kind, id, &attrs, &ts, version + 1).await?;
         let (mut added, mut removed) = (vec![], vec![]);
         if let (ResourceKind::Group, Some(list)) = (kind, members) {
-            apply_members(&mut tx, id, &MembershipChange::ReplaceAll(list), &mut added, &mut removed).await?;
+            apply_members(
+                &mut tx,
+                id,
+                &MembershipChange::ReplaceAll(list),
+                &mut added,
+                &mut removed,
+            )
+            .await?;
         }
         record(
             &mut tx,
@@ -584,7 +677,11 @@ impl Store for SqliteStore {
                 operation: "replace",
                 status: 200,
                 detail: json!({"members_added": added.len(), "members_removed": removed.len()}),
-                outbox: Some((entity(kind), "upsert", json!({"added": added, "removed": removed}))),
+                outbox: Some((
+                    entity(kind),
+                    "upsert",
+                    json!({"added": added, "removed": removed}),
+                )),
             },
         )
         .await?;
@@ -642,7 +739,11 @@ impl Store for SqliteStore {
                     "members_added": added.len(),
                     "members_removed": removed.len(),
                 }),
-                outbox: Some((entity(kind), op, json!({"added": added, "removed": removed}))),
+                outbox: Some((
+                    entity(kind),
+                    op,
+                    json!({"added": added, "removed": removed}),
+                )),
             },
         )
         .await?;
@@ -664,17 +765,21 @@ impl Store for SqliteStore {
         if expected_version.is_some_and(|v| v != version) {
             return Err(StoreError::PreconditionFailed);
         }
-        let affected: Vec<(String,)> = sqlx::query_as("SELECT group_id FROM group_members WHERE member_id = ?")
-            .bind(id)
-            .fetch_all(&mut *tx)
-            .await?;
+        let affected: Vec<(String,)> =
+            sqlx::query_as("SELECT group_id FROM group_members WHERE member_id = ?")
+                .bind(id)
+                .fetch_all(&mut *tx)
+                .await?;
         sqlx::query("DELETE FROM group_members WHERE member_id = ? OR group_id = ?")
             .bind(id)
             .bind(id)
             .execute(&mut *tx)
             .await?;
         let sql = format!("DELETE FROM {} WHERE id = ?", table(kind));
-        sqlx::query(AssertSqlSafe(sql)).bind(id).execute(&mut *tx).await?;
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         let groups: Vec<String> = affected.into_iter().map(|(g,)| g).collect();
         record(
             &mut tx,
@@ -694,9 +799,18 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn get(&self, kind: ResourceKind, id: &str, read: ReadOpts) -> StoreResult<Option<Resource>> {
+    async fn get(
+        &self,
+        kind: ResourceKind,
+        id: &str,
+        read: ReadOpts,
+    ) -> StoreResult<Option<Resource>> {
         let sql = format!("{} WHERE t.id = ?", select_sql(kind, read));
-        let Some(row) = sqlx::query(AssertSqlSafe(sql)).bind(id).fetch_optional(&self.read).await? else {
+        let Some(row) = sqlx::query(AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&self.read)
+            .await?
+        else {
             return Ok(None);
         };
         let mut r = row_to_resource(kind, &row, kind == ResourceKind::User && read.groups)?;
@@ -706,8 +820,19 @@ impl Store for SqliteStore {
         Ok(Some(r))
     }
 
+    async fn member_count(&self, group_id: &str) -> StoreResult<usize> {
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM group_members WHERE group_id = ?")
+            .bind(group_id)
+            .fetch_one(&self.read)
+            .await?;
+        Ok(n as usize)
+    }
+
     async fn list(&self, kind: ResourceKind, q: &ListQuery) -> StoreResult<ListPage> {
-        let pre = q.filter.as_ref().and_then(|f| sql_filter::translate(kind, f));
+        let pre = q
+            .filter
+            .as_ref()
+            .and_then(|f| sql_filter::translate(kind, f));
         let exact = match (&q.filter, &pre) {
             (None, _) => true,
             (Some(_), Some(p)) => p.exact,
@@ -725,7 +850,9 @@ impl Store for SqliteStore {
         let need_members = kind == ResourceKind::Group
             && (q.read.members
                 || q.filter.as_ref().is_some_and(|f| mentions(f, "members"))
-                || q.sort_by.as_ref().is_some_and(|p| p.attr.eq_ignore_ascii_case("members")));
+                || q.sort_by
+                    .as_ref()
+                    .is_some_and(|p| p.attr.eq_ignore_ascii_case("members")));
         let read = ReadOpts {
             members: need_members,
             groups: kind == ResourceKind::User
@@ -757,11 +884,16 @@ impl Store for SqliteStore {
                     resources.push(r);
                 }
             }
-            return Ok(ListPage { total: total as usize, resources });
+            return Ok(ListPage {
+                total: total as usize,
+                resources,
+            });
         }
         // Inexact filter or a sort without a column: complete in memory over the candidates.
         let sql = format!("{}{where_sql} ORDER BY t.seq", select_sql(kind, read));
-        let rows = bind_all(sqlx::query(AssertSqlSafe(sql)), binds).fetch_all(&self.read).await?;
+        let rows = bind_all(sqlx::query(AssertSqlSafe(sql)), binds)
+            .fetch_all(&self.read)
+            .await?;
         let mut matched: Vec<(Resource, Value)> = Vec::new();
         for row in &rows {
             let mut r = row_to_resource(kind, row, read.groups)?;
@@ -769,7 +901,10 @@ impl Store for SqliteStore {
                 r.members = Some(load_members(&self.read, &r.id).await?);
             }
             let v = eval_json(&r);
-            if q.filter.as_ref().is_none_or(|f| filter::matches(f, kind, &v)) {
+            if q.filter
+                .as_ref()
+                .is_none_or(|f| filter::matches(f, kind, &v))
+            {
                 matched.push((r, v));
             }
         }
@@ -777,7 +912,12 @@ impl Store for SqliteStore {
             sort_in_memory(kind, by, q.descending, &mut matched);
         }
         let total = matched.len();
-        let resources = matched.into_iter().skip(q.offset).take(q.count).map(|(r, _)| r).collect();
+        let resources = matched
+            .into_iter()
+            .skip(q.offset)
+            .take(q.count)
+            .map(|(r, _)| r)
+            .collect();
         Ok(ListPage { total, resources })
     }
 
@@ -791,14 +931,16 @@ impl Store for SqliteStore {
         let now = self.now();
         let id = format!("tok_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let mut tx = self.begin().await?;
-        sqlx::query("INSERT INTO api_tokens (id, name, hash, created, expires) VALUES (?, ?, ?, ?, ?)")
-            .bind(&id)
-            .bind(name)
-            .bind(&hash[..])
-            .bind(timefmt::format(now))
-            .bind(expires.map(timefmt::format))
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO api_tokens (id, name, hash, created, expires) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(&id)
+        .bind(name)
+        .bind(&hash[..])
+        .bind(timefmt::format(now))
+        .bind(expires.map(timefmt::format))
+        .execute(&mut *tx)
+        .await?;
         record(
             &mut tx,
             ctx,
@@ -814,14 +956,21 @@ impl Store for SqliteStore {
         )
         .await?;
         tx.commit().await?;
-        Ok(TokenRecord { id, name: name.to_owned(), created: now, expires, revoked: None })
+        Ok(TokenRecord {
+            id,
+            name: name.to_owned(),
+            created: now,
+            expires,
+            revoked: None,
+        })
     }
 
     async fn list_tokens(&self) -> StoreResult<Vec<TokenRecord>> {
-        let rows: Vec<(String, String, String, Option<String>, Option<String>)> =
-            sqlx::query_as("SELECT id, name, created, expires, revoked FROM api_tokens ORDER BY created DESC, id")
-                .fetch_all(&self.read)
-                .await?;
+        let rows: Vec<(String, String, String, Option<String>, Option<String>)> = sqlx::query_as(
+            "SELECT id, name, created, expires, revoked FROM api_tokens ORDER BY created DESC, id",
+        )
+        .fetch_all(&self.read)
+        .await?;
         rows.into_iter().map(token_row).collect()
     }
 
@@ -864,7 +1013,9 @@ impl Store for SqliteStore {
         let mut out = Vec::new();
         for (hash, id, name, created, expires, revoked) in rows {
             let rec = token_row((id, name, created, expires, revoked))?;
-            let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) else { continue };
+            let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) else {
+                continue;
+            };
             if rec.is_valid_at(now) {
                 out.push((hash, rec));
             }
@@ -939,7 +1090,12 @@ fn token_row(
     })
 }
 
-fn sort_in_memory(kind: ResourceKind, by: &AttrPath, descending: bool, items: &mut [(Resource, Value)]) {
+fn sort_in_memory(
+    kind: ResourceKind,
+    by: &AttrPath,
+    descending: bool,
+    items: &mut [(Resource, Value)],
+) {
     items.sort_by(|(_, a), (_, b)| {
         let o = scim::projection::sort_cmp(kind, by, a, b);
         if descending { o.reverse() } else { o }

@@ -10,7 +10,9 @@ const FORMAT: &[time::format_description::BorrowedFormatItem<'static>] =
 
 /// Formats a time in the stored form, e.g. `2026-11-29T10:00:00.123456Z`.
 pub fn format(t: OffsetDateTime) -> String {
-    t.to_offset(UtcOffset::UTC).format(FORMAT).unwrap_or_else(|_| t.unix_timestamp().to_string())
+    t.to_offset(UtcOffset::UTC)
+        .format(FORMAT)
+        .unwrap_or_else(|_| t.unix_timestamp().to_string())
 }
 
 /// Parses any RFC 3339 time (the stored form included).

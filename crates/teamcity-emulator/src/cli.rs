@@ -97,3 +97,39 @@ async fn shutdown_signal() {
         () = term => {},
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        args: EmulatorArgs,
+    }
+
+    #[test]
+    fn flags_map_to_options() {
+        let w = Wrapper::parse_from([
+            "x",
+            "--port",
+            "0",
+            "--token",
+            "T",
+            "--projects",
+            "_Root,Backend,Frontend",
+            "--latency-ms",
+            "5",
+        ]);
+        let opts = w.args.options();
+        assert_eq!(opts.token, "T");
+        assert_eq!(
+            opts.projects,
+            vec!["Backend".to_string(), "Frontend".to_string()]
+        );
+        assert_eq!(opts.latency, Duration::from_millis(5));
+        assert_eq!(w.args.port, 0);
+    }
+}

@@ -113,12 +113,7 @@ impl TcError {
         } else {
             "Not supported request. Check that URL, HTTP method and transferred data are correct."
         };
-        Self::new(
-            status,
-            "javax.ws.rs.WebApplicationException".into(),
-            message,
-            hint,
-        )
+        Self::new(status, "javax.ws.rs.WebApplicationException", message, hint)
     }
 
     /// Any other `RuntimeException` → 500 (e.g. `DuplicateUserAccountException` on rename).

@@ -506,11 +506,11 @@ fn rename(s: &mut State, id: u64, name: &str) -> Result<(), TcError> {
             "Username cannot be empty",
         ));
     }
-    if let Some(other) = s.user_by_username(name) {
-        if other.id != id {
-            let (ce, cm) = duplicate_username(name);
-            return Err(TcError::internal(ce, cm));
-        }
+    if let Some(other) = s.user_by_username(name)
+        && other.id != id
+    {
+        let (ce, cm) = duplicate_username(name);
+        return Err(TcError::internal(ce, cm));
     }
     if let Some(user) = s.users.get_mut(&id) {
         user.username = name.to_lowercase();
@@ -928,10 +928,10 @@ fn render_token(t: &TokenRec, value: Option<&str>, f: &Fields) -> Json {
     if f.has("creationTime", false, true) {
         m.insert("creationTime".into(), json!(t.creation_time));
     }
-    if let Some(exp) = &t.expiration_time {
-        if f.has("expirationTime", false, true) {
-            m.insert("expirationTime".into(), json!(exp));
-        }
+    if let Some(exp) = &t.expiration_time
+        && f.has("expirationTime", false, true)
+    {
+        m.insert("expirationTime".into(), json!(exp));
     }
     if let Some(v) = value {
         m.insert("value".into(), json!(v));
@@ -1381,10 +1381,10 @@ fn render_project(p: &crate::state::ProjectRec, f: &Fields) -> Json {
     if f.has("name", true, true) {
         m.insert("name".into(), json!(p.name));
     }
-    if let Some(parent) = &p.parent {
-        if f.has("parentProjectId", true, true) {
-            m.insert("parentProjectId".into(), json!(parent));
-        }
+    if let Some(parent) = &p.parent
+        && f.has("parentProjectId", true, true)
+    {
+        m.insert("parentProjectId".into(), json!(parent));
     }
     if f.has("href", true, true) {
         m.insert(

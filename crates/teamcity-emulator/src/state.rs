@@ -470,12 +470,12 @@ impl State {
                 .iter()
                 .map(|v| v.text().to_owned())
                 .collect();
-            if let Some(method) = outer.text("method")? {
-                if method != "effective" {
-                    return Err(TcError::bad_request(format!(
-                        "Unknown 'method' role dimension value '{method}'. Supported are: effective (emulator)"
-                    )));
-                }
+            if let Some(method) = outer.text("method")?
+                && method != "effective"
+            {
+                return Err(TcError::bad_request(format!(
+                    "Unknown 'method' role dimension value '{method}'. Supported are: effective (emulator)"
+                )));
             }
             if items.is_empty() {
                 vec![text.to_owned()]
@@ -593,18 +593,18 @@ impl State {
         if f.has("username", true, true) {
             m.insert("username".into(), json!(u.username));
         }
-        if let Some(name) = &u.name {
-            if f.has("name", true, true) {
-                m.insert("name".into(), json!(name));
-            }
+        if let Some(name) = &u.name
+            && f.has("name", true, true)
+        {
+            m.insert("name".into(), json!(name));
         }
         if f.has("id", true, true) {
             m.insert("id".into(), json!(u.id));
         }
-        if let Some(email) = &u.email {
-            if f.has("email", false, true) {
-                m.insert("email".into(), json!(email));
-            }
+        if let Some(email) = &u.email
+            && f.has("email", false, true)
+        {
+            m.insert("email".into(), json!(email));
         }
         let href = format!("/app/rest/users/id:{}", u.id);
         if f.has("href", true, true) {
@@ -671,10 +671,10 @@ impl State {
         if f.has("href", true, true) {
             m.insert("href".into(), json!(href));
         }
-        if let Some(d) = g.description.as_ref().filter(|d| !d.is_empty()) {
-            if f.has("description", true, true) {
-                m.insert("description".into(), json!(d));
-            }
+        if let Some(d) = g.description.as_ref().filter(|d| !d.is_empty())
+            && f.has("description", true, true)
+        {
+            m.insert("description".into(), json!(d));
         }
         if f.has("parent-groups", false, true) {
             m.insert(

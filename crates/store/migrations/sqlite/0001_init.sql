@@ -33,6 +33,7 @@ CREATE TABLE group_members (
     group_id     TEXT NOT NULL,
     member_id    TEXT NOT NULL,
     member_type  TEXT NOT NULL,               -- 'User' | 'Group'
+    display      TEXT,                        -- as the client sent it, if it did
     PRIMARY KEY (group_id, member_id)
 ) WITHOUT ROWID;
 CREATE INDEX group_members_member ON group_members (member_id, group_id);
