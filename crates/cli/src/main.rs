@@ -46,6 +46,8 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Run a standalone TeamCity REST emulator (for trials, demos and tests).
+    Emulator(teamcity_emulator::cli::EmulatorArgs),
     /// Configuration helpers.
     Config {
         #[command(subcommand)]
@@ -120,6 +122,7 @@ async fn open_store(cfg: &Config) -> anyhow::Result<DynStore> {
 async fn run(cmd: Command, cfg: Config) -> anyhow::Result<()> {
     match cmd {
         Command::Serve => serve(cfg).await,
+        Command::Emulator(args) => teamcity_emulator::cli::run(args).await,
         Command::Token { command } => token(command, &cfg).await,
         Command::Config {
             command: ConfigCommand::Show,

@@ -87,7 +87,7 @@ impl WriteCtx {
 }
 
 /// The type of a group member.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum MemberType {
     /// A user.
     User,

@@ -781,6 +781,15 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await?;
         let groups: Vec<String> = affected.into_iter().map(|(g,)| g).collect();
+        // The groups it left changed too: their ETags must move.
+        let ts = timefmt::format(now);
+        for g in &groups {
+            sqlx::query("UPDATE groups SET version = version + 1, last_modified = ? WHERE id = ?")
+                .bind(&ts)
+                .bind(g)
+                .execute(&mut *tx)
+                .await?;
+        }
         record(
             &mut tx,
             ctx,

@@ -1,0 +1,2 @@
+//! Integration tests of the SCIM HTTP surface over real HTTP.
+mod support;

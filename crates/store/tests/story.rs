@@ -1,0 +1,573 @@
+//! The store story: what every backend must do, run against SQLite (PostgreSQL joins when its
+//! backend lands). Writes carry their audit event and outbox row in the same transaction;
+//! failures leave nothing behind; SQL filtering agrees with the in-memory evaluator.
+
+use std::sync::Arc;
+
+use scim::filter;
+use scim::{AttrPath, ResourceKind};
+use serde_json::{Value, json};
+use store::audit::{GENESIS_HASH, verify_chain};
+use store::{
+    DynStore, FixedClock, ListQuery, MemberType, MembershipChange, NewMember, ReadOpts, StoreError,
+    WriteCtx,
+};
+use time::macros::datetime;
+
+struct Db {
+    store: DynStore,
+    url: String,
+    clock: Arc<FixedClock>,
+    _dir: tempfile::TempDir,
+}
+
+async fn db() -> Db {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/story.db", dir.path().display());
+    let clock = Arc::new(FixedClock::new(datetime!(2026-01-01 00:00 UTC)));
+    let store = store::open(&url, clock.clone()).await.unwrap();
+    Db {
+        store,
+        url,
+        clock,
+        _dir: dir,
+    }
+}
+
+fn ctx() -> WriteCtx {
+    WriteCtx {
+        actor: "token:test".into(),
+        request_id: Some("req-1".into()),
+    }
+}
+
+fn user(name: &str) -> Value {
+    json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "userName": name, "active": true})
+}
+
+fn group(name: &str) -> Value {
+    json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"], "displayName": name})
+}
+
+fn member(id: &str) -> NewMember {
+    NewMember {
+        value: id.to_owned(),
+        ty: None,
+        display: None,
+    }
+}
+
+async fn counts(s: &DynStore) -> (usize, usize) {
+    (
+        s.audit_events(0, 100_000).await.unwrap().len(),
+        s.outbox_items(0, 100_000).await.unwrap().len(),
+    )
+}
+
+#[tokio::test]
+async fn every_write_records_one_audit_event_and_one_outbox_row() {
+    let d = db().await;
+    let s = &d.store;
+    let u = s
+        .create(&ctx(), ResourceKind::User, user("alice"), None)
+        .await
+        .unwrap();
+    let g = s
+        .create(
+            &ctx(),
+            ResourceKind::Group,
+            group("Ops"),
+            Some(vec![member(&u.id)]),
+        )
+        .await
+        .unwrap();
+    s.update(
+        &ctx(),
+        ResourceKind::Group,
+        &g.id,
+        g.version,
+        None,
+        &[MembershipChange::RemoveAll],
+    )
+    .await
+    .unwrap();
+    s.replace(
+        &ctx(),
+        ResourceKind::User,
+        &u.id,
+        None,
+        user("alice2"),
+        None,
+    )
+    .await
+    .unwrap();
+    s.delete(&ctx(), ResourceKind::User, &u.id, None)
+        .await
+        .unwrap();
+    let events = s.audit_events(0, 100).await.unwrap();
+    let outbox = s.outbox_items(0, 100).await.unwrap();
+    let ops: Vec<(&str, &str)> = events
+        .iter()
+        .map(|e| (e.resource_type.as_str(), e.operation.as_str()))
+        .collect();
+    assert_eq!(
+        ops,
+        [
+            ("User", "create"),
+            ("Group", "create"),
+            ("Group", "patch"),
+            ("User", "replace"),
+            ("User", "delete")
+        ]
+    );
+    let rows: Vec<(&str, &str, &str)> = outbox
+        .iter()
+        .map(|o| {
+            (
+                o.entity_type.as_str(),
+                o.entity_id.as_str(),
+                o.operation.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("user", u.id.as_str(), "upsert"),
+            ("group", g.id.as_str(), "upsert"),
+            ("group", g.id.as_str(), "members"),
+            ("user", u.id.as_str(), "upsert"),
+            ("user", u.id.as_str(), "delete"),
+        ]
+    );
+    // Each outbox row points at the audit event written with it.
+    for (o, e) in outbox.iter().zip(&events) {
+        assert_eq!(o.audit_seq, e.seq);
+        assert_eq!(o.state, "pending");
+    }
+    assert!(
+        events
+            .iter()
+            .all(|e| e.actor == "token:test" && e.request_id.as_deref() == Some("req-1"))
+    );
+    // Audit details never carry the user's data.
+    assert!(events.iter().all(|e| !e.detail.contains("alice")));
+}
+
+#[tokio::test]
+async fn failed_writes_leave_nothing_behind() {
+    let d = db().await;
+    let s = &d.store;
+    let u = s
+        .create(&ctx(), ResourceKind::User, user("bob"), None)
+        .await
+        .unwrap();
+    let g = s
+        .create(&ctx(), ResourceKind::Group, group("Dev"), None)
+        .await
+        .unwrap();
+    let before = counts(s).await;
+
+    // Uniqueness is case-insensitive.
+    let e = s
+        .create(&ctx(), ResourceKind::User, user("BOB"), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Conflict(_)), "{e:?}");
+    let e = s
+        .create(&ctx(), ResourceKind::Group, group("dev"), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Conflict(_)), "{e:?}");
+
+    // A membership change naming a missing member rolls back the attribute change with it.
+    let e = s
+        .update(
+            &ctx(),
+            ResourceKind::Group,
+            &g.id,
+            g.version,
+            Some(group("Renamed")),
+            &[MembershipChange::Add(vec![member(&u.id), member("nope")])],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, StoreError::Invalid(ref m) if m.contains("nope")),
+        "{e:?}"
+    );
+    let after = s
+        .get(
+            ResourceKind::Group,
+            &g.id,
+            ReadOpts {
+                members: true,
+                groups: false,
+            },
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(after.attrs["displayName"], "Dev");
+    assert_eq!(after.version, g.version);
+    assert_eq!(after.members.unwrap(), vec![]);
+
+    // A stale version is refused.
+    let e = s
+        .update(
+            &ctx(),
+            ResourceKind::User,
+            &u.id,
+            u.version + 7,
+            Some(user("bob")),
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::PreconditionFailed));
+    assert_eq!(
+        counts(s).await,
+        before,
+        "failed writes wrote audit or outbox rows"
+    );
+
+    // A no-op update changes nothing and records nothing.
+    let same = s
+        .update(
+            &ctx(),
+            ResourceKind::Group,
+            &g.id,
+            g.version,
+            None,
+            &[MembershipChange::Remove(vec![u.id.clone()])],
+        )
+        .await
+        .unwrap();
+    assert_eq!(same.version, g.version);
+    assert_eq!(counts(s).await, before);
+}
+
+#[tokio::test]
+async fn membership_is_rows() {
+    let d = db().await;
+    let s = &d.store;
+    let mut ids = vec![];
+    for i in 0..5 {
+        ids.push(
+            s.create(&ctx(), ResourceKind::User, user(&format!("u{i}")), None)
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    let sub = s
+        .create(&ctx(), ResourceKind::Group, group("Sub"), None)
+        .await
+        .unwrap();
+    let g = s
+        .create(
+            &ctx(),
+            ResourceKind::Group,
+            group("All"),
+            Some(ids[..3].iter().map(|i| member(i)).collect()),
+        )
+        .await
+        .unwrap();
+    let g2 = s
+        .update(
+            &ctx(),
+            ResourceKind::Group,
+            &g.id,
+            g.version,
+            None,
+            &[
+                MembershipChange::Add(vec![
+                    member(&ids[3]),
+                    member(&ids[0]),
+                    NewMember {
+                        value: sub.id.clone(),
+                        ty: Some(MemberType::Group),
+                        display: Some("Sub".into()),
+                    },
+                ]),
+                MembershipChange::Remove(vec![ids[1].clone(), "absent".into()]),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(g2.version, g.version + 1);
+    let outbox = s.outbox_items(0, 100).await.unwrap();
+    let last: Value = serde_json::from_str(&outbox.last().unwrap().detail).unwrap();
+    // Exactly the rows that changed: u3 and Sub added (u0 was already there), u1 removed.
+    assert_eq!(
+        last,
+        json!({"added": [ids[3], sub.id], "removed": [ids[1]]})
+    );
+    let g3 = s
+        .get(
+            ResourceKind::Group,
+            &g.id,
+            ReadOpts {
+                members: true,
+                groups: false,
+            },
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let mut got: Vec<(String, MemberType)> = g3
+        .members
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.value, m.ty))
+        .collect();
+    got.sort();
+    let mut want = vec![
+        (ids[0].clone(), MemberType::User),
+        (ids[2].clone(), MemberType::User),
+        (ids[3].clone(), MemberType::User),
+        (sub.id.clone(), MemberType::Group),
+    ];
+    want.sort();
+    assert_eq!(got, want);
+    // A user's groups are derived from the rows.
+    let u0 = s
+        .get(
+            ResourceKind::User,
+            &ids[0],
+            ReadOpts {
+                members: false,
+                groups: true,
+            },
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        u0.groups
+            .unwrap()
+            .iter()
+            .map(|g| g.display.as_str())
+            .collect::<Vec<_>>(),
+        ["All"]
+    );
+    // Deleting a user removes its rows.
+    s.delete(&ctx(), ResourceKind::User, &ids[0], None)
+        .await
+        .unwrap();
+    assert_eq!(s.member_count(&g.id).await.unwrap(), 3);
+    // A group cannot contain itself.
+    let e = s
+        .update(
+            &ctx(),
+            ResourceKind::Group,
+            &g.id,
+            g2.version + 1,
+            None,
+            &[MembershipChange::Add(vec![NewMember {
+                value: g.id.clone(),
+                ty: Some(MemberType::Group),
+                display: None,
+            }])],
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Invalid(_)), "{e:?}");
+}
+
+#[tokio::test]
+async fn audit_chain_detects_an_edited_row() {
+    let d = db().await;
+    let s = &d.store;
+    for i in 0..6 {
+        s.create(&ctx(), ResourceKind::User, user(&format!("a{i}")), None)
+            .await
+            .unwrap();
+        d.clock.advance(time::Duration::seconds(1));
+    }
+    let events = s.audit_events(0, 100).await.unwrap();
+    assert_eq!(events.len(), 6);
+    assert!(verify_chain(GENESIS_HASH, &events).is_ok());
+    // Tamper with event 4 directly in the database.
+    let pool = sqlx::SqlitePool::connect(&d.url).await.unwrap();
+    sqlx::query("UPDATE audit_events SET actor = 'someone-else' WHERE seq = 4")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let events = s.audit_events(0, 100).await.unwrap();
+    assert_eq!(verify_chain(GENESIS_HASH, &events), Err(4));
+}
+
+#[tokio::test]
+async fn sql_filtering_agrees_with_the_evaluator() {
+    let d = db().await;
+    let s = &d.store;
+    let mut all = vec![];
+    for (i, (name, ext, active)) in [
+        ("Alice@Example.com", Some("A1"), true),
+        ("bob", Some("b2"), false),
+        ("Carol", None, true),
+        ("dave@example.org", Some("a1"), true),
+        ("Émile", Some("E"), false),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut u = user(name);
+        u["active"] = json!(active);
+        u["title"] = json!(if i % 2 == 0 { "Engineer" } else { "Manager" });
+        if let Some(e) = ext {
+            u["externalId"] = json!(e);
+        }
+        all.push(s.create(&ctx(), ResourceKind::User, u, None).await.unwrap());
+        d.clock.advance(time::Duration::hours(1));
+    }
+    let filters = [
+        r#"userName eq "alice@example.com""#,
+        r#"userName eq "ALICE@EXAMPLE.COM""#,
+        r#"userName ne "bob""#,
+        r#"userName co "EXAMPLE""#,
+        r#"userName sw "d""#,
+        r#"userName ew ".org""#,
+        r#"userName gt "c""#,
+        r#"userName le "bob""#,
+        r#"externalId eq "a1""#,
+        r#"externalId ne "a1""#,
+        r#"externalId pr"#,
+        r#"not (externalId pr)"#,
+        r#"active eq false"#,
+        r#"active eq "True""#,
+        r#"meta.created gt "2026-01-01T01:30:00Z""#,
+        r#"meta.created le "2026-01-01T02:00:00+00:00""#,
+        r#"meta.lastModified lt "2026-01-01T01:00:00Z""#,
+        r#"title eq "Engineer" and active eq true"#,
+        r#"title eq "Manager" or userName sw "c""#,
+        r#"not (userName eq "bob") and externalId pr"#,
+        r#"userName eq "émile""#,
+        r#"id eq "no-such-id""#,
+    ];
+    for text in filters {
+        let f = filter::parse(text).unwrap();
+        filter::validate(&f, ResourceKind::User).unwrap();
+        let q = ListQuery {
+            filter: Some(f.clone()),
+            count: 100,
+            ..Default::default()
+        };
+        let page = s.list(ResourceKind::User, &q).await.unwrap();
+        let got: Vec<&str> = page.resources.iter().map(|r| r.id.as_str()).collect();
+        // The reference: evaluate in memory over every stored user.
+        let want: Vec<&str> = all
+            .iter()
+            .filter(|r| {
+                let mut v = r.attrs.clone();
+                v["id"] = json!(r.id);
+                v["meta"] = json!({
+                    "created": store::timefmt::format(r.created),
+                    "lastModified": store::timefmt::format(r.last_modified),
+                });
+                filter::matches(&f, ResourceKind::User, &v)
+            })
+            .map(|r| r.id.as_str())
+            .collect();
+        assert_eq!(got, want, "{text}");
+        assert_eq!(page.total, want.len(), "{text}");
+    }
+}
+
+#[tokio::test]
+async fn paging_and_sorting_are_stable() {
+    let d = db().await;
+    let s = &d.store;
+    for name in ["m", "b", "Z", "a", "k", "c", "y"] {
+        s.create(&ctx(), ResourceKind::User, user(name), None)
+            .await
+            .unwrap();
+    }
+    let page = |offset, count, sort: Option<&str>, descending| {
+        let q = ListQuery {
+            sort_by: sort.map(|p| AttrPath::parse(p).unwrap()),
+            descending,
+            offset,
+            count,
+            ..Default::default()
+        };
+        async move {
+            let p = s.list(ResourceKind::User, &q).await.unwrap();
+            (
+                p.total,
+                p.resources
+                    .iter()
+                    .map(|r| r.attrs["userName"].as_str().unwrap().to_owned())
+                    .collect::<Vec<_>>(),
+            )
+        }
+    };
+    assert_eq!(
+        page(0, 3, None, false).await,
+        (7, vec!["m".into(), "b".into(), "Z".into()])
+    );
+    assert_eq!(page(3, 3, None, false).await.1, ["a", "k", "c"]);
+    assert_eq!(page(6, 3, None, false).await.1, ["y"]);
+    assert_eq!(page(0, 0, None, false).await, (7, vec![]));
+    // userName sorts case-insensitively (caseExact=false).
+    assert_eq!(
+        page(0, 7, Some("userName"), false).await.1,
+        ["a", "b", "c", "k", "m", "y", "Z"]
+    );
+    assert_eq!(page(0, 2, Some("username"), true).await.1, ["Z", "y"]);
+    // A sort without a column runs in memory with the same result shape.
+    assert_eq!(page(0, 7, Some("title"), false).await.0, 7);
+}
+
+#[tokio::test]
+async fn tokens_hash_only_expire_and_revoke() {
+    let d = db().await;
+    let s = &d.store;
+    let a = s
+        .create_token(&WriteCtx::cli(), "okta", [1; 32], None)
+        .await
+        .unwrap();
+    let b = s
+        .create_token(
+            &WriteCtx::cli(),
+            "short",
+            [2; 32],
+            Some(datetime!(2026-01-01 00:10 UTC)),
+        )
+        .await
+        .unwrap();
+    let valid: Vec<String> = s
+        .valid_token_hashes()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, t)| t.id)
+        .collect();
+    assert_eq!(valid.len(), 2);
+    d.clock.advance(time::Duration::minutes(11));
+    let valid: Vec<String> = s
+        .valid_token_hashes()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, t)| t.id)
+        .collect();
+    assert_eq!(valid, [a.id.clone()], "expired token still valid");
+    s.revoke_token(&WriteCtx::cli(), &a.id).await.unwrap();
+    assert!(s.valid_token_hashes().await.unwrap().is_empty());
+    assert!(matches!(
+        s.revoke_token(&WriteCtx::cli(), &a.id).await,
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(s.list_tokens().await.unwrap().len(), 2);
+    let ops: Vec<String> = s
+        .audit_events(0, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.operation)
+        .collect();
+    assert_eq!(ops, ["token.create", "token.create", "token.revoke"]);
+    let _ = b;
+}
