@@ -120,10 +120,7 @@ pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
             path.display()
         );
     }
-    let mut cfg: Config = figment(file).extract().map_err(|e| {
-        // figment's message names the key and the source ("in TOML file …", "in environment").
-        anyhow::anyhow!("invalid configuration: {e}")
-    })?;
+    let mut cfg: Config = figment(file).extract().map_err(describe)?;
     if let Some(path) = &cfg.database.url_file {
         let url = std::fs::read_to_string(path)
             .with_context(|| format!("database.url_file: cannot read {}", path.display()))?;
@@ -135,6 +132,34 @@ pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
         cfg.database.url.split(':').next().unwrap_or_default()
     );
     Ok(cfg)
+}
+
+/// One line per problem, each naming the key and the source its value came from.
+fn describe(e: figment::Error) -> anyhow::Error {
+    let lines: Vec<String> = e
+        .into_iter()
+        .map(|e| {
+            let key: Vec<String> = e
+                .path
+                .iter()
+                .map(|p| p.to_lowercase())
+                .skip_while(|p| p == "default")
+                .collect();
+            let source = match (&e.metadata, key.is_empty()) {
+                (Some(m), _) => match &m.source {
+                    Some(figment::Source::File(f)) => format!(" in {}", f.display()),
+                    _ if m.name.contains("environment") => format!(
+                        " in environment variable {ENV_PREFIX}{}",
+                        key.iter().map(|k| k.to_uppercase()).collect::<Vec<_>>().join("__")
+                    ),
+                    _ => format!(" in {}", m.name),
+                },
+                (None, _) => String::new(),
+            };
+            format!("`{}`: {}{source}", key.join("."), e.kind)
+        })
+        .collect();
+    anyhow::anyhow!("invalid configuration: {}", lines.join("; "))
 }
 
 #[cfg(test)]
