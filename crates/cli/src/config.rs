@@ -25,6 +25,107 @@ pub struct Config {
     pub database: DatabaseConfig,
     /// `[log]`
     pub log: LogConfig,
+    /// `[teamcity]`
+    pub teamcity: TeamCityConfig,
+    /// `[sync]`
+    pub sync: SyncConfig,
+}
+
+/// `[teamcity]`: the TeamCity server the bridge keeps equal to the directory.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TeamCityConfig {
+    /// Base URL, with the context path if TeamCity has one (`https://ci.example.com/tc`).
+    pub url: String,
+    /// Access token of the bridge's TeamCity account (prefer `token_file` or the environment).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// A file holding the token (re-read at start); wins over `token`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    /// Per-request timeout, e.g. `30s`.
+    pub request_timeout: String,
+    /// Most requests in flight at once.
+    pub max_concurrency: usize,
+    /// Requests per second, 0 for no limit.
+    pub requests_per_second: u32,
+}
+
+impl std::fmt::Debug for TeamCityConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TeamCityConfig")
+            .field("url", &self.url)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_file", &self.token_file)
+            .field("request_timeout", &self.request_timeout)
+            .field("max_concurrency", &self.max_concurrency)
+            .field("requests_per_second", &self.requests_per_second)
+            .finish()
+    }
+}
+
+impl Default for TeamCityConfig {
+    fn default() -> Self {
+        TeamCityConfig {
+            url: "http://127.0.0.1:8111".into(),
+            token: None,
+            token_file: None,
+            request_timeout: "30s".into(),
+            max_concurrency: 8,
+            requests_per_second: 0,
+        }
+    }
+}
+
+/// `[sync]`: how directory changes reach TeamCity.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncConfig {
+    /// `apply` writes to TeamCity; `shadow` computes, logs and audits plans but writes nothing.
+    pub mode: SyncMode,
+    /// How often a full reconcile runs in `serve`, e.g. `10m`.
+    pub reconcile_interval: String,
+    /// What SCIM DELETE does to the TeamCity user: `strip` (keep it, remove all access) or `delete`.
+    pub deprovision: Deprovision,
+    /// Hold a batch that would remove access from more than this many users.
+    pub max_removals: usize,
+    /// ... or from more than this share of managed users.
+    pub max_removals_percent: u32,
+    /// Longest wait between retries of a failing TeamCity change, e.g. `60s`.
+    pub max_backoff: String,
+}
+
+/// Sync mode.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// Apply plans to TeamCity.
+    Apply,
+    /// Compute and record plans; write nothing to TeamCity.
+    Shadow,
+}
+
+/// What SCIM DELETE does.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Deprovision {
+    /// Keep the TeamCity user (its build history), remove groups, roles and tokens.
+    Strip,
+    /// Delete the TeamCity user.
+    Delete,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            mode: SyncMode::Apply,
+            reconcile_interval: "10m".into(),
+            deprovision: Deprovision::Strip,
+            max_removals: 10,
+            max_removals_percent: 20,
+            max_backoff: "60s".into(),
+        }
+    }
 }
 
 /// `[server]`
@@ -98,6 +199,8 @@ impl Default for Config {
             server: ServerConfig::default(),
             database: DatabaseConfig::default(),
             log: LogConfig::default(),
+            teamcity: TeamCityConfig::default(),
+            sync: SyncConfig::default(),
         }
     }
 }
@@ -126,6 +229,26 @@ pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
             .with_context(|| format!("database.url_file: cannot read {}", path.display()))?;
         cfg.database.url = url.trim().to_owned();
     }
+    if let Some(path) = &cfg.teamcity.token_file {
+        let token = std::fs::read_to_string(path)
+            .with_context(|| format!("teamcity.token_file: cannot read {}", path.display()))?;
+        cfg.teamcity.token = Some(token.trim().to_owned());
+    }
+    for (key, value) in [
+        ("teamcity.request_timeout", &cfg.teamcity.request_timeout),
+        ("sync.reconcile_interval", &cfg.sync.reconcile_interval),
+        ("sync.max_backoff", &cfg.sync.max_backoff),
+    ] {
+        crate::ttl::parse(value).with_context(|| format!("`{key}`"))?;
+    }
+    anyhow::ensure!(
+        cfg.teamcity.max_concurrency > 0,
+        "`teamcity.max_concurrency` must be at least 1"
+    );
+    anyhow::ensure!(
+        cfg.sync.max_removals_percent <= 100,
+        "`sync.max_removals_percent` is a share of managed users: 0..=100"
+    );
     anyhow::ensure!(
         cfg.database.url.starts_with("sqlite:"),
         "database.url: `{}` is not supported; use sqlite://PATH (PostgreSQL support comes later)",
@@ -150,7 +273,10 @@ fn describe(e: figment::Error) -> anyhow::Error {
                     Some(figment::Source::File(f)) => format!(" in {}", f.display()),
                     _ if m.name.contains("environment") => format!(
                         " in environment variable {ENV_PREFIX}{}",
-                        key.iter().map(|k| k.to_uppercase()).collect::<Vec<_>>().join("__")
+                        key.iter()
+                            .map(|k| k.to_uppercase())
+                            .collect::<Vec<_>>()
+                            .join("__")
                     ),
                     _ => format!(" in {}", m.name),
                 },
@@ -193,6 +319,8 @@ mod tests {
     fn example_is_in_step_with_the_code() {
         let mut full = Config::default();
         full.database.url_file = Some("/run/secrets/database-url".into());
+        full.teamcity.token = Some("x".into());
+        full.teamcity.token_file = Some("/run/secrets/teamcity-token".into());
         let mut code_keys = BTreeSet::new();
         keys(&toml::Value::try_from(&full).unwrap(), "", &mut code_keys);
 
