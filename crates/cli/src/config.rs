@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 pub const ENV_PREFIX: &str = "TEAMCITY_SCIM_";
 
 /// The whole configuration.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// `[server]`
@@ -193,18 +193,6 @@ impl Default for LogConfig {
     }
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            server: ServerConfig::default(),
-            database: DatabaseConfig::default(),
-            log: LogConfig::default(),
-            teamcity: TeamCityConfig::default(),
-            sync: SyncConfig::default(),
-        }
-    }
-}
-
 /// The layered sources, without reading secret files yet.
 pub fn figment(file: Option<&Path>) -> Figment {
     let mut f = Figment::from(Serialized::defaults(Config::default()));
@@ -353,6 +341,10 @@ mod tests {
     }
 
     #[test]
+    #[expect(
+        clippy::result_large_err,
+        reason = "figment's Jail API returns figment::Error"
+    )]
     fn layers_and_errors_name_key_and_source() {
         figment::Jail::expect_with(|jail| {
             jail.create_file(

@@ -18,6 +18,7 @@ use store::{DynStore, SystemClock, WriteCtx};
 use time::OffsetDateTime;
 
 mod config;
+mod ops;
 mod telemetry;
 mod ttl;
 
@@ -52,6 +53,22 @@ enum Command {
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
+    },
+    /// Inspect the sync outbox; retry dead items or drop items.
+    Outbox {
+        #[command(subcommand)]
+        command: ops::OutboxCommand,
+    },
+    /// List batches the blast-radius guard held back.
+    Held {
+        /// Also list applied and dropped batches.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Approve a held batch; the sync worker in `serve` then applies it.
+    Approve {
+        /// The batch id from `held`.
+        id: i64,
     },
 }
 
@@ -124,6 +141,15 @@ async fn run(cmd: Command, cfg: Config) -> anyhow::Result<()> {
         Command::Serve => serve(cfg).await,
         Command::Emulator(args) => teamcity_emulator::cli::run(args).await,
         Command::Token { command } => token(command, &cfg).await,
+        Command::Outbox { command } => {
+            ops::outbox(command, &open_store(&cfg).await?, &mut std::io::stdout()).await
+        }
+        Command::Held { all } => {
+            ops::held(&open_store(&cfg).await?, all, &mut std::io::stdout()).await
+        }
+        Command::Approve { id } => {
+            ops::approve(&open_store(&cfg).await?, id, &mut std::io::stdout()).await
+        }
         Command::Config {
             command: ConfigCommand::Show,
         } => {

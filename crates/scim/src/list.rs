@@ -31,12 +31,10 @@ pub struct Cursor {
 }
 
 impl Cursor {
-    /// Encodes the cursor.
+    /// Encodes the cursor, with a check value so an edited cursor is rejected.
     pub fn encode(&self) -> String {
-        URL_SAFE_NO_PAD.encode(format!(
-            "{}.{:x}.{}",
-            self.offset, self.fingerprint, self.issued
-        ))
+        let body = format!("{}.{:x}.{}", self.offset, self.fingerprint, self.issued);
+        URL_SAFE_NO_PAD.encode(format!("{body}.{:x}", check_value(&body)))
     }
 
     /// Decodes and checks a cursor for a query with `fingerprint` at time `now`.
@@ -49,7 +47,11 @@ impl Cursor {
         };
         let raw = URL_SAFE_NO_PAD.decode(text).map_err(|_| invalid())?;
         let raw = String::from_utf8(raw).map_err(|_| invalid())?;
-        let mut parts = raw.split('.');
+        let (body, check) = raw.rsplit_once('.').ok_or_else(invalid)?;
+        if u64::from_str_radix(check, 16).ok() != Some(check_value(body)) {
+            return Err(invalid());
+        }
+        let mut parts = body.split('.');
         let (Some(o), Some(f), Some(t), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
@@ -71,6 +73,13 @@ impl Cursor {
         }
         Ok(cursor)
     }
+}
+
+/// The check value of an encoded cursor's fields: detects a cursor edited by hand (offset or
+/// issue time changed), which is then `invalidCursor` like any cursor this server did not issue.
+/// Not a secret MAC: a cursor grants nothing index paging does not.
+fn check_value(body: &str) -> u64 {
+    fingerprint(&["scim-cursor", body])
 }
 
 /// A stable 64-bit fingerprint (FNV-1a) of the parts of a query a cursor is bound to.
@@ -125,7 +134,16 @@ mod tests {
                 .scim_type,
             Some(ScimType::ExpiredCursor)
         );
-        for junk in ["", "!!", "YWJj", &URL_SAFE_NO_PAD.encode("1.zz.3")] {
+        let forged = URL_SAFE_NO_PAD.encode(format!("0.{fp:x}.1000.0"));
+        let unchecked = URL_SAFE_NO_PAD.encode(format!("0.{fp:x}.1000"));
+        for junk in [
+            "",
+            "!!",
+            "YWJj",
+            &URL_SAFE_NO_PAD.encode("1.zz.3"),
+            &forged,
+            &unchecked,
+        ] {
             assert_eq!(
                 Cursor::decode(junk, fp, 1100).unwrap_err().scim_type,
                 Some(ScimType::InvalidCursor),

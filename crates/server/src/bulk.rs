@@ -52,6 +52,25 @@ fn substitute(v: &mut Value, ids: &HashMap<String, String>) {
     }
 }
 
+/// `bulkId:` references in an operation's path (`/Users/bulkId:u1`): one per path segment.
+fn collect_path_refs(path: &str, out: &mut HashSet<String>) {
+    for seg in path.split('/') {
+        collect_refs(&Value::String(seg.to_owned()), out);
+    }
+}
+
+/// Replaces `bulkId:` references in the segments of an operation's path.
+fn substitute_path(path: &str, ids: &HashMap<String, String>) -> String {
+    path.split('/')
+        .map(|seg| {
+            let mut v = Value::String(seg.to_owned());
+            substitute(&mut v, ids);
+            v.as_str().unwrap_or(seg).to_owned()
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
 fn parse_ops(body: &Value, max_ops: usize) -> Result<(Vec<Op>, Option<usize>), ScimError> {
     if !body.is_object() {
         return Err(ScimError::invalid_syntax(
@@ -93,16 +112,16 @@ fn parse_ops(body: &Value, max_ops: usize) -> Result<(Vec<Op>, Option<usize>), S
             ScimError::invalid_syntax(format!("bulk operation {index} has no `path`"))
         })?;
         let bulk_id = text("bulkId");
-        if let Some(b) = &bulk_id {
-            if !seen.insert(b.clone()) {
-                return Err(ScimError::invalid_syntax(format!(
-                    "bulkId `{b}` is used by more than one operation"
-                )));
-            }
+        if let Some(b) = &bulk_id
+            && !seen.insert(b.clone())
+        {
+            return Err(ScimError::invalid_syntax(format!(
+                "bulkId `{b}` is used by more than one operation"
+            )));
         }
         let data = get_ci(item, "data").cloned();
         let mut refs = HashSet::new();
-        collect_refs(&Value::String(path.clone()), &mut refs);
+        collect_path_refs(&path, &mut refs);
         if let Some(d) = &data {
             collect_refs(d, &mut refs);
         }
@@ -153,9 +172,7 @@ async fn run_one(
     op: &Op,
     ids: &HashMap<String, String>,
 ) -> ApiResult<(Reply, Option<String>)> {
-    let mut path = Value::String(op.path.clone());
-    substitute(&mut path, ids);
-    let path = path.as_str().unwrap_or_default().to_owned();
+    let path = substitute_path(&op.path, ids);
     let mut data = op.data.clone().unwrap_or(Value::Null);
     substitute(&mut data, ids);
     let bad_path = || {

@@ -65,7 +65,7 @@ fn write_ctx(req_headers: &HeaderMap, actor: &auth::Actor) -> WriteCtx {
     }
 }
 
-fn header_str<'a>(h: &'a HeaderMap, name: header::HeaderName) -> Option<&'a str> {
+fn header_str(h: &HeaderMap, name: header::HeaderName) -> Option<&str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
 
@@ -278,7 +278,9 @@ fn scim_router(state: AppState) -> Router<AppState> {
         )
         .merge(discovery_routes())
         .fallback(not_found)
-        .route_layer(middleware::from_fn_with_state(state, auth::require_token))
+        // `layer`, not `route_layer`: unknown paths under the base need a token too, so an
+        // unauthenticated client learns nothing about which endpoints exist.
+        .layer(middleware::from_fn_with_state(state, auth::require_token))
 }
 
 async fn track_metrics(req: Request, next: Next) -> Response {

@@ -56,13 +56,12 @@ pub(crate) fn render(base_url: &str, r: &Resource, proj: &Projection) -> Value {
         .get_mut(scim::schema::ENTERPRISE_USER_SCHEMA)
         .and_then(|e| e.get_mut("manager"))
         .and_then(Value::as_object_mut)
+        && let Some(id) = mgr.get("value").and_then(Value::as_str).map(str::to_owned)
     {
-        if let Some(id) = mgr.get("value").and_then(Value::as_str).map(str::to_owned) {
-            mgr.insert(
-                "$ref".into(),
-                json!(location(base_url, ResourceKind::User, &id)),
-            );
-        }
+        mgr.insert(
+            "$ref".into(),
+            json!(location(base_url, ResourceKind::User, &id)),
+        );
     }
     if let Some(members) = &r.members {
         let list: Vec<Value> = members
@@ -86,21 +85,21 @@ pub(crate) fn render(base_url: &str, r: &Resource, proj: &Projection) -> Value {
             .collect();
         o.insert("members".into(), Value::Array(list));
     }
-    if let Some(groups) = &r.groups {
-        if !groups.is_empty() {
-            let list: Vec<Value> = groups
-                .iter()
-                .map(|g| {
-                    json!({
-                        "value": g.value,
-                        "display": g.display,
-                        "type": "direct",
-                        "$ref": location(base_url, ResourceKind::Group, &g.value),
-                    })
+    if let Some(groups) = &r.groups
+        && !groups.is_empty()
+    {
+        let list: Vec<Value> = groups
+            .iter()
+            .map(|g| {
+                json!({
+                    "value": g.value,
+                    "display": g.display,
+                    "type": "direct",
+                    "$ref": location(base_url, ResourceKind::Group, &g.value),
                 })
-                .collect();
-            o.insert("groups".into(), Value::Array(list));
-        }
+            })
+            .collect();
+        o.insert("groups".into(), Value::Array(list));
     }
     o.insert(
         "meta".into(),

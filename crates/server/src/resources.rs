@@ -17,8 +17,17 @@ use crate::render::{etag, location, parse_etags, render};
 use crate::reply::Reply;
 use crate::state::AppState;
 
-/// Attempts at a PATCH's read-modify-write when another writer got in between.
-const PATCH_ATTEMPTS: usize = 5;
+/// Attempts at a PATCH's read-modify-write when another writer got in between. Each lost race
+/// means another write committed, so a burst of concurrent PATCHes on one resource (an IdP
+/// pushing many membership changes to one group at once) completes within this many rounds.
+const PATCH_ATTEMPTS: usize = 64;
+
+/// A short random pause before retrying a PATCH that lost a race (1–8 ms), so the losers do
+/// not collide again in lockstep.
+fn retry_pause() -> std::time::Duration {
+    let jitter = uuid::Uuid::new_v4().as_bytes()[0] % 8;
+    std::time::Duration::from_millis(1 + u64::from(jitter))
+}
 
 /// Largest group whose members a PATCH response lists without being asked.
 pub(crate) const PATCH_INLINE_MEMBERS_MAX: usize = 100;
@@ -99,12 +108,12 @@ pub(crate) async fn get(
     if_none_match: Option<&str>,
 ) -> ApiResult<Reply> {
     let r = current(state, kind, id, read_opts(kind, proj)).await?;
-    if let Some(list) = if_none_match.and_then(parse_etags) {
-        if list.iter().any(|v| v.is_none_or(|v| v == r.version)) {
-            let mut reply = Reply::empty(StatusCode::NOT_MODIFIED);
-            reply.etag = Some(etag(r.version));
-            return Ok(reply);
-        }
+    if let Some(list) = if_none_match.and_then(parse_etags)
+        && list.iter().any(|v| v.is_none_or(|v| v == r.version))
+    {
+        let mut reply = Reply::empty(StatusCode::NOT_MODIFIED);
+        reply.etag = Some(etag(r.version));
+        return Ok(reply);
     }
     Ok(Reply {
         status: StatusCode::OK,
@@ -116,6 +125,7 @@ pub(crate) async fn get(
 
 /// `PUT /{Users,Groups}/{id}`: replaces every writable attribute; read-only values in the body
 /// are ignored; a changed immutable value is 400 `mutability`. Never creates.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn replace(
     state: &AppState,
     ctx: &WriteCtx,
@@ -178,7 +188,16 @@ pub(crate) async fn patch(
         {
             Ok(r) => break r,
             Err(StoreError::PreconditionFailed) if pinned.is_none() && attempt < PATCH_ATTEMPTS => {
+                tokio::time::sleep(retry_pause()).await;
                 continue;
+            }
+            // Without If-Match the client set no precondition: 412 would be wrong.
+            Err(StoreError::PreconditionFailed) if pinned.is_none() => {
+                return Err(ApiError(ScimError::new(
+                    503,
+                    None,
+                    "the resource kept changing while this PATCH was applied; retry the request",
+                )));
             }
             Err(e) => return Err(e.into()),
         }

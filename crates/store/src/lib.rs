@@ -21,9 +21,14 @@ pub mod audit;
 mod clock;
 mod sql_filter;
 pub mod sqlite;
+pub mod sync_model;
 pub mod timefmt;
 
 pub use clock::{Clock, FixedClock, SystemClock};
+pub use sync_model::{
+    AuditEntry, ClaimedEntity, DirGroup, DirUser, DirectorySnapshot, FailedItem, HeldBatch,
+    Mapping, OutboxEntry, RetryPolicy, backoff,
+};
 
 /// Errors a store command reports. Callers branch on these variants only.
 #[derive(Debug, thiserror::Error)]
@@ -263,6 +268,16 @@ pub struct OutboxItem {
 
 pub use audit::AuditEvent;
 
+impl WriteCtx {
+    /// The context of the outbox worker and the reconciler.
+    pub fn sync() -> Self {
+        WriteCtx {
+            actor: "sync".into(),
+            request_id: None,
+        }
+    }
+}
+
 /// The backend-neutral store. Implementations must make every mutating method one transaction
 /// that also appends its audit event and outbox row.
 #[async_trait]
@@ -346,6 +361,137 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// Outbox rows with `id > after`, oldest first, at most `limit`.
     async fn outbox_items(&self, after: i64, limit: i64) -> StoreResult<Vec<OutboxItem>>;
+
+    // ----- Sync bookkeeping (outbox worker, reconciler, operator CLI) -----
+    //
+    // Every mutating method below is one transaction with its audit event; none writes an
+    // outbox row (these are not SCIM changes). `sync_state_set` alone is not audited: it is
+    // housekeeping (e.g. the last reconcile time), not a decision.
+
+    /// Claims due work for `worker` until `now + lease`, at most `limit` entities.
+    ///
+    /// An entity is due when it has a `pending` row with `next_attempt_at <= now` whose lease
+    /// is absent or expired, and no row of it is leased by anyone else. For each due entity
+    /// (oldest due row first) every pending unleased row is claimed together — see
+    /// [`ClaimedEntity`]. Atomic across processes (one write transaction).
+    async fn claim_outbox(
+        &self,
+        worker: &str,
+        now: OffsetDateTime,
+        lease: std::time::Duration,
+        limit: usize,
+    ) -> StoreResult<Vec<ClaimedEntity>>;
+
+    /// Marks claimed rows `done` and records `events` (e.g. the TeamCity calls made) plus one
+    /// `outbox.complete` event per entity. Rows no longer `pending` (dropped meanwhile) are
+    /// left alone.
+    async fn complete_outbox(
+        &self,
+        ctx: &WriteCtx,
+        ids: &[i64],
+        events: Vec<AuditEntry>,
+    ) -> StoreResult<()>;
+
+    /// Records a failure of claimed rows and releases their lease. Transient: `attempts + 1`
+    /// and `next_attempt_at = now + backoff(attempts, policy)`, or `dead` once `attempts`
+    /// reaches `policy.max_attempts`. Permanent: `dead` at once. The reason is kept
+    /// (`last_error`, `dead_reason`) and audited (outcome `failure`).
+    async fn fail_outbox(
+        &self,
+        ctx: &WriteCtx,
+        ids: &[i64],
+        error: &str,
+        transient: bool,
+        now: OffsetDateTime,
+        policy: &RetryPolicy,
+    ) -> StoreResult<Vec<FailedItem>>;
+
+    /// Parks pending rows in held batch `batch_id` (state `held`, lease released).
+    async fn hold_outbox(&self, ctx: &WriteCtx, ids: &[i64], batch_id: i64) -> StoreResult<()>;
+
+    /// Outbox rows in `state` (any state when `None`), oldest first, at most `limit`.
+    async fn list_outbox(&self, state: Option<&str>, limit: i64) -> StoreResult<Vec<OutboxEntry>>;
+
+    /// Moves a `dead` row back to `pending`, due now, attempts reset. `NotFound` if there is no
+    /// such row; `Invalid` naming its state if it is not dead.
+    async fn retry_outbox(&self, ctx: &WriteCtx, id: i64) -> StoreResult<OutboxEntry>;
+
+    /// Moves a `pending`, `dead` or `held` row to `dropped`: it will never be applied.
+    /// `NotFound` if there is no such row; `Invalid` naming its state otherwise.
+    async fn drop_outbox(&self, ctx: &WriteCtx, id: i64) -> StoreResult<OutboxEntry>;
+
+    /// Links a SCIM resource to its TeamCity object. Returns `false` (and writes nothing) when
+    /// the link was already exactly this.
+    async fn upsert_mapping(
+        &self,
+        ctx: &WriteCtx,
+        kind: ResourceKind,
+        scim_id: &str,
+        teamcity_id: &str,
+        teamcity_name: &str,
+    ) -> StoreResult<bool>;
+
+    /// Removes a link; `false` if there was none.
+    async fn delete_mapping(
+        &self,
+        ctx: &WriteCtx,
+        kind: ResourceKind,
+        scim_id: &str,
+    ) -> StoreResult<bool>;
+
+    /// Every link of a kind, ordered by SCIM id.
+    async fn mappings(&self, kind: ResourceKind) -> StoreResult<Vec<Mapping>>;
+
+    /// One link.
+    async fn mapping(&self, kind: ResourceKind, scim_id: &str) -> StoreResult<Option<Mapping>>;
+
+    /// Records a held batch (`source`: `outbox` or `reconcile`; audited as `sync.held`) and, in
+    /// the same transaction, parks `outbox_ids` in it as [`Store::hold_outbox`] does. Returns
+    /// the batch id.
+    async fn create_held(
+        &self,
+        ctx: &WriteCtx,
+        source: &str,
+        outbox_ids: &[i64],
+        summary: &str,
+        removals: i64,
+        plan: &Value,
+    ) -> StoreResult<i64>;
+
+    /// Held batches in `state` (all when `None`), oldest first.
+    async fn list_held(&self, state: Option<&str>) -> StoreResult<Vec<HeldBatch>>;
+
+    /// One held batch.
+    async fn held_batch(&self, id: i64) -> StoreResult<Option<HeldBatch>>;
+
+    /// Approves a `held` batch (audited as `sync.approve`; `decided_by` is the actor). The
+    /// worker applies approved batches. `NotFound`, or `Invalid` naming its state.
+    async fn approve_held(&self, ctx: &WriteCtx, id: i64) -> StoreResult<HeldBatch>;
+
+    /// Marks an `approved` batch `applied` and its held outbox rows `done` (audited as
+    /// `sync.applied`). `NotFound`, or `Invalid` naming its state.
+    async fn mark_held_applied(&self, ctx: &WriteCtx, id: i64) -> StoreResult<()>;
+
+    /// Drops a `held` or `approved` batch and its held outbox rows (audited as `sync.drop`).
+    async fn drop_held(&self, ctx: &WriteCtx, id: i64) -> StoreResult<HeldBatch>;
+
+    /// Policy rules pinned to a group id: rule → SCIM group id.
+    async fn pins(&self) -> StoreResult<std::collections::BTreeMap<String, String>>;
+
+    /// Pins `rule` to `group_id` (replacing an earlier pin; audited as `policy.pin`).
+    async fn set_pin(&self, ctx: &WriteCtx, rule: &str, group_id: &str) -> StoreResult<()>;
+
+    /// A sync state value.
+    async fn sync_state_get(&self, key: &str) -> StoreResult<Option<String>>;
+
+    /// Sets a sync state value (not audited).
+    async fn sync_state_set(&self, key: &str, value: &str) -> StoreResult<()>;
+
+    /// Every user and group with direct members, in one consistent read (three queries).
+    async fn directory(&self) -> StoreResult<DirectorySnapshot>;
+
+    /// Appends one audit event on its own (no outbox row). Returns its sequence number.
+    async fn audit(&self, ctx: &WriteCtx, entry: AuditEntry) -> StoreResult<i64>;
 }
 
 /// A shared store handle.

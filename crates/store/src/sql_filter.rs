@@ -84,10 +84,10 @@ enum Column {
 }
 
 fn column(kind: ResourceKind, path: &AttrPath) -> Option<Column> {
-    if let Some(urn) = &path.urn {
-        if !kind.core().id.eq_ignore_ascii_case(urn) {
-            return None;
-        }
+    if let Some(urn) = &path.urn
+        && !kind.core().id.eq_ignore_ascii_case(urn)
+    {
+        return None;
     }
     let attr = path.attr.to_ascii_lowercase();
     let sub = path.sub.as_deref().map(str::to_ascii_lowercase);
@@ -280,9 +280,12 @@ mod tests {
         }
     }
 
+    /// A filter and its expected translation (SQL, exact).
+    type Case = (ResourceKind, Filter, Option<(&'static str, bool)>);
+
     #[test]
     fn translates_indexed_leaves() {
-        let cases: Vec<(ResourceKind, Filter, Option<(&str, bool)>)> = vec![
+        let cases: Vec<Case> = vec![
             (
                 ResourceKind::User,
                 cmp("userName", CompareOp::Eq, json!("Alice")),

@@ -21,6 +21,8 @@ use crate::{
     OutboxItem, ReadOpts, Resource, Store, StoreError, StoreResult, TokenRecord, WriteCtx, timefmt,
 };
 
+mod sync;
+
 /// The SQLite store.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
@@ -1084,6 +1086,150 @@ impl Store for SqliteStore {
                 })
             })
             .collect()
+    }
+
+    // ----- Sync bookkeeping: implemented in `sqlite/sync.rs`. -----
+
+    async fn claim_outbox(
+        &self,
+        worker: &str,
+        now: OffsetDateTime,
+        lease: Duration,
+        limit: usize,
+    ) -> StoreResult<Vec<crate::ClaimedEntity>> {
+        self.sync_claim_outbox(worker, now, lease, limit).await
+    }
+
+    async fn complete_outbox(
+        &self,
+        ctx: &WriteCtx,
+        ids: &[i64],
+        events: Vec<crate::AuditEntry>,
+    ) -> StoreResult<()> {
+        self.sync_complete_outbox(ctx, ids, events).await
+    }
+
+    async fn fail_outbox(
+        &self,
+        ctx: &WriteCtx,
+        ids: &[i64],
+        error: &str,
+        transient: bool,
+        now: OffsetDateTime,
+        policy: &crate::RetryPolicy,
+    ) -> StoreResult<Vec<crate::FailedItem>> {
+        self.sync_fail_outbox(ctx, ids, error, transient, now, policy)
+            .await
+    }
+
+    async fn hold_outbox(&self, ctx: &WriteCtx, ids: &[i64], batch_id: i64) -> StoreResult<()> {
+        self.sync_hold_outbox(ctx, ids, batch_id).await
+    }
+
+    async fn list_outbox(
+        &self,
+        state: Option<&str>,
+        limit: i64,
+    ) -> StoreResult<Vec<crate::OutboxEntry>> {
+        self.sync_list_outbox(state, limit).await
+    }
+
+    async fn retry_outbox(&self, ctx: &WriteCtx, id: i64) -> StoreResult<crate::OutboxEntry> {
+        self.sync_retry_outbox(ctx, id).await
+    }
+
+    async fn drop_outbox(&self, ctx: &WriteCtx, id: i64) -> StoreResult<crate::OutboxEntry> {
+        self.sync_drop_outbox(ctx, id).await
+    }
+
+    async fn upsert_mapping(
+        &self,
+        ctx: &WriteCtx,
+        kind: ResourceKind,
+        scim_id: &str,
+        teamcity_id: &str,
+        teamcity_name: &str,
+    ) -> StoreResult<bool> {
+        self.sync_upsert_mapping(ctx, kind, scim_id, teamcity_id, teamcity_name)
+            .await
+    }
+
+    async fn delete_mapping(
+        &self,
+        ctx: &WriteCtx,
+        kind: ResourceKind,
+        scim_id: &str,
+    ) -> StoreResult<bool> {
+        self.sync_delete_mapping(ctx, kind, scim_id).await
+    }
+
+    async fn mappings(&self, kind: ResourceKind) -> StoreResult<Vec<crate::Mapping>> {
+        self.sync_mappings(kind, None).await
+    }
+
+    async fn mapping(
+        &self,
+        kind: ResourceKind,
+        scim_id: &str,
+    ) -> StoreResult<Option<crate::Mapping>> {
+        Ok(self.sync_mappings(kind, Some(scim_id)).await?.pop())
+    }
+
+    async fn create_held(
+        &self,
+        ctx: &WriteCtx,
+        source: &str,
+        outbox_ids: &[i64],
+        summary: &str,
+        removals: i64,
+        plan: &Value,
+    ) -> StoreResult<i64> {
+        self.sync_create_held(ctx, source, outbox_ids, summary, removals, plan)
+            .await
+    }
+
+    async fn list_held(&self, state: Option<&str>) -> StoreResult<Vec<crate::HeldBatch>> {
+        self.sync_list_held(state).await
+    }
+
+    async fn held_batch(&self, id: i64) -> StoreResult<Option<crate::HeldBatch>> {
+        self.sync_held_batch(id).await
+    }
+
+    async fn approve_held(&self, ctx: &WriteCtx, id: i64) -> StoreResult<crate::HeldBatch> {
+        self.sync_approve_held(ctx, id).await
+    }
+
+    async fn mark_held_applied(&self, ctx: &WriteCtx, id: i64) -> StoreResult<()> {
+        self.sync_mark_held_applied(ctx, id).await
+    }
+
+    async fn drop_held(&self, ctx: &WriteCtx, id: i64) -> StoreResult<crate::HeldBatch> {
+        self.sync_drop_held(ctx, id).await
+    }
+
+    async fn pins(&self) -> StoreResult<std::collections::BTreeMap<String, String>> {
+        self.sync_pins().await
+    }
+
+    async fn set_pin(&self, ctx: &WriteCtx, rule: &str, group_id: &str) -> StoreResult<()> {
+        self.sync_set_pin(ctx, rule, group_id).await
+    }
+
+    async fn sync_state_get(&self, key: &str) -> StoreResult<Option<String>> {
+        self.sync_state_read(key).await
+    }
+
+    async fn sync_state_set(&self, key: &str, value: &str) -> StoreResult<()> {
+        self.sync_state_write(key, value).await
+    }
+
+    async fn directory(&self) -> StoreResult<crate::DirectorySnapshot> {
+        self.sync_directory().await
+    }
+
+    async fn audit(&self, ctx: &WriteCtx, entry: crate::AuditEntry) -> StoreResult<i64> {
+        self.sync_audit(ctx, entry).await
     }
 }
 

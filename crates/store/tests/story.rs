@@ -553,7 +553,11 @@ async fn tokens_hash_only_expire_and_revoke() {
         .into_iter()
         .map(|(_, t)| t.id)
         .collect();
-    assert_eq!(valid, [a.id.clone()], "expired token still valid");
+    assert_eq!(
+        valid,
+        std::slice::from_ref(&a.id),
+        "expired token still valid"
+    );
     s.revoke_token(&WriteCtx::cli(), &a.id).await.unwrap();
     assert!(s.valid_token_hashes().await.unwrap().is_empty());
     assert!(matches!(

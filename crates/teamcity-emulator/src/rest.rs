@@ -486,6 +486,7 @@ async fn update_user(
     }
     if posted.password.is_some() {
         user.has_password = true;
+        user.password_changes += 1;
     }
     if let Some(p) = props {
         user.properties = p;
@@ -571,7 +572,9 @@ async fn set_user_field(
         "name" => s.users.get_mut(&id).expect("found").name = Some(value.clone()),
         "email" => s.users.get_mut(&id).expect("found").email = Some(value.clone()),
         "password" => {
-            s.users.get_mut(&id).expect("found").has_password = true;
+            let user = s.users.get_mut(&id).expect("found");
+            user.has_password = true;
+            user.password_changes += 1;
             return no_content();
         }
         _ => {

@@ -32,6 +32,10 @@ pub struct UserRec {
     /// Whether a password is set (the password itself is never kept in a dump).
     #[serde(default)]
     pub has_password: bool,
+    /// How many times a password was set (create or `PUT …/password`), so tests
+    /// can see a reset without the emulator ever keeping the password itself.
+    #[serde(default)]
+    pub password_changes: u64,
     /// Properties.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
@@ -217,6 +221,7 @@ impl State {
                 name: name.map(str::to_owned),
                 email: email.map(str::to_owned),
                 has_password: true,
+                password_changes: 1,
                 properties: BTreeMap::new(),
                 roles: BTreeSet::new(),
                 groups: BTreeSet::new(),

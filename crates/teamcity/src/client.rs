@@ -642,6 +642,35 @@ impl Client {
         }
     }
 
+    /// `PUT /app/rest/users/{u}/password` (text/plain) → 204. The password is
+    /// never logged.
+    pub async fn set_user_password(
+        &self,
+        user: &Locator,
+        password: &str,
+    ) -> Result<(), TeamCityError> {
+        if password.is_empty() {
+            return Err(TeamCityError::InvalidInput(
+                "password must not be empty".into(),
+            ));
+        }
+        let segments = ["users", user.as_str(), "password"];
+        self.text(
+            "set_user_password",
+            Method::PUT,
+            &segments,
+            Body::Text(password.to_owned()),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Sets a long random password nobody knows (deactivation: TeamCity has no
+    /// "disabled" flag, so this locks out password logins).
+    pub async fn randomize_password(&self, user: &Locator) -> Result<(), TeamCityError> {
+        self.set_user_password(user, &random_password()).await
+    }
+
     /// `PUT /app/rest/users/{u}/properties/{name}` (text).
     pub async fn set_user_property(
         &self,

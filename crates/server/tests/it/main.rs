@@ -1,2 +1,10 @@
-//! Integration tests of the SCIM HTTP surface over real HTTP.
+//! Integration tests of the SCIM HTTP surface, over real HTTP against a server on a loopback
+//! port with its own SQLite database per test.
+
+mod audit_outbox;
+mod auth;
+mod bad_input;
+mod idp_fixtures;
+mod okta_spec;
+mod protocol;
 mod support;

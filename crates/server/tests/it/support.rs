@@ -29,7 +29,11 @@ pub(crate) fn random_bytes() -> [u8; 32] {
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()
         .as_nanos();
-    server::hash_token(&format!("{n}-{now}-{:?}-{}", Instant::now(), std::process::id()))
+    server::hash_token(&format!(
+        "{n}-{now}-{:?}-{}",
+        Instant::now(),
+        std::process::id()
+    ))
 }
 
 /// A running server with its own database and one valid token.
@@ -73,7 +77,11 @@ impl Resp {
     /// Asserts the status, showing the body on failure.
     #[track_caller]
     pub(crate) fn expect(&self, status: u16) -> &Self {
-        assert_eq!(self.status, status, "unexpected status; body: {}", self.text);
+        assert_eq!(
+            self.status, status,
+            "unexpected status; body: {}",
+            self.text
+        );
         self
     }
 
@@ -83,9 +91,18 @@ impl Resp {
     pub(crate) fn expect_error(&self, status: u16, scim_type: Option<&str>) -> &Self {
         self.expect(status);
         assert_eq!(self.body["schemas"], json!([ERROR_SCHEMA]), "{}", self.text);
-        assert_eq!(self.body["status"], json!(status.to_string()), "{}", self.text);
+        assert_eq!(
+            self.body["status"],
+            json!(status.to_string()),
+            "{}",
+            self.text
+        );
         let detail = self.body["detail"].as_str().unwrap_or("");
-        assert!(detail.len() > 5, "error detail is not useful: {}", self.text);
+        assert!(
+            detail.len() > 5,
+            "error detail is not useful: {}",
+            self.text
+        );
         if let Some(t) = scim_type {
             assert_eq!(self.body["scimType"], json!(t), "{}", self.text);
         }
@@ -170,7 +187,10 @@ impl Server {
     }
 
     /// Creates another valid token.
-    pub(crate) async fn new_token(&self, expires: Option<time::OffsetDateTime>) -> (String, String) {
+    pub(crate) async fn new_token(
+        &self,
+        expires: Option<time::OffsetDateTime>,
+    ) -> (String, String) {
         let secret = server::generate_token(random_bytes());
         let rec = self
             .store

@@ -390,3 +390,45 @@ async fn projects_are_listed_and_validated() {
     assert!(!client.project_exists("Nope").await.expect("missing"));
     assert!(client.project_exists("a,b").await.is_err());
 }
+
+#[tokio::test]
+async fn password_set_and_randomized() {
+    let (client, emu) = start().await;
+    let id = client
+        .create_user(&new_user("pw.user"))
+        .await
+        .expect("create")
+        .id
+        .expect("id");
+    let user = Locator::by_id(id);
+    assert_eq!(emu.snapshot().users[&id].password_changes, 1);
+
+    client
+        .set_user_password(&user, "correct horse battery staple")
+        .await
+        .expect("set password");
+    client
+        .randomize_password(&user)
+        .await
+        .expect("random password");
+    let stored = emu.snapshot().users[&id].clone();
+    assert!(stored.has_password);
+    assert_eq!(stored.password_changes, 3);
+    assert_eq!(
+        emu.counters().get("PUT /app/rest/users/{u}/{field}"),
+        Some(&2)
+    );
+
+    // An empty password is refused before any request goes out.
+    let err = client
+        .set_user_password(&user, "")
+        .await
+        .expect_err("empty password");
+    assert!(matches!(err, teamcity::TeamCityError::InvalidInput(_)));
+    // An unknown user is TeamCity's masked 404.
+    let err = client
+        .randomize_password(&Locator::by_id(999))
+        .await
+        .expect_err("unknown user");
+    assert!(err.is_not_found());
+}

@@ -1,0 +1,943 @@
+//! SQLite implementation of the sync bookkeeping commands (outbox claims and outcomes, dead
+//! letters, mappings, held batches, pins, sync state, directory snapshot, standalone audit).
+//!
+//! Writes go through the single writer connection with `BEGIN IMMEDIATE` ([`SqliteStore::begin`]),
+//! so a claim is atomic even with the CLI writing from another process. Id lists are bound as
+//! one JSON array and expanded with `json_each`, so no SQL is built from values.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use scim::ResourceKind;
+use serde_json::{Value, json};
+use sqlx::Row;
+use sqlx::sqlite::SqliteRow;
+use time::OffsetDateTime;
+
+use super::{Record, SqliteStore, Tx, entity, parse_time, record};
+use crate::audit::{AuditEvent, GENESIS_HASH};
+use crate::{
+    AuditEntry, ClaimedEntity, DirGroup, DirUser, DirectorySnapshot, FailedItem, HeldBatch,
+    Mapping, MemberRef, MemberType, OutboxEntry, OutboxItem, RetryPolicy, StoreError, StoreResult,
+    WriteCtx, backoff, timefmt,
+};
+
+const OUTBOX_STATES: &[&str] = &["pending", "done", "dead", "held", "dropped"];
+const HELD_STATES: &[&str] = &["held", "approved", "applied", "dropped"];
+
+const ITEM_COLS: &str = "id, entity_type, entity_id, operation, detail, audit_seq, state, attempts";
+const ENTRY_COLS: &str = "id, entity_type, entity_id, operation, detail, audit_seq, state, attempts, \
+     created, next_attempt_at, lease_until, leased_by, last_error, dead_reason, held_batch_id, finished";
+const HELD_COLS: &str =
+    "id, created, source, outbox_ids, summary, removals, plan, state, decided_at, decided_by";
+
+fn ids_json(ids: &[i64]) -> String {
+    Value::from(ids.to_vec()).to_string()
+}
+
+fn check_state(state: Option<&str>, allowed: &[&str], what: &str) -> StoreResult<()> {
+    match state {
+        Some(s) if !allowed.contains(&s) => Err(StoreError::Invalid(format!(
+            "unknown {what} state `{s}`; expected one of {}",
+            allowed.join(", ")
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The SCIM resource type of an outbox entity type.
+fn resource_type(entity_type: &str) -> &str {
+    match entity_type {
+        "user" => "User",
+        "group" => "Group",
+        other => other,
+    }
+}
+
+fn kind_from(s: &str) -> StoreResult<ResourceKind> {
+    match s {
+        "user" => Ok(ResourceKind::User),
+        "group" => Ok(ResourceKind::Group),
+        other => Err(StoreError::Other(
+            format!("corrupt mapping kind `{other}`").into(),
+        )),
+    }
+}
+
+fn opt_time(s: Option<String>) -> StoreResult<Option<OffsetDateTime>> {
+    s.as_deref().map(parse_time).transpose()
+}
+
+fn item_row(r: &SqliteRow) -> StoreResult<OutboxItem> {
+    Ok(OutboxItem {
+        id: r.try_get("id")?,
+        entity_type: r.try_get("entity_type")?,
+        entity_id: r.try_get("entity_id")?,
+        operation: r.try_get("operation")?,
+        detail: r.try_get("detail")?,
+        audit_seq: r.try_get("audit_seq")?,
+        state: r.try_get("state")?,
+        attempts: r.try_get("attempts")?,
+    })
+}
+
+fn entry_row(r: &SqliteRow) -> StoreResult<OutboxEntry> {
+    Ok(OutboxEntry {
+        item: item_row(r)?,
+        created: parse_time(r.try_get("created")?)?,
+        next_attempt_at: parse_time(r.try_get("next_attempt_at")?)?,
+        lease_until: opt_time(r.try_get("lease_until")?)?,
+        leased_by: r.try_get("leased_by")?,
+        last_error: r.try_get("last_error")?,
+        dead_reason: r.try_get("dead_reason")?,
+        held_batch_id: r.try_get("held_batch_id")?,
+        finished: opt_time(r.try_get("finished")?)?,
+    })
+}
+
+fn held_row(r: &SqliteRow) -> StoreResult<HeldBatch> {
+    let ids: String = r.try_get("outbox_ids")?;
+    let plan: String = r.try_get("plan")?;
+    Ok(HeldBatch {
+        id: r.try_get("id")?,
+        created: parse_time(r.try_get("created")?)?,
+        source: r.try_get("source")?,
+        outbox_ids: serde_json::from_str(&ids)?,
+        summary: r.try_get("summary")?,
+        removals: r.try_get("removals")?,
+        plan: serde_json::from_str(&plan)?,
+        state: r.try_get("state")?,
+        decided_at: opt_time(r.try_get("decided_at")?)?,
+        decided_by: r.try_get("decided_by")?,
+    })
+}
+
+fn mapping_row(r: &SqliteRow) -> StoreResult<Mapping> {
+    Ok(Mapping {
+        kind: kind_from(r.try_get("kind")?)?,
+        scim_id: r.try_get("scim_id")?,
+        teamcity_id: r.try_get("teamcity_id")?,
+        teamcity_name: r.try_get("teamcity_name")?,
+        updated: parse_time(r.try_get("updated")?)?,
+    })
+}
+
+/// Appends an audit event with any outcome inside `tx`. The same chain logic as [`record`]
+/// (which always writes `success`); the store tests verify the chain across both.
+async fn append_audit(
+    tx: &mut Tx,
+    ctx: &WriteCtx,
+    now: OffsetDateTime,
+    e: &AuditEntry,
+) -> StoreResult<i64> {
+    let last: Option<(i64, String)> =
+        sqlx::query_as("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(&mut **tx)
+            .await?;
+    let (prev_seq, prev_hash) = last.unwrap_or((0, GENESIS_HASH.to_owned()));
+    let mut ev = AuditEvent {
+        seq: prev_seq + 1,
+        time: timefmt::format(now),
+        actor: ctx.actor.clone(),
+        request_id: ctx.request_id.clone(),
+        resource_type: e.resource_type.clone(),
+        resource_id: e.resource_id.clone(),
+        operation: e.operation.clone(),
+        outcome: e.outcome.clone(),
+        status: e.status,
+        detail: e.detail.to_string(),
+        prev_hash,
+        hash: String::new(),
+    };
+    ev.hash = ev.compute_hash();
+    sqlx::query(
+        "INSERT INTO audit_events (seq, time, actor, request_id, resource_type, resource_id, operation, \
+         outcome, status, detail, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(ev.seq)
+    .bind(&ev.time)
+    .bind(&ev.actor)
+    .bind(&ev.request_id)
+    .bind(&ev.resource_type)
+    .bind(&ev.resource_id)
+    .bind(&ev.operation)
+    .bind(&ev.outcome)
+    .bind(ev.status)
+    .bind(&ev.detail)
+    .bind(&ev.prev_hash)
+    .bind(&ev.hash)
+    .execute(&mut **tx)
+    .await?;
+    Ok(ev.seq)
+}
+
+/// A success event without an outbox row.
+async fn note(
+    tx: &mut Tx,
+    ctx: &WriteCtx,
+    now: OffsetDateTime,
+    resource_type: &str,
+    resource_id: &str,
+    operation: &str,
+    detail: Value,
+) -> StoreResult<i64> {
+    record(
+        tx,
+        ctx,
+        now,
+        Record {
+            resource_type,
+            resource_id,
+            operation,
+            status: 200,
+            detail,
+            outbox: None,
+        },
+    )
+    .await
+}
+
+async fn entry_tx(tx: &mut Tx, id: i64) -> StoreResult<Option<OutboxEntry>> {
+    let sql = format!("SELECT {ENTRY_COLS} FROM outbox WHERE id = ?");
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    row.as_ref().map(entry_row).transpose()
+}
+
+async fn held_tx(tx: &mut Tx, id: i64) -> StoreResult<Option<HeldBatch>> {
+    let sql = format!("SELECT {HELD_COLS} FROM held_batches WHERE id = ?");
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    row.as_ref().map(held_row).transpose()
+}
+
+/// Parks pending rows in a batch; returns the ids actually parked.
+async fn hold_tx(tx: &mut Tx, ids: &[i64], batch_id: i64) -> StoreResult<Vec<i64>> {
+    let mut held: Vec<i64> = sqlx::query_scalar(
+        "UPDATE outbox SET state = 'held', held_batch_id = ?, lease_until = NULL, leased_by = NULL \
+         WHERE id IN (SELECT value FROM json_each(?)) AND state = 'pending' RETURNING id",
+    )
+    .bind(batch_id)
+    .bind(ids_json(ids))
+    .fetch_all(&mut **tx)
+    .await?;
+    held.sort_unstable();
+    Ok(held)
+}
+
+/// A batch in one of `allowed` states, or `NotFound` / `Invalid` naming its state.
+async fn held_in_state(tx: &mut Tx, id: i64, allowed: &[&str]) -> StoreResult<HeldBatch> {
+    let b = held_tx(tx, id).await?.ok_or(StoreError::NotFound)?;
+    if allowed.contains(&b.state.as_str()) {
+        Ok(b)
+    } else {
+        Err(StoreError::Invalid(format!(
+            "held batch {id} is {}, not {}",
+            b.state,
+            allowed.join(" or ")
+        )))
+    }
+}
+
+impl SqliteStore {
+    pub(super) async fn sync_claim_outbox(
+        &self,
+        worker: &str,
+        now: OffsetDateTime,
+        lease: Duration,
+        limit: usize,
+    ) -> StoreResult<Vec<ClaimedEntity>> {
+        let now_s = timefmt::format(now);
+        let until = timefmt::format(now + lease);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut tx = self.begin().await?;
+        let due: Vec<(String, String)> = sqlx::query_as(
+            "SELECT o.entity_type, o.entity_id FROM outbox o \
+             WHERE o.state = 'pending' AND o.next_attempt_at <= ? \
+               AND (o.lease_until IS NULL OR o.lease_until <= ?) \
+               AND NOT EXISTS (SELECT 1 FROM outbox l WHERE l.entity_type = o.entity_type \
+                   AND l.entity_id = o.entity_id AND l.state = 'pending' AND l.lease_until > ?) \
+             GROUP BY o.entity_type, o.entity_id ORDER BY MIN(o.id) LIMIT ?",
+        )
+        .bind(&now_s)
+        .bind(&now_s)
+        .bind(&now_s)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut out = Vec::with_capacity(due.len());
+        let sql = format!(
+            "UPDATE outbox SET lease_until = ?, leased_by = ? \
+             WHERE entity_type = ? AND entity_id = ? AND state = 'pending' \
+               AND (lease_until IS NULL OR lease_until <= ?) RETURNING {ITEM_COLS}"
+        );
+        for (entity_type, entity_id) in due {
+            let rows = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                .bind(&until)
+                .bind(worker)
+                .bind(&entity_type)
+                .bind(&entity_id)
+                .bind(&now_s)
+                .fetch_all(&mut *tx)
+                .await?;
+            let mut items = rows.iter().map(item_row).collect::<StoreResult<Vec<_>>>()?;
+            items.sort_by_key(|i| i.id);
+            out.push(ClaimedEntity {
+                entity_type,
+                entity_id,
+                items,
+            });
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    pub(super) async fn sync_complete_outbox(
+        &self,
+        ctx: &WriteCtx,
+        ids: &[i64],
+        events: Vec<AuditEntry>,
+    ) -> StoreResult<()> {
+        let now = self.now();
+        let mut tx = self.begin().await?;
+        for e in &events {
+            append_audit(&mut tx, ctx, now, e).await?;
+        }
+        let done: Vec<(i64, String, String)> = sqlx::query_as(
+            "UPDATE outbox SET state = 'done', lease_until = NULL, finished = ? \
+             WHERE id IN (SELECT value FROM json_each(?)) AND state = 'pending' \
+             RETURNING id, entity_type, entity_id",
+        )
+        .bind(timefmt::format(now))
+        .bind(ids_json(ids))
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut by_entity: BTreeMap<(String, String), Vec<i64>> = BTreeMap::new();
+        for (id, ty, eid) in done {
+            by_entity.entry((ty, eid)).or_default().push(id);
+        }
+        for ((ty, eid), mut ids) in by_entity {
+            ids.sort_unstable();
+            note(
+                &mut tx,
+                ctx,
+                now,
+                resource_type(&ty),
+                &eid,
+                "outbox.complete",
+                json!({"outbox_ids": ids}),
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(super) async fn sync_fail_outbox(
+        &self,
+        ctx: &WriteCtx,
+        ids: &[i64],
+        error: &str,
+        transient: bool,
+        now: OffsetDateTime,
+        policy: &RetryPolicy,
+    ) -> StoreResult<Vec<FailedItem>> {
+        let mut tx = self.begin().await?;
+        let rows: Vec<(i64, String, String, i64)> = sqlx::query_as(
+            "SELECT id, entity_type, entity_id, attempts FROM outbox \
+             WHERE id IN (SELECT value FROM json_each(?)) AND state = 'pending' ORDER BY id",
+        )
+        .bind(ids_json(ids))
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (id, ty, eid, attempts) in rows {
+            let attempts = attempts + 1;
+            let n = u32::try_from(attempts).unwrap_or(u32::MAX);
+            let dead_reason = if !transient {
+                Some(format!("permanent failure: {error}"))
+            } else if n >= policy.max_attempts {
+                Some(format!("gave up after {attempts} attempts: {error}"))
+            } else {
+                None
+            };
+            let next = match dead_reason {
+                Some(_) => None,
+                None => {
+                    let seed = (id as u64) ^ (u64::from(n) << 40);
+                    // At the stored (microsecond) precision, so the caller sees what is stored.
+                    let at = timefmt::format(now + backoff(n, policy.base, policy.cap, seed));
+                    Some(parse_time(&at)?)
+                }
+            };
+            sqlx::query(
+                "UPDATE outbox SET attempts = ?, last_error = ?, lease_until = NULL, \
+                 state = CASE WHEN ? IS NULL THEN state ELSE 'dead' END, \
+                 dead_reason = ?, finished = CASE WHEN ? IS NULL THEN NULL ELSE ? END, \
+                 next_attempt_at = COALESCE(?, next_attempt_at) WHERE id = ?",
+            )
+            .bind(attempts)
+            .bind(error)
+            .bind(&dead_reason)
+            .bind(&dead_reason)
+            .bind(&dead_reason)
+            .bind(timefmt::format(now))
+            .bind(next.map(timefmt::format))
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+            let entry = AuditEntry {
+                resource_type: resource_type(&ty).to_owned(),
+                resource_id: Some(eid),
+                operation: if dead_reason.is_some() {
+                    "outbox.dead".into()
+                } else {
+                    "outbox.retry_later".into()
+                },
+                outcome: "failure".into(),
+                status: None,
+                detail: json!({
+                    "outbox_id": id,
+                    "attempts": attempts,
+                    "transient": transient,
+                    "error": error,
+                    "next_attempt_at": next.map(timefmt::format),
+                }),
+            };
+            append_audit(&mut tx, ctx, self.now(), &entry).await?;
+            out.push(FailedItem {
+                id,
+                attempts,
+                next_attempt_at: next,
+                dead_reason,
+            });
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    pub(super) async fn sync_hold_outbox(
+        &self,
+        ctx: &WriteCtx,
+        ids: &[i64],
+        batch_id: i64,
+    ) -> StoreResult<()> {
+        let now = self.now();
+        let mut tx = self.begin().await?;
+        held_tx(&mut tx, batch_id)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        let held = hold_tx(&mut tx, ids, batch_id).await?;
+        note(
+            &mut tx,
+            ctx,
+            now,
+            "HeldBatch",
+            &batch_id.to_string(),
+            "outbox.hold",
+            json!({"outbox_ids": held}),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(super) async fn sync_list_outbox(
+        &self,
+        state: Option<&str>,
+        limit: i64,
+    ) -> StoreResult<Vec<OutboxEntry>> {
+        check_state(state, OUTBOX_STATES, "outbox")?;
+        let sql = format!(
+            "SELECT {ENTRY_COLS} FROM outbox WHERE (? IS NULL OR state = ?) ORDER BY id LIMIT ?"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(state)
+            .bind(state)
+            .bind(limit)
+            .fetch_all(&self.read)
+            .await?;
+        rows.iter().map(entry_row).collect()
+    }
+
+    pub(super) async fn sync_retry_outbox(
+        &self,
+        ctx: &WriteCtx,
+        id: i64,
+    ) -> StoreResult<OutboxEntry> {
+        let now = self.now();
+        let mut tx = self.begin().await?;
+        let before = entry_tx(&mut tx, id).await?.ok_or(StoreError::NotFound)?;
+        if before.item.state != "dead" {
+            return Err(StoreError::Invalid(format!(
+                "outbox item {id} is {}, not dead",
+                before.item.state
+            )));
+        }
+        sqlx::query(
+            "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ?, \
+             lease_until = NULL, leased_by = NULL, dead_reason = NULL, finished = NULL WHERE id = ?",
+        )
+        .bind(timefmt::format(now))
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        note(
+            &mut tx,
+            ctx,
+            now,
+            "Outbox",
+            &id.to_string(),
+            "outbox.retry",
+            json!({"dead_reason": before.dead_reason, "attempts": before.item.attempts}),
+        )
+        .await?;
+        let after = entry_tx(&mut tx, id).await?.ok_or(StoreError::NotFound)?;
+        tx.commit().await?;
+        Ok(after)
+    }
+
+    pub(super) async fn sync_drop_outbox(
+        &self,
+        ctx: &WriteCtx,
+        id: i64,
+    ) -> StoreResult<OutboxEntry> {
+        let now = self.now();
+        let mut tx = self.begin().await?;
+        let before = entry_tx(&mut tx, id).await?.ok_or(StoreError::NotFound)?;
+        if !["pending", "dead", "held"].contains(&before.item.state.as_str()) {
+            return Err(StoreError::Invalid(format!(
+                "outbox item {id} is {}, not pending, dead or held",
+                before.item.state
+            )));
+        }
+        sqlx::query(
+            "UPDATE outbox SET state = 'dropped', lease_until = NULL, finished = ? WHERE id = ?",
+        )
+        .bind(timefmt::format(now))
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        note(
+            &mut tx,
+            ctx,
+            now,
+            "Outbox",
+            &id.to_string(),
+            "outbox.drop",
+            json!({"previous_state": before.item.state}),
+        )
+        .await?;
+        let after = entry_tx(&mut tx, id).await?.ok_or(StoreError::NotFound)?;
+        tx.commit().await?;
+        Ok(after)
+    }
+
+    pub(super) async fn sync_upsert_mapping(
+        &self,
+        ctx: &WriteCtx,
+        kind: ResourceKind,
+        scim_id: &str,
+        teamcity_id: &str,
+        teamcity_name: &str,
+    ) -> StoreResult<bool> {
+        let now = self.now();
+        let mut tx = self.begin().await?;
+        let prev: Option<(String, String)> = sqlx::query_as(
+            "SELECT teamcity_id, teamcity_name FROM mappings WHERE kind = ? AND scim_id = ?",
+        )
+        .bind(entity(kind))
+        .bind(scim_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if prev
+            .as_ref()
+            .is_some_and(|(i, n)| i == teamcity_id && n == teamcity_name)
+        {
+            return Ok(false);
+        }
+        sqlx::query(
+            "INSERT INTO mappings (kind, scim_id, teamcity_id, teamcity_name, updated) VALUES (?, ?, ?, ?, ?) \
+             ON CONFLICT (kind, scim_id) DO UPDATE SET teamcity_id = excluded.teamcity_id, \
+             teamcity_name = excluded.teamcity_name, updated = excluded.updated",
+        )
+        .bind(entity(kind))
+        .bind(scim_id)
+        .bind(teamcity_id)
+        .bind(teamcity_name)
+        .bind(timefmt::format(now))
+        .execute(&mut *tx)
+        .await?;
+        note(
+            &mut tx,
+            ctx,
+            now,
+            "Mapping",
+            &format!("{}:{scim_id}", entity(kind)),
+            "mapping.upsert",
+            json!({
+                "teamcity_id": teamcity_id,
+                "teamcity_name": teamcity_name,
+                "previous": prev.map(|(i, n)| json!({"teamcity_id": i, "teamcity_name": n})),
+            }),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    pub(super) async fn sync_delete_mapping(
+        &self,
+        ctx: &WriteCtx,
+        kind: ResourceKind,
+        scim_id: &str,
+    ) -> StoreResult<bool> {
+        let now = self.now();
+        let mut tx = self.begin().await?;
+        let prev: Option<(String, String)> = sqlx::query_as(
+            "DELETE FROM mappings WHERE kind = ? AND scim_id = ? RETURNING teamcity_id, teamcity_name",
+        )
+        .bind(entity(kind))
+        .bind(scim_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((teamcity_id, teamcity_name)) = prev else {
+            return Ok(false);
+        };
+        note(
+            &mut tx,
+            ctx,
+            now,
+            "Mapping",
+            &format!("{}:{scim_id}", entity(kind)),
+            "mapping.delete",
+            json!({"teamcity_id": teamcity_id, "teamcity_name": teamcity_name}),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    pub(super) async fn sync_mappings(
+        &self,
+        kind: ResourceKind,
+        scim_id: Option<&str>,
+    ) -> StoreResult<Vec<Mapping>> {
+        let rows = sqlx::query(
+            "SELECT kind, scim_id, teamcity_id, teamcity_name, updated FROM mappings \
+             WHERE kind = ? AND (? IS NULL OR scim_id = ?) ORDER BY scim_id",
+        )
+        .bind(entity(kind))
+        .bind(scim_id)
+        .bind(scim_id)
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter().map(mapping_row).collect()
+    }
+
+    pub(super) async fn sync_create_held(
+        &self,
+        ctx: &WriteCtx,
+        source: &str,
+        outbox_ids: &[i64],
+        summary: &str,
+        removals: i64,
+        plan: &Value,
+    ) -> StoreResult<i64> {
+        if !["outbox", "reconcile"].contains(&source) {
+            return Err(StoreError::Invalid(format!(
+                "held batch source must be `outbox` or `reconcile`, not `{source}`"
+            )));
+        }
+        let now = self.now();
+        let mut tx = self.begin().await?;
+        let id = sqlx::query(
+            "INSERT INTO held_batches (created, source, outbox_ids, summary, removals, plan) \
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(timefmt::format(now))
+        .bind(source)
+        .bind(ids_json(outbox_ids))
+        .bind(summary)
+        .bind(removals)
+        .bind(plan.to_string())
+        .execute(&mut *tx)
+        .await?
+        .last_insert_rowid();
+        let held = hold_tx(&mut tx, outbox_ids, id).await?;
+        record(
+            &mut tx,
+            ctx,
+            now,
+            Record {
+                resource_type: "HeldBatch",
+                resource_id: &id.to_string(),
+                operation: "sync.held",
+                status: 202,
+                detail: json!({
+                    "source": source,
+                    "outbox_ids": held,
+                    "summary": summary,
+                    "removals": removals,
+                }),
+                outbox: None,
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    pub(super) async fn sync_list_held(&self, state: Option<&str>) -> StoreResult<Vec<HeldBatch>> {
+        check_state(state, HELD_STATES, "held batch")?;
+        let sql = format!(
+            "SELECT {HELD_COLS} FROM held_batches WHERE (? IS NULL OR state = ?) ORDER BY id"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(state)
+            .bind(state)
+            .fetch_all(&self.read)
+            .await?;
+        rows.iter().map(held_row).collect()
+    }
+
+    pub(super) async fn sync_held_batch(&self, id: i64) -> StoreResult<Option<HeldBatch>> {
+        let sql = format!("SELECT {HELD_COLS} FROM held_batches WHERE id = ?");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&self.read)
+            .await?;
+        row.as_ref().map(held_row).transpose()
+    }
+
+    /// Moves a batch from one of `from` to `to` (recording who decided, except for `applied`)
+    /// and its held outbox rows to `outbox_to`.
+    async fn held_transition(
+        &self,
+        ctx: &WriteCtx,
+        id: i64,
+        from: &[&str],
+        to: &str,
+        operation: &str,
+        outbox_to: Option<&str>,
+    ) -> StoreResult<HeldBatch> {
+        let now = self.now();
+        let now_s = timefmt::format(now);
+        let mut tx = self.begin().await?;
+        let before = held_in_state(&mut tx, id, from).await?;
+        if to == "applied" {
+            sqlx::query("UPDATE held_batches SET state = ? WHERE id = ?")
+                .bind(to)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        } else {
+            sqlx::query(
+                "UPDATE held_batches SET state = ?, decided_at = ?, decided_by = ? WHERE id = ?",
+            )
+            .bind(to)
+            .bind(&now_s)
+            .bind(&ctx.actor)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let mut rows: Vec<i64> = match outbox_to {
+            Some(state) => {
+                sqlx::query_scalar(
+                    "UPDATE outbox SET state = ?, finished = ? \
+                     WHERE held_batch_id = ? AND state = 'held' RETURNING id",
+                )
+                .bind(state)
+                .bind(&now_s)
+                .bind(id)
+                .fetch_all(&mut *tx)
+                .await?
+            }
+            None => vec![],
+        };
+        rows.sort_unstable();
+        note(
+            &mut tx,
+            ctx,
+            now,
+            "HeldBatch",
+            &id.to_string(),
+            operation,
+            json!({
+                "previous_state": before.state,
+                "source": before.source,
+                "removals": before.removals,
+                "outbox_ids": rows,
+            }),
+        )
+        .await?;
+        let after = held_tx(&mut tx, id).await?.ok_or(StoreError::NotFound)?;
+        tx.commit().await?;
+        Ok(after)
+    }
+
+    pub(super) async fn sync_approve_held(
+        &self,
+        ctx: &WriteCtx,
+        id: i64,
+    ) -> StoreResult<HeldBatch> {
+        self.held_transition(ctx, id, &["held"], "approved", "sync.approve", None)
+            .await
+    }
+
+    pub(super) async fn sync_mark_held_applied(&self, ctx: &WriteCtx, id: i64) -> StoreResult<()> {
+        self.held_transition(
+            ctx,
+            id,
+            &["approved"],
+            "applied",
+            "sync.applied",
+            Some("done"),
+        )
+        .await
+        .map(drop)
+    }
+
+    pub(super) async fn sync_drop_held(&self, ctx: &WriteCtx, id: i64) -> StoreResult<HeldBatch> {
+        self.held_transition(
+            ctx,
+            id,
+            &["held", "approved"],
+            "dropped",
+            "sync.drop",
+            Some("dropped"),
+        )
+        .await
+    }
+
+    pub(super) async fn sync_pins(&self) -> StoreResult<BTreeMap<String, String>> {
+        let rows: Vec<(String, String)> = sqlx::query_as("SELECT rule, group_id FROM policy_pins")
+            .fetch_all(&self.read)
+            .await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    pub(super) async fn sync_set_pin(
+        &self,
+        ctx: &WriteCtx,
+        rule: &str,
+        group_id: &str,
+    ) -> StoreResult<()> {
+        let now = self.now();
+        let mut tx = self.begin().await?;
+        let prev: Option<String> =
+            sqlx::query_scalar("SELECT group_id FROM policy_pins WHERE rule = ?")
+                .bind(rule)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if prev.as_deref() == Some(group_id) {
+            return Ok(());
+        }
+        sqlx::query(
+            "INSERT INTO policy_pins (rule, group_id, pinned_at) VALUES (?, ?, ?) \
+             ON CONFLICT (rule) DO UPDATE SET group_id = excluded.group_id, pinned_at = excluded.pinned_at",
+        )
+        .bind(rule)
+        .bind(group_id)
+        .bind(timefmt::format(now))
+        .execute(&mut *tx)
+        .await?;
+        note(
+            &mut tx,
+            ctx,
+            now,
+            "PolicyPin",
+            rule,
+            "policy.pin",
+            json!({"group_id": group_id, "previous": prev}),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(super) async fn sync_state_read(&self, key: &str) -> StoreResult<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT value FROM sync_state WHERE key = ?")
+                .bind(key)
+                .fetch_optional(&self.read)
+                .await?,
+        )
+    }
+
+    pub(super) async fn sync_state_write(&self, key: &str, value: &str) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO sync_state (key, value) VALUES (?, ?) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(key)
+        .bind(value)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(super) async fn sync_directory(&self) -> StoreResult<DirectorySnapshot> {
+        // One read transaction: in WAL mode the three queries see the same snapshot.
+        let mut tx = self.read.begin().await?;
+        let users: Vec<(String, String)> =
+            sqlx::query_as("SELECT id, data FROM users ORDER BY seq")
+                .fetch_all(&mut *tx)
+                .await?;
+        let groups: Vec<(String, String)> =
+            sqlx::query_as("SELECT id, data FROM groups ORDER BY seq")
+                .fetch_all(&mut *tx)
+                .await?;
+        let members: Vec<(String, String, String, Option<String>)> = sqlx::query_as(
+            "SELECT group_id, member_id, member_type, display FROM group_members \
+             ORDER BY group_id, member_id",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.rollback().await?;
+        let mut by_group: HashMap<String, Vec<MemberRef>> = HashMap::new();
+        for (group_id, value, ty, display) in members {
+            by_group.entry(group_id).or_default().push(MemberRef {
+                value,
+                ty: MemberType::parse(&ty).unwrap_or(MemberType::User),
+                display,
+            });
+        }
+        Ok(DirectorySnapshot {
+            users: users
+                .into_iter()
+                .map(|(id, data)| {
+                    Ok(DirUser {
+                        id,
+                        attrs: serde_json::from_str(&data)?,
+                    })
+                })
+                .collect::<StoreResult<_>>()?,
+            groups: groups
+                .into_iter()
+                .map(|(id, data)| {
+                    Ok(DirGroup {
+                        members: by_group.remove(&id).unwrap_or_default(),
+                        id,
+                        attrs: serde_json::from_str(&data)?,
+                    })
+                })
+                .collect::<StoreResult<_>>()?,
+        })
+    }
+
+    pub(super) async fn sync_audit(&self, ctx: &WriteCtx, entry: AuditEntry) -> StoreResult<i64> {
+        let now = self.now();
+        let mut tx = self.begin().await?;
+        let seq = append_audit(&mut tx, ctx, now, &entry).await?;
+        tx.commit().await?;
+        Ok(seq)
+    }
+}

@@ -1,0 +1,798 @@
+//! The sync bookkeeping story: outbox claims by lease with coalescing, retries with backoff,
+//! dead letters, operator retry/drop, held batches, mappings, pins, sync state, the directory
+//! snapshot — and that every decision lands in the audit chain in the same transaction.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use scim::ResourceKind;
+use serde_json::{Value, json};
+use store::audit::{GENESIS_HASH, verify_chain};
+use store::{
+    AuditEntry, DynStore, FixedClock, MemberType, NewMember, RetryPolicy, StoreError, WriteCtx,
+};
+use time::OffsetDateTime;
+use time::macros::datetime;
+
+struct Db {
+    store: DynStore,
+    clock: Arc<FixedClock>,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn db() -> Db {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/sync.db", dir.path().display());
+    let clock = Arc::new(FixedClock::new(datetime!(2026-01-01 00:00 UTC)));
+    let store = store::open(&url, clock.clone()).await.unwrap();
+    Db {
+        store,
+        clock,
+        url,
+        _dir: dir,
+    }
+}
+
+impl Db {
+    fn now(&self) -> OffsetDateTime {
+        use store::Clock;
+        self.clock.now()
+    }
+
+    fn advance(&self, d: Duration) {
+        self.clock.advance(time::Duration::try_from(d).unwrap());
+    }
+
+    async fn user(&self, name: &str) -> String {
+        self.store
+            .create(
+                &WriteCtx::cli(),
+                ResourceKind::User,
+                json!({"userName": name, "active": true}),
+                None,
+            )
+            .await
+            .unwrap()
+            .id
+    }
+
+    async fn group(&self, name: &str, members: &[&str]) -> String {
+        let members = members
+            .iter()
+            .map(|m| NewMember {
+                value: (*m).to_owned(),
+                ty: None,
+                display: None,
+            })
+            .collect();
+        self.store
+            .create(
+                &WriteCtx::cli(),
+                ResourceKind::Group,
+                json!({"displayName": name}),
+                Some(members),
+            )
+            .await
+            .unwrap()
+            .id
+    }
+
+    async fn patch_user(&self, id: &str, name: &str) {
+        let r = self
+            .store
+            .get(ResourceKind::User, id, Default::default())
+            .await
+            .unwrap()
+            .unwrap();
+        self.store
+            .update(
+                &WriteCtx::cli(),
+                ResourceKind::User,
+                id,
+                r.version,
+                Some(json!({"userName": name, "active": true})),
+                &[],
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Audit events after `seq`, as (operation, actor, outcome).
+    async fn audit_after(&self, seq: i64) -> Vec<(String, String, String)> {
+        self.store
+            .audit_events(seq, 10_000)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.operation, e.actor, e.outcome))
+            .collect()
+    }
+
+    async fn last_seq(&self) -> i64 {
+        self.store
+            .audit_events(0, 100_000)
+            .await
+            .unwrap()
+            .last()
+            .map_or(0, |e| e.seq)
+    }
+
+    async fn outbox_count(&self) -> usize {
+        self.store.outbox_items(0, 100_000).await.unwrap().len()
+    }
+
+    async fn state_of(&self, id: i64) -> store::OutboxEntry {
+        self.store
+            .list_outbox(None, 10_000)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|e| e.item.id == id)
+            .unwrap()
+    }
+}
+
+const LEASE: Duration = Duration::from_secs(30);
+
+#[tokio::test]
+async fn a_claimed_entity_is_not_claimed_again_until_its_lease_expires() {
+    let d = db().await;
+    let alice = d.user("alice").await;
+    let s = &d.store;
+
+    let first = s.claim_outbox("w1", d.now(), LEASE, 10).await.unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].entity_id, alice);
+    assert_eq!(first[0].operations(), ["upsert"]);
+    assert_eq!(first[0].kind(), Some(ResourceKind::User));
+
+    // Another worker (or the same one) gets nothing while the lease runs.
+    assert!(
+        s.claim_outbox("w2", d.now(), LEASE, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    d.advance(Duration::from_secs(29));
+    assert!(
+        s.claim_outbox("w2", d.now(), LEASE, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // A new change to the same entity while it is leased waits for the lease holder.
+    d.patch_user(&alice, "alice2").await;
+    assert!(
+        s.claim_outbox("w2", d.now(), LEASE, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // The lease expires (worker crashed): the entity is claimable again, both rows together.
+    d.advance(Duration::from_secs(1));
+    let again = s.claim_outbox("w2", d.now(), LEASE, 10).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].items.len(), 2);
+    let row = d.state_of(again[0].items[0].id).await;
+    assert_eq!(row.leased_by.as_deref(), Some("w2"));
+    assert_eq!(row.lease_until, Some(d.now() + LEASE));
+
+    // Completing releases it for good.
+    s.complete_outbox(&WriteCtx::sync(), &again[0].ids(), vec![])
+        .await
+        .unwrap();
+    d.advance(Duration::from_secs(60));
+    assert!(
+        s.claim_outbox("w1", d.now(), LEASE, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn claims_coalesce_rows_of_one_entity_and_respect_the_limit() {
+    let d = db().await;
+    let a = d.user("a").await;
+    let b = d.user("b").await;
+    d.patch_user(&a, "a2").await;
+    let g = d.group("G", &[&a, &b]).await;
+    d.patch_user(&a, "a3").await;
+    let s = &d.store;
+
+    let claimed = s.claim_outbox("w", d.now(), LEASE, 2).await.unwrap();
+    // Oldest due entity first; all three rows of `a` come as one unit.
+    assert_eq!(claimed.len(), 2);
+    assert_eq!(claimed[0].entity_id, a);
+    assert_eq!(claimed[0].items.len(), 3);
+    assert!(claimed[0].items.windows(2).all(|w| w[0].id < w[1].id));
+    assert_eq!(claimed[1].entity_id, b);
+
+    let rest = s.claim_outbox("w", d.now(), LEASE, 10).await.unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].entity_id, g);
+    assert_eq!(rest[0].entity_type, "group");
+    assert_eq!(rest[0].ids().len(), 1);
+}
+
+#[tokio::test]
+async fn transient_failures_back_off_then_dead_letter_after_max_attempts() {
+    let d = db().await;
+    let u = d.user("u").await;
+    let s = &d.store;
+    let policy = RetryPolicy {
+        base: Duration::from_secs(1),
+        cap: Duration::from_secs(8),
+        max_attempts: 6,
+    };
+    let before = d.last_seq().await;
+    let mut delays = Vec::new();
+    for attempt in 1..=6i64 {
+        let c = s.claim_outbox("w", d.now(), LEASE, 10).await.unwrap();
+        assert_eq!(c.len(), 1, "attempt {attempt}: due again after its backoff");
+        assert_eq!(c[0].entity_id, u);
+        let failed = s
+            .fail_outbox(
+                &WriteCtx::sync(),
+                &c[0].ids(),
+                "HTTP 503 from TeamCity",
+                true,
+                d.now(),
+                &policy,
+            )
+            .await
+            .unwrap();
+        assert_eq!(failed.len(), 1);
+        assert_eq!(failed[0].attempts, attempt);
+        let row = d.state_of(failed[0].id).await;
+        assert_eq!(row.last_error.as_deref(), Some("HTTP 503 from TeamCity"));
+        assert_eq!(row.lease_until, None, "a failure releases the lease");
+        if attempt < 6 {
+            let next = failed[0].next_attempt_at.unwrap();
+            let delay = Duration::try_from(next - d.now()).unwrap();
+            assert!(delay <= policy.cap, "{delay:?}");
+            delays.push(delay);
+            assert_eq!(row.item.state, "pending");
+            assert_eq!(row.next_attempt_at, next);
+            // Not due a moment before its time.
+            if delay > Duration::from_millis(1) {
+                d.advance(delay - Duration::from_millis(1));
+                assert!(
+                    s.claim_outbox("w", d.now(), LEASE, 10)
+                        .await
+                        .unwrap()
+                        .is_empty()
+                );
+                d.advance(Duration::from_millis(1));
+            } else {
+                d.advance(delay);
+            }
+        } else {
+            assert_eq!(failed[0].next_attempt_at, None);
+            assert_eq!(row.item.state, "dead");
+            assert_eq!(
+                row.dead_reason.as_deref(),
+                Some("gave up after 6 attempts: HTTP 503 from TeamCity")
+            );
+            assert_eq!(row.finished, Some(d.now()));
+        }
+    }
+    // Exponential while under the cap (1, 2, 4 s ceilings), never above it.
+    assert!(
+        delays.windows(2).take(3).all(|w| w[0] <= w[1]),
+        "{delays:?}"
+    );
+    assert!(delays[3] >= Duration::from_secs(4));
+    // Dead items are never claimed.
+    d.advance(Duration::from_secs(3600));
+    assert!(
+        s.claim_outbox("w", d.now(), LEASE, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Each failure was audited as a failure by the worker.
+    let ev = d.audit_after(before).await;
+    assert_eq!(ev.len(), 6);
+    assert!(
+        ev[..5]
+            .iter()
+            .all(|(op, actor, outcome)| op == "outbox.retry_later"
+                && actor == "sync"
+                && outcome == "failure")
+    );
+    assert_eq!(ev[5].0, "outbox.dead");
+    assert_eq!(
+        s.list_outbox(Some("dead"), 10).await.unwrap().len(),
+        1,
+        "listed by state"
+    );
+}
+
+#[tokio::test]
+async fn a_permanent_failure_is_dead_at_once_with_its_reason() {
+    let d = db().await;
+    d.user("u").await;
+    let s = &d.store;
+    let c = s.claim_outbox("w", d.now(), LEASE, 10).await.unwrap();
+    let failed = s
+        .fail_outbox(
+            &WriteCtx::sync(),
+            &c[0].ids(),
+            "HTTP 400: invalid username",
+            false,
+            d.now(),
+            &RetryPolicy::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(failed[0].attempts, 1);
+    assert_eq!(
+        failed[0].dead_reason.as_deref(),
+        Some("permanent failure: HTTP 400: invalid username")
+    );
+    let row = d.state_of(failed[0].id).await;
+    assert_eq!(row.item.state, "dead");
+    assert_eq!(row.dead_reason, failed[0].dead_reason);
+    let ev = s.audit_events(d.last_seq().await - 1, 10).await.unwrap();
+    assert_eq!(ev[0].operation, "outbox.dead");
+    assert_eq!(ev[0].outcome, "failure");
+    let detail: Value = serde_json::from_str(&ev[0].detail).unwrap();
+    assert_eq!(detail["transient"], json!(false));
+}
+
+#[tokio::test]
+async fn operators_retry_dead_items_and_drop_items() {
+    let d = db().await;
+    d.user("u").await;
+    d.user("v").await;
+    let s = &d.store;
+    let c = s.claim_outbox("w", d.now(), LEASE, 10).await.unwrap();
+    let (u_id, v_id) = (c[0].items[0].id, c[1].items[0].id);
+    s.fail_outbox(
+        &WriteCtx::sync(),
+        &[u_id],
+        "boom",
+        false,
+        d.now(),
+        &RetryPolicy::default(),
+    )
+    .await
+    .unwrap();
+
+    // Retrying a pending item or a missing one says what it is.
+    match s.retry_outbox(&WriteCtx::cli(), v_id).await {
+        Err(StoreError::Invalid(m)) => assert!(m.contains("is pending, not dead"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        s.retry_outbox(&WriteCtx::cli(), 999).await,
+        Err(StoreError::NotFound)
+    ));
+
+    let before = d.last_seq().await;
+    d.advance(Duration::from_secs(5));
+    let retried = s.retry_outbox(&WriteCtx::cli(), u_id).await.unwrap();
+    assert_eq!(retried.item.state, "pending");
+    assert_eq!(retried.item.attempts, 0);
+    assert_eq!(retried.next_attempt_at, d.now());
+    assert_eq!(retried.dead_reason, None);
+    assert_eq!(
+        retried.last_error.as_deref(),
+        Some("boom"),
+        "history is kept"
+    );
+
+    // v is still leased by `w`; after its lease, both are claimable again.
+    d.advance(LEASE);
+    let c = s.claim_outbox("w", d.now(), LEASE, 10).await.unwrap();
+    assert_eq!(c.len(), 2);
+
+    let dropped = s.drop_outbox(&WriteCtx::cli(), v_id).await.unwrap();
+    assert_eq!(dropped.item.state, "dropped");
+    assert_eq!(dropped.finished, Some(d.now()));
+    match s.drop_outbox(&WriteCtx::cli(), v_id).await {
+        Err(StoreError::Invalid(m)) => assert!(m.contains("is dropped"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    // A worker completing a claim that was dropped meanwhile does not resurrect it.
+    s.complete_outbox(&WriteCtx::sync(), &[u_id, v_id], vec![])
+        .await
+        .unwrap();
+    assert_eq!(d.state_of(v_id).await.item.state, "dropped");
+    assert_eq!(d.state_of(u_id).await.item.state, "done");
+
+    let ev = d.audit_after(before).await;
+    let ops: Vec<&str> = ev.iter().map(|(op, _, _)| op.as_str()).collect();
+    assert_eq!(ops, ["outbox.retry", "outbox.drop", "outbox.complete"]);
+    assert_eq!(ev[0].1, "cli");
+    assert_eq!(ev[2].1, "sync");
+
+    assert!(matches!(
+        s.list_outbox(Some("nonsense"), 10).await,
+        Err(StoreError::Invalid(_))
+    ));
+}
+
+#[tokio::test]
+async fn complete_records_the_worker_events_and_no_outbox_rows() {
+    let d = db().await;
+    let u = d.user("u").await;
+    let s = &d.store;
+    let c = s.claim_outbox("w", d.now(), LEASE, 10).await.unwrap();
+    let before_seq = d.last_seq().await;
+    let before_outbox = d.outbox_count().await;
+    s.complete_outbox(
+        &WriteCtx::sync(),
+        &c[0].ids(),
+        vec![
+            AuditEntry::success(
+                "TeamCityUser",
+                "17",
+                "teamcity.user.create",
+                json!({"username": "u"}),
+            ),
+            AuditEntry::failure("Group", "g1", "policy.rename_alert", json!({})),
+        ],
+    )
+    .await
+    .unwrap();
+    let ev = s.audit_events(before_seq, 10).await.unwrap();
+    let got: Vec<(&str, &str, Option<&str>)> = ev
+        .iter()
+        .map(|e| {
+            (
+                e.operation.as_str(),
+                e.outcome.as_str(),
+                e.resource_id.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("teamcity.user.create", "success", Some("17")),
+            ("policy.rename_alert", "failure", Some("g1")),
+            ("outbox.complete", "success", Some(u.as_str())),
+        ]
+    );
+    assert_eq!(ev[2].resource_type, "User");
+    assert_eq!(d.outbox_count().await, before_outbox);
+    assert_eq!(d.state_of(c[0].items[0].id).await.item.state, "done");
+}
+
+#[tokio::test]
+async fn held_batches_round_trip_through_approval() {
+    let d = db().await;
+    let a = d.user("a").await;
+    let s = &d.store;
+    let c = s.claim_outbox("w", d.now(), LEASE, 10).await.unwrap();
+    let ids = c[0].ids();
+    let before = d.last_seq().await;
+    let plan = json!({"actions": [{"remove_member": {"user": a, "group": "DEVS"}}]});
+    let id = s
+        .create_held(
+            &WriteCtx::sync(),
+            "outbox",
+            &ids,
+            "would remove 1 user from DEVS",
+            1,
+            &plan,
+        )
+        .await
+        .unwrap();
+    let row = d.state_of(ids[0]).await;
+    assert_eq!(row.item.state, "held");
+    assert_eq!(row.held_batch_id, Some(id));
+    assert_eq!(row.lease_until, None);
+    // Held rows are not claimed.
+    d.advance(Duration::from_secs(600));
+    assert!(
+        s.claim_outbox("w", d.now(), LEASE, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(s.list_outbox(Some("held"), 10).await.unwrap().len(), 1);
+
+    let held = s.list_held(Some("held")).await.unwrap();
+    assert_eq!(held.len(), 1);
+    assert_eq!(held[0].id, id);
+    assert_eq!(held[0].outbox_ids, ids);
+    assert_eq!(held[0].plan, plan);
+    assert_eq!(held[0].removals, 1);
+    assert_eq!(held[0].source, "outbox");
+    assert_eq!(held[0].state, "held");
+
+    // Not approved yet: cannot be marked applied.
+    assert!(matches!(
+        s.mark_held_applied(&WriteCtx::sync(), id).await,
+        Err(StoreError::Invalid(_))
+    ));
+    let ops = WriteCtx {
+        actor: "cli:alice".into(),
+        request_id: None,
+    };
+    let approved = s.approve_held(&ops, id).await.unwrap();
+    assert_eq!(approved.state, "approved");
+    assert_eq!(approved.decided_by.as_deref(), Some("cli:alice"));
+    assert_eq!(approved.decided_at, Some(d.now()));
+    match s.approve_held(&ops, id).await {
+        Err(StoreError::Invalid(m)) => assert!(m.contains("is approved, not held"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        s.approve_held(&ops, 999).await,
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(s.list_held(Some("approved")).await.unwrap().len(), 1);
+
+    s.mark_held_applied(&WriteCtx::sync(), id).await.unwrap();
+    let b = s.held_batch(id).await.unwrap().unwrap();
+    assert_eq!(b.state, "applied");
+    assert_eq!(b.decided_by.as_deref(), Some("cli:alice"));
+    assert_eq!(d.state_of(ids[0]).await.item.state, "done");
+
+    // A reconcile batch holds no outbox rows; it can be dropped.
+    let r = s
+        .create_held(&WriteCtx::sync(), "reconcile", &[], "drift", 40, &json!([]))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.drop_held(&WriteCtx::cli(), r).await.unwrap().state,
+        "dropped"
+    );
+    assert!(matches!(
+        s.create_held(&WriteCtx::sync(), "magic", &[], "", 0, &json!(null))
+            .await,
+        Err(StoreError::Invalid(_))
+    ));
+
+    let ev = d.audit_after(before).await;
+    let ops: Vec<&str> = ev.iter().map(|(op, _, _)| op.as_str()).collect();
+    assert_eq!(
+        ops,
+        [
+            "sync.held",
+            "sync.approve",
+            "sync.applied",
+            "sync.held",
+            "sync.drop"
+        ]
+    );
+    assert_eq!(ev[1].1, "cli:alice");
+}
+
+#[tokio::test]
+async fn hold_outbox_parks_pending_rows_in_an_existing_batch() {
+    let d = db().await;
+    d.user("a").await;
+    d.user("b").await;
+    let s = &d.store;
+    let c = s.claim_outbox("w", d.now(), LEASE, 10).await.unwrap();
+    let id = s
+        .create_held(&WriteCtx::sync(), "outbox", &c[0].ids(), "x", 3, &json!({}))
+        .await
+        .unwrap();
+    s.hold_outbox(&WriteCtx::sync(), &c[1].ids(), id)
+        .await
+        .unwrap();
+    assert_eq!(d.state_of(c[1].items[0].id).await.held_batch_id, Some(id));
+    assert!(matches!(
+        s.hold_outbox(&WriteCtx::sync(), &[1], 999).await,
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(
+        d.audit_after(d.last_seq().await - 1).await[0].0,
+        "outbox.hold"
+    );
+    // Dropping the batch drops its rows.
+    s.drop_held(&WriteCtx::cli(), id).await.unwrap();
+    assert_eq!(s.list_outbox(Some("dropped"), 10).await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn mappings_upsert_read_and_delete_with_audit() {
+    let d = db().await;
+    let s = &d.store;
+    let before = d.last_seq().await;
+    let ctx = WriteCtx::sync();
+    assert!(
+        s.upsert_mapping(&ctx, ResourceKind::User, "u1", "17", "alice")
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.upsert_mapping(&ctx, ResourceKind::User, "u1", "17", "alice")
+            .await
+            .unwrap(),
+        "unchanged: no write"
+    );
+    assert!(
+        s.upsert_mapping(&ctx, ResourceKind::User, "u1", "17", "alice.b")
+            .await
+            .unwrap()
+    );
+    s.upsert_mapping(&ctx, ResourceKind::Group, "u1", "SCIM_u1", "Ops")
+        .await
+        .unwrap();
+    s.upsert_mapping(&ctx, ResourceKind::User, "u0", "3", "zed")
+        .await
+        .unwrap();
+
+    let m = s.mapping(ResourceKind::User, "u1").await.unwrap().unwrap();
+    assert_eq!(
+        (m.teamcity_id.as_str(), m.teamcity_name.as_str()),
+        ("17", "alice.b")
+    );
+    assert_eq!(m.kind, ResourceKind::User);
+    assert_eq!(m.updated, d.now());
+    let users = s.mappings(ResourceKind::User).await.unwrap();
+    assert_eq!(
+        users.iter().map(|m| m.scim_id.as_str()).collect::<Vec<_>>(),
+        ["u0", "u1"]
+    );
+    let groups = s.mappings(ResourceKind::Group).await.unwrap();
+    assert_eq!(groups.len(), 1);
+    assert_eq!(groups[0].teamcity_id, "SCIM_u1");
+
+    assert!(
+        s.delete_mapping(&ctx, ResourceKind::User, "u1")
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.delete_mapping(&ctx, ResourceKind::User, "u1")
+            .await
+            .unwrap()
+    );
+    assert_eq!(s.mapping(ResourceKind::User, "u1").await.unwrap(), None);
+    assert!(
+        s.mapping(ResourceKind::Group, "u1")
+            .await
+            .unwrap()
+            .is_some()
+    );
+
+    let ops: Vec<String> = d
+        .audit_after(before)
+        .await
+        .into_iter()
+        .map(|e| e.0)
+        .collect();
+    assert_eq!(
+        ops,
+        [
+            "mapping.upsert",
+            "mapping.upsert",
+            "mapping.upsert",
+            "mapping.upsert",
+            "mapping.delete"
+        ]
+    );
+    assert_eq!(
+        d.outbox_count().await,
+        0,
+        "bookkeeping writes no outbox rows"
+    );
+}
+
+#[tokio::test]
+async fn pins_and_sync_state() {
+    let d = db().await;
+    let s = &d.store;
+    assert!(s.pins().await.unwrap().is_empty());
+    let before = d.last_seq().await;
+    s.set_pin(&WriteCtx::sync(), "developers", "g-1")
+        .await
+        .unwrap();
+    s.set_pin(&WriteCtx::sync(), "developers", "g-1")
+        .await
+        .unwrap();
+    s.set_pin(&WriteCtx::sync(), "admins", "g-2").await.unwrap();
+    let pins = s.pins().await.unwrap();
+    assert_eq!(pins.get("developers").map(String::as_str), Some("g-1"));
+    assert_eq!(pins.len(), 2);
+    let ev = s.audit_events(before, 10).await.unwrap();
+    assert_eq!(ev.len(), 2, "re-pinning to the same id writes nothing");
+    assert_eq!(ev[0].operation, "policy.pin");
+    assert_eq!(ev[0].resource_id.as_deref(), Some("developers"));
+
+    assert_eq!(s.sync_state_get("last_reconcile").await.unwrap(), None);
+    s.sync_state_set("last_reconcile", "2026-01-01T00:00:00Z")
+        .await
+        .unwrap();
+    s.sync_state_set("last_reconcile", "2026-01-01T01:00:00Z")
+        .await
+        .unwrap();
+    assert_eq!(
+        s.sync_state_get("last_reconcile").await.unwrap().as_deref(),
+        Some("2026-01-01T01:00:00Z")
+    );
+}
+
+#[tokio::test]
+async fn directory_snapshot_has_every_user_group_and_member() {
+    let d = db().await;
+    let a = d.user("a").await;
+    let b = d.user("b").await;
+    let inner = d.group("Inner", &[&b]).await;
+    let outer = d.group("Outer", &[&a, &inner]).await;
+    let empty = d.group("Empty", &[]).await;
+    let snap = d.store.directory().await.unwrap();
+    assert_eq!(
+        snap.users.iter().map(|u| u.id.as_str()).collect::<Vec<_>>(),
+        [a.as_str(), b.as_str()]
+    );
+    assert_eq!(snap.users[0].attrs["userName"], "a");
+    let ids: Vec<&str> = snap.groups.iter().map(|g| g.id.as_str()).collect();
+    assert_eq!(ids, [inner.as_str(), outer.as_str(), empty.as_str()]);
+    assert_eq!(snap.groups[1].attrs["displayName"], "Outer");
+    let outer_members: Vec<(&str, MemberType)> = snap.groups[1]
+        .members
+        .iter()
+        .map(|m| (m.value.as_str(), m.ty))
+        .collect();
+    let mut expected = vec![
+        (a.as_str(), MemberType::User),
+        (inner.as_str(), MemberType::Group),
+    ];
+    expected.sort();
+    assert_eq!(outer_members, expected);
+    assert_eq!(snap.groups[0].members.len(), 1);
+    assert!(snap.groups[2].members.is_empty());
+}
+
+#[tokio::test]
+async fn standalone_audit_keeps_the_chain_intact_across_processes() {
+    let d = db().await;
+    d.user("a").await;
+    let s = &d.store;
+    let seq = s
+        .audit(
+            &WriteCtx::sync(),
+            AuditEntry {
+                resource_type: "TeamCity".into(),
+                resource_id: None,
+                operation: "sync.alert".into(),
+                outcome: "failure".into(),
+                status: None,
+                detail: json!({"why": "unreachable"}),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(seq, d.last_seq().await);
+    // A second handle on the same file (the CLI while `serve` runs) writes into the same chain.
+    let other = store::open(&d.url, d.clock.clone()).await.unwrap();
+    other.set_pin(&WriteCtx::cli(), "r", "g").await.unwrap();
+    let c = other
+        .claim_outbox("cli-worker", d.now(), LEASE, 10)
+        .await
+        .unwrap();
+    assert_eq!(c.len(), 1);
+    assert!(
+        s.claim_outbox("w", d.now(), LEASE, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    s.fail_outbox(
+        &WriteCtx::sync(),
+        &c[0].ids(),
+        "x",
+        true,
+        d.now(),
+        &RetryPolicy::default(),
+    )
+    .await
+    .unwrap();
+    let events = s.audit_events(0, 1000).await.unwrap();
+    assert_eq!(events.len(), 4);
+    assert!(verify_chain(GENESIS_HASH, &events).is_ok());
+    assert_eq!(events[1].outcome, "failure");
+    assert_eq!(events[1].resource_id, None);
+}

@@ -1,0 +1,35 @@
+//! The sync engine: makes TeamCity equal to the SCIM directory.
+//!
+//! ```text
+//! Directory snapshot + Policy + Pins ──desired()──▶ Desired
+//! TeamCity ──read_actual()──▶ ActualState
+//! plan(Desired, ActualState) ──▶ Plan { actions, conflicts, reports }   (pure)
+//! guard::removals / guard::check ──▶ held or go
+//! apply(client, actions) ──▶ TeamCity
+//! render(plan, actual) ──▶ terraform-style text
+//! ```
+//!
+//! This crate takes a plain [`model::Directory`] as input and never depends on
+//! the store, the server or SCIM types.
+
+pub mod actual;
+pub mod apply;
+pub mod desired;
+pub mod guard;
+pub mod model;
+pub mod plan;
+pub mod policy;
+pub mod render;
+
+pub use actual::{ReadOptions, ReadStats, read_actual, read_actual_with};
+pub use apply::{ApplyError, ApplyReport, apply};
+pub use desired::{Alert, Desired, DesiredGroup, DesiredOptions, DesiredUser, desired, group_key};
+pub use guard::{GuardLimits, Held};
+pub use model::{
+    Action, ActualGroup, ActualState, ActualUser, DEFAULTS_GROUP_KEY, DEFAULTS_GROUP_NAME,
+    DEFAULTS_MARKER, DirGroup, DirUser, Directory, GROUP_MARKER, RoleAt, RoleScope,
+    USER_DEACTIVATED, USER_MARKER, UserRef,
+};
+pub use plan::{Conflict, Deprovision, Plan, PlanOptions, Report, plan};
+pub use policy::{Pins, Policy, Problem};
+pub use render::render;

@@ -1,0 +1,535 @@
+//! The sync engine's vocabulary: roles at scopes, the managed markers, the
+//! directory snapshot it takes as input, the TeamCity state it reads, and the
+//! actions a plan is made of.
+//!
+//! Nothing here does I/O. The directory snapshot is plain data so this crate
+//! never depends on the store or on SCIM types.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// User property holding the SCIM id of a user we manage. Its presence is the
+/// managed marker: users without it are unmanaged and never changed.
+pub const USER_MARKER: &str = "teamcity-scim.id";
+
+/// User property set (to `"true"`) on a managed user we deactivated
+/// (`active=false`, or a SCIM DELETE with `deprovision = "strip"`).
+pub const USER_DEACTIVATED: &str = "teamcity-scim.deactivated";
+
+/// Group property holding the SCIM id of the group a managed TeamCity group
+/// mirrors ([`DEFAULTS_MARKER`] for the defaults group). Its presence is the
+/// managed marker for groups.
+pub const GROUP_MARKER: &str = "teamcity-scim.group";
+
+/// Value of [`GROUP_MARKER`] on the defaults group (not a valid SCIM id form
+/// we would ever derive a key from).
+pub const DEFAULTS_MARKER: &str = "$defaults";
+
+/// Key of the managed group that carries `[policy.defaults]` roles and holds
+/// every active managed user. Never `ALL_USERS_GROUP`, which also holds
+/// unmanaged users.
+pub const DEFAULTS_GROUP_KEY: &str = "SCIM_DEFAULTS";
+
+/// Name of the defaults group.
+pub const DEFAULTS_GROUP_NAME: &str = "SCIM: default roles";
+
+/// Description put on every group we create.
+pub const GROUP_DESCRIPTION: &str = "Managed by teamcity-scim; changes are overwritten";
+
+/// TeamCity's built-in group; never a managed group.
+pub const ALL_USERS_GROUP: &str = "ALL_USERS_GROUP";
+
+/// Where a role applies.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RoleScope {
+    /// Server-wide (`g`).
+    Global,
+    /// One project and its subprojects, by external id (`p:<ExtId>`).
+    Project(String),
+}
+
+impl From<&RoleScope> for teamcity::Scope {
+    fn from(scope: &RoleScope) -> Self {
+        match scope {
+            RoleScope::Global => teamcity::Scope::Global,
+            RoleScope::Project(id) => teamcity::Scope::Project(id.clone()),
+        }
+    }
+}
+
+impl From<&teamcity::Scope> for RoleScope {
+    fn from(scope: &teamcity::Scope) -> Self {
+        match scope {
+            teamcity::Scope::Global => RoleScope::Global,
+            teamcity::Scope::Project(id) => RoleScope::Project(id.clone()),
+        }
+    }
+}
+
+impl fmt::Display for RoleScope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RoleScope::Global => f.write_str("g"),
+            RoleScope::Project(id) => write!(f, "p:{id}"),
+        }
+    }
+}
+
+/// A role at a scope, written `ROLE@g` or `ROLE@p:ExtId` in the policy.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct RoleAt {
+    /// Role id, e.g. `PROJECT_DEVELOPER` (case-sensitive in TeamCity).
+    pub role: String,
+    /// Scope.
+    pub scope: RoleScope,
+}
+
+/// Why a role text did not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid role '{text}': {reason} (expected ROLE@g or ROLE@p:ProjectExtId)")]
+pub struct RoleParseError {
+    /// The text.
+    pub text: String,
+    /// What is wrong.
+    pub reason: &'static str,
+}
+
+fn is_identifier(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 255 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+impl RoleAt {
+    /// A role at a scope.
+    pub fn new(role: impl Into<String>, scope: RoleScope) -> Self {
+        RoleAt {
+            role: role.into(),
+            scope,
+        }
+    }
+
+    /// `ROLE@g`.
+    pub fn global(role: impl Into<String>) -> Self {
+        Self::new(role, RoleScope::Global)
+    }
+
+    /// `ROLE@p:project`.
+    pub fn project(role: impl Into<String>, project: impl Into<String>) -> Self {
+        Self::new(role, RoleScope::Project(project.into()))
+    }
+
+    /// From TeamCity's `{roleId, scope}` (`g` / `p:<id>`); `None` if the scope
+    /// is not in that form.
+    pub fn from_assignment(a: &teamcity::RoleAssignment) -> Option<Self> {
+        a.parsed_scope().map(|s| RoleAt {
+            role: a.role_id.clone(),
+            scope: RoleScope::from(&s),
+        })
+    }
+
+    /// The TeamCity scope.
+    pub fn tc_scope(&self) -> teamcity::Scope {
+        teamcity::Scope::from(&self.scope)
+    }
+}
+
+impl FromStr for RoleAt {
+    type Err = RoleParseError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let err = |reason| RoleParseError {
+            text: text.to_owned(),
+            reason,
+        };
+        let (role, scope) = text.split_once('@').ok_or_else(|| err("no '@'"))?;
+        if !is_identifier(role) {
+            return Err(err("the role id must be [A-Za-z0-9_]+"));
+        }
+        let scope = if scope == "g" {
+            RoleScope::Global
+        } else if let Some(project) = scope.strip_prefix("p:") {
+            if !is_identifier(project) {
+                return Err(err("the project external id must be [A-Za-z0-9_]+"));
+            }
+            RoleScope::Project(project.to_owned())
+        } else {
+            return Err(err("the scope must be 'g' or 'p:<ExtId>'"));
+        };
+        Ok(RoleAt {
+            role: role.to_owned(),
+            scope,
+        })
+    }
+}
+
+impl TryFrom<String> for RoleAt {
+    type Error = RoleParseError;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        value.parse()
+    }
+}
+
+impl From<RoleAt> for String {
+    fn from(value: RoleAt) -> Self {
+        value.to_string()
+    }
+}
+
+impl fmt::Display for RoleAt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.role, self.scope)
+    }
+}
+
+// ---- input: the directory -------------------------------------------------
+
+/// One SCIM user, as the store knows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirUser {
+    /// SCIM id (stable; stored in [`USER_MARKER`]).
+    pub id: String,
+    /// SCIM `userName` (any case; TeamCity stores it lower-cased).
+    pub user_name: String,
+    /// SCIM `displayName`, preferred for the TeamCity name.
+    pub display_name: Option<String>,
+    /// `name.givenName`.
+    pub given_name: Option<String>,
+    /// `name.familyName`.
+    pub family_name: Option<String>,
+    /// The primary email, or the first one.
+    pub email: Option<String>,
+    /// SCIM `active`.
+    pub active: bool,
+    /// SCIM `userType` (what `[[policy.caps]]` match).
+    pub user_type: Option<String>,
+}
+
+impl DirUser {
+    /// The TeamCity display name: `displayName`, else `givenName familyName`.
+    pub fn tc_name(&self) -> Option<String> {
+        if let Some(d) = self.display_name.as_deref().map(str::trim)
+            && !d.is_empty()
+        {
+            return Some(d.to_owned());
+        }
+        let parts: Vec<&str> = [self.given_name.as_deref(), self.family_name.as_deref()]
+            .into_iter()
+            .flatten()
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        (!parts.is_empty()).then(|| parts.join(" "))
+    }
+}
+
+/// One SCIM group with its member user ids.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirGroup {
+    /// SCIM id (the TeamCity key derives from it).
+    pub id: String,
+    /// `displayName` (the TeamCity group name).
+    pub display_name: String,
+    /// `externalId` (the IdP's object id), what policy rules should match.
+    pub external_id: Option<String>,
+    /// Member SCIM user ids (members that are not users are ignored).
+    pub members: Vec<String>,
+}
+
+/// A snapshot of the directory: the input of [`crate::desired::desired`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Directory {
+    /// Users.
+    pub users: Vec<DirUser>,
+    /// Groups.
+    pub groups: Vec<DirGroup>,
+}
+
+// ---- TeamCity as read -----------------------------------------------------
+
+/// A TeamCity user as read by [`crate::actual::read_actual`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ActualUser {
+    /// Numeric id.
+    pub id: u64,
+    /// Username (lower-cased by TeamCity).
+    pub username: String,
+    /// Display name.
+    pub name: Option<String>,
+    /// Email.
+    pub email: Option<String>,
+    /// Value of [`USER_MARKER`]; `None` = unmanaged.
+    pub scim_id: Option<String>,
+    /// [`USER_DEACTIVATED`] is set.
+    pub deactivated: bool,
+    /// Keys of direct groups, without `ALL_USERS_GROUP`.
+    pub groups: BTreeSet<String>,
+    /// Direct roles (not those through groups).
+    pub roles: BTreeSet<RoleAt>,
+    /// Number of access tokens, when read (only for deactivated managed users).
+    pub token_count: Option<u64>,
+}
+
+impl ActualUser {
+    /// Carries our marker.
+    pub fn is_managed(&self) -> bool {
+        self.scim_id.is_some()
+    }
+}
+
+/// A TeamCity group as read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ActualGroup {
+    /// Key.
+    pub key: String,
+    /// Name.
+    pub name: String,
+    /// Value of [`GROUP_MARKER`]; `None` = unmanaged.
+    pub marker: Option<String>,
+    /// Roles of the group.
+    pub roles: BTreeSet<RoleAt>,
+}
+
+/// What TeamCity holds now.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ActualState {
+    /// All users.
+    pub users: Vec<ActualUser>,
+    /// All groups (without `ALL_USERS_GROUP`).
+    pub groups: Vec<ActualGroup>,
+}
+
+impl ActualState {
+    /// Direct members (user ids) of each group key.
+    pub fn members(&self) -> BTreeMap<&str, BTreeSet<u64>> {
+        let mut m: BTreeMap<&str, BTreeSet<u64>> = BTreeMap::new();
+        for u in &self.users {
+            for g in &u.groups {
+                m.entry(g.as_str()).or_default().insert(u.id);
+            }
+        }
+        m
+    }
+
+    /// The user with this id.
+    pub fn user(&self, id: u64) -> Option<&ActualUser> {
+        self.users.iter().find(|u| u.id == id)
+    }
+
+    /// The group with this key.
+    pub fn group(&self, key: &str) -> Option<&ActualGroup> {
+        self.groups.iter().find(|g| g.key == key)
+    }
+
+    /// Number of managed users.
+    pub fn managed_users(&self) -> usize {
+        self.users.iter().filter(|u| u.is_managed()).count()
+    }
+}
+
+// ---- output: actions ------------------------------------------------------
+
+/// A user an action applies to: an existing TeamCity id, or one created
+/// earlier in the same plan (by SCIM id), resolved at apply time.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum UserRef {
+    /// An existing user.
+    Id(u64),
+    /// The user a [`Action::CreateUser`] with this SCIM id creates.
+    New(String),
+}
+
+/// A user field an update changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Field {
+    /// Username.
+    Username,
+    /// Display name.
+    Name,
+    /// Email.
+    Email,
+}
+
+impl fmt::Display for Field {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Field::Username => "username",
+            Field::Name => "name",
+            Field::Email => "email",
+        })
+    }
+}
+
+/// One field change: `to = None` clears the field.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FieldChange {
+    /// The field.
+    pub field: Field,
+    /// Its current value (for the plan output).
+    pub from: Option<String>,
+    /// Its new value.
+    pub to: Option<String>,
+}
+
+/// One TeamCity call (or, for [`Action::RevokeTokens`], one list plus one
+/// delete per token).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Action {
+    /// `POST /users` with the marker property and a random password.
+    CreateUser {
+        /// SCIM id (the marker value; resolves [`UserRef::New`]).
+        scim_id: String,
+        /// Username, lower-cased.
+        username: String,
+        /// Display name.
+        name: Option<String>,
+        /// Email.
+        email: Option<String>,
+    },
+    /// `PUT /users/id:N` (or `DELETE /users/id:N/{field}` to clear).
+    UpdateUser {
+        /// TeamCity user id.
+        user: u64,
+        /// The changes, in field order.
+        changes: Vec<FieldChange>,
+    },
+    /// `DELETE /users/id:N`.
+    DeleteUser {
+        /// TeamCity user id.
+        user: u64,
+    },
+    /// `POST /users/{u}/groups {"key"}`.
+    AddToGroup {
+        /// The user.
+        user: UserRef,
+        /// Group key.
+        group: String,
+    },
+    /// `DELETE /users/id:N/groups/key:K`.
+    RemoveFromGroup {
+        /// TeamCity user id.
+        user: u64,
+        /// Group key.
+        group: String,
+    },
+    /// `PUT /users/{u}/roles/{role}/{scope}`.
+    AddUserRole {
+        /// The user.
+        user: UserRef,
+        /// The role.
+        role: RoleAt,
+    },
+    /// `DELETE /users/id:N/roles/{role}/{scope}`.
+    RemoveUserRole {
+        /// TeamCity user id.
+        user: u64,
+        /// The role.
+        role: RoleAt,
+    },
+    /// List the user's tokens and delete each.
+    RevokeTokens {
+        /// TeamCity user id.
+        user: u64,
+    },
+    /// `PUT /users/id:N/password` with a fresh random value (made at apply time).
+    ResetPassword {
+        /// TeamCity user id.
+        user: u64,
+    },
+    /// `PUT /users/id:N/properties/teamcity-scim.deactivated` = `true`.
+    SetDeactivated {
+        /// TeamCity user id.
+        user: u64,
+    },
+    /// `DELETE /users/id:N/properties/teamcity-scim.deactivated`.
+    ClearDeactivated {
+        /// TeamCity user id.
+        user: u64,
+    },
+    /// `POST /userGroups` with key, name, marker, roles and members in ONE call.
+    CreateGroup {
+        /// Key.
+        key: String,
+        /// Name.
+        name: String,
+        /// Marker value (SCIM group id, or [`DEFAULTS_MARKER`]).
+        marker: String,
+        /// Roles.
+        roles: Vec<RoleAt>,
+        /// Members.
+        members: Vec<UserRef>,
+    },
+    /// `DELETE /userGroups/key:K`.
+    DeleteGroup {
+        /// Key.
+        key: String,
+    },
+    /// `POST /userGroups/key:K/roles/{role}/{scope}`.
+    AddGroupRole {
+        /// Key.
+        group: String,
+        /// The role.
+        role: RoleAt,
+    },
+    /// `DELETE /userGroups/key:K/roles/{role}/{scope}`.
+    RemoveGroupRole {
+        /// Key.
+        group: String,
+        /// The role.
+        role: RoleAt,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_parse_and_render() {
+        let cases: [(&str, Option<RoleAt>); 8] = [
+            ("PROJECT_VIEWER@g", Some(RoleAt::global("PROJECT_VIEWER"))),
+            (
+                "PROJECT_DEVELOPER@p:Backend",
+                Some(RoleAt::project("PROJECT_DEVELOPER", "Backend")),
+            ),
+            (
+                "PROJECT_VIEWER@p:_Root",
+                Some(RoleAt::project("PROJECT_VIEWER", "_Root")),
+            ),
+            ("PROJECT_VIEWER", None),
+            ("PROJECT_VIEWER@", None),
+            ("PROJECT_VIEWER@p:", None),
+            ("PROJECT VIEWER@g", None),
+            ("PROJECT_VIEWER@P:Backend", None),
+        ];
+        for (text, want) in cases {
+            let got = text.parse::<RoleAt>().ok();
+            assert_eq!(got, want, "{text}");
+            if let Some(r) = got {
+                assert_eq!(r.to_string(), text);
+            }
+        }
+        let r = RoleAt::project("PROJECT_VIEWER", "Backend");
+        assert_eq!(r.tc_scope(), teamcity::Scope::Project("Backend".into()));
+        let a = teamcity::RoleAssignment::new("PROJECT_VIEWER", &teamcity::Scope::Global);
+        assert_eq!(
+            RoleAt::from_assignment(&a),
+            Some(RoleAt::global("PROJECT_VIEWER"))
+        );
+    }
+
+    #[test]
+    fn tc_name_prefers_display_name() {
+        let mut u = DirUser {
+            given_name: Some("Ada".into()),
+            family_name: Some("Lovelace".into()),
+            ..DirUser::default()
+        };
+        assert_eq!(u.tc_name().as_deref(), Some("Ada Lovelace"));
+        u.display_name = Some("Countess".into());
+        assert_eq!(u.tc_name().as_deref(), Some("Countess"));
+        assert_eq!(DirUser::default().tc_name(), None);
+    }
+}

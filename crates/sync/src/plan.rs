@@ -1,0 +1,681 @@
+//! `plan(desired, actual)`: the minimal ordered list of TeamCity calls that
+//! makes TeamCity equal to the desired state. Pure.
+//!
+//! Rules:
+//! - Only objects carrying our marker are changed. An unmanaged user holding a
+//!   username we want is an adoption conflict (no action, reported); an
+//!   unmanaged user in a managed group is reported, not removed.
+//! - Users are matched by the marker (SCIM id), never by username, so renames
+//!   are a field update.
+//! - Groups are matched by the marker; a name change is a swap: ONE
+//!   `CreateGroup` (new key of the next generation, new name, all roles and
+//!   members) and then `DeleteGroup` of the old key. Leftover groups of older
+//!   generations (a swap cut short) are deleted.
+//! - Inactive users (and, with `deprovision = "strip"`, managed users whose
+//!   SCIM user is gone) leave every managed group and lose direct roles; the
+//!   first time (marker not yet set) their tokens are revoked, their password
+//!   randomised and [`USER_DEACTIVATED`](crate::model::USER_DEACTIVATED) set; afterwards tokens are revoked
+//!   again whenever some were read. With `deprovision = "delete"` such users are deleted.
+//!
+//! Order: delete orphan groups (frees their names), create users, update
+//! users, create groups, joins, per-user role grants, leaves, group role
+//! changes (after leaves, so a capped user is out of a group before it gains
+//! a role beyond the cap), per-user role removals, (de)activation steps,
+//! delete swapped-out groups, delete users.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::desired::{Desired, DesiredUser, group_key, key_generation};
+use crate::model::{Action, ActualGroup, ActualState, ActualUser, Field, FieldChange, UserRef};
+
+/// What a SCIM DELETE (a managed TeamCity user whose SCIM user is gone) does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Deprovision {
+    /// Keep the user (build history keeps its author), strip it like `active=false`.
+    #[default]
+    Strip,
+    /// Delete the TeamCity user.
+    Delete,
+}
+
+/// Options for [`plan`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PlanOptions {
+    /// What happens to managed users that left the directory.
+    pub deprovision: Deprovision,
+}
+
+/// Something the plan cannot do without a human.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Conflict {
+    /// The username is held by another TeamCity user (unmanaged, or managed
+    /// for another SCIM id). The SCIM user is not created / not renamed.
+    UsernameTaken {
+        /// SCIM id of the user we wanted to create or rename.
+        scim_id: String,
+        /// The username.
+        username: String,
+        /// TeamCity id of the holder.
+        holder: u64,
+        /// The holder's marker, if managed.
+        holder_scim_id: Option<String>,
+    },
+    /// The group name is held by another TeamCity group (TeamCity requires
+    /// unique names). The group is not created / not renamed.
+    GroupNameTaken {
+        /// Marker (SCIM group id).
+        marker: String,
+        /// The name.
+        name: String,
+        /// Key of the holder.
+        holder_key: String,
+    },
+}
+
+impl fmt::Display for Conflict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Conflict::UsernameTaken {
+                scim_id,
+                username,
+                holder,
+                holder_scim_id: None,
+            } => write!(
+                f,
+                "user {scim_id}: username {username:?} belongs to unmanaged TeamCity user id:{holder} (adoption conflict; not changed)"
+            ),
+            Conflict::UsernameTaken {
+                scim_id,
+                username,
+                holder,
+                holder_scim_id: Some(other),
+            } => write!(
+                f,
+                "user {scim_id}: username {username:?} belongs to TeamCity user id:{holder}, managed for SCIM user {other}"
+            ),
+            Conflict::GroupNameTaken {
+                marker,
+                name,
+                holder_key,
+            } => write!(
+                f,
+                "group {marker}: name {name:?} is taken by TeamCity group {holder_key}"
+            ),
+        }
+    }
+}
+
+/// Unmanaged things worth knowing about; never changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Report {
+    /// An unmanaged user is a direct member of a managed group.
+    UnmanagedMember {
+        /// TeamCity user id.
+        user: u64,
+        /// Username.
+        username: String,
+        /// Group key.
+        group: String,
+    },
+    /// Counts of unmanaged users and groups (left alone).
+    Unmanaged {
+        /// Users without our marker.
+        users: usize,
+        /// Groups without our marker (`ALL_USERS_GROUP` excluded).
+        groups: usize,
+    },
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Report::UnmanagedMember {
+                user,
+                username,
+                group,
+            } => write!(
+                f,
+                "unmanaged user {username:?} (id:{user}) is a member of managed group {group}; left as is"
+            ),
+            Report::Unmanaged { users, groups } => write!(
+                f,
+                "{users} unmanaged user(s) and {groups} unmanaged group(s) left untouched"
+            ),
+        }
+    }
+}
+
+/// A plan: the actions, and what it could not or would not do.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// The calls, in order.
+    pub actions: Vec<Action>,
+    /// Conflicts (no action was planned for them).
+    pub conflicts: Vec<Conflict>,
+    /// Reports on unmanaged objects.
+    pub reports: Vec<Report>,
+}
+
+impl Plan {
+    /// No actions.
+    pub fn is_empty(&self) -> bool {
+        self.actions.is_empty()
+    }
+}
+
+// Phases, in execution order.
+const DELETE_ORPHAN_GROUP: u8 = 0;
+const CREATE_USER: u8 = 1;
+const UPDATE_USER: u8 = 2;
+const CREATE_GROUP: u8 = 3;
+const JOIN: u8 = 4;
+const GRANT_USER_ROLE: u8 = 5;
+const LEAVE: u8 = 6;
+const GROUP_ROLE: u8 = 7;
+const REVOKE_USER_ROLE: u8 = 8;
+const ACTIVATION: u8 = 9;
+const DELETE_OLD_GROUP: u8 = 10;
+const DELETE_USER: u8 = 11;
+
+#[derive(Default)]
+struct Out {
+    actions: Vec<(u8, Action)>,
+    conflicts: Vec<Conflict>,
+}
+
+impl Out {
+    fn push(&mut self, phase: u8, action: Action) {
+        self.actions.push((phase, action));
+    }
+}
+
+/// Where a desired group ends up in this plan.
+struct GroupTarget {
+    key: String,
+    /// Created in this plan (members and roles come with the create call).
+    created: bool,
+}
+
+/// Computes the plan. Pure and deterministic.
+pub fn plan(desired: &Desired, actual: &ActualState, opts: &PlanOptions) -> Plan {
+    let mut out = Out::default();
+
+    // ---- index actual ----
+    let mut managed_users: BTreeMap<&str, &ActualUser> = BTreeMap::new();
+    let mut orphans: Vec<&ActualUser> = Vec::new();
+    let mut sorted_users: Vec<&ActualUser> = actual.users.iter().collect();
+    sorted_users.sort_by_key(|u| u.id);
+    for u in &sorted_users {
+        if let Some(s) = u.scim_id.as_deref() {
+            if desired.users.contains_key(s) && !managed_users.contains_key(s) {
+                managed_users.insert(s, u);
+            } else {
+                orphans.push(u);
+            }
+        }
+    }
+    let by_username: BTreeMap<&str, &ActualUser> = sorted_users
+        .iter()
+        .map(|u| (u.username.as_str(), *u))
+        .collect();
+    let managed_group_keys: BTreeSet<&str> = actual
+        .groups
+        .iter()
+        .filter(|g| g.marker.is_some())
+        .map(|g| g.key.as_str())
+        .collect();
+    let mut groups_by_marker: BTreeMap<&str, Vec<&ActualGroup>> = BTreeMap::new();
+    for g in &actual.groups {
+        if let Some(m) = g.marker.as_deref() {
+            groups_by_marker.entry(m).or_default().push(g);
+        }
+    }
+    let members = actual.members();
+
+    // ---- users: who exists, who is created, who conflicts ----
+    let mut refs: BTreeMap<&str, UserRef> = BTreeMap::new();
+    let mut claimed_usernames: BTreeSet<&str> = BTreeSet::new();
+    for d in desired.users.values() {
+        if let Some(a) = managed_users.get(d.scim_id.as_str()) {
+            refs.insert(&d.scim_id, UserRef::Id(a.id));
+            claimed_usernames.insert(&a.username);
+        }
+    }
+    for d in desired.users.values() {
+        if refs.contains_key(d.scim_id.as_str()) || !d.active {
+            continue;
+        }
+        if let Some(h) = by_username.get(d.username.as_str()) {
+            out.conflicts.push(Conflict::UsernameTaken {
+                scim_id: d.scim_id.clone(),
+                username: d.username.clone(),
+                holder: h.id,
+                holder_scim_id: h.scim_id.clone(),
+            });
+            continue;
+        }
+        if !claimed_usernames.insert(&d.username) {
+            continue; // two SCIM users fold to one TeamCity username; the first wins
+        }
+        out.push(
+            CREATE_USER,
+            Action::CreateUser {
+                scim_id: d.scim_id.clone(),
+                username: d.username.clone(),
+                name: d.name.clone(),
+                email: d.email.clone(),
+            },
+        );
+        refs.insert(&d.scim_id, UserRef::New(d.scim_id.clone()));
+    }
+    for d in desired.users.values() {
+        if let Some(a) = managed_users.get(d.scim_id.as_str()) {
+            update_fields(&mut out, d, a, &by_username);
+        }
+    }
+
+    // ---- groups ----
+    let orphan_groups: BTreeSet<&str> = actual
+        .groups
+        .iter()
+        .filter(|g| {
+            g.marker
+                .as_deref()
+                .is_some_and(|m| !desired.groups.contains_key(m))
+        })
+        .map(|g| g.key.as_str())
+        .collect();
+    for key in &orphan_groups {
+        out.push(
+            DELETE_ORPHAN_GROUP,
+            Action::DeleteGroup {
+                key: (*key).to_owned(),
+            },
+        );
+    }
+    // Names held by groups that survive the orphan deletes.
+    let name_holders: BTreeMap<&str, &ActualGroup> = actual
+        .groups
+        .iter()
+        .filter(|g| !orphan_groups.contains(g.key.as_str()))
+        .map(|g| (g.name.as_str(), g))
+        .collect();
+    let mut targets: BTreeMap<&str, GroupTarget> = BTreeMap::new();
+    // Names claimed by desired groups handled so far → their key.
+    let mut claimed: BTreeMap<&str, String> = BTreeMap::new();
+    let mut going: BTreeSet<String> = orphan_groups.iter().map(|k| (*k).to_owned()).collect();
+    for g in desired.groups.values() {
+        let mut candidates: Vec<&ActualGroup> = groups_by_marker
+            .get(g.marker.as_str())
+            .cloned()
+            .unwrap_or_default();
+        let generation = |a: &ActualGroup| key_generation(&g.marker, &a.key);
+        // The group we keep: the fixed key; else one already named right (newest
+        // generation first); else the newest generation.
+        candidates.sort_by_key(|a| std::cmp::Reverse(generation(a)));
+        let current = match &g.fixed_key {
+            Some(k) => candidates.iter().find(|a| a.key == *k).copied(),
+            None => candidates
+                .iter()
+                .find(|a| a.name == g.name)
+                .or_else(|| candidates.first())
+                .copied(),
+        };
+        for extra in candidates
+            .iter()
+            .filter(|a| current.is_none_or(|c| c.key != a.key))
+        {
+            going.insert(extra.key.clone());
+            out.push(
+                DELETE_OLD_GROUP,
+                Action::DeleteGroup {
+                    key: extra.key.clone(),
+                },
+            );
+        }
+        let ours = |a: &ActualGroup| a.marker.as_deref() == Some(g.marker.as_str());
+        let name_taken: Option<String> = claimed.get(g.name.as_str()).cloned().or_else(|| {
+            name_holders
+                .get(g.name.as_str())
+                .filter(|h| !ours(h))
+                .map(|h| h.key.clone())
+        });
+        let new_key = || match &g.fixed_key {
+            Some(k) => k.clone(),
+            None => group_key(
+                &g.marker,
+                candidates
+                    .iter()
+                    .filter_map(|a| generation(a))
+                    .max()
+                    .map_or(0, |m| m + 1),
+            ),
+        };
+        match current {
+            Some(c) if c.name == g.name || g.fixed_key.is_some() => {
+                in_place(&mut out, g, c);
+                targets.insert(
+                    &g.marker,
+                    GroupTarget {
+                        key: c.key.clone(),
+                        created: false,
+                    },
+                );
+            }
+            Some(c) => {
+                if let Some(h) = name_taken {
+                    out.conflicts.push(Conflict::GroupNameTaken {
+                        marker: g.marker.clone(),
+                        name: g.name.clone(),
+                        holder_key: h,
+                    });
+                    in_place(&mut out, g, c);
+                    targets.insert(
+                        &g.marker,
+                        GroupTarget {
+                            key: c.key.clone(),
+                            created: false,
+                        },
+                    );
+                    continue;
+                }
+                // Rename swap: new group with everything in one call, then drop the old.
+                let key = new_key();
+                out.push(CREATE_GROUP, create_group(g, &key, &refs));
+                going.insert(c.key.clone());
+                out.push(DELETE_OLD_GROUP, Action::DeleteGroup { key: c.key.clone() });
+                targets.insert(&g.marker, GroupTarget { key, created: true });
+            }
+            None => {
+                if let Some(h) = name_taken {
+                    out.conflicts.push(Conflict::GroupNameTaken {
+                        marker: g.marker.clone(),
+                        name: g.name.clone(),
+                        holder_key: h,
+                    });
+                    continue;
+                }
+                let key = new_key();
+                out.push(CREATE_GROUP, create_group(g, &key, &refs));
+                targets.insert(&g.marker, GroupTarget { key, created: true });
+            }
+        }
+        let key = &targets[g.marker.as_str()].key;
+        claimed.insert(&g.name, key.clone());
+    }
+
+    // Desired keys per user.
+    let mut wanted: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for g in desired.groups.values() {
+        if let Some(t) = targets.get(g.marker.as_str()) {
+            for m in &g.members {
+                wanted.entry(m.as_str()).or_default().insert(&t.key);
+            }
+        }
+    }
+    let created_keys: BTreeSet<&str> = targets
+        .values()
+        .filter(|t| t.created)
+        .map(|t| t.key.as_str())
+        .collect();
+
+    // ---- memberships, direct roles, (de)activation ----
+    for d in desired.users.values() {
+        let Some(r) = refs.get(d.scim_id.as_str()) else {
+            continue;
+        };
+        let keys = if d.active {
+            wanted.get(d.scim_id.as_str()).cloned().unwrap_or_default()
+        } else {
+            BTreeSet::new()
+        };
+        let roles = if d.active {
+            d.roles.clone()
+        } else {
+            BTreeSet::new()
+        };
+        match r {
+            UserRef::New(_) => {
+                for k in keys.iter().filter(|k| !created_keys.contains(*k)) {
+                    out.push(
+                        JOIN,
+                        Action::AddToGroup {
+                            user: r.clone(),
+                            group: (*k).to_owned(),
+                        },
+                    );
+                }
+                for role in roles {
+                    out.push(
+                        GRANT_USER_ROLE,
+                        Action::AddUserRole {
+                            user: r.clone(),
+                            role,
+                        },
+                    );
+                }
+            }
+            UserRef::Id(_) => {
+                let a = managed_users[d.scim_id.as_str()];
+                sync_user(
+                    &mut out,
+                    a,
+                    &keys,
+                    &roles,
+                    &created_keys,
+                    &going,
+                    &managed_group_keys,
+                );
+                activation(&mut out, a, d.active);
+            }
+        }
+    }
+    for a in &orphans {
+        match opts.deprovision {
+            Deprovision::Delete => out.push(DELETE_USER, Action::DeleteUser { user: a.id }),
+            Deprovision::Strip => {
+                sync_user(
+                    &mut out,
+                    a,
+                    &BTreeSet::new(),
+                    &BTreeSet::new(),
+                    &created_keys,
+                    &going,
+                    &managed_group_keys,
+                );
+                activation(&mut out, a, false);
+            }
+        }
+    }
+
+    // ---- reports ----
+    let mut reports = Vec::new();
+    for (key, ids) in &members {
+        if !managed_group_keys.contains(key) {
+            continue;
+        }
+        for id in ids {
+            if let Some(u) = actual.user(*id).filter(|u| !u.is_managed()) {
+                reports.push(Report::UnmanagedMember {
+                    user: u.id,
+                    username: u.username.clone(),
+                    group: (*key).to_owned(),
+                });
+            }
+        }
+    }
+    let unmanaged_users = actual.users.iter().filter(|u| !u.is_managed()).count();
+    let unmanaged_groups = actual.groups.iter().filter(|g| g.marker.is_none()).count();
+    if unmanaged_users + unmanaged_groups > 0 {
+        reports.push(Report::Unmanaged {
+            users: unmanaged_users,
+            groups: unmanaged_groups,
+        });
+    }
+
+    out.actions.sort_by_key(|(phase, _)| *phase);
+    Plan {
+        actions: out.actions.into_iter().map(|(_, a)| a).collect(),
+        conflicts: out.conflicts,
+        reports,
+    }
+}
+
+fn create_group(
+    g: &crate::desired::DesiredGroup,
+    key: &str,
+    refs: &BTreeMap<&str, UserRef>,
+) -> Action {
+    Action::CreateGroup {
+        key: key.to_owned(),
+        name: g.name.clone(),
+        marker: g.marker.clone(),
+        roles: g.roles.iter().cloned().collect(),
+        members: g
+            .members
+            .iter()
+            .filter_map(|m| refs.get(m.as_str()).cloned())
+            .collect(),
+    }
+}
+
+fn in_place(out: &mut Out, g: &crate::desired::DesiredGroup, c: &ActualGroup) {
+    for role in g.roles.difference(&c.roles) {
+        out.push(
+            GROUP_ROLE,
+            Action::AddGroupRole {
+                group: c.key.clone(),
+                role: role.clone(),
+            },
+        );
+    }
+    for role in c.roles.difference(&g.roles) {
+        out.push(
+            GROUP_ROLE,
+            Action::RemoveGroupRole {
+                group: c.key.clone(),
+                role: role.clone(),
+            },
+        );
+    }
+}
+
+fn update_fields(
+    out: &mut Out,
+    d: &DesiredUser,
+    a: &ActualUser,
+    by_username: &BTreeMap<&str, &ActualUser>,
+) {
+    let mut changes = Vec::new();
+    if d.username != a.username {
+        match by_username.get(d.username.as_str()) {
+            Some(h) if h.id != a.id => out.conflicts.push(Conflict::UsernameTaken {
+                scim_id: d.scim_id.clone(),
+                username: d.username.clone(),
+                holder: h.id,
+                holder_scim_id: h.scim_id.clone(),
+            }),
+            _ => changes.push(FieldChange {
+                field: Field::Username,
+                from: Some(a.username.clone()),
+                to: Some(d.username.clone()),
+            }),
+        }
+    }
+    if d.name != a.name {
+        changes.push(FieldChange {
+            field: Field::Name,
+            from: a.name.clone(),
+            to: d.name.clone(),
+        });
+    }
+    if d.email != a.email {
+        changes.push(FieldChange {
+            field: Field::Email,
+            from: a.email.clone(),
+            to: d.email.clone(),
+        });
+    }
+    if !changes.is_empty() {
+        out.push(
+            UPDATE_USER,
+            Action::UpdateUser {
+                user: a.id,
+                changes,
+            },
+        );
+    }
+}
+
+fn sync_user(
+    out: &mut Out,
+    a: &ActualUser,
+    keys: &BTreeSet<&str>,
+    roles: &BTreeSet<crate::model::RoleAt>,
+    created_keys: &BTreeSet<&str>,
+    going: &BTreeSet<String>,
+    managed_group_keys: &BTreeSet<&str>,
+) {
+    let user = UserRef::Id(a.id);
+    for k in keys {
+        if !created_keys.contains(k) && !a.groups.contains(*k) {
+            out.push(
+                JOIN,
+                Action::AddToGroup {
+                    user: user.clone(),
+                    group: (*k).to_owned(),
+                },
+            );
+        }
+    }
+    for role in roles.difference(&a.roles) {
+        out.push(
+            GRANT_USER_ROLE,
+            Action::AddUserRole {
+                user: user.clone(),
+                role: role.clone(),
+            },
+        );
+    }
+    for k in &a.groups {
+        if managed_group_keys.contains(k.as_str())
+            && !keys.contains(k.as_str())
+            && !going.contains(k)
+        {
+            out.push(
+                LEAVE,
+                Action::RemoveFromGroup {
+                    user: a.id,
+                    group: k.clone(),
+                },
+            );
+        }
+    }
+    for role in a.roles.difference(roles) {
+        out.push(
+            REVOKE_USER_ROLE,
+            Action::RemoveUserRole {
+                user: a.id,
+                role: role.clone(),
+            },
+        );
+    }
+}
+
+fn activation(out: &mut Out, a: &ActualUser, active: bool) {
+    if active {
+        if a.deactivated {
+            out.push(ACTIVATION, Action::ClearDeactivated { user: a.id });
+        }
+    } else if !a.deactivated {
+        out.push(ACTIVATION, Action::RevokeTokens { user: a.id });
+        out.push(ACTIVATION, Action::ResetPassword { user: a.id });
+        out.push(ACTIVATION, Action::SetDeactivated { user: a.id });
+    } else if a.token_count.is_some_and(|n| n > 0) {
+        out.push(ACTIVATION, Action::RevokeTokens { user: a.id });
+    }
+}
