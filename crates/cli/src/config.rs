@@ -29,6 +29,8 @@ pub struct Config {
     pub teamcity: TeamCityConfig,
     /// `[sync]`
     pub sync: SyncConfig,
+    /// `[policy]`: IdP groups → TeamCity roles, defaults, caps.
+    pub policy: sync::Policy,
 }
 
 /// `[teamcity]`: the TeamCity server the bridge keeps equal to the directory.
@@ -292,8 +294,15 @@ mod tests {
                 } else {
                     format!("{prefix}.{k}")
                 };
-                if v.is_table() {
+                // `match` is one value with alternative shapes, not a section.
+                if v.is_table() && k != "match" {
                     keys(v, &key, out);
+                } else if let Some(first) = v
+                    .as_array()
+                    .and_then(|a| a.first())
+                    .filter(|f| f.is_table())
+                {
+                    keys(first, &key, out);
                 } else {
                     out.insert(key);
                 }
@@ -309,6 +318,11 @@ mod tests {
         full.database.url_file = Some("/run/secrets/database-url".into());
         full.teamcity.token = Some("x".into());
         full.teamcity.token_file = Some("/run/secrets/teamcity-token".into());
+        full.policy = sync::Policy::from_toml(
+            "[[groups]]\nname = \"x\"\nmatch = { externalId = \"x\" }\nroles = []\n\
+             [defaults]\nroles = []\n[[caps]]\nuser_type = \"Agent\"\nallowed_roles = []\n",
+        )
+        .unwrap();
         let mut code_keys = BTreeSet::new();
         keys(&toml::Value::try_from(&full).unwrap(), "", &mut code_keys);
 

@@ -18,7 +18,9 @@ use store::{DynStore, SystemClock, WriteCtx};
 use time::OffsetDateTime;
 
 mod config;
+mod demo;
 mod ops;
+mod sync_cmd;
 mod telemetry;
 mod ttl;
 
@@ -49,6 +51,9 @@ enum Command {
     },
     /// Run a standalone TeamCity REST emulator (for trials, demos and tests).
     Emulator(teamcity_emulator::cli::EmulatorArgs),
+    /// Run a self-contained demonstration: an emulated TeamCity, the bridge, and an Okta-style
+    /// provisioning replayed over SCIM. Ctrl-C stops it.
+    Demo,
     /// Configuration helpers.
     Config {
         #[command(subcommand)]
@@ -58,6 +63,23 @@ enum Command {
     Outbox {
         #[command(subcommand)]
         command: ops::OutboxCommand,
+    },
+    /// Show what a full reconcile would change in TeamCity, like `terraform plan`.
+    Plan {
+        /// Exit with status 2 when changes are pending (0 when none).
+        #[arg(long)]
+        exit_code: bool,
+    },
+    /// Compare TeamCity with the directory now; with --apply, repair the drift.
+    Reconcile {
+        /// Apply the plan (otherwise only print it).
+        #[arg(long)]
+        apply: bool,
+    },
+    /// Policy helpers.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
     },
     /// List batches the blast-radius guard held back.
     Held {
@@ -93,6 +115,12 @@ enum TokenCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Validate role ids and project scopes against the live TeamCity.
+    Check,
+}
+
+#[derive(Debug, Subcommand)]
 enum ConfigCommand {
     /// Print the effective configuration (after all layers).
     Show,
@@ -122,7 +150,7 @@ fn main() -> std::process::ExitCode {
         }
     };
     match rt.block_on(run(cli.command, cfg)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => std::process::ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
@@ -136,33 +164,47 @@ async fn open_store(cfg: &Config) -> anyhow::Result<DynStore> {
         .with_context(|| format!("cannot open the database at {}", cfg.database.url))
 }
 
-async fn run(cmd: Command, cfg: Config) -> anyhow::Result<()> {
+/// Runs a command; the result is the process exit code.
+async fn run(cmd: Command, cfg: Config) -> anyhow::Result<u8> {
+    let out = &mut std::io::stdout();
     match cmd {
-        Command::Serve => serve(cfg).await,
-        Command::Emulator(args) => teamcity_emulator::cli::run(args).await,
-        Command::Token { command } => token(command, &cfg).await,
-        Command::Outbox { command } => {
-            ops::outbox(command, &open_store(&cfg).await?, &mut std::io::stdout()).await
+        Command::Serve => serve(cfg).await?,
+        Command::Emulator(args) => teamcity_emulator::cli::run(args).await?,
+        Command::Token { command } => token(command, &cfg).await?,
+        Command::Outbox { command } => ops::outbox(command, &open_store(&cfg).await?, out).await?,
+        Command::Held { all } => ops::held(&open_store(&cfg).await?, all, out).await?,
+        Command::Approve { id } => ops::approve(&open_store(&cfg).await?, id, out).await?,
+        Command::Plan { exit_code } => {
+            let pending = sync_cmd::plan(&cfg, open_store(&cfg).await?).await?;
+            return Ok(if exit_code && pending { 2 } else { 0 });
         }
-        Command::Held { all } => {
-            ops::held(&open_store(&cfg).await?, all, &mut std::io::stdout()).await
+        Command::Reconcile { apply } => {
+            sync_cmd::reconcile(&cfg, open_store(&cfg).await?, apply).await?
         }
-        Command::Approve { id } => {
-            ops::approve(&open_store(&cfg).await?, id, &mut std::io::stdout()).await
+        Command::Policy {
+            command: PolicyCommand::Check,
+        } => {
+            return Ok(if sync_cmd::policy_check(&cfg).await? {
+                0
+            } else {
+                1
+            });
         }
+        Command::Demo => demo::run().await?,
         Command::Config {
             command: ConfigCommand::Show,
         } => {
-            print!("{}", toml::to_string_pretty(&cfg)?);
-            Ok(())
+            let mut shown = cfg.clone();
+            if shown.teamcity.token.is_some() {
+                shown.teamcity.token = Some("<redacted>".into());
+            }
+            print!("{}", toml::to_string_pretty(&shown)?);
         }
         Command::Config {
             command: ConfigCommand::Check,
-        } => {
-            println!("configuration is valid");
-            Ok(())
-        }
+        } => println!("configuration is valid"),
     }
+    Ok(0)
 }
 
 /// Creates a token, returning (record, secret).
@@ -260,19 +302,45 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .context("cannot install the metrics recorder")?;
+    let engine = sync_cmd::engine(&cfg, store.clone())?;
     let mut state = server::AppState::new(store);
     state.metrics = Some(metrics);
     let listener = tokio::net::TcpListener::bind(cfg.server.listen)
         .await
         .with_context(|| format!("cannot listen on {} (server.listen)", cfg.server.listen))?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let worker = match engine {
+        Some(engine) => {
+            tracing::info!(
+                teamcity = %cfg.teamcity.url,
+                mode = ?cfg.sync.mode,
+                "sync worker started: SCIM changes are applied to TeamCity"
+            );
+            Some(tokio::spawn(engine.run(stop_rx)))
+        }
+        None => {
+            tracing::warn!(
+                "no TeamCity token configured ([teamcity] token_file or TEAMCITY_SCIM_TEAMCITY__TOKEN): \
+                 SCIM changes are stored and queued in the outbox, and applied once TeamCity is configured"
+            );
+            None
+        }
+    };
     tracing::info!(listen = %cfg.server.listen, base_path = server::BASE_PATH, "teamcity-scim serving SCIM");
-    server::serve(listener, state, shutdown_signal()).await?;
+    server::serve(listener, state, async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    })
+    .await?;
+    if let Some(w) = worker {
+        let _ = w.await;
+    }
     tracing::info!("stopped cleanly");
     Ok(())
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };

@@ -25,12 +25,13 @@ pub struct RetryPolicy {
 }
 
 impl Default for RetryPolicy {
-    /// 1 s base, 60 s cap, 20 attempts.
+    /// 1 s base, 60 s cap, 1,500 attempts: about a day of TeamCity outage before an item is
+    /// dead-lettered (nothing is lost before that, and retries stay a minute apart at most).
     fn default() -> Self {
         RetryPolicy {
             base: Duration::from_secs(1),
             cap: Duration::from_secs(60),
-            max_attempts: 20,
+            max_attempts: 1500,
         }
     }
 }

@@ -9,12 +9,13 @@
 //! render(plan, actual) ──▶ terraform-style text
 //! ```
 //!
-//! This crate takes a plain [`model::Directory`] as input and never depends on
-//! the store, the server or SCIM types.
+//! The pure core takes a plain [`model::Directory`] as input; only [`engine`], the runtime,
+//! reads the store.
 
 pub mod actual;
 pub mod apply;
 pub mod desired;
+pub mod engine;
 pub mod guard;
 pub mod model;
 pub mod plan;
@@ -24,6 +25,7 @@ pub mod render;
 pub use actual::{ReadOptions, ReadStats, read_actual, read_actual_with};
 pub use apply::{ApplyError, ApplyReport, apply};
 pub use desired::{Alert, Desired, DesiredGroup, DesiredOptions, DesiredUser, desired, group_key};
+pub use engine::{Engine, EngineConfig, EngineError, Mode, PassReport};
 pub use guard::{GuardLimits, Held};
 pub use model::{
     Action, ActualGroup, ActualState, ActualUser, DEFAULTS_GROUP_KEY, DEFAULTS_GROUP_NAME,

@@ -327,6 +327,123 @@ impl ActualState {
     pub fn managed_users(&self) -> usize {
         self.users.iter().filter(|u| u.is_managed()).count()
     }
+
+    /// Records the effect of an action that TeamCity accepted, so a cached state stays equal
+    /// to TeamCity without reading it again. `created` maps SCIM ids of users created by
+    /// [`crate::apply`] to their TeamCity ids.
+    pub fn record(&mut self, action: &Action, created: &BTreeMap<String, u64>) {
+        let resolve = |r: &UserRef| match r {
+            UserRef::Id(i) => Some(*i),
+            UserRef::New(x) => created.get(x).copied(),
+        };
+        let user = |s: &mut ActualState, id: Option<u64>| -> Option<usize> {
+            id.and_then(|i| s.users.iter().position(|u| u.id == i))
+        };
+        match action {
+            Action::CreateUser {
+                scim_id,
+                username,
+                name,
+                email,
+            } => {
+                if let Some(&id) = created.get(scim_id)
+                    && !self.users.iter().any(|u| u.id == id)
+                {
+                    self.users.push(ActualUser {
+                        id,
+                        username: username.clone(),
+                        name: name.clone(),
+                        email: email.clone(),
+                        scim_id: Some(scim_id.clone()),
+                        ..ActualUser::default()
+                    });
+                }
+            }
+            Action::UpdateUser { user: id, changes } => {
+                if let Some(i) = user(self, Some(*id)) {
+                    let u = &mut self.users[i];
+                    for c in changes {
+                        match c.field {
+                            Field::Username => {
+                                if let Some(v) = &c.to {
+                                    u.username = v.clone();
+                                }
+                            }
+                            Field::Name => u.name = c.to.clone(),
+                            Field::Email => u.email = c.to.clone(),
+                        }
+                    }
+                }
+            }
+            Action::DeleteUser { user: id } => self.users.retain(|u| u.id != *id),
+            Action::AddToGroup { user: r, group } => {
+                if let Some(i) = user(self, resolve(r)) {
+                    self.users[i].groups.insert(group.clone());
+                }
+            }
+            Action::RemoveFromGroup { user: id, group } => {
+                if let Some(i) = user(self, Some(*id)) {
+                    self.users[i].groups.remove(group);
+                }
+            }
+            Action::AddUserRole { user: r, role } => {
+                if let Some(i) = user(self, resolve(r)) {
+                    self.users[i].roles.insert(role.clone());
+                }
+            }
+            Action::RemoveUserRole { user: id, role } => {
+                if let Some(i) = user(self, Some(*id)) {
+                    self.users[i].roles.remove(role);
+                }
+            }
+            Action::RevokeTokens { user: id } => {
+                if let Some(i) = user(self, Some(*id)) {
+                    self.users[i].token_count = Some(0);
+                }
+            }
+            Action::ResetPassword { .. } => {}
+            Action::SetDeactivated { user: id } | Action::ClearDeactivated { user: id } => {
+                if let Some(i) = user(self, Some(*id)) {
+                    self.users[i].deactivated = matches!(action, Action::SetDeactivated { .. });
+                }
+            }
+            Action::CreateGroup {
+                key,
+                name,
+                marker,
+                roles,
+                members,
+            } => {
+                self.groups.retain(|g| g.key != *key);
+                self.groups.push(ActualGroup {
+                    key: key.clone(),
+                    name: name.clone(),
+                    marker: Some(marker.clone()),
+                    roles: roles.iter().cloned().collect(),
+                });
+                for m in members {
+                    if let Some(i) = user(self, resolve(m)) {
+                        self.users[i].groups.insert(key.clone());
+                    }
+                }
+            }
+            Action::DeleteGroup { key } => {
+                self.groups.retain(|g| g.key != *key);
+                for u in &mut self.users {
+                    u.groups.remove(key);
+                }
+            }
+            Action::AddGroupRole { group, role } | Action::RemoveGroupRole { group, role } => {
+                if let Some(g) = self.groups.iter_mut().find(|g| g.key == *group) {
+                    if matches!(action, Action::AddGroupRole { .. }) {
+                        g.roles.insert(role.clone());
+                    } else {
+                        g.roles.remove(role);
+                    }
+                }
+            }
+        }
+    }
 }
 
 // ---- output: actions ------------------------------------------------------

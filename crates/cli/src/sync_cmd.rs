@@ -1,0 +1,154 @@
+//! Wiring of the sync engine: the TeamCity client from `[teamcity]`, the engine from `[sync]`
+//! and `[policy]`, and the `plan`, `reconcile` and `policy check` commands.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use anyhow::Context;
+use store::{DynStore, RetryPolicy};
+use sync::{Engine, EngineConfig, GuardLimits, Mode};
+
+use crate::config::{Config, Deprovision, SyncMode};
+use crate::ttl;
+
+/// The TeamCity client `[teamcity]` describes, or `None` when no token is configured.
+pub(crate) fn client(cfg: &Config) -> anyhow::Result<Option<teamcity::Client>> {
+    let Some(token) = cfg.teamcity.token.clone().filter(|t| !t.is_empty()) else {
+        return Ok(None);
+    };
+    let mut c = teamcity::ClientConfig::new(cfg.teamcity.url.clone(), teamcity::Token::new(token));
+    c.request_timeout = ttl::parse(&cfg.teamcity.request_timeout)?.unsigned_abs();
+    c.max_concurrency = cfg.teamcity.max_concurrency;
+    c.requests_per_second = NonZeroU32::new(cfg.teamcity.requests_per_second);
+    Ok(Some(teamcity::Client::new(c).context(
+        "cannot build the TeamCity client ([teamcity])",
+    )?))
+}
+
+/// The client, or an error that says how to configure it.
+pub(crate) fn require_client(cfg: &Config) -> anyhow::Result<teamcity::Client> {
+    client(cfg)?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "no TeamCity token configured: set teamcity.token_file (or TEAMCITY_SCIM_TEAMCITY__TOKEN) \
+             to the bridge account's access token"
+        )
+    })
+}
+
+/// Engine settings from `[sync]`.
+pub(crate) fn engine_config(cfg: &Config) -> anyhow::Result<EngineConfig> {
+    Ok(EngineConfig {
+        mode: match cfg.sync.mode {
+            SyncMode::Apply => Mode::Apply,
+            SyncMode::Shadow => Mode::Shadow,
+        },
+        deprovision: match cfg.sync.deprovision {
+            Deprovision::Strip => sync::Deprovision::Strip,
+            Deprovision::Delete => sync::Deprovision::Delete,
+        },
+        limits: GuardLimits {
+            max_removals: Some(cfg.sync.max_removals),
+            max_removals_percent: Some(cfg.sync.max_removals_percent),
+        },
+        retry: RetryPolicy {
+            cap: ttl::parse(&cfg.sync.max_backoff)?.unsigned_abs(),
+            ..RetryPolicy::default()
+        },
+        reconcile_interval: ttl::parse(&cfg.sync.reconcile_interval)?.unsigned_abs(),
+        ..EngineConfig::default()
+    })
+}
+
+/// The engine, when TeamCity is configured.
+pub(crate) fn engine(cfg: &Config, store: DynStore) -> anyhow::Result<Option<Arc<Engine>>> {
+    let Some(client) = client(cfg)? else {
+        return Ok(None);
+    };
+    Ok(Some(Arc::new(Engine::new(
+        store,
+        client,
+        cfg.policy.clone(),
+        engine_config(cfg)?,
+    ))))
+}
+
+fn spinner(msg: &'static str) -> indicatif::ProgressBar {
+    // indicatif draws only when stderr is a terminal.
+    let pb = indicatif::ProgressBar::new_spinner();
+    pb.set_message(msg);
+    pb.enable_steady_tick(std::time::Duration::from_millis(100));
+    pb
+}
+
+/// `plan [--exit-code]`: what a full reconcile would change. Returns true when changes are
+/// pending.
+pub(crate) async fn plan(cfg: &Config, store: DynStore) -> anyhow::Result<bool> {
+    let client = require_client(cfg)?;
+    let engine = Engine::new(store, client, cfg.policy.clone(), engine_config(cfg)?);
+    let pb = spinner("reading TeamCity users and groups…");
+    let (p, actual, reads) = engine.plan_full().await?;
+    pb.finish_and_clear();
+    print!("{}", sync::render(&p, &actual));
+    eprintln!("({reads} TeamCity reads)");
+    Ok(!p.actions.is_empty())
+}
+
+/// `reconcile [--apply]`.
+pub(crate) async fn reconcile(cfg: &Config, store: DynStore, apply: bool) -> anyhow::Result<()> {
+    let client = require_client(cfg)?;
+    let engine = Engine::new(store, client, cfg.policy.clone(), engine_config(cfg)?);
+    if !apply {
+        let pb = spinner("reading TeamCity users and groups…");
+        let (p, actual, reads) = engine.plan_full().await?;
+        pb.finish_and_clear();
+        print!("{}", sync::render(&p, &actual));
+        println!("({reads} TeamCity reads; nothing applied — run with --apply to apply)");
+        return Ok(());
+    }
+    let pb = spinner("reconciling TeamCity with the directory…");
+    let r = engine.reconcile(false).await?;
+    pb.finish_and_clear();
+    println!(
+        "Reconcile: {} TeamCity reads, {} actions planned, {} applied, {} failed, {} held{}.",
+        r.reads,
+        r.planned,
+        r.applied,
+        r.failed,
+        r.held,
+        if engine.config().mode == Mode::Shadow {
+            " (shadow mode: nothing written)"
+        } else {
+            ""
+        }
+    );
+    if r.held > 0 {
+        println!(
+            "Held removals wait for review: `teamcity-scim held`, then `teamcity-scim approve ID`."
+        );
+    }
+    anyhow::ensure!(
+        !r.transient_stop,
+        "TeamCity became unavailable during the reconcile; run it again later"
+    );
+    Ok(())
+}
+
+/// `policy check`: role ids and project scopes against the live TeamCity.
+pub(crate) async fn policy_check(cfg: &Config) -> anyhow::Result<bool> {
+    let client = require_client(cfg)?;
+    let problems = sync::policy::check_live(&client, &cfg.policy).await?;
+    if problems.is_empty() {
+        println!(
+            "Policy OK: {} group rules, {} default roles, {} caps; every role and project exists in TeamCity.",
+            cfg.policy.groups.len(),
+            cfg.policy.defaults.roles.len(),
+            cfg.policy.caps.len()
+        );
+        return Ok(true);
+    }
+    for p in &problems {
+        println!("{p}");
+    }
+    println!("{} problem(s) found.", problems.len());
+    Ok(false)
+}

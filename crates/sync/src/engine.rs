@@ -1,0 +1,804 @@
+//! The runtime of the sync engine: the outbox worker and the reconciler, over the store and
+//! the TeamCity client.
+//!
+//! The worker plans against a *cached* TeamCity state: read in full at start and at every
+//! reconcile, then kept equal to TeamCity by recording the effect of every action TeamCity
+//! accepted. A SCIM change therefore costs exactly the TeamCity writes it needs — no reads —
+//! and a re-sent, unchanged push costs nothing. The reconciler re-reads TeamCity (pages,
+//! `fields=` limited) to find drift made by hand and repairs it.
+//!
+//! Each pass: claim due outbox rows (lease, coalesced per entity) → directory snapshot →
+//! desired → plan against the cache → blast-radius guard (removals above the limits are held
+//! for `approve`; the rest applies) → apply action by action, auditing each → complete the
+//! rows, or retry them with backoff (transient failure), or dead-letter them (permanent).
+//! In shadow mode the plan is computed, logged and audited, and nothing is written.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use store::{AuditEntry, ClaimedEntity, DynStore, RetryPolicy, StoreError, WriteCtx};
+use teamcity::{Client, TeamCityError};
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+use crate::apply::{apply, kind};
+use crate::model::{Action, ActualState, DirGroup, DirUser, Directory, UserRef};
+use crate::plan::{Deprovision, Plan, PlanOptions, plan};
+use crate::policy::Policy;
+use crate::{Desired, DesiredOptions, GuardLimits, ReadOptions, desired, read_actual_with};
+
+/// Whether plans are applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Apply plans to TeamCity.
+    Apply,
+    /// Compute, log and audit plans; write nothing to TeamCity.
+    Shadow,
+}
+
+/// Engine settings (from `[sync]`).
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Apply or shadow.
+    pub mode: Mode,
+    /// What SCIM DELETE does.
+    pub deprovision: Deprovision,
+    /// Blast-radius limits.
+    pub limits: GuardLimits,
+    /// Retry schedule of failing outbox rows.
+    pub retry: RetryPolicy,
+    /// Period of the full reconcile in `run`.
+    pub reconcile_interval: Duration,
+    /// How long the worker sleeps when there is nothing to do.
+    pub poll: Duration,
+    /// Lease on claimed outbox rows.
+    pub lease: Duration,
+    /// Users per page when reading TeamCity.
+    pub page_size: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            mode: Mode::Apply,
+            deprovision: Deprovision::Strip,
+            limits: GuardLimits {
+                max_removals: Some(10),
+                max_removals_percent: Some(20),
+            },
+            retry: RetryPolicy::default(),
+            reconcile_interval: Duration::from_secs(600),
+            poll: Duration::from_millis(200),
+            lease: Duration::from_secs(120),
+            page_size: 500,
+        }
+    }
+}
+
+/// Errors of a pass.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The store failed.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// TeamCity failed.
+    #[error("TeamCity: {0}")]
+    TeamCity(#[from] TeamCityError),
+}
+
+/// What one pass or reconcile did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PassReport {
+    /// Outbox rows handled (completed, failed or held).
+    pub outbox_rows: usize,
+    /// Actions planned.
+    pub planned: usize,
+    /// Actions TeamCity accepted.
+    pub applied: usize,
+    /// Actions that failed permanently.
+    pub failed: usize,
+    /// Actions held by the blast-radius guard.
+    pub held: usize,
+    /// Stopped at a transient failure (TeamCity down): the rows will be retried.
+    pub transient_stop: bool,
+    /// TeamCity reads made (reconcile only).
+    pub reads: usize,
+}
+
+/// The sync engine.
+#[derive(Debug)]
+pub struct Engine {
+    store: DynStore,
+    client: Client,
+    policy: Policy,
+    cfg: EngineConfig,
+    worker_id: String,
+    cache: Mutex<Option<ActualState>>,
+}
+
+fn entry(
+    resource_type: &str,
+    resource_id: Option<String>,
+    operation: &str,
+    ok: bool,
+    status: Option<i64>,
+    detail: Value,
+) -> AuditEntry {
+    AuditEntry {
+        resource_type: resource_type.to_owned(),
+        resource_id,
+        operation: operation.to_owned(),
+        outcome: if ok { "success" } else { "failure" }.to_owned(),
+        status,
+        detail,
+    }
+}
+
+fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
+    let mut cur = v;
+    for p in path {
+        cur = cur.get(*p)?;
+    }
+    cur.as_str().filter(|s| !s.is_empty())
+}
+
+/// The sync engine's view of a stored SCIM user.
+fn dir_user(u: &store::DirUser) -> DirUser {
+    let a = &u.attrs;
+    let emails = a.get("emails").and_then(Value::as_array);
+    let email = emails
+        .and_then(|list| {
+            list.iter()
+                .find(|e| e.get("primary").and_then(Value::as_bool) == Some(true))
+                .or_else(|| list.first())
+        })
+        .and_then(|e| str_at(e, &["value"]))
+        .map(str::to_owned);
+    DirUser {
+        id: u.id.clone(),
+        user_name: str_at(a, &["userName"]).unwrap_or_default().to_owned(),
+        display_name: str_at(a, &["displayName"]).map(str::to_owned),
+        given_name: str_at(a, &["name", "givenName"]).map(str::to_owned),
+        family_name: str_at(a, &["name", "familyName"]).map(str::to_owned),
+        email,
+        active: a.get("active").and_then(Value::as_bool).unwrap_or(true),
+        user_type: str_at(a, &["userType"]).map(str::to_owned),
+    }
+}
+
+fn dir_group(g: &store::DirGroup) -> DirGroup {
+    DirGroup {
+        id: g.id.clone(),
+        display_name: str_at(&g.attrs, &["displayName"])
+            .unwrap_or_default()
+            .to_owned(),
+        external_id: str_at(&g.attrs, &["externalId"]).map(str::to_owned),
+        members: g
+            .members
+            .iter()
+            .filter(|m| m.ty == store::MemberType::User)
+            .map(|m| m.value.clone())
+            .collect(),
+    }
+}
+
+/// Actions that take a membership or a role away (what the guard may hold). The delete of a
+/// group replaced in the same plan (a rename swap) is not one.
+fn is_removal(a: &Action, actions: &[Action], actual: &ActualState) -> bool {
+    match a {
+        Action::RemoveFromGroup { .. }
+        | Action::RemoveUserRole { .. }
+        | Action::RemoveGroupRole { .. }
+        | Action::DeleteUser { .. } => true,
+        Action::DeleteGroup { key } => {
+            let marker = actual
+                .groups
+                .iter()
+                .find(|g| &g.key == key)
+                .and_then(|g| g.marker.clone());
+            !actions.iter().any(|b| matches!(b, Action::CreateGroup { marker: m, .. } if Some(m) == marker.as_ref()))
+        }
+        _ => false,
+    }
+}
+
+/// An audit-safe description of an action: ids, keys and role names, never emails or names.
+pub fn describe(a: &Action) -> (String, Value) {
+    let user = |r: &UserRef| match r {
+        UserRef::Id(i) => format!("user:{i}"),
+        UserRef::New(s) => format!("user:new:{s}"),
+    };
+    match a {
+        Action::CreateUser { scim_id, .. } => (format!("user:new:{scim_id}"), json!({})),
+        Action::UpdateUser { user: u, changes } => (
+            format!("user:{u}"),
+            json!({"fields": changes.iter().map(|c| c.field.to_string()).collect::<Vec<_>>()}),
+        ),
+        Action::DeleteUser { user: u }
+        | Action::RevokeTokens { user: u }
+        | Action::ResetPassword { user: u }
+        | Action::SetDeactivated { user: u }
+        | Action::ClearDeactivated { user: u } => (format!("user:{u}"), json!({})),
+        Action::AddToGroup { user: u, group } => (user(u), json!({"group": group})),
+        Action::RemoveFromGroup { user: u, group } => {
+            (format!("user:{u}"), json!({"group": group}))
+        }
+        Action::AddUserRole { user: u, role } => (user(u), json!({"role": role.to_string()})),
+        Action::RemoveUserRole { user: u, role } => {
+            (format!("user:{u}"), json!({"role": role.to_string()}))
+        }
+        Action::CreateGroup {
+            key,
+            roles,
+            members,
+            ..
+        } => (
+            format!("group:{key}"),
+            json!({"roles": roles.iter().map(ToString::to_string).collect::<Vec<_>>(), "members": members.len()}),
+        ),
+        Action::DeleteGroup { key } => (format!("group:{key}"), json!({})),
+        Action::AddGroupRole { group, role } | Action::RemoveGroupRole { group, role } => {
+            (format!("group:{group}"), json!({"role": role.to_string()}))
+        }
+    }
+}
+
+fn kinds_summary(actions: &[Action]) -> String {
+    let counts: BTreeMap<&str, usize> = actions.iter().fold(BTreeMap::new(), |mut m, a| {
+        *m.entry(kind(a)).or_default() += 1;
+        m
+    });
+    counts
+        .iter()
+        .map(|(k, n)| format!("{n} {k}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The SCIM entity an action concerns, for dead-lettering the rows of a failed entity.
+fn entity_of(a: &Action, actual: &ActualState) -> Option<(&'static str, String)> {
+    let by_user = |id: u64| {
+        actual
+            .users
+            .iter()
+            .find(|u| u.id == id)
+            .and_then(|u| u.scim_id.clone())
+    };
+    let by_group = |key: &str| {
+        actual
+            .groups
+            .iter()
+            .find(|g| g.key == key)
+            .and_then(|g| g.marker.clone())
+    };
+    match a {
+        Action::CreateUser { scim_id, .. } => Some(("user", scim_id.clone())),
+        Action::AddToGroup {
+            user: UserRef::New(s),
+            ..
+        }
+        | Action::AddUserRole {
+            user: UserRef::New(s),
+            ..
+        } => Some(("user", s.clone())),
+        Action::AddToGroup {
+            user: UserRef::Id(i),
+            ..
+        }
+        | Action::AddUserRole {
+            user: UserRef::Id(i),
+            ..
+        } => by_user(*i).map(|s| ("user", s)),
+        Action::UpdateUser { user, .. }
+        | Action::DeleteUser { user }
+        | Action::RemoveFromGroup { user, .. }
+        | Action::RemoveUserRole { user, .. }
+        | Action::RevokeTokens { user }
+        | Action::ResetPassword { user }
+        | Action::SetDeactivated { user }
+        | Action::ClearDeactivated { user } => by_user(*user).map(|s| ("user", s)),
+        Action::CreateGroup { marker, .. } => Some(("group", marker.clone())),
+        Action::DeleteGroup { key }
+        | Action::AddGroupRole { group: key, .. }
+        | Action::RemoveGroupRole { group: key, .. } => by_group(key).map(|s| ("group", s)),
+    }
+}
+
+impl Engine {
+    /// An engine over a store and a TeamCity client.
+    pub fn new(store: DynStore, client: Client, policy: Policy, cfg: EngineConfig) -> Self {
+        let worker_id = format!("worker-{}", std::process::id());
+        Engine {
+            store,
+            client,
+            policy,
+            cfg,
+            worker_id,
+            cache: Mutex::new(None),
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    fn ctx(&self, actor: &str) -> WriteCtx {
+        WriteCtx {
+            actor: actor.to_owned(),
+            request_id: None,
+        }
+    }
+
+    /// The directory as the sync engine sees it.
+    pub async fn directory(&self) -> Result<Directory, EngineError> {
+        let snap = self.store.directory().await?;
+        Ok(Directory {
+            users: snap.users.iter().map(dir_user).collect(),
+            groups: snap.groups.iter().map(dir_group).collect(),
+        })
+    }
+
+    /// Desired state; persists new pins and audits new alerts.
+    pub async fn desired(&self) -> Result<Desired, EngineError> {
+        let dir = self.directory().await?;
+        let pins = self.store.pins().await?;
+        let d = desired(&dir, &self.policy, &pins, &DesiredOptions::default());
+        for (rule, group) in &d.pins {
+            if pins.get(rule) != Some(group) {
+                self.store.set_pin(&self.ctx("sync"), rule, group).await?;
+            }
+        }
+        for alert in &d.alerts {
+            let key = format!("alert:{alert:?}");
+            if self.store.sync_state_get(&key).await?.is_none() {
+                alert.emit();
+                self.store
+                    .audit(
+                        &self.ctx("sync"),
+                        entry(
+                            "Policy",
+                            None,
+                            "policy.alert",
+                            false,
+                            None,
+                            json!({"alert": format!("{alert:?}")}),
+                        ),
+                    )
+                    .await?;
+                self.store.sync_state_set(&key, "raised").await?;
+            }
+        }
+        Ok(d)
+    }
+
+    /// Reads TeamCity in full (pages, `fields=` limited).
+    pub async fn read_actual(&self) -> Result<(ActualState, usize), EngineError> {
+        let (actual, stats) = read_actual_with(
+            &self.client,
+            ReadOptions {
+                page_size: self.cfg.page_size,
+                ..ReadOptions::default()
+            },
+        )
+        .await?;
+        Ok((actual, stats.calls as usize))
+    }
+
+    /// The plan of a full reconcile, without applying it (the `plan` command).
+    pub async fn plan_full(&self) -> Result<(Plan, ActualState, usize), EngineError> {
+        let (actual, reads) = self.read_actual().await?;
+        let d = self.desired().await?;
+        let p = plan(
+            &d,
+            &actual,
+            &PlanOptions {
+                deprovision: self.cfg.deprovision,
+            },
+        );
+        Ok((p, actual, reads))
+    }
+
+    /// A full reconcile: re-read TeamCity, plan, guard, apply (unless `dry_run` or shadow).
+    pub async fn reconcile(&self, dry_run: bool) -> Result<PassReport, EngineError> {
+        let (actual, reads) = self.read_actual().await?;
+        let mut cache = self.cache.lock().await;
+        *cache = Some(actual);
+        let mut report = PassReport {
+            reads,
+            ..PassReport::default()
+        };
+        let d = self.desired().await?;
+        let actual = cache.as_mut().expect("just set");
+        let p = plan(
+            &d,
+            actual,
+            &PlanOptions {
+                deprovision: self.cfg.deprovision,
+            },
+        );
+        for c in &p.conflicts {
+            warn!(conflict = ?c, "reconcile: conflict left alone");
+        }
+        for r in &p.reports {
+            info!(report = ?r, "reconcile: unmanaged object reported");
+        }
+        report.planned = p.actions.len();
+        if dry_run {
+            return Ok(report);
+        }
+        self.execute(p.actions, actual, "reconcile", &mut report)
+            .await?;
+        self.store
+            .sync_state_set(
+                "last_reconcile",
+                &store::timefmt::format(time::OffsetDateTime::now_utc()),
+            )
+            .await?;
+        metrics::counter!("sync_reconciles_total").increment(1);
+        Ok(report)
+    }
+
+    async fn ensure_cache(&self) -> Result<(), EngineError> {
+        let mut cache = self.cache.lock().await;
+        if cache.is_none() {
+            let (actual, _) = self.read_actual().await?;
+            *cache = Some(actual);
+        }
+        Ok(())
+    }
+
+    /// One worker pass over due outbox rows. Returns what it did; `outbox_rows == 0` means idle.
+    pub async fn run_once(&self) -> Result<PassReport, EngineError> {
+        let mut report = PassReport::default();
+        self.apply_approved(&mut report).await?;
+        let now = time::OffsetDateTime::now_utc();
+        let claimed = self
+            .store
+            .claim_outbox(&self.worker_id, now, self.cfg.lease, 1000)
+            .await?;
+        if claimed.is_empty() {
+            return Ok(report);
+        }
+        report.outbox_rows = claimed.iter().map(|c| c.items.len()).sum();
+        if let Err(e) = self.ensure_cache().await {
+            // TeamCity is unreachable: nothing is lost, the rows wait with backoff.
+            let ids: Vec<i64> = claimed.iter().flat_map(ClaimedEntity::ids).collect();
+            let transient = matches!(&e, EngineError::TeamCity(t) if t.is_transient());
+            self.store
+                .fail_outbox(
+                    &self.ctx("sync"),
+                    &ids,
+                    &e.to_string(),
+                    transient,
+                    now,
+                    &self.cfg.retry,
+                )
+                .await?;
+            report.transient_stop = true;
+            return Ok(report);
+        }
+        let d = self.desired().await?;
+        let mut cache = self.cache.lock().await;
+        let actual = cache.as_mut().expect("cache loaded");
+        let p = plan(
+            &d,
+            actual,
+            &PlanOptions {
+                deprovision: self.cfg.deprovision,
+            },
+        );
+        report.planned = p.actions.len();
+        let failed = self
+            .execute(p.actions, actual, "outbox", &mut report)
+            .await?;
+        // Settle the rows.
+        let all_ids: Vec<i64> = claimed.iter().flat_map(ClaimedEntity::ids).collect();
+        if report.transient_stop {
+            let reason = failed
+                .values()
+                .next()
+                .cloned()
+                .unwrap_or_else(|| "TeamCity unavailable".into());
+            self.store
+                .fail_outbox(
+                    &self.ctx("sync"),
+                    &all_ids,
+                    &reason,
+                    true,
+                    now,
+                    &self.cfg.retry,
+                )
+                .await?;
+            return Ok(report);
+        }
+        let mut ok = vec![];
+        for c in &claimed {
+            match failed.get(&(c.entity_type.clone(), c.entity_id.clone())) {
+                Some(reason) => {
+                    self.store
+                        .fail_outbox(
+                            &self.ctx("sync"),
+                            &c.ids(),
+                            reason,
+                            false,
+                            now,
+                            &self.cfg.retry,
+                        )
+                        .await?;
+                }
+                None => ok.extend(c.ids()),
+            }
+        }
+        if !ok.is_empty() {
+            self.store
+                .complete_outbox(&self.ctx("sync"), &ok, vec![])
+                .await?;
+        }
+        Ok(report)
+    }
+
+    /// Guards, then applies `actions` one by one against TeamCity, recording each effect in
+    /// `actual` and each outcome in the audit trail. Returns the permanent failures by entity.
+    async fn execute(
+        &self,
+        actions: Vec<Action>,
+        actual: &mut ActualState,
+        source: &str,
+        report: &mut PassReport,
+    ) -> Result<BTreeMap<(String, String), String>, EngineError> {
+        let mut failed = BTreeMap::new();
+        if actions.is_empty() {
+            return Ok(failed);
+        }
+        let actor = if source == "reconcile" {
+            "reconciler"
+        } else {
+            "sync"
+        };
+        if self.cfg.mode == Mode::Shadow {
+            let kinds: BTreeMap<&str, usize> = actions.iter().fold(BTreeMap::new(), |mut m, a| {
+                *m.entry(kind(a)).or_default() += 1;
+                m
+            });
+            info!(
+                source,
+                actions = actions.len(),
+                ?kinds,
+                "shadow mode: plan computed, nothing written to TeamCity"
+            );
+            self.store
+                .audit(
+                    &self.ctx(actor),
+                    entry(
+                        "TeamCity",
+                        None,
+                        "sync.shadow_plan",
+                        true,
+                        None,
+                        json!({"source": source, "actions": kinds}),
+                    ),
+                )
+                .await?;
+            report.held = 0;
+            return Ok(failed);
+        }
+        let (to_apply, to_hold) = match self.cfg.limits.check_plan(&actions, actual) {
+            Ok(()) => (actions, vec![]),
+            Err(held) => {
+                let (hold, go): (Vec<Action>, Vec<Action>) = actions
+                    .iter()
+                    .cloned()
+                    .partition(|a| is_removal(a, &actions, actual));
+                self.hold(&hold, &held, source).await?;
+                (go, hold)
+            }
+        };
+        report.held += to_hold.len();
+        let mut created = BTreeMap::new();
+        for (i, a) in to_apply.iter().enumerate() {
+            let (target, detail) = describe(a);
+            match apply(&self.client, std::slice::from_ref(a), &mut created).await {
+                Ok(_) => {
+                    actual.record(a, &created);
+                    report.applied += 1;
+                    metrics::counter!("sync_actions_total", "kind" => kind(a), "outcome" => "applied").increment(1);
+                    self.store
+                        .audit(
+                            &self.ctx(actor),
+                            entry("TeamCity", Some(target), kind(a), true, None, detail),
+                        )
+                        .await?;
+                }
+                Err(e) => {
+                    let status = e.error.status().map(i64::from);
+                    metrics::counter!("sync_actions_total", "kind" => kind(a), "outcome" => "failed").increment(1);
+                    let mut d = detail;
+                    d["error"] = json!(format!("{:?}", e.error.kind()));
+                    self.store
+                        .audit(
+                            &self.ctx(actor),
+                            entry("TeamCity", Some(target.clone()), kind(a), false, status, d),
+                        )
+                        .await?;
+                    let reason = format!("{} on {target} failed: {:?}", kind(a), e.error.kind());
+                    if e.error.is_transient() {
+                        warn!(action = kind(a), %target, remaining = to_apply.len() - i, "TeamCity is unavailable; will retry");
+                        report.transient_stop = true;
+                        failed.insert(("*".into(), "*".into()), reason);
+                        return Ok(failed);
+                    }
+                    warn!(action = kind(a), %target, error = ?e.error.kind(), "action failed permanently");
+                    report.failed += 1;
+                    if let Some((t, id)) = entity_of(a, actual) {
+                        failed.insert((t.to_owned(), id), reason);
+                    }
+                }
+            }
+        }
+        Ok(failed)
+    }
+
+    async fn hold(
+        &self,
+        hold: &[Action],
+        held: &crate::Held,
+        source: &str,
+    ) -> Result<(), EngineError> {
+        let plan_json = serde_json::to_value(hold).unwrap_or(Value::Null);
+        // The same removals stay held until approved: do not hold them twice.
+        let existing = self.store.list_held(Some("held")).await?;
+        if existing.iter().any(|b| b.plan == plan_json) {
+            return Ok(());
+        }
+        // The rows that triggered the batch complete with the rest of it; the held removals
+        // wait in the batch itself, so no row is parked.
+        let summary = format!(
+            "{} ({} actions held: {})",
+            held.reason,
+            hold.len(),
+            kinds_summary(hold)
+        );
+        let id = self
+            .store
+            .create_held(
+                &self.ctx(if source == "reconcile" {
+                    "reconciler"
+                } else {
+                    "sync"
+                }),
+                source,
+                &[],
+                &summary,
+                held.count as i64,
+                &plan_json,
+            )
+            .await?;
+        metrics::counter!("sync_held_batches_total").increment(1);
+        warn!(
+            batch = id,
+            users = held.count,
+            reason = %held.reason,
+            "blast-radius guard held a batch; review it with `teamcity-scim held`, apply it with `teamcity-scim approve {id}`"
+        );
+        Ok(())
+    }
+
+    /// Applies approved held batches: the held actions that the current plan still wants.
+    async fn apply_approved(&self, report: &mut PassReport) -> Result<(), EngineError> {
+        let approved = self.store.list_held(Some("approved")).await?;
+        if approved.is_empty() {
+            return Ok(());
+        }
+        self.ensure_cache().await?;
+        let d = self.desired().await?;
+        let mut cache = self.cache.lock().await;
+        let actual = cache.as_mut().expect("cache loaded");
+        for batch in approved {
+            let held: Vec<Action> = serde_json::from_value(batch.plan.clone()).unwrap_or_default();
+            let current = plan(
+                &d,
+                actual,
+                &PlanOptions {
+                    deprovision: self.cfg.deprovision,
+                },
+            );
+            let wanted: BTreeSet<String> = current
+                .actions
+                .iter()
+                .map(|a| serde_json::to_string(a).unwrap_or_default())
+                .collect();
+            let still: Vec<Action> = held
+                .into_iter()
+                .filter(|a| wanted.contains(&serde_json::to_string(a).unwrap_or_default()))
+                .collect();
+            let mut created = BTreeMap::new();
+            for a in &still {
+                let (target, detail) = describe(a);
+                match apply(&self.client, std::slice::from_ref(a), &mut created).await {
+                    Ok(_) => {
+                        actual.record(a, &created);
+                        report.applied += 1;
+                        self.store
+                            .audit(
+                                &self.ctx("sync"),
+                                entry("TeamCity", Some(target), kind(a), true, None, detail),
+                            )
+                            .await?;
+                    }
+                    Err(e) if e.error.is_transient() => return Err(e.error.into()),
+                    Err(e) => {
+                        report.failed += 1;
+                        warn!(action = kind(a), %target, error = ?e.error.kind(), "approved action failed");
+                    }
+                }
+            }
+            self.store
+                .mark_held_applied(&self.ctx("sync"), batch.id)
+                .await?;
+            info!(
+                batch = batch.id,
+                actions = still.len(),
+                "approved batch applied"
+            );
+        }
+        Ok(())
+    }
+
+    /// Runs passes until no outbox row is due (tests and the demo use it).
+    pub async fn drain(&self) -> Result<PassReport, EngineError> {
+        let mut total = PassReport::default();
+        for _ in 0..10_000 {
+            let r = self.run_once().await?;
+            total.outbox_rows += r.outbox_rows;
+            total.planned += r.planned;
+            total.applied += r.applied;
+            total.failed += r.failed;
+            total.held += r.held;
+            total.transient_stop |= r.transient_stop;
+            if r.outbox_rows == 0 || r.transient_stop {
+                break;
+            }
+        }
+        Ok(total)
+    }
+
+    /// The worker and the periodic reconcile, until `shutdown` flips to true.
+    pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let mut next_reconcile = tokio::time::Instant::now();
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            if tokio::time::Instant::now() >= next_reconcile {
+                match self.reconcile(false).await {
+                    Ok(r) => info!(
+                        reads = r.reads,
+                        planned = r.planned,
+                        applied = r.applied,
+                        held = r.held,
+                        "reconcile done"
+                    ),
+                    Err(e) => warn!(error = %e, "reconcile failed; will try again"),
+                }
+                next_reconcile = tokio::time::Instant::now() + self.cfg.reconcile_interval;
+            }
+            let idle = match self.run_once().await {
+                Ok(r) => r.outbox_rows == 0 || r.transient_stop,
+                Err(e) => {
+                    warn!(error = %e, "sync pass failed; will try again");
+                    true
+                }
+            };
+            if idle {
+                tokio::select! {
+                    _ = tokio::time::sleep(self.cfg.poll) => {}
+                    _ = shutdown.changed() => {}
+                }
+            }
+        }
+        info!("sync worker stopped");
+    }
+}
