@@ -324,7 +324,7 @@ mod tests {
     #[test]
     fn default_schedule() {
         let p = RetryPolicy::default();
-        assert_eq!((p.base, p.cap, p.max_attempts), (B, CAP, 20));
+        assert_eq!((p.base, p.cap, p.max_attempts), (B, CAP, 1500));
         let d1 = backoff(1, p.base, p.cap, 9);
         assert!(d1 >= Duration::from_millis(500) && d1 < B);
     }
