@@ -69,6 +69,10 @@ struct Cli {
     /// The `teamcity-scim` binary (default: next to this executable).
     #[arg(long, global = true)]
     server_bin: Option<PathBuf>,
+    /// HTTP client of the filter load: `raw` is a minimal keep-alive HTTP/1.1 client (one
+    /// connection per concurrent worker, like wrk), `reqwest` a pooled reqwest client.
+    #[arg(long, global = true, value_enum, default_value_t = ClientKind::Raw)]
+    client: ClientKind,
     /// Worker threads of this process's runtime (load generator and in-process server).
     #[arg(long, global = true, default_value_t = 2)]
     threads: usize,
@@ -84,6 +88,14 @@ enum Cmd {
     Members,
     /// (c) resident memory of `teamcity-scim serve`, 100,000 users.
     Memory,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ClientKind {
+    /// Minimal HTTP/1.1 keep-alive client over one TCP connection per worker.
+    Raw,
+    /// reqwest with a connection pool.
+    Reqwest,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -397,10 +409,10 @@ async fn wait_healthy(
         if let Some(status) = child.try_wait()? {
             bail!("teamcity-scim exited during startup: {status}");
         }
-        if let Ok(r) = client.get(format!("{base}/healthz")).send().await {
-            if r.status().is_success() {
-                return Ok(());
-            }
+        if let Ok(r) = client.get(format!("{base}/healthz")).send().await
+            && r.status().is_success()
+        {
+            return Ok(());
         }
         ensure!(
             Instant::now() < deadline,
@@ -424,6 +436,8 @@ async fn start_process(
         .env_remove("RUST_LOG")
         .env("TEAMCITY_SCIM_SERVER__LISTEN", &listen)
         .env("TEAMCITY_SCIM_DATABASE__URL", seeded.url())
+        // One token drives the whole load: the per-token rate limit would measure itself.
+        .env("TEAMCITY_SCIM_SERVER__RATE_LIMIT_PER_SECOND", "0")
         .stdin(Stdio::null())
         .stdout(Stdio::from(std::fs::File::create(log)?))
         .stderr(Stdio::from(
@@ -489,6 +503,64 @@ fn encode(s: &str) -> String {
         }
     }
     out
+}
+
+/// A minimal HTTP/1.1 keep-alive client for the load loop: writes a prepared request, reads
+/// the status line, headers and a `Content-Length` body. Anything else is an error.
+#[derive(Debug)]
+struct RawConn {
+    stream: tokio::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawConn {
+    async fn connect(addr: &str) -> anyhow::Result<Self> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(RawConn {
+            stream,
+            buf: Vec::with_capacity(16 * 1024),
+        })
+    }
+
+    /// Sends `req` and returns the status code (the body is read and discarded).
+    async fn request(&mut self, req: &[u8]) -> anyhow::Result<u16> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        self.stream.write_all(req).await?;
+        self.buf.clear();
+        let mut chunk = [0u8; 16 * 1024];
+        let head_end = loop {
+            let n = self.stream.read(&mut chunk).await?;
+            ensure!(n > 0, "connection closed by the server");
+            self.buf.extend_from_slice(&chunk[..n]);
+            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+        };
+        let head = std::str::from_utf8(&self.buf[..head_end])?;
+        let status: u16 = head
+            .get(9..12)
+            .and_then(|s| s.parse().ok())
+            .context("bad status line")?;
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .context("response without Content-Length")?;
+        while self.buf.len() < head_end + len {
+            let n = self.stream.read(&mut chunk).await?;
+            ensure!(n > 0, "connection closed by the server");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+        ensure!(
+            self.buf.len() == head_end + len,
+            "unexpected bytes after the body"
+        );
+        Ok(status)
+    }
 }
 
 /// Latency statistics over recorded durations.
@@ -566,6 +638,18 @@ async fn bench_filter(cli: &Cli, dir: &Path, report: &mut Report) -> anyhow::Res
             .collect(),
     );
     let auth = Arc::new(format!("Bearer {}", seeded.token));
+    let host = base.trim_start_matches("http://").to_owned();
+    let raw_requests: Arc<Vec<Vec<u8>>> = Arc::new(
+        urls.iter()
+            .map(|u| {
+                format!(
+                    "GET {} HTTP/1.1\r\nHost: {host}\r\nAuthorization: {auth}\r\nAccept: application/scim+json\r\n\r\n",
+                    &u[base.len()..]
+                )
+                .into_bytes()
+            })
+            .collect(),
+    );
 
     // Correctness probe: the filter finds exactly the user asked for.
     let (id, name) = &seeded.users[1234];
@@ -583,8 +667,9 @@ async fn bench_filter(cli: &Cli, dir: &Path, report: &mut Report) -> anyhow::Res
     );
 
     eprintln!(
-        "[filter] {} concurrent clients, {} s warm-up, {} s measured ({} server)",
+        "[filter] {} concurrent {:?} clients, {} s warm-up, {} s measured ({} server)",
         cli.concurrency,
+        cli.client,
         cli.warmup,
         cli.duration,
         match cli.server {
@@ -598,27 +683,46 @@ async fn bench_filter(cli: &Cli, dir: &Path, report: &mut Report) -> anyhow::Res
     let mut tasks = vec![];
     for w in 0..cli.concurrency {
         let (client, urls, auth) = (client.clone(), urls.clone(), auth.clone());
+        let (raw_requests, host, kind) = (raw_requests.clone(), host.clone(), cli.client);
         tasks.push(tokio::spawn(async move {
             let mut rng = StdRng::seed_from_u64(w as u64 + 1);
             let mut lat = Vec::with_capacity(200_000);
             let mut errors = 0usize;
+            let mut conn = None;
             loop {
                 let started = Instant::now();
                 if started >= end {
                     break;
                 }
-                let url = &urls[rng.random_range(0..urls.len())];
-                let ok = match client
-                    .get(url)
-                    .header("authorization", auth.as_str())
-                    .send()
-                    .await
-                {
-                    Ok(r) => {
-                        let ok = r.status() == reqwest::StatusCode::OK;
-                        ok && r.bytes().await.is_ok()
+                let i = rng.random_range(0..urls.len());
+                let ok = match kind {
+                    ClientKind::Raw => {
+                        if conn.is_none() {
+                            conn = RawConn::connect(&host).await.ok();
+                        }
+                        match conn.as_mut() {
+                            Some(c) => match c.request(&raw_requests[i]).await {
+                                Ok(status) => status == 200,
+                                Err(_) => {
+                                    conn = None;
+                                    false
+                                }
+                            },
+                            None => false,
+                        }
                     }
-                    Err(_) => false,
+                    ClientKind::Reqwest => match client
+                        .get(&urls[i])
+                        .header("authorization", auth.as_str())
+                        .send()
+                        .await
+                    {
+                        Ok(r) => {
+                            let ok = r.status() == reqwest::StatusCode::OK;
+                            ok && r.bytes().await.is_ok()
+                        }
+                        Err(_) => false,
+                    },
                 };
                 let done = Instant::now();
                 if started >= measure_from && done <= end {

@@ -29,6 +29,8 @@ pub struct Config {
     pub teamcity: TeamCityConfig,
     /// `[sync]`
     pub sync: SyncConfig,
+    /// `[audit]`
+    pub audit: AuditConfig,
     /// `[policy]`: IdP groups → TeamCity roles, defaults, caps.
     pub policy: sync::Policy,
 }
@@ -41,7 +43,7 @@ pub struct TeamCityConfig {
     pub url: String,
     /// Access token of the bridge's TeamCity account (prefer `token_file` or the environment).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub token: Option<String>,
+    pub token: Option<Secret>,
     /// A file holding the token (re-read at start); wins over `token`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_file: Option<PathBuf>,
@@ -51,17 +53,45 @@ pub struct TeamCityConfig {
     pub max_concurrency: usize,
     /// Requests per second, 0 for no limit.
     pub requests_per_second: u32,
+    /// PEM file of extra CA certificates to trust for TeamCity (a private CA), in addition to
+    /// the system's. Certificates are always verified.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl TeamCityConfig {
+    /// The contents of `ca_file`, checked to hold at least one PEM certificate.
+    pub fn read_ca(&self) -> anyhow::Result<Option<Vec<u8>>> {
+        let Some(path) = &self.ca_file else {
+            return Ok(None);
+        };
+        let pem = std::fs::read(path)
+            .with_context(|| format!("teamcity.ca_file: cannot read {}", path.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+            anyhow::anyhow!(
+                "teamcity.ca_file: {} is not PEM certificates: {e}",
+                path.display()
+            )
+        })?;
+        anyhow::ensure!(
+            !certs.is_empty(),
+            "teamcity.ca_file: {} holds no PEM certificate",
+            path.display()
+        );
+        Ok(Some(pem))
+    }
 }
 
 impl std::fmt::Debug for TeamCityConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TeamCityConfig")
             .field("url", &self.url)
-            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token", &self.token)
             .field("token_file", &self.token_file)
             .field("request_timeout", &self.request_timeout)
             .field("max_concurrency", &self.max_concurrency)
             .field("requests_per_second", &self.requests_per_second)
+            .field("ca_file", &self.ca_file)
             .finish()
     }
 }
@@ -75,6 +105,7 @@ impl Default for TeamCityConfig {
             request_timeout: "30s".into(),
             max_concurrency: 8,
             requests_per_second: 0,
+            ca_file: None,
         }
     }
 }
@@ -95,6 +126,9 @@ pub struct SyncConfig {
     pub max_removals_percent: u32,
     /// Longest wait between retries of a failing TeamCity change, e.g. `60s`.
     pub max_backoff: String,
+    /// How long a worker owns the outbox rows it claimed; rows of a worker that died are
+    /// picked up again after this, e.g. `120s`.
+    pub lease: String,
 }
 
 /// Sync mode.
@@ -126,7 +160,49 @@ impl Default for SyncConfig {
             max_removals: 10,
             max_removals_percent: 20,
             max_backoff: "60s".into(),
+            lease: "60s".into(),
         }
+    }
+}
+
+/// A secret from the configuration: never printed, never serialised in clear.
+#[derive(Clone)]
+pub struct Secret(secrecy::SecretString);
+
+impl Secret {
+    /// Wraps a value.
+    pub fn new(value: String) -> Self {
+        Secret(secrecy::SecretString::from(value))
+    }
+
+    /// The value, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        use secrecy::ExposeSecret;
+        self.0.expose_secret()
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl PartialEq for Secret {
+    fn eq(&self, other: &Self) -> bool {
+        self.expose() == other.expose()
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<redacted>")
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Secret::new)
     }
 }
 
@@ -136,6 +212,33 @@ impl Default for SyncConfig {
 pub struct ServerConfig {
     /// Address to listen on; the SCIM base path is `/scim/v2`.
     pub listen: SocketAddr,
+    /// A file of SCIM bearer tokens (one per line), re-read when it changes; a token replaced
+    /// in the file stays valid for `token_file_grace` so rotation never locks the IdP out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    /// How long a token removed from `token_file` keeps working, e.g. `10m`.
+    pub token_file_grace: String,
+    /// Longest a request may take, reading its body included, e.g. `30s`; then a SCIM 503.
+    pub request_timeout: String,
+    /// Longest wait for a request's headers (and a TLS handshake) before the connection is
+    /// closed, e.g. `10s`: slow clients cannot hold connections.
+    pub header_read_timeout: String,
+    /// Sustained SCIM requests per second per token; 0 turns the per-token limit off.
+    pub rate_limit_per_second: u32,
+    /// Requests a token may send at once above the sustained rate.
+    pub rate_limit_burst: u32,
+    /// Failed authentications per minute per client address before that address is refused
+    /// with 429 for a while; 0 turns this off.
+    pub auth_failures_per_minute: u32,
+    /// Take the client address from the last `X-Forwarded-For` entry (set by your reverse
+    /// proxy) instead of the TCP peer. Only behind a proxy that sets it.
+    pub trust_forwarded_for: bool,
+    /// PEM certificate chain; with `tls_key_file`, `serve` speaks HTTPS. Reloaded on change.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key for `tls_cert_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 /// `[database]`
@@ -169,10 +272,41 @@ pub enum LogFormat {
     Json,
 }
 
+/// `[audit]`: retention of the audit trail.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Keep events this long, e.g. `400d`; `0` keeps them forever. `serve` prunes daily.
+    pub retention: String,
+    /// The HMAC key that signs prune checkpoints; default `<database file>.audit-key`,
+    /// created on the first prune.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint_key_file: Option<PathBuf>,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            retention: "0".into(),
+            checkpoint_key_file: None,
+        }
+    }
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            token_file: None,
+            token_file_grace: "10m".into(),
+            request_timeout: "30s".into(),
+            header_read_timeout: "10s".into(),
+            rate_limit_per_second: 50,
+            rate_limit_burst: 100,
+            auth_failures_per_minute: 30,
+            trust_forwarded_for: false,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -222,15 +356,42 @@ pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
     if let Some(path) = &cfg.teamcity.token_file {
         let token = std::fs::read_to_string(path)
             .with_context(|| format!("teamcity.token_file: cannot read {}", path.display()))?;
-        cfg.teamcity.token = Some(token.trim().to_owned());
+        cfg.teamcity.token = Some(Secret::new(token.trim().to_owned()));
     }
     for (key, value) in [
         ("teamcity.request_timeout", &cfg.teamcity.request_timeout),
         ("sync.reconcile_interval", &cfg.sync.reconcile_interval),
         ("sync.max_backoff", &cfg.sync.max_backoff),
+        ("server.request_timeout", &cfg.server.request_timeout),
+        (
+            "server.header_read_timeout",
+            &cfg.server.header_read_timeout,
+        ),
+        ("server.token_file_grace", &cfg.server.token_file_grace),
+        ("sync.lease", &cfg.sync.lease),
     ] {
         crate::ttl::parse(value).with_context(|| format!("`{key}`"))?;
     }
+    if !matches!(cfg.audit.retention.trim(), "" | "0") {
+        crate::ttl::parse(&cfg.audit.retention).context("`audit.retention`")?;
+    }
+    match (&cfg.server.tls_cert_file, &cfg.server.tls_key_file) {
+        (Some(_), Some(_)) | (None, None) => {}
+        _ => anyhow::bail!(
+            "`server.tls_cert_file` and `server.tls_key_file` go together: set both for HTTPS, \
+             or neither for plain HTTP behind a reverse proxy"
+        ),
+    }
+    for (key, path) in [
+        ("server.tls_cert_file", &cfg.server.tls_cert_file),
+        ("server.tls_key_file", &cfg.server.tls_key_file),
+    ] {
+        if let Some(path) = path {
+            std::fs::metadata(path)
+                .with_context(|| format!("{key}: cannot read {}", path.display()))?;
+        }
+    }
+    cfg.teamcity.read_ca()?;
     anyhow::ensure!(
         cfg.teamcity.max_concurrency > 0,
         "`teamcity.max_concurrency` must be at least 1"
@@ -316,8 +477,13 @@ mod tests {
     fn example_is_in_step_with_the_code() {
         let mut full = Config::default();
         full.database.url_file = Some("/run/secrets/database-url".into());
-        full.teamcity.token = Some("x".into());
+        full.teamcity.token = Some(Secret::new("x".into()));
+        full.server.token_file = Some("/run/secrets/scim-tokens".into());
         full.teamcity.token_file = Some("/run/secrets/teamcity-token".into());
+        full.audit.checkpoint_key_file = Some("/run/secrets/audit-checkpoint-key".into());
+        full.teamcity.ca_file = Some("/etc/teamcity-scim/teamcity-ca.pem".into());
+        full.server.tls_cert_file = Some("/etc/teamcity-scim/tls.crt".into());
+        full.server.tls_key_file = Some("/etc/teamcity-scim/tls.key".into());
         full.policy = sync::Policy::from_toml(
             "[[groups]]\nname = \"x\"\nmatch = { externalId = \"x\" }\nroles = []\n\
              [defaults]\nroles = []\n[[caps]]\nuser_type = \"Agent\"\nallowed_roles = []\n",
@@ -389,6 +555,55 @@ mod tests {
             jail.create_file("bad.toml", "[server]\nlisen = \"127.0.0.1:1\"\n")?;
             let e = load(Some(Path::new("bad.toml"))).unwrap_err().to_string();
             assert!(e.contains("lisen") && e.contains("bad.toml"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[expect(
+        clippy::result_large_err,
+        reason = "figment's Jail API returns figment::Error"
+    )]
+    fn tls_and_ca_files_are_checked_at_load() {
+        figment::Jail::expect_with(|jail| {
+            let c = load(None).unwrap();
+            assert_eq!(c.server.rate_limit_per_second, 50);
+            assert_eq!(c.server.rate_limit_burst, 100);
+            assert_eq!(c.server.request_timeout, "30s");
+            assert_eq!(c.server.header_read_timeout, "10s");
+
+            jail.set_env("TEAMCITY_SCIM_TEAMCITY__CA_FILE", "/nonexistent/ca.pem");
+            let e = format!("{:#}", load(None).unwrap_err());
+            assert!(
+                e.contains("teamcity.ca_file") && e.contains("/nonexistent/ca.pem"),
+                "{e}"
+            );
+            jail.create_file("ca.pem", "not a certificate\n")?;
+            jail.set_env("TEAMCITY_SCIM_TEAMCITY__CA_FILE", "ca.pem");
+            let e = format!("{:#}", load(None).unwrap_err());
+            assert!(
+                e.contains("teamcity.ca_file") && e.contains("ca.pem"),
+                "{e}"
+            );
+            jail.clear_env();
+
+            jail.create_file("tls.crt", "x")?;
+            jail.set_env("TEAMCITY_SCIM_SERVER__TLS_CERT_FILE", "tls.crt");
+            let e = format!("{:#}", load(None).unwrap_err());
+            assert!(e.contains("tls_key_file"), "{e}");
+            jail.set_env("TEAMCITY_SCIM_SERVER__TLS_KEY_FILE", "missing.key");
+            let e = format!("{:#}", load(None).unwrap_err());
+            assert!(
+                e.contains("server.tls_key_file") && e.contains("missing.key"),
+                "{e}"
+            );
+            jail.create_file("tls.key", "x")?;
+            jail.set_env("TEAMCITY_SCIM_SERVER__TLS_KEY_FILE", "tls.key");
+            assert!(load(None).is_ok());
+
+            jail.set_env("TEAMCITY_SCIM_SERVER__HEADER_READ_TIMEOUT", "soon");
+            let e = format!("{:#}", load(None).unwrap_err());
+            assert!(e.contains("server.header_read_timeout"), "{e}");
             Ok(())
         });
     }

@@ -17,6 +17,7 @@ use rand::RngCore;
 use store::{DynStore, SystemClock, WriteCtx};
 use time::OffsetDateTime;
 
+mod audit_cmd;
 mod config;
 mod demo;
 mod ops;
@@ -91,6 +92,21 @@ enum Command {
     Approve {
         /// The batch id from `held`.
         id: i64,
+    },
+    /// The tamper-evident audit trail: verify, export, tail, prune.
+    Audit {
+        #[command(subcommand)]
+        command: audit_cmd::AuditCommand,
+    },
+    /// Who had which TeamCity role at which scope, directly or through which group, at a time,
+    /// reconstructed from the audit trail.
+    AccessReview {
+        /// The time (RFC 3339, or `now`).
+        #[arg(long, default_value = "now")]
+        at: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "csv")]
+        format: audit_cmd::ReviewFormat,
     },
 }
 
@@ -174,6 +190,13 @@ async fn run(cmd: Command, cfg: Config) -> anyhow::Result<u8> {
         Command::Outbox { command } => ops::outbox(command, &open_store(&cfg).await?, out).await?,
         Command::Held { all } => ops::held(&open_store(&cfg).await?, all, out).await?,
         Command::Approve { id } => ops::approve(&open_store(&cfg).await?, id, out).await?,
+        Command::Audit { command } => {
+            return audit_cmd::run(command, &cfg, &open_store(&cfg).await?).await;
+        }
+        Command::AccessReview { at, format } => {
+            let at = audit_cmd::parse_time(&at)?;
+            audit_cmd::access_review(&cfg, &open_store(&cfg).await?, at, format, out).await?
+        }
         Command::Plan { exit_code } => {
             let pending = sync_cmd::plan(&cfg, open_store(&cfg).await?).await?;
             return Ok(if exit_code && pending { 2 } else { 0 });
@@ -194,11 +217,8 @@ async fn run(cmd: Command, cfg: Config) -> anyhow::Result<u8> {
         Command::Config {
             command: ConfigCommand::Show,
         } => {
-            let mut shown = cfg.clone();
-            if shown.teamcity.token.is_some() {
-                shown.teamcity.token = Some("<redacted>".into());
-            }
-            print!("{}", toml::to_string_pretty(&shown)?);
+            // Secrets serialise as `<redacted>`.
+            print!("{}", toml::to_string_pretty(&cfg)?);
         }
         Command::Config {
             command: ConfigCommand::Check,
@@ -284,7 +304,8 @@ async fn token(cmd: TokenCommand, cfg: &Config) -> anyhow::Result<()> {
 
 async fn serve(cfg: Config) -> anyhow::Result<()> {
     let store = open_store(&cfg).await?;
-    if store.valid_token_hashes().await?.is_empty() {
+    let audit_store = store.clone();
+    if cfg.server.token_file.is_none() && store.valid_token_hashes().await?.is_empty() {
         let (rec, secret) = new_token(&store, "initial", None).await?;
         println!(
             "No SCIM token existed, so one was created (id {}). It is shown only this once:",
@@ -294,21 +315,33 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         println!("    {secret}");
         println!();
         println!(
-            "Give it to your identity provider as the bearer token for http://{}/scim/v2 \
-             (try: curl -H 'Authorization: Bearer <token>' http://{}/scim/v2/ServiceProviderConfig).",
-            cfg.server.listen, cfg.server.listen
+            "Give it to your identity provider as the bearer token for {scheme}://{}/scim/v2 \
+             (try: curl -H 'Authorization: Bearer <token>' {scheme}://{}/scim/v2/ServiceProviderConfig).",
+            cfg.server.listen,
+            cfg.server.listen,
+            scheme = if cfg.server.tls_cert_file.is_some() {
+                "https"
+            } else {
+                "http"
+            },
         );
     }
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .context("cannot install the metrics recorder")?;
     let engine = sync_cmd::engine(&cfg, store.clone())?;
-    let mut state = server::AppState::new(store);
+    let mut state = server::AppState::new(store.clone());
+    if let Some(path) = &cfg.server.token_file {
+        let grace = ttl::parse(&cfg.server.token_file_grace)?.unsigned_abs();
+        state.tokens = server::auth::TokenCache::new(store).with_token_file(path.clone(), grace);
+    }
     state.metrics = Some(metrics);
+    let options = harden(&cfg, &mut state)?;
     let listener = tokio::net::TcpListener::bind(cfg.server.listen)
         .await
         .with_context(|| format!("cannot listen on {} (server.listen)", cfg.server.listen))?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let retention = audit_cmd::spawn_retention(&cfg, audit_store, stop_rx.clone())?;
     let worker = match engine {
         Some(engine) => {
             tracing::info!(
@@ -326,8 +359,13 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             None
         }
     };
-    tracing::info!(listen = %cfg.server.listen, base_path = server::BASE_PATH, "teamcity-scim serving SCIM");
-    server::serve(listener, state, async move {
+    tracing::info!(
+        listen = %cfg.server.listen,
+        base_path = server::BASE_PATH,
+        tls = options.tls.is_some(),
+        "teamcity-scim serving SCIM"
+    );
+    server::serve_with(listener, state, options, async move {
         shutdown_signal().await;
         let _ = stop_tx.send(true);
     })
@@ -335,8 +373,43 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     if let Some(w) = worker {
         let _ = w.await;
     }
+    if let Some(r) = retention {
+        let _ = r.await;
+    }
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// How often `serve` re-reads the TLS certificate and key files.
+const TLS_RELOAD_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// `[server]` abuse limits and TLS: sets the request timeout and rate limits on `state` and
+/// returns the connection options.
+fn harden(cfg: &Config, state: &mut server::AppState) -> anyhow::Result<server::ServeOptions> {
+    let s = &cfg.server;
+    state.limits.request_timeout = Some(ttl::parse(&s.request_timeout)?.unsigned_abs());
+    state.rate_limiter = server::RateLimiter::new(server::RateLimitConfig {
+        per_second: s.rate_limit_per_second,
+        burst: s.rate_limit_burst,
+        auth_failures_per_minute: s.auth_failures_per_minute,
+        trust_forwarded_for: s.trust_forwarded_for,
+    });
+    let tls = match (&s.tls_cert_file, &s.tls_key_file) {
+        (Some(cert), Some(key)) => Some(
+            server::tls::ReloadingCert::load(server::tls::TlsFiles {
+                cert_file: cert.clone(),
+                key_file: key.clone(),
+                reload_interval: TLS_RELOAD_INTERVAL,
+            })
+            .context("cannot start HTTPS (server.tls_cert_file, server.tls_key_file)")?,
+        ),
+        _ => None,
+    };
+    Ok(server::ServeOptions {
+        header_read_timeout: ttl::parse(&s.header_read_timeout)?.unsigned_abs(),
+        tls,
+        ..server::ServeOptions::default()
+    })
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -13,13 +13,22 @@ use crate::ttl;
 
 /// The TeamCity client `[teamcity]` describes, or `None` when no token is configured.
 pub(crate) fn client(cfg: &Config) -> anyhow::Result<Option<teamcity::Client>> {
-    let Some(token) = cfg.teamcity.token.clone().filter(|t| !t.is_empty()) else {
+    let Some(token) = cfg
+        .teamcity
+        .token
+        .as_ref()
+        .filter(|t| !t.expose().is_empty())
+    else {
         return Ok(None);
     };
-    let mut c = teamcity::ClientConfig::new(cfg.teamcity.url.clone(), teamcity::Token::new(token));
+    let mut c = teamcity::ClientConfig::new(
+        cfg.teamcity.url.clone(),
+        teamcity::Token::new(token.expose()),
+    );
     c.request_timeout = ttl::parse(&cfg.teamcity.request_timeout)?.unsigned_abs();
     c.max_concurrency = cfg.teamcity.max_concurrency;
     c.requests_per_second = NonZeroU32::new(cfg.teamcity.requests_per_second);
+    c.ca_pem = cfg.teamcity.read_ca()?;
     Ok(Some(teamcity::Client::new(c).context(
         "cannot build the TeamCity client ([teamcity])",
     )?))
@@ -55,6 +64,7 @@ pub(crate) fn engine_config(cfg: &Config) -> anyhow::Result<EngineConfig> {
             ..RetryPolicy::default()
         },
         reconcile_interval: ttl::parse(&cfg.sync.reconcile_interval)?.unsigned_abs(),
+        lease: ttl::parse(&cfg.sync.lease)?.unsigned_abs(),
         ..EngineConfig::default()
     })
 }

@@ -5,6 +5,7 @@
 //! takes effect within that time) and on an unknown token at most every [`MISS_REFRESH`].
 //! Every presented token is compared with every snapshot entry in constant time.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -54,11 +55,78 @@ struct Snapshot {
     loaded: Instant,
 }
 
+/// SCIM tokens from a file (one per line, `#` comments), re-read when it changes. A token that
+/// leaves the file stays valid for the grace period, so a rotation (write the new token, let the
+/// IdP pick it up, drop the old one) never locks the IdP out.
+#[derive(Debug)]
+struct FileTokens {
+    path: PathBuf,
+    grace: time::Duration,
+    content: Option<[u8; 32]>,
+    current: Vec<[u8; 32]>,
+    retiring: Vec<([u8; 32], time::OffsetDateTime)>,
+}
+
+impl FileTokens {
+    /// Re-reads the file if it changed; returns the entries valid now.
+    fn refresh(&mut self, now: time::OffsetDateTime) -> Vec<([u8; 32], TokenRecord)> {
+        match std::fs::read_to_string(&self.path) {
+            Ok(text) => {
+                let digest = hash_token(&text);
+                if self.content != Some(digest) {
+                    let new: Vec<[u8; 32]> = text
+                        .lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                        .map(hash_token)
+                        .collect();
+                    for old in &self.current {
+                        if !new.contains(old) {
+                            self.retiring.push((*old, now + self.grace));
+                        }
+                    }
+                    self.retiring.retain(|(h, _)| !new.contains(h));
+                    if self.content.is_some() {
+                        tracing::info!(
+                            tokens = new.len(),
+                            "SCIM token file changed; replaced tokens stay valid for the grace period"
+                        );
+                    }
+                    self.current = new;
+                    self.content = Some(digest);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot read the SCIM token file; keeping the tokens read before")
+            }
+        }
+        self.retiring.retain(|(_, until)| *until > now);
+        let record = |h: &[u8; 32], expires: Option<time::OffsetDateTime>| TokenRecord {
+            // A prefix of the hash names the token in the audit trail without revealing it.
+            id: format!("file:{}", hex::encode(&h[..4])),
+            name: "token_file".into(),
+            created: now,
+            expires,
+            revoked: None,
+        };
+        self.current
+            .iter()
+            .map(|h| (*h, record(h, None)))
+            .chain(
+                self.retiring
+                    .iter()
+                    .map(|(h, until)| (*h, record(h, Some(*until)))),
+            )
+            .collect()
+    }
+}
+
 /// The snapshot of valid token hashes.
 #[derive(Debug, Clone)]
 pub struct TokenCache {
     store: DynStore,
     snapshot: Arc<RwLock<Snapshot>>,
+    file: Option<Arc<std::sync::Mutex<FileTokens>>>,
 }
 
 impl TokenCache {
@@ -73,7 +141,21 @@ impl TokenCache {
                 entries: vec![],
                 loaded: stale,
             })),
+            file: None,
         }
+    }
+
+    /// Also accepts the tokens listed in `path`, re-read when it changes; a token removed from
+    /// the file stays valid for `grace`.
+    pub fn with_token_file(mut self, path: PathBuf, grace: std::time::Duration) -> Self {
+        self.file = Some(Arc::new(std::sync::Mutex::new(FileTokens {
+            path,
+            grace: time::Duration::try_from(grace).unwrap_or(time::Duration::minutes(10)),
+            content: None,
+            current: vec![],
+            retiring: vec![],
+        })));
+        self
     }
 
     async fn refresh_if_older_than(&self, age: Duration) {
@@ -82,7 +164,11 @@ impl TokenCache {
             return;
         }
         match self.store.valid_token_hashes().await {
-            Ok(entries) => {
+            Ok(mut entries) => {
+                if let Some(file) = &self.file {
+                    let now = time::OffsetDateTime::now_utc();
+                    entries.extend(file.lock().unwrap_or_else(|e| e.into_inner()).refresh(now));
+                }
                 snap.entries = entries;
                 snap.loaded = Instant::now();
             }

@@ -5,7 +5,8 @@
 //! TeamCity — a write reaches TeamCity only through the outbox row its store command writes.
 
 use std::future::Future;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
@@ -24,12 +25,15 @@ mod bulk;
 mod discovery;
 pub mod error;
 mod extract;
+pub mod limit;
 mod render;
 mod reply;
 mod resources;
 pub mod state;
+pub mod tls;
 
 pub use auth::{generate_token, hash_token};
+pub use limit::{RateLimitConfig, RateLimiter};
 pub use state::{AppState, Limits};
 
 use error::{ApiError, ApiResult, scim_error_response};
@@ -278,9 +282,19 @@ fn scim_router(state: AppState) -> Router<AppState> {
         )
         .merge(discovery_routes())
         .fallback(not_found)
+        // Runs after authentication: the per-token limit reads the `Actor`.
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            limit::per_token,
+        ))
         // `layer`, not `route_layer`: unknown paths under the base need a token too, so an
         // unauthenticated client learns nothing about which endpoints exist.
-        .layer(middleware::from_fn_with_state(state, auth::require_token))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ))
+        // Around authentication: peers that keep failing it are blocked for a while.
+        .layer(middleware::from_fn_with_state(state, limit::auth_failures))
 }
 
 async fn track_metrics(req: Request, next: Next) -> Response {
@@ -298,6 +312,17 @@ async fn track_metrics(req: Request, next: Next) -> Response {
     metrics::histogram!("scim_request_duration_seconds", "method" => method, "route" => route)
         .record(start.elapsed().as_secs_f64());
     resp
+}
+
+/// The span of one request: method, path and request id. Never the query string: SCIM filters
+/// carry user names and email addresses (`filter=userName eq "…"`), which must not reach logs.
+fn request_span(req: &axum::http::Request<Body>) -> tracing::Span {
+    let request_id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id)
 }
 
 /// The whole application router.
@@ -328,21 +353,180 @@ pub fn router(state: AppState) -> Router {
             }),
         )
         .fallback(not_found)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            limit::request_timeout,
+        ))
         .layer(middleware::from_fn(track_metrics))
         .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(TraceLayer::new_for_http())
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .with_state(state)
 }
 
-/// Serves the application on `listener` until `shutdown` resolves, then drains in-flight
-/// requests.
+/// How [`serve_with`] runs connections.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Longest wait for a request's head: from accepting a connection to its first request
+    /// (TLS handshake and protocol detection included), and for each later request head on a
+    /// kept-alive HTTP/1.1 connection. A client that is slower is disconnected.
+    pub header_read_timeout: Duration,
+    /// HTTPS: the certificate in service, reloaded from its files. `None` serves plain HTTP.
+    pub tls: Option<Arc<tls::ReloadingCert>>,
+    /// Longest wait for in-flight requests after shutdown was asked for.
+    pub drain_timeout: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            header_read_timeout: Duration::from_secs(10),
+            tls: None,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Serves the application on `listener` over plain HTTP with default [`ServeOptions`] until
+/// `shutdown` resolves, then drains in-flight requests.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
+    serve_with(listener, state, ServeOptions::default(), shutdown).await
+}
+
+/// Serves the application on `listener` (HTTP/1.1 and HTTP/2, over TLS when
+/// `options.tls` is set) until `shutdown` resolves, then drains in-flight requests for at most
+/// `options.drain_timeout`.
+///
+/// The accept loop is hyper-util's rather than `axum::serve` so that slow clients are cut off
+/// ([`ServeOptions::header_read_timeout`]) and the peer address reaches the rate limiter as
+/// `ConnectInfo<SocketAddr>`.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto;
+    use hyper_util::server::graceful::GracefulShutdown;
+    use hyper_util::service::TowerToHyperService;
+    use tower::ServiceExt as _;
+
+    let app = router(state);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(options.header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    let builder = Arc::new(builder);
+    let acceptor = match &options.tls {
+        Some(cert) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
+            cert.server_config().map_err(std::io::Error::other)?,
+        ))),
+        None => None,
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    if let Some(cert) = &options.tls {
+        let mut rx = stop_rx.clone();
+        tokio::spawn(cert.clone().watch(async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }));
+    }
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: pause instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        // Set once the first request head has been read: until then the connection is on
+        // the clock (TLS handshake, HTTP/2 preface and first head within header_read_timeout).
+        let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = started.clone();
+        let svc =
+            app.clone()
+                .map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                    seen.store(true, std::sync::atomic::Ordering::Relaxed);
+                    req.extensions_mut()
+                        .insert(axum::extract::ConnectInfo(peer));
+                    req
+                });
+        let svc = TowerToHyperService::new(svc);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let acceptor = acceptor.clone();
+        let first_deadline = options.header_read_timeout;
+        tokio::spawn(async move {
+            let serve = async {
+                match acceptor {
+                    None => {
+                        watcher
+                            .watch(
+                                builder.serve_connection_with_upgrades(TokioIo::new(stream), svc),
+                            )
+                            .await
+                    }
+                    Some(acceptor) => match acceptor.accept(stream).await {
+                        Ok(tls) => {
+                            watcher
+                                .watch(
+                                    builder.serve_connection_with_upgrades(TokioIo::new(tls), svc),
+                                )
+                                .await
+                        }
+                        Err(e) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            Ok(())
+                        }
+                    },
+                }
+            };
+            let first_request = async {
+                tokio::time::sleep(first_deadline).await;
+                if started.load(std::sync::atomic::Ordering::Relaxed) {
+                    // Later requests are hyper's header_read_timeout's business.
+                    std::future::pending::<()>().await;
+                }
+            };
+            tokio::select! {
+                result = serve => {
+                    if let Err(e) = result {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                }
+                () = first_request => {
+                    tracing::debug!(%peer, "no request within header_read_timeout; connection closed");
+                }
+            }
+        });
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    if tokio::time::timeout(options.drain_timeout, graceful.shutdown())
         .await
+        .is_err()
+    {
+        tracing::warn!(
+            "in-flight requests did not finish within {:?}; closing their connections",
+            options.drain_timeout
+        );
+    }
+    Ok(())
 }

@@ -209,7 +209,10 @@ pub(crate) async fn patch(
     let mut patch_proj = proj.clone();
     if kind == ResourceKind::Group
         && !proj.requests("members")
-        && state.store.member_count(id).await? > PATCH_INLINE_MEMBERS_MAX
+        && state
+            .store
+            .member_count_exceeds(id, PATCH_INLINE_MEMBERS_MAX)
+            .await?
     {
         patch_proj.excluded.push(AttrPath::simple("members"));
     }

@@ -1,11 +1,14 @@
 //! Shared state handed to every handler.
 
+use std::time::Duration;
+
 use metrics_exporter_prometheus::PrometheusHandle;
 use store::DynStore;
 
 use crate::auth::TokenCache;
+use crate::limit::RateLimiter;
 
-/// Request-size limits.
+/// Request limits: sizes and time.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// Largest request body accepted on ordinary routes, in bytes.
@@ -14,6 +17,8 @@ pub struct Limits {
     pub bulk_max_operations: usize,
     /// `bulk.maxPayloadSize`, in bytes.
     pub bulk_max_payload: usize,
+    /// Longest a request may take, body included (`None`: no limit); then a SCIM 503.
+    pub request_timeout: Option<Duration>,
 }
 
 impl Default for Limits {
@@ -22,6 +27,7 @@ impl Default for Limits {
             max_body: 1024 * 1024,
             bulk_max_operations: 1000,
             bulk_max_payload: 4 * 1024 * 1024,
+            request_timeout: Some(Duration::from_secs(30)),
         }
     }
 }
@@ -37,6 +43,8 @@ pub struct AppState {
     pub limits: Limits,
     /// Prometheus renderer for `/metrics`, when metrics are enabled.
     pub metrics: Option<PrometheusHandle>,
+    /// Per-token and failed-authentication rate limits (off unless configured).
+    pub rate_limiter: RateLimiter,
 }
 
 impl AppState {
@@ -47,6 +55,7 @@ impl AppState {
             store,
             limits: Limits::default(),
             metrics: None,
+            rate_limiter: RateLimiter::disabled(),
         }
     }
 }

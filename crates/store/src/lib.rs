@@ -17,6 +17,7 @@ use scim::{AttrPath, ResourceKind};
 use serde_json::Value;
 use time::OffsetDateTime;
 
+pub mod access;
 pub mod audit;
 mod clock;
 mod sql_filter;
@@ -266,7 +267,7 @@ pub struct OutboxItem {
     pub attempts: i64,
 }
 
-pub use audit::AuditEvent;
+pub use audit::{AuditEvent, Checkpoint};
 
 impl WriteCtx {
     /// The context of the outbox worker and the reconciler.
@@ -333,6 +334,12 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// Number of members of a group.
     async fn member_count(&self, group_id: &str) -> StoreResult<usize>;
+
+    /// Whether a group has more than `n` members. Backends override this to stop counting at
+    /// `n + 1` (a PATCH on a 50,000-member group asks it on every request).
+    async fn member_count_exceeds(&self, group_id: &str, n: usize) -> StoreResult<bool> {
+        Ok(self.member_count(group_id).await? > n)
+    }
 
     /// Lists resources matching a query.
     async fn list(&self, kind: ResourceKind, query: &ListQuery) -> StoreResult<ListPage>;
@@ -492,6 +499,34 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// Appends one audit event on its own (no outbox row). Returns its sequence number.
     async fn audit(&self, ctx: &WriteCtx, entry: AuditEntry) -> StoreResult<i64>;
+
+    // ----- Audit retention and export -----
+
+    /// Audit events with `seq > after` and `since <= time <= until` (either bound optional),
+    /// oldest first, at most `limit`.
+    async fn audit_range(
+        &self,
+        since: Option<OffsetDateTime>,
+        until: Option<OffsetDateTime>,
+        after: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<AuditEvent>>;
+
+    /// The newest prune checkpoint: where the chain now starts. `None` if nothing was pruned.
+    async fn audit_checkpoint(&self) -> StoreResult<Option<Checkpoint>>;
+
+    /// Deletes the events older than `before` in one transaction, after checking their links
+    /// and the previous checkpoint's signature, and stores a checkpoint signed with `key`
+    /// (HMAC-SHA256) holding the last pruned seq, its hash and time, the counts and the access
+    /// state replayed up to it. The prune is then audited (`audit.prune`), chained after the
+    /// checkpoint. Returns `None` (and writes nothing) when no event is older than `before`.
+    /// `Invalid` if the previous checkpoint's signature or a link is wrong.
+    async fn prune_audit(
+        &self,
+        ctx: &WriteCtx,
+        before: OffsetDateTime,
+        key: &[u8],
+    ) -> StoreResult<Option<Checkpoint>>;
 }
 
 /// A shared store handle.

@@ -21,6 +21,7 @@ use crate::{
     OutboxItem, ReadOpts, Resource, Store, StoreError, StoreResult, TokenRecord, WriteCtx, timefmt,
 };
 
+mod audit_log;
 mod sync;
 
 /// The SQLite store.
@@ -81,6 +82,9 @@ impl SqliteStore {
             SqlitePoolOptions::new()
                 .max_connections(4)
                 .min_connections(1)
+                // A local file connection does not go stale; sqlx's ping before every acquire
+                // is a round trip to the connection's worker thread, per query.
+                .test_before_acquire(false)
                 .idle_timeout(None)
                 .max_lifetime(None)
                 .connect_with(opts.read_only(true))
@@ -109,29 +113,56 @@ struct Record<'a> {
     outbox: Option<(&'a str, &'a str, Value)>,
 }
 
-/// Appends the audit event (and the outbox row) inside `tx`.
-async fn record(
-    tx: &mut Tx,
-    ctx: &WriteCtx,
-    now: OffsetDateTime,
-    r: Record<'_>,
-) -> StoreResult<i64> {
+/// The chain head inside `tx`: the last event, else the newest checkpoint (everything was
+/// pruned), else genesis.
+async fn chain_head(tx: &mut Tx) -> StoreResult<(i64, String)> {
     let last: Option<(i64, String)> =
         sqlx::query_as("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
             .fetch_optional(&mut **tx)
             .await?;
-    let (prev_seq, prev_hash) = last.unwrap_or((0, GENESIS_HASH.to_owned()));
+    if let Some(l) = last {
+        return Ok(l);
+    }
+    let cp: Option<(i64, String)> = sqlx::query_as(
+        "SELECT last_seq, last_hash FROM audit_checkpoints ORDER BY id DESC LIMIT 1",
+    )
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(cp.unwrap_or((0, GENESIS_HASH.to_owned())))
+}
+
+/// One event to append (see [`append_event`]).
+pub(crate) struct NewEvent<'a> {
+    pub(crate) resource_type: &'a str,
+    pub(crate) resource_id: Option<&'a str>,
+    pub(crate) operation: &'a str,
+    pub(crate) outcome: &'a str,
+    pub(crate) status: Option<i64>,
+    pub(crate) detail: Value,
+}
+
+/// Appends one audit event inside `tx`, chained to the head; email addresses in the detail
+/// are scrubbed first. Returns its seq.
+async fn append_event(
+    tx: &mut Tx,
+    ctx: &WriteCtx,
+    now: OffsetDateTime,
+    n: NewEvent<'_>,
+) -> StoreResult<AuditEvent> {
+    let (prev_seq, prev_hash) = chain_head(tx).await?;
+    let mut detail = n.detail;
+    crate::audit::scrub_emails(&mut detail);
     let mut ev = AuditEvent {
         seq: prev_seq + 1,
         time: timefmt::format(now),
         actor: ctx.actor.clone(),
         request_id: ctx.request_id.clone(),
-        resource_type: r.resource_type.to_owned(),
-        resource_id: Some(r.resource_id.to_owned()),
-        operation: r.operation.to_owned(),
-        outcome: "success".to_owned(),
-        status: Some(r.status),
-        detail: r.detail.to_string(),
+        resource_type: n.resource_type.to_owned(),
+        resource_id: n.resource_id.map(str::to_owned),
+        operation: n.operation.to_owned(),
+        outcome: n.outcome.to_owned(),
+        status: n.status,
+        detail: detail.to_string(),
         prev_hash,
         hash: String::new(),
     };
@@ -153,6 +184,30 @@ async fn record(
     .bind(&ev.prev_hash)
     .bind(&ev.hash)
     .execute(&mut **tx)
+    .await?;
+    Ok(ev)
+}
+
+/// Appends the audit event (and the outbox row) inside `tx`.
+async fn record(
+    tx: &mut Tx,
+    ctx: &WriteCtx,
+    now: OffsetDateTime,
+    r: Record<'_>,
+) -> StoreResult<i64> {
+    let ev = append_event(
+        tx,
+        ctx,
+        now,
+        NewEvent {
+            resource_type: r.resource_type,
+            resource_id: Some(r.resource_id),
+            operation: r.operation,
+            outcome: "success",
+            status: Some(r.status),
+            detail: r.detail,
+        },
+    )
     .await?;
     if let Some((entity_type, op, detail)) = r.outbox {
         sqlx::query(
@@ -839,6 +894,19 @@ impl Store for SqliteStore {
         Ok(n as usize)
     }
 
+    async fn member_count_exceeds(&self, group_id: &str, n: usize) -> StoreResult<bool> {
+        // Counts at most n + 1 rows (a literal LIMIT: see `list`).
+        let sql = format!(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM group_members WHERE group_id = ? LIMIT {})",
+            n.saturating_add(1)
+        );
+        let (c,): (i64,) = sqlx::query_as(AssertSqlSafe(sql))
+            .bind(group_id)
+            .fetch_one(&self.read)
+            .await?;
+        Ok(c as usize > n)
+    }
+
     async fn list(&self, kind: ResourceKind, q: &ListQuery) -> StoreResult<ListPage> {
         let pre = q
             .filter
@@ -870,35 +938,50 @@ impl Store for SqliteStore {
                 && (q.read.groups || q.filter.as_ref().is_some_and(|f| mentions(f, "groups"))),
         };
         if let (true, Some(col)) = (exact, sort_col) {
-            let count_sql = format!("SELECT COUNT(*) FROM {} t{where_sql}", table(kind));
-            let total: i64 = bind_all(sqlx::query(AssertSqlSafe(count_sql)), binds)
-                .fetch_one(&self.read)
-                .await?
-                .try_get(0)?;
+            // One connection for the page and the count: each pool checkout costs a round
+            // trip to the connection's worker thread (sqlx pings it on release).
+            let mut conn = self.read.acquire().await?;
             let mut resources = Vec::new();
+            let mut total = None;
             if q.count > 0 {
                 let dir = if q.descending { "DESC" } else { "ASC" };
+                // LIMIT and OFFSET are literals, not parameters: SQLite (3.4x+) re-prepares a
+                // statement whenever a parameter its LIMIT reads is bound again — a full parse
+                // and plan on every execution. (Integers we computed: nothing to inject.)
                 let sql = format!(
-                    "{}{where_sql} ORDER BY {col} {dir}, t.seq {dir} LIMIT ? OFFSET ?",
-                    select_sql(kind, read)
+                    "{}{where_sql} ORDER BY {col} {dir}, t.seq {dir} LIMIT {} OFFSET {}",
+                    select_sql(kind, read),
+                    q.count,
+                    q.offset
                 );
                 let rows = bind_all(sqlx::query(AssertSqlSafe(sql)), binds)
-                    .bind(q.count as i64)
-                    .bind(q.offset as i64)
-                    .fetch_all(&self.read)
+                    .fetch_all(&mut *conn)
                     .await?;
+                // A short page that is not past the end is the end: it gives the total (the
+                // `userName eq` lookup every IdP sends then costs one query, not two).
+                if rows.len() < q.count && (!rows.is_empty() || q.offset == 0) {
+                    total = Some(q.offset + rows.len());
+                }
                 for row in &rows {
                     let mut r = row_to_resource(kind, row, read.groups)?;
                     if read.members {
-                        r.members = Some(load_members(&self.read, &r.id).await?);
+                        r.members = Some(load_members(&mut *conn, &r.id).await?);
                     }
                     resources.push(r);
                 }
             }
-            return Ok(ListPage {
-                total: total as usize,
-                resources,
-            });
+            let total = match total {
+                Some(t) => t,
+                None => {
+                    let count_sql = format!("SELECT COUNT(*) FROM {} t{where_sql}", table(kind));
+                    let n: i64 = bind_all(sqlx::query(AssertSqlSafe(count_sql)), binds)
+                        .fetch_one(&mut *conn)
+                        .await?
+                        .try_get(0)?;
+                    n as usize
+                }
+            };
+            return Ok(ListPage { total, resources });
         }
         // Inexact filter or a sort without a column: complete in memory over the candidates.
         let sql = format!("{}{where_sql} ORDER BY t.seq", select_sql(kind, read));
@@ -1035,32 +1118,30 @@ impl Store for SqliteStore {
     }
 
     async fn audit_events(&self, after: i64, limit: i64) -> StoreResult<Vec<AuditEvent>> {
-        let rows = sqlx::query(
-            "SELECT seq, time, actor, request_id, resource_type, resource_id, operation, outcome, status, \
-             detail, prev_hash, hash FROM audit_events WHERE seq > ? ORDER BY seq LIMIT ?",
-        )
-        .bind(after)
-        .bind(limit)
-        .fetch_all(&self.read)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(AuditEvent {
-                    seq: r.try_get("seq")?,
-                    time: r.try_get("time")?,
-                    actor: r.try_get("actor")?,
-                    request_id: r.try_get("request_id")?,
-                    resource_type: r.try_get("resource_type")?,
-                    resource_id: r.try_get("resource_id")?,
-                    operation: r.try_get("operation")?,
-                    outcome: r.try_get("outcome")?,
-                    status: r.try_get("status")?,
-                    detail: r.try_get("detail")?,
-                    prev_hash: r.try_get("prev_hash")?,
-                    hash: r.try_get("hash")?,
-                })
-            })
-            .collect()
+        self.audit_range(None, None, after, limit).await
+    }
+
+    async fn audit_range(
+        &self,
+        since: Option<OffsetDateTime>,
+        until: Option<OffsetDateTime>,
+        after: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<AuditEvent>> {
+        self.audit_log_range(since, until, after, limit).await
+    }
+
+    async fn audit_checkpoint(&self) -> StoreResult<Option<crate::Checkpoint>> {
+        self.audit_log_checkpoint().await
+    }
+
+    async fn prune_audit(
+        &self,
+        ctx: &WriteCtx,
+        before: OffsetDateTime,
+        key: &[u8],
+    ) -> StoreResult<Option<crate::Checkpoint>> {
+        self.audit_log_prune(ctx, before, key).await
     }
 
     async fn outbox_items(&self, after: i64, limit: i64) -> StoreResult<Vec<OutboxItem>> {

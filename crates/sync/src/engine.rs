@@ -15,8 +15,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use futures::StreamExt as _;
 use serde_json::{Value, json};
 use store::{AuditEntry, ClaimedEntity, DynStore, RetryPolicy, StoreError, WriteCtx};
 use teamcity::{Client, TeamCityError};
@@ -24,7 +26,7 @@ use tokio::sync::Mutex;
 use tracing::{info, warn};
 
 use crate::apply::{apply, kind};
-use crate::model::{Action, ActualState, DirGroup, DirUser, Directory, UserRef};
+use crate::model::{Action, ActualState, DEFAULTS_MARKER, DirGroup, DirUser, Directory, UserRef};
 use crate::plan::{Deprovision, Plan, PlanOptions, plan};
 use crate::policy::Policy;
 use crate::{Desired, DesiredOptions, GuardLimits, ReadOptions, desired, read_actual_with};
@@ -71,7 +73,7 @@ impl Default for EngineConfig {
             retry: RetryPolicy::default(),
             reconcile_interval: Duration::from_secs(600),
             poll: Duration::from_millis(200),
-            lease: Duration::from_secs(120),
+            lease: Duration::from_secs(60),
             page_size: 500,
         }
     }
@@ -204,14 +206,23 @@ fn is_removal(a: &Action, actions: &[Action], actual: &ActualState) -> bool {
     }
 }
 
-/// An audit-safe description of an action: ids, keys and role names, never emails or names.
+/// An audit-safe description of an action: ids, keys and role names, never emails or personal
+/// names. The detail carries what `access-review` replays (see `store::access`): the SCIM id of
+/// a created user, group keys, `ROLE@scope` roles, a created group's marker, roles and member
+/// ids (`<TeamCity id>` or `new:<SCIM id>`), and its name unless that looks like an email.
 pub fn describe(a: &Action) -> (String, Value) {
     let user = |r: &UserRef| match r {
         UserRef::Id(i) => format!("user:{i}"),
         UserRef::New(s) => format!("user:new:{s}"),
     };
+    let member = |r: &UserRef| match r {
+        UserRef::Id(i) => i.to_string(),
+        UserRef::New(s) => format!("new:{s}"),
+    };
     match a {
-        Action::CreateUser { scim_id, .. } => (format!("user:new:{scim_id}"), json!({})),
+        Action::CreateUser { scim_id, .. } => {
+            (format!("user:new:{scim_id}"), json!({"scim_id": scim_id}))
+        }
         Action::UpdateUser { user: u, changes } => (
             format!("user:{u}"),
             json!({"fields": changes.iter().map(|c| c.field.to_string()).collect::<Vec<_>>()}),
@@ -231,17 +242,28 @@ pub fn describe(a: &Action) -> (String, Value) {
         }
         Action::CreateGroup {
             key,
+            name,
+            marker,
             roles,
             members,
-            ..
-        } => (
-            format!("group:{key}"),
-            json!({"roles": roles.iter().map(ToString::to_string).collect::<Vec<_>>(), "members": members.len()}),
-        ),
-        Action::DeleteGroup { key } => (format!("group:{key}"), json!({})),
-        Action::AddGroupRole { group, role } | Action::RemoveGroupRole { group, role } => {
-            (format!("group:{group}"), json!({"role": role.to_string()}))
+        } => {
+            let mut d = json!({
+                "key": key,
+                "marker": marker,
+                "roles": roles.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "members": members.len(),
+                "member_ids": members.iter().map(member).collect::<Vec<_>>(),
+            });
+            if !store::audit::looks_like_email(name) {
+                d["name"] = json!(name);
+            }
+            (format!("group:{key}"), d)
         }
+        Action::DeleteGroup { key } => (format!("group:{key}"), json!({"key": key})),
+        Action::AddGroupRole { group, role } | Action::RemoveGroupRole { group, role } => (
+            format!("group:{group}"),
+            json!({"group": group, "role": role.to_string()}),
+        ),
     }
 }
 
@@ -303,6 +325,45 @@ fn entity_of(a: &Action, actual: &ActualState) -> Option<(&'static str, String)>
         Action::DeleteGroup { key }
         | Action::AddGroupRole { group: key, .. }
         | Action::RemoveGroupRole { group: key, .. } => by_group(key).map(|s| ("group", s)),
+    }
+}
+
+/// One action applied within a wave.
+struct Done {
+    index: usize,
+    /// SCIM id → TeamCity id of the user it created (or resolved), if any.
+    created: BTreeMap<String, u64>,
+    result: Result<(), TeamCityError>,
+}
+
+/// What [`Engine::apply_in_waves`] did.
+#[derive(Debug, Default)]
+struct WaveRun {
+    /// Actions TeamCity accepted.
+    applied: usize,
+    /// Actions that failed permanently (index, error), in plan order.
+    permanent: Vec<(usize, TeamCityError)>,
+    /// The first transient failure: the run stopped there.
+    transient: Option<(usize, TeamCityError)>,
+    /// Actions not started because the run stopped.
+    not_started: usize,
+}
+
+/// The SCIM ids of the users created earlier in the plan that `a` refers to.
+fn user_refs(a: &Action) -> Vec<&str> {
+    fn new(r: &UserRef) -> Option<&str> {
+        match r {
+            UserRef::New(s) => Some(s.as_str()),
+            UserRef::Id(_) => None,
+        }
+    }
+    match a {
+        Action::CreateUser { scim_id, .. } => vec![scim_id.as_str()],
+        Action::AddToGroup { user, .. } | Action::AddUserRole { user, .. } => {
+            new(user).into_iter().collect()
+        }
+        Action::CreateGroup { members, .. } => members.iter().filter_map(new).collect(),
+        _ => Vec::new(),
     }
 }
 
@@ -431,6 +492,7 @@ impl Engine {
         }
         self.execute(p.actions, actual, "reconcile", &mut report)
             .await?;
+        self.record_mappings(actual).await?;
         self.store
             .sync_state_set(
                 "last_reconcile",
@@ -494,6 +556,7 @@ impl Engine {
         let failed = self
             .execute(p.actions, actual, "outbox", &mut report)
             .await?;
+        self.record_mappings(actual).await?;
         // Settle the rows.
         let all_ids: Vec<i64> = claimed.iter().flat_map(ClaimedEntity::ids).collect();
         if report.transient_stop {
@@ -540,8 +603,9 @@ impl Engine {
         Ok(report)
     }
 
-    /// Guards, then applies `actions` one by one against TeamCity, recording each effect in
-    /// `actual` and each outcome in the audit trail. Returns the permanent failures by entity.
+    /// Guards, then applies `actions` against TeamCity in waves of independent actions (see
+    /// [`Engine::apply_in_waves`]), recording each effect in `actual` and each outcome in the
+    /// audit trail. Returns the permanent failures by entity.
     async fn execute(
         &self,
         actions: Vec<Action>,
@@ -597,48 +661,215 @@ impl Engine {
             }
         };
         report.held += to_hold.len();
-        let mut created = BTreeMap::new();
-        for (i, a) in to_apply.iter().enumerate() {
-            let (target, detail) = describe(a);
-            match apply(&self.client, std::slice::from_ref(a), &mut created).await {
-                Ok(_) => {
-                    actual.record(a, &created);
-                    report.applied += 1;
-                    metrics::counter!("sync_actions_total", "kind" => kind(a), "outcome" => "applied").increment(1);
-                    self.store
-                        .audit(
-                            &self.ctx(actor),
-                            entry("TeamCity", Some(target), kind(a), true, None, detail),
-                        )
-                        .await?;
-                }
-                Err(e) => {
-                    let status = e.error.status().map(i64::from);
-                    metrics::counter!("sync_actions_total", "kind" => kind(a), "outcome" => "failed").increment(1);
-                    let mut d = detail;
-                    d["error"] = json!(format!("{:?}", e.error.kind()));
-                    self.store
-                        .audit(
-                            &self.ctx(actor),
-                            entry("TeamCity", Some(target.clone()), kind(a), false, status, d),
-                        )
-                        .await?;
-                    let reason = format!("{} on {target} failed: {:?}", kind(a), e.error.kind());
-                    if e.error.is_transient() {
-                        warn!(action = kind(a), %target, remaining = to_apply.len() - i, "TeamCity is unavailable; will retry");
-                        report.transient_stop = true;
-                        failed.insert(("*".into(), "*".into()), reason);
-                        return Ok(failed);
-                    }
-                    warn!(action = kind(a), %target, error = ?e.error.kind(), "action failed permanently");
-                    report.failed += 1;
-                    if let Some((t, id)) = entity_of(a, actual) {
-                        failed.insert((t.to_owned(), id), reason);
-                    }
-                }
+        let run = self.apply_in_waves(&to_apply, actual, actor).await?;
+        report.applied += run.applied;
+        if let Some((i, e)) = &run.transient {
+            let a = &to_apply[*i];
+            let (target, _) = describe(a);
+            warn!(action = kind(a), %target, not_started = run.not_started, "TeamCity is unavailable; will retry");
+            report.transient_stop = true;
+            failed.insert(
+                ("*".into(), "*".into()),
+                format!("{} on {target} failed: {:?}", kind(a), e.kind()),
+            );
+            return Ok(failed);
+        }
+        for (i, e) in &run.permanent {
+            let a = &to_apply[*i];
+            let (target, _) = describe(a);
+            warn!(action = kind(a), %target, error = ?e.kind(), "action failed permanently");
+            report.failed += 1;
+            if let Some((t, id)) = entity_of(a, actual) {
+                failed
+                    .entry((t.to_owned(), id))
+                    .or_insert_with(|| format!("{} on {target} failed: {:?}", kind(a), e.kind()));
             }
         }
         Ok(failed)
+    }
+
+    /// Keeps the SCIM ↔ TeamCity mapping equal to the managed objects of `actual` (the cache
+    /// after a pass): user SCIM id → TeamCity id and username, group SCIM id → key and name.
+    /// Writes only the links that changed.
+    async fn record_mappings(&self, actual: &ActualState) -> Result<(), EngineError> {
+        if self.cfg.mode == Mode::Shadow {
+            return Ok(());
+        }
+        let users: BTreeMap<String, (String, String)> = actual
+            .users
+            .iter()
+            .filter_map(|u| {
+                let scim = u.scim_id.clone()?;
+                Some((scim, (u.id.to_string(), u.username.clone())))
+            })
+            .collect();
+        let mut groups: BTreeMap<String, (u32, String, String)> = BTreeMap::new();
+        for g in &actual.groups {
+            let Some(m) = g.marker.as_deref().filter(|m| *m != DEFAULTS_MARKER) else {
+                continue;
+            };
+            // Mid-swap, two keys share a marker: the newest generation is the group.
+            let generation = crate::desired::key_generation(m, &g.key).unwrap_or(0);
+            if groups.get(m).is_none_or(|(gen_, _, _)| generation >= *gen_) {
+                groups.insert(m.to_owned(), (generation, g.key.clone(), g.name.clone()));
+            }
+        }
+        let groups: BTreeMap<String, (String, String)> = groups
+            .into_iter()
+            .map(|(m, (_, k, n))| (m, (k, n)))
+            .collect();
+        let ctx = self.ctx("sync");
+        for (kind, want) in [
+            (scim::ResourceKind::User, users),
+            (scim::ResourceKind::Group, groups),
+        ] {
+            let have = self.store.mappings(kind).await?;
+            for m in &have {
+                match want.get(&m.scim_id) {
+                    None => {
+                        self.store.delete_mapping(&ctx, kind, &m.scim_id).await?;
+                    }
+                    Some((id, name)) if *id != m.teamcity_id || *name != m.teamcity_name => {
+                        self.store
+                            .upsert_mapping(&ctx, kind, &m.scim_id, id, name)
+                            .await?;
+                    }
+                    Some(_) => {}
+                }
+            }
+            for (scim_id, (id, name)) in &want {
+                if !have.iter().any(|m| &m.scim_id == scim_id) {
+                    self.store
+                        .upsert_mapping(&ctx, kind, scim_id, id, name)
+                        .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies `actions` (in plan order) wave by wave: the actions of a wave are independent of
+    /// each other (see [`crate::waves`]), so they run concurrently — lanes in flight bounded by
+    /// the client's concurrency — while waves run one after the other, keeping every order the
+    /// plan relies on. Each outcome is audited as it happens; each success is recorded in
+    /// `actual` at the end of its wave, in plan order (users created in a wave are known to the
+    /// later waves that refer to them).
+    ///
+    /// A transient failure stops the run: no further action starts (those in flight finish and
+    /// are recorded), and no later wave runs. A permanent failure only fails its action. A
+    /// store failure stops the run too, after recording what TeamCity accepted.
+    async fn apply_in_waves(
+        &self,
+        actions: &[Action],
+        actual: &mut ActualState,
+        actor: &str,
+    ) -> Result<WaveRun, EngineError> {
+        let mut run = WaveRun::default();
+        let mut created: BTreeMap<String, u64> = BTreeMap::new();
+        let stop = AtomicBool::new(false);
+        // Lanes await their audit write between calls: keep a few more lanes in flight than
+        // the client has permits, so no permit idles meanwhile. The client's semaphore bounds
+        // the calls in flight.
+        let width = self.client.max_concurrency().saturating_mul(2).max(1);
+        let ctx = self.ctx(actor);
+        let mut store_error: Option<EngineError> = None;
+        for wave in crate::waves::waves(actions) {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let shared = &created;
+            let stop = &stop;
+            let ctx = &ctx;
+            let mut lanes = futures::stream::iter(wave)
+                .map(|lane| async move {
+                    let mut done = Vec::with_capacity(lane.len());
+                    for i in lane {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        let a = &actions[i];
+                        // The users this action refers to, from earlier waves.
+                        let mut local: BTreeMap<String, u64> = BTreeMap::new();
+                        for r in user_refs(a) {
+                            if let Some(id) = shared.get(r) {
+                                local.insert(r.to_owned(), *id);
+                            }
+                        }
+                        let result = apply(&self.client, std::slice::from_ref(a), &mut local)
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| e.error);
+                        let (target, mut detail) = describe(a);
+                        let audit = match &result {
+                            Ok(()) => {
+                                metrics::counter!("sync_actions_total", "kind" => kind(a), "outcome" => "applied").increment(1);
+                                entry("TeamCity", Some(target), kind(a), true, None, detail)
+                            }
+                            Err(e) => {
+                                metrics::counter!("sync_actions_total", "kind" => kind(a), "outcome" => "failed").increment(1);
+                                detail["error"] = json!(format!("{:?}", e.kind()));
+                                let status = e.status().map(i64::from);
+                                entry("TeamCity", Some(target), kind(a), false, status, detail)
+                            }
+                        };
+                        let transient = result.as_ref().is_err_and(TeamCityError::is_transient);
+                        if transient {
+                            stop.store(true, Ordering::Relaxed);
+                        }
+                        let audited = self.store.audit(ctx, audit).await;
+                        done.push(Done {
+                            index: i,
+                            created: local,
+                            result,
+                        });
+                        if let Err(e) = audited {
+                            stop.store(true, Ordering::Relaxed);
+                            return (done, Some(EngineError::from(e)));
+                        }
+                        if transient {
+                            break;
+                        }
+                    }
+                    (done, None)
+                })
+                .buffer_unordered(width);
+            let mut finished: Vec<Done> = Vec::new();
+            while let Some((done, err)) = lanes.next().await {
+                finished.extend(done);
+                if let (Some(e), None) = (err, &store_error) {
+                    store_error = Some(e);
+                }
+            }
+            drop(lanes);
+            finished.sort_by_key(|d| d.index);
+            for d in &finished {
+                if d.result.is_ok() {
+                    created.extend(d.created.iter().map(|(k, v)| (k.clone(), *v)));
+                }
+            }
+            for d in finished {
+                match d.result {
+                    Ok(()) => {
+                        actual.record(&actions[d.index], &created);
+                        run.applied += 1;
+                    }
+                    Err(e) if e.is_transient() => {
+                        if run.transient.is_none() {
+                            run.transient = Some((d.index, e));
+                        }
+                    }
+                    Err(e) => run.permanent.push((d.index, e)),
+                }
+            }
+        }
+        run.not_started = actions.len()
+            - run.applied
+            - run.permanent.len()
+            - usize::from(run.transient.is_some());
+        match store_error {
+            Some(e) => Err(e),
+            None => Ok(run),
+        }
     }
 
     async fn hold(
@@ -714,26 +945,15 @@ impl Engine {
                 .into_iter()
                 .filter(|a| wanted.contains(&serde_json::to_string(a).unwrap_or_default()))
                 .collect();
-            let mut created = BTreeMap::new();
-            for a in &still {
-                let (target, detail) = describe(a);
-                match apply(&self.client, std::slice::from_ref(a), &mut created).await {
-                    Ok(_) => {
-                        actual.record(a, &created);
-                        report.applied += 1;
-                        self.store
-                            .audit(
-                                &self.ctx("sync"),
-                                entry("TeamCity", Some(target), kind(a), true, None, detail),
-                            )
-                            .await?;
-                    }
-                    Err(e) if e.error.is_transient() => return Err(e.error.into()),
-                    Err(e) => {
-                        report.failed += 1;
-                        warn!(action = kind(a), %target, error = ?e.error.kind(), "approved action failed");
-                    }
-                }
+            let run = self.apply_in_waves(&still, actual, "sync").await?;
+            report.applied += run.applied;
+            if let Some((_, e)) = run.transient {
+                return Err(e.into());
+            }
+            for (i, e) in &run.permanent {
+                let (target, _) = describe(&still[*i]);
+                report.failed += 1;
+                warn!(action = kind(&still[*i]), %target, error = ?e.kind(), "approved action failed");
             }
             self.store
                 .mark_held_applied(&self.ctx("sync"), batch.id)

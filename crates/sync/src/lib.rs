@@ -21,6 +21,7 @@ pub mod model;
 pub mod plan;
 pub mod policy;
 pub mod render;
+pub mod waves;
 
 pub use actual::{ReadOptions, ReadStats, read_actual, read_actual_with};
 pub use apply::{ApplyError, ApplyReport, apply};

@@ -14,7 +14,7 @@ pub mod cli;
 mod control;
 mod errors;
 mod fields;
-mod locator;
+pub mod locator;
 mod rest;
 mod state;
 

@@ -204,6 +204,28 @@ fn parse_dims(
     Ok(out)
 }
 
+/// Parses `text` exactly as the emulator's finders do (normal mode, no declared names) and
+/// returns its dimensions in order of appearance, each value `$base64`-decoded; `None` is the
+/// plain `$any` keyword. A single-value locator (`alice`, `(x)`, `$base64:..`) is one entry with
+/// an empty name. Errors are TeamCity's `LocatorProcessException` messages.
+///
+/// Public so that the client's locator builder can be checked against this independent parser
+/// (fuzz target, property tests); it is not part of the emulator's HTTP surface.
+pub fn parse(text: &str) -> Result<Vec<(String, Option<String>)>, String> {
+    let parsed = Parsed::parse(text, &[]).map_err(|e| e.0)?;
+    if let Some(single) = parsed.single {
+        return Ok(vec![(String::new(), Some(single))]);
+    }
+    Ok(parsed
+        .dims
+        .into_iter()
+        .map(|(name, value)| match value {
+            Value::Text(t) => (name, Some(t)),
+            Value::Any => (name, None),
+        })
+        .collect())
+}
+
 impl Parsed {
     /// Parses a locator in normal mode; `declared` names may contain non-alphanumerics.
     pub(crate) fn parse(text: &str, declared: &[&str]) -> Result<Parsed, LocatorError> {

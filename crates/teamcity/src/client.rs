@@ -67,6 +67,9 @@ pub struct ClientConfig {
     pub max_concurrency: usize,
     /// Optional steady request rate limit (requests per second, no bursts).
     pub requests_per_second: Option<NonZeroU32>,
+    /// Extra trusted CA certificates (PEM, one or more), added to the platform's trust store —
+    /// for a TeamCity behind a private CA. Certificates are always verified.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 impl ClientConfig {
@@ -79,6 +82,7 @@ impl ClientConfig {
             request_timeout: Duration::from_secs(30),
             max_concurrency: 8,
             requests_per_second: None,
+            ca_pem: None,
         }
     }
 }
@@ -162,6 +166,7 @@ struct Inner {
     rest_root: Url,
     auth: HeaderValue,
     permits: Semaphore,
+    max_concurrency: usize,
     pacer: Option<Pacer>,
 }
 
@@ -314,7 +319,19 @@ impl Client {
             .map_err(|_| TeamCityError::Config("token contains invalid characters".into()))?;
         auth.set_sensitive(true);
         let max = config.max_concurrency.max(1);
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if let Some(pem) = &config.ca_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| {
+                TeamCityError::Config(format!("CA file: not PEM certificates: {e}"))
+            })?;
+            if certs.is_empty() {
+                return Err(TeamCityError::Config(
+                    "CA file: no certificate in it".into(),
+                ));
+            }
+            builder = builder.tls_certs_merge(certs);
+        }
+        let http = builder
             .connect_timeout(config.connect_timeout)
             .timeout(config.request_timeout)
             .pool_max_idle_per_host(max)
@@ -331,9 +348,16 @@ impl Client {
                 rest_root: root,
                 auth,
                 permits: Semaphore::new(max),
+                max_concurrency: max,
                 pacer,
             }),
         })
+    }
+
+    /// Most requests this client keeps in flight at once ([`ClientConfig::max_concurrency`],
+    /// at least 1). Callers that fan out use it to size their own concurrency.
+    pub fn max_concurrency(&self) -> usize {
+        self.inner.max_concurrency
     }
 
     fn url(&self, segments: &[&str]) -> Url {

@@ -74,7 +74,24 @@ pub fn parse(input: &str) -> ScimResult<Filter> {
     let mut p = Parser::new(input, mode)?;
     let f = p.parse_or(0, false)?;
     p.expect_end("`and`, `or` or end of filter")?;
+    check_canonical_len(mode, &f)?;
     Ok(f)
+}
+
+/// The canonical form can be longer than the input (unquoted values gain quotes, control
+/// characters become `\u00XX`); it must stay within [`MAX_FILTER_LEN`] so that it parses back.
+fn check_canonical_len(mode: Mode, printed: &impl fmt::Display) -> ScimResult<()> {
+    let len = printed.to_string().len();
+    if len > MAX_FILTER_LEN {
+        return Err(mode.plain(format!(
+            "{} is too long once normalised ({len} bytes; at most {MAX_FILTER_LEN} allowed)",
+            match mode {
+                Mode::Filter => "filter",
+                Mode::Path => "path",
+            }
+        )));
+    }
+    Ok(())
 }
 
 /// Parses a PATCH path.
@@ -131,6 +148,7 @@ pub fn parse_patch_path(input: &str) -> ScimResult<PatchPath> {
         out.sub = sub.map(|(s, _)| s);
     }
     p.expect_end("end of path")?;
+    check_canonical_len(mode, &out)?;
     Ok(out)
 }
 

@@ -5,7 +5,9 @@ use std::cmp::Ordering;
 
 use serde_json::{Value, json};
 
-use super::{CompareOp, Filter, MAX_FILTER_DEPTH, matches, parse, parse_patch_path, validate};
+use super::{
+    CompareOp, Filter, MAX_FILTER_DEPTH, MAX_FILTER_LEN, matches, parse, parse_patch_path, validate,
+};
 use crate::error::{ScimError, ScimType};
 use crate::path::AttrPath;
 use crate::projection::{parse_attribute_list, project, sort_cmp};
@@ -855,4 +857,21 @@ fn sorting() {
         Ordering::Equal
     );
     assert_eq!(ENTERPRISE_USER_SCHEMA, ENT);
+}
+
+/// Fuzz finding: an unquoted value full of control characters is within the input limit, but
+/// its canonical form (`"\u0000..."`) was not, so the printed filter did not parse back.
+#[test]
+fn canonical_form_longer_than_limit_is_rejected() {
+    let text = format!("externalId eq a{}", "\0".repeat(1000));
+    assert!(text.len() <= MAX_FILTER_LEN);
+    let err = parse(&text).expect_err("canonical form is too long");
+    assert!(
+        err.detail.contains("too long once normalised"),
+        "{}",
+        err.detail
+    );
+    let ok = format!("externalId eq a{}", "\0".repeat(100));
+    let f = parse(&ok).expect("short enough");
+    assert_eq!(parse(&f.to_string()).expect("round-trips"), f);
 }

@@ -4,6 +4,7 @@
 mod audit_outbox;
 mod auth;
 mod bad_input;
+mod hardening;
 mod idp_fixtures;
 mod okta_spec;
 mod protocol;

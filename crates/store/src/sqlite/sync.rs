@@ -14,8 +14,7 @@ use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
 use time::OffsetDateTime;
 
-use super::{Record, SqliteStore, Tx, entity, parse_time, record};
-use crate::audit::{AuditEvent, GENESIS_HASH};
+use super::{NewEvent, Record, SqliteStore, Tx, append_event, entity, parse_time, record};
 use crate::{
     AuditEntry, ClaimedEntity, DirGroup, DirUser, DirectorySnapshot, FailedItem, HeldBatch,
     Mapping, MemberRef, MemberType, OutboxEntry, OutboxItem, RetryPolicy, StoreError, StoreResult,
@@ -130,43 +129,19 @@ async fn append_audit(
     now: OffsetDateTime,
     e: &AuditEntry,
 ) -> StoreResult<i64> {
-    let last: Option<(i64, String)> =
-        sqlx::query_as("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
-            .fetch_optional(&mut **tx)
-            .await?;
-    let (prev_seq, prev_hash) = last.unwrap_or((0, GENESIS_HASH.to_owned()));
-    let mut ev = AuditEvent {
-        seq: prev_seq + 1,
-        time: timefmt::format(now),
-        actor: ctx.actor.clone(),
-        request_id: ctx.request_id.clone(),
-        resource_type: e.resource_type.clone(),
-        resource_id: e.resource_id.clone(),
-        operation: e.operation.clone(),
-        outcome: e.outcome.clone(),
-        status: e.status,
-        detail: e.detail.to_string(),
-        prev_hash,
-        hash: String::new(),
-    };
-    ev.hash = ev.compute_hash();
-    sqlx::query(
-        "INSERT INTO audit_events (seq, time, actor, request_id, resource_type, resource_id, operation, \
-         outcome, status, detail, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    let ev = append_event(
+        tx,
+        ctx,
+        now,
+        NewEvent {
+            resource_type: &e.resource_type,
+            resource_id: e.resource_id.as_deref(),
+            operation: &e.operation,
+            outcome: &e.outcome,
+            status: e.status,
+            detail: e.detail.clone(),
+        },
     )
-    .bind(ev.seq)
-    .bind(&ev.time)
-    .bind(&ev.actor)
-    .bind(&ev.request_id)
-    .bind(&ev.resource_type)
-    .bind(&ev.resource_id)
-    .bind(&ev.operation)
-    .bind(&ev.outcome)
-    .bind(ev.status)
-    .bind(&ev.detail)
-    .bind(&ev.prev_hash)
-    .bind(&ev.hash)
-    .execute(&mut **tx)
     .await?;
     Ok(ev.seq)
 }

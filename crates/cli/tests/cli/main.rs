@@ -1,0 +1,8 @@
+//! Tests of the `teamcity-scim` binary: `plan` output and exit codes, `policy check`, the
+//! operator commands, `demo`, and a SIGKILL in the middle of a sync.
+
+mod support;
+
+mod commands;
+mod crash;
+mod demo;

@@ -1,0 +1,752 @@
+//! `sync-bench`: measures the sync engine against its targets, in one process, over real HTTP,
+//! against the TeamCity emulator.
+//!
+//! * `calls`: an Okta-style replay over the SCIM API (users created, groups pushed as a POST and
+//!   PATCHes adding members — each PATCH carrying Okta's path-less replace of the unchanged
+//!   `{id, displayName}` — unchanged re-pushes, deactivations, a rename). The outbox is drained
+//!   after *every* SCIM write, so nothing coalesces (the worst case for calls). Target: TeamCity
+//!   calls / effective changes ≤ 1.05, where an effective change is one fact of TeamCity state a
+//!   SCIM write changes, counted by this program from the replay itself (not from the plan): a
+//!   user created, a group created, a membership added or removed, a token deleted, a password
+//!   randomised, the deactivated marker set, a group renamed. The plan-minimal call count (a
+//!   deactivation also lists the user's tokens; a rename is a create + delete swap) is shown
+//!   next to it.
+//! * `reconcile`: a reconcile with no drift over 20,000 users and 2,000 groups (60,000
+//!   memberships, plus the defaults group), the emulator answering after 5 ms. Targets: reads =
+//!   pages (user pages + the one group list), 0 writes, < 10 s.
+//! * `initial-load`: 10,000 users, 1,000 groups and 50,000 memberships stored, TeamCity empty,
+//!   one reconcile; the emulator answering after 5 ms, the client at concurrency 8. Target: wall
+//!   time ≤ 1.2 × calls × latency / concurrency.
+//! * `all`: the three in turn.
+//!
+//! Seeding (store and TeamCity) is not measured. Without `--check` the exit status is 0 whatever
+//! the figures; with it, a missed target exits 1.
+
+#![allow(
+    unreachable_pub,
+    reason = "a binary crate has no public API; `pub` marks module interfaces"
+)]
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use clap::{Parser, Subcommand};
+use rand::RngCore;
+use scim::ResourceKind;
+use serde_json::{Value, json};
+use store::{DynStore, NewMember, SystemClock, WriteCtx};
+use sync::{Engine, EngineConfig, PassReport, Policy};
+use teamcity_emulator::{Emulator, EmulatorOptions, TokenRec};
+
+const TC_TOKEN: &str = "sync-bench-token";
+
+/// Rules for the first three pushed groups (by externalId) and default roles: every active user
+/// is also in the defaults group.
+const POLICY: &str = r#"
+[[groups]]
+match = { externalId = "00g-0000" }
+roles = ["PROJECT_DEVELOPER@p:Backend"]
+
+[[groups]]
+match = { externalId = "00g-0001" }
+roles = ["PROJECT_ADMIN@p:Backend"]
+
+[[groups]]
+match = { externalId = "00g-0002" }
+roles = ["PROJECT_VIEWER@p:Frontend"]
+
+[defaults]
+roles = ["PROJECT_VIEWER@p:_Root"]
+"#;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sync-bench",
+    about = "Benchmarks the sync engine against its targets (TeamCity emulator, in process)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+    /// Exit with status 1 when a target is missed.
+    #[arg(long, global = true)]
+    check: bool,
+    /// Latency the emulator adds to every TeamCity call (reconcile, initial-load), ms.
+    #[arg(long, global = true, default_value_t = 5)]
+    latency_ms: u64,
+    /// TeamCity client concurrency.
+    #[arg(long, global = true, default_value_t = 8)]
+    concurrency: usize,
+    /// Worker threads of this process's runtime (engine, emulator, SCIM server and store).
+    #[arg(long, global = true, default_value_t = 2)]
+    threads: usize,
+    /// `calls`: users in the replay.
+    #[arg(long, global = true, default_value_t = 200)]
+    replay_users: usize,
+    /// `calls`: groups in the replay.
+    #[arg(long, global = true, default_value_t = 12)]
+    replay_groups: usize,
+    /// `reconcile`: users.
+    #[arg(long, global = true, default_value_t = 20_000)]
+    reconcile_users: usize,
+    /// `reconcile`: groups (each user is in 3).
+    #[arg(long, global = true, default_value_t = 2_000)]
+    reconcile_groups: usize,
+    /// `initial-load`: users.
+    #[arg(long, global = true, default_value_t = 10_000)]
+    load_users: usize,
+    /// `initial-load`: groups.
+    #[arg(long, global = true, default_value_t = 1_000)]
+    load_groups: usize,
+    /// `initial-load`: memberships (spread evenly over the users).
+    #[arg(long, global = true, default_value_t = 50_000)]
+    load_memberships: usize,
+}
+
+#[derive(Debug, Subcommand, Clone, Copy, PartialEq, Eq)]
+enum Cmd {
+    /// All three benchmarks.
+    All,
+    /// (A) TeamCity calls per effective SCIM change, Okta-style replay.
+    Calls,
+    /// (B) no-drift reconcile, 20,000 users and 2,000 groups.
+    Reconcile,
+    /// (C) initial load, 10,000 users, 1,000 groups, 50,000 memberships.
+    InitialLoad,
+}
+
+/// One line of the report.
+#[derive(Debug)]
+struct Row {
+    name: String,
+    measured: String,
+    goal: String,
+    /// `None` for informational lines.
+    pass: Option<bool>,
+}
+
+#[derive(Debug, Default)]
+struct Report {
+    rows: Vec<Row>,
+}
+
+impl Report {
+    fn target(&mut self, name: &str, measured: String, goal: &str, pass: bool) {
+        self.rows.push(Row {
+            name: name.into(),
+            measured,
+            goal: goal.into(),
+            pass: Some(pass),
+        });
+    }
+
+    fn info(&mut self, name: &str, measured: String) {
+        self.rows.push(Row {
+            name: name.into(),
+            measured,
+            goal: String::new(),
+            pass: None,
+        });
+    }
+
+    fn print(&self) {
+        let w = self.rows.iter().map(|r| r.name.len()).max().unwrap_or(10);
+        let mw = self
+            .rows
+            .iter()
+            .map(|r| r.measured.len())
+            .max()
+            .unwrap_or(10);
+        println!();
+        println!("{:<w$}  {:<mw$}  {:<26}  result", "benchmark", "measured", "target");
+        println!("{}", "-".repeat(w + mw + 40));
+        for r in &self.rows {
+            let verdict = match r.pass {
+                Some(true) => "PASS",
+                Some(false) => "FAIL",
+                None => "",
+            };
+            println!(
+                "{:<w$}  {:<mw$}  {:<26}  {verdict}",
+                r.name, r.measured, r.goal
+            );
+        }
+    }
+
+    fn all_pass(&self) -> bool {
+        self.rows.iter().all(|r| r.pass != Some(false))
+    }
+}
+
+// ---- wiring ------------------------------------------------------------------------------
+
+async fn emulator(latency: Duration) -> anyhow::Result<(String, Emulator)> {
+    Ok(teamcity_emulator::spawn(EmulatorOptions {
+        token: TC_TOKEN.into(),
+        projects: ["Backend", "Frontend", "Mobile"].map(String::from).to_vec(),
+        latency,
+        ..EmulatorOptions::default()
+    })
+    .await?)
+}
+
+fn tc_client(url: &str, concurrency: usize) -> anyhow::Result<teamcity::Client> {
+    let mut cfg = teamcity::ClientConfig::new(url, teamcity::Token::new(TC_TOKEN));
+    cfg.max_concurrency = concurrency;
+    cfg.request_timeout = Duration::from_secs(120);
+    Ok(teamcity::Client::new(cfg)?)
+}
+
+async fn open_store(dir: &tempfile::TempDir) -> anyhow::Result<DynStore> {
+    let url = format!("sqlite://{}", dir.path().join("sync-bench.db").display());
+    Ok(store::open(&url, Arc::new(SystemClock)).await?)
+}
+
+fn engine(store: &DynStore, client: teamcity::Client) -> anyhow::Result<Engine> {
+    Ok(Engine::new(
+        store.clone(),
+        client,
+        Policy::from_toml(POLICY)?,
+        EngineConfig {
+            poll: Duration::from_millis(20),
+            ..EngineConfig::default()
+        },
+    ))
+}
+
+fn user_body(i: usize) -> Value {
+    json!({
+        "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+        "userName": format!("user{i:05}@example.com"),
+        "externalId": format!("00u-{i:05}"),
+        "name": {"givenName": "User", "familyName": format!("N{i:05}")},
+        "displayName": format!("User N{i:05}"),
+        "emails": [{"primary": true, "value": format!("user{i:05}@example.com"), "type": "work"}],
+        "active": true,
+    })
+}
+
+fn group_body(g: usize) -> Value {
+    json!({
+        "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"],
+        "displayName": format!("Group {g:04}"),
+        "externalId": format!("00g-{g:04}"),
+        "members": [],
+    })
+}
+
+/// Stores `users` users and `groups` groups, user `i` in the groups `member_of(i)`, through
+/// the store API (as the SCIM server would). Returns the SCIM ids of the users.
+async fn seed_store(
+    store: &DynStore,
+    users: usize,
+    groups: usize,
+    member_of: impl Fn(usize) -> Vec<usize>,
+) -> anyhow::Result<Vec<String>> {
+    let started = Instant::now();
+    let ctx = WriteCtx::cli();
+    let mut ids = Vec::with_capacity(users);
+    for i in 0..users {
+        let n = scim::resource::normalize(ResourceKind::User, &user_body(i))
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let r = store.create(&ctx, ResourceKind::User, n.attrs, None).await?;
+        ids.push(r.id);
+    }
+    let mut members: Vec<Vec<NewMember>> = vec![Vec::new(); groups];
+    for (i, id) in ids.iter().enumerate() {
+        for g in member_of(i) {
+            members[g].push(NewMember {
+                value: id.clone(),
+                ty: Some(store::MemberType::User),
+                display: None,
+            });
+        }
+    }
+    for (g, m) in members.into_iter().enumerate() {
+        let n = scim::resource::normalize(ResourceKind::Group, &group_body(g))
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        store
+            .create(&ctx, ResourceKind::Group, n.attrs, Some(m))
+            .await?;
+    }
+    eprintln!(
+        "[seed] store: {users} users, {groups} groups in {:.1?}",
+        started.elapsed()
+    );
+    Ok(ids)
+}
+
+fn check_pass(r: &PassReport, what: &str) -> anyhow::Result<()> {
+    ensure!(
+        r.failed == 0 && !r.transient_stop && r.held == 0,
+        "{what}: {r:?}"
+    );
+    Ok(())
+}
+
+fn writes(emu: &Emulator) -> u64 {
+    emu.counters()
+        .iter()
+        .filter(|(k, _)| !k.starts_with("GET "))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+fn count(emu: &Emulator, key: &str) -> u64 {
+    emu.counters().get(key).copied().unwrap_or(0)
+}
+
+// ---- (A) calls per effective change ----------------------------------------------------
+
+struct Scim {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Scim {
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
+        let mut req = self
+            .http
+            .request(method.clone(), format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .header("User-Agent", "Okta SCIM Client 1.0.0");
+        if let Some(b) = body {
+            req = req
+                .header("Content-Type", "application/scim+json")
+                .body(b.to_string());
+        }
+        let resp = req.send().await?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        if !status.is_success() {
+            bail!("{method} {path} answered {status}: {text}");
+        }
+        Ok(if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text)?
+        })
+    }
+
+    /// Okta's group PATCH: a path-less replace of the unchanged `{id, displayName}` first.
+    async fn patch_group(&self, id: &str, name: &str, ops: Vec<Value>) -> anyhow::Result<()> {
+        let mut all = vec![json!({"op": "replace", "value": {"id": id, "displayName": name}})];
+        all.extend(ops);
+        self.send(
+            reqwest::Method::PATCH,
+            &format!("/Groups/{id}"),
+            Some(json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"], "Operations": all})),
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// What the replay expects TeamCity to do, counted from the replay itself.
+#[derive(Debug, Default)]
+struct Expect {
+    /// Facts of TeamCity state changed.
+    effective: u64,
+    /// Calls the plan semantics need for them.
+    minimal: u64,
+    /// SCIM writes sent.
+    scim_writes: u64,
+}
+
+impl Expect {
+    fn change(&mut self, facts: u64, calls: u64) {
+        self.effective += facts;
+        self.minimal += calls;
+    }
+}
+
+async fn bench_calls(cli: &Cli, report: &mut Report) -> anyhow::Result<()> {
+    let n_users = cli.replay_users.max(10);
+    let n_groups = cli.replay_groups.max(3);
+    eprintln!("[calls] Okta-style replay: {n_users} users, {n_groups} groups");
+    // Latency does not change the number of calls; keep the replay quick.
+    let (tc_url, emu) = emulator(Duration::ZERO).await?;
+    let dir = tempfile::tempdir()?;
+    let store = open_store(&dir).await?;
+    let mut random = [0u8; 32];
+    rand::rng().fill_bytes(&mut random);
+    let token = server::generate_token(random);
+    store
+        .create_token(&WriteCtx::cli(), "sync-bench", server::hash_token(&token), None)
+        .await?;
+    let engine = engine(&store, tc_client(&tc_url, cli.concurrency)?)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}{}", listener.local_addr()?, server::BASE_PATH);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server_task = tokio::spawn(server::serve(
+        listener,
+        server::AppState::new(store.clone()),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    let scim = Scim {
+        http: reqwest::Client::new(),
+        base,
+        token,
+    };
+    // The worker's cache is loaded once at start (a read of TeamCity); not a per-change cost.
+    engine.reconcile(false).await?;
+    emu.reset_counters();
+
+    let mut x = Expect::default();
+    let mut drained = PassReport::default();
+    let mut drain = async |x: &mut Expect| -> anyhow::Result<()> {
+        x.scim_writes += 1;
+        let r = engine.drain().await?;
+        check_pass(&r, "drain")?;
+        drained.applied += r.applied;
+        Ok(())
+    };
+
+    // 1. Users (POST /Users). Each: created, and joins the defaults group (created with the
+    //    first user).
+    let mut ids = Vec::with_capacity(n_users);
+    for i in 0..n_users {
+        let r = scim
+            .send(reqwest::Method::POST, "/Users", Some(user_body(i)))
+            .await?;
+        ids.push(r["id"].as_str().context("user id")?.to_owned());
+        if i == 0 {
+            x.change(3, 2); // user, defaults group, membership: create user + create group
+        } else {
+            x.change(2, 2); // user, membership: create user + join
+        }
+        drain(&mut x).await?;
+    }
+    // Membership: user i is in groups i % G, (i * 7) % G and (i * 13) % G.
+    let members_of_group = |g: usize| -> Vec<usize> {
+        (0..n_users)
+            .filter(|i| i % n_groups == g || (i * 7) % n_groups == g || (i * 13) % n_groups == g)
+            .collect()
+    };
+    let mut user_groups: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); n_users];
+
+    // 2. Group pushes: POST /Groups (no members), then PATCH add members in batches of 25.
+    let mut gids = Vec::with_capacity(n_groups);
+    for g in 0..n_groups {
+        let r = scim
+            .send(reqwest::Method::POST, "/Groups", Some(group_body(g)))
+            .await?;
+        let gid = r["id"].as_str().context("group id")?.to_owned();
+        x.change(1, 1);
+        drain(&mut x).await?;
+        for chunk in members_of_group(g).chunks(25) {
+            let value: Vec<Value> = chunk.iter().map(|&i| json!({"value": ids[i]})).collect();
+            scim.patch_group(
+                &gid,
+                &format!("Group {g:04}"),
+                vec![json!({"op": "add", "path": "members", "value": value})],
+            )
+            .await?;
+            for &i in chunk {
+                user_groups[i].insert(g);
+            }
+            let n = chunk.len() as u64;
+            x.change(n, n);
+            drain(&mut x).await?;
+        }
+        gids.push(gid);
+    }
+
+    // 3. Unchanged re-pushes: the replace alone, and the replace with members already there.
+    let before = emu.total_calls();
+    let mut noops = 0;
+    for (g, gid) in gids.iter().enumerate().take(6) {
+        let name = format!("Group {g:04}");
+        let ops = if g % 2 == 0 {
+            vec![]
+        } else {
+            let value: Vec<Value> = members_of_group(g)
+                .iter()
+                .take(10)
+                .map(|&i| json!({"value": ids[i]}))
+                .collect();
+            vec![json!({"op": "add", "path": "members", "value": value})]
+        };
+        scim.patch_group(gid, &name, ops).await?;
+        noops += 1;
+        drain(&mut x).await?;
+    }
+    let noop_calls = emu.total_calls() - before;
+
+    // 4. Deactivations (PATCH active=false); the first holds two access tokens.
+    let deactivate = [1usize, 2, 3];
+    let tc_id = |emu: &Emulator, i: usize| {
+        let name = format!("user{i:05}@example.com");
+        emu.with_state(|s| s.users.values().find(|u| u.username == name).map(|u| u.id))
+    };
+    let first = tc_id(&emu, deactivate[0]).context("user in TeamCity")?;
+    emu.with_state(|s| {
+        if let Some(u) = s.users.get_mut(&first) {
+            for name in ["ci-script", "laptop"] {
+                u.tokens.push(TokenRec {
+                    name: name.into(),
+                    creation_time: "20261129T100000+0000".into(),
+                    expiration_time: None,
+                });
+            }
+        }
+    });
+    for (k, &i) in deactivate.iter().enumerate() {
+        scim.send(
+            reqwest::Method::PATCH,
+            &format!("/Users/{}", ids[i]),
+            Some(json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"], "Operations": [{"op": "replace", "value": {"active": false}}]})),
+        )
+        .await?;
+        let tokens = if k == 0 { 2 } else { 0 };
+        // Leaves every group (its pushed groups and the defaults group), tokens deleted,
+        // password randomised, marker set; the plan also lists the tokens (one read).
+        let facts = user_groups[i].len() as u64 + 1 + tokens + 2;
+        x.change(facts, facts + 1);
+        drain(&mut x).await?;
+    }
+
+    // 5. A rename: one fact; the plan swaps (create the new group with everything, delete the
+    //    old one).
+    scim.patch_group(&gids[1], "Group 0001 renamed", vec![])
+        .await?;
+    x.change(1, 2);
+    drain(&mut x).await?;
+
+    let calls = emu.total_calls();
+    let by_endpoint = emu.counters();
+    // Converged: a full plan now finds nothing to do.
+    let (p, _, _) = engine.plan_full().await?;
+    ensure!(
+        p.actions.is_empty(),
+        "not converged after the replay: {:?}",
+        &p.actions[..p.actions.len().min(5)]
+    );
+    let _ = stop_tx.send(());
+    let _ = server_task.await;
+
+    let ratio = calls as f64 / x.effective as f64;
+    report.info(
+        "A  replay",
+        format!(
+            "{} SCIM writes ({n_users} users, {n_groups} groups, {noops} no-op re-pushes, {} deactivations, 1 rename)",
+            x.scim_writes,
+            deactivate.len()
+        ),
+    );
+    report.info(
+        "A  TeamCity calls",
+        format!(
+            "{calls} (plan-minimal {}; {} actions applied)",
+            x.minimal, drained.applied
+        ),
+    );
+    report.info("A  effective changes", format!("{}", x.effective));
+    report.target(
+        "A  calls / effective change",
+        format!("{ratio:.3}"),
+        "<= 1.05",
+        ratio <= 1.05,
+    );
+    report.target(
+        "A  calls of no-op re-pushes",
+        format!("{noop_calls} for {noops} pushes"),
+        "0",
+        noop_calls == 0,
+    );
+    eprintln!("[calls] by endpoint: {by_endpoint:?}");
+    Ok(())
+}
+
+// ---- (B) no-drift reconcile --------------------------------------------------------------
+
+async fn bench_reconcile(cli: &Cli, report: &mut Report) -> anyhow::Result<()> {
+    let users = cli.reconcile_users;
+    let groups = cli.reconcile_groups.max(1);
+    eprintln!("[reconcile] seeding {users} users, {groups} groups (3 per user) and TeamCity");
+    let dir = tempfile::tempdir()?;
+    let store = open_store(&dir).await?;
+    seed_store(&store, users, groups, |i| {
+        let a = i % groups;
+        let b = (i + groups / 3 + 1) % groups;
+        let c = (i + 2 * groups / 3 + 2) % groups;
+        [a, b, c].into_iter().collect::<BTreeSet<_>>().into_iter().collect()
+    })
+    .await?;
+    // TeamCity: what the engine makes of that store, on a zero-latency emulator, then copied
+    // into the measured one — consistent by construction.
+    let started = Instant::now();
+    let (url0, emu0) = emulator(Duration::ZERO).await?;
+    let seeding = engine(&store, tc_client(&url0, cli.concurrency)?)?;
+    let r = seeding.reconcile(false).await?;
+    check_pass(&r, "seeding reconcile")?;
+    let state = emu0.snapshot();
+    let (url, emu) = emulator(Duration::from_millis(cli.latency_ms)).await?;
+    emu.with_state(|s| *s = state);
+    eprintln!(
+        "[reconcile] TeamCity seeded ({} calls) in {:.1?}",
+        emu0.total_calls(),
+        started.elapsed()
+    );
+
+    let engine = engine(&store, tc_client(&url, cli.concurrency)?)?;
+    emu.reset_counters();
+    let started = Instant::now();
+    let r = engine.reconcile(false).await?;
+    let took = started.elapsed();
+    check_pass(&r, "reconcile")?;
+    let page_size = engine.config().page_size;
+    let tc_users = emu.with_state(|s| s.users.len()) as u64;
+    let user_pages = tc_users / page_size + 1;
+    let pages = user_pages + 1; // + the group list (not paged)
+    let reads = r.reads as u64;
+    let gets = count(&emu, "GET /app/rest/users") + count(&emu, "GET /app/rest/userGroups");
+    let total = emu.total_calls();
+    let w = writes(&emu);
+    report.info(
+        "B  data",
+        format!(
+            "{users} users, {groups} groups, {} TeamCity users, latency {} ms",
+            tc_users, cli.latency_ms
+        ),
+    );
+    report.target(
+        "B  reads = pages",
+        format!("{reads} reads, {total} calls; {user_pages} user pages + 1 group list"),
+        &format!("{pages}"),
+        reads == pages && total == pages && gets == pages,
+    );
+    report.target(
+        "B  writes",
+        format!("{w} (planned {})", r.planned),
+        "0",
+        w == 0 && r.planned == 0,
+    );
+    report.target(
+        "B  reconcile wall time",
+        format!("{:.2} s", took.as_secs_f64()),
+        "< 10 s",
+        took < Duration::from_secs(10),
+    );
+    Ok(())
+}
+
+// ---- (C) initial load ----------------------------------------------------------------------
+
+async fn bench_initial_load(cli: &Cli, report: &mut Report) -> anyhow::Result<()> {
+    let users = cli.load_users.max(1);
+    let groups = cli.load_groups.max(1);
+    let per_user = cli.load_memberships.div_ceil(users).min(groups);
+    eprintln!(
+        "[initial-load] seeding {users} users, {groups} groups, {} memberships",
+        users * per_user
+    );
+    let dir = tempfile::tempdir()?;
+    let store = open_store(&dir).await?;
+    // User i is in per_user groups spread over all groups.
+    let stride = (groups / per_user.max(1)).max(1);
+    seed_store(&store, users, groups, |i| {
+        (0..per_user)
+            .map(|k| (i + k * stride) % groups)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect()
+    })
+    .await?;
+    let latency = Duration::from_millis(cli.latency_ms);
+    let (url, emu) = emulator(latency).await?;
+    let engine = engine(&store, tc_client(&url, cli.concurrency)?)?;
+    eprintln!("[initial-load] reconciling into an empty TeamCity");
+    let started = Instant::now();
+    let r = engine.reconcile(false).await?;
+    let took = started.elapsed();
+    check_pass(&r, "initial load")?;
+    let calls = emu.total_calls();
+    let ideal = latency.as_secs_f64() * calls as f64 / cli.concurrency as f64;
+    let ratio = took.as_secs_f64() / ideal;
+    let (tc_users, tc_memberships) = emu.with_state(|s| {
+        (
+            s.users.len(),
+            s.users.values().map(|u| u.groups.len()).sum::<usize>(),
+        )
+    });
+    // Converged: a fresh engine plans nothing.
+    let check = self::engine(&store, tc_client(&url, cli.concurrency)?)?;
+    let (p, _, _) = check.plan_full().await?;
+    ensure!(
+        p.actions.is_empty(),
+        "initial load did not converge: {} actions left",
+        p.actions.len()
+    );
+    report.info(
+        "C  data",
+        format!(
+            "{users} users, {groups} groups, {} memberships (+{users} in the defaults group); latency {} ms, concurrency {}",
+            users * per_user,
+            cli.latency_ms,
+            cli.concurrency
+        ),
+    );
+    report.info(
+        "C  TeamCity calls",
+        format!(
+            "{calls} ({} actions applied; TeamCity now {tc_users} users, {tc_memberships} memberships)",
+            r.applied
+        ),
+    );
+    report.info(
+        "C  sequential would take",
+        format!("{:.1} s (calls × latency)", latency.as_secs_f64() * calls as f64),
+    );
+    report.target(
+        "C  initial load wall time",
+        format!(
+            "{:.2} s = {ratio:.2} × {:.2} s (calls × latency / concurrency)",
+            took.as_secs_f64(),
+            ideal
+        ),
+        "<= 1.2 ×",
+        ratio <= 1.2,
+    );
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cli.threads.max(1))
+        .enable_all()
+        .build()?;
+    let mut report = Report::default();
+    rt.block_on(async {
+        if matches!(cli.command, Cmd::All | Cmd::Calls) {
+            bench_calls(&cli, &mut report).await?;
+        }
+        if matches!(cli.command, Cmd::All | Cmd::Reconcile) {
+            bench_reconcile(&cli, &mut report).await?;
+        }
+        if matches!(cli.command, Cmd::All | Cmd::InitialLoad) {
+            bench_initial_load(&cli, &mut report).await?;
+        }
+        anyhow::Ok(())
+    })?;
+    report.print();
+    println!(
+        "\n(one process: engine, emulator, SCIM server and SQLite share {} runtime threads and this machine's cores)",
+        cli.threads
+    );
+    if cli.check && !report.all_pass() {
+        std::process::exit(1);
+    }
+    Ok(())
+}

@@ -1,0 +1,277 @@
+//! (3) The outbox worker: coalescing, retries with backoff, dead letters, retry/drop, the
+//! mapping, and unmanaged TeamCity objects left alone.
+
+use std::time::Duration;
+
+use serde_json::json;
+use store::WriteCtx;
+use sync::{DEFAULTS_GROUP_KEY, Deprovision, EngineConfig, group_key};
+use teamcity_emulator::{Fault, FaultAction};
+
+use crate::support::{POLICY, World, cfg};
+
+#[tokio::test]
+async fn coalesces_every_pending_row_of_an_entity_into_one_pass() {
+    let w = World::start().await;
+    let ann = w.create_user("ann", None).await;
+    for n in 1..=5 {
+        w.patch(
+            &format!("/Users/{ann}"),
+            json!([{"op": "replace", "path": "displayName", "value": format!("Ann v{n}")}]),
+        )
+        .await;
+    }
+    assert_eq!(w.pending().await, 6);
+    let r = w.engine.run_once().await.expect("pass");
+    assert_eq!(r.outbox_rows, 6, "all six rows in one claim: {r:?}");
+    assert_eq!(w.pending().await, 0);
+    assert_eq!(w.rows("done").await.len(), 6);
+    let c = w.emu.counters();
+    assert_eq!(c.get("POST /app/rest/users"), Some(&1), "{c:?}");
+    assert!(
+        !c.keys().any(|k| k.starts_with("PUT /app/rest/users")),
+        "created with the final name, never updated: {c:?}"
+    );
+    assert_eq!(
+        w.tc_user("ann").expect("ann").name.as_deref(),
+        Some("Ann v5")
+    );
+}
+
+#[tokio::test]
+async fn transient_failure_is_retried_with_backoff() {
+    let w = World::with(
+        POLICY,
+        EngineConfig {
+            retry: store::RetryPolicy {
+                base: Duration::from_millis(400),
+                cap: Duration::from_millis(400),
+                max_attempts: 100,
+            },
+            ..cfg()
+        },
+    )
+    .await;
+    w.engine.read_actual().await.expect("warm");
+    w.engine.drain().await.expect("fill the cache");
+    w.emu.inject_fault(Fault {
+        method: Some("POST".into()),
+        path_prefix: Some("/app/rest/users".into()),
+        times: 2,
+        action: FaultAction::Status {
+            status: 503,
+            retry_after_secs: None,
+        },
+    });
+    w.create_user("ann", None).await;
+    let r = w.engine.run_once().await.expect("pass");
+    assert!(r.transient_stop, "{r:?}");
+    let rows = w.rows("pending").await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].item.attempts, 1);
+    assert!(
+        rows[0]
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("create_user"),
+        "{rows:?}"
+    );
+    assert!(
+        rows[0].next_attempt_at > rows[0].created,
+        "backoff scheduled"
+    );
+    // Not due yet: an immediate pass claims nothing.
+    let r = w.engine.run_once().await.expect("pass");
+    assert_eq!(r.outbox_rows, 0, "the row waits out its backoff: {r:?}");
+
+    w.drain_until_idle(&w.engine, Duration::from_secs(10)).await;
+    assert_eq!(w.rows("done").await.len(), 1);
+    assert_eq!(w.rows("dead").await.len(), 0);
+    assert_eq!(
+        w.emu.counters().get("POST /app/rest/users"),
+        Some(&3),
+        "two refused, one accepted"
+    );
+    let s = w.emu.snapshot();
+    assert_eq!(
+        s.users
+            .values()
+            .filter(|u| u.username == "ann@example.com")
+            .count(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn permanent_failure_is_dead_with_reason_then_retry_and_drop() {
+    let w = World::start().await;
+    w.engine.drain().await.expect("fill the cache");
+    w.emu.inject_fault(Fault {
+        method: Some("POST".into()),
+        path_prefix: Some("/app/rest/users".into()),
+        times: 1,
+        action: FaultAction::Status {
+            status: 403,
+            retry_after_secs: None,
+        },
+    });
+    let ann = w.create_user("ann", None).await;
+    let bob = w.create_user("bob", None).await;
+    let r = w.drain().await;
+    assert!(r.failed >= 1, "{r:?}");
+    let dead = w.rows("dead").await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].item.entity_id, ann);
+    let reason = dead[0].dead_reason.clone().unwrap_or_default();
+    assert!(
+        reason.contains("create_user") && reason.contains("Forbidden")
+            || reason.contains("create_user"),
+        "{reason}"
+    );
+    assert!(w.tc_user("ann").is_none());
+    assert!(w.tc_user("bob").is_some(), "other entities are not held up");
+    let failures = w.audit_ops("create_user").await;
+    assert!(
+        failures
+            .iter()
+            .any(|e| e.outcome == "failure" && e.status == Some(403))
+    );
+
+    // outbox retry: back to pending, applied on the next pass.
+    let again = w
+        .store
+        .retry_outbox(&WriteCtx::cli(), dead[0].item.id)
+        .await
+        .expect("retry");
+    assert_eq!(again.item.state, "pending");
+    w.drain().await;
+    assert!(w.tc_user("ann").is_some());
+    assert!(w.rows("dead").await.is_empty());
+
+    // outbox drop: a dropped row is never applied.
+    w.emu.inject_fault(Fault {
+        method: Some("PUT".into()),
+        path_prefix: Some("/app/rest/users".into()),
+        times: 1,
+        action: FaultAction::Status {
+            status: 400,
+            retry_after_secs: None,
+        },
+    });
+    w.patch(
+        &format!("/Users/{bob}"),
+        json!([{"op": "replace", "path": "displayName", "value": "Robert"}]),
+    )
+    .await;
+    w.drain().await;
+    let dead = w.rows("dead").await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let dropped = w
+        .store
+        .drop_outbox(&WriteCtx::cli(), dead[0].item.id)
+        .await
+        .expect("drop");
+    assert_eq!(dropped.item.state, "dropped");
+    assert!(w.rows("dead").await.is_empty());
+    assert_eq!(w.rows("dropped").await.len(), 1);
+}
+
+#[tokio::test]
+async fn mapping_links_scim_ids_to_teamcity_objects() {
+    let w = World::start().await;
+    let ann = w.create_user("ann", None).await;
+    let dev = w.create_group("Developers", Some("00g-dev"), &[&ann]).await;
+    w.drain().await;
+    let users = w
+        .store
+        .mappings(scim::ResourceKind::User)
+        .await
+        .expect("mappings");
+    let tc = w.tc_user("ann").expect("ann");
+    assert_eq!(users.len(), 1, "{users:?}");
+    assert_eq!(users[0].scim_id, ann);
+    assert_eq!(users[0].teamcity_id, tc.id.to_string());
+    assert_eq!(users[0].teamcity_name, "ann@example.com");
+    let groups = w
+        .store
+        .mappings(scim::ResourceKind::Group)
+        .await
+        .expect("mappings");
+    assert_eq!(groups.len(), 1, "{groups:?}");
+    assert_eq!(groups[0].teamcity_id, group_key(&dev, 0));
+    assert_eq!(groups[0].teamcity_name, "Developers");
+
+    // A rename moves the link to the new key; a delete removes it.
+    w.okta_patch_group(&dev, "Platform", vec![]).await;
+    w.drain().await;
+    let groups = w
+        .store
+        .mappings(scim::ResourceKind::Group)
+        .await
+        .expect("mappings");
+    assert_eq!(groups[0].teamcity_id, group_key(&dev, 1));
+    assert_eq!(groups[0].teamcity_name, "Platform");
+    w.delete(&format!("/Groups/{dev}")).await;
+    w.drain().await;
+    assert!(
+        w.store
+            .mappings(scim::ResourceKind::Group)
+            .await
+            .expect("m")
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn unmanaged_users_and_groups_survive_every_sync() {
+    let w = World::with(
+        POLICY,
+        EngineConfig {
+            deprovision: Deprovision::Delete,
+            ..cfg()
+        },
+    )
+    .await;
+    let before = w.emu.snapshot();
+    let admin_before = before.users[&before.admin_id].clone();
+    let local_before = before.groups["LOCAL"].clone();
+
+    let ann = w.create_user("ann", None).await;
+    let bob = w.create_user("bob", None).await;
+    let dev = w
+        .create_group("Developers", Some("00g-dev"), &[&ann, &bob])
+        .await;
+    w.drain().await;
+    // The local admin is put into a managed group by hand: reported, never removed.
+    let key = group_key(&dev, 0);
+    let admin_id = before.admin_id;
+    w.emu.with_state(|s| {
+        s.users
+            .get_mut(&admin_id)
+            .expect("admin")
+            .groups
+            .insert(key.clone());
+    });
+    w.set_active(&ann, false).await;
+    w.okta_patch_group(&dev, "Platform", vec![]).await;
+    w.delete(&format!("/Users/{bob}")).await;
+    w.drain().await;
+    w.engine.reconcile(false).await.expect("reconcile");
+    w.delete(&format!("/Groups/{dev}")).await;
+    w.drain().await;
+    w.engine.reconcile(false).await.expect("reconcile");
+
+    let after = w.emu.snapshot();
+    let admin = &after.users[&admin_id];
+    assert_eq!(admin.username, admin_before.username);
+    assert_eq!(admin.roles, admin_before.roles, "SYSTEM_ADMIN kept");
+    assert!(admin.groups.contains("LOCAL"));
+    assert_eq!(admin.properties, admin_before.properties);
+    assert_eq!(admin.password_changes, admin_before.password_changes);
+    assert!(!admin.groups.contains(DEFAULTS_GROUP_KEY));
+    let local = &after.groups["LOCAL"];
+    assert_eq!(local.roles, local_before.roles);
+    assert_eq!(local.name, local_before.name);
+    assert!(local.properties.is_empty());
+}
