@@ -438,6 +438,15 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         teamcity_name: &str,
     ) -> StoreResult<bool>;
 
+    /// Upserts many links in one transaction; returns how many changed. Each change is audited
+    /// like [`Store::upsert_mapping`].
+    async fn upsert_mappings(
+        &self,
+        ctx: &WriteCtx,
+        kind: ResourceKind,
+        items: &[(String, String, String)],
+    ) -> StoreResult<usize>;
+
     /// Removes a link; `false` if there was none.
     async fn delete_mapping(
         &self,

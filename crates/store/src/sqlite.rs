@@ -30,7 +30,25 @@ pub struct SqliteStore {
     read: SqlitePool,
     write: SqlitePool,
     clock: Arc<dyn Clock>,
+    lookups: Arc<LookupCache>,
 }
+
+/// Small list results (the `userName eq "…"` lookups every IdP sends before each write) kept
+/// in memory until the next resource write in this process. Every resource write bumps the
+/// generation after its commit; an entry is served only while the generation it was read at
+/// is current, so a cached answer is never older than the last write. Only this process
+/// writes SCIM resources to its SQLite file (the CLI's commands touch tokens, the outbox and
+/// the audit trail), which is what makes a process-local generation sufficient.
+#[derive(Debug, Default)]
+struct LookupCache {
+    generation: std::sync::atomic::AtomicU64,
+    entries: std::sync::Mutex<std::collections::HashMap<String, (u64, ListPage)>>,
+}
+
+/// Most cached lookups; the cache is emptied when full.
+const LOOKUP_CACHE_ENTRIES: usize = 8192;
+/// Only pages this small are cached.
+const LOOKUP_CACHE_MAX_PAGE: usize = 4;
 
 type Tx = Transaction<'static, Sqlite>;
 
@@ -90,7 +108,12 @@ impl SqliteStore {
                 .connect_with(opts.read_only(true))
                 .await?
         };
-        Ok(SqliteStore { read, write, clock })
+        Ok(SqliteStore {
+            read,
+            write,
+            clock,
+            lookups: Arc::default(),
+        })
     }
 
     async fn begin(&self) -> StoreResult<Tx> {
@@ -519,6 +542,121 @@ fn bind_all<'q>(
 }
 
 impl SqliteStore {
+    /// Invalidates cached lookups; called after every committed resource write.
+    fn written(&self) {
+        self.lookups
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    async fn list_uncached(&self, kind: ResourceKind, q: &ListQuery) -> StoreResult<ListPage> {
+        let pre = q
+            .filter
+            .as_ref()
+            .and_then(|f| sql_filter::translate(kind, f));
+        let exact = match (&q.filter, &pre) {
+            (None, _) => true,
+            (Some(_), Some(p)) => p.exact,
+            (Some(_), None) => false,
+        };
+        let sort_col = match &q.sort_by {
+            None => Some("t.seq"),
+            Some(p) => sql_filter::sort_column(kind, p),
+        };
+        let (where_sql, binds): (String, &[Bind]) = match &pre {
+            Some(p) => (format!(" WHERE {}", p.sql), &p.binds),
+            None => (String::new(), &[]),
+        };
+        // What in-memory evaluation needs loaded.
+        let need_members = kind == ResourceKind::Group
+            && (q.read.members
+                || q.filter.as_ref().is_some_and(|f| mentions(f, "members"))
+                || q.sort_by
+                    .as_ref()
+                    .is_some_and(|p| p.attr.eq_ignore_ascii_case("members")));
+        let read = ReadOpts {
+            members: need_members,
+            groups: kind == ResourceKind::User
+                && (q.read.groups || q.filter.as_ref().is_some_and(|f| mentions(f, "groups"))),
+        };
+        if let (true, Some(col)) = (exact, sort_col) {
+            // One connection for the page and the count: each pool checkout costs a round
+            // trip to the connection's worker thread (sqlx pings it on release).
+            let mut conn = self.read.acquire().await?;
+            let mut resources = Vec::new();
+            let mut total = None;
+            if q.count > 0 {
+                let dir = if q.descending { "DESC" } else { "ASC" };
+                // LIMIT and OFFSET are literals, not parameters: SQLite (3.4x+) re-prepares a
+                // statement whenever a parameter its LIMIT reads is bound again — a full parse
+                // and plan on every execution. (Integers we computed: nothing to inject.)
+                let sql = format!(
+                    "{}{where_sql} ORDER BY {col} {dir}, t.seq {dir} LIMIT {} OFFSET {}",
+                    select_sql(kind, read),
+                    q.count,
+                    q.offset
+                );
+                let rows = bind_all(sqlx::query(AssertSqlSafe(sql)), binds)
+                    .fetch_all(&mut *conn)
+                    .await?;
+                // A short page that is not past the end is the end: it gives the total (the
+                // `userName eq` lookup every IdP sends then costs one query, not two).
+                if rows.len() < q.count && (!rows.is_empty() || q.offset == 0) {
+                    total = Some(q.offset + rows.len());
+                }
+                for row in &rows {
+                    let mut r = row_to_resource(kind, row, read.groups)?;
+                    if read.members {
+                        r.members = Some(load_members(&mut *conn, &r.id).await?);
+                    }
+                    resources.push(r);
+                }
+            }
+            let total = match total {
+                Some(t) => t,
+                None => {
+                    let count_sql = format!("SELECT COUNT(*) FROM {} t{where_sql}", table(kind));
+                    let n: i64 = bind_all(sqlx::query(AssertSqlSafe(count_sql)), binds)
+                        .fetch_one(&mut *conn)
+                        .await?
+                        .try_get(0)?;
+                    n as usize
+                }
+            };
+            return Ok(ListPage { total, resources });
+        }
+        // Inexact filter or a sort without a column: complete in memory over the candidates.
+        let sql = format!("{}{where_sql} ORDER BY t.seq", select_sql(kind, read));
+        let rows = bind_all(sqlx::query(AssertSqlSafe(sql)), binds)
+            .fetch_all(&self.read)
+            .await?;
+        let mut matched: Vec<(Resource, Value)> = Vec::new();
+        for row in &rows {
+            let mut r = row_to_resource(kind, row, read.groups)?;
+            if read.members {
+                r.members = Some(load_members(&self.read, &r.id).await?);
+            }
+            let v = eval_json(&r);
+            if q.filter
+                .as_ref()
+                .is_none_or(|f| filter::matches(f, kind, &v))
+            {
+                matched.push((r, v));
+            }
+        }
+        if let Some(by) = &q.sort_by {
+            sort_in_memory(kind, by, q.descending, &mut matched);
+        }
+        let total = matched.len();
+        let resources = matched
+            .into_iter()
+            .skip(q.offset)
+            .take(q.count)
+            .map(|(r, _)| r)
+            .collect();
+        Ok(ListPage { total, resources })
+    }
+
     async fn read_one_tx(
         &self,
         tx: &mut Tx,
@@ -693,6 +831,7 @@ impl Store for SqliteStore {
             .read_one_tx(&mut tx, kind, &id, read_back(kind))
             .await?;
         tx.commit().await?;
+        self.written();
         Ok(r)
     }
 
@@ -744,6 +883,7 @@ impl Store for SqliteStore {
         .await?;
         let r = self.read_one_tx(&mut tx, kind, id, read_back(kind)).await?;
         tx.commit().await?;
+        self.written();
         Ok(r)
     }
 
@@ -806,6 +946,7 @@ impl Store for SqliteStore {
         .await?;
         let r = self.read_one_tx(&mut tx, kind, id, read_back(kind)).await?;
         tx.commit().await?;
+        self.written();
         Ok(r)
     }
 
@@ -862,6 +1003,7 @@ impl Store for SqliteStore {
         )
         .await?;
         tx.commit().await?;
+        self.written();
         Ok(())
     }
 
@@ -908,111 +1050,46 @@ impl Store for SqliteStore {
     }
 
     async fn list(&self, kind: ResourceKind, q: &ListQuery) -> StoreResult<ListPage> {
-        let pre = q
-            .filter
-            .as_ref()
-            .and_then(|f| sql_filter::translate(kind, f));
-        let exact = match (&q.filter, &pre) {
-            (None, _) => true,
-            (Some(_), Some(p)) => p.exact,
-            (Some(_), None) => false,
-        };
-        let sort_col = match &q.sort_by {
-            None => Some("t.seq"),
-            Some(p) => sql_filter::sort_column(kind, p),
-        };
-        let (where_sql, binds): (String, &[Bind]) = match &pre {
-            Some(p) => (format!(" WHERE {}", p.sql), &p.binds),
-            None => (String::new(), &[]),
-        };
-        // What in-memory evaluation needs loaded.
-        let need_members = kind == ResourceKind::Group
-            && (q.read.members
-                || q.filter.as_ref().is_some_and(|f| mentions(f, "members"))
-                || q.sort_by
-                    .as_ref()
-                    .is_some_and(|p| p.attr.eq_ignore_ascii_case("members")));
-        let read = ReadOpts {
-            members: need_members,
-            groups: kind == ResourceKind::User
-                && (q.read.groups || q.filter.as_ref().is_some_and(|f| mentions(f, "groups"))),
-        };
-        if let (true, Some(col)) = (exact, sort_col) {
-            // One connection for the page and the count: each pool checkout costs a round
-            // trip to the connection's worker thread (sqlx pings it on release).
-            let mut conn = self.read.acquire().await?;
-            let mut resources = Vec::new();
-            let mut total = None;
-            if q.count > 0 {
-                let dir = if q.descending { "DESC" } else { "ASC" };
-                // LIMIT and OFFSET are literals, not parameters: SQLite (3.4x+) re-prepares a
-                // statement whenever a parameter its LIMIT reads is bound again — a full parse
-                // and plan on every execution. (Integers we computed: nothing to inject.)
-                let sql = format!(
-                    "{}{where_sql} ORDER BY {col} {dir}, t.seq {dir} LIMIT {} OFFSET {}",
-                    select_sql(kind, read),
-                    q.count,
-                    q.offset
-                );
-                let rows = bind_all(sqlx::query(AssertSqlSafe(sql)), binds)
-                    .fetch_all(&mut *conn)
-                    .await?;
-                // A short page that is not past the end is the end: it gives the total (the
-                // `userName eq` lookup every IdP sends then costs one query, not two).
-                if rows.len() < q.count && (!rows.is_empty() || q.offset == 0) {
-                    total = Some(q.offset + rows.len());
-                }
-                for row in &rows {
-                    let mut r = row_to_resource(kind, row, read.groups)?;
-                    if read.members {
-                        r.members = Some(load_members(&mut *conn, &r.id).await?);
-                    }
-                    resources.push(r);
-                }
-            }
-            let total = match total {
-                Some(t) => t,
-                None => {
-                    let count_sql = format!("SELECT COUNT(*) FROM {} t{where_sql}", table(kind));
-                    let n: i64 = bind_all(sqlx::query(AssertSqlSafe(count_sql)), binds)
-                        .fetch_one(&mut *conn)
-                        .await?
-                        .try_get(0)?;
-                    n as usize
-                }
-            };
-            return Ok(ListPage { total, resources });
-        }
-        // Inexact filter or a sort without a column: complete in memory over the candidates.
-        let sql = format!("{}{where_sql} ORDER BY t.seq", select_sql(kind, read));
-        let rows = bind_all(sqlx::query(AssertSqlSafe(sql)), binds)
-            .fetch_all(&self.read)
-            .await?;
-        let mut matched: Vec<(Resource, Value)> = Vec::new();
-        for row in &rows {
-            let mut r = row_to_resource(kind, row, read.groups)?;
-            if read.members {
-                r.members = Some(load_members(&self.read, &r.id).await?);
-            }
-            let v = eval_json(&r);
-            if q.filter
+        use std::sync::atomic::Ordering;
+        let key = format!(
+            "{}|{}|{:?}|{}|{}|{}|{}{}",
+            kind.name(),
+            q.filter
                 .as_ref()
-                .is_none_or(|f| filter::matches(f, kind, &v))
-            {
-                matched.push((r, v));
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            q.sort_by.as_ref().map(ToString::to_string),
+            q.descending,
+            q.offset,
+            q.count,
+            q.read.members,
+            q.read.groups
+        );
+        let generation = self.lookups.generation.load(Ordering::Acquire);
+        let hit = self
+            .lookups
+            .entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .filter(|(g, _)| *g == generation)
+            .map(|(_, page)| page.clone());
+        if let Some(page) = hit {
+            return Ok(page);
+        }
+        let page = self.list_uncached(kind, q).await?;
+        if page.resources.len() <= LOOKUP_CACHE_MAX_PAGE {
+            let mut entries = self
+                .lookups
+                .entries
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if entries.len() >= LOOKUP_CACHE_ENTRIES {
+                entries.clear();
             }
+            entries.insert(key, (generation, page.clone()));
         }
-        if let Some(by) = &q.sort_by {
-            sort_in_memory(kind, by, q.descending, &mut matched);
-        }
-        let total = matched.len();
-        let resources = matched
-            .into_iter()
-            .skip(q.offset)
-            .take(q.count)
-            .map(|(r, _)| r)
-            .collect();
-        Ok(ListPage { total, resources })
+        Ok(page)
     }
 
     async fn create_token(
@@ -1233,6 +1310,15 @@ impl Store for SqliteStore {
     ) -> StoreResult<bool> {
         self.sync_upsert_mapping(ctx, kind, scim_id, teamcity_id, teamcity_name)
             .await
+    }
+
+    async fn upsert_mappings(
+        &self,
+        ctx: &WriteCtx,
+        kind: ResourceKind,
+        items: &[(String, String, String)],
+    ) -> StoreResult<usize> {
+        self.sync_upsert_mappings(ctx, kind, items).await
     }
 
     async fn delete_mapping(

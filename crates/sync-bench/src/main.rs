@@ -159,7 +159,10 @@ impl Report {
             .max()
             .unwrap_or(10);
         println!();
-        println!("{:<w$}  {:<mw$}  {:<26}  result", "benchmark", "measured", "target");
+        println!(
+            "{:<w$}  {:<mw$}  {:<26}  result",
+            "benchmark", "measured", "target"
+        );
         println!("{}", "-".repeat(w + mw + 40));
         for r in &self.rows {
             let verdict = match r.pass {
@@ -250,7 +253,9 @@ async fn seed_store(
     for i in 0..users {
         let n = scim::resource::normalize(ResourceKind::User, &user_body(i))
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        let r = store.create(&ctx, ResourceKind::User, n.attrs, None).await?;
+        let r = store
+            .create(&ctx, ResourceKind::User, n.attrs, None)
+            .await?;
         ids.push(r.id);
     }
     let mut members: Vec<Vec<NewMember>> = vec![Vec::new(); groups];
@@ -379,7 +384,12 @@ async fn bench_calls(cli: &Cli, report: &mut Report) -> anyhow::Result<()> {
     rand::rng().fill_bytes(&mut random);
     let token = server::generate_token(random);
     store
-        .create_token(&WriteCtx::cli(), "sync-bench", server::hash_token(&token), None)
+        .create_token(
+            &WriteCtx::cli(),
+            "sync-bench",
+            server::hash_token(&token),
+            None,
+        )
         .await?;
     let engine = engine(&store, tc_client(&tc_url, cli.concurrency)?)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -579,7 +589,11 @@ async fn bench_reconcile(cli: &Cli, report: &mut Report) -> anyhow::Result<()> {
         let a = i % groups;
         let b = (i + groups / 3 + 1) % groups;
         let c = (i + 2 * groups / 3 + 2) % groups;
-        [a, b, c].into_iter().collect::<BTreeSet<_>>().into_iter().collect()
+        [a, b, c]
+            .into_iter()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect()
     })
     .await?;
     // TeamCity: what the engine makes of that store, on a zero-latency emulator, then copied
@@ -664,6 +678,31 @@ async fn bench_initial_load(cli: &Cli, report: &mut Report) -> anyhow::Result<()
     .await?;
     let latency = Duration::from_millis(cli.latency_ms);
     let (url, emu) = emulator(latency).await?;
+    // Calibration: the same stack (client, loopback HTTP, emulator) on this machine, 2,000
+    // cheap calls at the same concurrency, no engine.
+    let raw = {
+        let client = tc_client(&url, cli.concurrency)?;
+        let n = 2_000usize;
+        let started = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..cli.concurrency {
+            let c = client.clone();
+            let per = n / cli.concurrency;
+            tasks.spawn(async move {
+                for _ in 0..per {
+                    c.server_info().await?;
+                }
+                anyhow::Ok(())
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            r??;
+        }
+        let took = started.elapsed().as_secs_f64();
+        let ideal = latency.as_secs_f64() * n as f64 / cli.concurrency as f64;
+        (took, took / ideal.max(f64::EPSILON))
+    };
+    emu.reset_counters();
     let engine = engine(&store, tc_client(&url, cli.concurrency)?)?;
     eprintln!("[initial-load] reconciling into an empty TeamCity");
     let started = Instant::now();
@@ -704,8 +743,18 @@ async fn bench_initial_load(cli: &Cli, report: &mut Report) -> anyhow::Result<()
         ),
     );
     report.info(
+        "C  calibration (no engine)",
+        format!(
+            "2000 GET /server calls at concurrency {}: {:.2} s = {:.2} × calls × latency / concurrency",
+            cli.concurrency, raw.0, raw.1
+        ),
+    );
+    report.info(
         "C  sequential would take",
-        format!("{:.1} s (calls × latency)", latency.as_secs_f64() * calls as f64),
+        format!(
+            "{:.1} s (calls × latency)",
+            latency.as_secs_f64() * calls as f64
+        ),
     );
     report.target(
         "C  initial load wall time",

@@ -724,25 +724,30 @@ impl Engine {
             (scim::ResourceKind::Group, groups),
         ] {
             let have = self.store.mappings(kind).await?;
+            let known: std::collections::HashMap<&str, (&str, &str)> = have
+                .iter()
+                .map(|m| {
+                    (
+                        m.scim_id.as_str(),
+                        (m.teamcity_id.as_str(), m.teamcity_name.as_str()),
+                    )
+                })
+                .collect();
             for m in &have {
-                match want.get(&m.scim_id) {
-                    None => {
-                        self.store.delete_mapping(&ctx, kind, &m.scim_id).await?;
-                    }
-                    Some((id, name)) if *id != m.teamcity_id || *name != m.teamcity_name => {
-                        self.store
-                            .upsert_mapping(&ctx, kind, &m.scim_id, id, name)
-                            .await?;
-                    }
-                    Some(_) => {}
+                if !want.contains_key(&m.scim_id) {
+                    self.store.delete_mapping(&ctx, kind, &m.scim_id).await?;
                 }
             }
-            for (scim_id, (id, name)) in &want {
-                if !have.iter().any(|m| &m.scim_id == scim_id) {
-                    self.store
-                        .upsert_mapping(&ctx, kind, scim_id, id, name)
-                        .await?;
-                }
+            // New and changed links in one transaction (an initial load links thousands).
+            let changed: Vec<(String, String, String)> = want
+                .iter()
+                .filter(|(scim_id, (id, name))| {
+                    known.get(scim_id.as_str()) != Some(&(id.as_str(), name.as_str()))
+                })
+                .map(|(scim_id, (id, name))| (scim_id.clone(), id.clone(), name.clone()))
+                .collect();
+            if !changed.is_empty() {
+                self.store.upsert_mappings(&ctx, kind, &changed).await?;
             }
         }
         Ok(())

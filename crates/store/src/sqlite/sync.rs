@@ -520,49 +520,69 @@ impl SqliteStore {
         teamcity_id: &str,
         teamcity_name: &str,
     ) -> StoreResult<bool> {
+        let items = [(
+            scim_id.to_owned(),
+            teamcity_id.to_owned(),
+            teamcity_name.to_owned(),
+        )];
+        Ok(self.sync_upsert_mappings(ctx, kind, &items).await? > 0)
+    }
+
+    /// Upserts many links in one transaction (an initial load links thousands at once); each
+    /// changed link is audited. Returns how many changed.
+    pub(super) async fn sync_upsert_mappings(
+        &self,
+        ctx: &WriteCtx,
+        kind: ResourceKind,
+        items: &[(String, String, String)],
+    ) -> StoreResult<usize> {
         let now = self.now();
         let mut tx = self.begin().await?;
-        let prev: Option<(String, String)> = sqlx::query_as(
-            "SELECT teamcity_id, teamcity_name FROM mappings WHERE kind = ? AND scim_id = ?",
-        )
-        .bind(entity(kind))
-        .bind(scim_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if prev
-            .as_ref()
-            .is_some_and(|(i, n)| i == teamcity_id && n == teamcity_name)
-        {
-            return Ok(false);
+        let mut changed = 0;
+        for (scim_id, teamcity_id, teamcity_name) in items {
+            let prev: Option<(String, String)> = sqlx::query_as(
+                "SELECT teamcity_id, teamcity_name FROM mappings WHERE kind = ? AND scim_id = ?",
+            )
+            .bind(entity(kind))
+            .bind(scim_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if prev
+                .as_ref()
+                .is_some_and(|(i, n)| i == teamcity_id && n == teamcity_name)
+            {
+                continue;
+            }
+            sqlx::query(
+                "INSERT INTO mappings (kind, scim_id, teamcity_id, teamcity_name, updated) VALUES (?, ?, ?, ?, ?) \
+                 ON CONFLICT (kind, scim_id) DO UPDATE SET teamcity_id = excluded.teamcity_id, \
+                 teamcity_name = excluded.teamcity_name, updated = excluded.updated",
+            )
+            .bind(entity(kind))
+            .bind(scim_id)
+            .bind(teamcity_id)
+            .bind(teamcity_name)
+            .bind(timefmt::format(now))
+            .execute(&mut *tx)
+            .await?;
+            note(
+                &mut tx,
+                ctx,
+                now,
+                "Mapping",
+                &format!("{}:{scim_id}", entity(kind)),
+                "mapping.upsert",
+                json!({
+                    "teamcity_id": teamcity_id,
+                    "teamcity_name": teamcity_name,
+                    "previous": prev.map(|(i, n)| json!({"teamcity_id": i, "teamcity_name": n})),
+                }),
+            )
+            .await?;
+            changed += 1;
         }
-        sqlx::query(
-            "INSERT INTO mappings (kind, scim_id, teamcity_id, teamcity_name, updated) VALUES (?, ?, ?, ?, ?) \
-             ON CONFLICT (kind, scim_id) DO UPDATE SET teamcity_id = excluded.teamcity_id, \
-             teamcity_name = excluded.teamcity_name, updated = excluded.updated",
-        )
-        .bind(entity(kind))
-        .bind(scim_id)
-        .bind(teamcity_id)
-        .bind(teamcity_name)
-        .bind(timefmt::format(now))
-        .execute(&mut *tx)
-        .await?;
-        note(
-            &mut tx,
-            ctx,
-            now,
-            "Mapping",
-            &format!("{}:{scim_id}", entity(kind)),
-            "mapping.upsert",
-            json!({
-                "teamcity_id": teamcity_id,
-                "teamcity_name": teamcity_name,
-                "previous": prev.map(|(i, n)| json!({"teamcity_id": i, "teamcity_name": n})),
-            }),
-        )
-        .await?;
         tx.commit().await?;
-        Ok(true)
+        Ok(changed)
     }
 
     pub(super) async fn sync_delete_mapping(
