@@ -75,6 +75,19 @@ pub fn parse(input: &str) -> ScimResult<Filter> {
     let f = p.parse_or(0, false)?;
     p.expect_end("`and`, `or` or end of filter")?;
     check_canonical_len(mode, &f)?;
+    // The printed form may nest deeper than the input (`not x` prints as `not (x)`): accept only
+    // filters whose canonical form is itself within the limits, so printing always round-trips.
+    let printed = f.to_string();
+    let reparsed = Parser::new(&printed, mode).and_then(|mut again| {
+        let g = again.parse_or(0, false)?;
+        again.expect_end("end of filter")?;
+        Ok(g)
+    });
+    if reparsed.is_err() {
+        return Err(mode.plain(format!(
+            "filter is nested too deeply once normalised (at most {MAX_FILTER_DEPTH} levels)"
+        )));
+    }
     Ok(f)
 }
 

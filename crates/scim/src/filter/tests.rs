@@ -875,3 +875,19 @@ fn canonical_form_longer_than_limit_is_rejected() {
     let f = parse(&ok).expect("short enough");
     assert_eq!(parse(&f.to_string()).expect("round-trips"), f);
 }
+
+#[test]
+fn canonical_form_deeper_than_limit_is_rejected() {
+    // Bare `not`s count one level each but print as `not (…)`, two levels each.
+    let deep = format!("{}userName eq \"a\"", "not ".repeat(MAX_FILTER_DEPTH - 1));
+    let e = parse(&deep).unwrap_err();
+    assert_eq!(e.scim_type, Some(ScimType::InvalidFilter));
+    assert!(
+        e.detail.contains("nested too deeply once normalised"),
+        "{}",
+        e.detail
+    );
+    let shallow = "not not userName eq \"a\"";
+    let f = parse(shallow).unwrap();
+    assert_eq!(parse(&f.to_string()).unwrap(), f);
+}
