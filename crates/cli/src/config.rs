@@ -301,8 +301,8 @@ impl Default for ServerConfig {
             token_file_grace: "10m".into(),
             request_timeout: "30s".into(),
             header_read_timeout: "10s".into(),
-            rate_limit_per_second: 50,
-            rate_limit_burst: 100,
+            rate_limit_per_second: 500,
+            rate_limit_burst: 1000,
             auth_failures_per_minute: 30,
             trust_forwarded_for: false,
             tls_cert_file: None,
@@ -567,8 +567,8 @@ mod tests {
     fn tls_and_ca_files_are_checked_at_load() {
         figment::Jail::expect_with(|jail| {
             let c = load(None).unwrap();
-            assert_eq!(c.server.rate_limit_per_second, 50);
-            assert_eq!(c.server.rate_limit_burst, 100);
+            assert_eq!(c.server.rate_limit_per_second, 500);
+            assert_eq!(c.server.rate_limit_burst, 1000);
             assert_eq!(c.server.request_timeout, "30s");
             assert_eq!(c.server.header_read_timeout, "10s");
 
