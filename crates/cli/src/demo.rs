@@ -373,7 +373,6 @@ pub(crate) async fn run() -> anyhow::Result<()> {
         "  TeamCity:  curl -H 'Authorization: Bearer {emulator_token}' -H 'Accept: application/json' {tc_url}/app/rest/userGroups"
     );
     println!("Press Ctrl-C to stop.");
-    let _ = (carol, dave);
     crate::shutdown_signal().await;
     let _ = stop_tx.send(true);
     let _ = worker.await;
