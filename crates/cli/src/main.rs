@@ -329,6 +329,19 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .context("cannot install the metrics recorder")?;
+    // Histogram samples queue in the recorder until upkeep folds them in; without it they
+    // would grow with every request until the next scrape (or forever, if none comes).
+    tokio::spawn({
+        let handle = metrics.clone();
+        async move {
+            let mut every = tokio::time::interval(METRICS_UPKEEP_INTERVAL);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                handle.run_upkeep();
+            }
+        }
+    });
     let engine = sync_cmd::engine(&cfg, store.clone())?;
     let mut state = server::AppState::new(store.clone());
     if let Some(path) = &cfg.server.token_file {
@@ -379,6 +392,9 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     tracing::info!("stopped cleanly");
     Ok(())
 }
+
+/// How often `serve` folds queued histogram samples into the metrics recorder.
+const METRICS_UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How often `serve` re-reads the TLS certificate and key files.
 const TLS_RELOAD_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);

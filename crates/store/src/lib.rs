@@ -28,7 +28,7 @@ pub mod timefmt;
 pub use clock::{Clock, FixedClock, SystemClock};
 pub use sync_model::{
     AuditEntry, ClaimedEntity, DirGroup, DirUser, DirectorySnapshot, FailedItem, HeldBatch,
-    Mapping, OutboxEntry, RetryPolicy, backoff,
+    Mapping, MappingLink, OutboxEntry, RetryPolicy, backoff,
 };
 
 /// Errors a store command reports. Callers branch on these variants only.
@@ -446,6 +446,16 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         kind: ResourceKind,
         items: &[(String, String, String)],
     ) -> StoreResult<usize>;
+
+    /// Appends `entries` to the audit trail and upserts `links` (each change audited like
+    /// [`Store::upsert_mapping`]), all in one transaction: the sync engine's group commit of
+    /// the actions it applied concurrently.
+    async fn record_applied(
+        &self,
+        ctx: &WriteCtx,
+        entries: &[AuditEntry],
+        links: &[MappingLink],
+    ) -> StoreResult<()>;
 
     /// Removes a link; `false` if there was none.
     async fn delete_mapping(

@@ -39,14 +39,66 @@ pub struct SqliteStore {
 /// is current, so a cached answer is never older than the last write. Only this process
 /// writes SCIM resources to its SQLite file (the CLI's commands touch tokens, the outbox and
 /// the audit trail), which is what makes a process-local generation sufficient.
+///
+/// The cache is bounded by an estimate of its size ([`LOOKUP_CACHE_BYTES`]); when a new entry
+/// would exceed it, entries are evicted in the map's (effectively random) iteration order
+/// until it fits, so a working set larger than the cache still gets a proportional share of
+/// hits (emptying the whole cache when full left 10,000 users at about half).
 #[derive(Debug, Default)]
 struct LookupCache {
     generation: std::sync::atomic::AtomicU64,
-    entries: std::sync::Mutex<std::collections::HashMap<String, (u64, ListPage)>>,
+    entries: std::sync::Mutex<LookupEntries>,
 }
 
-/// Most cached lookups; the cache is emptied when full.
-const LOOKUP_CACHE_ENTRIES: usize = 8192;
+#[derive(Debug, Default)]
+struct LookupEntries {
+    map: std::collections::HashMap<String, (u64, usize, ListPage)>,
+    bytes: usize,
+    /// The newest generation inserted: older entries can never be served again.
+    generation: u64,
+}
+
+impl LookupEntries {
+    fn insert(&mut self, key: String, generation: u64, page: ListPage) {
+        if generation < self.generation {
+            return;
+        }
+        if generation > self.generation {
+            self.map.clear();
+            self.bytes = 0;
+            self.generation = generation;
+        }
+        let size = key.len() + page_size_estimate(&page);
+        if size > LOOKUP_CACHE_BYTES {
+            return;
+        }
+        if let Some((_, old, _)) = self.map.remove(&key) {
+            self.bytes -= old;
+        }
+        while self.bytes + size > LOOKUP_CACHE_BYTES {
+            let Some(victim) = self.map.keys().next().cloned() else {
+                break;
+            };
+            if let Some((_, old, _)) = self.map.remove(&victim) {
+                self.bytes -= old;
+            }
+        }
+        self.bytes += size;
+        self.map.insert(key, (generation, size, page));
+    }
+}
+
+/// Rough heap size of a cached page: its JSON text length, doubled for the parsed tree.
+fn page_size_estimate(page: &ListPage) -> usize {
+    128 + page
+        .resources
+        .iter()
+        .map(|r| 256 + 2 * r.id.len() + 2 * r.attrs.to_string().len())
+        .sum::<usize>()
+}
+
+/// Most memory the lookup cache may hold (estimated): about 10,000 cached user lookups.
+const LOOKUP_CACHE_BYTES: usize = 16 * 1024 * 1024;
 /// Only pages this small are cached.
 const LOOKUP_CACHE_MAX_PAGE: usize = 4;
 
@@ -172,7 +224,37 @@ async fn append_event(
     now: OffsetDateTime,
     n: NewEvent<'_>,
 ) -> StoreResult<AuditEvent> {
-    let (prev_seq, prev_hash) = chain_head(tx).await?;
+    append_event_chained(tx, ctx, now, n, &mut None).await
+}
+
+/// [`append_event`] for a run of events in one transaction: `head` is the chain head the
+/// previous event of the run left (`None` for the first: read from the table). Inside the
+/// `BEGIN IMMEDIATE` transaction nobody else can append, so the head stays valid.
+async fn append_event_chained(
+    tx: &mut Tx,
+    ctx: &WriteCtx,
+    now: OffsetDateTime,
+    n: NewEvent<'_>,
+    head: &mut Option<(i64, String)>,
+) -> StoreResult<AuditEvent> {
+    let prev = match head.take() {
+        Some(h) => h,
+        None => chain_head(tx).await?,
+    };
+    let ev = chain_event(ctx, now, n, prev);
+    insert_events(tx, std::slice::from_ref(&ev)).await?;
+    *head = Some((ev.seq, ev.hash.clone()));
+    Ok(ev)
+}
+
+/// The event that follows `prev` (its seq and hash); email addresses in the detail are
+/// scrubbed first.
+fn chain_event(
+    ctx: &WriteCtx,
+    now: OffsetDateTime,
+    n: NewEvent<'_>,
+    (prev_seq, prev_hash): (i64, String),
+) -> AuditEvent {
     let mut detail = n.detail;
     crate::audit::scrub_emails(&mut detail);
     let mut ev = AuditEvent {
@@ -190,25 +272,65 @@ async fn append_event(
         hash: String::new(),
     };
     ev.hash = ev.compute_hash();
+    ev
+}
+
+/// Inserts chained events; more than one in a single statement (bound as one JSON array and
+/// expanded with `json_each`), so a batch costs one round trip to the connection's thread.
+async fn insert_events(tx: &mut Tx, events: &[AuditEvent]) -> StoreResult<()> {
+    if let [ev] = events {
+        sqlx::query(
+            "INSERT INTO audit_events (seq, time, actor, request_id, resource_type, resource_id, operation, \
+             outcome, status, detail, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(ev.seq)
+        .bind(&ev.time)
+        .bind(&ev.actor)
+        .bind(&ev.request_id)
+        .bind(&ev.resource_type)
+        .bind(&ev.resource_id)
+        .bind(&ev.operation)
+        .bind(&ev.outcome)
+        .bind(ev.status)
+        .bind(&ev.detail)
+        .bind(&ev.prev_hash)
+        .bind(&ev.hash)
+        .execute(&mut **tx)
+        .await?;
+        return Ok(());
+    }
+    if events.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<Value> = events
+        .iter()
+        .map(|ev| {
+            serde_json::json!([
+                ev.seq,
+                ev.time,
+                ev.actor,
+                ev.request_id,
+                ev.resource_type,
+                ev.resource_id,
+                ev.operation,
+                ev.outcome,
+                ev.status,
+                ev.detail,
+                ev.prev_hash,
+                ev.hash
+            ])
+        })
+        .collect();
     sqlx::query(
         "INSERT INTO audit_events (seq, time, actor, request_id, resource_type, resource_id, operation, \
-         outcome, status, detail, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         outcome, status, detail, prev_hash, hash) \
+         SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6, \
+         value->>7, value->>8, value->>9, value->>10, value->>11 FROM json_each(?) ORDER BY key",
     )
-    .bind(ev.seq)
-    .bind(&ev.time)
-    .bind(&ev.actor)
-    .bind(&ev.request_id)
-    .bind(&ev.resource_type)
-    .bind(&ev.resource_id)
-    .bind(&ev.operation)
-    .bind(&ev.outcome)
-    .bind(ev.status)
-    .bind(&ev.detail)
-    .bind(&ev.prev_hash)
-    .bind(&ev.hash)
+    .bind(Value::Array(rows).to_string())
     .execute(&mut **tx)
     .await?;
-    Ok(ev)
+    Ok(())
 }
 
 /// Appends the audit event (and the outbox row) inside `tx`.
@@ -1071,23 +1193,20 @@ impl Store for SqliteStore {
             .entries
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .map
             .get(&key)
-            .filter(|(g, _)| *g == generation)
-            .map(|(_, page)| page.clone());
+            .filter(|(g, _, _)| *g == generation)
+            .map(|(_, _, page)| page.clone());
         if let Some(page) = hit {
             return Ok(page);
         }
         let page = self.list_uncached(kind, q).await?;
         if page.resources.len() <= LOOKUP_CACHE_MAX_PAGE {
-            let mut entries = self
-                .lookups
+            self.lookups
                 .entries
                 .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if entries.len() >= LOOKUP_CACHE_ENTRIES {
-                entries.clear();
-            }
-            entries.insert(key, (generation, page.clone()));
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key, generation, page.clone());
         }
         Ok(page)
     }
@@ -1328,6 +1447,15 @@ impl Store for SqliteStore {
         scim_id: &str,
     ) -> StoreResult<bool> {
         self.sync_delete_mapping(ctx, kind, scim_id).await
+    }
+
+    async fn record_applied(
+        &self,
+        ctx: &WriteCtx,
+        entries: &[crate::AuditEntry],
+        links: &[crate::MappingLink],
+    ) -> StoreResult<()> {
+        self.sync_record_applied(ctx, entries, links).await
     }
 
     async fn mappings(&self, kind: ResourceKind) -> StoreResult<Vec<crate::Mapping>> {

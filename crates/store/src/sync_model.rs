@@ -153,6 +153,19 @@ pub struct FailedItem {
     pub dead_reason: Option<String>,
 }
 
+/// A SCIM ↔ TeamCity link to store (see [`crate::Store::record_applied`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MappingLink {
+    /// User or group.
+    pub kind: ResourceKind,
+    /// The SCIM id.
+    pub scim_id: String,
+    /// TeamCity user id or group key.
+    pub teamcity_id: String,
+    /// TeamCity username or group name.
+    pub teamcity_name: String,
+}
+
 /// An audit event a sync component appends (TeamCity actions, alerts, outcomes).
 #[derive(Debug, Clone, PartialEq)]
 pub struct AuditEntry {

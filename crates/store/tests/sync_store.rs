@@ -796,3 +796,92 @@ async fn standalone_audit_keeps_the_chain_intact_across_processes() {
     assert_eq!(events[1].outcome, "failure");
     assert_eq!(events[1].resource_id, None);
 }
+
+fn link(kind: ResourceKind, scim: &str, id: &str, name: &str) -> store::MappingLink {
+    store::MappingLink {
+        kind,
+        scim_id: scim.into(),
+        teamcity_id: id.into(),
+        teamcity_name: name.into(),
+    }
+}
+
+#[tokio::test]
+async fn record_applied_appends_a_batch_in_one_chain_with_its_links() {
+    let d = db().await;
+    let s = &d.store;
+    let ctx = WriteCtx::sync();
+    s.upsert_mapping(&ctx, ResourceKind::User, "u-old", "5", "old")
+        .await
+        .unwrap();
+    let before = d.last_seq().await;
+    let entry = |op: &str, detail: Value| AuditEntry {
+        resource_type: "TeamCity".into(),
+        resource_id: Some("users".into()),
+        operation: op.into(),
+        outcome: "success".into(),
+        status: Some(200),
+        detail,
+    };
+    s.record_applied(
+        &ctx,
+        &[
+            entry("create_user", json!({"n": 1})),
+            entry("create_user", json!({"n": 2, "who": "ann@example.com"})),
+            entry("create_group", json!({"n": 3})),
+        ],
+        &[
+            link(ResourceKind::User, "u1", "11", "ann"),
+            link(ResourceKind::User, "u-old", "5", "old"),
+            link(ResourceKind::User, "u2", "12", "bob"),
+            link(ResourceKind::User, "u2", "12", "bob.b"),
+            link(ResourceKind::Group, "g1", "SCIM_G1_0", "Ops"),
+        ],
+    )
+    .await
+    .unwrap();
+    let after = d.audit_after(before).await;
+    let ops: Vec<&str> = after.iter().map(|e| e.0.as_str()).collect();
+    // The events in order, then one `mapping.upsert` per changed link: the unchanged link is
+    // not rewritten, and a link given twice is written twice (the second change records the
+    // first as its previous value).
+    assert_eq!(
+        ops,
+        [
+            "create_user",
+            "create_user",
+            "create_group",
+            "mapping.upsert",
+            "mapping.upsert",
+            "mapping.upsert",
+            "mapping.upsert"
+        ]
+    );
+    let events = s.audit_events(0, 1000).await.unwrap();
+    assert!(verify_chain(GENESIS_HASH, &events).is_ok());
+    let batch: Vec<_> = events.iter().filter(|e| e.seq > before).collect();
+    assert!(
+        batch.windows(2).all(|w| w[1].seq == w[0].seq + 1),
+        "consecutive seqs"
+    );
+    assert!(
+        !batch[1].detail.contains("ann@example.com"),
+        "emails are scrubbed in batches too: {}",
+        batch[1].detail
+    );
+    let second_bob: Value = serde_json::from_str(&batch[5].detail).unwrap();
+    assert_eq!(second_bob["previous"]["teamcity_name"], "bob");
+    let m = s.mapping(ResourceKind::User, "u2").await.unwrap().unwrap();
+    assert_eq!(m.teamcity_name, "bob.b");
+    assert_eq!(
+        s.mapping(ResourceKind::Group, "g1")
+            .await
+            .unwrap()
+            .unwrap()
+            .teamcity_id,
+        "SCIM_G1_0"
+    );
+    // Nothing at all: no transaction, no event.
+    s.record_applied(&ctx, &[], &[]).await.unwrap();
+    assert_eq!(d.last_seq().await, batch.last().unwrap().seq);
+}

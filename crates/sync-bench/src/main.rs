@@ -703,10 +703,15 @@ async fn bench_initial_load(cli: &Cli, report: &mut Report) -> anyhow::Result<()
         (took, took / ideal.max(f64::EPSILON))
     };
     emu.reset_counters();
-    let engine = engine(&store, tc_client(&url, cli.concurrency)?)?;
+    let engine = Arc::new(engine(&store, tc_client(&url, cli.concurrency)?)?);
     eprintln!("[initial-load] reconciling into an empty TeamCity");
     let started = Instant::now();
-    let r = engine.reconcile(false).await?;
+    // On a runtime worker, as in `serve` (not on the thread that drives `block_on`).
+    let r = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.reconcile(false).await }
+    })
+    .await??;
     let took = started.elapsed();
     check_pass(&r, "initial load")?;
     let calls = emu.total_calls();
@@ -771,6 +776,12 @@ async fn bench_initial_load(cli: &Cli, report: &mut Report) -> anyhow::Result<()
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let _ = rustls::crypto::ring::default_provider().install_default();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cli.threads.max(1))

@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 use store::{AuditEntry, ClaimedEntity, DynStore, RetryPolicy, StoreError, WriteCtx};
 use teamcity::{Client, TeamCityError};
 use tokio::sync::Mutex;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::apply::{apply, kind};
 use crate::model::{Action, ActualState, DEFAULTS_MARKER, DirGroup, DirUser, Directory, UserRef};
@@ -349,6 +349,29 @@ struct WaveRun {
     not_started: usize,
 }
 
+/// The SCIM ↔ TeamCity link an applied create establishes (stored with its audit event).
+fn created_link(a: &Action, created: &BTreeMap<String, u64>) -> Option<store::MappingLink> {
+    match a {
+        Action::CreateUser {
+            scim_id, username, ..
+        } => Some(store::MappingLink {
+            kind: scim::ResourceKind::User,
+            scim_id: scim_id.clone(),
+            teamcity_id: created.get(scim_id)?.to_string(),
+            teamcity_name: username.clone(),
+        }),
+        Action::CreateGroup {
+            key, name, marker, ..
+        } if marker != DEFAULTS_MARKER => Some(store::MappingLink {
+            kind: scim::ResourceKind::Group,
+            scim_id: marker.clone(),
+            teamcity_id: key.clone(),
+            teamcity_name: name.clone(),
+        }),
+        _ => None,
+    }
+}
+
 /// The SCIM ids of the users created earlier in the plan that `a` refers to.
 fn user_refs(a: &Action) -> Vec<&str> {
     fn new(r: &UserRef) -> Option<&str> {
@@ -464,7 +487,9 @@ impl Engine {
 
     /// A full reconcile: re-read TeamCity, plan, guard, apply (unless `dry_run` or shadow).
     pub async fn reconcile(&self, dry_run: bool) -> Result<PassReport, EngineError> {
+        let started = std::time::Instant::now();
         let (actual, reads) = self.read_actual().await?;
+        debug!(reads, elapsed = ?started.elapsed(), "reconcile: TeamCity read");
         let mut cache = self.cache.lock().await;
         *cache = Some(actual);
         let mut report = PassReport {
@@ -472,6 +497,7 @@ impl Engine {
             ..PassReport::default()
         };
         let d = self.desired().await?;
+        debug!(elapsed = ?started.elapsed(), "reconcile: desired state computed");
         let actual = cache.as_mut().expect("just set");
         let p = plan(
             &d,
@@ -480,6 +506,7 @@ impl Engine {
                 deprovision: self.cfg.deprovision,
             },
         );
+        debug!(actions = p.actions.len(), elapsed = ?started.elapsed(), "reconcile: planned");
         for c in &p.conflicts {
             warn!(conflict = ?c, "reconcile: conflict left alone");
         }
@@ -492,7 +519,9 @@ impl Engine {
         }
         self.execute(p.actions, actual, "reconcile", &mut report)
             .await?;
+        debug!(elapsed = ?started.elapsed(), "reconcile: applied");
         self.record_mappings(actual).await?;
+        debug!(elapsed = ?started.elapsed(), "reconcile: mappings recorded");
         self.store
             .sync_state_set(
                 "last_reconcile",
@@ -777,14 +806,17 @@ impl Engine {
         // the calls in flight.
         let width = self.client.max_concurrency().saturating_mul(2).max(1);
         let ctx = self.ctx(actor);
+        let journal = crate::journal::Journal::start(self.store.clone(), ctx.clone());
+        let journal = &journal;
         let mut store_error: Option<EngineError> = None;
         for wave in crate::waves::waves(actions) {
             if stop.load(Ordering::Relaxed) {
                 break;
             }
+            let wave_started = std::time::Instant::now();
+            let lanes_in_wave = wave.len();
             let shared = &created;
             let stop = &stop;
-            let ctx = &ctx;
             let mut lanes = futures::stream::iter(wave)
                 .map(|lane| async move {
                     let mut done = Vec::with_capacity(lane.len());
@@ -821,7 +853,8 @@ impl Engine {
                         if transient {
                             stop.store(true, Ordering::Relaxed);
                         }
-                        let audited = self.store.audit(ctx, audit).await;
+                        let link = result.as_ref().ok().and_then(|()| created_link(a, &local));
+                        let audited = journal.write(audit, link).await;
                         done.push(Done {
                             index: i,
                             created: local,
@@ -846,18 +879,23 @@ impl Engine {
                 }
             }
             drop(lanes);
+            debug!(lanes = lanes_in_wave, actions = finished.len(), elapsed = ?wave_started.elapsed(), "wave applied");
             finished.sort_by_key(|d| d.index);
             for d in &finished {
                 if d.result.is_ok() {
                     created.extend(d.created.iter().map(|(k, v)| (k.clone(), *v)));
                 }
             }
+            actual.record_all(
+                finished
+                    .iter()
+                    .filter(|d| d.result.is_ok())
+                    .map(|d| &actions[d.index]),
+                &created,
+            );
             for d in finished {
                 match d.result {
-                    Ok(()) => {
-                        actual.record(&actions[d.index], &created);
-                        run.applied += 1;
-                    }
+                    Ok(()) => run.applied += 1,
                     Err(e) if e.is_transient() => {
                         if run.transient.is_none() {
                             run.transient = Some((d.index, e));

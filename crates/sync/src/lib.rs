@@ -17,6 +17,7 @@ pub mod apply;
 pub mod desired;
 pub mod engine;
 pub mod guard;
+mod journal;
 pub mod model;
 pub mod plan;
 pub mod policy;

@@ -5,7 +5,7 @@
 //! Nothing here does I/O. The directory snapshot is plain data so this crate
 //! never depends on the store or on SCIM types.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::str::FromStr;
 
@@ -332,12 +332,42 @@ impl ActualState {
     /// to TeamCity without reading it again. `created` maps SCIM ids of users created by
     /// [`crate::apply`] to their TeamCity ids.
     pub fn record(&mut self, action: &Action, created: &BTreeMap<String, u64>) {
+        self.record_all([action], created);
+    }
+
+    /// [`ActualState::record`] for many actions, in order, with one user index for all of
+    /// them (an initial load records tens of thousands of actions on as many users).
+    pub fn record_all<'a>(
+        &mut self,
+        actions: impl IntoIterator<Item = &'a Action>,
+        created: &BTreeMap<String, u64>,
+    ) {
+        let mut index = self.user_index();
+        for action in actions {
+            self.record_one(action, created, &mut index);
+        }
+    }
+
+    fn user_index(&self) -> HashMap<u64, usize> {
+        self.users
+            .iter()
+            .enumerate()
+            .map(|(i, u)| (u.id, i))
+            .collect()
+    }
+
+    fn record_one(
+        &mut self,
+        action: &Action,
+        created: &BTreeMap<String, u64>,
+        index: &mut HashMap<u64, usize>,
+    ) {
         let resolve = |r: &UserRef| match r {
             UserRef::Id(i) => Some(*i),
             UserRef::New(x) => created.get(x).copied(),
         };
-        let user = |s: &mut ActualState, id: Option<u64>| -> Option<usize> {
-            id.and_then(|i| s.users.iter().position(|u| u.id == i))
+        let user = |index: &HashMap<u64, usize>, id: Option<u64>| -> Option<usize> {
+            id.and_then(|i| index.get(&i).copied())
         };
         match action {
             Action::CreateUser {
@@ -347,8 +377,9 @@ impl ActualState {
                 email,
             } => {
                 if let Some(&id) = created.get(scim_id)
-                    && !self.users.iter().any(|u| u.id == id)
+                    && !index.contains_key(&id)
                 {
+                    index.insert(id, self.users.len());
                     self.users.push(ActualUser {
                         id,
                         username: username.clone(),
@@ -360,7 +391,7 @@ impl ActualState {
                 }
             }
             Action::UpdateUser { user: id, changes } => {
-                if let Some(i) = user(self, Some(*id)) {
+                if let Some(i) = user(index, Some(*id)) {
                     let u = &mut self.users[i];
                     for c in changes {
                         match c.field {
@@ -375,35 +406,40 @@ impl ActualState {
                     }
                 }
             }
-            Action::DeleteUser { user: id } => self.users.retain(|u| u.id != *id),
+            Action::DeleteUser { user: id } => {
+                if index.contains_key(id) {
+                    self.users.retain(|u| u.id != *id);
+                    *index = self.user_index();
+                }
+            }
             Action::AddToGroup { user: r, group } => {
-                if let Some(i) = user(self, resolve(r)) {
+                if let Some(i) = user(index, resolve(r)) {
                     self.users[i].groups.insert(group.clone());
                 }
             }
             Action::RemoveFromGroup { user: id, group } => {
-                if let Some(i) = user(self, Some(*id)) {
+                if let Some(i) = user(index, Some(*id)) {
                     self.users[i].groups.remove(group);
                 }
             }
             Action::AddUserRole { user: r, role } => {
-                if let Some(i) = user(self, resolve(r)) {
+                if let Some(i) = user(index, resolve(r)) {
                     self.users[i].roles.insert(role.clone());
                 }
             }
             Action::RemoveUserRole { user: id, role } => {
-                if let Some(i) = user(self, Some(*id)) {
+                if let Some(i) = user(index, Some(*id)) {
                     self.users[i].roles.remove(role);
                 }
             }
             Action::RevokeTokens { user: id } => {
-                if let Some(i) = user(self, Some(*id)) {
+                if let Some(i) = user(index, Some(*id)) {
                     self.users[i].token_count = Some(0);
                 }
             }
             Action::ResetPassword { .. } => {}
             Action::SetDeactivated { user: id } | Action::ClearDeactivated { user: id } => {
-                if let Some(i) = user(self, Some(*id)) {
+                if let Some(i) = user(index, Some(*id)) {
                     self.users[i].deactivated = matches!(action, Action::SetDeactivated { .. });
                 }
             }
@@ -422,7 +458,7 @@ impl ActualState {
                     roles: roles.iter().cloned().collect(),
                 });
                 for m in members {
-                    if let Some(i) = user(self, resolve(m)) {
+                    if let Some(i) = user(index, resolve(m)) {
                         self.users[i].groups.insert(key.clone());
                     }
                 }

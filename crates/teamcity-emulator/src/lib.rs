@@ -210,7 +210,11 @@ impl Emulator {
 
     /// Runs `f` with mutable access to the state (for seeding large data sets in tests).
     pub fn with_state<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
-        f(&mut self.state())
+        let mut s = self.state();
+        let r = f(&mut s);
+        // The closure may have inserted, renamed or removed users directly.
+        s.reindex();
+        r
     }
 
     /// A copy of the whole state (passwords and token values are never stored).
@@ -461,6 +465,23 @@ async fn authenticate(AxState(emu): AxState<Emulator>, req: Request, next: Next)
     errors::unauthorized(true)
 }
 
+/// Sleeps for `d`, accurate to well under a millisecond. Tokio's timer has millisecond
+/// resolution and rounds a deadline up (and its driver rounds its park timeout up again), so a
+/// 5 ms `tokio::time::sleep` lasts 5–7 ms: an emulator meant to answer after 5 ms would model a
+/// slower server than asked for. The timer covers all but the last 2 ms; a blocking thread's
+/// `std::thread::sleep` the rest.
+async fn sleep_precisely(d: Duration) {
+    let deadline = std::time::Instant::now() + d;
+    const COARSE_SLACK: Duration = Duration::from_millis(2);
+    if d > COARSE_SLACK {
+        tokio::time::sleep(d - COARSE_SLACK).await;
+    }
+    let left = deadline.saturating_duration_since(std::time::Instant::now());
+    if !left.is_zero() {
+        let _ = tokio::task::spawn_blocking(move || std::thread::sleep(left)).await;
+    }
+}
+
 /// Counts the call, applies a pending fault and the configured latency.
 async fn per_call(AxState(emu): AxState<Emulator>, req: Request, next: Next) -> Response {
     let template = req
@@ -480,7 +501,7 @@ async fn per_call(AxState(emu): AxState<Emulator>, req: Request, next: Next) -> 
     let fault = control::take_fault(&emu, &method, &path);
     let latency = emu.inner.opts.latency;
     if !latency.is_zero() {
-        tokio::time::sleep(latency).await;
+        sleep_precisely(latency).await;
     }
     match fault {
         None => next.run(req).await,

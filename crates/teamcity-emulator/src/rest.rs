@@ -513,9 +513,7 @@ fn rename(s: &mut State, id: u64, name: &str) -> Result<(), TcError> {
         let (ce, cm) = duplicate_username(name);
         return Err(TcError::internal(ce, cm));
     }
-    if let Some(user) = s.users.get_mut(&id) {
-        user.username = name.to_lowercase();
-    }
+    s.set_username(id, name);
     Ok(())
 }
 
@@ -527,7 +525,7 @@ async fn delete_user(AxState(emu): AxState<Emulator>, Path(u): Path<String>) -> 
             "You cannot delete user that has more permissions than you",
         ));
     }
-    s.users.remove(&id);
+    s.remove_user(id);
     no_content()
 }
 

@@ -118,6 +118,13 @@ pub struct State {
     pub next_user_id: u64,
     /// Id of the user the bearer token belongs to.
     pub admin_id: u64,
+    /// Lower-cased username → user id, kept by [`State::insert_user`],
+    /// [`State::set_username`] and [`State::remove_user`] (TeamCity looks usernames up in
+    /// an index too; a scan per create made bulk loads quadratic). Rebuilt on demand when
+    /// `users` was changed behind its back (a state loaded from a dump, a test inserting
+    /// directly): see [`State::user_by_username`].
+    #[serde(skip)]
+    by_username: std::collections::HashMap<String, u64>,
 }
 
 /// The user dimensions the emulator's user finder consumes.
@@ -173,6 +180,7 @@ impl State {
             ],
             next_user_id: 1,
             admin_id: 1,
+            by_username: std::collections::HashMap::new(),
         };
         for p in projects {
             state.add_project(p, "_Root");
@@ -213,11 +221,13 @@ impl State {
     pub fn insert_user(&mut self, username: &str, name: Option<&str>, email: Option<&str>) -> u64 {
         let id = self.next_user_id;
         self.next_user_id += 1;
+        let username = username.to_lowercase();
+        self.by_username.insert(username.clone(), id);
         self.users.insert(
             id,
             UserRec {
                 id,
-                username: username.to_lowercase(),
+                username,
                 name: name.map(str::to_owned),
                 email: email.map(str::to_owned),
                 has_password: true,
@@ -231,10 +241,49 @@ impl State {
         id
     }
 
-    /// The user with this username (case-insensitive).
+    /// Renames user `id` (stored lower-cased); no uniqueness check.
+    pub fn set_username(&mut self, id: u64, username: &str) {
+        if let Some(user) = self.users.get_mut(&id) {
+            let lower = username.to_lowercase();
+            self.by_username.remove(&user.username);
+            self.by_username.insert(lower.clone(), id);
+            user.username = lower;
+        }
+    }
+
+    /// Removes user `id`.
+    pub fn remove_user(&mut self, id: u64) -> Option<UserRec> {
+        let user = self.users.remove(&id)?;
+        self.by_username.remove(&user.username);
+        Some(user)
+    }
+
+    /// The user with this username (case-insensitive), from the username index. The index is
+    /// trusted only while it agrees with `users` (same size, and a hit names a user with that
+    /// username); otherwise the answer comes from a scan.
     pub fn user_by_username(&self, username: &str) -> Option<&UserRec> {
         let lower = username.to_lowercase();
+        if self.by_username.len() == self.users.len() {
+            match self
+                .by_username
+                .get(&lower)
+                .and_then(|id| self.users.get(id))
+            {
+                Some(u) if u.username == lower => return Some(u),
+                None if !self.by_username.contains_key(&lower) => return None,
+                _ => {}
+            }
+        }
         self.users.values().find(|u| u.username == lower)
+    }
+
+    /// Rebuilds the username index from `users` (after `users` was changed directly).
+    pub fn reindex(&mut self) {
+        self.by_username = self
+            .users
+            .values()
+            .map(|u| (u.username.clone(), u.id))
+            .collect();
     }
 
     // ---- finders --------------------------------------------------------
@@ -944,5 +993,42 @@ impl PropertyCondition {
     fn matches(&self, props: &BTreeMap<String, String>) -> bool {
         self.value
             .matches(props.get(&self.name).map(String::as_str))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn username_index_follows_inserts_renames_removals_and_direct_edits() {
+        let mut s = State::new(&[]);
+        let a = s.insert_user("Ann", None, None);
+        let b = s.insert_user("bob", None, None);
+        assert_eq!(s.user_by_username("ANN").map(|u| u.id), Some(a));
+        s.set_username(a, "Anna");
+        assert!(s.user_by_username("ann").is_none(), "old name is free");
+        assert_eq!(s.user_by_username("anna").map(|u| u.id), Some(a));
+        assert_eq!(s.remove_user(b).map(|u| u.id), Some(b));
+        assert!(s.user_by_username("bob").is_none());
+        // Edits behind the index's back are still answered correctly.
+        s.users.get_mut(&a).expect("a").username = "annie".into();
+        assert!(s.user_by_username("anna").is_none());
+        let c = s.next_user_id;
+        s.users.insert(
+            c,
+            UserRec {
+                id: c,
+                username: "carl".into(),
+                ..s.users[&a].clone()
+            },
+        );
+        assert_eq!(s.user_by_username("carl").map(|u| u.id), Some(c));
+        s.reindex();
+        assert_eq!(s.user_by_username("annie").map(|u| u.id), Some(a));
+        // A state from a dump has no index: lookups still work.
+        let json = serde_json::to_string(&s).expect("dump");
+        let loaded: State = serde_json::from_str(&json).expect("load");
+        assert_eq!(loaded.user_by_username("carl").map(|u| u.id), Some(c));
     }
 }

@@ -301,6 +301,11 @@ fn check_scope(scope: &Scope) -> Result<(), TeamCityError> {
     }
 }
 
+/// What [`Client::create_user`] asks TeamCity to answer with.
+const CREATED_USER_FIELDS: &str = "id,username,name,email,properties(property(name,value))";
+/// What [`Client::create_group`] asks TeamCity to answer with.
+const CREATED_GROUP_FIELDS: &str = "key,name,description,properties(property(name,value))";
+
 impl Client {
     /// Builds a client. Call [`crate::install_crypto_provider`] first.
     pub fn new(config: ClientConfig) -> Result<Client, TeamCityError> {
@@ -589,8 +594,8 @@ impl Client {
         }
     }
 
-    /// `POST /app/rest/users` with a random password. A duplicate username is
-    /// [`crate::ErrorKind::Conflict`].
+    /// `POST /app/rest/users` with a random password; answers the new user's id, username,
+    /// name, email and properties. A duplicate username is [`crate::ErrorKind::Conflict`].
     pub async fn create_user(&self, user: &NewUser) -> Result<User, TeamCityError> {
         let body = CreateUserBody {
             username: &user.username,
@@ -599,11 +604,13 @@ impl Client {
             password: random_password(),
             properties: properties(&user.properties),
         };
+        // `fields=` keeps the answer to what a caller needs: by default TeamCity renders the
+        // user's groups and roles too.
         self.json(
             "create_user",
             Method::POST,
             &["users"],
-            &[],
+            &[("fields", CREATED_USER_FIELDS)],
             Self::encode(&body)?,
         )
         .await
@@ -789,7 +796,8 @@ impl Client {
     }
 
     /// `POST /app/rest/userGroups` with key, name, description, roles, members and
-    /// properties in one call. TeamCity deletes the group again if any part fails.
+    /// properties in one call; answers the key, name, description and properties (not the
+    /// members). TeamCity deletes the group again if any part fails.
     pub async fn create_group(&self, group: &NewGroup) -> Result<Group, TeamCityError> {
         for (role, scope) in &group.roles {
             check_identifier("role id", role)?;
@@ -811,11 +819,12 @@ impl Client {
             }),
             properties: properties(&group.properties),
         };
+        // Without `fields=` TeamCity renders every member of the new group in the answer.
         self.json(
             "create_group",
             Method::POST,
             &["userGroups"],
-            &[],
+            &[("fields", CREATED_GROUP_FIELDS)],
             Self::encode(&body)?,
         )
         .await

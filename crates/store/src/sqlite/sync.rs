@@ -14,11 +14,14 @@ use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
 use time::OffsetDateTime;
 
-use super::{NewEvent, Record, SqliteStore, Tx, append_event, entity, parse_time, record};
+use super::{
+    NewEvent, Record, SqliteStore, Tx, append_event, chain_event, chain_head, entity,
+    insert_events, parse_time, record,
+};
 use crate::{
     AuditEntry, ClaimedEntity, DirGroup, DirUser, DirectorySnapshot, FailedItem, HeldBatch,
-    Mapping, MemberRef, MemberType, OutboxEntry, OutboxItem, RetryPolicy, StoreError, StoreResult,
-    WriteCtx, backoff, timefmt,
+    Mapping, MappingLink, MemberRef, MemberType, OutboxEntry, OutboxItem, RetryPolicy, StoreError,
+    StoreResult, WriteCtx, backoff, timefmt,
 };
 
 const OUTBOX_STATES: &[&str] = &["pending", "done", "dead", "held", "dropped"];
@@ -119,6 +122,102 @@ fn mapping_row(r: &SqliteRow) -> StoreResult<Mapping> {
         teamcity_name: r.try_get("teamcity_name")?,
         updated: parse_time(r.try_get("updated")?)?,
     })
+}
+
+fn new_event(e: &AuditEntry) -> NewEvent<'_> {
+    NewEvent {
+        resource_type: &e.resource_type,
+        resource_id: e.resource_id.as_deref(),
+        operation: &e.operation,
+        outcome: &e.outcome,
+        status: e.status,
+        detail: e.detail.clone(),
+    }
+}
+
+/// Appends `entries`, then upserts `links` and audits each changed link (`mapping.upsert`,
+/// with the previous link), inside `tx`: one statement for the events, one read and one
+/// upsert per resource kind, however many there are. Returns how many links changed.
+async fn append_applied(
+    tx: &mut Tx,
+    ctx: &WriteCtx,
+    now: OffsetDateTime,
+    entries: &[AuditEntry],
+    links: &[MappingLink],
+) -> StoreResult<usize> {
+    let mut head = chain_head(tx).await?;
+    let mut events = Vec::with_capacity(entries.len() + links.len());
+    for e in entries {
+        let ev = chain_event(ctx, now, new_event(e), head);
+        head = (ev.seq, ev.hash.clone());
+        events.push(ev);
+    }
+    let mut changed = 0;
+    for kind in [ResourceKind::User, ResourceKind::Group] {
+        let of_kind: Vec<&MappingLink> = links.iter().filter(|l| l.kind == kind).collect();
+        if of_kind.is_empty() {
+            continue;
+        }
+        let ids: Vec<&str> = of_kind.iter().map(|l| l.scim_id.as_str()).collect();
+        let prev: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT scim_id, teamcity_id, teamcity_name FROM mappings \
+             WHERE kind = ? AND scim_id IN (SELECT value FROM json_each(?))",
+        )
+        .bind(entity(kind))
+        .bind(serde_json::to_string(&ids)?)
+        .fetch_all(&mut **tx)
+        .await?;
+        let mut current: HashMap<String, (String, String)> = prev
+            .into_iter()
+            .map(|(scim_id, id, name)| (scim_id, (id, name)))
+            .collect();
+        let mut rows = Vec::new();
+        for link in of_kind {
+            let new = (link.teamcity_id.clone(), link.teamcity_name.clone());
+            let previous = current.insert(link.scim_id.clone(), new.clone());
+            if previous.as_ref() == Some(&new) {
+                continue;
+            }
+            let resource_id = format!("{}:{}", entity(kind), link.scim_id);
+            let ev = chain_event(
+                ctx,
+                now,
+                NewEvent {
+                    resource_type: "Mapping",
+                    resource_id: Some(&resource_id),
+                    operation: "mapping.upsert",
+                    outcome: "success",
+                    status: Some(200),
+                    detail: json!({
+                        "teamcity_id": link.teamcity_id,
+                        "teamcity_name": link.teamcity_name,
+                        "previous": previous.map(|(i, n)| json!({"teamcity_id": i, "teamcity_name": n})),
+                    }),
+                },
+                head,
+            );
+            head = (ev.seq, ev.hash.clone());
+            events.push(ev);
+            rows.push(json!([link.scim_id, link.teamcity_id, link.teamcity_name]));
+            changed += 1;
+        }
+        if !rows.is_empty() {
+            // `WHERE true`: SQLite's grammar needs it between an upsert's SELECT and ON CONFLICT.
+            sqlx::query(
+                "INSERT INTO mappings (kind, scim_id, teamcity_id, teamcity_name, updated) \
+                 SELECT ?, value->>0, value->>1, value->>2, ? FROM json_each(?) WHERE true \
+                 ON CONFLICT (kind, scim_id) DO UPDATE SET teamcity_id = excluded.teamcity_id, \
+                 teamcity_name = excluded.teamcity_name, updated = excluded.updated",
+            )
+            .bind(entity(kind))
+            .bind(timefmt::format(now))
+            .bind(Value::Array(rows).to_string())
+            .execute(&mut **tx)
+            .await?;
+        }
+    }
+    insert_events(tx, &events).await?;
+    Ok(changed)
 }
 
 /// Appends an audit event with any outcome inside `tx`. The same chain logic as [`record`]
@@ -536,53 +635,36 @@ impl SqliteStore {
         kind: ResourceKind,
         items: &[(String, String, String)],
     ) -> StoreResult<usize> {
+        let links: Vec<MappingLink> = items
+            .iter()
+            .map(|(scim_id, teamcity_id, teamcity_name)| MappingLink {
+                kind,
+                scim_id: scim_id.clone(),
+                teamcity_id: teamcity_id.clone(),
+                teamcity_name: teamcity_name.clone(),
+            })
+            .collect();
         let now = self.now();
         let mut tx = self.begin().await?;
-        let mut changed = 0;
-        for (scim_id, teamcity_id, teamcity_name) in items {
-            let prev: Option<(String, String)> = sqlx::query_as(
-                "SELECT teamcity_id, teamcity_name FROM mappings WHERE kind = ? AND scim_id = ?",
-            )
-            .bind(entity(kind))
-            .bind(scim_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if prev
-                .as_ref()
-                .is_some_and(|(i, n)| i == teamcity_id && n == teamcity_name)
-            {
-                continue;
-            }
-            sqlx::query(
-                "INSERT INTO mappings (kind, scim_id, teamcity_id, teamcity_name, updated) VALUES (?, ?, ?, ?, ?) \
-                 ON CONFLICT (kind, scim_id) DO UPDATE SET teamcity_id = excluded.teamcity_id, \
-                 teamcity_name = excluded.teamcity_name, updated = excluded.updated",
-            )
-            .bind(entity(kind))
-            .bind(scim_id)
-            .bind(teamcity_id)
-            .bind(teamcity_name)
-            .bind(timefmt::format(now))
-            .execute(&mut *tx)
-            .await?;
-            note(
-                &mut tx,
-                ctx,
-                now,
-                "Mapping",
-                &format!("{}:{scim_id}", entity(kind)),
-                "mapping.upsert",
-                json!({
-                    "teamcity_id": teamcity_id,
-                    "teamcity_name": teamcity_name,
-                    "previous": prev.map(|(i, n)| json!({"teamcity_id": i, "teamcity_name": n})),
-                }),
-            )
-            .await?;
-            changed += 1;
-        }
+        let changed = append_applied(&mut tx, ctx, now, &[], &links).await?;
         tx.commit().await?;
         Ok(changed)
+    }
+
+    pub(super) async fn sync_record_applied(
+        &self,
+        ctx: &WriteCtx,
+        entries: &[AuditEntry],
+        links: &[MappingLink],
+    ) -> StoreResult<()> {
+        if entries.is_empty() && links.is_empty() {
+            return Ok(());
+        }
+        let now = self.now();
+        let mut tx = self.begin().await?;
+        append_applied(&mut tx, ctx, now, entries, links).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     pub(super) async fn sync_delete_mapping(
@@ -890,20 +972,29 @@ impl SqliteStore {
             sqlx::query_as("SELECT id, data FROM groups ORDER BY seq")
                 .fetch_all(&mut *tx)
                 .await?;
-        let members: Vec<(String, String, String, Option<String>)> = sqlx::query_as(
-            "SELECT group_id, member_id, member_type, display FROM group_members \
-             ORDER BY group_id, member_id",
+        // One row per group, its members aggregated in SQL: each row sqlx hands over costs a
+        // round trip to the connection's thread, and an initial load has 50,000 memberships.
+        let members: Vec<(String, String)> = sqlx::query_as(
+            "SELECT group_id, \
+             json_group_array(json_array(member_id, member_type, display) ORDER BY member_id) \
+             FROM group_members GROUP BY group_id",
         )
         .fetch_all(&mut *tx)
         .await?;
         tx.rollback().await?;
-        let mut by_group: HashMap<String, Vec<MemberRef>> = HashMap::new();
-        for (group_id, value, ty, display) in members {
-            by_group.entry(group_id).or_default().push(MemberRef {
-                value,
-                ty: MemberType::parse(&ty).unwrap_or(MemberType::User),
-                display,
-            });
+        let mut by_group: HashMap<String, Vec<MemberRef>> = HashMap::with_capacity(members.len());
+        for (group_id, list) in members {
+            let list: Vec<(String, String, Option<String>)> = serde_json::from_str(&list)?;
+            by_group.insert(
+                group_id,
+                list.into_iter()
+                    .map(|(value, ty, display)| MemberRef {
+                        value,
+                        ty: MemberType::parse(&ty).unwrap_or(MemberType::User),
+                        display,
+                    })
+                    .collect(),
+            );
         }
         Ok(DirectorySnapshot {
             users: users
