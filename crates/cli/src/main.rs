@@ -27,6 +27,12 @@ mod ttl;
 
 use config::Config;
 
+/// mimalloc rather than the system allocator: a request allocates and frees hundreds of small
+/// objects, and glibc's malloc was a fifth of the server's CPU time under load
+/// (docs/BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "teamcity-scim",

@@ -297,17 +297,38 @@ fn scim_router(state: AppState) -> Router<AppState> {
         .layer(middleware::from_fn_with_state(state, limit::auth_failures))
 }
 
+/// A label value that lives as long as the process: routes, methods and statuses are a small
+/// fixed set, so each distinct value is allocated once instead of on every request.
+fn interned(value: &str) -> &'static str {
+    static SEEN: std::sync::Mutex<std::collections::BTreeSet<&'static str>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(v) = seen.get(value) {
+        return v;
+    }
+    let v: &'static str = Box::leak(value.to_owned().into_boxed_str());
+    seen.insert(v);
+    v
+}
+
 async fn track_metrics(req: Request, next: Next) -> Response {
     let start = Instant::now();
+    // Only matched routes (a fixed set) become labels; anything else is `unmatched`.
     let route = req
         .extensions()
         .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
-    let method = req.method().to_string();
+        .map_or("unmatched", |p| interned(p.as_str()));
+    let method = match *req.method() {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        _ => "other",
+    };
     let resp = next.run(req).await;
-    let status = resp.status().as_u16().to_string();
-    metrics::counter!("scim_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status)
+    let status = interned(resp.status().as_str());
+    metrics::counter!("scim_requests_total", "method" => method, "route" => route, "status" => status)
         .increment(1);
     metrics::histogram!("scim_request_duration_seconds", "method" => method, "route" => route)
         .record(start.elapsed().as_secs_f64());

@@ -3,6 +3,7 @@
 
 use scim::ResourceKind;
 use scim::projection::project;
+use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::{Map, Value, json};
 use store::{Resource, timefmt};
 
@@ -34,37 +35,9 @@ pub(crate) fn location(base_url: &str, kind: ResourceKind, id: &str) -> String {
     format!("{base_url}{}/{id}", kind.endpoint())
 }
 
-/// The full SCIM representation of a stored resource, projected.
-pub(crate) fn render(base_url: &str, r: &Resource, proj: &Projection) -> Value {
-    let mut o = Map::new();
-    let schemas = r
-        .attrs
-        .get("schemas")
-        .cloned()
-        .unwrap_or_else(|| json!([r.kind.core().id]));
-    o.insert("schemas".into(), schemas);
-    o.insert("id".into(), json!(r.id));
-    if let Value::Object(attrs) = &r.attrs {
-        for (k, v) in attrs {
-            if k != "schemas" {
-                o.insert(k.clone(), v.clone());
-            }
-        }
-    }
-    // The manager reference is derived from its id, never stored.
-    if let Some(mgr) = o
-        .get_mut(scim::schema::ENTERPRISE_USER_SCHEMA)
-        .and_then(|e| e.get_mut("manager"))
-        .and_then(Value::as_object_mut)
-        && let Some(id) = mgr.get("value").and_then(Value::as_str).map(str::to_owned)
-    {
-        mgr.insert(
-            "$ref".into(),
-            json!(location(base_url, ResourceKind::User, &id)),
-        );
-    }
-    if let Some(members) = &r.members {
-        let list: Vec<Value> = members
+fn members_value(base_url: &str, members: &[store::MemberRef]) -> Value {
+    Value::Array(
+        members
             .iter()
             .map(|m| {
                 let kind = if m.ty == store::MemberType::Group {
@@ -82,13 +55,13 @@ pub(crate) fn render(base_url: &str, r: &Resource, proj: &Projection) -> Value {
                 }
                 e
             })
-            .collect();
-        o.insert("members".into(), Value::Array(list));
-    }
-    if let Some(groups) = &r.groups
-        && !groups.is_empty()
-    {
-        let list: Vec<Value> = groups
+            .collect(),
+    )
+}
+
+fn groups_value(base_url: &str, groups: &[store::GroupRef]) -> Value {
+    Value::Array(
+        groups
             .iter()
             .map(|g| {
                 json!({
@@ -98,23 +71,129 @@ pub(crate) fn render(base_url: &str, r: &Resource, proj: &Projection) -> Value {
                     "$ref": location(base_url, ResourceKind::Group, &g.value),
                 })
             })
-            .collect();
-        o.insert("groups".into(), Value::Array(list));
+            .collect(),
+    )
+}
+
+fn meta_value(base_url: &str, r: &Resource) -> Value {
+    json!({
+        "resourceType": r.kind.name(),
+        "created": timefmt::format(r.created),
+        "lastModified": timefmt::format(r.last_modified),
+        "location": location(base_url, r.kind, &r.id),
+        "version": etag(r.version),
+    })
+}
+
+/// The enterprise extension with its manager's `$ref` (derived from the manager's id, never
+/// stored), or `None` when it names no manager.
+fn with_manager_ref(base_url: &str, ext: &Value) -> Option<Value> {
+    let id = ext.get("manager")?.get("value")?.as_str()?;
+    let mut ext = ext.clone();
+    ext["manager"]["$ref"] = json!(location(base_url, ResourceKind::User, id));
+    Some(ext)
+}
+
+/// The full SCIM representation of a stored resource, projected.
+pub(crate) fn render(base_url: &str, r: &Resource, proj: &Projection) -> Value {
+    let mut o = Map::new();
+    let schemas = r
+        .attrs
+        .get("schemas")
+        .cloned()
+        .unwrap_or_else(|| json!([r.kind.core().id]));
+    o.insert("schemas".into(), schemas);
+    o.insert("id".into(), json!(r.id));
+    if let Value::Object(attrs) = &r.attrs {
+        for (k, v) in attrs {
+            if k == "schemas" {
+                continue;
+            }
+            let v = match k.as_str() {
+                scim::schema::ENTERPRISE_USER_SCHEMA => {
+                    with_manager_ref(base_url, v).unwrap_or_else(|| v.clone())
+                }
+                _ => v.clone(),
+            };
+            o.insert(k.clone(), v);
+        }
     }
-    o.insert(
-        "meta".into(),
-        json!({
-            "resourceType": r.kind.name(),
-            "created": timefmt::format(r.created),
-            "lastModified": timefmt::format(r.last_modified),
-            "location": location(base_url, r.kind, &r.id),
-            "version": etag(r.version),
-        }),
-    );
+    if let Some(members) = &r.members {
+        o.insert("members".into(), members_value(base_url, members));
+    }
+    if let Some(groups) = &r.groups
+        && !groups.is_empty()
+    {
+        o.insert("groups".into(), groups_value(base_url, groups));
+    }
+    o.insert("meta".into(), meta_value(base_url, r));
     let full = Value::Object(o);
     if proj.attributes.is_empty() && proj.excluded.is_empty() {
         full
     } else {
         project(r.kind, &full, &proj.attributes, &proj.excluded)
     }
+}
+
+/// [`render`] without a projection, serialized straight from the stored resource (no JSON tree
+/// is built or cloned): what list responses use when no `attributes`/`excludedAttributes` is
+/// asked for — every IdP's `userName eq` lookup. The same members as [`render`]'s value.
+pub(crate) struct FullView<'a> {
+    /// The absolute SCIM base URL.
+    pub(crate) base_url: &'a str,
+    /// The resource.
+    pub(crate) r: &'a Resource,
+}
+
+impl Serialize for FullView<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let (base_url, r) = (self.base_url, self.r);
+        let mut m = s.serialize_map(None)?;
+        match r.attrs.get("schemas") {
+            Some(v) => m.serialize_entry("schemas", v)?,
+            None => m.serialize_entry("schemas", &[r.kind.core().id])?,
+        }
+        m.serialize_entry("id", &r.id)?;
+        if let Value::Object(attrs) = &r.attrs {
+            for (k, v) in attrs {
+                match k.as_str() {
+                    "schemas" => {}
+                    scim::schema::ENTERPRISE_USER_SCHEMA => match with_manager_ref(base_url, v) {
+                        Some(ext) => m.serialize_entry(k, &ext)?,
+                        None => m.serialize_entry(k, v)?,
+                    },
+                    _ => m.serialize_entry(k, v)?,
+                }
+            }
+        }
+        if let Some(members) = &r.members {
+            m.serialize_entry("members", &members_value(base_url, members))?;
+        }
+        if let Some(groups) = &r.groups
+            && !groups.is_empty()
+        {
+            m.serialize_entry("groups", &groups_value(base_url, groups))?;
+        }
+        m.serialize_entry(
+            "meta",
+            &Meta {
+                resource_type: r.kind.name(),
+                created: timefmt::format(r.created),
+                last_modified: timefmt::format(r.last_modified),
+                location: location(base_url, r.kind, &r.id),
+                version: etag(r.version),
+            },
+        )?;
+        m.end()
+    }
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Meta {
+    resource_type: &'static str,
+    created: String,
+    last_modified: String,
+    location: String,
+    version: String,
 }

@@ -6,13 +6,29 @@ use serde_json::Value;
 
 use crate::error::SCIM_JSON;
 
+/// A response body: a JSON tree, or JSON already serialized (the list hot path renders
+/// straight to bytes).
+#[derive(Debug, Clone)]
+pub(crate) enum ReplyBody {
+    /// A JSON value.
+    Json(Value),
+    /// Serialized JSON.
+    Serialized(Vec<u8>),
+}
+
+impl From<Value> for ReplyBody {
+    fn from(v: Value) -> Self {
+        ReplyBody::Json(v)
+    }
+}
+
 /// A successful SCIM response.
 #[derive(Debug, Clone)]
 pub(crate) struct Reply {
     /// HTTP status.
     pub(crate) status: StatusCode,
     /// JSON body, if any.
-    pub(crate) body: Option<Value>,
+    pub(crate) body: Option<ReplyBody>,
     /// `ETag` header.
     pub(crate) etag: Option<String>,
     /// `Location` header.
@@ -21,10 +37,10 @@ pub(crate) struct Reply {
 
 impl Reply {
     /// 200 with a body.
-    pub(crate) fn ok(body: Value) -> Self {
+    pub(crate) fn ok(body: impl Into<ReplyBody>) -> Self {
         Reply {
             status: StatusCode::OK,
-            body: Some(body),
+            body: Some(body.into()),
             etag: None,
             location: None,
         }
@@ -44,7 +60,8 @@ impl Reply {
 impl IntoResponse for Reply {
     fn into_response(self) -> Response {
         let mut resp = match self.body {
-            Some(b) => (self.status, b.to_string()).into_response(),
+            Some(ReplyBody::Json(b)) => (self.status, b.to_string()).into_response(),
+            Some(ReplyBody::Serialized(b)) => (self.status, b).into_response(),
             None => self.status.into_response(),
         };
         let h = resp.headers_mut();

@@ -13,8 +13,8 @@ use store::{ListQuery, MemberType, MembershipChange, NewMember, ReadOpts, StoreE
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Projection, get_ci};
-use crate::render::{etag, location, parse_etags, render};
-use crate::reply::Reply;
+use crate::render::{FullView, etag, location, parse_etags, render};
+use crate::reply::{Reply, ReplyBody};
 use crate::state::AppState;
 
 /// Attempts at a PATCH's read-modify-write when another writer got in between. Each lost race
@@ -91,7 +91,7 @@ pub(crate) async fn create(
     }
     let reply = Reply {
         status: StatusCode::CREATED,
-        body: Some(render(base, &r, proj)),
+        body: Some(render(base, &r, proj).into()),
         etag: Some(etag(r.version)),
         location: Some(location(base, kind, &r.id)),
     };
@@ -117,7 +117,7 @@ pub(crate) async fn get(
     }
     Ok(Reply {
         status: StatusCode::OK,
-        body: Some(render(base, &r, proj)),
+        body: Some(render(base, &r, proj).into()),
         etag: Some(etag(r.version)),
         location: Some(location(base, kind, &r.id)),
     })
@@ -150,7 +150,7 @@ pub(crate) async fn replace(
     }
     Ok(Reply {
         status: StatusCode::OK,
-        body: Some(render(base, &r, proj)),
+        body: Some(render(base, &r, proj).into()),
         etag: Some(etag(r.version)),
         location: Some(location(base, kind, id)),
     })
@@ -223,7 +223,7 @@ pub(crate) async fn patch(
     };
     Ok(Reply {
         status: StatusCode::OK,
-        body: Some(render(base, &r, &patch_proj)),
+        body: Some(render(base, &r, &patch_proj).into()),
         etag: Some(etag(r.version)),
         location: Some(location(base, kind, id)),
     })
@@ -475,6 +475,27 @@ pub(crate) async fn list(
     let mut plan = plan_list(kind, p, now)?;
     plan.query.read = read_opts(kind, &p.projection);
     let page = state.store.list(kind, &plan.query).await?;
+    if plan.cursor.is_none()
+        && p.projection.attributes.is_empty()
+        && p.projection.excluded.is_empty()
+    {
+        // The common case (every IdP's `userName eq` lookup): serialized straight from the
+        // stored resources.
+        let out = ListOut {
+            schemas: [scim::schema::LIST_RESPONSE_SCHEMA],
+            total_results: page.total,
+            items_per_page: page.resources.len(),
+            start_index: plan.start_index,
+            resources: page
+                .resources
+                .iter()
+                .map(|r| FullView { base_url: base, r })
+                .collect(),
+        };
+        let bytes = serde_json::to_vec(&out)
+            .map_err(|e| ApiError(ScimError::new(500, None, format!("cannot render: {e}"))))?;
+        return Ok(Reply::ok(ReplyBody::Serialized(bytes)));
+    }
     let resources: Vec<Value> = page
         .resources
         .iter()
@@ -494,6 +515,18 @@ pub(crate) async fn list(
         );
     }
     Ok(Reply::ok(body))
+}
+
+/// A ListResponse over [`FullView`]s (what `list::list_response` builds as a value).
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ListOut<'a> {
+    schemas: [&'static str; 1],
+    total_results: usize,
+    items_per_page: usize,
+    start_index: usize,
+    #[serde(rename = "Resources")]
+    resources: Vec<FullView<'a>>,
 }
 
 fn add_cursors(

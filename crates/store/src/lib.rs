@@ -215,13 +215,14 @@ pub struct ListQuery {
     pub read: ReadOpts,
 }
 
-/// One page of a list.
+/// One page of a list. Cloning it is cheap (the resources are shared): the store keeps small
+/// pages in its lookup cache and hands out clones.
 #[derive(Debug, Clone)]
 pub struct ListPage {
     /// Number of resources matching the filter.
     pub total: usize,
     /// The requested page.
-    pub resources: Vec<Resource>,
+    pub resources: std::sync::Arc<[Resource]>,
 }
 
 /// A stored SCIM bearer token (never the secret itself).

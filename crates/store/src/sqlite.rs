@@ -745,7 +745,10 @@ impl SqliteStore {
                     n as usize
                 }
             };
-            return Ok(ListPage { total, resources });
+            return Ok(ListPage {
+                total,
+                resources: resources.into(),
+            });
         }
         // Inexact filter or a sort without a column: complete in memory over the candidates.
         let sql = format!("{}{where_sql} ORDER BY t.seq", select_sql(kind, read));
@@ -770,13 +773,16 @@ impl SqliteStore {
             sort_in_memory(kind, by, q.descending, &mut matched);
         }
         let total = matched.len();
-        let resources = matched
+        let resources: Vec<Resource> = matched
             .into_iter()
             .skip(q.offset)
             .take(q.count)
             .map(|(r, _)| r)
             .collect();
-        Ok(ListPage { total, resources })
+        Ok(ListPage {
+            total,
+            resources: resources.into(),
+        })
     }
 
     async fn read_one_tx(
