@@ -6,6 +6,7 @@
 //! created a moment ago works at once; repeated failures are rate-limited per peer).
 //! Every presented token is compared with every snapshot entry in constant time.
 
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 use axum::extract::{Request, State};
 use axum::http::header;
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use scim::ScimError;
@@ -228,34 +229,47 @@ pub async fn require_token(
     mut req: Request,
     next: Next,
 ) -> Response {
+    match check_token(&state, &mut req).await {
+        ControlFlow::Continue(()) => next.run(req).await,
+        ControlFlow::Break(resp) => resp,
+    }
+}
+
+/// [`require_token`]'s check: on success the [`Actor`] is in the request's extensions; on
+/// failure, `Break` with the 401 to answer.
+pub(crate) async fn check_token(state: &AppState, req: &mut Request) -> ControlFlow<Response> {
     let Some(value) = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
     else {
-        return unauthorized(
+        return ControlFlow::Break(unauthorized(
             "authentication required: send `Authorization: Bearer <token>` (create one with `teamcity-scim token create --name NAME`)",
             false,
-        );
+        ));
     };
     let token = match value.split_once(' ') {
         Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") => t.trim(),
-        _ => return unauthorized("the Authorization header must use the Bearer scheme", true),
+        _ => {
+            return ControlFlow::Break(unauthorized(
+                "the Authorization header must use the Bearer scheme",
+                true,
+            ));
+        }
     };
     match state.tokens.authenticate(token).await {
         Some(rec) => {
             req.extensions_mut().insert(Actor {
                 name: format!("token:{}", rec.id),
             });
-            next.run(req).await
+            ControlFlow::Continue(())
         }
         None => {
             metrics::counter!("scim_auth_failures_total").increment(1);
-            unauthorized(
+            ControlFlow::Break(unauthorized(
                 "the bearer token is not valid (unknown, revoked or expired)",
                 true,
-            )
-            .into_response()
+            ))
         }
     }
 }

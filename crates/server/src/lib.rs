@@ -17,7 +17,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, any, get, post};
 use scim::{ResourceKind, ScimError};
 use store::WriteCtx;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
 use tower_http::trace::TraceLayer;
 
 pub mod auth;
@@ -282,19 +284,11 @@ fn scim_router(state: AppState) -> Router<AppState> {
         )
         .merge(discovery_routes())
         .fallback(not_found)
-        // Runs after authentication: the per-token limit reads the `Actor`.
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            limit::per_token,
-        ))
-        // `layer`, not `route_layer`: unknown paths under the base need a token too, so an
-        // unauthenticated client learns nothing about which endpoints exist.
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            auth::require_token,
-        ))
-        // Around authentication: peers that keep failing it are blocked for a while.
-        .layer(middleware::from_fn_with_state(state, limit::auth_failures))
+        // Peers that keep failing authentication are blocked for a while; then the token;
+        // then the token's rate limit. `layer`, not `route_layer`: unknown paths under the
+        // base need a token too, so an unauthenticated client learns nothing about which
+        // endpoints exist.
+        .layer(middleware::from_fn_with_state(state, limit::scim_gate))
 }
 
 /// A label value that lives as long as the process: routes, methods and statuses are a small
@@ -346,6 +340,35 @@ fn request_span(req: &axum::http::Request<Body>) -> tracing::Span {
     tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id)
 }
 
+/// Request ids for requests that bring none: UUID-shaped, a random per-process half and a
+/// counter half, so making one needs no system call (a random UUID per request asked the
+/// kernel for entropy every time).
+#[derive(Debug, Clone)]
+struct RequestIds {
+    prefix: u64,
+    next: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Default for RequestIds {
+    fn default() -> Self {
+        let p = uuid::Uuid::new_v4().as_u64_pair().0;
+        RequestIds {
+            prefix: p,
+            next: Arc::default(),
+        }
+    }
+}
+
+impl MakeRequestId for RequestIds {
+    fn make_request_id<B>(&mut self, _: &axum::http::Request<B>) -> Option<RequestId> {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = uuid::Uuid::from_u64_pair(self.prefix, n);
+        axum::http::HeaderValue::from_str(&id.hyphenated().to_string())
+            .ok()
+            .map(RequestId::new)
+    }
+}
+
 /// The whole application router.
 pub fn router(state: AppState) -> Router {
     let scim = scim_router(state.clone());
@@ -381,7 +404,7 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn(track_metrics))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(SetRequestIdLayer::x_request_id(RequestIds::default()))
         .with_state(state)
 }
 

@@ -17,6 +17,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::num::NonZeroU32;
+use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -186,27 +187,49 @@ pub fn too_many_requests(wait: Duration, detail: &str) -> Response {
     resp
 }
 
-/// Middleware (inside authentication): the per-token limit.
-pub(crate) async fn per_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
+/// Middleware in front of every SCIM route, in one layer (each `from_fn` layer costs a state
+/// clone and a boxed future per request): peers that failed authentication too often are
+/// refused; the bearer token is checked ([`crate::auth::check_token`]); the token's rate limit
+/// applies; and a 401 counts against its peer.
+pub(crate) async fn scim_gate(
+    State(state): State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let peer = match blocked_peer(&state, &req) {
+        ControlFlow::Continue(peer) => peer,
+        ControlFlow::Break(resp) => return resp,
+    };
+    let resp = match crate::auth::check_token(&state, &mut req).await {
+        ControlFlow::Break(resp) => resp,
+        ControlFlow::Continue(()) => match token_limit(&state, &req) {
+            ControlFlow::Break(resp) => resp,
+            ControlFlow::Continue(()) => next.run(req).await,
+        },
+    };
+    match peer {
+        Some(peer) => count_failure(&state, peer, resp),
+        None => resp,
+    }
+}
+
+/// The per-token limit, after authentication: `Break` with the 429.
+fn token_limit(state: &AppState, req: &Request) -> ControlFlow<Response> {
     if let Some(actor) = req.extensions().get::<Actor>()
         && let Err(wait) = state.rate_limiter.check_token(&actor.name)
     {
         metrics::counter!("scim_rate_limited_total", "reason" => "token").increment(1);
-        return too_many_requests(wait, "too many requests for this token");
+        return ControlFlow::Break(too_many_requests(wait, "too many requests for this token"));
     }
-    next.run(req).await
+    ControlFlow::Continue(())
 }
 
-/// Middleware (around authentication): blocks peers that failed authentication too often, and
-/// counts each 401 against its peer.
-pub(crate) async fn auth_failures(
-    State(state): State<AppState>,
-    req: Request,
-    next: Next,
-) -> Response {
+/// The peer a request's failed authentication counts against (`None` when that limit is
+/// off), or `Break` with the 429 for a peer that is blocked.
+fn blocked_peer(state: &AppState, req: &Request) -> ControlFlow<Response, Option<IpAddr>> {
     let limiter = &state.rate_limiter;
     if limiter.inner.failures.is_none() {
-        return next.run(req).await;
+        return ControlFlow::Continue(None);
     }
     let socket = req
         .extensions()
@@ -215,14 +238,18 @@ pub(crate) async fn auth_failures(
     let peer = limiter.peer(req.headers(), socket);
     if let Some(wait) = limiter.blocked_for(peer) {
         metrics::counter!("scim_rate_limited_total", "reason" => "auth_failures").increment(1);
-        return too_many_requests(
+        return ControlFlow::Break(too_many_requests(
             wait,
             "too many failed authentication attempts from this address",
-        );
+        ));
     }
-    let resp = next.run(req).await;
+    ControlFlow::Continue(Some(peer))
+}
+
+/// Counts a 401 against its peer; the answer that blocks it is a 429.
+fn count_failure(state: &AppState, peer: IpAddr, resp: Response) -> Response {
     if resp.status() == StatusCode::UNAUTHORIZED
-        && let Err(wait) = limiter.record_failure(peer)
+        && let Err(wait) = state.rate_limiter.record_failure(peer)
     {
         tracing::warn!(%peer, "peer blocked after repeated authentication failures");
         metrics::counter!("scim_rate_limited_total", "reason" => "auth_failures").increment(1);

@@ -492,7 +492,8 @@ pub(crate) async fn list(
                 .map(|r| FullView { base_url: base, r })
                 .collect(),
         };
-        let bytes = serde_json::to_vec(&out)
+        let mut bytes = Vec::with_capacity(1024 * (1 + out.resources.len()));
+        serde_json::to_writer(&mut bytes, &out)
             .map_err(|e| ApiError(ScimError::new(500, None, format!("cannot render: {e}"))))?;
         return Ok(Reply::ok(ReplyBody::Serialized(bytes)));
     }
