@@ -4,8 +4,9 @@
 //! The sync engine audits every TeamCity action it applied (`resource_type = "TeamCity"`,
 //! `operation` = the action kind, `resource_id` = `user:<id>`, `user:new:<scim id>` or
 //! `group:<key>`, and a detail with the group keys, roles and member ids the action changed).
-//! The worker links each created user to its TeamCity id with a `mapping.upsert` event after
-//! the pass. Replaying the successful ones in order gives the state of the managed part of
+//! The worker links each created user to its TeamCity id with a `mapping.upsert` event, in the
+//! same transaction as the user's creation event (or, for links it finds later, after a pass);
+//! later events of the pass that still say `new:<scim id>` resolve through that link. Replaying the successful ones in order gives the state of the managed part of
 //! TeamCity at any time. A prune stores the replayed state in its checkpoint, so replay
 //! continues from there.
 //!
@@ -58,6 +59,10 @@ pub struct AccessState {
     pub groups: BTreeMap<String, GroupAccess>,
     /// The last event applied.
     pub last_seq: i64,
+    /// SCIM id → TeamCity id of users linked so far: a pass's later events that still name a
+    /// user created in it as `new:<scim id>` (its group creates, say) reach the linked user,
+    /// however early in the pass the link was recorded.
+    pub linked: BTreeMap<String, String>,
 }
 
 /// One line of an access review.
@@ -114,6 +119,10 @@ impl AccessState {
     }
 
     fn user(&mut self, key: String) -> &mut UserAccess {
+        let key = match key.strip_prefix("new:").and_then(|s| self.linked.get(s)) {
+            Some(tcid) => tcid.clone(),
+            None => key,
+        };
         let u = self.users.entry(key.clone()).or_default();
         if u.scim_id.is_none()
             && let Some(s) = key.strip_prefix("new:")
@@ -125,6 +134,7 @@ impl AccessState {
 
     /// Links a user created in a pass (`new:<scim>`) to its TeamCity id.
     fn link(&mut self, scim: &str, tcid: &str) {
+        self.linked.insert(scim.to_owned(), tcid.to_owned());
         let pending = self.users.remove(&format!("new:{scim}"));
         let u = self.users.entry(tcid.to_owned()).or_default();
         u.scim_id = Some(scim.to_owned());
@@ -162,6 +172,10 @@ impl AccessState {
         let group = detail_str(&d, "group").map(str::to_owned);
         match (e.operation.as_str(), user_key(target), group_key) {
             ("create_user", Some(k), _) => {
+                // A new creation: pending until its own link, whatever an earlier one said.
+                if let Some(s) = k.strip_prefix("new:") {
+                    self.linked.remove(s);
+                }
                 let scim = detail_str(&d, "scim_id").map(str::to_owned);
                 let u = self.user(k);
                 if scim.is_some() {
@@ -399,6 +413,36 @@ mod tests {
                     "12 s2 PROJECT_DEVELOPER@p:Backend DEV (developers)",
                     "12 s2 PROJECT_VIEWER@g direct",
                 ],
+            ),
+            (
+                "events after an early link reach the linked user",
+                vec![
+                    ("create_user", "user:new:s3", json!({"scim_id": "s3"})),
+                    ("mapping.upsert", "user:s3", json!({"teamcity_id": "13"})),
+                    (
+                        "create_group",
+                        "group:OPS",
+                        json!({"key": "OPS", "name": "ops", "marker": "g2",
+                               "roles": ["PROJECT_ADMIN@p:Backend"], "member_ids": ["new:s3"]}),
+                    ),
+                    ("add_to_group", "user:new:s3", json!({"group": "DEV"})),
+                ],
+                vec![
+                    "13 s3 PROJECT_ADMIN@p:Backend OPS (ops)",
+                    "13 s3 PROJECT_DEVELOPER@p:Backend DEV (developers)",
+                ],
+            ),
+            (
+                "a re-creation is pending until its own link",
+                vec![
+                    ("create_user", "user:new:s4", json!({"scim_id": "s4"})),
+                    ("mapping.upsert", "user:s4", json!({"teamcity_id": "14"})),
+                    ("delete_user", "user:14", json!({})),
+                    ("create_user", "user:new:s4", json!({"scim_id": "s4"})),
+                    ("add_to_group", "user:new:s4", json!({"group": "DEV"})),
+                    ("mapping.upsert", "user:s4", json!({"teamcity_id": "15"})),
+                ],
+                vec!["15 s4 PROJECT_DEVELOPER@p:Backend DEV (developers)"],
             ),
             (
                 "unlinked new user shows its SCIM id only",
