@@ -197,3 +197,81 @@ struct Meta {
     location: String,
     version: String,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    fn resource(kind: ResourceKind, attrs: Value) -> Resource {
+        Resource {
+            kind,
+            id: "r1".into(),
+            attrs,
+            created: datetime!(2026-01-01 00:00 UTC),
+            last_modified: datetime!(2026-01-02 00:00 UTC),
+            version: 3,
+            members: None,
+            groups: None,
+        }
+    }
+
+    /// The list fast path and `render` are the same document (key order aside).
+    #[test]
+    fn full_view_equals_render_without_projection() {
+        let base = "https://scim.example.com/scim/v2";
+        let mut user = resource(
+            ResourceKind::User,
+            json!({
+                "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User", scim::schema::ENTERPRISE_USER_SCHEMA],
+                "userName": "ann",
+                "emails": [{"value": "ann@example.com", "primary": true}],
+                scim::schema::ENTERPRISE_USER_SCHEMA: {"department": "R&D", "manager": {"value": "m1"}},
+            }),
+        );
+        user.groups = Some(vec![store::GroupRef {
+            value: "g1".into(),
+            display: "Ops".into(),
+        }]);
+        let mut group = resource(ResourceKind::Group, json!({"displayName": "Ops"}));
+        group.members = Some(vec![
+            store::MemberRef {
+                value: "u1".into(),
+                ty: store::MemberType::User,
+                display: Some("ann".into()),
+            },
+            store::MemberRef {
+                value: "g2".into(),
+                ty: store::MemberType::Group,
+                display: None,
+            },
+        ]);
+        let no_manager = resource(ResourceKind::User, json!({"userName": "bob"}));
+        for r in [&user, &group, &no_manager] {
+            let streamed: Value = serde_json::from_slice(
+                &serde_json::to_vec(&FullView { base_url: base, r }).expect("serialize"),
+            )
+            .expect("json");
+            assert_eq!(
+                streamed,
+                render(base, r, &Projection::default()),
+                "{}",
+                r.id
+            );
+        }
+        let v = render(base, &user, &Projection::default());
+        assert_eq!(
+            v[scim::schema::ENTERPRISE_USER_SCHEMA]["manager"]["$ref"],
+            json!(format!("{base}/Users/m1"))
+        );
+        assert_eq!(v["meta"]["version"], json!("W/\"3\""));
+        assert_eq!(
+            v["schemas"][0],
+            json!("urn:ietf:params:scim:schemas:core:2.0:User")
+        );
+        assert_eq!(
+            render(base, &no_manager, &Projection::default())["schemas"],
+            json!(["urn:ietf:params:scim:schemas:core:2.0:User"])
+        );
+    }
+}
