@@ -28,6 +28,7 @@ mod discovery;
 pub mod error;
 mod extract;
 pub mod limit;
+pub mod lookup_cache;
 mod render;
 mod reply;
 mod resources;
@@ -337,7 +338,12 @@ fn request_span(req: &axum::http::Request<Body>) -> tracing::Span {
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-");
-    tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id)
+    tracing::info_span!(
+        "request",
+        method = req.method().as_str(),
+        path = req.uri().path(),
+        request_id
+    )
 }
 
 /// Request ids for requests that bring none: UUID-shaped, a random per-process half and a

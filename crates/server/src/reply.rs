@@ -13,7 +13,7 @@ pub(crate) enum ReplyBody {
     /// A JSON value.
     Json(Value),
     /// Serialized JSON.
-    Serialized(Vec<u8>),
+    Serialized(axum::body::Bytes),
 }
 
 impl From<Value> for ReplyBody {

@@ -472,15 +472,40 @@ pub(crate) async fn list(
     p: &ListParams,
 ) -> ApiResult<Reply> {
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    // The common case (every IdP's `userName eq` lookup): no cursor, no projection. Its answer
+    // is cached until the next resource write, keyed by everything it depends on; the
+    // generation is read before the data, so a write in between only makes the entry unusable.
+    let plain = p.cursor.is_none()
+        && p.projection.attributes.is_empty()
+        && p.projection.excluded.is_empty();
+    let generation = state.store.resource_generation();
+    let cache_key = plain.then(|| {
+        format!(
+            "{}\u{0}{base}\u{0}{}\u{0}{}\u{0}{}\u{0}{}\u{0}{}",
+            kind.name(),
+            p.filter.as_deref().unwrap_or(""),
+            p.sort_by.as_deref().unwrap_or(""),
+            p.sort_order.as_deref().unwrap_or(""),
+            p.start_index
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            p.count
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+        )
+    });
+    if let (Some(key), Some(g)) = (&cache_key, generation)
+        && let Some(body) = state.lookups.get(key, g)
+    {
+        return Ok(Reply::ok(ReplyBody::Serialized(body)));
+    }
     let mut plan = plan_list(kind, p, now)?;
     plan.query.read = read_opts(kind, &p.projection);
     let page = state.store.list(kind, &plan.query).await?;
-    if plan.cursor.is_none()
-        && p.projection.attributes.is_empty()
-        && p.projection.excluded.is_empty()
-    {
-        // The common case (every IdP's `userName eq` lookup): serialized straight from the
-        // stored resources.
+    if plain {
+        // Serialized straight from the stored resources.
         let out = ListOut {
             schemas: [scim::schema::LIST_RESPONSE_SCHEMA],
             total_results: page.total,
@@ -495,7 +520,13 @@ pub(crate) async fn list(
         let mut bytes = Vec::with_capacity(1024 * (1 + out.resources.len()));
         serde_json::to_writer(&mut bytes, &out)
             .map_err(|e| ApiError(ScimError::new(500, None, format!("cannot render: {e}"))))?;
-        return Ok(Reply::ok(ReplyBody::Serialized(bytes)));
+        let body = axum::body::Bytes::from(bytes);
+        if let (Some(key), Some(g)) = (cache_key, generation)
+            && page.resources.len() <= crate::lookup_cache::MAX_RESOURCES
+        {
+            state.lookups.insert(key, g, body.clone());
+        }
+        return Ok(Reply::ok(ReplyBody::Serialized(body)));
     }
     let resources: Vec<Value> = page
         .resources

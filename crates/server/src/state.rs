@@ -45,6 +45,8 @@ pub struct AppState {
     pub metrics: Option<PrometheusHandle>,
     /// Per-token and failed-authentication rate limits (off unless configured).
     pub rate_limiter: RateLimiter,
+    /// Small list responses, until the next resource write.
+    pub lookups: std::sync::Arc<crate::lookup_cache::ResponseCache>,
 }
 
 impl AppState {
@@ -56,6 +58,7 @@ impl AppState {
             limits: Limits::default(),
             metrics: None,
             rate_limiter: RateLimiter::disabled(),
+            lookups: std::sync::Arc::default(),
         }
     }
 }

@@ -345,6 +345,14 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Lists resources matching a query.
     async fn list(&self, kind: ResourceKind, query: &ListQuery) -> StoreResult<ListPage>;
 
+    /// A counter that moves on after every committed resource write through this store, for
+    /// caches of read results: what was read while the counter said `g` is current as long as
+    /// it still says `g` (read the counter *before* reading the data). `None`: this backend
+    /// cannot promise that (others may write the same database), so nothing may be cached.
+    fn resource_generation(&self) -> Option<u64> {
+        None
+    }
+
     /// Stores a new token hash (the caller generated and shows the secret).
     async fn create_token(
         &self,

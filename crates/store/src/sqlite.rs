@@ -30,77 +30,11 @@ pub struct SqliteStore {
     read: SqlitePool,
     write: SqlitePool,
     clock: Arc<dyn Clock>,
-    lookups: Arc<LookupCache>,
+    /// Bumped after every committed resource write (see [`Store::resource_generation`]). Only
+    /// this process writes SCIM resources to its SQLite file (the CLI's commands touch tokens,
+    /// the outbox and the audit trail), which is what makes a process-local counter enough.
+    generation: Arc<std::sync::atomic::AtomicU64>,
 }
-
-/// Small list results (the `userName eq "…"` lookups every IdP sends before each write) kept
-/// in memory until the next resource write in this process. Every resource write bumps the
-/// generation after its commit; an entry is served only while the generation it was read at
-/// is current, so a cached answer is never older than the last write. Only this process
-/// writes SCIM resources to its SQLite file (the CLI's commands touch tokens, the outbox and
-/// the audit trail), which is what makes a process-local generation sufficient.
-///
-/// The cache is bounded by an estimate of its size ([`LOOKUP_CACHE_BYTES`]); when a new entry
-/// would exceed it, entries are evicted in the map's (effectively random) iteration order
-/// until it fits, so a working set larger than the cache still gets a proportional share of
-/// hits (emptying the whole cache when full left 10,000 users at about half).
-#[derive(Debug, Default)]
-struct LookupCache {
-    generation: std::sync::atomic::AtomicU64,
-    entries: std::sync::Mutex<LookupEntries>,
-}
-
-#[derive(Debug, Default)]
-struct LookupEntries {
-    map: std::collections::HashMap<String, (u64, usize, ListPage)>,
-    bytes: usize,
-    /// The newest generation inserted: older entries can never be served again.
-    generation: u64,
-}
-
-impl LookupEntries {
-    fn insert(&mut self, key: String, generation: u64, page: ListPage) {
-        if generation < self.generation {
-            return;
-        }
-        if generation > self.generation {
-            self.map.clear();
-            self.bytes = 0;
-            self.generation = generation;
-        }
-        let size = key.len() + page_size_estimate(&page);
-        if size > LOOKUP_CACHE_BYTES {
-            return;
-        }
-        if let Some((_, old, _)) = self.map.remove(&key) {
-            self.bytes -= old;
-        }
-        while self.bytes + size > LOOKUP_CACHE_BYTES {
-            let Some(victim) = self.map.keys().next().cloned() else {
-                break;
-            };
-            if let Some((_, old, _)) = self.map.remove(&victim) {
-                self.bytes -= old;
-            }
-        }
-        self.bytes += size;
-        self.map.insert(key, (generation, size, page));
-    }
-}
-
-/// Rough heap size of a cached page: its JSON text length, doubled for the parsed tree.
-fn page_size_estimate(page: &ListPage) -> usize {
-    128 + page
-        .resources
-        .iter()
-        .map(|r| 256 + 2 * r.id.len() + 2 * r.attrs.to_string().len())
-        .sum::<usize>()
-}
-
-/// Most memory the lookup cache may hold (estimated): about 10,000 cached user lookups.
-const LOOKUP_CACHE_BYTES: usize = 16 * 1024 * 1024;
-/// Only pages this small are cached.
-const LOOKUP_CACHE_MAX_PAGE: usize = 4;
 
 type Tx = Transaction<'static, Sqlite>;
 
@@ -164,7 +98,7 @@ impl SqliteStore {
             read,
             write,
             clock,
-            lookups: Arc::default(),
+            generation: Arc::default(),
         })
     }
 
@@ -664,10 +598,9 @@ fn bind_all<'q>(
 }
 
 impl SqliteStore {
-    /// Invalidates cached lookups; called after every committed resource write.
+    /// Moves the resource generation on; called after every committed resource write.
     fn written(&self) {
-        self.lookups
-            .generation
+        self.generation
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
@@ -1178,43 +1111,11 @@ impl Store for SqliteStore {
     }
 
     async fn list(&self, kind: ResourceKind, q: &ListQuery) -> StoreResult<ListPage> {
-        use std::sync::atomic::Ordering;
-        let key = format!(
-            "{}|{}|{:?}|{}|{}|{}|{}{}",
-            kind.name(),
-            q.filter
-                .as_ref()
-                .map(ToString::to_string)
-                .unwrap_or_default(),
-            q.sort_by.as_ref().map(ToString::to_string),
-            q.descending,
-            q.offset,
-            q.count,
-            q.read.members,
-            q.read.groups
-        );
-        let generation = self.lookups.generation.load(Ordering::Acquire);
-        let hit = self
-            .lookups
-            .entries
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .map
-            .get(&key)
-            .filter(|(g, _, _)| *g == generation)
-            .map(|(_, _, page)| page.clone());
-        if let Some(page) = hit {
-            return Ok(page);
-        }
-        let page = self.list_uncached(kind, q).await?;
-        if page.resources.len() <= LOOKUP_CACHE_MAX_PAGE {
-            self.lookups
-                .entries
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(key, generation, page.clone());
-        }
-        Ok(page)
+        self.list_uncached(kind, q).await
+    }
+
+    fn resource_generation(&self) -> Option<u64> {
+        Some(self.generation.load(std::sync::atomic::Ordering::Acquire))
     }
 
     async fn create_token(

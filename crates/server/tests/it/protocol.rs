@@ -1260,3 +1260,50 @@ async fn user_groups_are_derived_from_membership() {
     s.delete(&format!("/Groups/{g}")).await.expect(204);
     assert!(s.get(&upath).await.body.get("groups").is_none());
 }
+
+/// Lookups are served from the response cache until a resource write: every kind of write is
+/// seen by the very next lookup, and a cached answer is byte-for-byte the uncached one.
+#[tokio::test]
+async fn cached_lookups_never_outlive_a_write() {
+    let s = Server::start().await;
+    let q = |name: &str| format!("/Users?filter={}", enc(&format!("userName eq \"{name}\"")));
+    // An empty answer is cached too, and a create makes it stale.
+    s.get(&q("ann@x.example")).await.expect(200);
+    assert!(s.get(&q("ann@x.example")).await.resources().is_empty());
+    let ann = s.create_user("ann@x.example").await;
+    let first = s.snapshot(&q("ann@x.example")).await;
+    let again = s.snapshot(&q("ann@x.example")).await;
+    assert_eq!(first, again, "the cached answer is the uncached one");
+    assert!(first.contains(&ann));
+    // A rename is seen by both the old and the new name at once.
+    s.patch(
+        &format!("/Users/{ann}"),
+        &patch_op(json!([{"op": "replace", "path": "userName", "value": "anna@x.example"}])),
+    )
+    .await
+    .expect(200);
+    assert!(s.get(&q("ann@x.example")).await.resources().is_empty());
+    assert_eq!(
+        s.get(&q("anna@x.example")).await.resources()[0]["id"],
+        json!(ann)
+    );
+    // A change of another attribute shows in the cached lookup's body.
+    s.patch(
+        &format!("/Users/{ann}"),
+        &patch_op(json!([{"op": "replace", "path": "active", "value": false}])),
+    )
+    .await
+    .expect(200);
+    assert_eq!(
+        s.get(&q("anna@x.example")).await.resources()[0]["active"],
+        json!(false)
+    );
+    // A group write also moves the generation (a user's `groups` come from memberships).
+    let g = s.create_group("Ops", &[&ann]).await;
+    assert_eq!(
+        s.get(&q("anna@x.example")).await.resources()[0]["groups"][0]["value"],
+        json!(g)
+    );
+    s.delete(&format!("/Users/{ann}")).await.expect(204);
+    assert!(s.get(&q("anna@x.example")).await.resources().is_empty());
+}

@@ -1,0 +1,119 @@
+//! Small list responses (the `userName eq "…"` lookups every IdP sends before each write, and
+//! again on every sync cycle) kept as their serialized bodies until the next resource write.
+//!
+//! An entry is tagged with the store's resource generation read *before* the data was read
+//! ([`store::Store::resource_generation`]), and is served only while the generation is still
+//! the same, so an answer from the cache is never older than the last write. A store that
+//! gives no generation gets no caching.
+//!
+//! The cache is bounded by size ([`MAX_BYTES`]); when a new entry would exceed it, entries are
+//! evicted in the map's (effectively random) iteration order until it fits, so a working set
+//! larger than the cache still gets a proportional share of hits. A newer generation empties
+//! it at the first insert.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use axum::body::Bytes;
+
+/// Most bytes (keys and bodies) the cache holds: about 16,000 single-user lookups.
+pub(crate) const MAX_BYTES: usize = 16 * 1024 * 1024;
+/// Only responses with at most this many resources are cached.
+pub(crate) const MAX_RESOURCES: usize = 4;
+
+/// The response cache.
+#[derive(Debug, Default)]
+pub struct ResponseCache {
+    inner: Mutex<Entries>,
+}
+
+#[derive(Debug, Default)]
+struct Entries {
+    map: HashMap<String, Bytes>,
+    bytes: usize,
+    /// The generation every entry was read at.
+    generation: u64,
+}
+
+impl ResponseCache {
+    /// The body cached for `key` at `generation`.
+    pub(crate) fn get(&self, key: &str, generation: u64) -> Option<Bytes> {
+        let e = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if e.generation != generation {
+            return None;
+        }
+        e.map.get(key).cloned()
+    }
+
+    /// Caches `body` for `key`, read at `generation`.
+    pub(crate) fn insert(&self, key: String, generation: u64, body: Bytes) {
+        let size = key.len() + body.len();
+        if size > MAX_BYTES {
+            return;
+        }
+        let mut e = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if generation < e.generation {
+            return;
+        }
+        if generation > e.generation {
+            e.map.clear();
+            e.bytes = 0;
+            e.generation = generation;
+        }
+        if let Some(old) = e.map.remove(&key) {
+            e.bytes -= key.len() + old.len();
+        }
+        while e.bytes + size > MAX_BYTES {
+            let Some(victim) = e.map.keys().next().cloned() else {
+                break;
+            };
+            if let Some(old) = e.map.remove(&victim) {
+                e.bytes -= victim.len() + old.len();
+            }
+        }
+        e.bytes += size;
+        e.map.insert(key, body);
+    }
+
+    /// Number of entries (tests).
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map
+            .len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_live_only_at_their_generation_and_within_the_bound() {
+        let c = ResponseCache::default();
+        c.insert("a".into(), 1, Bytes::from_static(b"A"));
+        assert_eq!(c.get("a", 1).as_deref(), Some(&b"A"[..]));
+        assert_eq!(c.get("a", 2), None, "a write happened since");
+        c.insert("b".into(), 2, Bytes::from_static(b"B"));
+        assert_eq!(c.len(), 1, "the newer generation emptied the cache");
+        c.insert("late".into(), 1, Bytes::from_static(b"old"));
+        assert_eq!(
+            c.get("late", 1),
+            None,
+            "a read from before the write is not kept"
+        );
+        // Fill past the bound: the size never exceeds it and the newest entry is kept.
+        let body = Bytes::from(vec![b'x'; 1024 * 1024]);
+        for i in 0..40 {
+            c.insert(format!("k{i}"), 2, body.clone());
+            let e = c.inner.lock().unwrap();
+            assert!(e.bytes <= MAX_BYTES);
+        }
+        assert!(c.get("k39", 2).is_some());
+        assert!(c.len() < 40);
+        c.insert("huge".into(), 2, Bytes::from(vec![0; MAX_BYTES + 1]));
+        assert_eq!(c.get("huge", 2), None);
+    }
+}
