@@ -227,6 +227,9 @@ pub struct ServerConfig {
     pub rate_limit_per_second: u32,
     /// Requests a token may send at once above the sustained rate.
     pub rate_limit_burst: u32,
+    /// Memory for cached lookup answers (small list responses, kept until the next write),
+    /// in MB; 0 turns the cache off.
+    pub lookup_cache_mb: u32,
     /// Failed authentications per minute per client address before that address is refused
     /// with 429 for a while; 0 turns this off.
     pub auth_failures_per_minute: u32,
@@ -303,6 +306,7 @@ impl Default for ServerConfig {
             header_read_timeout: "10s".into(),
             rate_limit_per_second: 500,
             rate_limit_burst: 1000,
+            lookup_cache_mb: 16,
             auth_failures_per_minute: 30,
             trust_forwarded_for: false,
             tls_cert_file: None,

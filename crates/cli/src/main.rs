@@ -410,6 +410,9 @@ const TLS_RELOAD_INTERVAL: std::time::Duration = std::time::Duration::from_secs(
 fn harden(cfg: &Config, state: &mut server::AppState) -> anyhow::Result<server::ServeOptions> {
     let s = &cfg.server;
     state.limits.request_timeout = Some(ttl::parse(&s.request_timeout)?.unsigned_abs());
+    state.lookups = Arc::new(server::lookup_cache::ResponseCache::with_capacity(
+        s.lookup_cache_mb as usize * 1024 * 1024,
+    ));
     state.rate_limiter = server::RateLimiter::new(server::RateLimitConfig {
         per_second: s.rate_limit_per_second,
         burst: s.rate_limit_burst,

@@ -16,15 +16,22 @@ use std::sync::Mutex;
 
 use axum::body::Bytes;
 
-/// Most bytes (keys and bodies) the cache holds: about 16,000 single-user lookups.
-pub(crate) const MAX_BYTES: usize = 16 * 1024 * 1024;
+/// Most bytes (keys and bodies) the cache holds by default: about 16,000 single-user lookups.
+pub const DEFAULT_MAX_BYTES: usize = 16 * 1024 * 1024;
 /// Only responses with at most this many resources are cached.
 pub(crate) const MAX_RESOURCES: usize = 4;
 
 /// The response cache.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ResponseCache {
     inner: Mutex<Entries>,
+    max_bytes: usize,
+}
+
+impl Default for ResponseCache {
+    fn default() -> Self {
+        ResponseCache::with_capacity(DEFAULT_MAX_BYTES)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -36,6 +43,14 @@ struct Entries {
 }
 
 impl ResponseCache {
+    /// A cache of at most `max_bytes` (0: nothing is cached).
+    pub fn with_capacity(max_bytes: usize) -> Self {
+        ResponseCache {
+            inner: Mutex::default(),
+            max_bytes,
+        }
+    }
+
     /// The body cached for `key` at `generation`.
     pub(crate) fn get(&self, key: &str, generation: u64) -> Option<Bytes> {
         let e = self.inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -48,7 +63,7 @@ impl ResponseCache {
     /// Caches `body` for `key`, read at `generation`.
     pub(crate) fn insert(&self, key: String, generation: u64, body: Bytes) {
         let size = key.len() + body.len();
-        if size > MAX_BYTES {
+        if size > self.max_bytes {
             return;
         }
         let mut e = self.inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -63,7 +78,7 @@ impl ResponseCache {
         if let Some(old) = e.map.remove(&key) {
             e.bytes -= key.len() + old.len();
         }
-        while e.bytes + size > MAX_BYTES {
+        while e.bytes + size > self.max_bytes {
             let Some(victim) = e.map.keys().next().cloned() else {
                 break;
             };
@@ -109,11 +124,18 @@ mod tests {
         for i in 0..40 {
             c.insert(format!("k{i}"), 2, body.clone());
             let e = c.inner.lock().unwrap();
-            assert!(e.bytes <= MAX_BYTES);
+            assert!(e.bytes <= DEFAULT_MAX_BYTES);
         }
         assert!(c.get("k39", 2).is_some());
         assert!(c.len() < 40);
-        c.insert("huge".into(), 2, Bytes::from(vec![0; MAX_BYTES + 1]));
+        c.insert(
+            "huge".into(),
+            2,
+            Bytes::from(vec![0; DEFAULT_MAX_BYTES + 1]),
+        );
         assert_eq!(c.get("huge", 2), None);
+        let off = ResponseCache::with_capacity(0);
+        off.insert("a".into(), 1, Bytes::from_static(b"A"));
+        assert_eq!(off.get("a", 1), None, "capacity 0 caches nothing");
     }
 }
