@@ -2,6 +2,8 @@
 //! one store command each. The HTTP handlers and `/Bulk` both call these functions; neither
 //! calls TeamCity (the store's outbox row is the only path there).
 
+use std::fmt::Write as _;
+
 use axum::http::StatusCode;
 use scim::filter::{self, Filter};
 use scim::list::{self, Cursor, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
@@ -480,21 +482,22 @@ pub(crate) async fn list(
         && p.projection.excluded.is_empty();
     let generation = state.store.resource_generation();
     let cache_key = plain.then(|| {
-        format!(
-            "{}\u{0}{base}\u{0}{}\u{0}{}\u{0}{}\u{0}{}\u{0}{}",
+        let start_index = p.start_index.as_ref().map(ToString::to_string);
+        let count = p.count.as_ref().map(ToString::to_string);
+        // Length-prefixed parts: no two parameter sets share a key, whatever they contain.
+        let mut key = String::new();
+        for part in [
             kind.name(),
+            base,
             p.filter.as_deref().unwrap_or(""),
             p.sort_by.as_deref().unwrap_or(""),
             p.sort_order.as_deref().unwrap_or(""),
-            p.start_index
-                .as_ref()
-                .map(ToString::to_string)
-                .unwrap_or_default(),
-            p.count
-                .as_ref()
-                .map(ToString::to_string)
-                .unwrap_or_default(),
-        )
+            start_index.as_deref().unwrap_or(""),
+            count.as_deref().unwrap_or(""),
+        ] {
+            let _ = write!(key, "{}:{part}", part.len());
+        }
+        key
     });
     if let (Some(key), Some(g)) = (&cache_key, generation)
         && let Some(body) = state.lookups.get(key, g)
