@@ -158,26 +158,9 @@ async fn append_event(
     now: OffsetDateTime,
     n: NewEvent<'_>,
 ) -> StoreResult<AuditEvent> {
-    append_event_chained(tx, ctx, now, n, &mut None).await
-}
-
-/// [`append_event`] for a run of events in one transaction: `head` is the chain head the
-/// previous event of the run left (`None` for the first: read from the table). Inside the
-/// `BEGIN IMMEDIATE` transaction nobody else can append, so the head stays valid.
-async fn append_event_chained(
-    tx: &mut Tx,
-    ctx: &WriteCtx,
-    now: OffsetDateTime,
-    n: NewEvent<'_>,
-    head: &mut Option<(i64, String)>,
-) -> StoreResult<AuditEvent> {
-    let prev = match head.take() {
-        Some(h) => h,
-        None => chain_head(tx).await?,
-    };
+    let prev = chain_head(tx).await?;
     let ev = chain_event(ctx, now, n, prev);
     insert_events(tx, std::slice::from_ref(&ev)).await?;
-    *head = Some((ev.seq, ev.hash.clone()));
     Ok(ev)
 }
 

@@ -228,20 +228,7 @@ async fn append_audit(
     now: OffsetDateTime,
     e: &AuditEntry,
 ) -> StoreResult<i64> {
-    let ev = append_event(
-        tx,
-        ctx,
-        now,
-        NewEvent {
-            resource_type: &e.resource_type,
-            resource_id: e.resource_id.as_deref(),
-            operation: &e.operation,
-            outcome: &e.outcome,
-            status: e.status,
-            detail: e.detail.clone(),
-        },
-    )
-    .await?;
+    let ev = append_event(tx, ctx, now, new_event(e)).await?;
     Ok(ev.seq)
 }
 
