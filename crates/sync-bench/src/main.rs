@@ -38,6 +38,10 @@ use scim::ResourceKind;
 use serde_json::{Value, json};
 use store::{DynStore, NewMember, SystemClock, WriteCtx};
 use sync::{Engine, EngineConfig, PassReport, Policy};
+
+/// The allocator the `teamcity-scim` binary ships with, so the engine is measured as it runs.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use teamcity_emulator::{Emulator, EmulatorOptions, TokenRec};
 
 const TC_TOKEN: &str = "sync-bench-token";

@@ -331,8 +331,9 @@ fn entity_of(a: &Action, actual: &ActualState) -> Option<(&'static str, String)>
 /// One action applied within a wave.
 struct Done {
     index: usize,
-    /// SCIM id → TeamCity id of the user it created (or resolved), if any.
-    created: BTreeMap<String, u64>,
+    /// SCIM id → TeamCity id of the user it created (or resolved), if any: only a
+    /// `CreateUser`'s own user (the references it was given are known already).
+    created: Option<(String, u64)>,
     result: Result<(), TeamCityError>,
 }
 
@@ -427,7 +428,9 @@ impl Engine {
 
     /// Desired state; persists new pins and audits new alerts.
     pub async fn desired(&self) -> Result<Desired, EngineError> {
+        let started = std::time::Instant::now();
         let dir = self.directory().await?;
+        debug!(users = dir.users.len(), groups = dir.groups.len(), elapsed = ?started.elapsed(), "directory read");
         let pins = self.store.pins().await?;
         let d = desired(&dir, &self.policy, &pins, &DesiredOptions::default());
         for (rule, group) in &d.pins {
@@ -488,16 +491,17 @@ impl Engine {
     /// A full reconcile: re-read TeamCity, plan, guard, apply (unless `dry_run` or shadow).
     pub async fn reconcile(&self, dry_run: bool) -> Result<PassReport, EngineError> {
         let started = std::time::Instant::now();
-        let (actual, reads) = self.read_actual().await?;
-        debug!(reads, elapsed = ?started.elapsed(), "reconcile: TeamCity read");
+        // TeamCity and the directory are read at the same time: one waits on the network,
+        // the other is local work.
         let mut cache = self.cache.lock().await;
+        let (read, d) = tokio::join!(self.read_actual(), self.desired());
+        let ((actual, reads), d) = (read?, d?);
+        debug!(reads, elapsed = ?started.elapsed(), "reconcile: TeamCity read, desired state computed");
         *cache = Some(actual);
         let mut report = PassReport {
             reads,
             ..PassReport::default()
         };
-        let d = self.desired().await?;
-        debug!(elapsed = ?started.elapsed(), "reconcile: desired state computed");
         let actual = cache.as_mut().expect("just set");
         let p = plan(
             &d,
@@ -801,10 +805,10 @@ impl Engine {
         let mut run = WaveRun::default();
         let mut created: BTreeMap<String, u64> = BTreeMap::new();
         let stop = AtomicBool::new(false);
-        // Lanes await their audit write between calls: keep a few more lanes in flight than
-        // the client has permits, so no permit idles meanwhile. The client's semaphore bounds
-        // the calls in flight.
-        let width = self.client.max_concurrency().saturating_mul(2).max(1);
+        // Lanes await their audit write between calls (up to the journal's gathering window and
+        // a commit): keep more lanes in flight than the client has permits, so no permit idles
+        // meanwhile. The client's semaphore bounds the calls in flight.
+        let width = self.client.max_concurrency().saturating_mul(3).max(1);
         let ctx = self.ctx(actor);
         let journal = crate::journal::Journal::start(self.store.clone(), ctx.clone());
         let journal = &journal;
@@ -832,6 +836,7 @@ impl Engine {
                                 local.insert(r.to_owned(), *id);
                             }
                         }
+                        let in_call = journal.busy();
                         let result = apply(&self.client, std::slice::from_ref(a), &mut local)
                             .await
                             .map(|_| ())
@@ -854,10 +859,16 @@ impl Engine {
                             stop.store(true, Ordering::Relaxed);
                         }
                         let link = result.as_ref().ok().and_then(|()| created_link(a, &local));
-                        let audited = journal.write(audit, link).await;
+                        let audited = journal.write(audit, link, in_call).await;
+                        let made = match a {
+                            Action::CreateUser { scim_id, .. } => {
+                                local.get(scim_id).map(|id| (scim_id.clone(), *id))
+                            }
+                            _ => None,
+                        };
                         done.push(Done {
                             index: i,
-                            created: local,
+                            created: made,
                             result,
                         });
                         if let Err(e) = audited {
@@ -883,7 +894,7 @@ impl Engine {
             finished.sort_by_key(|d| d.index);
             for d in &finished {
                 if d.result.is_ok() {
-                    created.extend(d.created.iter().map(|(k, v)| (k.clone(), *v)));
+                    created.extend(d.created.clone());
                 }
             }
             actual.record_all(

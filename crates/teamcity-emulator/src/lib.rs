@@ -17,6 +17,7 @@ mod fields;
 pub mod locator;
 mod rest;
 mod state;
+mod timer;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -465,24 +466,8 @@ async fn authenticate(AxState(emu): AxState<Emulator>, req: Request, next: Next)
     errors::unauthorized(true)
 }
 
-/// Sleeps for `d`, accurate to well under a millisecond. Tokio's timer has millisecond
-/// resolution and rounds a deadline up (and its driver rounds its park timeout up again), so a
-/// 5 ms `tokio::time::sleep` lasts 5–7 ms: an emulator meant to answer after 5 ms would model a
-/// slower server than asked for. The timer covers all but the last 2 ms; a blocking thread's
-/// `std::thread::sleep` the rest.
-async fn sleep_precisely(d: Duration) {
-    let deadline = std::time::Instant::now() + d;
-    const COARSE_SLACK: Duration = Duration::from_millis(2);
-    if d > COARSE_SLACK {
-        tokio::time::sleep(d - COARSE_SLACK).await;
-    }
-    let left = deadline.saturating_duration_since(std::time::Instant::now());
-    if !left.is_zero() {
-        let _ = tokio::task::spawn_blocking(move || std::thread::sleep(left)).await;
-    }
-}
-
-/// Counts the call, applies a pending fault and the configured latency.
+/// Counts the call, applies a pending fault and the configured latency (measured from the
+/// request's arrival).
 async fn per_call(AxState(emu): AxState<Emulator>, req: Request, next: Next) -> Response {
     let template = req
         .extensions()
@@ -499,11 +484,11 @@ async fn per_call(AxState(emu): AxState<Emulator>, req: Request, next: Next) -> 
         .map(|u| u.path().to_owned())
         .unwrap_or_else(|| req.uri().path().to_owned());
     let fault = control::take_fault(&emu, &method, &path);
+    // The response leaves `latency` after the request arrived, however long the handler took:
+    // a server's latency includes its own work, and the emulator's work is not TeamCity's.
     let latency = emu.inner.opts.latency;
-    if !latency.is_zero() {
-        sleep_precisely(latency).await;
-    }
-    match fault {
+    let answer_at = (!latency.is_zero()).then(|| std::time::Instant::now() + latency);
+    let response = match fault {
         None => next.run(req).await,
         Some(FaultAction::Delay { ms }) => {
             tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -524,5 +509,9 @@ async fn per_call(AxState(emu): AxState<Emulator>, req: Request, next: Next) -> 
             resp.extensions_mut().insert(DropConnection);
             resp
         }
+    };
+    if let Some(at) = answer_at {
+        timer::sleep_until(at).await;
     }
+    response
 }

@@ -56,16 +56,6 @@ fn resource_type(entity_type: &str) -> &str {
     }
 }
 
-fn kind_from(s: &str) -> StoreResult<ResourceKind> {
-    match s {
-        "user" => Ok(ResourceKind::User),
-        "group" => Ok(ResourceKind::Group),
-        other => Err(StoreError::Other(
-            format!("corrupt mapping kind `{other}`").into(),
-        )),
-    }
-}
-
 fn opt_time(s: Option<String>) -> StoreResult<Option<OffsetDateTime>> {
     s.as_deref().map(parse_time).transpose()
 }
@@ -111,16 +101,6 @@ fn held_row(r: &SqliteRow) -> StoreResult<HeldBatch> {
         state: r.try_get("state")?,
         decided_at: opt_time(r.try_get("decided_at")?)?,
         decided_by: r.try_get("decided_by")?,
-    })
-}
-
-fn mapping_row(r: &SqliteRow) -> StoreResult<Mapping> {
-    Ok(Mapping {
-        kind: kind_from(r.try_get("kind")?)?,
-        scim_id: r.try_get("scim_id")?,
-        teamcity_id: r.try_get("teamcity_id")?,
-        teamcity_name: r.try_get("teamcity_name")?,
-        updated: parse_time(r.try_get("updated")?)?,
     })
 }
 
@@ -691,16 +671,29 @@ impl SqliteStore {
         kind: ResourceKind,
         scim_id: Option<&str>,
     ) -> StoreResult<Vec<Mapping>> {
-        let rows = sqlx::query(
-            "SELECT kind, scim_id, teamcity_id, teamcity_name, updated FROM mappings \
-             WHERE kind = ? AND (? IS NULL OR scim_id = ?) ORDER BY scim_id",
+        // One row holding them all (a JSON array): a reconcile after an initial load reads
+        // 11,000 links, and each row sqlx hands over is a round trip to the connection's thread.
+        let all: String = sqlx::query_scalar(
+            "SELECT json_group_array(json_array(scim_id, teamcity_id, teamcity_name, updated) \
+             ORDER BY scim_id) FROM mappings WHERE kind = ? AND (? IS NULL OR scim_id = ?)",
         )
         .bind(entity(kind))
         .bind(scim_id)
         .bind(scim_id)
-        .fetch_all(&self.read)
+        .fetch_one(&self.read)
         .await?;
-        rows.iter().map(mapping_row).collect()
+        let rows: Vec<(String, String, String, String)> = serde_json::from_str(&all)?;
+        rows.into_iter()
+            .map(|(scim_id, teamcity_id, teamcity_name, updated)| {
+                Ok(Mapping {
+                    kind,
+                    scim_id,
+                    teamcity_id,
+                    teamcity_name,
+                    updated: parse_time(&updated)?,
+                })
+            })
+            .collect()
     }
 
     pub(super) async fn sync_create_held(
@@ -951,16 +944,24 @@ impl SqliteStore {
     pub(super) async fn sync_directory(&self) -> StoreResult<DirectorySnapshot> {
         // One read transaction: in WAL mode the three queries see the same snapshot.
         let mut tx = self.read.begin().await?;
-        let users: Vec<(String, String)> =
-            sqlx::query_as("SELECT id, data FROM users ORDER BY seq")
-                .fetch_all(&mut *tx)
-                .await?;
-        let groups: Vec<(String, String)> =
-            sqlx::query_as("SELECT id, data FROM groups ORDER BY seq")
-                .fetch_all(&mut *tx)
-                .await?;
-        // One row per group, its members aggregated in SQL: each row sqlx hands over costs a
-        // round trip to the connection's thread, and an initial load has 50,000 memberships.
+        // Each table comes back as ONE row, a JSON array of `[id, data]` pairs built by
+        // concatenating the stored JSON text (no re-parse in SQLite): each row sqlx hands over
+        // costs a round trip to the connection's thread, and an initial load has 10,000 users.
+        let users: String = sqlx::query_scalar(
+            "SELECT '[' || coalesce(group_concat('[' || json_quote(id) || ',' || data || ']', \
+             ',' ORDER BY seq), '') || ']' FROM users",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        let groups: String = sqlx::query_scalar(
+            "SELECT '[' || coalesce(group_concat('[' || json_quote(id) || ',' || data || ']', \
+             ',' ORDER BY seq), '') || ']' FROM groups",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        let users: Vec<(String, Value)> = serde_json::from_str(&users)?;
+        let groups: Vec<(String, Value)> = serde_json::from_str(&groups)?;
+        // One row per group, its members aggregated in SQL.
         let members: Vec<(String, String)> = sqlx::query_as(
             "SELECT group_id, \
              json_group_array(json_array(member_id, member_type, display) ORDER BY member_id) \
@@ -986,23 +987,16 @@ impl SqliteStore {
         Ok(DirectorySnapshot {
             users: users
                 .into_iter()
-                .map(|(id, data)| {
-                    Ok(DirUser {
-                        id,
-                        attrs: serde_json::from_str(&data)?,
-                    })
-                })
-                .collect::<StoreResult<_>>()?,
+                .map(|(id, attrs)| DirUser { id, attrs })
+                .collect(),
             groups: groups
                 .into_iter()
-                .map(|(id, data)| {
-                    Ok(DirGroup {
-                        members: by_group.remove(&id).unwrap_or_default(),
-                        id,
-                        attrs: serde_json::from_str(&data)?,
-                    })
+                .map(|(id, attrs)| DirGroup {
+                    members: by_group.remove(&id).unwrap_or_default(),
+                    id,
+                    attrs,
                 })
-                .collect::<StoreResult<_>>()?,
+                .collect(),
         })
     }
 

@@ -235,3 +235,42 @@ async fn timeouts_and_refused_connections_are_transient() {
         .expect_err("refused");
     assert!(err.is_transient(), "{err}");
 }
+
+#[tokio::test]
+async fn latency_holds_every_answer_from_the_request_s_arrival() {
+    let latency = Duration::from_millis(40);
+    let (client, emu, _) = start_with(teamcity_emulator::EmulatorOptions {
+        latency,
+        ..options()
+    })
+    .await;
+    // A read, a write and an injected failure all answer no sooner than the latency.
+    let t = std::time::Instant::now();
+    client.server_info().await.expect("server");
+    assert!(t.elapsed() >= latency, "read took {:?}", t.elapsed());
+    let t = std::time::Instant::now();
+    client.create_user(&user("slow")).await.expect("create");
+    assert!(t.elapsed() >= latency, "write took {:?}", t.elapsed());
+    emu.inject_fault(Fault::any(
+        1,
+        FaultAction::Status {
+            status: 503,
+            retry_after_secs: None,
+        },
+    ));
+    let t = std::time::Instant::now();
+    client.server_info().await.expect_err("fault");
+    assert!(t.elapsed() >= latency, "fault took {:?}", t.elapsed());
+    // Concurrent calls wait side by side, not one after another.
+    let t = std::time::Instant::now();
+    let calls: Vec<_> = (0..8).map(|_| client.server_info()).collect();
+    for r in futures::future::join_all(calls).await {
+        r.expect("server");
+    }
+    assert!(t.elapsed() >= latency);
+    assert!(
+        t.elapsed() < latency * 8,
+        "8 concurrent calls took {:?}",
+        t.elapsed()
+    );
+}
