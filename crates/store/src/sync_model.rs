@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use scim::ResourceKind;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use time::OffsetDateTime;
 
@@ -256,24 +257,107 @@ pub struct HeldBatch {
     pub decided_by: Option<String>,
 }
 
-/// A user in the directory snapshot.
-#[derive(Debug, Clone, PartialEq)]
+/// A user in the directory snapshot: the attributes the sync engine reads (the rest of the
+/// stored document is skipped while parsing, so a snapshot of a large directory stays cheap).
+/// The sync engine takes it as it is (`sync::DirUser`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DirUser {
     /// SCIM id.
     pub id: String,
-    /// Canonical attributes.
-    pub attrs: Value,
+    /// `userName` (empty if missing; any case, TeamCity stores it lower-cased).
+    pub user_name: String,
+    /// `displayName`, if not empty.
+    pub display_name: Option<String>,
+    /// `name.givenName`, if not empty.
+    pub given_name: Option<String>,
+    /// `name.familyName`, if not empty.
+    pub family_name: Option<String>,
+    /// The `value` of the primary email, else of the first one, if not empty.
+    pub email: Option<String>,
+    /// `active` (true when missing).
+    pub active: bool,
+    /// `userType`, if not empty (what `[[policy.caps]]` match).
+    pub user_type: Option<String>,
 }
 
-/// A group in the directory snapshot.
-#[derive(Debug, Clone, PartialEq)]
+/// A group in the directory snapshot: the attributes the sync engine reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DirGroup {
     /// SCIM id.
     pub id: String,
-    /// Canonical attributes.
-    pub attrs: Value,
+    /// `displayName` (empty if missing).
+    pub display_name: String,
+    /// `externalId`, if not empty.
+    pub external_id: Option<String>,
     /// Direct members (users and nested groups), ordered by id.
     pub members: Vec<MemberRef>,
+}
+
+/// A non-empty string at `v`.
+fn text(v: Option<&Value>) -> Option<String> {
+    v.and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+}
+
+/// The fields of a stored user document the snapshot keeps. Each is read as a JSON value (and
+/// interpreted afterwards) so an odd type in one document never fails the whole snapshot.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub(crate) struct UserDoc {
+    user_name: Option<Value>,
+    display_name: Option<Value>,
+    name: Option<Value>,
+    emails: Option<Value>,
+    active: Option<Value>,
+    user_type: Option<Value>,
+}
+
+impl UserDoc {
+    pub(crate) fn into_user(self, id: String) -> DirUser {
+        let emails = self.emails.as_ref().and_then(Value::as_array);
+        let email = emails.and_then(|list| {
+            let chosen = list
+                .iter()
+                .find(|e| e.get("primary").and_then(Value::as_bool) == Some(true))
+                .or_else(|| list.first())?;
+            text(chosen.get("value"))
+        });
+        let name = self.name.as_ref();
+        DirUser {
+            id,
+            user_name: text(self.user_name.as_ref()).unwrap_or_default(),
+            display_name: text(self.display_name.as_ref()),
+            given_name: text(name.and_then(|n| n.get("givenName"))),
+            family_name: text(name.and_then(|n| n.get("familyName"))),
+            email,
+            active: self
+                .active
+                .as_ref()
+                .and_then(Value::as_bool)
+                .unwrap_or(true),
+            user_type: text(self.user_type.as_ref()),
+        }
+    }
+}
+
+/// The fields of a stored group document the snapshot keeps.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub(crate) struct GroupDoc {
+    display_name: Option<Value>,
+    external_id: Option<Value>,
+}
+
+impl GroupDoc {
+    pub(crate) fn into_group(self, id: String, members: Vec<MemberRef>) -> DirGroup {
+        DirGroup {
+            id,
+            display_name: text(self.display_name.as_ref()).unwrap_or_default(),
+            external_id: text(self.external_id.as_ref()),
+            members,
+        }
+    }
 }
 
 /// Everything the directory says, read in one consistent snapshot.
@@ -340,5 +424,60 @@ mod tests {
         assert_eq!((p.base, p.cap, p.max_attempts), (B, CAP, 1500));
         let d1 = backoff(1, p.base, p.cap, 9);
         assert!(d1 >= Duration::from_millis(500) && d1 < B);
+    }
+
+    #[test]
+    fn snapshot_documents_keep_what_the_engine_reads() {
+        let user = |doc: &str| {
+            serde_json::from_str::<UserDoc>(doc)
+                .expect(doc)
+                .into_user("u".into())
+        };
+        // Everything present; the primary email wins over an earlier one; the rest is skipped.
+        let u = user(
+            r#"{"schemas":["x"],"userName":"Ann","displayName":"Ann A","name":{"givenName":"Ann",
+            "familyName":"A","formatted":"x"},"emails":[{"value":"a@x"},{"value":"b@x",
+            "primary":true}],"active":false,"userType":"Agent","meta":{"version":"W/1"},
+            "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User":{"department":"d"}}"#,
+        );
+        assert_eq!(
+            u,
+            DirUser {
+                id: "u".into(),
+                user_name: "Ann".into(),
+                display_name: Some("Ann A".into()),
+                given_name: Some("Ann".into()),
+                family_name: Some("A".into()),
+                email: Some("b@x".into()),
+                active: false,
+                user_type: Some("Agent".into()),
+            }
+        );
+        // No primary: the first email. Missing `active`: active. Empty strings: absent.
+        let u =
+            user(r#"{"userName":"b","displayName":"","emails":[{"value":"1@x"},{"value":"2@x"}]}"#);
+        assert_eq!(
+            (u.email.as_deref(), u.active, u.display_name),
+            (Some("1@x"), true, None)
+        );
+        // Odd types never fail the snapshot: they read as absent.
+        let u = user(r#"{"userName":7,"active":"false","emails":{"value":"x"},"name":"n"}"#);
+        assert_eq!(
+            u,
+            DirUser {
+                id: "u".into(),
+                active: true,
+                ..DirUser::default()
+            }
+        );
+        let g = serde_json::from_str::<GroupDoc>(
+            r#"{"displayName":"Devs","externalId":"00g1","members":[{"value":"u"}]}"#,
+        )
+        .expect("group")
+        .into_group("g".into(), Vec::new());
+        assert_eq!(
+            (g.display_name.as_str(), g.external_id.as_deref()),
+            ("Devs", Some("00g1"))
+        );
     }
 }

@@ -715,6 +715,20 @@ async fn pins_and_sync_state() {
 }
 
 #[tokio::test]
+async fn directory_snapshot_of_an_empty_store_is_empty() {
+    let d = db().await;
+    let snap = d.store.directory().await.unwrap();
+    assert!(snap.users.is_empty() && snap.groups.is_empty());
+    assert!(
+        d.store
+            .mappings(ResourceKind::User)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
 async fn directory_snapshot_has_every_user_group_and_member() {
     let d = db().await;
     let a = d.user("a").await;
@@ -727,10 +741,11 @@ async fn directory_snapshot_has_every_user_group_and_member() {
         snap.users.iter().map(|u| u.id.as_str()).collect::<Vec<_>>(),
         [a.as_str(), b.as_str()]
     );
-    assert_eq!(snap.users[0].attrs["userName"], "a");
+    assert_eq!(snap.users[0].user_name, "a");
+    assert!(snap.users[0].active);
     let ids: Vec<&str> = snap.groups.iter().map(|g| g.id.as_str()).collect();
     assert_eq!(ids, [inner.as_str(), outer.as_str(), empty.as_str()]);
-    assert_eq!(snap.groups[1].attrs["displayName"], "Outer");
+    assert_eq!(snap.groups[1].display_name, "Outer");
     let outer_members: Vec<(&str, MemberType)> = snap.groups[1]
         .members
         .iter()

@@ -206,7 +206,7 @@ pub fn desired(
             DesiredUser {
                 scim_id: u.id.clone(),
                 username: u.user_name.to_lowercase(),
-                name: u.tc_name(),
+                name: crate::model::tc_name(u),
                 email: u.email.clone().filter(|e| !e.is_empty()),
                 active: u.active,
                 roles: BTreeSet::new(),

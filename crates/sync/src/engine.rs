@@ -26,7 +26,7 @@ use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
 
 use crate::apply::{apply, kind};
-use crate::model::{Action, ActualState, DEFAULTS_MARKER, DirGroup, DirUser, Directory, UserRef};
+use crate::model::{Action, ActualState, DEFAULTS_MARKER, DirGroup, Directory, UserRef};
 use crate::plan::{Deprovision, Plan, PlanOptions, plan};
 use crate::policy::Policy;
 use crate::{Desired, DesiredOptions, GuardLimits, ReadOptions, desired, read_actual_with};
@@ -138,50 +138,17 @@ fn entry(
     }
 }
 
-fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
-    let mut cur = v;
-    for p in path {
-        cur = cur.get(*p)?;
-    }
-    cur.as_str().filter(|s| !s.is_empty())
-}
-
-/// The sync engine's view of a stored SCIM user.
-fn dir_user(u: &store::DirUser) -> DirUser {
-    let a = &u.attrs;
-    let emails = a.get("emails").and_then(Value::as_array);
-    let email = emails
-        .and_then(|list| {
-            list.iter()
-                .find(|e| e.get("primary").and_then(Value::as_bool) == Some(true))
-                .or_else(|| list.first())
-        })
-        .and_then(|e| str_at(e, &["value"]))
-        .map(str::to_owned);
-    DirUser {
-        id: u.id.clone(),
-        user_name: str_at(a, &["userName"]).unwrap_or_default().to_owned(),
-        display_name: str_at(a, &["displayName"]).map(str::to_owned),
-        given_name: str_at(a, &["name", "givenName"]).map(str::to_owned),
-        family_name: str_at(a, &["name", "familyName"]).map(str::to_owned),
-        email,
-        active: a.get("active").and_then(Value::as_bool).unwrap_or(true),
-        user_type: str_at(a, &["userType"]).map(str::to_owned),
-    }
-}
-
-fn dir_group(g: &store::DirGroup) -> DirGroup {
+/// The sync engine's view of a stored SCIM group: its user members only.
+fn dir_group(g: store::DirGroup) -> DirGroup {
     DirGroup {
-        id: g.id.clone(),
-        display_name: str_at(&g.attrs, &["displayName"])
-            .unwrap_or_default()
-            .to_owned(),
-        external_id: str_at(&g.attrs, &["externalId"]).map(str::to_owned),
+        id: g.id,
+        display_name: g.display_name,
+        external_id: g.external_id,
         members: g
             .members
-            .iter()
+            .into_iter()
             .filter(|m| m.ty == store::MemberType::User)
-            .map(|m| m.value.clone())
+            .map(|m| m.value)
             .collect(),
     }
 }
@@ -421,8 +388,8 @@ impl Engine {
     pub async fn directory(&self) -> Result<Directory, EngineError> {
         let snap = self.store.directory().await?;
         Ok(Directory {
-            users: snap.users.iter().map(dir_user).collect(),
-            groups: snap.groups.iter().map(dir_group).collect(),
+            users: snap.users,
+            groups: snap.groups.into_iter().map(dir_group).collect(),
         })
     }
 

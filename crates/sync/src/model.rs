@@ -186,43 +186,23 @@ impl fmt::Display for RoleAt {
 
 // ---- input: the directory -------------------------------------------------
 
-/// One SCIM user, as the store knows it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DirUser {
-    /// SCIM id (stable; stored in [`USER_MARKER`]).
-    pub id: String,
-    /// SCIM `userName` (any case; TeamCity stores it lower-cased).
-    pub user_name: String,
-    /// SCIM `displayName`, preferred for the TeamCity name.
-    pub display_name: Option<String>,
-    /// `name.givenName`.
-    pub given_name: Option<String>,
-    /// `name.familyName`.
-    pub family_name: Option<String>,
-    /// The primary email, or the first one.
-    pub email: Option<String>,
-    /// SCIM `active`.
-    pub active: bool,
-    /// SCIM `userType` (what `[[policy.caps]]` match).
-    pub user_type: Option<String>,
-}
+/// One SCIM user, as the store's directory snapshot gives it.
+pub use store::DirUser;
 
-impl DirUser {
-    /// The TeamCity display name: `displayName`, else `givenName familyName`.
-    pub fn tc_name(&self) -> Option<String> {
-        if let Some(d) = self.display_name.as_deref().map(str::trim)
-            && !d.is_empty()
-        {
-            return Some(d.to_owned());
-        }
-        let parts: Vec<&str> = [self.given_name.as_deref(), self.family_name.as_deref()]
-            .into_iter()
-            .flatten()
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .collect();
-        (!parts.is_empty()).then(|| parts.join(" "))
+/// The TeamCity display name of a user: `displayName`, else `givenName familyName`.
+pub fn tc_name(u: &DirUser) -> Option<String> {
+    if let Some(d) = u.display_name.as_deref().map(str::trim)
+        && !d.is_empty()
+    {
+        return Some(d.to_owned());
     }
+    let parts: Vec<&str> = [u.given_name.as_deref(), u.family_name.as_deref()]
+        .into_iter()
+        .flatten()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    (!parts.is_empty()).then(|| parts.join(" "))
 }
 
 /// One SCIM group with its member user ids.
@@ -680,9 +660,9 @@ mod tests {
             family_name: Some("Lovelace".into()),
             ..DirUser::default()
         };
-        assert_eq!(u.tc_name().as_deref(), Some("Ada Lovelace"));
+        assert_eq!(tc_name(&u).as_deref(), Some("Ada Lovelace"));
         u.display_name = Some("Countess".into());
-        assert_eq!(u.tc_name().as_deref(), Some("Countess"));
-        assert_eq!(DirUser::default().tc_name(), None);
+        assert_eq!(tc_name(&u).as_deref(), Some("Countess"));
+        assert_eq!(tc_name(&DirUser::default()), None);
     }
 }

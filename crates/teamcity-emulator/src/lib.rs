@@ -307,6 +307,8 @@ impl Emulator {
                             continue;
                         }
                     };
+                    // As Tomcat does: small answers go out at once, not after a delayed ACK.
+                    let _ = stream.set_nodelay(true);
                     let router = router.clone();
                     let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                         let router = router.clone();

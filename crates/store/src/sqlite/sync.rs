@@ -19,9 +19,11 @@ use super::{
     insert_events, parse_time, record,
 };
 use crate::{
-    AuditEntry, ClaimedEntity, DirGroup, DirUser, DirectorySnapshot, FailedItem, HeldBatch,
-    Mapping, MappingLink, MemberRef, MemberType, OutboxEntry, OutboxItem, RetryPolicy, StoreError,
-    StoreResult, WriteCtx, backoff, timefmt,
+    AuditEntry, ClaimedEntity, DirectorySnapshot, FailedItem, HeldBatch, Mapping, MappingLink,
+    MemberRef, MemberType, OutboxEntry, OutboxItem, RetryPolicy, StoreError, StoreResult, WriteCtx,
+    backoff,
+    sync_model::{GroupDoc, UserDoc},
+    timefmt,
 };
 
 const OUTBOX_STATES: &[&str] = &["pending", "done", "dead", "held", "dropped"];
@@ -959,8 +961,8 @@ impl SqliteStore {
         )
         .fetch_one(&mut *tx)
         .await?;
-        let users: Vec<(String, Value)> = serde_json::from_str(&users)?;
-        let groups: Vec<(String, Value)> = serde_json::from_str(&groups)?;
+        let users: Vec<(String, UserDoc)> = serde_json::from_str(&users)?;
+        let groups: Vec<(String, GroupDoc)> = serde_json::from_str(&groups)?;
         // One row per group, its members aggregated in SQL.
         let members: Vec<(String, String)> = sqlx::query_as(
             "SELECT group_id, \
@@ -987,14 +989,13 @@ impl SqliteStore {
         Ok(DirectorySnapshot {
             users: users
                 .into_iter()
-                .map(|(id, attrs)| DirUser { id, attrs })
+                .map(|(id, doc)| doc.into_user(id))
                 .collect(),
             groups: groups
                 .into_iter()
-                .map(|(id, attrs)| DirGroup {
-                    members: by_group.remove(&id).unwrap_or_default(),
-                    id,
-                    attrs,
+                .map(|(id, doc)| {
+                    let members = by_group.remove(&id).unwrap_or_default();
+                    doc.into_group(id, members)
                 })
                 .collect(),
         })
