@@ -955,14 +955,20 @@ impl SqliteStore {
         )
         .fetch_one(&mut *tx)
         .await?;
+        // The users are parsed on another thread while SQLite reads the groups.
+        let users = tokio::task::spawn_blocking(move || {
+            serde_json::from_str::<Vec<(String, UserDoc)>>(&users).map(|list| {
+                list.into_iter()
+                    .map(|(id, doc)| doc.into_user(id))
+                    .collect::<Vec<_>>()
+            })
+        });
         let groups: String = sqlx::query_scalar(
             "SELECT '[' || coalesce(group_concat('[' || json_quote(id) || ',' || data || ']', \
              ',' ORDER BY seq), '') || ']' FROM groups",
         )
         .fetch_one(&mut *tx)
         .await?;
-        let users: Vec<(String, UserDoc)> = serde_json::from_str(&users)?;
-        let groups: Vec<(String, GroupDoc)> = serde_json::from_str(&groups)?;
         // One row per group, its members aggregated in SQL.
         let members: Vec<(String, String)> = sqlx::query_as(
             "SELECT group_id, \
@@ -972,6 +978,7 @@ impl SqliteStore {
         .fetch_all(&mut *tx)
         .await?;
         tx.rollback().await?;
+        let groups: Vec<(String, GroupDoc)> = serde_json::from_str(&groups)?;
         let mut by_group: HashMap<String, Vec<MemberRef>> = HashMap::with_capacity(members.len());
         for (group_id, list) in members {
             let list: Vec<(String, String, Option<String>)> = serde_json::from_str(&list)?;
@@ -986,11 +993,11 @@ impl SqliteStore {
                     .collect(),
             );
         }
+        let users = users
+            .await
+            .map_err(|e| StoreError::Other(format!("directory parse: {e}").into()))??;
         Ok(DirectorySnapshot {
-            users: users
-                .into_iter()
-                .map(|(id, doc)| doc.into_user(id))
-                .collect(),
+            users,
             groups: groups
                 .into_iter()
                 .map(|(id, doc)| {
