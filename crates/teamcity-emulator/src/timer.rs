@@ -110,7 +110,9 @@ fn run(timer: &'static Timer) {
     }
 }
 
-/// A future that completes at `deadline`, within the kernel's timer slack (tens of µs).
+/// A future that completes at `deadline`, never before: on an idle machine within the kernel's
+/// timer slack (tens of µs) of it, on a busy one when the timer thread and then a runtime worker
+/// get a core.
 pub(crate) struct Sleep {
     deadline: Instant,
     entry: Option<Arc<Entry>>,
