@@ -26,6 +26,18 @@ use crate::{
     timefmt,
 };
 
+/// The query that returns every row of a resource table as ONE row: a JSON array of
+/// `[id, data]` pairs in creation order, built by concatenating the stored JSON text.
+macro_rules! all_as_one_row {
+    ($table:literal) => {
+        concat!(
+            "SELECT '[' || coalesce(group_concat('[' || json_quote(id) || ',' || data || ']', ",
+            "',' ORDER BY seq), '') || ']' FROM ",
+            $table
+        )
+    };
+}
+
 const OUTBOX_STATES: &[&str] = &["pending", "done", "dead", "held", "dropped"];
 const HELD_STATES: &[&str] = &["held", "approved", "applied", "dropped"];
 
@@ -949,12 +961,9 @@ impl SqliteStore {
         // Each table comes back as ONE row, a JSON array of `[id, data]` pairs built by
         // concatenating the stored JSON text (no re-parse in SQLite): each row sqlx hands over
         // costs a round trip to the connection's thread, and an initial load has 10,000 users.
-        let users: String = sqlx::query_scalar(
-            "SELECT '[' || coalesce(group_concat('[' || json_quote(id) || ',' || data || ']', \
-             ',' ORDER BY seq), '') || ']' FROM users",
-        )
-        .fetch_one(&mut *tx)
-        .await?;
+        let users: String = sqlx::query_scalar(all_as_one_row!("users"))
+            .fetch_one(&mut *tx)
+            .await?;
         // The users are parsed on another thread while SQLite reads the groups.
         let users = tokio::task::spawn_blocking(move || {
             serde_json::from_str::<Vec<(String, UserDoc)>>(&users).map(|list| {
@@ -963,12 +972,9 @@ impl SqliteStore {
                     .collect::<Vec<_>>()
             })
         });
-        let groups: String = sqlx::query_scalar(
-            "SELECT '[' || coalesce(group_concat('[' || json_quote(id) || ',' || data || ']', \
-             ',' ORDER BY seq), '') || ']' FROM groups",
-        )
-        .fetch_one(&mut *tx)
-        .await?;
+        let groups: String = sqlx::query_scalar(all_as_one_row!("groups"))
+            .fetch_one(&mut *tx)
+            .await?;
         // One row per group, its members aggregated in SQL.
         let members: Vec<(String, String)> = sqlx::query_as(
             "SELECT group_id, \
