@@ -9,5 +9,6 @@ mod plan;
 mod policy;
 mod reconcile;
 mod rename;
+mod safety;
 mod shadow;
 mod support;

@@ -390,3 +390,73 @@ pub(crate) fn roles(texts: &[&str]) -> std::collections::BTreeSet<(String, Strin
         })
         .collect()
 }
+
+/// Gives the TeamCity user `name@example.com` `n` access tokens (named `t0`, `t1`, …).
+pub(crate) fn give_tokens(w: &World, name: &str, n: usize) {
+    let id = w.tc_user(name).expect("user").id;
+    w.emu.with_state(|s| {
+        let u = s.users.get_mut(&id).expect("user");
+        for i in 0..n {
+            u.tokens.push(teamcity_emulator::TokenRec {
+                name: format!("t{i}"),
+                creation_time: "20260101T000000+0000".into(),
+                expiration_time: None,
+            });
+        }
+    });
+}
+
+/// A new, empty store (a fresh SQLite file); keep the directory alive as long as the store.
+pub(crate) async fn fresh_store() -> (DynStore, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}/fresh.db", dir.path().display());
+    let store = store::open(&url, Arc::new(store::SystemClock))
+        .await
+        .expect("open store");
+    (store, dir)
+}
+
+impl World {
+    /// An engine over another store and this world's TeamCity.
+    pub(crate) fn engine_over(&self, store: DynStore, policy: &str, cfg: EngineConfig) -> Engine {
+        Engine::new(
+            store,
+            client(&self.tc_url),
+            Policy::from_toml(policy).expect("policy"),
+            cfg,
+        )
+    }
+}
+
+/// Every `method` request whose path contains `substring` answers `status` (no `Retry-After`),
+/// until [`Emulator::clear_faults`].
+///
+/// TODO(path_contains): inject ONE `Fault { method, path_contains: Some(substring), .. }` once
+/// the emulator has `path_contains`. Until then faults match a path prefix only, so:
+/// - a `substring` starting with `/app/rest` is used as the prefix;
+/// - any other `substring` is taken as the tail of a user path, and one fault is injected per
+///   user the emulator has NOW, with prefix `/app/rest/users/id:<id><substring>` — this relies
+///   on today's `id:<n>` user locator and does not cover users created later.
+pub(crate) fn fail_matching(w: &World, method: &str, substring: &str, status: u16) {
+    let prefixes: Vec<String> = if substring.starts_with("/app/rest") {
+        vec![substring.to_owned()]
+    } else {
+        w.emu
+            .snapshot()
+            .users
+            .keys()
+            .map(|id| format!("/app/rest/users/id:{id}{substring}"))
+            .collect()
+    };
+    for prefix in prefixes {
+        w.emu.inject_fault(Fault {
+            method: Some(method.to_owned()),
+            path_prefix: Some(prefix),
+            times: u32::MAX,
+            action: FaultAction::Status {
+                status,
+                retry_after_secs: None,
+            },
+        });
+    }
+}
