@@ -422,6 +422,22 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         policy: &RetryPolicy,
     ) -> StoreResult<Vec<FailedItem>>;
 
+    /// Releases claimed `pending` rows without counting an attempt: they are due again at
+    /// `until`, with `reason` as their last error (one `outbox.deferred` audit event). For
+    /// failures that are not the rows' fault — the bridge cannot reach or read TeamCity, or is
+    /// misconfigured — so such a failure never dead-letters anything. Returns the rows moved.
+    async fn defer_outbox(
+        &self,
+        ctx: &WriteCtx,
+        ids: &[i64],
+        reason: &str,
+        until: OffsetDateTime,
+    ) -> StoreResult<usize>;
+
+    /// `(entity_type, entity_id)` of every entity a SCIM DELETE removed (its outbox row says
+    /// `delete`): the directory explicitly asked for their removal.
+    async fn deleted_entities(&self) -> StoreResult<Vec<(String, String)>>;
+
     /// Parks pending rows in held batch `batch_id` (state `held`, lease released).
     async fn hold_outbox(&self, ctx: &WriteCtx, ids: &[i64], batch_id: i64) -> StoreResult<()>;
 
@@ -521,6 +537,11 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// Sets a sync state value (not audited).
     async fn sync_state_set(&self, key: &str, value: &str) -> StoreResult<()>;
+
+    /// Adds one to the integer at `key` (0 when absent) in one transaction and returns the
+    /// new value: a counter every writer to TeamCity moves, so another process's writes are
+    /// noticed.
+    async fn sync_state_increment(&self, key: &str) -> StoreResult<i64>;
 
     /// Every user and group with direct members, in one consistent read (three queries).
     async fn directory(&self) -> StoreResult<DirectorySnapshot>;

@@ -1289,6 +1289,20 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn defer_outbox(
+        &self,
+        ctx: &WriteCtx,
+        ids: &[i64],
+        reason: &str,
+        until: OffsetDateTime,
+    ) -> StoreResult<usize> {
+        self.sync_defer_outbox(ctx, ids, reason, until).await
+    }
+
+    async fn deleted_entities(&self) -> StoreResult<Vec<(String, String)>> {
+        self.sync_deleted_entities().await
+    }
+
     async fn hold_outbox(&self, ctx: &WriteCtx, ids: &[i64], batch_id: i64) -> StoreResult<()> {
         self.sync_hold_outbox(ctx, ids, batch_id).await
     }
@@ -1407,6 +1421,10 @@ impl Store for SqliteStore {
 
     async fn sync_state_set(&self, key: &str, value: &str) -> StoreResult<()> {
         self.sync_state_write(key, value).await
+    }
+
+    async fn sync_state_increment(&self, key: &str) -> StoreResult<i64> {
+        self.sync_state_increment(key).await
     }
 
     async fn directory(&self) -> StoreResult<crate::DirectorySnapshot> {

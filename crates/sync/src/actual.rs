@@ -11,8 +11,8 @@ use std::collections::BTreeSet;
 use teamcity::{Client, Locator, TeamCityError, User};
 
 use crate::model::{
-    ALL_USERS_GROUP, ActualGroup, ActualState, ActualUser, GROUP_MARKER, RoleAt, USER_DEACTIVATED,
-    USER_MARKER,
+    ALL_USERS_GROUP, ActualGroup, ActualState, ActualUser, GROUP_MARKER, ReadFailure, RoleAt,
+    USER_DEACTIVATED, USER_MARKER,
 };
 
 /// `fields=` for the user pages.
@@ -115,38 +115,63 @@ pub async fn read_actual_with(
         }
         start += got;
     }
-    let groups = client.list_groups(Some(GROUP_FIELDS)).await?;
+    let listed = client.list_groups(Some(GROUP_FIELDS)).await?;
     stats.calls += 1;
-    let groups: Vec<ActualGroup> = groups
-        .group
-        .into_iter()
-        .filter_map(|g| {
-            let key = g.key?;
-            (key != ALL_USERS_GROUP).then(|| ActualGroup {
-                name: g.name.unwrap_or_default(),
-                marker: g
-                    .properties
-                    .as_ref()
-                    .and_then(|p| p.get(GROUP_MARKER))
-                    .map(str::to_owned),
-                roles: g
-                    .roles
-                    .map(|r| r.role)
-                    .unwrap_or_default()
-                    .iter()
-                    .filter_map(RoleAt::from_assignment)
-                    .collect::<BTreeSet<_>>(),
-                key,
-            })
-        })
-        .collect();
+    let mut groups = Vec::with_capacity(listed.group.len());
+    let mut all_users_roles = BTreeSet::new();
+    for g in listed.group {
+        let Some(key) = g.key else { continue };
+        let roles: BTreeSet<RoleAt> = g
+            .roles
+            .map(|r| r.role)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(RoleAt::from_assignment)
+            .collect();
+        if key == ALL_USERS_GROUP {
+            all_users_roles = roles;
+            continue;
+        }
+        groups.push(ActualGroup {
+            name: g.name.unwrap_or_default(),
+            marker: g
+                .properties
+                .as_ref()
+                .and_then(|p| p.get(GROUP_MARKER))
+                .map(str::to_owned),
+            roles,
+            key,
+        });
+    }
+    let mut read_failures = Vec::new();
     if opts.deactivated_tokens {
         for u in users.iter_mut().filter(|u| u.is_managed() && u.deactivated) {
-            let tokens = client.list_tokens(&Locator::by_id(u.id)).await?;
             stats.calls += 1;
             stats.token_reads += 1;
-            u.token_count = Some(tokens.len() as u64);
+            match client
+                .list_tokens(&Locator::user_pinned(u.id, &u.username))
+                .await
+            {
+                Ok(tokens) => u.token_count = Some(tokens.len() as u64),
+                // One user's tokens that cannot be read (a 403 on that user, say) fail that
+                // user's token work alone; TeamCity down or the bridge misconfigured fails
+                // the read.
+                Err(e) if e.is_transient() || e.is_misconfiguration() => return Err(e),
+                Err(e) => read_failures.push(ReadFailure {
+                    user: u.id,
+                    what: "tokens",
+                    error: e.to_string(),
+                }),
+            }
         }
     }
-    Ok((ActualState { users, groups }, stats))
+    Ok((
+        ActualState {
+            users,
+            groups,
+            all_users_roles,
+            read_failures,
+        },
+        stats,
+    ))
 }

@@ -1,21 +1,25 @@
-//! Executes a plan against TeamCity, in order, idempotently:
-//! - a 404 on a delete or a leave means it is already done;
+//! Executes plan steps against TeamCity, idempotently:
+//! - every user is addressed by a pinned locator, `id:N,username:U` with the username the
+//!   bridge expects: when TeamCity's user N is no longer that user (a restored backup, a user
+//!   deleted and re-created by hand), TeamCity answers 404 and nothing reaches another person;
+//! - a 404 on a delete or a leave means it is already done (reported as
+//!   [`Applied::missing`], so the caller re-reads that object before it trusts its cache);
 //! - adding an existing member or role is a TeamCity no-op;
-//! - creating a user or group that already exists *with our marker for the
-//!   same SCIM id* adopts it (a previous apply got that far).
+//! - creating a user or group that already exists *with our marker for the same SCIM id*
+//!   adopts it (a previous apply got that far);
+//! - ending sessions on a server without `POST /users/{u}/logout` (404 while the user is
+//!   there) is noted in [`Applied::sessions_unsupported`], never a failure.
 //!
-//! It stops at the first failure and says which action failed; the caller
-//! retries (transient errors) or reports. Users created on the way are
-//! recorded in `created` (SCIM id → TeamCity id) so a retry resolves
-//! [`UserRef::New`] without creating twice.
+//! [`apply_step`] runs one step; [`apply`] runs a list in order and stops at the first
+//! failure (the engine schedules steps itself, see `engine`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use teamcity::{Client, Locator, NewGroup, NewUser, TeamCityError, UserField, UserUpdate};
 
 use crate::model::{
-    Action, DEFAULTS_MARKER, Field, GROUP_DESCRIPTION, GROUP_MARKER, USER_DEACTIVATED, USER_MARKER,
-    UserRef,
+    Action, ActualState, DEFAULTS_MARKER, Field, GROUP_DESCRIPTION, GROUP_MARKER,
+    USER_DEACTIVATED, USER_MARKER, UserRef,
 };
 
 /// What an apply did.
@@ -45,6 +49,35 @@ pub struct ApplyError {
     pub error: TeamCityError,
 }
 
+/// What one step did, beyond succeeding.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// A `CreateUser`'s new TeamCity user: (SCIM id, TeamCity id).
+    pub created: Option<(String, u64)>,
+    /// Names of the tokens a `RevokeTokens` deleted (never their values).
+    pub tokens: Vec<String>,
+    /// `EndSessions` met a TeamCity without the logout endpoint.
+    pub sessions_unsupported: bool,
+    /// A user or group that already existed with our marker was taken as created.
+    pub adopted: Option<String>,
+    /// TeamCity answered 404 and the step counted as done (a delete or a leave): the cached
+    /// state was wrong about this object.
+    pub missing: bool,
+}
+
+/// The usernames the bridge expects its users to have: TeamCity id → username. Every write
+/// to a user is pinned to both.
+pub type Usernames<'a> = HashMap<u64, &'a str>;
+
+/// The usernames of `actual`'s users.
+pub fn usernames(actual: &ActualState) -> Usernames<'_> {
+    actual
+        .users
+        .iter()
+        .map(|u| (u.id, u.username.as_str()))
+        .collect()
+}
+
 /// A short name for metrics and logs.
 pub fn kind(action: &Action) -> &'static str {
     match action {
@@ -57,6 +90,9 @@ pub fn kind(action: &Action) -> &'static str {
         Action::RemoveUserRole { .. } => "remove_user_role",
         Action::RevokeTokens { .. } => "revoke_tokens",
         Action::ResetPassword { .. } => "reset_password",
+        Action::EndSessions { .. } => "end_sessions",
+        Action::ClearRememberMe { .. } => "clear_remember_me",
+        Action::AdoptUser { .. } => "adopt_user",
         Action::SetDeactivated { .. } => "set_deactivated",
         Action::ClearDeactivated { .. } => "clear_deactivated",
         Action::CreateGroup { .. } => "create_group",
@@ -77,31 +113,78 @@ fn resolve(user: &UserRef, created: &BTreeMap<String, u64>) -> Result<u64, TeamC
     }
 }
 
-fn done_if_missing(r: Result<(), TeamCityError>) -> Result<(), TeamCityError> {
+/// The pinned locator of user `id`.
+fn pinned(id: u64, names: &Usernames<'_>) -> Result<Locator, TeamCityError> {
+    names
+        .get(&id)
+        .map(|name| Locator::user_pinned(id, name))
+        .ok_or_else(|| {
+            TeamCityError::InvalidInput(format!(
+                "TeamCity user id:{id} is not in the bridge's view of TeamCity; it is re-read first"
+            ))
+        })
+}
+
+/// A 404 on a removal: already done, but the cache was wrong about the object.
+fn done_if_missing(r: Result<(), TeamCityError>, out: &mut Applied) -> Result<(), TeamCityError> {
     match r {
-        Err(e) if e.is_not_found() => Ok(()),
+        Err(e) if e.is_not_found() => {
+            out.missing = true;
+            Ok(())
+        }
         other => other,
     }
 }
 
-/// Applies `actions` in order; see the module docs.
+/// Applies `actions` in order against a TeamCity that `actual` describes, stopping at the
+/// first failure. `created` collects the users created on the way (SCIM id → TeamCity id),
+/// so a retry resolves [`UserRef::New`] without creating twice.
 pub async fn apply(
     client: &Client,
     actions: &[Action],
+    actual: &ActualState,
     created: &mut BTreeMap<String, u64>,
 ) -> Result<ApplyReport, ApplyError> {
     let mut report = ApplyReport::default();
+    // Usernames as the steps change them (creates, renames).
+    let mut names: HashMap<u64, String> = actual
+        .users
+        .iter()
+        .map(|u| (u.id, u.username.clone()))
+        .collect();
+    for (scim_id, id) in created.iter() {
+        if let Some(Action::CreateUser { username, .. }) = actions
+            .iter()
+            .find(|a| matches!(a, Action::CreateUser { scim_id: s, .. } if s == scim_id))
+        {
+            names.insert(*id, username.clone());
+        }
+    }
     for (index, action) in actions.iter().enumerate() {
         let kind = kind(action);
-        match apply_one(client, action, created, &mut report).await {
-            Ok(()) => {
+        let view: Usernames<'_> = names.iter().map(|(i, n)| (*i, n.as_str())).collect();
+        let result = apply_step(client, action, created, &view).await;
+        drop(view);
+        match result {
+            Ok(done) => {
                 report.applied += 1;
-                metrics::counter!("teamcity_scim_sync_actions_total", "kind" => kind).increment(1);
+                report.tokens_revoked += done.tokens.len();
+                report.adopted.extend(done.adopted);
+                if let Some((scim_id, id)) = done.created {
+                    created.insert(scim_id, id);
+                    if let Action::CreateUser { username, .. } = action {
+                        names.insert(id, username.clone());
+                    }
+                }
+                if let Action::UpdateUser { user, changes } = action {
+                    for c in changes {
+                        if let (Field::Username, Some(v)) = (c.field, &c.to) {
+                            names.insert(*user, v.clone());
+                        }
+                    }
+                }
             }
             Err(error) => {
-                metrics::counter!("teamcity_scim_sync_action_errors_total", "kind" => kind)
-                    .increment(1);
-                tracing::warn!(index, kind, error = %error, "sync action failed");
                 return Err(ApplyError {
                     index,
                     kind,
@@ -114,11 +197,35 @@ pub async fn apply(
     Ok(report)
 }
 
-async fn apply_one(
+/// Applies one step. `created` resolves [`UserRef::New`]; `names` pins every user write.
+pub async fn apply_step(
     client: &Client,
     action: &Action,
-    created: &mut BTreeMap<String, u64>,
-    report: &mut ApplyReport,
+    created: &BTreeMap<String, u64>,
+    names: &Usernames<'_>,
+) -> Result<Applied, TeamCityError> {
+    let mut out = Applied::default();
+    let kind = kind(action);
+    let result = step(client, action, created, names, &mut out).await;
+    match &result {
+        Ok(()) => {
+            metrics::counter!("teamcity_scim_sync_actions_total", "kind" => kind).increment(1);
+        }
+        Err(error) => {
+            metrics::counter!("teamcity_scim_sync_action_errors_total", "kind" => kind)
+                .increment(1);
+            tracing::warn!(kind, error = %error, "sync action failed");
+        }
+    }
+    result.map(|()| out)
+}
+
+async fn step(
+    client: &Client,
+    action: &Action,
+    created: &BTreeMap<String, u64>,
+    names: &Usernames<'_>,
+    out: &mut Applied,
 ) -> Result<(), TeamCityError> {
     match action {
         Action::CreateUser {
@@ -127,7 +234,8 @@ async fn apply_one(
             name,
             email,
         } => {
-            if created.contains_key(scim_id) {
+            if let Some(id) = created.get(scim_id) {
+                out.created = Some((scim_id.clone(), *id));
                 return Ok(());
             }
             let new = NewUser {
@@ -140,7 +248,7 @@ async fn apply_one(
                 Ok(u) => {
                     let id =
                         u.id.ok_or_else(|| TeamCityError::Decode("created user has no id".into()))?;
-                    created.insert(scim_id.clone(), id);
+                    out.created = Some((scim_id.clone(), id));
                     Ok(())
                 }
                 Err(e) if e.is_conflict() => {
@@ -156,8 +264,8 @@ async fn apply_one(
                         ours.then_some(h.id).flatten()
                     }) {
                         Some(id) => {
-                            created.insert(scim_id.clone(), id);
-                            report.adopted.push(format!("user {scim_id} -> id:{id}"));
+                            out.created = Some((scim_id.clone(), id));
+                            out.adopted = Some(format!("user {scim_id} -> id:{id}"));
                             Ok(())
                         }
                         None => Err(e),
@@ -166,8 +274,13 @@ async fn apply_one(
                 Err(e) => Err(e),
             }
         }
+        Action::AdoptUser { user, scim_id } => {
+            client
+                .set_user_property(&pinned(*user, names)?, USER_MARKER, scim_id)
+                .await
+        }
         Action::UpdateUser { user, changes } => {
-            let loc = Locator::by_id(*user);
+            let loc = pinned(*user, names)?;
             let mut update = UserUpdate::default();
             let mut clears = Vec::new();
             for c in changes {
@@ -184,51 +297,88 @@ async fn apply_one(
                     }
                 }
             }
-            if update.username.is_some() || update.name.is_some() || update.email.is_some() {
-                client.update_user(&loc, &update).await?;
-            }
+            // Clears first: they address the user by its current username, which the update
+            // may change.
             for f in clears {
                 client.set_user_field(&loc, f, None).await?;
+            }
+            if update.username.is_some() || update.name.is_some() || update.email.is_some() {
+                client.update_user(&loc, &update).await?;
             }
             Ok(())
         }
         Action::DeleteUser { user } => {
-            done_if_missing(client.delete_user(&Locator::by_id(*user)).await)
+            done_if_missing(client.delete_user(&pinned(*user, names)?).await, out)
         }
         Action::AddToGroup { user, group } => {
             let id = resolve(user, created)?;
-            client.add_user_to_group(&Locator::by_id(id), group).await
+            let loc = match user {
+                UserRef::Id(_) => pinned(id, names)?,
+                UserRef::New(_) => Locator::by_id(id),
+            };
+            client.add_user_to_group(&loc, group).await
         }
         Action::RemoveFromGroup { user, group } => done_if_missing(
             client
-                .remove_user_from_group(&Locator::by_id(*user), group)
+                .remove_user_from_group(&pinned(*user, names)?, group)
                 .await,
+            out,
         ),
         Action::AddUserRole { user, role } => {
             let id = resolve(user, created)?;
+            let loc = match user {
+                UserRef::Id(_) => pinned(id, names)?,
+                UserRef::New(_) => Locator::by_id(id),
+            };
             client
-                .add_user_role(&Locator::by_id(id), &role.role, &role.tc_scope())
+                .add_user_role(&loc, &role.role, &role.tc_scope())
                 .await
         }
         Action::RemoveUserRole { user, role } => done_if_missing(
             client
-                .remove_user_role(&Locator::by_id(*user), &role.role, &role.tc_scope())
+                .remove_user_role(&pinned(*user, names)?, &role.role, &role.tc_scope())
                 .await,
+            out,
         ),
         Action::RevokeTokens { user } => {
-            let n = client.revoke_all_tokens(&Locator::by_id(*user)).await?;
-            report.tokens_revoked += n;
+            out.tokens = client.revoke_all_tokens(&pinned(*user, names)?).await?;
             Ok(())
         }
-        Action::ResetPassword { user } => client.randomize_password(&Locator::by_id(*user)).await,
+        Action::ResetPassword { user } => {
+            client
+                .randomize_password(&pinned(*user, names)?)
+                .await
+        }
+        Action::ClearRememberMe { user } => {
+            client
+                .delete_remember_me(&pinned(*user, names)?)
+                .await
+        }
+        Action::EndSessions { user } => {
+            let loc = pinned(*user, names)?;
+            match client.logout_user(&loc).await {
+                Err(e) if e.is_not_found() => {
+                    // An older TeamCity has no logout endpoint: the user is still there,
+                    // the endpoint is not. A user that changed answers 404 here too.
+                    match client.find_user(&loc, Some("id")).await? {
+                        Some(_) => {
+                            out.sessions_unsupported = true;
+                            Ok(())
+                        }
+                        None => Err(e),
+                    }
+                }
+                other => other,
+            }
+        }
         Action::SetDeactivated { user } => {
             client
-                .set_user_property(&Locator::by_id(*user), USER_DEACTIVATED, "true")
+                .set_user_property(&pinned(*user, names)?, USER_DEACTIVATED, "true")
                 .await
         }
         Action::ClearDeactivated { user } => {
             client
-                .delete_user_property(&Locator::by_id(*user), USER_DEACTIVATED)
+                .delete_user_property(&pinned(*user, names)?, USER_DEACTIVATED)
                 .await
         }
         Action::CreateGroup {
@@ -238,9 +388,13 @@ async fn apply_one(
             roles,
             members,
         } => {
+            // Members created earlier in the plan whose create failed are left out; they
+            // join once they exist.
             let mut ids = Vec::with_capacity(members.len());
             for m in members {
-                ids.push(resolve(m, created)?);
+                if let Ok(id) = resolve(m, created) {
+                    ids.push(id);
+                }
             }
             let description = if marker == DEFAULTS_MARKER {
                 format!("{GROUP_DESCRIPTION}. Holds every active managed user.")
@@ -273,7 +427,7 @@ async fn apply_one(
                         .and_then(|p| p.get(GROUP_MARKER))
                         == Some(marker.as_str());
                     if ours {
-                        report.adopted.push(format!("group {marker} -> {key}"));
+                        out.adopted = Some(format!("group {marker} -> {key}"));
                         Ok(())
                     } else {
                         Err(e)
@@ -283,7 +437,7 @@ async fn apply_one(
             }
         }
         Action::DeleteGroup { key } => {
-            done_if_missing(client.delete_group(&Locator::by_key(key)).await)
+            done_if_missing(client.delete_group(&Locator::by_key(key)).await, out)
         }
         Action::AddGroupRole { group, role } => {
             client
@@ -294,6 +448,7 @@ async fn apply_one(
             client
                 .remove_group_role(&Locator::by_key(group), &role.role, &role.tc_scope())
                 .await,
+            out,
         ),
     }
 }

@@ -2,34 +2,44 @@
 //! the TeamCity client.
 //!
 //! The worker plans against a *cached* TeamCity state: read in full at start and at every
-//! reconcile, then kept equal to TeamCity by recording the effect of every action TeamCity
+//! reconcile, then kept equal to TeamCity by recording the effect of every step TeamCity
 //! accepted. A SCIM change therefore costs exactly the TeamCity writes it needs — no reads —
 //! and a re-sent, unchanged push costs nothing. The reconciler re-reads TeamCity (pages,
-//! `fields=` limited) to find drift made by hand and repairs it.
+//! `fields=` limited) to find drift made by hand and repairs it. The cache is dropped and
+//! read again whenever it may be wrong: a 404 or an unexpected conflict on any write, or a
+//! write to TeamCity by another process (a `reconcile --apply` from the CLI) — every writer
+//! moves a counter in the store (`teamcity_writes`) and each pass compares it with its own.
 //!
-//! Each pass: claim due outbox rows (lease, coalesced per entity) → directory snapshot →
-//! desired → plan against the cache → blast-radius guard (removals above the limits are held
-//! for `approve`; the rest applies) → apply action by action, auditing each → complete the
-//! rows, or retry them with backoff (transient failure), or dead-letter them (permanent).
-//! In shadow mode the plan is computed, logged and audited, and nothing is written.
+//! Each pass: claim due outbox rows (lease, coalesced per entity) → TeamCity readable and the
+//! policy valid against it, else the rows wait (never dead-lettered for it) and readiness says
+//! why → directory snapshot → desired → plan against the cache (steps with prerequisites) →
+//! blast-radius guard (see [`Engine::guard`]) → apply the steps wave by wave, a step only
+//! after its prerequisites succeeded, auditing each → settle the rows: done; dead with the
+//! failing step and the reason (a permanent failure of the entity's own work); waiting again
+//! (TeamCity changed underneath: re-read first); held (in a held batch); or retried with
+//! backoff (TeamCity unavailable). In shadow mode the plan is computed, logged and audited,
+//! and nothing is written.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt as _;
 use serde_json::{Value, json};
-use store::{AuditEntry, ClaimedEntity, DynStore, RetryPolicy, StoreError, WriteCtx};
+use store::{AuditEntry, ClaimedEntity, DynStore, HeldBatch, RetryPolicy, StoreError, WriteCtx};
 use teamcity::{Client, TeamCityError};
 use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
 
-use crate::apply::{apply, kind};
+use crate::apply::{Applied, apply_step, kind, usernames};
 use crate::model::{Action, ActualState, DEFAULTS_MARKER, DirGroup, Directory, UserRef};
-use crate::plan::{Deprovision, Plan, PlanOptions, plan};
+use crate::plan::{AdoptExisting, Conflict, Deprovision, Plan, PlanOptions, plan};
 use crate::policy::Policy;
 use crate::{Desired, DesiredOptions, GuardLimits, ReadOptions, desired, read_actual_with};
+
+/// The store counter every writer to TeamCity moves (see the module docs).
+const WRITES_KEY: &str = "teamcity_writes";
 
 /// Whether plans are applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +57,8 @@ pub struct EngineConfig {
     pub mode: Mode,
     /// What SCIM DELETE does.
     pub deprovision: Deprovision,
+    /// Whether existing unmanaged TeamCity users are adopted by username.
+    pub adopt: AdoptExisting,
     /// Blast-radius limits.
     pub limits: GuardLimits,
     /// Retry schedule of failing outbox rows.
@@ -59,6 +71,8 @@ pub struct EngineConfig {
     pub lease: Duration,
     /// Users per page when reading TeamCity.
     pub page_size: u64,
+    /// The database, as operators should read it (a resolved path), for messages.
+    pub database: String,
 }
 
 impl Default for EngineConfig {
@@ -66,6 +80,7 @@ impl Default for EngineConfig {
         EngineConfig {
             mode: Mode::Apply,
             deprovision: Deprovision::Strip,
+            adopt: AdoptExisting::Never,
             limits: GuardLimits {
                 max_removals: Some(10),
                 max_removals_percent: Some(20),
@@ -75,6 +90,7 @@ impl Default for EngineConfig {
             poll: Duration::from_millis(200),
             lease: Duration::from_secs(60),
             page_size: 500,
+            database: "the database".into(),
         }
     }
 }
@@ -93,20 +109,66 @@ pub enum EngineError {
 /// What one pass or reconcile did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PassReport {
-    /// Outbox rows handled (completed, failed or held).
+    /// Outbox rows handled (completed, failed, held or deferred).
     pub outbox_rows: usize,
-    /// Actions planned.
+    /// Steps planned.
     pub planned: usize,
-    /// Actions TeamCity accepted.
+    /// Steps TeamCity accepted.
     pub applied: usize,
-    /// Actions that failed permanently.
+    /// Steps that failed permanently.
     pub failed: usize,
-    /// Actions held by the blast-radius guard.
+    /// Steps not attempted because a prerequisite failed.
+    pub cancelled: usize,
+    /// Steps waiting in (or behind) a batch held by the blast-radius guard.
     pub held: usize,
-    /// Stopped at a transient failure (TeamCity down): the rows will be retried.
+    /// Stopped early (TeamCity unavailable, the bridge misconfigured, or its view of TeamCity
+    /// out of date): the rows will be retried.
     pub transient_stop: bool,
     /// TeamCity reads made (reconcile only).
     pub reads: usize,
+}
+
+impl PassReport {
+    fn add(&mut self, r: &PassReport) {
+        self.outbox_rows += r.outbox_rows;
+        self.planned += r.planned;
+        self.applied += r.applied;
+        self.failed += r.failed;
+        self.cancelled += r.cancelled;
+        self.held += r.held;
+        self.transient_stop |= r.transient_stop;
+        self.reads += r.reads;
+    }
+}
+
+/// Whether the engine can do its work, for readiness probes: `None` when it can, else the
+/// reason (TeamCity unreachable, the bridge's token refused, a policy that does not match
+/// TeamCity), which is also logged once when it changes.
+#[derive(Debug, Default)]
+pub struct Health {
+    reason: std::sync::RwLock<Option<String>>,
+}
+
+impl Health {
+    /// Why the engine is not ready, or `None` when it is.
+    pub fn not_ready(&self) -> Option<String> {
+        self.reason.read().map(|r| r.clone()).unwrap_or_else(|e| e.into_inner().clone())
+    }
+
+    fn set(&self, reason: Option<String>) {
+        let mut current = match self.reason.write() {
+            Ok(g) => g,
+            Err(e) => e.into_inner(),
+        };
+        if *current == reason {
+            return;
+        }
+        match &reason {
+            Some(r) => warn!(reason = %r, "sync paused: nothing is applied to TeamCity until this is fixed; SCIM changes keep waiting in the outbox"),
+            None => info!("sync ready: TeamCity is reachable and the policy matches it"),
+        }
+        *current = reason;
+    }
 }
 
 /// The sync engine.
@@ -118,6 +180,17 @@ pub struct Engine {
     cfg: EngineConfig,
     worker_id: String,
     cache: Mutex<Option<ActualState>>,
+    health: Arc<Health>,
+    /// The value of the store's TeamCity write counter that the cache reflects.
+    seen_writes: std::sync::Mutex<Option<i64>>,
+    /// The policy was checked against TeamCity and matches it.
+    policy_ok: AtomicBool,
+    /// "This TeamCity cannot end sessions" was logged.
+    sessions_noted: AtomicBool,
+    /// The database was compared with TeamCity's managed objects once.
+    database_checked: AtomicBool,
+    /// Approved batches this engine has tried to apply at least once.
+    approved_tried: std::sync::Mutex<BTreeSet<i64>>,
 }
 
 fn entry(
@@ -153,26 +226,6 @@ fn dir_group(g: store::DirGroup) -> DirGroup {
     }
 }
 
-/// Actions that take a membership or a role away (what the guard may hold). The delete of a
-/// group replaced in the same plan (a rename swap) is not one.
-fn is_removal(a: &Action, actions: &[Action], actual: &ActualState) -> bool {
-    match a {
-        Action::RemoveFromGroup { .. }
-        | Action::RemoveUserRole { .. }
-        | Action::RemoveGroupRole { .. }
-        | Action::DeleteUser { .. } => true,
-        Action::DeleteGroup { key } => {
-            let marker = actual
-                .groups
-                .iter()
-                .find(|g| &g.key == key)
-                .and_then(|g| g.marker.clone());
-            !actions.iter().any(|b| matches!(b, Action::CreateGroup { marker: m, .. } if Some(m) == marker.as_ref()))
-        }
-        _ => false,
-    }
-}
-
 /// An audit-safe description of an action: ids, keys and role names, never emails or personal
 /// names. The detail carries what `access-review` replays (see `store::access`): the SCIM id of
 /// a created user, group keys, `ROLE@scope` roles, a created group's marker, roles and member
@@ -197,8 +250,14 @@ pub fn describe(a: &Action) -> (String, Value) {
         Action::DeleteUser { user: u }
         | Action::RevokeTokens { user: u }
         | Action::ResetPassword { user: u }
+        | Action::EndSessions { user: u }
+        | Action::ClearRememberMe { user: u }
         | Action::SetDeactivated { user: u }
         | Action::ClearDeactivated { user: u } => (format!("user:{u}"), json!({})),
+        Action::AdoptUser { user: u, scim_id } => (
+            format!("user:{u}"),
+            json!({"scim_id": scim_id, "adopted": true}),
+        ),
         Action::AddToGroup { user: u, group } => (user(u), json!({"group": group})),
         Action::RemoveFromGroup { user: u, group } => {
             (format!("user:{u}"), json!({"group": group}))
@@ -246,77 +305,6 @@ fn kinds_summary(actions: &[Action]) -> String {
         .join(", ")
 }
 
-/// The SCIM entity an action concerns, for dead-lettering the rows of a failed entity.
-fn entity_of(a: &Action, actual: &ActualState) -> Option<(&'static str, String)> {
-    let by_user = |id: u64| {
-        actual
-            .users
-            .iter()
-            .find(|u| u.id == id)
-            .and_then(|u| u.scim_id.clone())
-    };
-    let by_group = |key: &str| {
-        actual
-            .groups
-            .iter()
-            .find(|g| g.key == key)
-            .and_then(|g| g.marker.clone())
-    };
-    match a {
-        Action::CreateUser { scim_id, .. } => Some(("user", scim_id.clone())),
-        Action::AddToGroup {
-            user: UserRef::New(s),
-            ..
-        }
-        | Action::AddUserRole {
-            user: UserRef::New(s),
-            ..
-        } => Some(("user", s.clone())),
-        Action::AddToGroup {
-            user: UserRef::Id(i),
-            ..
-        }
-        | Action::AddUserRole {
-            user: UserRef::Id(i),
-            ..
-        } => by_user(*i).map(|s| ("user", s)),
-        Action::UpdateUser { user, .. }
-        | Action::DeleteUser { user }
-        | Action::RemoveFromGroup { user, .. }
-        | Action::RemoveUserRole { user, .. }
-        | Action::RevokeTokens { user }
-        | Action::ResetPassword { user }
-        | Action::SetDeactivated { user }
-        | Action::ClearDeactivated { user } => by_user(*user).map(|s| ("user", s)),
-        Action::CreateGroup { marker, .. } => Some(("group", marker.clone())),
-        Action::DeleteGroup { key }
-        | Action::AddGroupRole { group: key, .. }
-        | Action::RemoveGroupRole { group: key, .. } => by_group(key).map(|s| ("group", s)),
-    }
-}
-
-/// One action applied within a wave.
-struct Done {
-    index: usize,
-    /// SCIM id → TeamCity id of the user it created (or resolved), if any: only a
-    /// `CreateUser`'s own user (the references it was given are known already).
-    created: Option<(String, u64)>,
-    result: Result<(), TeamCityError>,
-}
-
-/// What [`Engine::apply_in_waves`] did.
-#[derive(Debug, Default)]
-struct WaveRun {
-    /// Actions TeamCity accepted.
-    applied: usize,
-    /// Actions that failed permanently (index, error), in plan order.
-    permanent: Vec<(usize, TeamCityError)>,
-    /// The first transient failure: the run stopped there.
-    transient: Option<(usize, TeamCityError)>,
-    /// Actions not started because the run stopped.
-    not_started: usize,
-}
-
 /// The SCIM ↔ TeamCity link an applied create establishes (stored with its audit event).
 fn created_link(a: &Action, created: &BTreeMap<String, u64>) -> Option<store::MappingLink> {
     match a {
@@ -340,22 +328,189 @@ fn created_link(a: &Action, created: &BTreeMap<String, u64>) -> Option<store::Ma
     }
 }
 
-/// The SCIM ids of the users created earlier in the plan that `a` refers to.
-fn user_refs(a: &Action) -> Vec<&str> {
-    fn new(r: &UserRef) -> Option<&str> {
-        match r {
-            UserRef::New(s) => Some(s.as_str()),
-            UserRef::Id(_) => None,
+
+/// A readable reference to a step, for reasons: `create_group on group:SCIM_…_1`.
+fn label(a: &Action) -> String {
+    format!("{} on {}", kind(a), describe(a).0)
+}
+
+/// Identity of a step, to recognise it in held batches across passes.
+fn fingerprint(a: &Action) -> String {
+    serde_json::to_string(a).unwrap_or_default()
+}
+
+/// A TeamCity object a step addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Obj {
+    User(u64),
+    Group(String),
+}
+
+impl std::fmt::Display for Obj {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Obj::User(id) => write!(f, "user id:{id}"),
+            Obj::Group(key) => write!(f, "group {key}"),
         }
     }
+}
+
+/// The TeamCity objects a step addresses, for "changed underneath".
+fn objects(a: &Action) -> Vec<Obj> {
+    let user = |r: &UserRef| match r {
+        UserRef::Id(i) => Some(Obj::User(*i)),
+        UserRef::New(_) => None,
+    };
     match a {
-        Action::CreateUser { scim_id, .. } => vec![scim_id.as_str()],
-        Action::AddToGroup { user, .. } | Action::AddUserRole { user, .. } => {
-            new(user).into_iter().collect()
+        Action::CreateUser { .. } => vec![],
+        Action::AddToGroup { user: u, group } => user(u)
+            .into_iter()
+            .chain([Obj::Group(group.clone())])
+            .collect(),
+        Action::AddUserRole { user: u, .. } => user(u).into_iter().collect(),
+        Action::RemoveFromGroup { user, group } => {
+            vec![Obj::User(*user), Obj::Group(group.clone())]
         }
-        Action::CreateGroup { members, .. } => members.iter().filter_map(new).collect(),
-        _ => Vec::new(),
+        Action::UpdateUser { user, .. }
+        | Action::DeleteUser { user }
+        | Action::RemoveUserRole { user, .. }
+        | Action::RevokeTokens { user }
+        | Action::ResetPassword { user }
+        | Action::EndSessions { user }
+        | Action::ClearRememberMe { user }
+        | Action::AdoptUser { user, .. }
+        | Action::SetDeactivated { user }
+        | Action::ClearDeactivated { user } => vec![Obj::User(*user)],
+        Action::CreateGroup { .. } => vec![],
+        Action::DeleteGroup { key }
+        | Action::AddGroupRole { group: key, .. }
+        | Action::RemoveGroupRole { group: key, .. } => vec![Obj::Group(key.clone())],
     }
+}
+
+/// Records the outcome of step `i`.
+fn set(outcomes: &std::sync::Mutex<Vec<Outcome>>, i: usize, outcome: Outcome) {
+    outcomes.lock().unwrap_or_else(|e| e.into_inner())[i] = outcome;
+}
+
+/// The SCIM entities (outbox `entity_type`, SCIM id) a step concerns: its user and its group.
+/// A failure, a hold or a re-read of the step settles the outbox rows of all of them.
+fn entities_of(a: &Action, actual: &ActualState) -> Vec<(String, String)> {
+    let user_id = |id: u64| {
+        actual
+            .user(id)
+            .and_then(|u| u.scim_id.clone())
+            .map(|s| ("user".to_owned(), s))
+    };
+    let user = |r: &UserRef| match r {
+        UserRef::Id(i) => user_id(*i),
+        UserRef::New(s) => Some(("user".to_owned(), s.clone())),
+    };
+    let group = |key: &str| {
+        actual
+            .group(key)
+            .and_then(|g| g.marker.clone())
+            .filter(|m| m != DEFAULTS_MARKER)
+            .map(|m| ("group".to_owned(), m))
+    };
+    match a {
+        Action::CreateUser { scim_id, .. } | Action::AdoptUser { scim_id, .. } => {
+            vec![("user".to_owned(), scim_id.clone())]
+        }
+        Action::AddToGroup { user: u, group: g } => user(u).into_iter().chain(group(g)).collect(),
+        Action::AddUserRole { user: u, .. } => user(u).into_iter().collect(),
+        Action::RemoveFromGroup { user, group: g } => {
+            user_id(*user).into_iter().chain(group(g)).collect()
+        }
+        Action::UpdateUser { user, .. }
+        | Action::DeleteUser { user }
+        | Action::RemoveUserRole { user, .. }
+        | Action::RevokeTokens { user }
+        | Action::ResetPassword { user }
+        | Action::EndSessions { user }
+        | Action::ClearRememberMe { user }
+        | Action::SetDeactivated { user }
+        | Action::ClearDeactivated { user } => user_id(*user).into_iter().collect(),
+        Action::CreateGroup { marker, .. } => (marker != DEFAULTS_MARKER)
+            .then(|| ("group".to_owned(), marker.clone()))
+            .into_iter()
+            .collect(),
+        Action::DeleteGroup { key }
+        | Action::AddGroupRole { group: key, .. }
+        | Action::RemoveGroupRole { group: key, .. } => group(key).into_iter().collect(),
+    }
+}
+
+/// What became of one step in a run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Outcome {
+    /// Not reached (the run stopped, or it was not scheduled).
+    NotStarted,
+    /// TeamCity accepted it.
+    Applied,
+    /// TeamCity refused it for good: the reason.
+    Failed(String),
+    /// Not attempted because a prerequisite failed: "not attempted: <step> failed: <why>".
+    Cancelled(String),
+    /// Not done because TeamCity changed under the bridge (a 404, an unexpected conflict, or
+    /// a prerequisite that met one): re-read, then retried.
+    Stale(String),
+    /// Waits in (or behind) a held batch.
+    Waiting,
+}
+
+/// Why a run stopped before its end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Stop {
+    /// TeamCity unavailable (connection, timeout, 5xx, 429): retried with backoff.
+    Transient(String),
+    /// The bridge itself is misconfigured (token refused, TLS, not JSON): nothing is
+    /// dead-lettered, readiness says why.
+    Misconfigured(String),
+}
+
+/// What [`Engine::apply_steps`] did.
+#[derive(Debug)]
+struct Run {
+    outcomes: Vec<Outcome>,
+    stop: Option<Stop>,
+    /// Some object turned out different from the cache: drop the cache.
+    changed: bool,
+    /// Any call was made (so the write counter moves).
+    attempted: bool,
+}
+
+/// What a user's offboarding removed in this pass, for its `set_deactivated` audit event.
+#[derive(Debug, Default)]
+struct Offboarding {
+    groups: Vec<String>,
+    roles: Vec<String>,
+    tokens: Vec<String>,
+    sessions: Option<&'static str>,
+}
+
+/// The fingerprints of a held batch's steps, or why its stored plan cannot be read.
+fn read_batch(b: &HeldBatch) -> Result<Vec<String>, String> {
+    serde_json::from_value::<Vec<Action>>(b.plan.clone())
+        .map(|actions| actions.iter().map(fingerprint).collect())
+        .map_err(|e| format!("its stored plan cannot be read by this version: {e}"))
+}
+
+/// What [`Engine::execute`] leaves to settle, per SCIM entity.
+#[derive(Debug, Default)]
+struct Exec {
+    /// Dead: a permanent failure of the entity's work (or a step it needed), with the reason.
+    failed: BTreeMap<(String, String), String>,
+    /// TeamCity changed under the bridge: retried once the cache is read again.
+    stale: BTreeMap<(String, String), String>,
+    /// Waiting in this held batch.
+    held: BTreeMap<(String, String), i64>,
+    /// The run stopped early.
+    stop: Option<Stop>,
+    /// The cache must be read again.
+    changed: bool,
+    /// A TeamCity call was made.
+    attempted: bool,
 }
 
 impl Engine {
@@ -369,6 +524,12 @@ impl Engine {
             cfg,
             worker_id,
             cache: Mutex::new(None),
+            health: Arc::new(Health::default()),
+            seen_writes: std::sync::Mutex::new(None),
+            policy_ok: AtomicBool::new(false),
+            sessions_noted: AtomicBool::new(false),
+            database_checked: AtomicBool::new(false),
+            approved_tried: std::sync::Mutex::new(BTreeSet::new()),
         }
     }
 
@@ -377,10 +538,22 @@ impl Engine {
         &self.cfg
     }
 
+    /// The engine's readiness, shared (readiness probes read it).
+    pub fn health(&self) -> Arc<Health> {
+        self.health.clone()
+    }
+
     fn ctx(&self, actor: &str) -> WriteCtx {
         WriteCtx {
             actor: actor.to_owned(),
             request_id: None,
+        }
+    }
+
+    fn plan_options(&self) -> PlanOptions {
+        PlanOptions {
+            deprovision: self.cfg.deprovision,
+            adopt: self.cfg.adopt,
         }
     }
 
@@ -441,57 +614,274 @@ impl Engine {
         Ok((actual, stats.calls as usize))
     }
 
-    /// The plan of a full reconcile, without applying it (the `plan` command).
+    /// Drops the TeamCity steps of objects nobody asked to remove from `p.orphans` when the
+    /// directory did ask: a SCIM DELETE of that user or group is recorded.
+    async fn settle_orphans(&self, p: &mut Plan) -> Result<(), EngineError> {
+        if p.orphans.is_empty() {
+            return Ok(());
+        }
+        let deleted: HashSet<(String, String)> =
+            self.store.deleted_entities().await?.into_iter().collect();
+        p.orphans
+            .retain(|_, o| !deleted.contains(&(o.entity.to_owned(), o.scim_id.clone())));
+        Ok(())
+    }
+
+    /// The plan of a full reconcile, without applying it (the `plan` command). Steps on
+    /// objects the directory does not know, that wait for approval, are in `orphans`.
     pub async fn plan_full(&self) -> Result<(Plan, ActualState, usize), EngineError> {
         let (actual, reads) = self.read_actual().await?;
         let d = self.desired().await?;
-        let p = plan(
-            &d,
-            &actual,
-            &PlanOptions {
-                deprovision: self.cfg.deprovision,
-            },
-        );
+        let mut p = plan(&d, &actual, &self.plan_options());
+        self.settle_orphans(&mut p).await?;
         Ok((p, actual, reads))
+    }
+
+    /// Problems of the policy against the live TeamCity (unknown roles or projects).
+    pub async fn check_policy(&self) -> Result<Vec<crate::policy::Problem>, EngineError> {
+        Ok(crate::policy::check_live(&self.client, &self.policy).await?)
+    }
+
+    /// The store's TeamCity write counter.
+    async fn writes_counter(&self) -> Result<i64, EngineError> {
+        Ok(self
+            .store
+            .sync_state_get(WRITES_KEY)
+            .await?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0))
+    }
+
+    fn seen(&self) -> std::sync::MutexGuard<'_, Option<i64>> {
+        self.seen_writes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Drops the cache when another process wrote to TeamCity since it was read.
+    async fn notice_foreign_writes(&self) -> Result<(), EngineError> {
+        let now = self.writes_counter().await?;
+        let stale = *self.seen() != Some(now);
+        if stale {
+            let mut cache = self.cache.lock().await;
+            if cache.take().is_some() {
+                info!("TeamCity was changed by another teamcity-scim process; reading it again");
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves the write counter after a pass that called TeamCity; if someone else moved it
+    /// meanwhile, the cache may miss their writes and is dropped.
+    async fn after_writes(&self, attempted: bool) -> Result<(), EngineError> {
+        if !attempted || self.cfg.mode == Mode::Shadow {
+            return Ok(());
+        }
+        let v = self.store.sync_state_increment(WRITES_KEY).await?;
+        let ours = {
+            let mut seen = self.seen();
+            let ours = *seen == Some(v - 1);
+            *seen = ours.then_some(v);
+            ours
+        };
+        if !ours {
+            *self.cache.lock().await = None;
+        }
+        Ok(())
+    }
+
+    async fn ensure_cache(&self) -> Result<(), EngineError> {
+        let mut cache = self.cache.lock().await;
+        if cache.is_none() {
+            let counter = self.writes_counter().await?;
+            let (actual, _) = self.read_actual().await?;
+            *self.seen() = Some(counter);
+            *cache = Some(actual);
+        }
+        Ok(())
+    }
+
+    /// Whether work can be applied now: TeamCity read (cache loaded) and the policy valid
+    /// against it. `Ok(Some(reason))` when not — readiness says why, and nothing is applied.
+    async fn blocked(&self) -> Result<Option<String>, EngineError> {
+        let why = |e: &TeamCityError| {
+            if e.is_misconfiguration() {
+                format!("the bridge cannot use TeamCity ({e}); check [teamcity] url, token and ca_file")
+            } else if e.is_transient() {
+                format!("TeamCity is unreachable ({e})")
+            } else {
+                format!("TeamCity could not be read ({e}); check the bridge account's permissions")
+            }
+        };
+        match self.ensure_cache().await {
+            Ok(()) => {}
+            Err(EngineError::TeamCity(e)) => {
+                let reason = why(&e);
+                self.health.set(Some(reason.clone()));
+                return Ok(Some(reason));
+            }
+            Err(e) => return Err(e),
+        }
+        if !self.policy_ok.load(Ordering::Relaxed) {
+            match self.check_policy().await {
+                Ok(problems) if problems.is_empty() => {
+                    self.policy_ok.store(true, Ordering::Relaxed);
+                }
+                Ok(problems) => {
+                    let reason = format!(
+                        "the policy does not match TeamCity: {}; fix [policy] (see `teamcity-scim policy check`)",
+                        problems
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    );
+                    self.health.set(Some(reason.clone()));
+                    return Ok(Some(reason));
+                }
+                Err(EngineError::TeamCity(e)) => {
+                    let reason = why(&e);
+                    self.health.set(Some(reason.clone()));
+                    return Ok(Some(reason));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.health.set(None);
+        Ok(None)
+    }
+
+    /// Says once, in one line, when the database knows none of the objects the bridge
+    /// manages in TeamCity (a wrong `database.url`, a lost volume, another working directory).
+    fn notice_unknown_database(&self, d: &Desired, actual: &ActualState) {
+        if self.database_checked.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let users: Vec<&str> = actual
+            .users
+            .iter()
+            .filter_map(|u| u.scim_id.as_deref())
+            .collect();
+        let groups: Vec<&str> = actual
+            .groups
+            .iter()
+            .filter_map(|g| g.marker.as_deref())
+            .filter(|m| *m != DEFAULTS_MARKER)
+            .collect();
+        let known = users.iter().any(|s| d.users.contains_key(*s))
+            || groups.iter().any(|m| d.groups.contains_key(*m));
+        if users.len() + groups.len() > 0 && !known {
+            warn!(
+                database = %self.cfg.database,
+                users = users.len(),
+                groups = groups.len(),
+                "the database {} knows none of the {} users and {} groups teamcity-scim manages in TeamCity \
+                 (a wrong database.url, a lost volume, or serve started from another directory?); \
+                 nothing is removed from them without `teamcity-scim approve`",
+                self.cfg.database,
+                users.len(),
+                groups.len()
+            );
+        }
+    }
+
+    /// Conflicts of a plan by entity, each audited (`sync.conflict`); with `once`, each
+    /// distinct conflict is audited and logged only the first time it is seen.
+    async fn conflicts(
+        &self,
+        conflicts: &[Conflict],
+        once: bool,
+    ) -> Result<BTreeMap<(String, String), String>, EngineError> {
+        let mut out = BTreeMap::new();
+        for c in conflicts {
+            let entity = match c {
+                Conflict::UsernameTaken { scim_id, .. } => ("user", scim_id),
+                Conflict::GroupNameTaken { marker, .. } => ("group", marker),
+            };
+            let reason = c.to_string();
+            let key = format!("conflict:{}:{}", entity.1, reason);
+            if once {
+                if self.store.sync_state_get(&key).await?.is_some() {
+                    continue;
+                }
+                self.store.sync_state_set(&key, "reported").await?;
+            }
+            warn!(conflict = %reason, "sync conflict left alone");
+            self.store
+                .audit(
+                    &self.ctx("sync"),
+                    entry(
+                        if entity.0 == "user" { "User" } else { "Group" },
+                        Some(entity.1.clone()),
+                        "sync.conflict",
+                        false,
+                        None,
+                        json!({"conflict": reason}),
+                    ),
+                )
+                .await?;
+            out.insert((entity.0.to_owned(), entity.1.clone()), reason);
+        }
+        Ok(out)
     }
 
     /// A full reconcile: re-read TeamCity, plan, guard, apply (unless `dry_run` or shadow).
     pub async fn reconcile(&self, dry_run: bool) -> Result<PassReport, EngineError> {
         let started = std::time::Instant::now();
+        let mut cache = self.cache.lock().await;
+        let counter = self.writes_counter().await?;
         // TeamCity and the directory are read at the same time: one waits on the network,
         // the other is local work.
-        let mut cache = self.cache.lock().await;
         let (read, d) = tokio::join!(self.read_actual(), self.desired());
-        let ((actual, reads), d) = (read?, d?);
+        let d = d?;
+        let (actual, reads) = match read {
+            Ok(r) => r,
+            Err(EngineError::TeamCity(e)) => {
+                self.health.set(Some(format!("TeamCity could not be read ({e})")));
+                return Err(e.into());
+            }
+            Err(e) => return Err(e),
+        };
         debug!(reads, elapsed = ?started.elapsed(), "reconcile: TeamCity read, desired state computed");
-        *cache = Some(actual);
+        *self.seen() = Some(counter);
+        let actual = cache.insert(actual);
+        self.notice_unknown_database(&d, actual);
         let mut report = PassReport {
             reads,
             ..PassReport::default()
         };
-        let actual = cache.as_mut().expect("just set");
-        let p = plan(
-            &d,
-            actual,
-            &PlanOptions {
-                deprovision: self.cfg.deprovision,
-            },
-        );
+        let mut p = plan(&d, actual, &self.plan_options());
+        self.settle_orphans(&mut p).await?;
         debug!(actions = p.actions.len(), elapsed = ?started.elapsed(), "reconcile: planned");
-        for c in &p.conflicts {
-            warn!(conflict = ?c, "reconcile: conflict left alone");
-        }
         for r in &p.reports {
-            info!(report = ?r, "reconcile: unmanaged object reported");
+            info!(report = %r, "reconcile: reported");
         }
         report.planned = p.actions.len();
         if dry_run {
             return Ok(report);
         }
-        self.execute(p.actions, actual, "reconcile", &mut report)
-            .await?;
+        self.conflicts(&p.conflicts, true).await?;
+        drop(cache);
+        if let Some(reason) = self.blocked().await? {
+            warn!(%reason, "reconcile: nothing applied");
+            report.transient_stop = true;
+            return Ok(report);
+        }
+        let mut cache = self.cache.lock().await;
+        let Some(actual) = cache.as_mut() else {
+            report.transient_stop = true;
+            return Ok(report);
+        };
+        let exec = self.execute(&p, actual, "reconcile", &mut report).await?;
         debug!(elapsed = ?started.elapsed(), "reconcile: applied");
-        self.record_mappings(actual).await?;
+        if exec.changed {
+            *cache = None;
+        } else if let Some(actual) = cache.as_ref() {
+            self.record_mappings(actual, None).await?;
+        }
+        drop(cache);
+        self.after_writes(exec.attempted).await?;
+        if exec.stop.is_some() {
+            report.transient_stop = true;
+        }
         debug!(elapsed = ?started.elapsed(), "reconcile: mappings recorded");
         self.store
             .sync_state_set(
@@ -503,195 +893,749 @@ impl Engine {
         Ok(report)
     }
 
-    async fn ensure_cache(&self) -> Result<(), EngineError> {
-        let mut cache = self.cache.lock().await;
-        if cache.is_none() {
-            let (actual, _) = self.read_actual().await?;
-            *cache = Some(actual);
-        }
-        Ok(())
+    /// Approved batches this engine has not tried yet (a pass runs for them even without rows).
+    fn untried_approvals(&self, approved: &[HeldBatch]) -> bool {
+        let tried = self.approved_tried.lock().unwrap_or_else(|e| e.into_inner());
+        approved.iter().any(|b| !tried.contains(&b.id))
     }
 
     /// One worker pass over due outbox rows. Returns what it did; `outbox_rows == 0` means idle.
     pub async fn run_once(&self) -> Result<PassReport, EngineError> {
         let mut report = PassReport::default();
-        self.apply_approved(&mut report).await?;
+        self.notice_foreign_writes().await?;
         let now = time::OffsetDateTime::now_utc();
         let claimed = self
             .store
             .claim_outbox(&self.worker_id, now, self.cfg.lease, 1000)
             .await?;
         if claimed.is_empty() {
-            return Ok(report);
+            let approved = self.store.list_held(Some("approved")).await?;
+            if !self.untried_approvals(&approved) {
+                return Ok(report);
+            }
         }
         report.outbox_rows = claimed.iter().map(|c| c.items.len()).sum();
-        if let Err(e) = self.ensure_cache().await {
-            // TeamCity is unreachable: nothing is lost, the rows wait with backoff.
-            let ids: Vec<i64> = claimed.iter().flat_map(ClaimedEntity::ids).collect();
-            let transient = matches!(&e, EngineError::TeamCity(t) if t.is_transient());
-            self.store
-                .fail_outbox(
-                    &self.ctx("sync"),
-                    &ids,
-                    &e.to_string(),
-                    transient,
-                    now,
-                    &self.cfg.retry,
-                )
-                .await?;
+        let all_ids: Vec<i64> = claimed.iter().flat_map(ClaimedEntity::ids).collect();
+        let ctx = self.ctx("sync");
+        if let Some(reason) = self.blocked().await? {
+            // Not the rows' fault: they wait, and are never dead-lettered for it.
+            if !all_ids.is_empty() {
+                self.store
+                    .defer_outbox(&ctx, &all_ids, &reason, now + self.cfg.retry.cap)
+                    .await?;
+            }
             report.transient_stop = true;
             return Ok(report);
         }
         let d = self.desired().await?;
         let mut cache = self.cache.lock().await;
-        let actual = cache.as_mut().expect("cache loaded");
-        let p = plan(
-            &d,
-            actual,
-            &PlanOptions {
-                deprovision: self.cfg.deprovision,
-            },
-        );
-        report.planned = p.actions.len();
-        let failed = self
-            .execute(p.actions, actual, "outbox", &mut report)
-            .await?;
-        self.record_mappings(actual).await?;
-        // Settle the rows.
-        let all_ids: Vec<i64> = claimed.iter().flat_map(ClaimedEntity::ids).collect();
-        if report.transient_stop {
-            let reason = failed
-                .values()
-                .next()
-                .cloned()
-                .unwrap_or_else(|| "TeamCity unavailable".into());
+        let Some(actual) = cache.as_mut() else {
+            drop(cache);
             self.store
-                .fail_outbox(
-                    &self.ctx("sync"),
-                    &all_ids,
-                    &reason,
-                    true,
-                    now,
-                    &self.cfg.retry,
-                )
+                .defer_outbox(&ctx, &all_ids, "TeamCity is read again first", now)
                 .await?;
+            report.transient_stop = true;
             return Ok(report);
+        };
+        self.notice_unknown_database(&d, actual);
+        let mut p = plan(&d, actual, &self.plan_options());
+        self.settle_orphans(&mut p).await?;
+        report.planned = p.actions.len();
+        let claimed_entities: BTreeSet<(String, String)> = claimed
+            .iter()
+            .map(|c| (c.entity_type.clone(), c.entity_id.clone()))
+            .collect();
+        let relevant: Vec<Conflict> = p
+            .conflicts
+            .iter()
+            .filter(|c| {
+                let e = match c {
+                    Conflict::UsernameTaken { scim_id, .. } => ("user".to_owned(), scim_id.clone()),
+                    Conflict::GroupNameTaken { marker, .. } => ("group".to_owned(), marker.clone()),
+                };
+                claimed_entities.contains(&e)
+            })
+            .cloned()
+            .collect();
+        let conflicts = self.conflicts(&relevant, false).await?;
+        let mut exec = self.execute(&p, actual, "outbox", &mut report).await?;
+        if exec.changed {
+            *cache = None;
+        } else if let Some(actual) = cache.as_ref() {
+            // Links of the objects this pass wrote to successfully (created ones are linked
+            // with their audit event already).
+            let touched: BTreeSet<String> = claimed_entities
+                .iter()
+                .filter(|e| !exec.failed.contains_key(*e) && !exec.stale.contains_key(*e))
+                .map(|(_, id)| id.clone())
+                .collect();
+            self.record_mappings(actual, Some(&touched)).await?;
         }
-        let mut ok = vec![];
-        for c in &claimed {
-            match failed.get(&(c.entity_type.clone(), c.entity_id.clone())) {
-                Some(reason) => {
-                    self.store
-                        .fail_outbox(
-                            &self.ctx("sync"),
-                            &c.ids(),
-                            reason,
-                            false,
-                            now,
-                            &self.cfg.retry,
-                        )
-                        .await?;
-                }
-                None => ok.extend(c.ids()),
-            }
+        drop(cache);
+        self.after_writes(exec.attempted).await?;
+        for (e, reason) in conflicts {
+            exec.failed.entry(e).or_insert(reason);
         }
-        if !ok.is_empty() {
-            self.store
-                .complete_outbox(&self.ctx("sync"), &ok, vec![])
-                .await?;
+        self.settle(&claimed, &exec, now).await?;
+        if exec.stop.is_some() || !exec.stale.is_empty() {
+            report.transient_stop = true;
         }
         Ok(report)
     }
 
-    /// Guards, then applies `actions` against TeamCity in waves of independent actions (see
-    /// [`Engine::apply_in_waves`]), recording each effect in `actual` and each outcome in the
-    /// audit trail. Returns the permanent failures by entity.
+    /// Settles the claimed rows after a pass (see the module docs).
+    async fn settle(
+        &self,
+        claimed: &[ClaimedEntity],
+        exec: &Exec,
+        now: time::OffsetDateTime,
+    ) -> Result<(), EngineError> {
+        let ctx = self.ctx("sync");
+        let all_ids: Vec<i64> = claimed.iter().flat_map(ClaimedEntity::ids).collect();
+        match &exec.stop {
+            Some(Stop::Transient(reason)) => {
+                self.store
+                    .fail_outbox(&ctx, &all_ids, reason, true, now, &self.cfg.retry)
+                    .await?;
+                return Ok(());
+            }
+            Some(Stop::Misconfigured(reason)) => {
+                self.store
+                    .defer_outbox(&ctx, &all_ids, reason, now + self.cfg.retry.cap)
+                    .await?;
+                return Ok(());
+            }
+            None => {}
+        }
+        let mut ok = vec![];
+        let mut held: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
+        for c in claimed {
+            let key = (c.entity_type.clone(), c.entity_id.clone());
+            if let Some(reason) = exec.failed.get(&key) {
+                self.store
+                    .fail_outbox(&ctx, &c.ids(), reason, false, now, &self.cfg.retry)
+                    .await?;
+            } else if let Some(reason) = exec.stale.get(&key) {
+                self.store.defer_outbox(&ctx, &c.ids(), reason, now).await?;
+            } else if let Some(batch) = exec.held.get(&key) {
+                held.entry(*batch).or_default().extend(c.ids());
+            } else {
+                ok.extend(c.ids());
+            }
+        }
+        for (batch, ids) in held {
+            self.store.hold_outbox(&ctx, &ids, batch).await?;
+        }
+        if !ok.is_empty() {
+            self.store.complete_outbox(&ctx, &ok, vec![]).await?;
+        }
+        Ok(())
+    }
+
+    /// The blast-radius guard over a plan: which steps wait, and in which held batch.
+    ///
+    /// - steps of approved batches go;
+    /// - steps already in a held batch keep waiting there (a re-sent push holds nothing twice);
+    /// - steps on objects the directory does not know (and no SCIM DELETE asked about) are
+    ///   never applied automatically, whatever their number: they go to a batch of their own;
+    /// - the other steps that take access away are counted by distinct user; above the limits
+    ///   ([`crate::guard::check`]) they are held as one batch;
+    /// - every step that depends on a waiting step waits too (the deactivated marker behind
+    ///   held strip steps, say), and nothing else does: a new hire goes on.
+    ///
+    /// Returns, per waiting step, its batch.
+    async fn guard(
+        &self,
+        p: &Plan,
+        actual: &ActualState,
+        source: &str,
+    ) -> Result<BTreeMap<usize, i64>, EngineError> {
+        let mut waiting: BTreeMap<usize, i64> = BTreeMap::new();
+        let losses = crate::guard::losses(&p.actions, actual);
+        if losses.iter().all(BTreeSet::is_empty) && p.orphans.is_empty() {
+            return Ok(waiting);
+        }
+        let mut approved: HashMap<String, i64> = HashMap::new();
+        for b in self.store.list_held(Some("approved")).await? {
+            match read_batch(&b) {
+                Ok(steps) => approved.extend(steps.into_iter().map(|s| (s, b.id))),
+                Err(reason) => self.unreadable(&b, &reason).await?,
+            }
+        }
+        let mut held: HashMap<String, i64> = HashMap::new();
+        for b in self.store.list_held(Some("held")).await? {
+            if let Ok(steps) = read_batch(&b) {
+                held.extend(steps.into_iter().map(|s| (s, b.id)));
+            }
+        }
+        let mut orphans: Vec<usize> = Vec::new();
+        let mut fresh: Vec<usize> = Vec::new();
+        for (i, a) in p.actions.iter().enumerate() {
+            let is_orphan = p.orphans.contains_key(&i);
+            if losses[i].is_empty() && !is_orphan {
+                continue;
+            }
+            let fp = fingerprint(a);
+            if approved.contains_key(&fp) {
+                continue;
+            }
+            if let Some(b) = held.get(&fp) {
+                waiting.insert(i, *b);
+            } else if is_orphan {
+                orphans.push(i);
+            } else {
+                fresh.push(i);
+            }
+        }
+        if !orphans.is_empty() {
+            let objects: BTreeSet<&crate::plan::Orphan> =
+                orphans.iter().filter_map(|i| p.orphans.get(i)).collect();
+            let users: BTreeSet<u64> = orphans.iter().flat_map(|i| losses[*i].clone()).collect();
+            let reason = format!(
+                "{} managed TeamCity object(s) the directory does not know (no SCIM event asked to remove them: \
+                 a wrong or empty database, or an old backup?)",
+                objects.len()
+            );
+            let id = self.hold(p, &orphans, users.len(), &reason, source).await?;
+            waiting.extend(orphans.iter().map(|i| (*i, id)));
+        }
+        if !fresh.is_empty() {
+            let users: BTreeSet<u64> = fresh.iter().flat_map(|i| losses[*i].clone()).collect();
+            if let Err(h) = self.cfg.limits.check_plan_count(users.len(), actual) {
+                let id = self.hold(p, &fresh, h.count, &h.reason, source).await?;
+                waiting.extend(fresh.iter().map(|i| (*i, id)));
+            }
+        }
+        // Dependents wait with what they depend on (prerequisites come first in the plan).
+        for i in 0..p.actions.len() {
+            if waiting.contains_key(&i) {
+                continue;
+            }
+            if let Some(b) = p.deps[i].iter().find_map(|d| waiting.get(d).copied()) {
+                waiting.insert(i, b);
+            }
+        }
+        Ok(waiting)
+    }
+
+    /// Reports a held batch whose stored plan cannot be read (once): it is never applied as
+    /// empty; `held` shows it and `held drop` removes it.
+    async fn unreadable(&self, b: &HeldBatch, reason: &str) -> Result<(), EngineError> {
+        let key = format!("held_unreadable:{}", b.id);
+        if self.store.sync_state_get(&key).await?.is_some() {
+            return Ok(());
+        }
+        warn!(
+            batch = b.id,
+            %reason,
+            "an approved held batch cannot be read and is not applied; drop it with `teamcity-scim held drop {}` \
+             (the next reconcile plans what is still needed)",
+            b.id
+        );
+        self.store
+            .audit(
+                &self.ctx("sync"),
+                entry(
+                    "HeldBatch",
+                    Some(b.id.to_string()),
+                    "sync.held_unreadable",
+                    false,
+                    None,
+                    json!({"batch": b.id, "reason": reason}),
+                ),
+            )
+            .await?;
+        self.store.sync_state_set(&key, "reported").await?;
+        Ok(())
+    }
+
+    /// Records a held batch of `steps` of `p`, naming the users it affects.
+    async fn hold(
+        &self,
+        p: &Plan,
+        steps: &[usize],
+        users: usize,
+        reason: &str,
+        source: &str,
+    ) -> Result<i64, EngineError> {
+        let actions: Vec<&Action> = steps.iter().map(|i| &p.actions[*i]).collect();
+        let plan_json = serde_json::to_value(&actions).unwrap_or(Value::Null);
+        let owned: Vec<Action> = actions.into_iter().cloned().collect();
+        let summary = format!(
+            "{reason} ({} steps held: {})",
+            owned.len(),
+            kinds_summary(&owned)
+        );
+        let actor = if source == "reconcile" {
+            "reconciler"
+        } else {
+            "sync"
+        };
+        let id = self
+            .store
+            .create_held(
+                &self.ctx(actor),
+                source,
+                &[],
+                &summary,
+                users as i64,
+                &plan_json,
+            )
+            .await?;
+        metrics::counter!("sync_held_batches_total").increment(1);
+        warn!(
+            batch = id,
+            users,
+            reason = %reason,
+            "blast-radius guard held a batch; review it with `teamcity-scim held`, apply it with `teamcity-scim approve {id}`"
+        );
+        Ok(id)
+    }
+
+    /// Guards, then applies a plan's steps (see [`Engine::apply_steps`]), recording each
+    /// effect in `actual` and each outcome in the audit trail; marks approved batches applied
+    /// once none of their steps is left to do.
     async fn execute(
         &self,
-        actions: Vec<Action>,
+        p: &Plan,
         actual: &mut ActualState,
         source: &str,
         report: &mut PassReport,
-    ) -> Result<BTreeMap<(String, String), String>, EngineError> {
-        let mut failed = BTreeMap::new();
-        if actions.is_empty() {
-            return Ok(failed);
-        }
+    ) -> Result<Exec, EngineError> {
+        let mut exec = Exec::default();
         let actor = if source == "reconcile" {
             "reconciler"
         } else {
             "sync"
         };
         if self.cfg.mode == Mode::Shadow {
-            let kinds: BTreeMap<&str, usize> = actions.iter().fold(BTreeMap::new(), |mut m, a| {
-                *m.entry(kind(a)).or_default() += 1;
-                m
-            });
-            info!(
-                source,
-                actions = actions.len(),
-                ?kinds,
-                "shadow mode: plan computed, nothing written to TeamCity"
-            );
+            if !p.actions.is_empty() {
+                let kinds: BTreeMap<&str, usize> =
+                    p.actions.iter().fold(BTreeMap::new(), |mut m, a| {
+                        *m.entry(kind(a)).or_default() += 1;
+                        m
+                    });
+                info!(
+                    source,
+                    actions = p.actions.len(),
+                    ?kinds,
+                    "shadow mode: plan computed, nothing written to TeamCity"
+                );
+                self.store
+                    .audit(
+                        &self.ctx(actor),
+                        entry(
+                            "TeamCity",
+                            None,
+                            "sync.shadow_plan",
+                            true,
+                            None,
+                            json!({"source": source, "actions": kinds}),
+                        ),
+                    )
+                    .await?;
+            }
+            return Ok(exec);
+        }
+        let waiting = self.guard(p, actual, source).await?;
+        let entities: Vec<Vec<(String, String)>> =
+            p.actions.iter().map(|a| entities_of(a, actual)).collect();
+        let run = self
+            .apply_steps(&p.actions, &p.deps, &waiting, actual, actor)
+            .await?;
+        exec.changed = run.changed;
+        exec.attempted = run.attempted;
+        exec.stop = run.stop.clone();
+        for (i, outcome) in run.outcomes.iter().enumerate() {
+            match outcome {
+                Outcome::Applied => report.applied += 1,
+                Outcome::Failed(reason) | Outcome::Cancelled(reason) => {
+                    if matches!(outcome, Outcome::Failed(_)) {
+                        report.failed += 1;
+                    } else {
+                        report.cancelled += 1;
+                    }
+                    let text = match outcome {
+                        Outcome::Failed(_) => format!("{} failed: {reason}", label(&p.actions[i])),
+                        _ => format!("{}: {reason}", label(&p.actions[i])),
+                    };
+                    for e in &entities[i] {
+                        exec.failed
+                            .entry(e.clone())
+                            .and_modify(|r| {
+                                if !r.contains(&text) && r.len() < 2000 {
+                                    r.push_str("; ");
+                                    r.push_str(&text);
+                                }
+                            })
+                            .or_insert_with(|| text.clone());
+                    }
+                }
+                Outcome::Stale(reason) => {
+                    for e in &entities[i] {
+                        exec.stale.entry(e.clone()).or_insert_with(|| reason.clone());
+                    }
+                }
+                Outcome::Waiting => {
+                    report.held += 1;
+                    if let Some(b) = waiting.get(&i) {
+                        for e in &entities[i] {
+                            exec.held.entry(e.clone()).or_insert(*b);
+                        }
+                    }
+                }
+                Outcome::NotStarted => {}
+            }
+        }
+        if run.stop.is_none() {
+            self.finish_approved(p, &run.outcomes).await?;
+        }
+        Ok(exec)
+    }
+
+    /// Marks approved batches applied once none of their steps is left: each one was applied
+    /// now, or the plan no longer wants it. A batch with a step that failed stays approved
+    /// (retried with the next pass or reconcile).
+    async fn finish_approved(&self, p: &Plan, outcomes: &[Outcome]) -> Result<(), EngineError> {
+        let approved = self.store.list_held(Some("approved")).await?;
+        if approved.is_empty() {
+            return Ok(());
+        }
+        let left: HashSet<String> = p
+            .actions
+            .iter()
+            .zip(outcomes)
+            .filter(|(_, o)| **o != Outcome::Applied)
+            .map(|(a, _)| fingerprint(a))
+            .collect();
+        for b in &approved {
+            self.approved_tried
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(b.id);
+            let Ok(steps) = read_batch(b) else {
+                continue; // reported by the guard; never applied as empty
+            };
+            if steps.iter().any(|s| left.contains(s)) {
+                continue;
+            }
             self.store
-                .audit(
-                    &self.ctx(actor),
-                    entry(
-                        "TeamCity",
-                        None,
-                        "sync.shadow_plan",
-                        true,
-                        None,
-                        json!({"source": source, "actions": kinds}),
-                    ),
-                )
+                .mark_held_applied(&self.ctx("sync"), b.id)
                 .await?;
-            report.held = 0;
-            return Ok(failed);
+            info!(batch = b.id, steps = steps.len(), "approved batch applied");
         }
-        let (to_apply, to_hold) = match self.cfg.limits.check_plan(&actions, actual) {
-            Ok(()) => (actions, vec![]),
-            Err(held) => {
-                let (hold, go): (Vec<Action>, Vec<Action>) = actions
-                    .iter()
-                    .cloned()
-                    .partition(|a| is_removal(a, &actions, actual));
-                self.hold(&hold, &held, source).await?;
-                (go, hold)
-            }
+        Ok(())
+    }
+
+    /// Applies `actions` (a phase-sorted plan) wave by wave: the steps of a wave are
+    /// independent of each other (see [`crate::waves`]), so they run concurrently — lanes in
+    /// flight bounded by the client's concurrency — while waves run one after the other.
+    ///
+    /// A step runs only after every step in `deps[i]` was applied: a prerequisite that failed
+    /// cancels it ("not attempted: …", audited), one that waits (held) makes it wait, one that
+    /// met a changed TeamCity makes it wait for the re-read. A step on an object that turned
+    /// out different from the cache earlier in the run (a 404, an unexpected conflict) is not
+    /// attempted either. Steps in `waiting` are held and not attempted.
+    ///
+    /// A transient failure stops the run (no further step starts; those in flight finish), and
+    /// so does a failure that says the bridge is misconfigured. A permanent failure fails its
+    /// step and cancels its dependents, nothing else. Each success is recorded in `actual` at
+    /// the end of its wave, in plan order.
+    async fn apply_steps(
+        &self,
+        actions: &[Action],
+        deps: &[Vec<usize>],
+        waiting: &BTreeMap<usize, i64>,
+        actual: &mut ActualState,
+        actor: &str,
+    ) -> Result<Run, EngineError> {
+        let outcomes = std::sync::Mutex::new(vec![Outcome::NotStarted; actions.len()]);
+        let mut run = Run {
+            outcomes: Vec::new(),
+            stop: None,
+            changed: false,
+            attempted: false,
         };
-        report.held += to_hold.len();
-        let run = self.apply_in_waves(&to_apply, actual, actor).await?;
-        report.applied += run.applied;
-        if let Some((i, e)) = &run.transient {
-            let a = &to_apply[*i];
-            let (target, _) = describe(a);
-            warn!(action = kind(a), %target, not_started = run.not_started, "TeamCity is unavailable; will retry");
-            report.transient_stop = true;
-            failed.insert(
-                ("*".into(), "*".into()),
-                format!("{} on {target} failed: {:?}", kind(a), e.kind()),
-            );
-            return Ok(failed);
-        }
-        for (i, e) in &run.permanent {
-            let a = &to_apply[*i];
-            let (target, _) = describe(a);
-            warn!(action = kind(a), %target, error = ?e.kind(), "action failed permanently");
-            report.failed += 1;
-            if let Some((t, id)) = entity_of(a, actual) {
-                failed
-                    .entry((t.to_owned(), id))
-                    .or_insert_with(|| format!("{} on {target} failed: {:?}", kind(a), e.kind()));
+        let stop_flag = AtomicBool::new(false);
+        let stop: std::sync::Mutex<Option<Stop>> = std::sync::Mutex::new(None);
+        let changed: std::sync::Mutex<HashSet<String>> = std::sync::Mutex::new(HashSet::new());
+        let attempted = AtomicBool::new(false);
+        let offboarding: std::sync::Mutex<HashMap<u64, Offboarding>> =
+            std::sync::Mutex::new(HashMap::new());
+        let group_names: HashMap<String, String> = actual
+            .groups
+            .iter()
+            .map(|g| (g.key.clone(), g.name.clone()))
+            .collect();
+        let mut created: BTreeMap<String, u64> = BTreeMap::new();
+        // Lanes await their audit write between calls (up to the journal's gathering window
+        // and a commit): keep more lanes in flight than the client has permits, so no permit
+        // idles meanwhile. The client's semaphore bounds the calls in flight.
+        let width = self.client.max_concurrency().saturating_mul(3).max(1);
+        let ctx = self.ctx(actor);
+        let journal = crate::journal::Journal::start(self.store.clone(), ctx.clone());
+        let journal = &journal;
+        let mut store_error: Option<EngineError> = None;
+        for wave in crate::waves::waves(actions) {
+            if stop_flag.load(Ordering::Relaxed) {
+                break;
             }
+            let wave_started = std::time::Instant::now();
+            let lanes_in_wave = wave.len();
+            let mut finished: Vec<(usize, Option<(String, u64)>)> = Vec::new();
+            {
+                let names = usernames(actual);
+                let names = &names;
+                let shared = &created;
+                let (stop_flag, stop, changed, attempted, outcomes, offboarding, group_names) = (
+                    &stop_flag,
+                    &stop,
+                    &changed,
+                    &attempted,
+                    &outcomes,
+                    &offboarding,
+                    &group_names,
+                );
+                let mut lanes = futures::stream::iter(wave)
+                    .map(|lane| async move {
+                        let mut done = Vec::with_capacity(lane.len());
+                        for i in lane {
+                            if stop_flag.load(Ordering::Relaxed) {
+                                break;
+                            }
+                            let a = &actions[i];
+                            if waiting.contains_key(&i) {
+                                set(outcomes, i, Outcome::Waiting);
+                                continue;
+                            }
+                            // Prerequisites.
+                            let blocked = {
+                                let o = outcomes.lock().unwrap_or_else(|e| e.into_inner());
+                                deps[i].iter().find_map(|&d| match &o[d] {
+                                    Outcome::Applied => None,
+                                    Outcome::Failed(r) => Some(Outcome::Cancelled(format!(
+                                        "not attempted: {} failed: {r}",
+                                        label(&actions[d])
+                                    ))),
+                                    Outcome::Cancelled(r) => Some(Outcome::Cancelled(r.clone())),
+                                    Outcome::Stale(r) => Some(Outcome::Stale(r.clone())),
+                                    Outcome::Waiting => Some(Outcome::Waiting),
+                                    Outcome::NotStarted => Some(Outcome::NotStarted),
+                                })
+                            };
+                            let blocked = blocked.or_else(|| {
+                                let seen = changed.lock().unwrap_or_else(|e| e.into_inner());
+                                objects(a)
+                                    .into_iter()
+                                    .find(|o| {
+                                        seen.contains(&o.to_string())
+                                            || matches!(o, Obj::User(id) if !names.contains_key(id))
+                                    })
+                                    .map(|o| {
+                                        Outcome::Stale(format!(
+                                            "TeamCity {o} is not what the bridge expected; it is read again first"
+                                        ))
+                                    })
+                            });
+                            if let Some(outcome) = blocked {
+                                if let Outcome::Cancelled(reason) | Outcome::Stale(reason) =
+                                    &outcome
+                                {
+                                    let (target, mut detail) = describe(a);
+                                    detail["error"] = json!(reason);
+                                    let audit =
+                                        entry("TeamCity", Some(target), kind(a), false, None, detail);
+                                    if let Err(e) = journal.write(audit, None, journal.busy()).await
+                                    {
+                                        set(outcomes, i, outcome);
+                                        stop_flag.store(true, Ordering::Relaxed);
+                                        return (done, Some(EngineError::from(e)));
+                                    }
+                                }
+                                set(outcomes, i, outcome);
+                                continue;
+                            }
+                            let in_call = journal.busy();
+                            attempted.store(true, Ordering::Relaxed);
+                            let result = apply_step(&self.client, a, shared, names).await;
+                            let (target, mut detail) = describe(a);
+                            let (outcome, audit) = match &result {
+                                Ok(applied) => {
+                                    metrics::counter!("sync_actions_total", "kind" => kind(a), "outcome" => "applied").increment(1);
+                                    if applied.missing {
+                                        let mut seen =
+                                            changed.lock().unwrap_or_else(|e| e.into_inner());
+                                        seen.extend(objects(a).iter().map(ToString::to_string));
+                                    }
+                                    self.note_offboarding(
+                                        a,
+                                        applied,
+                                        offboarding,
+                                        group_names,
+                                        &mut detail,
+                                    );
+                                    (
+                                        Outcome::Applied,
+                                        entry("TeamCity", Some(target), kind(a), true, None, detail),
+                                    )
+                                }
+                                Err(e) => {
+                                    metrics::counter!("sync_actions_total", "kind" => kind(a), "outcome" => "failed").increment(1);
+                                    detail["error"] = json!(format!("{:?}", e.kind()));
+                                    let status = e.status().map(i64::from);
+                                    let outcome = if e.is_transient() {
+                                        stop_flag.store(true, Ordering::Relaxed);
+                                        let mut s = stop.lock().unwrap_or_else(|e| e.into_inner());
+                                        s.get_or_insert(Stop::Transient(format!(
+                                            "{} failed: {e}",
+                                            label(a)
+                                        )));
+                                        Outcome::NotStarted
+                                    } else if e.is_misconfiguration() {
+                                        stop_flag.store(true, Ordering::Relaxed);
+                                        let mut s = stop.lock().unwrap_or_else(|e| e.into_inner());
+                                        s.get_or_insert(Stop::Misconfigured(format!(
+                                            "the bridge cannot use TeamCity ({e}); check [teamcity] url, token and ca_file"
+                                        )));
+                                        Outcome::NotStarted
+                                    } else if e.is_not_found() || e.is_conflict() {
+                                        let mut seen =
+                                            changed.lock().unwrap_or_else(|e| e.into_inner());
+                                        seen.extend(objects(a).iter().map(ToString::to_string));
+                                        Outcome::Stale(format!(
+                                            "{} met a TeamCity that changed under the bridge ({e}); it is read again first",
+                                            label(a)
+                                        ))
+                                    } else {
+                                        Outcome::Failed(e.to_string())
+                                    };
+                                    (
+                                        outcome,
+                                        entry("TeamCity", Some(target), kind(a), false, status, detail),
+                                    )
+                                }
+                            };
+                            let link = match &result {
+                                Ok(applied) => {
+                                    let mut local = BTreeMap::new();
+                                    if let Some((s, id)) = &applied.created {
+                                        local.insert(s.clone(), *id);
+                                    }
+                                    created_link(a, &local).or_else(|| created_link(a, shared))
+                                }
+                                Err(_) => None,
+                            };
+                            let audited = journal.write(audit, link, in_call).await;
+                            let made = result.ok().and_then(|applied| applied.created);
+                            let applied = outcome == Outcome::Applied;
+                            set(outcomes, i, outcome);
+                            if applied {
+                                done.push((i, made));
+                            }
+                            if let Err(e) = audited {
+                                stop_flag.store(true, Ordering::Relaxed);
+                                return (done, Some(EngineError::from(e)));
+                            }
+                        }
+                        (done, None)
+                    })
+                    .buffer_unordered(width);
+                while let Some((done, err)) = lanes.next().await {
+                    finished.extend(done);
+                    if let (Some(e), None) = (err, &store_error) {
+                        store_error = Some(e);
+                    }
+                }
+            }
+            debug!(lanes = lanes_in_wave, actions = finished.len(), elapsed = ?wave_started.elapsed(), "wave applied");
+            finished.sort_by_key(|(i, _)| *i);
+            for (_, made) in &finished {
+                created.extend(made.clone());
+            }
+            actual.record_all(finished.iter().map(|(i, _)| &actions[*i]), &created);
         }
-        Ok(failed)
+        run.outcomes = outcomes.into_inner().unwrap_or_else(|e| e.into_inner());
+        run.stop = stop.into_inner().unwrap_or_else(|e| e.into_inner());
+        run.changed = !changed
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty();
+        run.attempted = attempted.load(Ordering::Relaxed);
+        match store_error {
+            Some(e) => Err(e),
+            None => Ok(run),
+        }
+    }
+
+    /// Keeps what an offboarding removed, and puts it in the `set_deactivated` event: group
+    /// names, roles, token names (never values), and whether sessions could be ended.
+    fn note_offboarding(
+        &self,
+        a: &Action,
+        applied: &Applied,
+        offboarding: &std::sync::Mutex<HashMap<u64, Offboarding>>,
+        group_names: &HashMap<String, String>,
+        detail: &mut Value,
+    ) {
+        let mut all = offboarding.lock().unwrap_or_else(|e| e.into_inner());
+        match a {
+            Action::RemoveFromGroup { user, group } => {
+                let name = group_names.get(group).cloned().unwrap_or_else(|| group.clone());
+                if !store::audit::looks_like_email(&name) {
+                    detail["name"] = json!(name);
+                }
+                all.entry(*user).or_default().groups.push(name);
+            }
+            Action::RemoveUserRole { user, role } => {
+                all.entry(*user).or_default().roles.push(role.to_string());
+            }
+            Action::RevokeTokens { user } => {
+                detail["tokens"] = json!(applied.tokens);
+                all.entry(*user)
+                    .or_default()
+                    .tokens
+                    .extend(applied.tokens.iter().cloned());
+            }
+            Action::EndSessions { user } => {
+                let note = if applied.sessions_unsupported {
+                    if !self.sessions_noted.swap(true, Ordering::Relaxed) {
+                        warn!("this TeamCity cannot end sessions (no POST /users/{{u}}/logout; TeamCity 2024.07 or later has it): deactivated users' sessions run until they expire");
+                    }
+                    "this TeamCity cannot end sessions"
+                } else {
+                    "ended"
+                };
+                detail["sessions"] = json!(note);
+                all.entry(*user).or_default().sessions = Some(note);
+            }
+            Action::SetDeactivated { user } => {
+                let o = all.remove(user).unwrap_or_default();
+                detail["removed"] = json!({
+                    "groups": o.groups,
+                    "roles": o.roles,
+                    "tokens": o.tokens,
+                });
+                if let Some(s) = o.sessions {
+                    detail["sessions"] = json!(s);
+                }
+            }
+            _ => {}
+        }
     }
 
     /// Keeps the SCIM ↔ TeamCity mapping equal to the managed objects of `actual` (the cache
     /// after a pass): user SCIM id → TeamCity id and username, group SCIM id → key and name.
-    /// Writes only the links that changed.
-    async fn record_mappings(&self, actual: &ActualState) -> Result<(), EngineError> {
+    /// Writes only the links that changed. With `only`, just the links of those SCIM ids
+    /// (what a pass wrote to successfully): links come only from state confirmed in the
+    /// same pass — a full read, or a write TeamCity accepted through a pinned locator.
+    async fn record_mappings(
+        &self,
+        actual: &ActualState,
+        only: Option<&BTreeSet<String>>,
+    ) -> Result<(), EngineError> {
+        if only.is_some_and(BTreeSet::is_empty) {
+            return Ok(());
+        }
         if self.cfg.mode == Mode::Shadow {
             return Ok(());
         }
@@ -702,10 +1646,15 @@ impl Engine {
                 let scim = u.scim_id.clone()?;
                 Some((scim, (u.id.to_string(), u.username.clone())))
             })
+            .filter(|(s, _)| only.is_none_or(|o| o.contains(s)))
             .collect();
         let mut groups: BTreeMap<String, (u32, String, String)> = BTreeMap::new();
         for g in &actual.groups {
-            let Some(m) = g.marker.as_deref().filter(|m| *m != DEFAULTS_MARKER) else {
+            let Some(m) = g
+                .marker
+                .as_deref()
+                .filter(|m| *m != DEFAULTS_MARKER && only.is_none_or(|o| o.contains(*m)))
+            else {
                 continue;
             };
             // Mid-swap, two keys share a marker: the newest generation is the group.
@@ -734,7 +1683,7 @@ impl Engine {
                 })
                 .collect();
             for m in &have {
-                if !want.contains_key(&m.scim_id) {
+                if only.is_none_or(|o| o.contains(&m.scim_id)) && !want.contains_key(&m.scim_id) {
                     self.store.delete_mapping(&ctx, kind, &m.scim_id).await?;
                 }
             }
@@ -753,252 +1702,12 @@ impl Engine {
         Ok(())
     }
 
-    /// Applies `actions` (in plan order) wave by wave: the actions of a wave are independent of
-    /// each other (see [`crate::waves`]), so they run concurrently — lanes in flight bounded by
-    /// the client's concurrency — while waves run one after the other, keeping every order the
-    /// plan relies on. Each outcome is audited as it happens; each success is recorded in
-    /// `actual` at the end of its wave, in plan order (users created in a wave are known to the
-    /// later waves that refer to them).
-    ///
-    /// A transient failure stops the run: no further action starts (those in flight finish and
-    /// are recorded), and no later wave runs. A permanent failure only fails its action. A
-    /// store failure stops the run too, after recording what TeamCity accepted.
-    async fn apply_in_waves(
-        &self,
-        actions: &[Action],
-        actual: &mut ActualState,
-        actor: &str,
-    ) -> Result<WaveRun, EngineError> {
-        let mut run = WaveRun::default();
-        let mut created: BTreeMap<String, u64> = BTreeMap::new();
-        let stop = AtomicBool::new(false);
-        // Lanes await their audit write between calls (up to the journal's gathering window and
-        // a commit): keep more lanes in flight than the client has permits, so no permit idles
-        // meanwhile. The client's semaphore bounds the calls in flight.
-        let width = self.client.max_concurrency().saturating_mul(3).max(1);
-        let ctx = self.ctx(actor);
-        let journal = crate::journal::Journal::start(self.store.clone(), ctx.clone());
-        let journal = &journal;
-        let mut store_error: Option<EngineError> = None;
-        for wave in crate::waves::waves(actions) {
-            if stop.load(Ordering::Relaxed) {
-                break;
-            }
-            let wave_started = std::time::Instant::now();
-            let lanes_in_wave = wave.len();
-            let shared = &created;
-            let stop = &stop;
-            let mut lanes = futures::stream::iter(wave)
-                .map(|lane| async move {
-                    let mut done = Vec::with_capacity(lane.len());
-                    for i in lane {
-                        if stop.load(Ordering::Relaxed) {
-                            break;
-                        }
-                        let a = &actions[i];
-                        // The users this action refers to, from earlier waves.
-                        let mut local: BTreeMap<String, u64> = BTreeMap::new();
-                        for r in user_refs(a) {
-                            if let Some(id) = shared.get(r) {
-                                local.insert(r.to_owned(), *id);
-                            }
-                        }
-                        let in_call = journal.busy();
-                        let result = apply(&self.client, std::slice::from_ref(a), &mut local)
-                            .await
-                            .map(|_| ())
-                            .map_err(|e| e.error);
-                        let (target, mut detail) = describe(a);
-                        let audit = match &result {
-                            Ok(()) => {
-                                metrics::counter!("sync_actions_total", "kind" => kind(a), "outcome" => "applied").increment(1);
-                                entry("TeamCity", Some(target), kind(a), true, None, detail)
-                            }
-                            Err(e) => {
-                                metrics::counter!("sync_actions_total", "kind" => kind(a), "outcome" => "failed").increment(1);
-                                detail["error"] = json!(format!("{:?}", e.kind()));
-                                let status = e.status().map(i64::from);
-                                entry("TeamCity", Some(target), kind(a), false, status, detail)
-                            }
-                        };
-                        let transient = result.as_ref().is_err_and(TeamCityError::is_transient);
-                        if transient {
-                            stop.store(true, Ordering::Relaxed);
-                        }
-                        let link = result.as_ref().ok().and_then(|()| created_link(a, &local));
-                        let audited = journal.write(audit, link, in_call).await;
-                        let made = match a {
-                            Action::CreateUser { scim_id, .. } => {
-                                local.get(scim_id).map(|id| (scim_id.clone(), *id))
-                            }
-                            _ => None,
-                        };
-                        done.push(Done {
-                            index: i,
-                            created: made,
-                            result,
-                        });
-                        if let Err(e) = audited {
-                            stop.store(true, Ordering::Relaxed);
-                            return (done, Some(EngineError::from(e)));
-                        }
-                        if transient {
-                            break;
-                        }
-                    }
-                    (done, None)
-                })
-                .buffer_unordered(width);
-            let mut finished: Vec<Done> = Vec::new();
-            while let Some((done, err)) = lanes.next().await {
-                finished.extend(done);
-                if let (Some(e), None) = (err, &store_error) {
-                    store_error = Some(e);
-                }
-            }
-            drop(lanes);
-            debug!(lanes = lanes_in_wave, actions = finished.len(), elapsed = ?wave_started.elapsed(), "wave applied");
-            finished.sort_by_key(|d| d.index);
-            for d in &finished {
-                if d.result.is_ok() {
-                    created.extend(d.created.clone());
-                }
-            }
-            actual.record_all(
-                finished
-                    .iter()
-                    .filter(|d| d.result.is_ok())
-                    .map(|d| &actions[d.index]),
-                &created,
-            );
-            for d in finished {
-                match d.result {
-                    Ok(()) => run.applied += 1,
-                    Err(e) if e.is_transient() => {
-                        if run.transient.is_none() {
-                            run.transient = Some((d.index, e));
-                        }
-                    }
-                    Err(e) => run.permanent.push((d.index, e)),
-                }
-            }
-        }
-        run.not_started = actions.len()
-            - run.applied
-            - run.permanent.len()
-            - usize::from(run.transient.is_some());
-        match store_error {
-            Some(e) => Err(e),
-            None => Ok(run),
-        }
-    }
-
-    async fn hold(
-        &self,
-        hold: &[Action],
-        held: &crate::Held,
-        source: &str,
-    ) -> Result<(), EngineError> {
-        let plan_json = serde_json::to_value(hold).unwrap_or(Value::Null);
-        // The same removals stay held until approved: do not hold them twice.
-        let existing = self.store.list_held(Some("held")).await?;
-        if existing.iter().any(|b| b.plan == plan_json) {
-            return Ok(());
-        }
-        // The rows that triggered the batch complete with the rest of it; the held removals
-        // wait in the batch itself, so no row is parked.
-        let summary = format!(
-            "{} ({} actions held: {})",
-            held.reason,
-            hold.len(),
-            kinds_summary(hold)
-        );
-        let id = self
-            .store
-            .create_held(
-                &self.ctx(if source == "reconcile" {
-                    "reconciler"
-                } else {
-                    "sync"
-                }),
-                source,
-                &[],
-                &summary,
-                held.count as i64,
-                &plan_json,
-            )
-            .await?;
-        metrics::counter!("sync_held_batches_total").increment(1);
-        warn!(
-            batch = id,
-            users = held.count,
-            reason = %held.reason,
-            "blast-radius guard held a batch; review it with `teamcity-scim held`, apply it with `teamcity-scim approve {id}`"
-        );
-        Ok(())
-    }
-
-    /// Applies approved held batches: the held actions that the current plan still wants.
-    async fn apply_approved(&self, report: &mut PassReport) -> Result<(), EngineError> {
-        let approved = self.store.list_held(Some("approved")).await?;
-        if approved.is_empty() {
-            return Ok(());
-        }
-        self.ensure_cache().await?;
-        let d = self.desired().await?;
-        let mut cache = self.cache.lock().await;
-        let actual = cache.as_mut().expect("cache loaded");
-        for batch in approved {
-            let held: Vec<Action> = serde_json::from_value(batch.plan.clone()).unwrap_or_default();
-            let current = plan(
-                &d,
-                actual,
-                &PlanOptions {
-                    deprovision: self.cfg.deprovision,
-                },
-            );
-            let wanted: BTreeSet<String> = current
-                .actions
-                .iter()
-                .map(|a| serde_json::to_string(a).unwrap_or_default())
-                .collect();
-            let still: Vec<Action> = held
-                .into_iter()
-                .filter(|a| wanted.contains(&serde_json::to_string(a).unwrap_or_default()))
-                .collect();
-            let run = self.apply_in_waves(&still, actual, "sync").await?;
-            report.applied += run.applied;
-            if let Some((_, e)) = run.transient {
-                return Err(e.into());
-            }
-            for (i, e) in &run.permanent {
-                let (target, _) = describe(&still[*i]);
-                report.failed += 1;
-                warn!(action = kind(&still[*i]), %target, error = ?e.kind(), "approved action failed");
-            }
-            self.store
-                .mark_held_applied(&self.ctx("sync"), batch.id)
-                .await?;
-            info!(
-                batch = batch.id,
-                actions = still.len(),
-                "approved batch applied"
-            );
-        }
-        Ok(())
-    }
-
     /// Runs passes until no outbox row is due (tests and the demo use it).
     pub async fn drain(&self) -> Result<PassReport, EngineError> {
         let mut total = PassReport::default();
         for _ in 0..10_000 {
             let r = self.run_once().await?;
-            total.outbox_rows += r.outbox_rows;
-            total.planned += r.planned;
-            total.applied += r.applied;
-            total.failed += r.failed;
-            total.held += r.held;
-            total.transient_stop |= r.transient_stop;
+            total.add(&r);
             if r.outbox_rows == 0 || r.transient_stop {
                 break;
             }

@@ -1,10 +1,14 @@
-//! Blast-radius guard: a batch (one outbox item or one reconcile) that would
-//! take a group membership or a role — direct, or through a group that loses
-//! a role or is deleted — away from too many managed users is held.
+//! Blast-radius guard: a batch (one worker pass or one reconcile) that would take access away
+//! from too many managed users is held until `teamcity-scim approve`.
 //!
-//! A rename swap is not a removal: deleting the old group costs a member
-//! nothing when the replacement (same marker, created in the same plan or
-//! kept) has the member and at least the old roles.
+//! Every loss of access counts, per distinct user: a membership or a direct role removed, a
+//! role removed from a group the user is in, a group deleted, a token revoked, a password
+//! reset, sessions ended, remember-me data cleared, a user deleted. A rename swap is not a
+//! loss: deleting the old group costs a member nothing when the replacement (same marker,
+//! created in the same plan or kept) has the member and at least the old roles.
+//!
+//! Delaying an offboarding is itself a security failure, so one user's losses are never held,
+//! and the percentage rule never holds a batch of [`PERCENT_FLOOR`] users or fewer.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -13,9 +17,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{Action, ActualState, RoleAt, UserRef};
 
-/// Users (TeamCity ids) who lose a membership or a role if `plan` is applied
-/// to `actual`.
-pub fn removals(plan: &[Action], actual: &ActualState) -> BTreeSet<u64> {
+/// The percentage rule never holds a batch of this many users or fewer.
+pub const PERCENT_FLOOR: usize = 3;
+
+/// For each step of `plan`, the users (TeamCity ids) who lose access if it is applied to
+/// `actual`; empty for steps that take nothing away.
+pub fn losses(plan: &[Action], actual: &ActualState) -> Vec<BTreeSet<u64>> {
     let members = actual.members();
     let members_of = |key: &str| members.get(key).cloned().unwrap_or_default();
     let deleted: BTreeSet<&str> = plan
@@ -55,15 +62,16 @@ pub fn removals(plan: &[Action], actual: &ActualState) -> BTreeSet<u64> {
         }
     }
 
-    let mut out = BTreeSet::new();
-    for a in plan {
-        match a {
+    plan.iter()
+        .map(|a| match a {
             Action::RemoveFromGroup { user, .. }
             | Action::RemoveUserRole { user, .. }
-            | Action::DeleteUser { user } => {
-                out.insert(*user);
-            }
-            Action::RemoveGroupRole { group, .. } => out.extend(members_of(group)),
+            | Action::DeleteUser { user }
+            | Action::RevokeTokens { user }
+            | Action::ResetPassword { user }
+            | Action::EndSessions { user }
+            | Action::ClearRememberMe { user } => BTreeSet::from([*user]),
+            Action::RemoveGroupRole { group, .. } => members_of(group),
             Action::DeleteGroup { key } => {
                 let old_members = members_of(key);
                 let old = actual.group(key);
@@ -73,19 +81,22 @@ pub fn removals(plan: &[Action], actual: &ActualState) -> BTreeSet<u64> {
                 match (old, replacement) {
                     (Some(old), Some((roles, kept))) => {
                         let lost_roles = !old.roles.is_subset(roles);
-                        out.extend(
-                            old_members
-                                .into_iter()
-                                .filter(|id| lost_roles || !kept.contains(id)),
-                        );
+                        old_members
+                            .into_iter()
+                            .filter(|id| lost_roles || !kept.contains(id))
+                            .collect()
                     }
-                    _ => out.extend(old_members),
+                    _ => old_members,
                 }
             }
-            _ => {}
-        }
-    }
-    out
+            _ => BTreeSet::new(),
+        })
+        .collect()
+}
+
+/// Users (TeamCity ids) who lose access in any way if `plan` is applied to `actual`.
+pub fn removals(plan: &[Action], actual: &ActualState) -> BTreeSet<u64> {
+    losses(plan, actual).into_iter().flatten().collect()
 }
 
 /// A batch held by the guard.
@@ -98,30 +109,33 @@ pub struct Held {
     pub reason: String,
 }
 
-/// Holds when `removed` users exceed `max` or `max_percent` % of `managed_total`.
+/// Holds when `removed` users exceed `max`, or `max_percent` % of `managed_total` — never
+/// for one user, and the percentage rule never for [`PERCENT_FLOOR`] users or fewer.
 pub fn check(
     removed: usize,
     managed_total: usize,
     max: Option<usize>,
     max_percent: Option<u32>,
 ) -> Result<(), Held> {
+    if removed <= 1 {
+        return Ok(());
+    }
     if let Some(max) = max
         && removed > max
     {
         return Err(Held {
             count: removed,
-            reason: format!(
-                "{removed} users would lose a membership or a role (max_removals = {max})"
-            ),
+            reason: format!("{removed} users would lose access (max_removals = {max})"),
         });
     }
     if let Some(pct) = max_percent
+        && removed > PERCENT_FLOOR
         && (removed as u128) * 100 > (managed_total as u128) * u128::from(pct)
     {
         return Err(Held {
             count: removed,
             reason: format!(
-                "{removed} of {managed_total} managed users would lose a membership or a role \
+                "{removed} of {managed_total} managed users would lose access \
                  (max_removals_percent = {pct})"
             ),
         });
@@ -141,6 +155,16 @@ pub struct GuardLimits {
 }
 
 impl GuardLimits {
+    /// [`check`] of `removed` users against the managed users of `actual`.
+    pub fn check_plan_count(&self, removed: usize, actual: &ActualState) -> Result<(), Held> {
+        check(
+            removed,
+            actual.managed_users(),
+            self.max_removals,
+            self.max_removals_percent,
+        )
+    }
+
     /// [`removals`] then [`check`] against the managed users of `actual`.
     pub fn check_plan(&self, plan: &[Action], actual: &ActualState) -> Result<(), Held> {
         let removed = removals(plan, actual);
@@ -174,7 +198,15 @@ mod tests {
             (11, 100, Some(10), None, false),
             (20, 100, None, Some(20), true),
             (21, 100, None, Some(20), false),
-            (1, 3, Some(10), Some(20), false),
+            // One user's offboarding is never held, whatever the directory size.
+            (1, 3, Some(10), Some(20), true),
+            (1, 1, Some(0), Some(0), true),
+            (2, 100, Some(1), None, false),
+            // The percentage rule holds nothing of three users or fewer...
+            (3, 4, Some(10), Some(20), true),
+            (2, 2, None, Some(1), true),
+            // ...and applies above that.
+            (4, 5, Some(10), Some(20), false),
             (0, 0, Some(0), Some(0), true),
             (500, 1000, None, None, true),
         ];

@@ -252,6 +252,18 @@ pub struct ActualUser {
     pub token_count: Option<u64>,
 }
 
+/// A read of one object that failed while the rest of TeamCity was read: the object's own
+/// work waits (and is reported), everyone else's goes on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadFailure {
+    /// The TeamCity user id.
+    pub user: u64,
+    /// What was read (`tokens`).
+    pub what: &'static str,
+    /// The error, for the operator.
+    pub error: String,
+}
+
 impl ActualUser {
     /// Carries our marker.
     pub fn is_managed(&self) -> bool {
@@ -279,6 +291,10 @@ pub struct ActualState {
     pub users: Vec<ActualUser>,
     /// All groups (without `ALL_USERS_GROUP`).
     pub groups: Vec<ActualGroup>,
+    /// Roles of `ALL_USERS_GROUP`: every user keeps them, deactivated ones too.
+    pub all_users_roles: BTreeSet<RoleAt>,
+    /// Per-object reads that failed (the rest was read).
+    pub read_failures: Vec<ReadFailure>,
 }
 
 impl ActualState {
@@ -417,7 +433,14 @@ impl ActualState {
                     self.users[i].token_count = Some(0);
                 }
             }
-            Action::ResetPassword { .. } => {}
+            Action::ResetPassword { .. }
+            | Action::EndSessions { .. }
+            | Action::ClearRememberMe { .. } => {}
+            Action::AdoptUser { user: id, scim_id } => {
+                if let Some(i) = user(index, Some(*id)) {
+                    self.users[i].scim_id = Some(scim_id.clone());
+                }
+            }
             Action::SetDeactivated { user: id } | Action::ClearDeactivated { user: id } => {
                 if let Some(i) = user(index, Some(*id)) {
                     self.users[i].deactivated = matches!(action, Action::SetDeactivated { .. });
@@ -570,6 +593,25 @@ pub enum Action {
     ResetPassword {
         /// TeamCity user id.
         user: u64,
+    },
+    /// `POST /users/{u}/logout`: ends every session of the user (older servers answer 404:
+    /// then this TeamCity cannot end sessions, which is noted, not a failure).
+    EndSessions {
+        /// TeamCity user id.
+        user: u64,
+    },
+    /// `DELETE /users/{u}/debug/rememberMe`: a "remember me" cookie cannot log the user in.
+    ClearRememberMe {
+        /// TeamCity user id.
+        user: u64,
+    },
+    /// `PUT /users/{u}/properties/teamcity-scim.id`: takes over an existing TeamCity user
+    /// with the username of a SCIM user (`sync.adopt_existing = "by_username"`).
+    AdoptUser {
+        /// TeamCity user id.
+        user: u64,
+        /// The SCIM id (the marker value).
+        scim_id: String,
     },
     /// `PUT /users/id:N/properties/teamcity-scim.deactivated` = `true`.
     SetDeactivated {

@@ -1,27 +1,31 @@
-//! `plan(desired, actual)`: the minimal ordered list of TeamCity calls that
-//! makes TeamCity equal to the desired state. Pure.
+//! `plan(desired, actual)`: the minimal list of TeamCity calls that makes TeamCity equal to
+//! the desired state, each with its prerequisites (see [`dependencies`]). Pure.
 //!
 //! Rules:
-//! - Only objects carrying our marker are changed. An unmanaged user holding a
-//!   username we want is an adoption conflict (no action, reported); an
-//!   unmanaged user in a managed group is reported, not removed.
-//! - Users are matched by the marker (SCIM id), never by username, so renames
-//!   are a field update.
-//! - Groups are matched by the marker; a name change is a swap: ONE
-//!   `CreateGroup` (new key of the next generation, new name, all roles and
-//!   members) and then `DeleteGroup` of the old key. Leftover groups of older
-//!   generations (a swap cut short) are deleted.
-//! - Inactive users (and, with `deprovision = "strip"`, managed users whose
-//!   SCIM user is gone) leave every managed group and lose direct roles; the
-//!   first time (marker not yet set) their tokens are revoked, their password
-//!   randomised and [`USER_DEACTIVATED`](crate::model::USER_DEACTIVATED) set; afterwards tokens are revoked
-//!   again whenever some were read. With `deprovision = "delete"` such users are deleted.
+//! - Only objects carrying our marker are changed. An unmanaged user holding a username we
+//!   want is an adoption conflict (no action, reported) unless `adopt = by_username`, which
+//!   marks it first ([`Action::AdoptUser`]) and then converges it; an unmanaged user in a
+//!   managed group is reported, not removed.
+//! - Users are matched by the marker (SCIM id), never by username, so renames are a field
+//!   update.
+//! - Groups are matched by the marker; a name change is a swap: ONE `CreateGroup` (new key of
+//!   the next generation, new name, all roles, all members — those added by hand included)
+//!   and then `DeleteGroup` of the old key, which depends on the create. Leftover groups of
+//!   older generations (a swap cut short) are deleted.
+//! - Inactive users (and, with `deprovision = "strip"`, managed users whose SCIM user is
+//!   gone) leave every group but All Users — managed or made by hand — and lose every direct
+//!   role; the first time (marker not yet set) their tokens are revoked, their password
+//!   randomised, their remember-me data cleared and their sessions ended, and then
+//!   [`USER_DEACTIVATED`](crate::model::USER_DEACTIVATED) is set, depending on all of those;
+//!   afterwards tokens are revoked again whenever some were read. With
+//!   `deprovision = "delete"` such users are deleted.
+//! - Steps on managed objects the directory does not know (orphans) are flagged in
+//!   [`Plan::orphans`]: nothing asked for them, so the engine holds them for approval.
 //!
-//! Order: delete orphan groups (frees their names), create users, update
-//! users, create groups, joins, per-user role grants, leaves, group role
-//! changes (after leaves, so a capped user is out of a group before it gains
-//! a role beyond the cap), per-user role removals, (de)activation steps,
-//! delete swapped-out groups, delete users.
+//! Order: delete orphan groups (frees their names), create or adopt users, update users,
+//! create groups, joins, per-user role grants, leaves, group role changes (after leaves, so a
+//! capped user is out of a group before it gains a role beyond the cap), per-user role
+//! removals, (de)activation steps, delete swapped-out groups, delete users.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -42,11 +46,25 @@ pub enum Deprovision {
     Delete,
 }
 
+/// What happens to a TeamCity user without our marker whose username a SCIM user has
+/// (`sync.adopt_existing`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdoptExisting {
+    /// Leave it alone: a visible conflict (the SCIM user's work is dead with the reason).
+    #[default]
+    Never,
+    /// Mark it as the SCIM user's and converge it (audited as an adoption).
+    ByUsername,
+}
+
 /// Options for [`plan`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PlanOptions {
     /// What happens to managed users that left the directory.
     pub deprovision: Deprovision,
+    /// Whether existing unmanaged users are adopted by username.
+    pub adopt: AdoptExisting,
 }
 
 /// Something the plan cannot do without a human.
@@ -86,7 +104,8 @@ impl fmt::Display for Conflict {
                 holder_scim_id: None,
             } => write!(
                 f,
-                "user {scim_id}: username {username:?} belongs to unmanaged TeamCity user id:{holder} (adoption conflict; not changed)"
+                "user {scim_id}: TeamCity already has user '{username}' (id:{holder}) that teamcity-scim did not create; \
+                 set sync.adopt_existing = \"by_username\" to manage it"
             ),
             Conflict::UsernameTaken {
                 scim_id,
@@ -121,6 +140,20 @@ pub enum Report {
         /// Group key.
         group: String,
     },
+    /// `ALL_USERS_GROUP` carries roles: every user keeps them, deactivated users too.
+    AllUsersRoles {
+        /// The roles.
+        roles: Vec<crate::model::RoleAt>,
+    },
+    /// A read of one user failed; that user's work waits.
+    ReadFailed {
+        /// TeamCity user id.
+        user: u64,
+        /// What was read.
+        what: &'static str,
+        /// The error.
+        error: String,
+    },
     /// Counts of unmanaged users and groups (left alone).
     Unmanaged {
         /// Users without our marker.
@@ -141,6 +174,20 @@ impl fmt::Display for Report {
                 f,
                 "unmanaged user {username:?} (id:{user}) is a member of managed group {group}; left as is"
             ),
+            Report::AllUsersRoles { roles } => write!(
+                f,
+                "the All Users group carries {}: every user keeps them, deactivated users too \
+                 (keep All Users without roles and grant them through the policy)",
+                roles
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Report::ReadFailed { user, what, error } => write!(
+                f,
+                "could not read the {what} of TeamCity user id:{user} ({error}); its work waits"
+            ),
             Report::Unmanaged { users, groups } => write!(
                 f,
                 "{users} unmanaged user(s) and {groups} unmanaged group(s) left untouched"
@@ -149,11 +196,27 @@ impl fmt::Display for Report {
     }
 }
 
-/// A plan: the actions, and what it could not or would not do.
+/// A managed TeamCity object the directory does not know: removals on it were asked for by
+/// no SCIM event seen here (an empty or wrong database, an old backup restored), unless the
+/// store recorded a SCIM DELETE of it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Orphan {
+    /// `user` or `group` (the outbox's entity types).
+    pub entity: &'static str,
+    /// Its SCIM id (the marker value).
+    pub scim_id: String,
+}
+
+/// A plan: the steps, and what it could not or would not do.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
     /// The calls, in order.
     pub actions: Vec<Action>,
+    /// `deps[i]`: the indices of the steps `actions[i]` needs to have succeeded first (see
+    /// [`dependencies`]). Always earlier in `actions`.
+    pub deps: Vec<Vec<usize>>,
+    /// Steps that take access on an object the directory does not know, by index.
+    pub orphans: BTreeMap<usize, Orphan>,
     /// Conflicts (no action was planned for them).
     pub conflicts: Vec<Conflict>,
     /// Reports on unmanaged objects.
@@ -170,6 +233,7 @@ impl Plan {
 // Phases, in execution order.
 const DELETE_ORPHAN_GROUP: u8 = 0;
 const CREATE_USER: u8 = 1;
+const ADOPT_USER: u8 = 1;
 const UPDATE_USER: u8 = 2;
 const CREATE_GROUP: u8 = 3;
 const JOIN: u8 = 4;
@@ -183,13 +247,15 @@ const DELETE_USER: u8 = 11;
 
 #[derive(Default)]
 struct Out {
-    actions: Vec<(u8, Action)>,
+    actions: Vec<(u8, Action, Option<Orphan>)>,
     conflicts: Vec<Conflict>,
+    /// While planning an orphan's steps: the orphan they concern.
+    orphan: Option<Orphan>,
 }
 
 impl Out {
     fn push(&mut self, phase: u8, action: Action) {
-        self.actions.push((phase, action));
+        self.actions.push((phase, action, self.orphan.clone()));
     }
 }
 
@@ -239,6 +305,8 @@ pub fn plan(desired: &Desired, actual: &ActualState, opts: &PlanOptions) -> Plan
     // ---- users: who exists, who is created, who conflicts ----
     let mut refs: BTreeMap<&str, UserRef> = BTreeMap::new();
     let mut claimed_usernames: BTreeSet<&str> = BTreeSet::new();
+    // Unmanaged users taken over by username, as they will be once marked.
+    let mut adopted: BTreeMap<&str, ActualUser> = BTreeMap::new();
     for d in desired.users.values() {
         if let Some(a) = managed_users.get(d.scim_id.as_str()) {
             refs.insert(&d.scim_id, UserRef::Id(a.id));
@@ -250,6 +318,21 @@ pub fn plan(desired: &Desired, actual: &ActualState, opts: &PlanOptions) -> Plan
             continue;
         }
         if let Some(h) = by_username.get(d.username.as_str()) {
+            if opts.adopt == AdoptExisting::ByUsername
+                && !h.is_managed()
+                && claimed_usernames.insert(&h.username)
+            {
+                out.push(
+                    ADOPT_USER,
+                    Action::AdoptUser {
+                        user: h.id,
+                        scim_id: d.scim_id.clone(),
+                    },
+                );
+                adopted.insert(&d.scim_id, (*h).clone());
+                refs.insert(&d.scim_id, UserRef::Id(h.id));
+                continue;
+            }
             out.conflicts.push(Conflict::UsernameTaken {
                 scim_id: d.scim_id.clone(),
                 username: d.username.clone(),
@@ -272,6 +355,13 @@ pub fn plan(desired: &Desired, actual: &ActualState, opts: &PlanOptions) -> Plan
         );
         refs.insert(&d.scim_id, UserRef::New(d.scim_id.clone()));
     }
+    for (scim_id, a) in &mut adopted {
+        a.scim_id = Some((*scim_id).to_owned());
+    }
+    let managed_users: BTreeMap<&str, &ActualUser> = managed_users
+        .into_iter()
+        .chain(adopted.iter().map(|(s, a)| (*s, a)))
+        .collect();
     for d in desired.users.values() {
         if let Some(a) = managed_users.get(d.scim_id.as_str()) {
             update_fields(&mut out, d, a, &by_username);
@@ -290,6 +380,10 @@ pub fn plan(desired: &Desired, actual: &ActualState, opts: &PlanOptions) -> Plan
         .map(|g| g.key.as_str())
         .collect();
     for key in &orphan_groups {
+        out.orphan = actual.group(key).and_then(|g| g.marker.clone()).map(|m| Orphan {
+            entity: "group",
+            scim_id: m,
+        });
         out.push(
             DELETE_ORPHAN_GROUP,
             Action::DeleteGroup {
@@ -297,6 +391,7 @@ pub fn plan(desired: &Desired, actual: &ActualState, opts: &PlanOptions) -> Plan
             },
         );
     }
+    out.orphan = None;
     // Names held by groups that survive the orphan deletes.
     let name_holders: BTreeMap<&str, &ActualGroup> = actual
         .groups
@@ -383,9 +478,21 @@ pub fn plan(desired: &Desired, actual: &ActualState, opts: &PlanOptions) -> Plan
                     );
                     continue;
                 }
-                // Rename swap: new group with everything in one call, then drop the old.
+                // Rename swap: new group with everything in one call — members an
+                // administrator added by hand included — then drop the old.
                 let key = new_key();
-                out.push(CREATE_GROUP, create_group(g, &key, &refs));
+                let mut create = create_group(g, &key, &refs);
+                if let Action::CreateGroup { members: m, .. } = &mut create {
+                    m.extend(
+                        members
+                            .get(c.key.as_str())
+                            .into_iter()
+                            .flatten()
+                            .filter(|id| actual.user(**id).is_some_and(|u| !u.is_managed()))
+                            .map(|id| UserRef::Id(*id)),
+                    );
+                }
+                out.push(CREATE_GROUP, create);
                 going.insert(c.key.clone());
                 out.push(DELETE_OLD_GROUP, Action::DeleteGroup { key: c.key.clone() });
                 targets.insert(&g.marker, GroupTarget { key, created: true });
@@ -468,13 +575,21 @@ pub fn plan(desired: &Desired, actual: &ActualState, opts: &PlanOptions) -> Plan
                     &roles,
                     &created_keys,
                     &going,
-                    &managed_group_keys,
+                    if d.active {
+                        Leave::Managed(&managed_group_keys)
+                    } else {
+                        Leave::All
+                    },
                 );
                 activation(&mut out, a, d.active);
             }
         }
     }
     for a in &orphans {
+        out.orphan = a.scim_id.clone().map(|scim_id| Orphan {
+            entity: "user",
+            scim_id,
+        });
         match opts.deprovision {
             Deprovision::Delete => out.push(DELETE_USER, Action::DeleteUser { user: a.id }),
             Deprovision::Strip => {
@@ -485,12 +600,13 @@ pub fn plan(desired: &Desired, actual: &ActualState, opts: &PlanOptions) -> Plan
                     &BTreeSet::new(),
                     &created_keys,
                     &going,
-                    &managed_group_keys,
+                    Leave::All,
                 );
                 activation(&mut out, a, false);
             }
         }
     }
+    out.orphan = None;
 
     // ---- reports ----
     let mut reports = Vec::new();
@@ -508,6 +624,18 @@ pub fn plan(desired: &Desired, actual: &ActualState, opts: &PlanOptions) -> Plan
             }
         }
     }
+    if !actual.all_users_roles.is_empty() {
+        reports.push(Report::AllUsersRoles {
+            roles: actual.all_users_roles.iter().cloned().collect(),
+        });
+    }
+    for f in &actual.read_failures {
+        reports.push(Report::ReadFailed {
+            user: f.user,
+            what: f.what,
+            error: f.error.clone(),
+        });
+    }
     let unmanaged_users = actual.users.iter().filter(|u| !u.is_managed()).count();
     let unmanaged_groups = actual.groups.iter().filter(|g| g.marker.is_none()).count();
     if unmanaged_users + unmanaged_groups > 0 {
@@ -517,12 +645,176 @@ pub fn plan(desired: &Desired, actual: &ActualState, opts: &PlanOptions) -> Plan
         });
     }
 
-    out.actions.sort_by_key(|(phase, _)| *phase);
+    out.actions.sort_by_key(|(phase, _, _)| *phase);
+    let mut orphans_at = BTreeMap::new();
+    let mut actions = Vec::with_capacity(out.actions.len());
+    for (i, (_, a, orphan)) in out.actions.into_iter().enumerate() {
+        if let Some(o) = orphan {
+            orphans_at.insert(i, o);
+        }
+        actions.push(a);
+    }
+    let deps = dependencies(&actions, actual);
     Plan {
-        actions: out.actions.into_iter().map(|(_, a)| a).collect(),
+        actions,
+        deps,
+        orphans: orphans_at,
         conflicts: out.conflicts,
         reports,
     }
+}
+
+/// The prerequisites of each step: `deps[i]` lists the indices of the steps that must have
+/// succeeded before `actions[i]` may run; a step whose prerequisite failed (or did not run) is
+/// not attempted. Always earlier indices, in a phase-sorted list (so they run in an earlier
+/// wave, or earlier in the same lane). Pure.
+///
+/// - a join or role grant of a user created in the plan needs that create;
+/// - every step on an adopted user needs the adoption (the marker);
+/// - a join or role change of a group created in the plan needs that create;
+/// - creating a group needs the delete of the orphan group holding its name;
+/// - **a rename swap's delete of the old group needs the replacement to exist with every
+///   role and every member** (its create, and any join or role added to it);
+/// - **the deactivated marker needs every strip step of that user** (leaves, role removals,
+///   tokens, password, sessions, remember-me);
+/// - a role added to a group needs every leave of that group first (a capped or departing
+///   member is out before the group gains a role beyond what it may have).
+///
+/// A created group's members who were to be created in the same plan are resolved at apply
+/// time (a user whose create failed is left out and joins later), so that create does not
+/// wait for them.
+pub fn dependencies(actions: &[Action], actual: &ActualState) -> Vec<Vec<usize>> {
+    use std::collections::HashMap;
+    let mut create_user: HashMap<&str, usize> = HashMap::new();
+    let mut adopt: HashMap<u64, usize> = HashMap::new();
+    let mut create_group_key: HashMap<&str, usize> = HashMap::new();
+    let mut create_group_marker: HashMap<&str, usize> = HashMap::new();
+    let mut delete_group: HashMap<&str, usize> = HashMap::new();
+    let mut group_additions: HashMap<&str, Vec<usize>> = HashMap::new();
+    let mut leaves_of_group: HashMap<&str, Vec<usize>> = HashMap::new();
+    let mut strip_steps: HashMap<u64, Vec<usize>> = HashMap::new();
+    for (i, a) in actions.iter().enumerate() {
+        match a {
+            Action::CreateUser { scim_id, .. } => {
+                create_user.insert(scim_id, i);
+            }
+            Action::AdoptUser { user, .. } => {
+                adopt.insert(*user, i);
+            }
+            Action::CreateGroup { key, marker, .. } => {
+                create_group_key.insert(key, i);
+                create_group_marker.insert(marker, i);
+            }
+            Action::DeleteGroup { key } => {
+                delete_group.insert(key, i);
+            }
+            Action::AddToGroup { group, .. } | Action::AddGroupRole { group, .. } => {
+                group_additions.entry(group).or_default().push(i);
+            }
+            _ => {}
+        }
+        match a {
+            Action::RemoveFromGroup { user, group } => {
+                leaves_of_group.entry(group).or_default().push(i);
+                strip_steps.entry(*user).or_default().push(i);
+            }
+            Action::RemoveUserRole { user, .. }
+            | Action::RevokeTokens { user }
+            | Action::ResetPassword { user }
+            | Action::EndSessions { user }
+            | Action::ClearRememberMe { user } => strip_steps.entry(*user).or_default().push(i),
+            _ => {}
+        }
+    }
+    let group_by_key: HashMap<&str, &ActualGroup> =
+        actual.groups.iter().map(|g| (g.key.as_str(), g)).collect();
+    let name_holder: HashMap<&str, &str> = actual
+        .groups
+        .iter()
+        .map(|g| (g.name.as_str(), g.key.as_str()))
+        .collect();
+    let target_user = |a: &Action| -> Option<u64> {
+        match a {
+            Action::UpdateUser { user, .. }
+            | Action::DeleteUser { user }
+            | Action::RemoveFromGroup { user, .. }
+            | Action::RemoveUserRole { user, .. }
+            | Action::RevokeTokens { user }
+            | Action::ResetPassword { user }
+            | Action::EndSessions { user }
+            | Action::ClearRememberMe { user }
+            | Action::SetDeactivated { user }
+            | Action::ClearDeactivated { user } => Some(*user),
+            Action::AddToGroup {
+                user: UserRef::Id(u),
+                ..
+            }
+            | Action::AddUserRole {
+                user: UserRef::Id(u),
+                ..
+            } => Some(*u),
+            _ => None,
+        }
+    };
+    let mut deps: Vec<Vec<usize>> = Vec::with_capacity(actions.len());
+    for (i, a) in actions.iter().enumerate() {
+        let mut d: Vec<usize> = Vec::new();
+        if let Some(u) = target_user(a)
+            && let Some(&j) = adopt.get(&u)
+        {
+            d.push(j);
+        }
+        match a {
+            Action::AddToGroup {
+                user: UserRef::New(s),
+                ..
+            }
+            | Action::AddUserRole {
+                user: UserRef::New(s),
+                ..
+            } => d.extend(create_user.get(s.as_str())),
+            _ => {}
+        }
+        match a {
+            Action::AddToGroup { group, .. }
+            | Action::AddGroupRole { group, .. }
+            | Action::RemoveGroupRole { group, .. } => {
+                d.extend(create_group_key.get(group.as_str()));
+            }
+            _ => {}
+        }
+        match a {
+            Action::CreateGroup { name, .. } => {
+                if let Some(holder) = name_holder.get(name.as_str()) {
+                    d.extend(delete_group.get(holder));
+                }
+            }
+            Action::DeleteGroup { key } => {
+                let replacement = group_by_key
+                    .get(key.as_str())
+                    .and_then(|g| g.marker.as_deref())
+                    .and_then(|m| create_group_marker.get(m));
+                if let Some(&c) = replacement
+                    && let Action::CreateGroup { key: new_key, .. } = &actions[c]
+                {
+                    d.push(c);
+                    d.extend(group_additions.get(new_key.as_str()).into_iter().flatten());
+                }
+            }
+            Action::SetDeactivated { user } => {
+                d.extend(strip_steps.get(user).into_iter().flatten());
+            }
+            Action::AddGroupRole { group, .. } => {
+                d.extend(leaves_of_group.get(group.as_str()).into_iter().flatten());
+            }
+            _ => {}
+        }
+        d.retain(|&j| j < i);
+        d.sort_unstable();
+        d.dedup();
+        deps.push(d);
+    }
+    deps
 }
 
 fn create_group(
@@ -611,6 +903,14 @@ fn update_fields(
     }
 }
 
+/// Which of a user's current groups it may be taken out of.
+enum Leave<'a> {
+    /// Managed groups it should not be in (an active user: groups made by hand stay).
+    Managed(&'a BTreeSet<&'a str>),
+    /// Every group but All Users (offboarding: hand-made groups and their roles too).
+    All,
+}
+
 fn sync_user(
     out: &mut Out,
     a: &ActualUser,
@@ -618,7 +918,7 @@ fn sync_user(
     roles: &BTreeSet<crate::model::RoleAt>,
     created_keys: &BTreeSet<&str>,
     going: &BTreeSet<String>,
-    managed_group_keys: &BTreeSet<&str>,
+    leave: Leave<'_>,
 ) {
     let user = UserRef::Id(a.id);
     for k in keys {
@@ -642,10 +942,11 @@ fn sync_user(
         );
     }
     for k in &a.groups {
-        if managed_group_keys.contains(k.as_str())
-            && !keys.contains(k.as_str())
-            && !going.contains(k)
-        {
+        let may_leave = match &leave {
+            Leave::Managed(managed) => managed.contains(k.as_str()),
+            Leave::All => true,
+        };
+        if may_leave && !keys.contains(k.as_str()) && !going.contains(k) {
             out.push(
                 LEAVE,
                 Action::RemoveFromGroup {
@@ -674,6 +975,8 @@ fn activation(out: &mut Out, a: &ActualUser, active: bool) {
     } else if !a.deactivated {
         out.push(ACTIVATION, Action::RevokeTokens { user: a.id });
         out.push(ACTIVATION, Action::ResetPassword { user: a.id });
+        out.push(ACTIVATION, Action::ClearRememberMe { user: a.id });
+        out.push(ACTIVATION, Action::EndSessions { user: a.id });
         out.push(ACTIVATION, Action::SetDeactivated { user: a.id });
     } else if a.token_count.is_some_and(|n| n > 0) {
         out.push(ACTIVATION, Action::RevokeTokens { user: a.id });

@@ -110,7 +110,48 @@ pub fn render(plan: &Plan, actual: &ActualState) -> String {
     }
     let gtitle = |k: &str| format!("group {} [{k}]", group_label(k));
 
-    for a in &plan.actions {
+    // What each step waits for, and why a step needs a person, as line suffixes.
+    let short = |a: &Action| -> String {
+        match a {
+            Action::CreateUser { scim_id, .. } => format!(
+                "create user {:?}",
+                new_users.get(scim_id.as_str()).copied().unwrap_or("?")
+            ),
+            Action::CreateGroup { key, .. } => format!("create group {}", group_label(key)),
+            Action::AdoptUser { user, .. } => format!("adopt {}", user_label(&UserRef::Id(*user))),
+            Action::DeleteGroup { key } => format!("delete group {}", group_label(key)),
+            Action::RemoveFromGroup { group, .. } => {
+                format!("leaves of group {}", group_label(group))
+            }
+            other => crate::apply::kind(other).replace('_', " "),
+        }
+    };
+    let suffix = |i: usize| -> String {
+        let mut s = String::new();
+        let deps = plan.deps.get(i).map(Vec::as_slice).unwrap_or_default();
+        if !deps.is_empty() {
+            let mut names: Vec<String> = deps.iter().map(|&j| short(&plan.actions[j])).collect();
+            names.dedup();
+            let shown = if names.len() > 3 {
+                format!("{} and {} more", names[..3].join(", "), names.len() - 3)
+            } else {
+                names.join(", ")
+            };
+            let _ = write!(s, "   (after: {shown})");
+        }
+        if let Some(o) = plan.orphans.get(&i) {
+            let _ = write!(
+                s,
+                "   [awaits approval: the directory does not know {} {}]",
+                o.entity, o.scim_id
+            );
+        }
+        s
+    };
+
+    for (i, a) in plan.actions.iter().enumerate() {
+        let sfx = suffix(i);
+        let line = |text: String| format!("{text}{sfx}");
         match a {
             Action::CreateUser {
                 scim_id,
@@ -120,54 +161,80 @@ pub fn render(plan: &Plan, actual: &ActualState) -> String {
             } => {
                 let b = user_block(&mut users, UserRef::New(scim_id.clone()), user_title);
                 b.status = Status::Add;
-                b.lines.push(format!("+ name:  {}", q(name)));
+                b.lines.push(line(format!("+ name:  {}", q(name))));
                 b.lines.push(format!("+ email: {}", q(email)));
+            }
+            Action::AdoptUser { user, scim_id } => {
+                user_block(&mut users, UserRef::Id(*user), user_title)
+                    .lines
+                    .push(line(format!(
+                        "~ adopt user {} (marks it as SCIM user {scim_id})",
+                        user_label(&UserRef::Id(*user))
+                    )));
             }
             Action::UpdateUser { user, changes } => {
                 let b = user_block(&mut users, UserRef::Id(*user), user_title);
                 for c in changes {
-                    b.lines
-                        .push(format!("~ {}: {} -> {}", c.field, q(&c.from), q(&c.to)));
+                    b.lines.push(line(format!(
+                        "~ {}: {} -> {}",
+                        c.field,
+                        q(&c.from),
+                        q(&c.to)
+                    )));
                 }
             }
             Action::DeleteUser { user } => {
-                user_block(&mut users, UserRef::Id(*user), user_title).status = Status::Destroy;
+                let b = user_block(&mut users, UserRef::Id(*user), user_title);
+                b.status = Status::Destroy;
+                if !sfx.is_empty() {
+                    b.lines.push(line("- user".into()));
+                }
             }
             Action::AddToGroup { user, group } => user_block(&mut users, user.clone(), user_title)
                 .lines
-                .push(format!("+ group {}", group_label(group))),
+                .push(line(format!("+ group {}", group_label(group)))),
             Action::RemoveFromGroup { user, group } => {
                 user_block(&mut users, UserRef::Id(*user), user_title)
                     .lines
-                    .push(format!("- group {}", group_label(group)));
+                    .push(line(format!("- group {}", group_label(group))));
             }
             Action::AddUserRole { user, role } => user_block(&mut users, user.clone(), user_title)
                 .lines
-                .push(format!("+ role {role}")),
+                .push(line(format!("+ role {role}"))),
             Action::RemoveUserRole { user, role } => {
                 user_block(&mut users, UserRef::Id(*user), user_title)
                     .lines
-                    .push(format!("- role {role}"));
+                    .push(line(format!("- role {role}")));
             }
             Action::RevokeTokens { user } => {
                 user_block(&mut users, UserRef::Id(*user), user_title)
                     .lines
-                    .push("- all access tokens".into());
+                    .push(line("- all access tokens".into()));
             }
             Action::ResetPassword { user } => {
                 user_block(&mut users, UserRef::Id(*user), user_title)
                     .lines
-                    .push("~ password: (random)".into());
+                    .push(line("~ password: (random)".into()));
+            }
+            Action::ClearRememberMe { user } => {
+                user_block(&mut users, UserRef::Id(*user), user_title)
+                    .lines
+                    .push(line("- remember-me data".into()));
+            }
+            Action::EndSessions { user } => {
+                user_block(&mut users, UserRef::Id(*user), user_title)
+                    .lines
+                    .push(line("- sessions".into()));
             }
             Action::SetDeactivated { user } => {
                 user_block(&mut users, UserRef::Id(*user), user_title)
                     .lines
-                    .push("~ deactivated: false -> true".into());
+                    .push(line("~ deactivated: false -> true".into()));
             }
             Action::ClearDeactivated { user } => {
                 user_block(&mut users, UserRef::Id(*user), user_title)
                     .lines
-                    .push("~ deactivated: true -> false".into());
+                    .push(line("~ deactivated: true -> false".into()));
             }
             Action::CreateGroup {
                 key,
@@ -177,6 +244,9 @@ pub fn render(plan: &Plan, actual: &ActualState) -> String {
             } => {
                 let b = group_block(&mut groups, key, || gtitle(key));
                 b.status = Status::Add;
+                if !sfx.is_empty() {
+                    b.lines.push(line("+ group".into()));
+                }
                 for r in roles {
                     b.lines.push(format!("+ role {r}"));
                 }
@@ -185,17 +255,21 @@ pub fn render(plan: &Plan, actual: &ActualState) -> String {
                 }
             }
             Action::DeleteGroup { key } => {
-                group_block(&mut groups, key, || gtitle(key)).status = Status::Destroy;
+                let b = group_block(&mut groups, key, || gtitle(key));
+                b.status = Status::Destroy;
+                if !sfx.is_empty() {
+                    b.lines.push(line("- group".into()));
+                }
             }
             Action::AddGroupRole { group, role } => {
                 group_block(&mut groups, group, || gtitle(group))
                     .lines
-                    .push(format!("+ role {role}"))
+                    .push(line(format!("+ role {role}")))
             }
             Action::RemoveGroupRole { group, role } => {
                 group_block(&mut groups, group, || gtitle(group))
                     .lines
-                    .push(format!("- role {role}"))
+                    .push(line(format!("- role {role}")))
             }
         }
     }

@@ -32,7 +32,7 @@ use crate::model::{Action, UserRef};
 /// different groups is independent.
 fn phase(a: &Action) -> u8 {
     match a {
-        Action::CreateUser { .. } => 1,
+        Action::CreateUser { .. } | Action::AdoptUser { .. } => 1,
         Action::UpdateUser { .. } => 2,
         Action::CreateGroup { .. } => 3,
         Action::AddToGroup { .. } => 4,
@@ -42,6 +42,8 @@ fn phase(a: &Action) -> u8 {
         Action::RemoveUserRole { .. } => 8,
         Action::RevokeTokens { .. }
         | Action::ResetPassword { .. }
+        | Action::EndSessions { .. }
+        | Action::ClearRememberMe { .. }
         | Action::SetDeactivated { .. }
         | Action::ClearDeactivated { .. } => 9,
         Action::DeleteGroup { .. } => 10,
@@ -74,6 +76,9 @@ fn lane(a: &Action) -> Lane<'_> {
         | Action::RemoveUserRole { user, .. }
         | Action::RevokeTokens { user }
         | Action::ResetPassword { user }
+        | Action::EndSessions { user }
+        | Action::ClearRememberMe { user }
+        | Action::AdoptUser { user, .. }
         | Action::SetDeactivated { user }
         | Action::ClearDeactivated { user } => Lane::User(*user),
         Action::CreateGroup { key, .. }
@@ -193,6 +198,7 @@ roles = ["PROJECT_VIEWER@p:_Root"]
                 group(&g_ops0, "Ops", "g-ops"),
                 group(&g_old0, "Stale", "g-gone"),
             ],
+            ..ActualState::default()
         };
         let dir = Directory {
             users: vec![

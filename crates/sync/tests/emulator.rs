@@ -79,8 +79,8 @@ async fn plan_now(client: &Client, dir: &Directory) -> (Plan, ActualState) {
 }
 
 async fn reconcile(client: &Client, dir: &Directory) -> Plan {
-    let (p, _) = plan_now(client, dir).await;
-    apply(client, &p.actions, &mut BTreeMap::new())
+    let (p, actual) = plan_now(client, dir).await;
+    apply(client, &p.actions, &actual, &mut BTreeMap::new())
         .await
         .expect("apply");
     p
@@ -151,7 +151,7 @@ async fn converges_and_a_no_drift_reconcile_only_reads_pages() {
 
     // Applying the same first plan again is harmless: creates adopt, adds are no-ops.
     let mut created = BTreeMap::new();
-    let report = apply(&client, &first.actions, &mut created)
+    let report = apply(&client, &first.actions, &actual, &mut created)
         .await
         .expect("idempotent");
     assert_eq!(report.applied, first.actions.len());
@@ -177,7 +177,7 @@ async fn group_rename_swap_never_leaves_a_member_without_roles() {
     let (old, new) = (group_key("g1", 0), group_key("g1", 1));
     let mut created = BTreeMap::new();
     emu.reset_counters();
-    apply(&client, &p.actions[..1], &mut created)
+    apply(&client, &p.actions[..1], &actual, &mut created)
         .await
         .expect("create");
     // Between the two calls every member is in both groups, and both carry the role.
@@ -189,7 +189,7 @@ async fn group_rename_swap_never_leaves_a_member_without_roles() {
         let u = &s.users[&user_id(&emu, name)];
         assert!(u.groups.contains(&old) && u.groups.contains(&new), "{name}");
     }
-    apply(&client, &p.actions[1..], &mut created)
+    apply(&client, &p.actions[1..], &actual, &mut created)
         .await
         .expect("delete");
     let s = emu.snapshot();
@@ -259,7 +259,7 @@ async fn deactivation_revokes_tokens_and_randomises_the_password() {
 #[tokio::test]
 async fn apply_reports_the_failing_action() {
     let (client, emu) = start().await;
-    let (p, _) = plan_now(&client, &directory()).await;
+    let (p, actual) = plan_now(&client, &directory()).await;
     emu.inject_fault(teamcity_emulator::Fault {
         method: Some("POST".into()),
         path_prefix: Some("/app/rest/userGroups".into()),
@@ -270,14 +270,14 @@ async fn apply_reports_the_failing_action() {
         },
     });
     let mut created = BTreeMap::new();
-    let err = apply(&client, &p.actions, &mut created)
+    let err = apply(&client, &p.actions, &actual, &mut created)
         .await
         .expect_err("fault");
     assert_eq!(err.index, 3, "three users first, then the first group");
     assert!(err.error.is_transient());
     assert_eq!(created.len(), 3);
     // Retry the rest with the same created map: no duplicate users.
-    apply(&client, &p.actions[err.index..], &mut created)
+    apply(&client, &p.actions[err.index..], &actual, &mut created)
         .await
         .expect("retry");
     assert!(plan_now(&client, &directory()).await.0.is_empty());

@@ -71,6 +71,7 @@ fn admin_world() -> ActualState {
             marker: None,
             roles: [RoleAt::global("SYSTEM_ADMIN")].into(),
         }],
+        ..ActualState::default()
     }
 }
 
@@ -85,6 +86,7 @@ fn strip() -> PlanOptions {
 fn delete() -> PlanOptions {
     PlanOptions {
         deprovision: Deprovision::Delete,
+        ..PlanOptions::default()
     }
 }
 
@@ -122,10 +124,12 @@ fn leave(u: u64, g: &str) -> Action {
     }
 }
 
-fn deactivate(u: u64) -> [Action; 3] {
+fn deactivate(u: u64) -> [Action; 5] {
     [
         Action::RevokeTokens { user: u },
         Action::ResetPassword { user: u },
+        Action::ClearRememberMe { user: u },
+        Action::EndSessions { user: u },
         Action::SetDeactivated { user: u },
     ]
 }
@@ -199,7 +203,13 @@ fn simulate(actual: &ActualState, actions: &[Action]) -> ActualState {
                 let u = s.users.iter_mut().find(|u| u.id == *user).expect("user");
                 u.token_count = u.token_count.map(|_| 0);
             }
-            Action::ResetPassword { .. } => {}
+            Action::ResetPassword { .. }
+            | Action::EndSessions { .. }
+            | Action::ClearRememberMe { .. } => {}
+            Action::AdoptUser { user, scim_id } => {
+                let u = s.users.iter_mut().find(|u| u.id == *user).expect("user");
+                u.scim_id = Some(scim_id.clone());
+            }
             Action::SetDeactivated { user } | Action::ClearDeactivated { user } => {
                 let set = matches!(a, Action::SetDeactivated { .. });
                 let u = s.users.iter_mut().find(|u| u.id == *user).expect("user");

@@ -144,7 +144,7 @@ async fn sequential(engine: &Engine, client: &Client) {
     let (actual, _) = read_actual(client, 7).await.expect("read");
     let p = plan(&d, &actual, &PlanOptions::default());
     // `apply` runs the actions one after the other, in plan order.
-    apply(client, &p.actions, &mut BTreeMap::new())
+    apply(client, &p.actions, &actual, &mut BTreeMap::new())
         .await
         .expect("sequential apply");
 }

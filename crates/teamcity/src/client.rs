@@ -737,6 +737,30 @@ impl Client {
         .await
     }
 
+    /// `POST /app/rest/users/{u}/logout`: ends every session of the user.
+    pub async fn logout_user(&self, user: &Locator) -> Result<(), TeamCityError> {
+        self.nothing(
+            "logout_user",
+            Method::POST,
+            &["users", user.as_str(), "logout"],
+            Body::Empty,
+            Want::Nothing,
+        )
+        .await
+    }
+
+    /// `DELETE /app/rest/users/{u}/debug/rememberMe`: removes the user's "remember me" data.
+    pub async fn delete_remember_me(&self, user: &Locator) -> Result<(), TeamCityError> {
+        self.nothing(
+            "delete_remember_me",
+            Method::DELETE,
+            &["users", user.as_str(), "debug", "rememberMe"],
+            Body::Empty,
+            Want::Nothing,
+        )
+        .await
+    }
+
     /// `DELETE /app/rest/users/{u}`.
     pub async fn delete_user(&self, user: &Locator) -> Result<(), TeamCityError> {
         self.nothing(
@@ -1079,13 +1103,13 @@ impl Client {
 
     /// Deletes every token of the user; returns how many were deleted. A token
     /// that vanished meanwhile (404) counts as deleted.
-    pub async fn revoke_all_tokens(&self, user: &Locator) -> Result<usize, TeamCityError> {
+    pub async fn revoke_all_tokens(&self, user: &Locator) -> Result<Vec<String>, TeamCityError> {
         let tokens = self.list_tokens(user).await?;
-        let mut deleted = 0;
-        for token in &tokens {
+        let mut deleted = Vec::with_capacity(tokens.len());
+        for token in tokens {
             match self.delete_token(user, &token.name).await {
-                Ok(()) => deleted += 1,
-                Err(e) if e.is_not_found() => deleted += 1,
+                Ok(()) => deleted.push(token.name),
+                Err(e) if e.is_not_found() => deleted.push(token.name),
                 Err(e) => return Err(e),
             }
         }

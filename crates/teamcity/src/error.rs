@@ -169,6 +169,13 @@ impl TeamCityError {
         }
     }
 
+    /// True when the error says the bridge itself is misconfigured (a rejected token, an
+    /// unusable client configuration), not that one object is wrong.
+    pub fn is_misconfiguration(&self) -> bool {
+        matches!(self, TeamCityError::Config(_))
+            || matches!(self, TeamCityError::Status { status: 401, .. })
+    }
+
     /// True when repeating the same call later may succeed.
     pub fn is_transient(&self) -> bool {
         self.kind() == ErrorKind::Transient

@@ -71,6 +71,12 @@ impl Locator {
         Self::new().value("username", username)
     }
 
+    /// `id:<n>,username:(<escaped>)`: the user with this id only while it still has this
+    /// username (else TeamCity answers 404), so a stale id cannot reach another person.
+    pub fn user_pinned(id: u64, username: &str) -> Self {
+        Self::by_id(id).value("username", username)
+    }
+
     /// `key:(<escaped>)`: a user group by key.
     pub fn by_key(key: &str) -> Self {
         Self::new().value("key", key)

@@ -475,6 +475,50 @@ impl SqliteStore {
         Ok(out)
     }
 
+    pub(super) async fn sync_defer_outbox(
+        &self,
+        ctx: &WriteCtx,
+        ids: &[i64],
+        reason: &str,
+        until: OffsetDateTime,
+    ) -> StoreResult<usize> {
+        let mut tx = self.begin().await?;
+        let n = sqlx::query(
+            "UPDATE outbox SET last_error = ?, lease_until = NULL, next_attempt_at = ? \
+             WHERE id IN (SELECT value FROM json_each(?)) AND state = 'pending'",
+        )
+        .bind(reason)
+        .bind(timefmt::format(until))
+        .bind(ids_json(ids))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let entry = AuditEntry {
+            resource_type: "Outbox".into(),
+            resource_id: None,
+            operation: "outbox.deferred".into(),
+            outcome: "failure".into(),
+            status: None,
+            detail: json!({
+                "outbox_ids": ids,
+                "reason": reason,
+                "next_attempt_at": timefmt::format(until),
+            }),
+        };
+        append_audit(&mut tx, ctx, self.now(), &entry).await?;
+        tx.commit().await?;
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
+    }
+
+    pub(super) async fn sync_deleted_entities(&self) -> StoreResult<Vec<(String, String)>> {
+        Ok(sqlx::query_as(
+            "SELECT DISTINCT entity_type, entity_id FROM outbox WHERE operation = 'delete' \
+             ORDER BY entity_type, entity_id",
+        )
+        .fetch_all(&self.read)
+        .await?)
+    }
+
     pub(super) async fn sync_hold_outbox(
         &self,
         ctx: &WriteCtx,
@@ -953,6 +997,21 @@ impl SqliteStore {
         .await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    pub(super) async fn sync_state_increment(&self, key: &str) -> StoreResult<i64> {
+        let mut tx = self.begin().await?;
+        let v: String = sqlx::query_scalar(
+            "INSERT INTO sync_state (key, value) VALUES (?, '1') \
+             ON CONFLICT (key) DO UPDATE SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) \
+             RETURNING value",
+        )
+        .bind(key)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        v.parse()
+            .map_err(|_| StoreError::Invalid(format!("sync_state {key} is not a number: {v}")))
     }
 
     pub(super) async fn sync_directory(&self) -> StoreResult<DirectorySnapshot> {
