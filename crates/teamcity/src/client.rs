@@ -765,9 +765,10 @@ impl Client {
 
     /// `POST /app/rest/users/{u}/logout`: ends every session of the user ("Terminate all
     /// current sessions of the matching user"). Any 2xx is success; the body is ignored.
-    /// Servers without the endpoint (before 2024.x) answer 404, which comes back as
-    /// [`crate::ErrorKind::NotFound`] like an unknown user: the caller that needs to tell
-    /// them apart should check the user exists first.
+    /// Servers without the endpoint (it is not in the 2024.03 REST plugin source) answer
+    /// 404, which comes back as [`crate::ErrorKind::NotFound`] like an unknown user (a
+    /// Jersey server might answer 405 instead: unconfirmed). A caller that needs to tell
+    /// "no such endpoint" from "no such user" should check the user exists first.
     pub async fn logout_user(&self, user: &Locator) -> Result<(), TeamCityError> {
         let segments = ["users", user.as_str(), "logout"];
         self.nothing(
