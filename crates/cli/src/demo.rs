@@ -325,6 +325,7 @@ pub(crate) async fn run() -> anyhow::Result<()> {
                         name: name.into(),
                         creation_time: "20261129T100000+0000".into(),
                         expiration_time: None,
+                        value_sha256: None,
                     });
                 }
             }

@@ -510,6 +510,7 @@ async fn bench_calls(cli: &Cli, report: &mut Report) -> anyhow::Result<()> {
                     name: name.into(),
                     creation_time: "20261129T100000+0000".into(),
                     expiration_time: None,
+                    value_sha256: None,
                 });
             }
         }

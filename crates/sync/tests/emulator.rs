@@ -216,6 +216,7 @@ async fn deactivation_revokes_tokens_and_randomises_the_password() {
         name: name.into(),
         creation_time: "20250101T000000+0000".into(),
         expiration_time: None,
+        value_sha256: None,
     };
     emu.with_state(|s| {
         let u = s.users.get_mut(&bob).expect("bob");
@@ -263,6 +264,7 @@ async fn apply_reports_the_failing_action() {
     emu.inject_fault(teamcity_emulator::Fault {
         method: Some("POST".into()),
         path_prefix: Some("/app/rest/userGroups".into()),
+        path_contains: None,
         times: 1,
         action: teamcity_emulator::FaultAction::Status {
             status: 503,

@@ -293,6 +293,7 @@ async fn a_failed_swap_create_leaves_the_old_group_and_a_failed_create_user_its_
     emu.inject_fault(Fault {
         method: Some("POST".into()),
         path_prefix: Some("/app/rest/userGroups".into()),
+        path_contains: None,
         times: 100,
         action: FaultAction::Status {
             status: 503,
@@ -325,6 +326,7 @@ async fn a_failed_swap_create_leaves_the_old_group_and_a_failed_create_user_its_
     emu.inject_fault(Fault {
         method: Some("POST".into()),
         path_prefix: Some("/app/rest/users".into()),
+        path_contains: None,
         times: 1,
         action: FaultAction::Status {
             status: 503,

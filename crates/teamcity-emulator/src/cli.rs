@@ -39,6 +39,9 @@ pub struct EmulatorArgs {
     /// Serve under a context path, e.g. /tc.
     #[arg(long)]
     pub context_path: Option<String>,
+    /// Answer POST /app/rest/users/{u}/logout with 404, like a server older than it.
+    #[arg(long)]
+    pub logout_unsupported: bool,
 }
 
 impl EmulatorArgs {
@@ -58,6 +61,7 @@ impl EmulatorArgs {
             latency: Duration::from_millis(self.latency_ms),
             seed_file: self.seed.clone(),
             context_path: self.context_path.clone(),
+            logout_unsupported: self.logout_unsupported,
         }
     }
 }

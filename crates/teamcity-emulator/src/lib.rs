@@ -9,6 +9,13 @@
 //! It must stay faithful where TeamCity is awkward (404 masking on user paths,
 //! lower-cased usernames, 500 on duplicate renames) and strict where the
 //! reference is unconfirmed. It knows nothing of SCIM.
+//!
+//! Who is calling: the configured `token` is the admin user; each read-only token
+//! may only read; a token issued by `POST /app/rest/users/{u}/tokens` is its user
+//! (`users/current` answers that user). Such a user may do everything when it holds
+//! `SYSTEM_ADMIN` globally (directly or through a group); otherwise it may read
+//! everything and write only its own tokens, sessions (`logout`) and remember-me
+//! data, and any other write answers 403.
 
 pub mod cli;
 mod control;
@@ -22,6 +29,7 @@ mod timer;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -57,6 +65,9 @@ pub struct EmulatorOptions {
     pub seed_file: Option<PathBuf>,
     /// Serve TeamCity under this context path, e.g. `/tc` (`/tc/app/rest/...`).
     pub context_path: Option<String>,
+    /// Answer `POST /app/rest/users/{u}/logout` with 404, like a server older than the
+    /// endpoint (see [`Emulator::set_logout_supported`]).
+    pub logout_unsupported: bool,
 }
 
 /// Seed data, read from [`EmulatorOptions::seed_file`].
@@ -125,6 +136,9 @@ pub enum EmulatorError {
     /// The seed file is not valid.
     #[error("invalid seed: {0}")]
     Seed(String),
+    /// A state given to [`Emulator::restore`] is not consistent.
+    #[error("invalid state: {0}")]
+    InvalidState(String),
 }
 
 /// A cloneable handle over one emulated server.
@@ -140,6 +154,27 @@ struct Shared {
     faults: Mutex<Vec<Fault>>,
     counters: Mutex<BTreeMap<String, u64>>,
     started: String,
+    logout_supported: AtomicBool,
+}
+
+tokio::task_local! {
+    /// The user a request authenticated as with one of its own tokens.
+    static CALLER: u64;
+}
+
+/// The user the current request authenticated as, when it used a user's own token
+/// (`None` for the configured admin and read-only tokens, and outside a request).
+pub(crate) fn caller() -> Option<u64> {
+    CALLER.try_with(|c| *c).ok()
+}
+
+/// Lower-case hex SHA-256 of a token value, as kept in [`TokenRec::value_sha256`].
+pub(crate) fn token_digest(value: &str) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(value.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Marker extension: the serve loop drops the connection instead of answering.
@@ -186,8 +221,10 @@ impl Emulator {
         }
         apply_seed(&mut state, &seed)?;
         let now = time::OffsetDateTime::now_utc();
+        let logout_supported = AtomicBool::new(!opts.logout_unsupported);
         Ok(Emulator {
             inner: Arc::new(Shared {
+                logout_supported,
                 opts,
                 state: Mutex::new(state),
                 faults: Mutex::new(Vec::new()),
@@ -218,9 +255,36 @@ impl Emulator {
         r
     }
 
-    /// A copy of the whole state (passwords and token values are never stored).
+    /// A copy of the whole state (passwords and token values are never stored; tokens
+    /// keep a SHA-256 of their value).
     pub fn snapshot(&self) -> State {
         self.state().clone()
+    }
+
+    /// Replaces the whole state, id counters included, with `state` (e.g. an earlier
+    /// [`Emulator::snapshot`]): what a TeamCity restored from a backup looks like to a
+    /// running client. Tokens issued before the snapshot authenticate again. Faults,
+    /// counters and settings are not part of the state and stay as they are.
+    pub fn restore(&self, state: State) -> Result<(), EmulatorError> {
+        state.validate().map_err(EmulatorError::InvalidState)?;
+        let mut state = state;
+        state.reindex();
+        *self.state() = state;
+        Ok(())
+    }
+
+    /// Whether `POST /app/rest/users/{u}/logout` exists (true unless
+    /// [`EmulatorOptions::logout_unsupported`]); when false it answers 404 like a server
+    /// older than the endpoint.
+    pub fn set_logout_supported(&self, supported: bool) {
+        self.inner
+            .logout_supported
+            .store(supported, Ordering::SeqCst);
+    }
+
+    /// See [`Emulator::set_logout_supported`].
+    pub fn logout_supported(&self) -> bool {
+        self.inner.logout_supported.load(Ordering::SeqCst)
     }
 
     /// Queues a fault for the next matching requests.
@@ -249,7 +313,8 @@ impl Emulator {
         lock(&self.inner.counters).clear();
     }
 
-    /// The router: TeamCity under `[context]/app/rest`, control API under `/__emulator`.
+    /// The router: TeamCity under `[context]/app/rest` and, identically, under
+    /// `[context]/app/rest/latest`; the control API under `/__emulator`.
     pub fn router(&self) -> Router {
         let rest = rest::routes(self.clone())
             .route_layer(middleware::from_fn_with_state(self.clone(), per_call))
@@ -279,7 +344,10 @@ impl Emulator {
             ),
             _ => "/app/rest".to_owned(),
         };
+        // TeamCity's `/app/rest/latest` alias is the current API (§1.1): same routes, same
+        // answers, counted and matched by faults under the plain `/app/rest` path.
         Router::new()
+            .nest(&format!("{prefix}/latest"), rest.clone())
             .nest(&prefix, rest)
             .nest("/__emulator", control::routes(self.clone()))
             .layer(middleware::from_fn(reject_encoded_slash))
@@ -460,22 +528,86 @@ async fn authenticate(AxState(emu): AxState<Emulator>, req: Request, next: Next)
         if req.method() == axum::http::Method::GET {
             return next.run(req).await;
         }
-        return errors::TcError::forbidden(
-            "Access denied: the token's user lacks the permission for this operation.",
-        )
-        .into_response();
+        return access_denied();
+    }
+    if !token.is_empty() {
+        let digest = token_digest(token);
+        let verdict = {
+            let s = emu.state();
+            s.token_owner(&digest, time::OffsetDateTime::now_utc())
+                .map(|user| (user, may_write(&s, user, req.method(), req.uri().path())))
+        };
+        match verdict {
+            Some((user, true)) => return CALLER.scope(user, next.run(req)).await,
+            Some((_, false)) => return access_denied(),
+            None => {}
+        }
     }
     errors::unauthorized(true)
+}
+
+fn access_denied() -> Response {
+    errors::TcError::forbidden(
+        "Access denied: the token's user lacks the permission for this operation.",
+    )
+    .into_response()
+}
+
+/// Whether a user authenticated by its own token may make this request (`path` relative to
+/// `/app/rest`): anything when it is a global `SYSTEM_ADMIN`; otherwise reads, and writes to
+/// its own tokens, sessions and remember-me data only.
+fn may_write(s: &State, user: u64, method: &axum::http::Method, path: &str) -> bool {
+    use axum::http::Method;
+    if *method == Method::GET || *method == Method::HEAD || s.is_system_admin(user) {
+        return true;
+    }
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let own_path = match segments.as_slice() {
+        ["users", _, "tokens"] => *method == Method::POST,
+        ["users", _, "tokens", _] => *method == Method::POST || *method == Method::DELETE,
+        ["users", _, "logout"] => *method == Method::POST,
+        ["users", _, "debug", "rememberMe"] => *method == Method::DELETE,
+        _ => false,
+    };
+    own_path
+        && CALLER
+            .sync_scope(user, || s.find_user_item(&percent_decode(segments[1])))
+            .is_ok_and(|target| target == user)
+}
+
+/// Decodes `%XX` escapes in a path segment (invalid escapes stay as they are).
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%'
+            && let (Some(h), Some(l)) = (
+                bytes.get(i + 1).copied().and_then(hex),
+                bytes.get(i + 2).copied().and_then(hex),
+            )
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Counts the call, applies a pending fault and the configured latency (measured from the
 /// request's arrival).
 async fn per_call(AxState(emu): AxState<Emulator>, req: Request, next: Next) -> Response {
+    // The `/latest` alias counts and matches faults as the plain path.
     let template = req
         .extensions()
         .get::<MatchedPath>()
         .map(|m| m.as_str().to_owned())
-        .unwrap_or_else(|| req.uri().path().to_owned());
+        .unwrap_or_else(|| req.uri().path().to_owned())
+        .replacen("/app/rest/latest/", "/app/rest/", 1);
     let method = req.method().as_str().to_owned();
     *lock(&emu.inner.counters)
         .entry(format!("{method} {template}"))
@@ -484,7 +616,8 @@ async fn per_call(AxState(emu): AxState<Emulator>, req: Request, next: Next) -> 
         .extensions()
         .get::<axum::extract::OriginalUri>()
         .map(|u| u.path().to_owned())
-        .unwrap_or_else(|| req.uri().path().to_owned());
+        .unwrap_or_else(|| req.uri().path().to_owned())
+        .replacen("/app/rest/latest/", "/app/rest/", 1);
     let fault = control::take_fault(&emu, &method, &path);
     // The response leaves `latency` after the request arrived, however long the handler took:
     // a server's latency includes its own work, and the emulator's work is not TeamCity's.
@@ -516,4 +649,28 @@ async fn per_call(AxState(emu): AxState<Emulator>, req: Request, next: Next) -> 
         timer::sleep_until(at).await;
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_segments_are_percent_decoded() {
+        assert_eq!(percent_decode("id:5"), "id:5");
+        assert_eq!(
+            percent_decode("username:(%24base64:YQ)%2C"),
+            "username:($base64:YQ),"
+        );
+        assert_eq!(percent_decode("a%2"), "a%2", "a broken escape stays");
+        assert_eq!(percent_decode("%C3%BC"), "ü");
+    }
+
+    #[test]
+    fn token_digests_are_sha256_hex() {
+        assert_eq!(
+            token_digest("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
 }

@@ -13,9 +13,10 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State as AxState};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get};
+use axum::routing::{delete, get, post};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use rand::Rng as _;
-use rand::distr::Alphanumeric;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value as Json, json};
@@ -73,6 +74,14 @@ pub(crate) fn routes(emu: Emulator) -> Router {
             "/users/{u}/groups/{g}",
             get(get_user_group).delete(delete_user_group),
         )
+        .route(
+            "/users/{u}/logout",
+            post(logout_user)
+                .get(get_logout_field)
+                .put(set_logout_field)
+                .delete(delete_logout_field),
+        )
+        .route("/users/{u}/debug/rememberMe", delete(delete_remember_me))
         .route("/users/{u}/tokens", get(list_tokens).post(create_token))
         .route(
             "/users/{u}/tokens/{name}",
@@ -361,6 +370,18 @@ async fn server(AxState(emu): AxState<Emulator>, h: HeaderMap) -> Res {
         "role": "main_node",
         "webUrl": "http://localhost",
         "href": "/app/rest/server",
+        // Server.java renders these links by default (2024.03 source).
+        "projects": {"href": "/app/rest/projects"},
+        "vcsRoots": {"href": "/app/rest/vcs-roots"},
+        "builds": {"href": "/app/rest/builds"},
+        "users": {"href": "/app/rest/users"},
+        "userGroups": {"href": "/app/rest/userGroups"},
+        "agents": {"href": "/app/rest/agents"},
+        "buildQueue": {"href": "/app/rest/buildQueue"},
+        "agentPools": {"href": "/app/rest/agentPools"},
+        "investigations": {"href": "/app/rest/investigations"},
+        "mutes": {"href": "/app/rest/mutes"},
+        "nodes": {"href": "/app/rest/server/nodes"},
     }))
 }
 
@@ -919,6 +940,54 @@ async fn delete_user_group(
     no_content()
 }
 
+// ---- sessions --------------------------------------------------------------------
+
+/// `POST /users/{u}/logout`: ends the user's sessions (204). With the endpoint switched
+/// off it is JAX-RS's 404 for an unknown URL, as on a server older than the endpoint.
+async fn logout_user(AxState(emu): AxState<Emulator>, Path(u): Path<String>) -> Res {
+    if !emu.logout_supported() {
+        return Err(TcError::no_such_url());
+    }
+    let mut s = emu.state();
+    let id = s.find_user_item(&u)?;
+    let user = s.users.get_mut(&id).expect("found");
+    user.logouts = user.logouts.saturating_add(1);
+    no_content()
+}
+
+/// `GET|PUT|DELETE /users/{u}/logout` are the `{field}` endpoints with field `logout`.
+async fn get_logout_field(emu: AxState<Emulator>, h: HeaderMap, Path(u): Path<String>) -> Res {
+    get_user_field(emu, h, Path((u, "logout".into()))).await
+}
+
+async fn set_logout_field(
+    emu: AxState<Emulator>,
+    h: HeaderMap,
+    Path(u): Path<String>,
+    body: Bytes,
+) -> Res {
+    set_user_field(emu, h, Path((u, "logout".into())), body).await
+}
+
+async fn delete_logout_field(emu: AxState<Emulator>, Path(u): Path<String>) -> Res {
+    delete_user_field(emu, Path((u, "logout".into()))).await
+}
+
+/// `DELETE /users/{u}/debug/rememberMe` (`UserRequest.deleteRememberMe`): `@Produces
+/// text/plain`, void → 204.
+async fn delete_remember_me(
+    AxState(emu): AxState<Emulator>,
+    h: HeaderMap,
+    Path(u): Path<String>,
+) -> Res {
+    need_text(&h)?;
+    let mut s = emu.state();
+    let id = s.find_user_item(&u)?;
+    let user = s.users.get_mut(&id).expect("found");
+    user.remember_me_cleared = user.remember_me_cleared.saturating_add(1);
+    no_content()
+}
+
 // ---- tokens --------------------------------------------------------------------
 
 fn render_token(t: &TokenRec, value: Option<&str>, f: &Fields) -> Json {
@@ -978,21 +1047,22 @@ fn add_token(
     if user.tokens.iter().any(|t| t.name == name) {
         return Err(TcError::bad_request("Token already exists"));
     }
-    let value: String = rand::rng()
-        .sample_iter(&Alphanumeric)
-        .take(48)
-        .map(char::from)
-        .collect();
+    // TeamCity's TCV2 form: base64 of `{"typ": "TCV2"}`, then two base64url parts.
+    let mut rng = rand::rng();
+    let id: [u8; 12] = rng.random();
+    let secret: [u8; 32] = rng.random();
+    let value = format!(
+        "eyJ0eXAiOiAiVENWMiJ9.{}.{}",
+        URL_SAFE_NO_PAD.encode(id),
+        URL_SAFE_NO_PAD.encode(secret)
+    );
     let rec = TokenRec {
         name,
         creation_time: teamcity_time(time::OffsetDateTime::now_utc()),
         expiration_time: expiration,
+        value_sha256: Some(crate::token_digest(&value)),
     };
-    let rendered = render_token(
-        &rec,
-        Some(&format!("eyJ0eXAiOiAiVENWMiJ9.{value}")),
-        &Fields::Long,
-    );
+    let rendered = render_token(&rec, Some(&value), &Fields::Long);
     user.tokens.push(rec);
     Ok(rendered)
 }

@@ -19,7 +19,7 @@ use crate::locator::{Parsed, Value};
 pub const ALL_USERS_GROUP: &str = "ALL_USERS_GROUP";
 
 /// A user as stored.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserRec {
     /// Numeric id.
     pub id: u64,
@@ -45,13 +45,20 @@ pub struct UserRec {
     /// Keys of direct groups (never contains `ALL_USERS_GROUP`, which is implicit).
     #[serde(default)]
     pub groups: BTreeSet<String>,
-    /// Access tokens (values are never dumped).
+    /// Access tokens (values are never kept; see [`TokenRec::value_sha256`]).
     #[serde(default)]
     pub tokens: Vec<TokenRec>,
+    /// How many times `POST /users/{u}/logout` ended the user's sessions.
+    #[serde(default)]
+    pub logouts: u32,
+    /// How many times `DELETE /users/{u}/debug/rememberMe` dropped the user's
+    /// "remember me" logins.
+    #[serde(default)]
+    pub remember_me_cleared: u32,
 }
 
 /// An access token as stored.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenRec {
     /// Name, unique per user.
     pub name: String,
@@ -59,10 +66,16 @@ pub struct TokenRec {
     pub creation_time: String,
     /// Expiry, if any.
     pub expiration_time: Option<String>,
+    /// Lower-case hex SHA-256 of the token value, set for tokens issued over REST: a request
+    /// with `Authorization: Bearer <value>` authenticates as the token's user while the
+    /// token exists (and has not expired). The value itself is never kept. `None` (a token
+    /// inserted directly into the state) never authenticates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_sha256: Option<String>,
 }
 
 /// A user group as stored.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupRec {
     /// Key (case-sensitive).
     pub key: String,
@@ -80,7 +93,7 @@ pub struct GroupRec {
 }
 
 /// A project.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProjectRec {
     /// External id.
     pub id: String,
@@ -93,7 +106,7 @@ pub struct ProjectRec {
 }
 
 /// A role definition.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoleRec {
     /// Id, e.g. `PROJECT_ADMIN`.
     pub id: String,
@@ -103,7 +116,9 @@ pub struct RoleRec {
     pub included: Vec<String>,
 }
 
-/// The whole emulated server state; also the shape of the state dump.
+/// The whole emulated server state; also the shape of the state dump
+/// (`GET /__emulator/state`), which `PUT /__emulator/state` and [`crate::Emulator::restore`]
+/// take back unchanged. Equality compares everything but the username index.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct State {
     /// Users by id.
@@ -126,6 +141,20 @@ pub struct State {
     #[serde(skip)]
     by_username: std::collections::HashMap<String, u64>,
 }
+
+impl PartialEq for State {
+    fn eq(&self, other: &State) -> bool {
+        // The username index is derived from `users`; two states with the same users are equal.
+        self.users == other.users
+            && self.groups == other.groups
+            && self.projects == other.projects
+            && self.roles == other.roles
+            && self.next_user_id == other.next_user_id
+            && self.admin_id == other.admin_id
+    }
+}
+
+impl Eq for State {}
 
 /// The user dimensions the emulator's user finder consumes.
 const USER_DIMS: &[&str] = &[
@@ -236,6 +265,8 @@ impl State {
                 roles: BTreeSet::new(),
                 groups: BTreeSet::new(),
                 tokens: Vec::new(),
+                logouts: 0,
+                remember_me_cleared: 0,
             },
         );
         id
@@ -277,6 +308,75 @@ impl State {
         self.users.values().find(|u| u.username == lower)
     }
 
+    /// Checks what a restored state must hold for the emulator to keep working: map keys
+    /// equal to the ids and keys inside, ids below `next_user_id`, unique lower-cased
+    /// usernames, the admin present, `_Root` and `ALL_USERS_GROUP` present.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut names = BTreeSet::new();
+        for (id, u) in &self.users {
+            if *id != u.id {
+                return Err(format!("user under key {id} has id {}", u.id));
+            }
+            if u.id >= self.next_user_id {
+                return Err(format!(
+                    "user id {} is not below next_user_id {}",
+                    u.id, self.next_user_id
+                ));
+            }
+            if u.username != u.username.to_lowercase() {
+                return Err(format!("username '{}' is not lower-cased", u.username));
+            }
+            if !names.insert(u.username.as_str()) {
+                return Err(format!("username '{}' is used twice", u.username));
+            }
+        }
+        for (key, g) in &self.groups {
+            if *key != g.key {
+                return Err(format!("group under key '{key}' has key '{}'", g.key));
+            }
+        }
+        if !self.users.contains_key(&self.admin_id) {
+            return Err(format!("admin_id {} is not a user", self.admin_id));
+        }
+        if !self.groups.contains_key(ALL_USERS_GROUP) {
+            return Err(format!("{ALL_USERS_GROUP} is missing"));
+        }
+        if self.projects.first().is_none_or(|p| p.id != "_Root") {
+            return Err("the first project must be _Root".into());
+        }
+        Ok(())
+    }
+
+    /// The user and token name a token value authenticates: the token must exist with
+    /// this value's digest and must not have expired.
+    pub(crate) fn token_owner(&self, value_sha256: &str, now: time::OffsetDateTime) -> Option<u64> {
+        self.users.values().find_map(|u| {
+            u.tokens
+                .iter()
+                .find(|t| t.value_sha256.as_deref() == Some(value_sha256))
+                .filter(|t| {
+                    t.expiration_time
+                        .as_deref()
+                        .is_none_or(|exp| parse_teamcity_time(exp).is_none_or(|exp| exp > now))
+                })
+                .map(|_| u.id)
+        })
+    }
+
+    /// Whether the user holds `SYSTEM_ADMIN` globally, directly or through a group.
+    pub(crate) fn is_system_admin(&self, user: u64) -> bool {
+        self.users.get(&user).is_some_and(|u| {
+            let global = |roles: &BTreeSet<(String, String)>| {
+                roles.iter().any(|(r, sc)| r == "SYSTEM_ADMIN" && sc == "g")
+            };
+            global(&u.roles)
+                || self
+                    .groups
+                    .values()
+                    .any(|g| self.is_member(user, &g.key) && global(&g.roles))
+        })
+    }
+
     /// Rebuilds the username index from `users` (after `users` was changed directly).
     pub fn reindex(&mut self) {
         self.by_username = self
@@ -296,7 +396,7 @@ impl State {
         let mut loc = Parsed::parse(text, &[])?;
         if let Some(single) = loc.single.clone() {
             if single == "current" {
-                return Ok(vec![self.admin_id]);
+                return Ok(vec![crate::caller().unwrap_or(self.admin_id)]);
             }
             return match self.user_by_username(&single) {
                 Some(u) => Ok(vec![u.id]),
@@ -784,6 +884,14 @@ impl State {
         }
         Json::Object(m)
     }
+}
+
+/// Parses TeamCity's `yyyyMMdd'T'HHmmssZ` time (`20260101T000000+0000`).
+pub(crate) fn parse_teamcity_time(text: &str) -> Option<time::OffsetDateTime> {
+    let f = time::macros::format_description!(
+        "[year][month][day]T[hour][minute][second][offset_hour sign:mandatory][offset_minute]"
+    );
+    time::OffsetDateTime::parse(text, &f).ok()
 }
 
 /// A `properties` collection.

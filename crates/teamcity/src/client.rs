@@ -22,7 +22,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Mutex, Semaphore};
 
-use crate::error::{ErrorBody, TeamCityError};
+use crate::error::{ErrorBody, TLS, TeamCityError, is_tls_failure};
 use crate::locator::Locator;
 use crate::model::{
     Group, Groups, Project, Projects, Properties, Property, RoleAssignment, RoleAssignments,
@@ -279,6 +279,14 @@ fn random_password() -> String {
         .collect()
 }
 
+/// The `Content-Type` of an answer when it is an HTML page.
+fn html_content_type(resp: &reqwest::Response) -> Option<String> {
+    let value = resp.headers().get(CONTENT_TYPE)?.to_str().ok()?;
+    let mime = value.split(';').next().unwrap_or("").trim();
+    (mime.eq_ignore_ascii_case("text/html") || mime.eq_ignore_ascii_case("application/xhtml+xml"))
+        .then(|| value.to_owned())
+}
+
 /// Role ids and project external ids go into path segments unescaped by
 /// TeamCity's rules, so only the characters TeamCity itself allows pass.
 fn check_identifier(what: &str, value: &str) -> Result<(), TeamCityError> {
@@ -420,6 +428,12 @@ impl Client {
         match result {
             Ok(resp) if resp.status().is_success() => {
                 tracing::debug!(%request_id, op, %method, status = resp.status().as_u16(), duration_ms, "teamcity call");
+                // TeamCity never answers a REST call with HTML: a login page or a proxy did.
+                if let Some(content_type) = html_content_type(&resp) {
+                    tracing::warn!(%request_id, op, %method, status = resp.status().as_u16(),
+                        content_type, "teamcity call answered with an HTML page");
+                    return Err(TeamCityError::NotJson { content_type });
+                }
                 Ok(resp)
             }
             Ok(resp) => {
@@ -441,7 +455,9 @@ impl Client {
                 })
             }
             Err(source) => {
-                let what = if source.is_timeout() {
+                let what = if is_tls_failure(&source) {
+                    TLS
+                } else if source.is_timeout() {
                     "timeout"
                 } else if source.is_connect() {
                     "connect"
@@ -465,6 +481,11 @@ impl Client {
         let resp = self
             .send(op, method, segments, query, body, Want::Json)
             .await?;
+        let content_type = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let bytes = resp
             .bytes()
             .await
@@ -472,6 +493,11 @@ impl Client {
                 what: if source.is_timeout() { "timeout" } else { "io" },
                 source,
             })?;
+        if bytes.trim_ascii_start().starts_with(b"<") {
+            return Err(TeamCityError::NotJson {
+                content_type: content_type.unwrap_or_else(|| "no content type".to_owned()),
+            });
+        }
         serde_json::from_slice(&bytes).map_err(|e| TeamCityError::Decode(format!("{op}: {e}")))
     }
 
@@ -737,24 +763,33 @@ impl Client {
         .await
     }
 
-    /// `POST /app/rest/users/{u}/logout`: ends every session of the user.
+    /// `POST /app/rest/users/{u}/logout`: ends every session of the user ("Terminate all
+    /// current sessions of the matching user"). Any 2xx is success; the body is ignored.
+    /// Servers without the endpoint (it is not in the 2024.03 REST plugin source) answer
+    /// 404, which comes back as [`crate::ErrorKind::NotFound`] like an unknown user (a
+    /// Jersey server might answer 405 instead: unconfirmed). A caller that needs to tell
+    /// "no such endpoint" from "no such user" should check the user exists first.
     pub async fn logout_user(&self, user: &Locator) -> Result<(), TeamCityError> {
+        let segments = ["users", user.as_str(), "logout"];
         self.nothing(
             "logout_user",
             Method::POST,
-            &["users", user.as_str(), "logout"],
+            &segments,
             Body::Empty,
             Want::Nothing,
         )
         .await
     }
 
-    /// `DELETE /app/rest/users/{u}/debug/rememberMe`: removes the user's "remember me" data.
+    /// `DELETE /app/rest/users/{u}/debug/rememberMe` (204): drops the user's "remember me"
+    /// logins, so a browser cookie cannot sign the user back in. TeamCity marks the
+    /// endpoint experimental; it produces `text/plain`, so no JSON `Accept` is sent.
     pub async fn delete_remember_me(&self, user: &Locator) -> Result<(), TeamCityError> {
+        let segments = ["users", user.as_str(), "debug", "rememberMe"];
         self.nothing(
             "delete_remember_me",
             Method::DELETE,
-            &["users", user.as_str(), "debug", "rememberMe"],
+            &segments,
             Body::Empty,
             Want::Nothing,
         )
@@ -1101,8 +1136,9 @@ impl Client {
         .await
     }
 
-    /// Deletes every token of the user; returns how many were deleted. A token
-    /// that vanished meanwhile (404) counts as deleted.
+    /// Deletes every token of the user; returns the names of the tokens deleted, in
+    /// TeamCity's listing order. A token that vanished meanwhile (404) counts as deleted.
+    /// On another error the tokens before it are already gone.
     pub async fn revoke_all_tokens(&self, user: &Locator) -> Result<Vec<String>, TeamCityError> {
         let tokens = self.list_tokens(user).await?;
         let mut deleted = Vec::with_capacity(tokens.len());

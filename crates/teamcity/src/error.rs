@@ -5,6 +5,10 @@
 //! a hint line). [`ErrorBody::parse`] splits it; [`TeamCityError::kind`] turns
 //! status and exception into one of a few classes callers branch on.
 //!
+//! [`TeamCityError::is_misconfiguration`] separates failures that mean the bridge
+//! itself is set up wrong (token refused, certificate not trusted, a login page or a
+//! proxy answering instead of TeamCity) from failures of one object or one moment.
+//!
 //! This module decides what a failure *is*, never what to do about it: no
 //! retries, no sleeping. `Display` names the status and exception class only;
 //! the server's message (which can quote usernames) is in [`ErrorBody`].
@@ -119,10 +123,12 @@ fn truncate(s: &mut String, max: usize) {
 /// Everything that can go wrong calling TeamCity.
 #[derive(Debug, thiserror::Error)]
 pub enum TeamCityError {
-    /// The request did not complete: connect error, timeout, dropped connection.
+    /// The request did not complete: connect error, timeout, dropped connection,
+    /// or a failed TLS handshake.
     #[error("TeamCity request failed ({what}): {source}")]
     Transport {
-        /// Short description: `connect`, `timeout` or `io`.
+        /// Short description: `connect`, `timeout`, `io`, or `tls` (the TLS handshake
+        /// failed, e.g. the server's certificate is not trusted; see [`TLS`]).
         what: &'static str,
         /// The underlying reqwest error.
         #[source]
@@ -138,6 +144,15 @@ pub enum TeamCityError {
         /// `Retry-After` in seconds, when sent (429/503).
         retry_after: Option<Duration>,
     },
+    /// A success (2xx) answer that is an HTML page rather than TeamCity's JSON or text:
+    /// a proxy, an SSO login page or a maintenance page stands in front of TeamCity.
+    #[error(
+        "TeamCity answered with {content_type} instead of JSON (a login page or a proxy in front of TeamCity?)"
+    )]
+    NotJson {
+        /// The answer's `Content-Type` (or a note when it had none).
+        content_type: String,
+    },
     /// A success response whose body did not parse.
     #[error("TeamCity response could not be decoded: {0}")]
     Decode(String),
@@ -148,6 +163,44 @@ pub enum TeamCityError {
     /// The client configuration is unusable (bad base URL, TLS setup).
     #[error("invalid TeamCity client configuration: {0}")]
     Config(String),
+}
+
+/// The `what` of a [`TeamCityError::Transport`] whose TLS handshake failed.
+pub const TLS: &str = "tls";
+
+/// True when `err` (or anything in its source chain) is a TLS failure: a rustls error,
+/// or a message naming a certificate or handshake problem. reqwest wraps rustls errors
+/// in `std::io::Error`, whose `source()` skips the wrapped error, so the wrapped error
+/// is checked too.
+pub(crate) fn is_tls_failure(err: &(dyn std::error::Error + 'static)) -> bool {
+    const MARKERS: &[&str] = &[
+        "invalid peer certificate",
+        "certificate",
+        "unknownissuer",
+        "tls handshake",
+        "handshake failure",
+        "received fatal alert",
+        "rustls",
+    ];
+    let mut current = Some(err);
+    while let Some(e) = current {
+        if e.downcast_ref::<rustls::Error>().is_some() {
+            return true;
+        }
+        if let Some(inner) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+            && inner.downcast_ref::<rustls::Error>().is_some()
+        {
+            return true;
+        }
+        let text = e.to_string().to_ascii_lowercase();
+        if MARKERS.iter().any(|m| text.contains(m)) {
+            return true;
+        }
+        current = e.source();
+    }
+    false
 }
 
 fn exception_suffix(body: &ErrorBody) -> String {
@@ -162,23 +215,33 @@ impl TeamCityError {
     /// The class of this error; see [`ErrorKind`].
     pub fn kind(&self) -> ErrorKind {
         match self {
+            TeamCityError::Transport { what, .. } if *what == TLS => ErrorKind::Permanent,
             TeamCityError::Transport { .. } => ErrorKind::Transient,
-            TeamCityError::Decode(_) => ErrorKind::Permanent,
+            TeamCityError::Decode(_) | TeamCityError::NotJson { .. } => ErrorKind::Permanent,
             TeamCityError::InvalidInput(_) | TeamCityError::Config(_) => ErrorKind::Permanent,
             TeamCityError::Status { status, body, .. } => classify(*status, body),
         }
     }
 
-    /// True when the error says the bridge itself is misconfigured (a rejected token, an
-    /// unusable client configuration), not that one object is wrong.
-    pub fn is_misconfiguration(&self) -> bool {
-        matches!(self, TeamCityError::Config(_))
-            || matches!(self, TeamCityError::Status { status: 401, .. })
-    }
-
     /// True when repeating the same call later may succeed.
     pub fn is_transient(&self) -> bool {
         self.kind() == ErrorKind::Transient
+    }
+
+    /// True when the error means the bridge itself is misconfigured rather than one
+    /// object being wrong: the token was refused (401), TeamCity's certificate was not
+    /// accepted (a TLS failure), the client configuration is unusable
+    /// ([`TeamCityError::Config`]), or a success answer was an HTML page
+    /// ([`TeamCityError::NotJson`]: a login page or a proxy in front of TeamCity).
+    /// Every call will fail the same way until someone fixes the setup. A 403 is not
+    /// included: it can be one object the account may not touch.
+    pub fn is_misconfiguration(&self) -> bool {
+        match self {
+            TeamCityError::Status { status, .. } => *status == 401,
+            TeamCityError::Transport { what, .. } => *what == TLS,
+            TeamCityError::Config(_) | TeamCityError::NotJson { .. } => true,
+            TeamCityError::Decode(_) | TeamCityError::InvalidInput(_) => false,
+        }
     }
 
     /// True for a 404 (including TeamCity's masked "User not found").
@@ -275,6 +338,75 @@ Invalid request. Please check the request URL and data are correct.\n";
         );
         assert_eq!(body.exception, None);
         assert!(body.message.starts_with("Authentication required"));
+    }
+
+    fn status(status: u16) -> TeamCityError {
+        TeamCityError::Status {
+            status,
+            body: Box::default(),
+            retry_after: None,
+        }
+    }
+
+    #[test]
+    fn misconfiguration_is_401_config_and_html_not_403() {
+        let html = TeamCityError::NotJson {
+            content_type: "text/html;charset=UTF-8".into(),
+        };
+        assert!(html.is_misconfiguration());
+        assert!(!html.is_transient());
+        assert_eq!(html.kind(), ErrorKind::Permanent);
+        assert_eq!(
+            html.to_string(),
+            "TeamCity answered with text/html;charset=UTF-8 instead of JSON (a login page or a proxy in front of TeamCity?)"
+        );
+        assert!(status(401).is_misconfiguration());
+        assert!(TeamCityError::Config("base URL".into()).is_misconfiguration());
+        for not in [
+            status(403),
+            status(404),
+            status(400),
+            status(500),
+            status(503),
+            TeamCityError::Decode("x".into()),
+            TeamCityError::InvalidInput("x".into()),
+        ] {
+            assert!(!not.is_misconfiguration(), "{not}");
+        }
+        // The kinds of everything else are unchanged.
+        assert_eq!(status(403).kind(), ErrorKind::Forbidden);
+        assert_eq!(status(401).kind(), ErrorKind::Unauthorized);
+    }
+
+    #[derive(Debug)]
+    struct Wrapper(Box<dyn std::error::Error + Send + Sync>);
+
+    impl std::fmt::Display for Wrapper {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("client error (Connect)")
+        }
+    }
+
+    impl std::error::Error for Wrapper {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(self.0.as_ref())
+        }
+    }
+
+    #[test]
+    fn tls_failures_are_found_in_the_source_chain() {
+        // As reqwest/hyper wrap it: a connect error around an io::Error around rustls.
+        let rustls_err = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let io = std::io::Error::new(std::io::ErrorKind::InvalidData, rustls_err);
+        let chain = Wrapper(Box::new(io));
+        assert!(is_tls_failure(&chain));
+        let text_only = Wrapper("invalid peer certificate: UnknownIssuer".into());
+        assert!(is_tls_failure(&text_only));
+        let refused = Wrapper(Box::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "Connection refused (os error 111)",
+        )));
+        assert!(!is_tls_failure(&refused));
     }
 
     #[test]

@@ -71,8 +71,11 @@ impl Locator {
         Self::new().value("username", username)
     }
 
-    /// `id:<n>,username:(<escaped>)`: the user with this id only while it still has this
-    /// username (else TeamCity answers 404), so a stale id cannot reach another person.
+    /// `id:<n>,username:(<escaped>)`: user `id`, but only while it still has this username.
+    ///
+    /// TeamCity treats `id` as the item source and `username` as a case-insensitive filter,
+    /// so a pinned locator answers 404 "User not found" once id `id` has been renamed (or
+    /// deleted): a write sent with a stale cached id cannot land on someone else.
     pub fn user_pinned(id: u64, username: &str) -> Self {
         Self::by_id(id).value("username", username)
     }
@@ -191,6 +194,15 @@ mod tests {
         let cases: &[(Locator, &str)] = &[
             (Locator::by_id(7), "id:7"),
             (Locator::by_username("aaa"), "username:($base64:YWFh)"),
+            (
+                Locator::user_pinned(5, "alice"),
+                "id:5,username:($base64:YWxpY2U)",
+            ),
+            // Delimiters, parentheses and a smuggled escape stay inside the value.
+            (
+                Locator::user_pinned(7, "a,id:1(x):$base64:YQ"),
+                "id:7,username:($base64:YSxpZDoxKHgpOiRiYXNlNjQ6WVE)",
+            ),
             (Locator::by_username(""), "username:($base64:)"),
             (Locator::by_key("a,b"), "key:($base64:YSxi)"),
             (

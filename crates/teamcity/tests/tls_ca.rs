@@ -78,10 +78,13 @@ async fn private_ca_is_refused_by_default_and_trusted_when_configured() {
         .server_info()
         .await
         .expect_err("an unknown CA must not be trusted");
+    // An untrusted certificate is the bridge's setup, not a passing network fault.
     assert!(
-        matches!(err, teamcity::TeamCityError::Transport { .. }),
+        matches!(err, teamcity::TeamCityError::Transport { what: "tls", .. }),
         "{err:?}"
     );
+    assert!(!err.is_transient(), "{err}");
+    assert!(err.is_misconfiguration(), "{err}");
 
     let mut config = ClientConfig::new(&base, Token::new("t"));
     config.ca_pem = Some(ca_pem.into_bytes());

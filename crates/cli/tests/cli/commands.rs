@@ -132,6 +132,7 @@ async fn outbox_list_retry_drop_and_held_approve_commands() {
     env.emu.inject_fault(Fault {
         method: Some("POST".into()),
         path_prefix: Some("/app/rest/users".into()),
+        path_contains: None,
         times: 2,
         action: FaultAction::Status {
             status: 403,

@@ -17,6 +17,7 @@ fn give_tokens(w: &World, name: &str, n: usize) {
                 name: format!("t{i}"),
                 creation_time: "20260101T000000+0000".into(),
                 expiration_time: None,
+                value_sha256: None,
             });
         }
     });

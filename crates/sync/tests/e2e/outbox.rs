@@ -57,6 +57,7 @@ async fn transient_failure_is_retried_with_backoff() {
     w.emu.inject_fault(Fault {
         method: Some("POST".into()),
         path_prefix: Some("/app/rest/users".into()),
+        path_contains: None,
         times: 2,
         action: FaultAction::Status {
             status: 503,
@@ -110,6 +111,7 @@ async fn permanent_failure_is_dead_with_reason_then_retry_and_drop() {
     w.emu.inject_fault(Fault {
         method: Some("POST".into()),
         path_prefix: Some("/app/rest/users".into()),
+        path_contains: None,
         times: 1,
         action: FaultAction::Status {
             status: 403,
@@ -160,6 +162,7 @@ async fn permanent_failure_is_dead_with_reason_then_retry_and_drop() {
     w.emu.inject_fault(Fault {
         method: Some("PUT".into()),
         path_prefix: Some("/app/rest/users".into()),
+        path_contains: None,
         times: 1,
         action: FaultAction::Status {
             status: 400,

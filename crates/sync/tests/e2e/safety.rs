@@ -84,6 +84,7 @@ async fn rename_with_permanent_create_failure_keeps_the_old_group() {
     w.emu.inject_fault(Fault {
         method: Some("POST".into()),
         path_prefix: Some("/app/rest/userGroups".into()),
+        path_contains: None,
         times: u32::MAX,
         action: FaultAction::Status {
             status: 400,
@@ -553,6 +554,7 @@ async fn a_startup_read_error_dead_letters_nothing() {
     w.emu.inject_fault(Fault {
         method: Some("GET".into()),
         path_prefix: Some("/app/rest/users".into()),
+        path_contains: None,
         times: u32::MAX,
         action: FaultAction::Status {
             status: 403,

@@ -346,6 +346,7 @@ impl World {
             self.emu.inject_fault(Fault {
                 method: Some(m.into()),
                 path_prefix: Some("/app/rest".into()),
+                path_contains: None,
                 times: u32::MAX,
                 action: action.clone(),
             });
@@ -401,6 +402,7 @@ pub(crate) fn give_tokens(w: &World, name: &str, n: usize) {
                 name: format!("t{i}"),
                 creation_time: "20260101T000000+0000".into(),
                 expiration_time: None,
+                value_sha256: None,
             });
         }
     });
@@ -430,33 +432,15 @@ impl World {
 
 /// Every `method` request whose path contains `substring` answers `status` (no `Retry-After`),
 /// until [`Emulator::clear_faults`].
-///
-/// TODO(path_contains): inject ONE `Fault { method, path_contains: Some(substring), .. }` once
-/// the emulator has `path_contains`. Until then faults match a path prefix only, so:
-/// - a `substring` starting with `/app/rest` is used as the prefix;
-/// - any other `substring` is taken as the tail of a user path, and one fault is injected per
-///   user the emulator has NOW, with prefix `/app/rest/users/id:<id><substring>` — this relies
-///   on today's `id:<n>` user locator and does not cover users created later.
 pub(crate) fn fail_matching(w: &World, method: &str, substring: &str, status: u16) {
-    let prefixes: Vec<String> = if substring.starts_with("/app/rest") {
-        vec![substring.to_owned()]
-    } else {
-        w.emu
-            .snapshot()
-            .users
-            .keys()
-            .map(|id| format!("/app/rest/users/id:{id}{substring}"))
-            .collect()
-    };
-    for prefix in prefixes {
-        w.emu.inject_fault(Fault {
-            method: Some(method.to_owned()),
-            path_prefix: Some(prefix),
-            times: u32::MAX,
-            action: FaultAction::Status {
-                status,
-                retry_after_secs: None,
-            },
-        });
-    }
+    w.emu.inject_fault(Fault {
+        method: Some(method.to_owned()),
+        path_prefix: Some("/app/rest".into()),
+        path_contains: Some(substring.to_owned()),
+        times: u32::MAX,
+        action: FaultAction::Status {
+            status,
+            retry_after_secs: None,
+        },
+    });
 }

@@ -191,6 +191,7 @@ async fn faults_match_method_and_path() {
     emu.inject_fault(Fault {
         method: Some("POST".into()),
         path_prefix: Some("/app/rest/users".into()),
+        path_contains: None,
         times: 2,
         action: FaultAction::Status {
             status: 502,

@@ -5,6 +5,7 @@
 //! hidden by a matching emulator bug in the response path.
 
 mod errors;
+mod fidelity;
 mod injection;
 mod operations;
 mod paging;
