@@ -18,8 +18,8 @@ use std::collections::{BTreeMap, HashMap};
 use teamcity::{Client, Locator, NewGroup, NewUser, TeamCityError, UserField, UserUpdate};
 
 use crate::model::{
-    Action, ActualState, DEFAULTS_MARKER, Field, GROUP_DESCRIPTION, GROUP_MARKER,
-    USER_DEACTIVATED, USER_MARKER, UserRef,
+    Action, ActualState, DEFAULTS_MARKER, Field, GROUP_DESCRIPTION, GROUP_MARKER, USER_DEACTIVATED,
+    USER_MARKER, UserRef,
 };
 
 /// What an apply did.
@@ -344,16 +344,8 @@ async fn step(
             out.tokens = client.revoke_all_tokens(&pinned(*user, names)?).await?;
             Ok(())
         }
-        Action::ResetPassword { user } => {
-            client
-                .randomize_password(&pinned(*user, names)?)
-                .await
-        }
-        Action::ClearRememberMe { user } => {
-            client
-                .delete_remember_me(&pinned(*user, names)?)
-                .await
-        }
+        Action::ResetPassword { user } => client.randomize_password(&pinned(*user, names)?).await,
+        Action::ClearRememberMe { user } => client.delete_remember_me(&pinned(*user, names)?).await,
         Action::EndSessions { user } => {
             let loc = pinned(*user, names)?;
             match client.logout_user(&loc).await {
@@ -387,6 +379,7 @@ async fn step(
             marker,
             roles,
             members,
+            replaces,
         } => {
             // Members created earlier in the plan whose create failed are left out; they
             // join once they exist.
@@ -394,6 +387,28 @@ async fn step(
             for m in members {
                 if let Ok(id) = resolve(m, created) {
                     ids.push(id);
+                }
+            }
+            // A rename swap carries over the members an administrator added by hand to the
+            // old group since the bridge last read it (users without our marker).
+            if let Some(old) = replaces {
+                let group = client
+                    .get_group(
+                        &Locator::by_key(old),
+                        Some("key,users(user(id,properties(property(name,value))))"),
+                    )
+                    .await?;
+                for u in group.users.map(|u| u.user).unwrap_or_default() {
+                    let ours = u
+                        .properties
+                        .as_ref()
+                        .is_some_and(|p| p.get(USER_MARKER).is_some());
+                    if let Some(id) = u.id
+                        && !ours
+                        && !ids.contains(&id)
+                    {
+                        ids.push(id);
+                    }
                 }
             }
             let description = if marker == DEFAULTS_MARKER {

@@ -152,7 +152,10 @@ pub struct Health {
 impl Health {
     /// Why the engine is not ready, or `None` when it is.
     pub fn not_ready(&self) -> Option<String> {
-        self.reason.read().map(|r| r.clone()).unwrap_or_else(|e| e.into_inner().clone())
+        self.reason
+            .read()
+            .map(|r| r.clone())
+            .unwrap_or_else(|e| e.into_inner().clone())
     }
 
     fn set(&self, reason: Option<String>) {
@@ -164,7 +167,9 @@ impl Health {
             return;
         }
         match &reason {
-            Some(r) => warn!(reason = %r, "sync paused: nothing is applied to TeamCity until this is fixed; SCIM changes keep waiting in the outbox"),
+            Some(r) => {
+                warn!(reason = %r, "sync paused: nothing is applied to TeamCity until this is fixed; SCIM changes keep waiting in the outbox")
+            }
             None => info!("sync ready: TeamCity is reachable and the policy matches it"),
         }
         *current = reason;
@@ -272,6 +277,7 @@ pub fn describe(a: &Action) -> (String, Value) {
             marker,
             roles,
             members,
+            ..
         } => {
             let mut d = json!({
                 "key": key,
@@ -327,7 +333,6 @@ fn created_link(a: &Action, created: &BTreeMap<String, u64>) -> Option<store::Ma
         _ => None,
     }
 }
-
 
 /// A readable reference to a step, for reasons: `create_group on group:SCIM_…_1`.
 fn label(a: &Action) -> String {
@@ -704,7 +709,9 @@ impl Engine {
     async fn blocked(&self) -> Result<Option<String>, EngineError> {
         let why = |e: &TeamCityError| {
             if e.is_misconfiguration() {
-                format!("the bridge cannot use TeamCity ({e}); check [teamcity] url, token and ca_file")
+                format!(
+                    "the bridge cannot use TeamCity ({e}); check [teamcity] url, token and ca_file"
+                )
             } else if e.is_transient() {
                 format!("TeamCity is unreachable ({e})")
             } else {
@@ -835,7 +842,8 @@ impl Engine {
         let (actual, reads) = match read {
             Ok(r) => r,
             Err(EngineError::TeamCity(e)) => {
-                self.health.set(Some(format!("TeamCity could not be read ({e})")));
+                self.health
+                    .set(Some(format!("TeamCity could not be read ({e})")));
                 return Err(e.into());
             }
             Err(e) => return Err(e),
@@ -895,7 +903,10 @@ impl Engine {
 
     /// Approved batches this engine has not tried yet (a pass runs for them even without rows).
     fn untried_approvals(&self, approved: &[HeldBatch]) -> bool {
-        let tried = self.approved_tried.lock().unwrap_or_else(|e| e.into_inner());
+        let tried = self
+            .approved_tried
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         approved.iter().any(|b| !tried.contains(&b.id))
     }
 
@@ -1273,7 +1284,9 @@ impl Engine {
                 }
                 Outcome::Stale(reason) => {
                     for e in &entities[i] {
-                        exec.stale.entry(e.clone()).or_insert_with(|| reason.clone());
+                        exec.stale
+                            .entry(e.clone())
+                            .or_insert_with(|| reason.clone());
                     }
                 }
                 Outcome::Waiting => {
@@ -1313,8 +1326,13 @@ impl Engine {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(b.id);
-            let Ok(steps) = read_batch(b) else {
-                continue; // reported by the guard; never applied as empty
+            let steps = match read_batch(b) {
+                Ok(steps) => steps,
+                Err(reason) => {
+                    // Never applied as empty: reported, and left for `held drop`.
+                    self.unreadable(b, &reason).await?;
+                    continue;
+                }
             };
             if steps.iter().any(|s| left.contains(s)) {
                 continue;
@@ -1580,7 +1598,10 @@ impl Engine {
         let mut all = offboarding.lock().unwrap_or_else(|e| e.into_inner());
         match a {
             Action::RemoveFromGroup { user, group } => {
-                let name = group_names.get(group).cloned().unwrap_or_else(|| group.clone());
+                let name = group_names
+                    .get(group)
+                    .cloned()
+                    .unwrap_or_else(|| group.clone());
                 if !store::audit::looks_like_email(&name) {
                     detail["name"] = json!(name);
                 }
@@ -1599,7 +1620,9 @@ impl Engine {
             Action::EndSessions { user } => {
                 let note = if applied.sessions_unsupported {
                     if !self.sessions_noted.swap(true, Ordering::Relaxed) {
-                        warn!("this TeamCity cannot end sessions (no POST /users/{{u}}/logout; TeamCity 2024.07 or later has it): deactivated users' sessions run until they expire");
+                        warn!(
+                            "this TeamCity cannot end sessions (no POST /users/{{u}}/logout; TeamCity 2024.07 or later has it): deactivated users' sessions run until they expire"
+                        );
                     }
                     "this TeamCity cannot end sessions"
                 } else {

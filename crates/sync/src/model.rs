@@ -452,6 +452,7 @@ impl ActualState {
                 marker,
                 roles,
                 members,
+                ..
             } => {
                 self.groups.retain(|g| g.key != *key);
                 self.groups.push(ActualGroup {
@@ -635,6 +636,10 @@ pub enum Action {
         roles: Vec<RoleAt>,
         /// Members.
         members: Vec<UserRef>,
+        /// The group this one replaces (a rename swap): its members at apply time that the
+        /// bridge does not manage — added by hand — are carried over too.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        replaces: Option<String>,
     },
     /// `DELETE /userGroups/key:K`.
     DeleteGroup {

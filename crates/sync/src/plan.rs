@@ -380,10 +380,13 @@ pub fn plan(desired: &Desired, actual: &ActualState, opts: &PlanOptions) -> Plan
         .map(|g| g.key.as_str())
         .collect();
     for key in &orphan_groups {
-        out.orphan = actual.group(key).and_then(|g| g.marker.clone()).map(|m| Orphan {
-            entity: "group",
-            scim_id: m,
-        });
+        out.orphan = actual
+            .group(key)
+            .and_then(|g| g.marker.clone())
+            .map(|m| Orphan {
+                entity: "group",
+                scim_id: m,
+            });
         out.push(
             DELETE_ORPHAN_GROUP,
             Action::DeleteGroup {
@@ -482,7 +485,13 @@ pub fn plan(desired: &Desired, actual: &ActualState, opts: &PlanOptions) -> Plan
                 // administrator added by hand included — then drop the old.
                 let key = new_key();
                 let mut create = create_group(g, &key, &refs);
-                if let Action::CreateGroup { members: m, .. } = &mut create {
+                if let Action::CreateGroup {
+                    members: m,
+                    replaces,
+                    ..
+                } = &mut create
+                {
+                    *replaces = Some(c.key.clone());
                     m.extend(
                         members
                             .get(c.key.as_str())
@@ -832,6 +841,7 @@ fn create_group(
             .iter()
             .filter_map(|m| refs.get(m.as_str()).cloned())
             .collect(),
+        replaces: None,
     }
 }
 

@@ -281,10 +281,12 @@ roles = ["PROJECT_VIEWER@p:_Root"]
                 x,
                 Action::RevokeTokens { user: 12 }
                     | Action::ResetPassword { user: 12 }
+                    | Action::ClearRememberMe { user: 12 }
+                    | Action::EndSessions { user: 12 }
                     | Action::SetDeactivated { user: 12 }
             )
         });
-        assert_eq!(deact.len(), 3);
+        assert_eq!(deact.len(), 5);
         let lane = w
             .iter()
             .flatten()

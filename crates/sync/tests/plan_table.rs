@@ -221,6 +221,7 @@ fn simulate(actual: &ActualState, actions: &[Action]) -> ActualState {
                 marker,
                 roles,
                 members,
+                ..
             } => {
                 s.groups.push(ActualGroup {
                     key: key.clone(),
@@ -333,6 +334,7 @@ fn initial_sync_creates_users_then_groups_with_members() {
                 marker: DEFAULTS_MARKER.into(),
                 roles: vec![viewer("_Root")],
                 members: vec![new("u1"), new("u2")],
+                replaces: None,
             },
             Action::CreateGroup {
                 key: k("g1"),
@@ -340,6 +342,7 @@ fn initial_sync_creates_users_then_groups_with_members() {
                 marker: "g1".into(),
                 roles: vec![dev()],
                 members: vec![new("u1"), new("u2")],
+                replaces: None,
             },
             Action::CreateGroup {
                 key: k("g2"),
@@ -347,6 +350,7 @@ fn initial_sync_creates_users_then_groups_with_members() {
                 marker: "g2".into(),
                 roles: vec![],
                 members: vec![new("u1")],
+                replaces: None,
             },
         ],
     );
@@ -550,6 +554,7 @@ fn group_changes() {
                 marker: "g1".into(),
                 roles: vec![dev()],
                 members: vec![id(2), id(3)],
+                replaces: Some(k("g1")),
             },
             Action::DeleteGroup { key: k("g1") },
         ],
@@ -575,6 +580,7 @@ fn group_changes() {
                 marker: "g1".into(),
                 roles: vec![dev()],
                 members: vec![id(2), id(3)],
+                replaces: Some(group_key("g1", 1)),
             },
             Action::DeleteGroup {
                 key: group_key("g1", 1),
@@ -947,7 +953,7 @@ fn render_reads_like_terraform() {
         r#"  + user "cara" (scim u3)
       + name:  "Cara Person"
       + email: "cara@x"
-      + group "SCIM: default roles"
+      + group "SCIM: default roles"   (after: create user "cara")
 
   ~ user "ann" (id:2)
       ~ email: "ann@x" -> "ann@new"
@@ -956,15 +962,19 @@ fn render_reads_like_terraform() {
       - group "SCIM: default roles"
       - all access tokens
       ~ password: (random)
-      ~ deactivated: false -> true
+      - remember-me data
+      - sessions
+      ~ deactivated: false -> true   (after: leaves of group "SCIM: default roles", revoke tokens, reset password and 2 more)
 
   - group "Ops" [{g2}]
+      - group   [awaits approval: the directory does not know group g2]
 
   + group "Developers" [{g1b}]
       + role PROJECT_DEVELOPER@p:Backend
       + member "ann"
 
   - group "Devs" [{g1}]
+      - group   (after: create group "Developers")
 
   # 1 unmanaged user(s) and 1 unmanaged group(s) left untouched
 
