@@ -80,14 +80,9 @@ pub(crate) fn key_path(cfg: &Config) -> anyhow::Result<PathBuf> {
     if let Some(p) = &cfg.audit.checkpoint_key_file {
         return Ok(p.clone());
     }
-    let url = &cfg.database.url;
-    let path = url
-        .strip_prefix("sqlite://")
-        .or_else(|| url.strip_prefix("sqlite:"))
-        .map(|p| p.split('?').next().unwrap_or(p))
-        .filter(|p| !p.is_empty() && !p.contains(":memory:"));
+    let path = cfg.database_file();
     match path {
-        Some(p) => Ok(PathBuf::from(format!("{p}.audit-key"))),
+        Some(p) => Ok(PathBuf::from(format!("{}.audit-key", p.display()))),
         None => bail!(
             "set `[audit] checkpoint_key_file`: there is no database file to keep the key next to"
         ),

@@ -35,6 +35,30 @@ pub struct Config {
     pub policy: sync::Policy,
 }
 
+impl Config {
+    /// The SQLite database file `database.url` names, if it names one.
+    pub(crate) fn database_file(&self) -> Option<PathBuf> {
+        let url = &self.database.url;
+        url.strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+            .map(|p| p.split('?').next().unwrap_or(p))
+            .filter(|p| !p.is_empty() && !p.contains(":memory:"))
+            .map(PathBuf::from)
+    }
+
+    /// The database as an operator should read it in a message: the SQLite file's absolute
+    /// path (the default is relative to the working directory), else the URL.
+    pub(crate) fn database_description(&self) -> String {
+        match self.database_file() {
+            Some(p) => std::path::absolute(&p)
+                .unwrap_or(p)
+                .display()
+                .to_string(),
+            None => self.database.url.clone(),
+        }
+    }
+}
+
 /// `[teamcity]`: the TeamCity server the bridge keeps equal to the directory.
 #[derive(Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -129,6 +153,19 @@ pub struct SyncConfig {
     /// How long a worker owns the outbox rows it claimed; rows of a worker that died are
     /// picked up again after this, e.g. `120s`.
     pub lease: String,
+    /// A SCIM user whose username a TeamCity user not created by the bridge already has:
+    /// `never` (a visible conflict) or `by_username` (mark it and manage it).
+    pub adopt_existing: AdoptExisting,
+}
+
+/// `sync.adopt_existing`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AdoptExisting {
+    /// Leave such users alone and report the conflict.
+    Never,
+    /// Take them over by username (audited as adoptions).
+    ByUsername,
 }
 
 /// Sync mode.
@@ -161,6 +198,7 @@ impl Default for SyncConfig {
             max_removals_percent: 20,
             max_backoff: "60s".into(),
             lease: "60s".into(),
+            adopt_existing: AdoptExisting::Never,
         }
     }
 }

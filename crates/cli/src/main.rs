@@ -355,6 +355,19 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         state.tokens = server::auth::TokenCache::new(store).with_token_file(path.clone(), grace);
     }
     state.metrics = Some(metrics);
+    state.readiness = Some(match &engine {
+        Some(engine) => {
+            let health = engine.health();
+            server::Readiness(Arc::new(move || health.not_ready()))
+        }
+        None => server::Readiness(Arc::new(|| {
+            Some(
+                "no TeamCity token is configured ([teamcity] token_file or TEAMCITY_SCIM_TEAMCITY__TOKEN): \
+                 SCIM changes are stored and queued, nothing is applied"
+                    .to_owned(),
+            )
+        })),
+    });
     let options = harden(&cfg, &mut state)?;
     let listener = tokio::net::TcpListener::bind(cfg.server.listen)
         .await

@@ -8,7 +8,7 @@ use anyhow::Context;
 use store::{DynStore, RetryPolicy};
 use sync::{Engine, EngineConfig, GuardLimits, Mode};
 
-use crate::config::{Config, Deprovision, SyncMode};
+use crate::config::{AdoptExisting, Config, Deprovision, SyncMode};
 use crate::ttl;
 
 /// The TeamCity client `[teamcity]` describes, or `None` when no token is configured.
@@ -65,6 +65,11 @@ pub(crate) fn engine_config(cfg: &Config) -> anyhow::Result<EngineConfig> {
         },
         reconcile_interval: ttl::parse(&cfg.sync.reconcile_interval)?.unsigned_abs(),
         lease: ttl::parse(&cfg.sync.lease)?.unsigned_abs(),
+        adopt: match cfg.sync.adopt_existing {
+            AdoptExisting::Never => sync::AdoptExisting::Never,
+            AdoptExisting::ByUsername => sync::AdoptExisting::ByUsername,
+        },
+        database: cfg.database_description(),
         ..EngineConfig::default()
     })
 }

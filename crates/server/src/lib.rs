@@ -37,7 +37,7 @@ pub mod tls;
 
 pub use auth::{generate_token, hash_token};
 pub use limit::{RateLimitConfig, RateLimiter};
-pub use state::{AppState, Limits};
+pub use state::{AppState, Limits, Readiness};
 
 use error::{ApiError, ApiResult, scim_error_response};
 use extract::{Params, read_json};
@@ -375,24 +375,35 @@ impl MakeRequestId for RequestIds {
     }
 }
 
+/// `/healthz/ready` (and `/readyz`): 200 `{"ready": true}` when the database answers and the
+/// sync engine can work; else 503 `{"ready": false, "reason": "…"}` saying what to fix.
+async fn ready(State(s): State<AppState>) -> axum::response::Response {
+    let reason = match s.store.list_tokens().await {
+        Err(e) => {
+            tracing::warn!(error = %e, "readiness check failed");
+            Some(format!("the database is unavailable: {e}"))
+        }
+        Ok(_) => s.readiness.as_ref().and_then(|r| (r.0)()),
+    };
+    match reason {
+        None => (StatusCode::OK, axum::Json(serde_json::json!({"ready": true}))).into_response(),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({"ready": false, "reason": reason})),
+        )
+            .into_response(),
+    }
+}
+
 /// The whole application router.
 pub fn router(state: AppState) -> Router {
     let scim = scim_router(state.clone());
     Router::new()
         .nest(BASE_PATH, scim)
         .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(|State(s): State<AppState>| async move {
-                match s.store.list_tokens().await {
-                    Ok(_) => (StatusCode::OK, "ready").into_response(),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "readiness check failed");
-                        (StatusCode::SERVICE_UNAVAILABLE, "database unavailable").into_response()
-                    }
-                }
-            }),
-        )
+        .route("/healthz/live", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .route("/healthz/ready", get(ready))
         .route(
             "/metrics",
             get(|State(s): State<AppState>| async move {

@@ -47,6 +47,19 @@ pub struct AppState {
     pub rate_limiter: RateLimiter,
     /// Small list responses, until the next resource write.
     pub lookups: std::sync::Arc<crate::lookup_cache::ResponseCache>,
+    /// Why the process is not ready beyond its database (the sync engine: TeamCity unreachable,
+    /// its token refused, a policy that does not match TeamCity), for `/healthz/ready`.
+    pub readiness: Option<Readiness>,
+}
+
+/// A check `/healthz/ready` asks: `None` when ready, else the reason.
+#[derive(Clone)]
+pub struct Readiness(pub std::sync::Arc<dyn Fn() -> Option<String> + Send + Sync>);
+
+impl std::fmt::Debug for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Readiness(..)")
+    }
 }
 
 impl AppState {
@@ -59,6 +72,7 @@ impl AppState {
             metrics: None,
             rate_limiter: RateLimiter::disabled(),
             lookups: std::sync::Arc::default(),
+            readiness: None,
         }
     }
 }

@@ -38,6 +38,9 @@ use crate::plan::{AdoptExisting, Conflict, Deprovision, Plan, PlanOptions, plan}
 use crate::policy::Policy;
 use crate::{Desired, DesiredOptions, GuardLimits, ReadOptions, desired, read_actual_with};
 
+/// How often a paused engine checks whether what blocked it is fixed.
+const PROBE_INTERVAL: Duration = Duration::from_secs(5);
+
 /// The store counter every writer to TeamCity moves (see the module docs).
 const WRITES_KEY: &str = "teamcity_writes";
 
@@ -529,7 +532,11 @@ impl Engine {
             cfg,
             worker_id,
             cache: Mutex::new(None),
-            health: Arc::new(Health::default()),
+            health: Arc::new(Health {
+                reason: std::sync::RwLock::new(Some(
+                    "starting: TeamCity has not been read yet".into(),
+                )),
+            }),
             seen_writes: std::sync::Mutex::new(None),
             policy_ok: AtomicBool::new(false),
             sessions_noted: AtomicBool::new(false),
@@ -887,6 +894,7 @@ impl Engine {
         }
         drop(cache);
         self.after_writes(exec.attempted).await?;
+        self.note_stop(exec.stop.as_ref()).await;
         if exec.stop.is_some() {
             report.transient_stop = true;
         }
@@ -984,6 +992,7 @@ impl Engine {
         }
         drop(cache);
         self.after_writes(exec.attempted).await?;
+        self.note_stop(exec.stop.as_ref()).await;
         for (e, reason) in conflicts {
             exec.failed.entry(e).or_insert(reason);
         }
@@ -992,6 +1001,22 @@ impl Engine {
             report.transient_stop = true;
         }
         Ok(report)
+    }
+
+    /// Readiness after a run that stopped early: TeamCity unavailable, or the bridge
+    /// misconfigured (then the cache is dropped, so the next pass verifies TeamCity first).
+    async fn note_stop(&self, stop: Option<&Stop>) {
+        match stop {
+            Some(Stop::Transient(r)) => {
+                self.health
+                    .set(Some(format!("TeamCity is unavailable: {r}")));
+            }
+            Some(Stop::Misconfigured(r)) => {
+                self.health.set(Some(r.clone()));
+                *self.cache.lock().await = None;
+            }
+            None => {}
+        }
     }
 
     /// Settles the claimed rows after a pass (see the module docs).
@@ -1741,9 +1766,18 @@ impl Engine {
     /// The worker and the periodic reconcile, until `shutdown` flips to true.
     pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         let mut next_reconcile = tokio::time::Instant::now();
+        let mut next_probe = tokio::time::Instant::now();
         loop {
             if *shutdown.borrow() {
                 break;
+            }
+            // While not ready, look again every few seconds (not only when rows arrive), so
+            // readiness turns green as soon as what blocked the sync is fixed.
+            if self.health.not_ready().is_some() && tokio::time::Instant::now() >= next_probe {
+                if let Err(e) = self.blocked().await {
+                    warn!(error = %e, "readiness probe failed");
+                }
+                next_probe = tokio::time::Instant::now() + PROBE_INTERVAL;
             }
             if tokio::time::Instant::now() >= next_reconcile {
                 match self.reconcile(false).await {

@@ -27,13 +27,13 @@ pub mod waves;
 pub use actual::{ReadOptions, ReadStats, read_actual, read_actual_with};
 pub use apply::{ApplyError, ApplyReport, apply};
 pub use desired::{Alert, Desired, DesiredGroup, DesiredOptions, DesiredUser, desired, group_key};
-pub use engine::{Engine, EngineConfig, EngineError, Mode, PassReport};
+pub use engine::{Engine, EngineConfig, EngineError, Health, Mode, PassReport};
 pub use guard::{GuardLimits, Held};
 pub use model::{
     Action, ActualGroup, ActualState, ActualUser, DEFAULTS_GROUP_KEY, DEFAULTS_GROUP_NAME,
     DEFAULTS_MARKER, DirGroup, DirUser, Directory, GROUP_MARKER, RoleAt, RoleScope,
     USER_DEACTIVATED, USER_MARKER, UserRef,
 };
-pub use plan::{Conflict, Deprovision, Plan, PlanOptions, Report, plan};
+pub use plan::{AdoptExisting, Conflict, Deprovision, Orphan, Plan, PlanOptions, Report, plan};
 pub use policy::{Pins, Policy, Problem};
 pub use render::render;
