@@ -50,10 +50,7 @@ impl Config {
     /// path (the default is relative to the working directory), else the URL.
     pub(crate) fn database_description(&self) -> String {
         match self.database_file() {
-            Some(p) => std::path::absolute(&p)
-                .unwrap_or(p)
-                .display()
-                .to_string(),
+            Some(p) => std::path::absolute(&p).unwrap_or(p).display().to_string(),
             None => self.database.url.clone(),
         }
     }

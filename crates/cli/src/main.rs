@@ -88,11 +88,13 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
-    /// List batches the blast-radius guard held back.
+    /// List batches the blast-radius guard held back, with the users they affect.
     Held {
         /// Also list applied and dropped batches.
         #[arg(long)]
         all: bool,
+        #[command(subcommand)]
+        command: Option<HeldCommand>,
     },
     /// Approve a held batch; the sync worker in `serve` then applies it.
     Approve {
@@ -133,6 +135,17 @@ enum TokenCommand {
     Revoke {
         /// The token id from `token list`.
         id: String,
+    },
+}
+
+/// `held` subcommands.
+#[derive(Subcommand, Debug)]
+enum HeldCommand {
+    /// Give up a held or approved batch (e.g. one this version cannot read); what the
+    /// directory still asks for is planned again.
+    Drop {
+        /// The batch id from `held`.
+        id: i64,
     },
 }
 
@@ -194,7 +207,13 @@ async fn run(cmd: Command, cfg: Config) -> anyhow::Result<u8> {
         Command::Emulator(args) => teamcity_emulator::cli::run(args).await?,
         Command::Token { command } => token(command, &cfg).await?,
         Command::Outbox { command } => ops::outbox(command, &open_store(&cfg).await?, out).await?,
-        Command::Held { all } => ops::held(&open_store(&cfg).await?, all, out).await?,
+        Command::Held {
+            command: Some(HeldCommand::Drop { id }),
+            ..
+        } => ops::held_drop(&open_store(&cfg).await?, id, out).await?,
+        Command::Held { all, command: None } => {
+            ops::held(&open_store(&cfg).await?, all, out).await?
+        }
         Command::Approve { id } => ops::approve(&open_store(&cfg).await?, id, out).await?,
         Command::Audit { command } => {
             return audit_cmd::run(command, &cfg, &open_store(&cfg).await?).await;
@@ -228,7 +247,11 @@ async fn run(cmd: Command, cfg: Config) -> anyhow::Result<u8> {
         }
         Command::Config {
             command: ConfigCommand::Check,
-        } => println!("configuration is valid"),
+        } => {
+            if !sync_cmd::config_check(&cfg).await? {
+                return Ok(1);
+            }
+        }
     }
     Ok(0)
 }

@@ -188,6 +188,77 @@ fn held_row(b: &HeldBatch) -> String {
     )
 }
 
+/// The steps of a held batch, or why this version cannot read them.
+fn held_steps(b: &HeldBatch) -> Result<Vec<sync::Action>, String> {
+    serde_json::from_value(b.plan.clone())
+        .map_err(|e| format!("UNREADABLE: its stored plan cannot be read by this version ({e})"))
+}
+
+/// Who a held batch would take access from: usernames (from the mapping table) and groups.
+async fn affected(store: &DynStore, steps: &[sync::Action]) -> anyhow::Result<String> {
+    use std::collections::{BTreeMap, BTreeSet};
+    let names = |kind| async move {
+        anyhow::Ok(
+            store
+                .mappings(kind)
+                .await?
+                .into_iter()
+                .map(|m| (m.teamcity_id, m.teamcity_name))
+                .collect::<BTreeMap<String, String>>(),
+        )
+    };
+    let users = names(scim::ResourceKind::User).await?;
+    let groups = names(scim::ResourceKind::Group).await?;
+    let mut who: BTreeSet<String> = BTreeSet::new();
+    let mut whole: BTreeSet<String> = BTreeSet::new();
+    for a in steps {
+        match a {
+            sync::Action::RemoveFromGroup { user, .. }
+            | sync::Action::RemoveUserRole { user, .. }
+            | sync::Action::DeleteUser { user }
+            | sync::Action::RevokeTokens { user }
+            | sync::Action::ResetPassword { user }
+            | sync::Action::EndSessions { user }
+            | sync::Action::ClearRememberMe { user }
+            | sync::Action::SetDeactivated { user } => {
+                let id = user.to_string();
+                who.insert(match users.get(&id) {
+                    Some(n) => format!("{n} (id:{id})"),
+                    None => format!("id:{id}"),
+                });
+            }
+            sync::Action::DeleteGroup { key }
+            | sync::Action::RemoveGroupRole { group: key, .. } => {
+                whole.insert(match groups.get(key) {
+                    Some(n) => format!("every member of {n} [{key}]"),
+                    None => format!("every member of {key}"),
+                });
+            }
+            _ => {}
+        }
+    }
+    let mut parts: Vec<String> = Vec::new();
+    if !who.is_empty() {
+        let shown: Vec<&String> = who.iter().take(20).collect();
+        let more = who.len().saturating_sub(shown.len());
+        let mut text = shown
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        if more > 0 {
+            text.push_str(&format!(" and {more} more"));
+        }
+        parts.push(text);
+    }
+    parts.extend(whole);
+    Ok(if parts.is_empty() {
+        "nobody".into()
+    } else {
+        parts.join("; ")
+    })
+}
+
 /// `held`: batches waiting for approval (and approved ones not yet applied); all with `all`.
 pub(crate) async fn held(store: &DynStore, all: bool, out: &mut dyn Write) -> anyhow::Result<()> {
     let batches: Vec<HeldBatch> = if all {
@@ -209,6 +280,22 @@ pub(crate) async fn held(store: &DynStore, all: bool, out: &mut dyn Write) -> an
     )?;
     for b in &batches {
         writeln!(out, "{}", held_row(b))?;
+        match held_steps(b) {
+            Ok(steps) => {
+                if matches!(b.state.as_str(), "held" | "approved") {
+                    writeln!(out, "       affects: {}", affected(store, &steps).await?)?;
+                }
+            }
+            Err(reason) => writeln!(
+                out,
+                "       {reason}; it is never applied. Drop it with `teamcity-scim held drop {}`; \
+                 the next reconcile plans again whatever is still needed.",
+                b.id
+            )?,
+        }
+        if b.state == "held" {
+            writeln!(out, "       approve with: teamcity-scim approve {}", b.id)?;
+        }
     }
     if batches.iter().any(|b| b.state == "held") {
         writeln!(
@@ -219,8 +306,43 @@ pub(crate) async fn held(store: &DynStore, all: bool, out: &mut dyn Write) -> an
     Ok(())
 }
 
+/// `held drop ID`: gives up a held or approved batch; its steps are planned again by the next
+/// pass or reconcile (and held again if the guard still says so).
+pub(crate) async fn held_drop(
+    store: &DynStore,
+    id: i64,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    match store.drop_held(&WriteCtx::cli(), id).await {
+        Ok(b) => {
+            writeln!(
+                out,
+                "Dropped held batch {id} ({}). Whatever the directory still asks for is planned again \
+                 by the next pass (see `teamcity-scim plan`).",
+                one_line(&b.summary, 200)
+            )?;
+            Ok(())
+        }
+        Err(StoreError::NotFound) => anyhow::bail!("no held batch {id}; see `teamcity-scim held`"),
+        Err(StoreError::Invalid(m)) => {
+            anyhow::bail!(
+                "{m}: only held or approved batches can be dropped; see `teamcity-scim held --all`"
+            )
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// `approve ID`.
 pub(crate) async fn approve(store: &DynStore, id: i64, out: &mut dyn Write) -> anyhow::Result<()> {
+    if let Some(b) = store.held_batch(id).await?
+        && let Err(reason) = held_steps(&b)
+    {
+        anyhow::bail!(
+            "held batch {id} is {reason}; approving it would apply nothing. Drop it with \
+             `teamcity-scim held drop {id}`: the next reconcile plans again whatever is still needed"
+        );
+    }
     match store.approve_held(&WriteCtx::cli(), id).await {
         Ok(b) => {
             writeln!(

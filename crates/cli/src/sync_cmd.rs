@@ -99,13 +99,61 @@ fn spinner(msg: &'static str) -> indicatif::ProgressBar {
 /// pending.
 pub(crate) async fn plan(cfg: &Config, store: DynStore) -> anyhow::Result<bool> {
     let client = require_client(cfg)?;
-    let engine = Engine::new(store, client, cfg.policy.clone(), engine_config(cfg)?);
+    let engine = Engine::new(
+        store.clone(),
+        client,
+        cfg.policy.clone(),
+        engine_config(cfg)?,
+    );
     let pb = spinner("reading TeamCity users and groups…");
     let (p, actual, reads) = engine.plan_full().await?;
     pb.finish_and_clear();
     print!("{}", sync::render(&p, &actual));
+    print!("{}", waiting_work(&store).await?);
     eprintln!("({reads} TeamCity reads)");
     Ok(!p.actions.is_empty())
+}
+
+/// What the bridge could not do, for `plan`: failed or cancelled work (dead outbox rows with
+/// their failing step and reason) and batches waiting for approval.
+async fn waiting_work(store: &DynStore) -> anyhow::Result<String> {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let dead = store.list_outbox(Some("dead"), 100).await?;
+    if !dead.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nFailed or not attempted at the last try (`teamcity-scim outbox retry ID` re-runs one; reconcile retries them):"
+        );
+        for e in &dead {
+            let _ = writeln!(
+                out,
+                "  ! outbox {} ({} {}): {}",
+                e.item.id,
+                e.item.entity_type,
+                e.item.entity_id,
+                e.dead_reason
+                    .as_deref()
+                    .or(e.last_error.as_deref())
+                    .unwrap_or("-")
+            );
+        }
+    }
+    let held = store.list_held(Some("held")).await?;
+    if !held.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nWaiting for approval (`teamcity-scim held` shows who they affect):"
+        );
+        for b in &held {
+            let _ = writeln!(
+                out,
+                "  ? batch {}: {} — teamcity-scim approve {}",
+                b.id, b.summary, b.id
+            );
+        }
+    }
+    Ok(out)
 }
 
 /// `reconcile [--apply]`.
@@ -152,6 +200,7 @@ pub(crate) async fn reconcile(cfg: &Config, store: DynStore, apply: bool) -> any
 pub(crate) async fn policy_check(cfg: &Config) -> anyhow::Result<bool> {
     let client = require_client(cfg)?;
     let problems = sync::policy::check_live(&client, &cfg.policy).await?;
+    warn_all_users_roles(&client).await?;
     if problems.is_empty() {
         println!(
             "Policy OK: {} group rules, {} default roles, {} caps; every role and project exists in TeamCity.",
@@ -166,4 +215,65 @@ pub(crate) async fn policy_check(cfg: &Config) -> anyhow::Result<bool> {
     }
     println!("{} problem(s) found.", problems.len());
     Ok(false)
+}
+
+/// Warns when TeamCity's All Users group carries roles: every user keeps them, deactivated
+/// users too, and no offboarding can take them away.
+async fn warn_all_users_roles(client: &teamcity::Client) -> anyhow::Result<()> {
+    let roles = client
+        .group_roles(&teamcity::Locator::by_key(sync::model::ALL_USERS_GROUP))
+        .await?;
+    if !roles.is_empty() {
+        let list: Vec<String> = roles
+            .iter()
+            .map(|r| format!("{}@{}", r.role_id, r.scope))
+            .collect();
+        println!(
+            "warning: TeamCity's All Users group carries {}: every user keeps these roles, deactivated \
+             users too. Move them to the policy (e.g. [defaults] roles) and remove them from All Users.",
+            list.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// `config check`: the configuration is valid; when TeamCity is configured and reachable, the
+/// policy is checked against it too. Returns false when something is wrong.
+pub(crate) async fn config_check(cfg: &Config) -> anyhow::Result<bool> {
+    let Some(client) = client(cfg)? else {
+        println!(
+            "configuration is valid (no TeamCity token configured: the policy was not checked against TeamCity)"
+        );
+        return Ok(true);
+    };
+    match sync::policy::check_live(&client, &cfg.policy).await {
+        Ok(problems) if problems.is_empty() => {
+            warn_all_users_roles(&client).await?;
+            println!(
+                "configuration is valid; the policy matches TeamCity at {}",
+                cfg.teamcity.url
+            );
+            Ok(true)
+        }
+        Ok(problems) => {
+            for p in &problems {
+                println!("{p}");
+            }
+            println!(
+                "configuration is invalid: the policy does not match TeamCity at {} ({} problem(s)); \
+                 `serve` would apply nothing until it is fixed",
+                cfg.teamcity.url,
+                problems.len()
+            );
+            Ok(false)
+        }
+        Err(e) => {
+            println!(
+                "configuration is valid; TeamCity at {} could not be reached ({e}), so the policy \
+                 was not checked against it (`serve` checks it before applying anything)",
+                cfg.teamcity.url
+            );
+            Ok(true)
+        }
+    }
 }

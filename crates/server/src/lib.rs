@@ -386,7 +386,11 @@ async fn ready(State(s): State<AppState>) -> axum::response::Response {
         Ok(_) => s.readiness.as_ref().and_then(|r| (r.0)()),
     };
     match reason {
-        None => (StatusCode::OK, axum::Json(serde_json::json!({"ready": true}))).into_response(),
+        None => (
+            StatusCode::OK,
+            axum::Json(serde_json::json!({"ready": true})),
+        )
+            .into_response(),
         Some(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
             axum::Json(serde_json::json!({"ready": false, "reason": reason})),
