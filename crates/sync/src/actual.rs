@@ -79,6 +79,24 @@ fn to_user(u: User) -> Option<ActualUser> {
     })
 }
 
+/// Reads one user again (pinned to the username the bridge knows), e.g. before it is
+/// offboarded, so groups and roles given by hand since the last full read are seen too.
+/// `Ok(None)` when TeamCity's user `id` no longer has that username (or is gone).
+pub async fn read_user(
+    client: &Client,
+    id: u64,
+    username: &str,
+) -> Result<Option<ActualUser>, TeamCityError> {
+    let fields = USER_FIELDS
+        .strip_prefix("count,user(")
+        .and_then(|f| f.strip_suffix(')'))
+        .unwrap_or(USER_FIELDS);
+    let user = client
+        .find_user(&Locator::user_pinned(id, username), Some(fields))
+        .await?;
+    Ok(user.and_then(to_user))
+}
+
 /// [`read_actual_with`] with default options and the given page size.
 pub async fn read_actual(
     client: &Client,

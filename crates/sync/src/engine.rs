@@ -199,6 +199,8 @@ pub struct Engine {
     database_checked: AtomicBool,
     /// Approved batches this engine has tried to apply at least once.
     approved_tried: std::sync::Mutex<BTreeSet<i64>>,
+    /// Users read again since the cache was loaded (before their offboarding).
+    fresh_users: std::sync::Mutex<HashSet<u64>>,
 }
 
 fn entry(
@@ -542,6 +544,7 @@ impl Engine {
             sessions_noted: AtomicBool::new(false),
             database_checked: AtomicBool::new(false),
             approved_tried: std::sync::Mutex::new(BTreeSet::new()),
+            fresh_users: std::sync::Mutex::new(HashSet::new()),
         }
     }
 
@@ -706,6 +709,7 @@ impl Engine {
             let counter = self.writes_counter().await?;
             let (actual, _) = self.read_actual().await?;
             *self.seen() = Some(counter);
+            self.fresh().clear();
             *cache = Some(actual);
         }
         Ok(())
@@ -761,6 +765,66 @@ impl Engine {
         }
         self.health.set(None);
         Ok(None)
+    }
+
+    fn fresh(&self) -> std::sync::MutexGuard<'_, HashSet<u64>> {
+        self.fresh_users.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads again, once per cache load, every managed user about to be offboarded (inactive
+    /// in the directory, or deleted from it, and not yet marked deactivated): groups and
+    /// roles given by hand since the last full read are stripped too. `false` when one of
+    /// them is no longer the user the cache says (the cache must be read again).
+    async fn refresh_offboarded(
+        &self,
+        d: &Desired,
+        actual: &mut ActualState,
+    ) -> Result<bool, EngineError> {
+        let deleted: HashSet<String> = self
+            .store
+            .deleted_entities()
+            .await?
+            .into_iter()
+            .filter(|(t, _)| t == "user")
+            .map(|(_, id)| id)
+            .collect();
+        let due: Vec<(u64, String)> = {
+            let fresh = self.fresh();
+            actual
+                .users
+                .iter()
+                .filter(|u| !u.deactivated && !fresh.contains(&u.id))
+                .filter(|u| match u.scim_id.as_deref() {
+                    Some(s) => match d.users.get(s) {
+                        Some(du) => !du.active,
+                        None => deleted.contains(s),
+                    },
+                    None => false,
+                })
+                .map(|u| (u.id, u.username.clone()))
+                .collect()
+        };
+        for (id, username) in due {
+            match crate::actual::read_user(&self.client, id, &username).await {
+                Ok(Some(mut now)) => {
+                    if let Some(u) = actual.users.iter_mut().find(|u| u.id == id) {
+                        now.token_count = u.token_count;
+                        *u = now;
+                    }
+                    self.fresh().insert(id);
+                }
+                Ok(None) => return Ok(false),
+                // TeamCity down or the bridge misconfigured: read everything again first.
+                Err(e) if e.is_transient() || e.is_misconfiguration() => return Ok(false),
+                // This one user cannot be read: strip what the cache knows; the next
+                // reconcile reads it again.
+                Err(e) => {
+                    warn!(user = id, error = %e, "could not read a user before offboarding it; stripping what was last read");
+                    self.fresh().insert(id);
+                }
+            }
+        }
+        Ok(true)
     }
 
     /// Says once, in one line, when the database knows none of the objects the bridge
@@ -857,6 +921,7 @@ impl Engine {
         };
         debug!(reads, elapsed = ?started.elapsed(), "reconcile: TeamCity read, desired state computed");
         *self.seen() = Some(counter);
+        self.fresh().clear();
         let actual = cache.insert(actual);
         self.notice_unknown_database(&d, actual);
         let mut report = PassReport {
@@ -957,6 +1022,15 @@ impl Engine {
             return Ok(report);
         };
         self.notice_unknown_database(&d, actual);
+        if !self.refresh_offboarded(&d, actual).await? {
+            *cache = None;
+            drop(cache);
+            self.store
+                .defer_outbox(&ctx, &all_ids, "TeamCity is read again first", now)
+                .await?;
+            report.transient_stop = true;
+            return Ok(report);
+        }
         let mut p = plan(&d, actual, &self.plan_options());
         self.settle_orphans(&mut p).await?;
         report.planned = p.actions.len();

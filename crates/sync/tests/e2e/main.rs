@@ -3,6 +3,7 @@
 
 mod deprovision;
 mod guard;
+mod offboarding;
 mod outage;
 mod outbox;
 mod plan;
