@@ -485,7 +485,7 @@ mod tests {
                 &[],
                 "would remove 12 users from Developers",
                 12,
-                &json!({}),
+                &json!([{"RemoveFromGroup": {"user": 7, "group": "SCIM_X_0"}}]),
             )
             .await
             .unwrap();
@@ -526,5 +526,46 @@ mod tests {
             r.unwrap_err().to_string(),
             "no held batch 999; see `teamcity-scim held`"
         );
+
+        // A batch this version cannot read: shown as unreadable, never approved, droppable.
+        let u = s
+            .create_held(
+                &WriteCtx::sync(),
+                "outbox",
+                &[],
+                "from an older version",
+                3,
+                &json!({"SomeOldAction": {}}),
+            )
+            .await
+            .unwrap();
+        let (r, text) = run(|mut o| async {
+            let r = held(&s, false, &mut o).await;
+            (r, o)
+        })
+        .await;
+        r.unwrap();
+        assert!(text.contains("UNREADABLE"), "{text}");
+        assert!(
+            text.contains(&format!("teamcity-scim held drop {u}")),
+            "{text}"
+        );
+        assert!(text.contains("affects: id:7"), "readable batches name who: {text}");
+        let (r, _) = run(|mut o| async {
+            let r = approve(&s, u, &mut o).await;
+            (r, o)
+        })
+        .await;
+        let e = r.unwrap_err().to_string();
+        assert!(e.contains("approving it would apply nothing"), "{e}");
+        assert_eq!(s.held_batch(u).await.unwrap().unwrap().state, "held");
+        let (r, text) = run(|mut o| async {
+            let r = held_drop(&s, u, &mut o).await;
+            (r, o)
+        })
+        .await;
+        r.unwrap();
+        assert!(text.contains(&format!("Dropped held batch {u}")), "{text}");
+        assert_eq!(s.held_batch(u).await.unwrap().unwrap().state, "dropped");
     }
 }

@@ -145,6 +145,12 @@ async fn outbox_list_retry_drop_and_held_approve_commands() {
     let dead = env.store.list_outbox(Some("dead"), 10).await.expect("dead");
     assert_eq!(dead.len(), 2);
 
+    let o = env.run(&["plan"]).await;
+    let (out, _) = text(&o);
+    assert!(
+        out.contains("Failed or not attempted") && out.contains("create_user"),
+        "`plan` shows what failed: {out}"
+    );
     let o = env.run(&["outbox", "list", "--state", "dead"]).await;
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
@@ -209,6 +215,33 @@ async fn outbox_list_retry_drop_and_held_approve_commands() {
     assert_eq!(held.len(), 1, "{out}");
     assert!(
         out.contains(&held[0].id.to_string()) && out.contains("max_removals"),
+        "{out}"
+    );
+    // It names who would lose access, and the exact command.
+    let affects = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("affects:"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        affects.contains("c1@example.com") && affects.contains("c2@example.com"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("teamcity-scim approve {}", held[0].id)),
+        "{out}"
+    );
+    // The rows that asked for it wait in the batch: `outbox list` shows them as held.
+    let o = env.run(&["outbox", "list", "--state", "held"]).await;
+    let (out, _) = text(&o);
+    assert!(
+        out.contains(&format!("held batch {}", held[0].id)),
+        "{out}"
+    );
+    // `plan` lists the batch waiting for approval.
+    let o = env.run(&["plan"]).await;
+    let (out, _) = text(&o);
+    assert!(
+        out.contains("Waiting for approval") && out.contains(&format!("teamcity-scim approve {}", held[0].id)),
         "{out}"
     );
     let members = |name: &str| {

@@ -1,42 +1,11 @@
 //! CRASH: `teamcity-scim serve` killed with SIGKILL mid-sync, restarted, converges.
 
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use store::WriteCtx;
 
-use crate::support::{Env, POLICY, signal, text};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-fn serve(env: &Env, port: u16) -> Child {
-    env.cmd(&["serve"])
-        .env("TEAMCITY_SCIM_SERVER__LISTEN", format!("127.0.0.1:{port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("serve")
-}
-
-async fn wait_up(http: &reqwest::Client, base: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while http
-        .get(format!("{base}/ServiceProviderConfig"))
-        .send()
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "serve did not come up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+use crate::support::{Env, POLICY, free_port, serve, signal, text, wait_up};
 
 /// POSTs a SCIM body, waiting out 429s as an IdP does.
 async fn post(

@@ -6,3 +6,4 @@ mod support;
 mod commands;
 mod crash;
 mod demo;
+mod safety;

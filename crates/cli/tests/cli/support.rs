@@ -2,7 +2,8 @@
 //! way to run the binary against them.
 
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 use std::sync::Arc;
 
 use serde_json::json;
@@ -134,4 +135,37 @@ pub(crate) fn signal(pid: u32, sig: &str) {
         .expect("kill")
         .success();
     assert!(ok, "kill -{sig} {pid}");
+}
+
+/// A free local port.
+pub(crate) fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// `serve` on `port` against this setup.
+pub(crate) fn serve(env: &Env, port: u16) -> Child {
+    env.cmd(&["serve"])
+        .env("TEAMCITY_SCIM_SERVER__LISTEN", format!("127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("serve")
+}
+
+/// Waits until the SCIM API at `base` answers.
+pub(crate) async fn wait_up(http: &reqwest::Client, base: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http
+        .get(format!("{base}/ServiceProviderConfig"))
+        .send()
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "serve did not come up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -1,0 +1,282 @@
+//! Safety of a running `serve`: a policy that does not match TeamCity applies nothing and
+//! readiness says why; TeamCity restored from a backup under a running `serve` never gets a
+//! write meant for someone else; a `reconcile --apply` from the CLI leaves no running `serve`
+//! with a stale view of TeamCity.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use store::WriteCtx;
+
+use crate::support::{Env, POLICY, TC_TOKEN, free_port, serve, signal, text, wait_up};
+
+const USER_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:User";
+
+async fn scim_token(env: &Env) -> String {
+    let token = server::generate_token(*b"safety-test-token-0123456789abcd");
+    env.store
+        .create_token(&WriteCtx::cli(), "safety", server::hash_token(&token), None)
+        .await
+        .expect("token");
+    token
+}
+
+async fn ready(http: &reqwest::Client, port: u16) -> (u16, Value) {
+    let r = http
+        .get(format!("http://127.0.0.1:{port}/healthz/ready"))
+        .send()
+        .await
+        .expect("ready");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Polls `f` until it returns true, at most `secs` seconds.
+async fn eventually(secs: u64, what: &str, mut f: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn stop(child: std::process::Child) {
+    signal(child.id(), "TERM");
+    let mut child = child;
+    let _ = child.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn serve_with_a_policy_that_does_not_match_teamcity_applies_nothing_and_says_why() {
+    let typo = POLICY.replace("PROJECT_DEVELOPER@p:Backend", "PROJECT_ADMINN@p:Frontendd");
+    let env = Env::new(&typo, Duration::ZERO).await;
+
+    // `config check` reaches TeamCity and says what is wrong.
+    let o = env.run(&["config", "check"]).await;
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}{err}");
+    assert!(out.contains("PROJECT_ADMINN"), "{out}");
+    assert!(out.contains("Frontendd"), "{out}");
+
+    let ann = env.user("ann").await;
+    env.group("Developers", "00g-dev", &[&ann]).await;
+    let port = free_port();
+    let http = reqwest::Client::new();
+    let child = serve(&env, port);
+    wait_up(&http, &format!("http://127.0.0.1:{port}/scim/v2")).await;
+    eventually(10, "readiness names the policy problem", async || {
+        let (status, body) = ready(&http, port).await;
+        status == 503
+            && body["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("PROJECT_ADMINN"))
+    })
+    .await;
+    // Nothing was written, and the work waits: pending, never dead.
+    let writes: u64 = env
+        .emu
+        .counters()
+        .iter()
+        .filter(|(k, _)| !k.starts_with("GET "))
+        .map(|(_, v)| *v)
+        .sum();
+    assert_eq!(writes, 0, "{:?}", env.emu.counters());
+    eventually(10, "the rows wait with the reason", async || {
+        let rows = env.store.list_outbox(None, 100).await.expect("outbox");
+        rows.len() == 2
+            && rows.iter().all(|r| {
+                r.lease_until.is_none()
+                    && r.last_error.as_deref().is_some_and(|e| e.contains("policy"))
+            })
+    })
+    .await;
+    let rows = env.store.list_outbox(None, 100).await.expect("outbox");
+    assert!(rows.iter().all(|r| r.item.state == "pending"), "never dead: {rows:?}");
+    assert!(rows.iter().all(|r| r.item.attempts == 0), "not counted as attempts: {rows:?}");
+    stop(child);
+
+    // Fixed policy: ready, and the work lands.
+    std::fs::write(&env.config, POLICY).expect("config");
+    let o = env.run(&["config", "check"]).await;
+    assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
+    let child = serve(&env, port);
+    wait_up(&http, &format!("http://127.0.0.1:{port}/scim/v2")).await;
+    eventually(10, "ready", async || ready(&http, port).await.0 == 200).await;
+    eventually(10, "ann created", async || {
+        env.emu
+            .snapshot()
+            .users
+            .values()
+            .any(|u| u.username == "ann@example.com")
+    })
+    .await;
+    stop(child);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_teamcity_restored_under_a_running_serve_never_gets_a_write_meant_for_someone_else() {
+    let env = Env::new(POLICY, Duration::ZERO).await;
+    let token = scim_token(&env).await;
+    // The backup: TeamCity before carol existed.
+    let backup = env.emu.snapshot();
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}/scim/v2");
+    let http = reqwest::Client::new();
+    let child = serve(&env, port);
+    wait_up(&http, &base).await;
+    let r = http
+        .post(format!("{base}/Users"))
+        .bearer_auth(&token)
+        .header("Content-Type", "application/scim+json")
+        .body(json!({"schemas": [USER_SCHEMA], "userName": "carol@example.com", "displayName": "Carol", "active": true}).to_string())
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 201);
+    let carol: Value = r.json().await.expect("json");
+    let carol_id = carol["id"].as_str().expect("id").to_owned();
+    let tc_id = |name: &str| {
+        env.emu
+            .snapshot()
+            .users
+            .values()
+            .find(|u| u.username == name)
+            .map(|u| u.id)
+    };
+    eventually(10, "carol created", async || tc_id("carol@example.com").is_some()).await;
+    let carol_tc = tc_id("carol@example.com").expect("carol");
+
+    // TeamCity is restored from the backup, and alice is then created by hand: she gets
+    // carol's old id.
+    env.emu.restore(backup).expect("restore");
+    let client = teamcity::Client::new(teamcity::ClientConfig::new(
+        env.tc_url.clone(),
+        teamcity::Token::new(TC_TOKEN),
+    ))
+    .expect("client");
+    let alice = client
+        .create_user(&teamcity::NewUser {
+            username: "alice".into(),
+            name: Some("Alice".into()),
+            email: None,
+            properties: vec![],
+        })
+        .await
+        .expect("alice");
+    assert_eq!(alice.id, Some(carol_tc), "alice has carol's old id");
+    let alice_before = env.emu.snapshot().users[&carol_tc].clone();
+
+    // The IdP renames carol: the running serve still believes carol is that id.
+    let r = http
+        .patch(format!("{base}/Users/{carol_id}"))
+        .bearer_auth(&token)
+        .header("Content-Type", "application/scim+json")
+        .body(json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"], "Operations": [{"op": "replace", "value": {"userName": "carol.new@example.com", "displayName": "Carol New"}}]}).to_string())
+        .send()
+        .await
+        .expect("patch");
+    assert_eq!(r.status(), 200);
+    eventually(15, "carol re-created under her new name", async || {
+        tc_id("carol.new@example.com").is_some()
+    })
+    .await;
+    let s = env.emu.snapshot();
+    assert_eq!(s.users[&carol_tc], alice_before, "alice was not touched");
+    let carol_now = s
+        .users
+        .values()
+        .find(|u| u.username == "carol.new@example.com")
+        .expect("carol");
+    assert_ne!(carol_now.id, carol_tc);
+    assert_eq!(
+        carol_now.properties.get("teamcity-scim.id"),
+        Some(&carol_id)
+    );
+    let link = env
+        .store
+        .mapping(scim::ResourceKind::User, &carol_id)
+        .await
+        .expect("mapping")
+        .expect("link");
+    assert_eq!(link.teamcity_id, carol_now.id.to_string(), "the link follows carol");
+    stop(child);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reconcile_from_the_cli_leaves_no_running_serve_with_a_stale_view() {
+    let env = Env::new(POLICY, Duration::ZERO).await;
+    let token = scim_token(&env).await;
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}/scim/v2");
+    let http = reqwest::Client::new();
+    let child = serve(&env, port);
+    wait_up(&http, &base).await;
+    let r = http
+        .post(format!("{base}/Users"))
+        .bearer_auth(&token)
+        .header("Content-Type", "application/scim+json")
+        .body(json!({"schemas": [USER_SCHEMA], "userName": "dan@example.com", "active": true}).to_string())
+        .send()
+        .await
+        .expect("post");
+    let dan: Value = r.json().await.expect("json");
+    let dan_id = dan["id"].as_str().expect("id").to_owned();
+    let find = |name: &str| {
+        env.emu
+            .snapshot()
+            .users
+            .values()
+            .find(|u| u.username == name)
+            .cloned()
+    };
+    eventually(10, "dan created", async || find("dan@example.com").is_some()).await;
+    let old = find("dan@example.com").expect("dan");
+
+    // Someone deletes dan by hand; the CLI's reconcile re-creates him (a new id).
+    env.emu.with_state(|s| {
+        s.users.remove(&old.id);
+    });
+    let o = env.run(&["reconcile", "--apply"]).await;
+    assert!(o.status.success(), "{:?}", text(&o));
+    let new = find("dan@example.com").expect("re-created");
+    assert_ne!(new.id, old.id);
+    let failures_before = env
+        .store
+        .audit_events(0, 1_000_000)
+        .await
+        .expect("audit")
+        .iter()
+        .filter(|e| e.outcome == "failure")
+        .count();
+
+    // A change for dan through the running serve lands on the new dan at once: serve noticed
+    // the CLI's writes and read TeamCity again, instead of trying the old id first.
+    let r = http
+        .patch(format!("{base}/Users/{dan_id}"))
+        .bearer_auth(&token)
+        .header("Content-Type", "application/scim+json")
+        .body(json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"], "Operations": [{"op": "replace", "value": {"displayName": "Dan Renamed"}}]}).to_string())
+        .send()
+        .await
+        .expect("patch");
+    assert_eq!(r.status(), 200);
+    eventually(10, "dan renamed", async || {
+        find("dan@example.com").and_then(|u| u.name) == Some("Dan Renamed".into())
+    })
+    .await;
+    let failures: Vec<store::AuditEvent> = env
+        .store
+        .audit_events(0, 1_000_000)
+        .await
+        .expect("audit")
+        .into_iter()
+        .filter(|e| e.outcome == "failure")
+        .collect();
+    assert_eq!(
+        failures.len(),
+        failures_before,
+        "no write went to the old id: {:?}",
+        &failures[failures_before..]
+    );
+    stop(child);
+}
