@@ -550,7 +550,10 @@ mod tests {
             text.contains(&format!("teamcity-scim held drop {u}")),
             "{text}"
         );
-        assert!(text.contains("affects: id:7"), "readable batches name who: {text}");
+        assert!(
+            text.contains("affects: id:7"),
+            "readable batches name who: {text}"
+        );
         let (r, _) = run(|mut o| async {
             let r = approve(&s, u, &mut o).await;
             (r, o)

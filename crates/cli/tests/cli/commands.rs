@@ -233,15 +233,13 @@ async fn outbox_list_retry_drop_and_held_approve_commands() {
     // The rows that asked for it wait in the batch: `outbox list` shows them as held.
     let o = env.run(&["outbox", "list", "--state", "held"]).await;
     let (out, _) = text(&o);
-    assert!(
-        out.contains(&format!("held batch {}", held[0].id)),
-        "{out}"
-    );
+    assert!(out.contains(&format!("held batch {}", held[0].id)), "{out}");
     // `plan` lists the batch waiting for approval.
     let o = env.run(&["plan"]).await;
     let (out, _) = text(&o);
     assert!(
-        out.contains("Waiting for approval") && out.contains(&format!("teamcity-scim approve {}", held[0].id)),
+        out.contains("Waiting for approval")
+            && out.contains(&format!("teamcity-scim approve {}", held[0].id)),
         "{out}"
     );
     let members = |name: &str| {

@@ -86,13 +86,21 @@ async fn serve_with_a_policy_that_does_not_match_teamcity_applies_nothing_and_sa
         rows.len() == 2
             && rows.iter().all(|r| {
                 r.lease_until.is_none()
-                    && r.last_error.as_deref().is_some_and(|e| e.contains("policy"))
+                    && r.last_error
+                        .as_deref()
+                        .is_some_and(|e| e.contains("policy"))
             })
     })
     .await;
     let rows = env.store.list_outbox(None, 100).await.expect("outbox");
-    assert!(rows.iter().all(|r| r.item.state == "pending"), "never dead: {rows:?}");
-    assert!(rows.iter().all(|r| r.item.attempts == 0), "not counted as attempts: {rows:?}");
+    assert!(
+        rows.iter().all(|r| r.item.state == "pending"),
+        "never dead: {rows:?}"
+    );
+    assert!(
+        rows.iter().all(|r| r.item.attempts == 0),
+        "not counted as attempts: {rows:?}"
+    );
     stop(child);
 
     // Fixed policy: ready, and the work lands.
@@ -143,7 +151,10 @@ async fn a_teamcity_restored_under_a_running_serve_never_gets_a_write_meant_for_
             .find(|u| u.username == name)
             .map(|u| u.id)
     };
-    eventually(10, "carol created", async || tc_id("carol@example.com").is_some()).await;
+    eventually(10, "carol created", async || {
+        tc_id("carol@example.com").is_some()
+    })
+    .await;
     let carol_tc = tc_id("carol@example.com").expect("carol");
 
     // TeamCity is restored from the backup, and alice is then created by hand: she gets
@@ -198,7 +209,11 @@ async fn a_teamcity_restored_under_a_running_serve_never_gets_a_write_meant_for_
         .await
         .expect("mapping")
         .expect("link");
-    assert_eq!(link.teamcity_id, carol_now.id.to_string(), "the link follows carol");
+    assert_eq!(
+        link.teamcity_id,
+        carol_now.id.to_string(),
+        "the link follows carol"
+    );
     stop(child);
 }
 
@@ -215,7 +230,10 @@ async fn a_reconcile_from_the_cli_leaves_no_running_serve_with_a_stale_view() {
         .post(format!("{base}/Users"))
         .bearer_auth(&token)
         .header("Content-Type", "application/scim+json")
-        .body(json!({"schemas": [USER_SCHEMA], "userName": "dan@example.com", "active": true}).to_string())
+        .body(
+            json!({"schemas": [USER_SCHEMA], "userName": "dan@example.com", "active": true})
+                .to_string(),
+        )
         .send()
         .await
         .expect("post");
@@ -229,7 +247,10 @@ async fn a_reconcile_from_the_cli_leaves_no_running_serve_with_a_stale_view() {
             .find(|u| u.username == name)
             .cloned()
     };
-    eventually(10, "dan created", async || find("dan@example.com").is_some()).await;
+    eventually(10, "dan created", async || {
+        find("dan@example.com").is_some()
+    })
+    .await;
     let old = find("dan@example.com").expect("dan");
 
     // Someone deletes dan by hand; the CLI's reconcile re-creates him (a new id).
@@ -278,5 +299,77 @@ async fn a_reconcile_from_the_cli_leaves_no_running_serve_with_a_stale_view() {
         "no write went to the old id: {:?}",
         &failures[failures_before..]
     );
+    stop(child);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn serve_on_an_empty_database_says_so_naming_the_file_and_removes_nothing() {
+    let env = Env::new(POLICY, Duration::ZERO).await;
+    let ann = env.user("ann").await;
+    env.group("Developers", "00g-dev", &[&ann]).await;
+    let o = env.run(&["reconcile", "--apply"]).await;
+    assert!(o.status.success(), "{:?}", text(&o));
+    let before = env.emu.snapshot();
+
+    // `serve` started with a relative database path that holds nothing (another working
+    // directory, a lost volume).
+    let port = free_port();
+    let mut child = env
+        .cmd(&["serve"])
+        .env("TEAMCITY_SCIM_SERVER__LISTEN", format!("127.0.0.1:{port}"))
+        .env("TEAMCITY_SCIM_DATABASE__URL", "sqlite://elsewhere.db")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("serve");
+    let stderr = child.stderr.take().expect("stderr");
+    let expected = std::path::absolute(env.dir.path().join("elsewhere.db"))
+        .expect("absolute")
+        .display()
+        .to_string();
+    let line = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead as _;
+        std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.contains("knows none of"))
+    });
+    let line = tokio::time::timeout(Duration::from_secs(15), line)
+        .await
+        .expect("the line within 15 s")
+        .expect("join")
+        .expect("serve said it");
+    assert!(
+        line.contains(&expected),
+        "names the resolved path {expected}: {line}"
+    );
+    assert!(line.contains("teamcity-scim approve"), "{line}");
+    // Give the first reconcile time to finish, then check nothing was taken away.
+    let other = store::open(
+        &format!("sqlite://{expected}"),
+        std::sync::Arc::new(store::SystemClock),
+    )
+    .await
+    .expect("the other database");
+    eventually(10, "the orphan removals are held", async || {
+        !other
+            .list_held(Some("held"))
+            .await
+            .expect("held")
+            .is_empty()
+    })
+    .await;
+    let after = env.emu.snapshot();
+    for (id, u) in &before.users {
+        let a = &after.users[id];
+        assert_eq!(
+            (&a.groups, &a.roles, a.password_changes, &a.properties),
+            (&u.groups, &u.roles, u.password_changes, &u.properties),
+            "{} untouched",
+            u.username
+        );
+    }
+    assert_eq!(after.groups, before.groups);
     stop(child);
 }

@@ -3,8 +3,8 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 use store::{DynStore, MemberType, NewMember, WriteCtx};

@@ -128,6 +128,14 @@ async fn rename_with_permanent_create_failure_keeps_the_old_group() {
         "the delete skipped because its create failed is audited as not attempted: {deletes:?}"
     );
 
+    // `plan` still shows the rename, with the delete waiting for the create.
+    let (p, actual, _) = w.engine.plan_full().await.expect("plan");
+    let text = sync::render(&p, &actual);
+    assert!(
+        text.contains("(after: create group \"Platform\")"),
+        "`plan` shows the dependency: {text}"
+    );
+
     // Once TeamCity accepts creates again, the retried row completes the rename.
     w.emu.clear_faults();
     w.store
@@ -292,6 +300,11 @@ async fn an_empty_database_never_strips_anyone() {
                 p.actions
             );
         }
+        let text = sync::render(&p, &actual);
+        assert!(
+            text.contains("[awaits approval: the directory does not know user"),
+            "`plan` shows the orphan removals awaiting approval: {text}"
+        );
         let held = fresh.list_held(Some("held")).await.expect("held");
         assert!(
             !held.is_empty(),
