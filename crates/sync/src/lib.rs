@@ -3,9 +3,9 @@
 //! ```text
 //! Directory snapshot + Policy + Pins ──desired()──▶ Desired
 //! TeamCity ──read_actual()──▶ ActualState
-//! plan(Desired, ActualState) ──▶ Plan { actions, conflicts, reports }   (pure)
-//! guard::removals / guard::check ──▶ held or go
-//! apply(client, actions) ──▶ TeamCity
+//! plan(Desired, ActualState) ──▶ Plan { actions, deps, orphans, conflicts, reports }   (pure)
+//! guard::losses / guard::check ──▶ held or go (orphans always held)
+//! apply_step(client, step) per wave, a step only after its prerequisites ──▶ TeamCity
 //! render(plan, actual) ──▶ terraform-style text
 //! ```
 //!

@@ -21,6 +21,11 @@
 //!
 //! A list that is not phase-sorted is still safe: only *adjacent* actions of one phase share a
 //! wave, so such a list just gets more, smaller waves.
+//!
+//! Waves keep the *order*; whether a step may run at all is the engine's decision, from the
+//! plan's prerequisites ([`crate::plan::dependencies`]): every prerequisite is in an earlier
+//! phase or earlier in the same lane, so it has finished before its dependent starts, and a
+//! dependent of a failed step is not attempted.
 
 use std::collections::BTreeMap;
 

@@ -987,3 +987,120 @@ Plan: 2 to add, 2 to change, 2 to destroy.
         "  # 1 unmanaged user(s) and 1 unmanaged group(s) left untouched\n\nNo changes. TeamCity matches the directory.\n"
     );
 }
+
+// ---- prerequisites ------------------------------------------------------------------
+
+/// Each step's prerequisites, as readable `kind(target) <- [kind(target), …]` lines, for the
+/// steps that have any.
+fn deps_of(p: &Plan) -> Vec<String> {
+    let name = |a: &Action| -> String {
+        let (target, _) = sync::engine::describe(a);
+        format!("{}({target})", sync::apply::kind(a))
+    };
+    p.actions
+        .iter()
+        .zip(&p.deps)
+        .filter(|(_, d)| !d.is_empty())
+        .map(|(a, d)| {
+            let mut needs: Vec<String> = d.iter().map(|j| name(&p.actions[*j])).collect();
+            needs.sort();
+            format!("{} <- [{}]", name(a), needs.join(", "))
+        })
+        .collect()
+}
+
+#[test]
+fn steps_carry_their_prerequisites() {
+    let policy = pol(POLICY);
+    let base = converged();
+    let g1 = k("g1");
+    let g1b = group_key("g1", 1);
+    // (case, directory change, expected prerequisites)
+    let cases: Vec<(&str, Directory, Vec<String>)> = vec![
+        (
+            "a new user's join needs its create",
+            with(base_dir(), |d| {
+                d.users.push(user("u3", "Cara", "cara@x"));
+                d.groups[0].members.push("u3".into());
+            }),
+            vec![
+                "add_to_group(user:new:u3) <- [create_user(user:new:u3)]".to_owned(),
+                "add_to_group(user:new:u3) <- [create_user(user:new:u3)]".to_owned(),
+            ],
+        ),
+        (
+            "a rename's delete needs the replacement",
+            with(base_dir(), |d| {
+                d.groups[0].display_name = "Developers".into()
+            }),
+            vec![format!(
+                "delete_group(group:{g1}) <- [create_group(group:{g1b})]"
+            )],
+        ),
+        (
+            "the deactivated marker needs every strip step",
+            with(base_dir(), |d| d.users[1].active = false),
+            vec![
+                "set_deactivated(user:3) <- [clear_remember_me(user:3), end_sessions(user:3), \
+                 remove_from_group(user:3), remove_from_group(user:3), reset_password(user:3), \
+                 revoke_tokens(user:3)]"
+                    .to_owned(),
+            ],
+        ),
+        ("no change, no steps", base_dir(), vec![]),
+    ];
+    for (case, dir, want) in cases {
+        let p = plan_of(&dir, &policy, &base, strip());
+        assert_eq!(p.deps.len(), p.actions.len(), "{case}");
+        assert_eq!(deps_of(&p), want, "{case}: {:#?}", p.actions);
+        // Prerequisites come first, in an earlier wave or earlier in the same lane.
+        let waves = sync::waves::waves(&p.actions);
+        let mut at = vec![(0, 0); p.actions.len()];
+        for (w, wave) in waves.iter().enumerate() {
+            for (l, lane) in wave.iter().enumerate() {
+                for &i in lane {
+                    at[i] = (w, l);
+                }
+            }
+        }
+        for (i, d) in p.deps.iter().enumerate() {
+            for &j in d {
+                assert!(j < i, "{case}");
+                assert!(
+                    at[j].0 < at[i].0 || (at[j] == at[i]),
+                    "{case}: step {j} runs before step {i}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_group_role_waits_for_the_leaves_of_that_group() {
+    // Bob is capped to PROJECT_VIEWER; Devs gains PROJECT_DEVELOPER (beyond the cap), so Bob
+    // leaves Devs first, and the role is added only after that leave.
+    let capped = r#"
+[[groups]]
+match = { externalId = "00gDEV" }
+roles = ["PROJECT_VIEWER@p:Backend"]
+[[caps]]
+user_type = "Agent"
+allowed_roles = ["PROJECT_VIEWER"]
+"#;
+    let dir = with(base_dir(), |d| d.users[1].user_type = Some("Agent".into()));
+    let base = converge(&dir, &pol(capped), &admin_world());
+    let wider = capped.replace(
+        r#"roles = ["PROJECT_VIEWER@p:Backend"]"#,
+        r#"roles = ["PROJECT_VIEWER@p:Backend", "PROJECT_DEVELOPER@p:Backend"]"#,
+    );
+    let p = plan_of(&dir, &pol(&wider), &base, strip());
+    let g1 = k("g1");
+    let deps = deps_of(&p);
+    assert!(
+        deps.contains(&format!(
+            "add_group_role(group:{g1}) <- [remove_from_group(user:3)]"
+        )),
+        "{deps:#?} {:#?}",
+        p.actions
+    );
+}
