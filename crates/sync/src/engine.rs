@@ -201,6 +201,9 @@ pub struct Engine {
     approved_tried: std::sync::Mutex<BTreeSet<i64>>,
     /// Users read again since the cache was loaded (before their offboarding).
     fresh_users: std::sync::Mutex<HashSet<u64>>,
+    /// Why the last run's writes were all refused (the bridge misconfigured), until a write
+    /// is accepted again: readiness keeps saying so between attempts.
+    writes_refused: std::sync::Mutex<Option<String>>,
 }
 
 fn entry(
@@ -488,7 +491,13 @@ struct Run {
     changed: bool,
     /// Any call was made (so the write counter moves).
     attempted: bool,
+    /// Steps that failed with a 403, and their targets.
+    forbidden: BTreeMap<usize, String>,
 }
+
+/// The least number of distinct objects that must all have been refused with a 403 (and nothing
+/// accepted) before a pass calls it the bridge's own lack of permissions, not the objects'.
+const FORBIDDEN_EVERYWHERE: usize = 2;
 
 /// What a user's offboarding removed in this pass, for its `set_deactivated` audit event.
 #[derive(Debug, Default)]
@@ -545,6 +554,7 @@ impl Engine {
             database_checked: AtomicBool::new(false),
             approved_tried: std::sync::Mutex::new(BTreeSet::new()),
             fresh_users: std::sync::Mutex::new(HashSet::new()),
+            writes_refused: std::sync::Mutex::new(None),
         }
     }
 
@@ -763,8 +773,16 @@ impl Engine {
                 Err(e) => return Err(e),
             }
         }
-        self.health.set(None);
+        // Reads work; whether writes do is only known by writing: a refusal seen by the last
+        // run stays the reason until a write is accepted.
+        self.health.set(self.refused().clone());
         Ok(None)
+    }
+
+    fn refused(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.writes_refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     fn fresh(&self) -> std::sync::MutexGuard<'_, HashSet<u64>> {
@@ -1086,6 +1104,7 @@ impl Engine {
                     .set(Some(format!("TeamCity is unavailable: {r}")));
             }
             Some(Stop::Misconfigured(r)) => {
+                *self.refused() = Some(r.clone());
                 self.health.set(Some(r.clone()));
                 *self.cache.lock().await = None;
             }
@@ -1350,9 +1369,36 @@ impl Engine {
         let waiting = self.guard(p, actual, source).await?;
         let entities: Vec<Vec<(String, String)>> =
             p.actions.iter().map(|a| entities_of(a, actual)).collect();
-        let run = self
+        let mut run = self
             .apply_steps(&p.actions, &p.deps, &waiting, actual, actor)
             .await?;
+        // A 403 on every step tried, across several objects, with nothing accepted: the
+        // bridge's account lacks permissions. That is not the objects' fault: nothing is
+        // dead-lettered, the rows wait and readiness says what to fix.
+        if run.stop.is_none() && !run.forbidden.is_empty() {
+            let failed: Vec<usize> = run
+                .outcomes
+                .iter()
+                .enumerate()
+                .filter(|(_, o)| matches!(o, Outcome::Failed(_)))
+                .map(|(i, _)| i)
+                .collect();
+            let applied = run.outcomes.contains(&Outcome::Applied);
+            let objects: BTreeSet<&String> = run.forbidden.values().collect();
+            if !applied
+                && failed.iter().all(|i| run.forbidden.contains_key(i))
+                && objects.len() >= FORBIDDEN_EVERYWHERE
+            {
+                run.stop = Some(Stop::Misconfigured(format!(
+                    "TeamCity refused every change with 403 ({} objects): the bridge's TeamCity account \
+                     lacks the permissions it needs (see docs/teamcity-compat.md)",
+                    objects.len()
+                )));
+            }
+        }
+        if run.outcomes.contains(&Outcome::Applied) && self.refused().take().is_some() {
+            self.health.set(None);
+        }
         exec.changed = run.changed;
         exec.attempted = run.attempted;
         exec.stop = run.stop.clone();
@@ -1472,7 +1518,10 @@ impl Engine {
             stop: None,
             changed: false,
             attempted: false,
+            forbidden: BTreeMap::new(),
         };
+        let forbidden: std::sync::Mutex<BTreeMap<usize, String>> =
+            std::sync::Mutex::new(BTreeMap::new());
         let stop_flag = AtomicBool::new(false);
         let stop: std::sync::Mutex<Option<Stop>> = std::sync::Mutex::new(None);
         let changed: std::sync::Mutex<HashSet<String>> = std::sync::Mutex::new(HashSet::new());
@@ -1513,6 +1562,7 @@ impl Engine {
                     &offboarding,
                     &group_names,
                 );
+                let forbidden = &forbidden;
                 let mut lanes = futures::stream::iter(wave)
                     .map(|lane| async move {
                         let mut done = Vec::with_capacity(lane.len());
@@ -1624,6 +1674,12 @@ impl Engine {
                                             label(a)
                                         ))
                                     } else {
+                                        if e.status() == Some(403) {
+                                            forbidden
+                                                .lock()
+                                                .unwrap_or_else(|e| e.into_inner())
+                                                .insert(i, describe(a).0);
+                                        }
                                         Outcome::Failed(e.to_string())
                                     };
                                     (
@@ -1678,6 +1734,7 @@ impl Engine {
             .unwrap_or_else(|e| e.into_inner())
             .is_empty();
         run.attempted = attempted.load(Ordering::Relaxed);
+        run.forbidden = forbidden.into_inner().unwrap_or_else(|e| e.into_inner());
         match store_error {
             Some(e) => Err(e),
             None => Ok(run),

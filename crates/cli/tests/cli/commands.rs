@@ -134,8 +134,10 @@ async fn outbox_list_retry_drop_and_held_approve_commands() {
         path_prefix: Some("/app/rest/users".into()),
         path_contains: None,
         times: 2,
+        // A 400: refused for these objects. (A 403 on every write would be the bridge's own
+        // missing permissions: nothing is dead-lettered for that.)
         action: FaultAction::Status {
-            status: 403,
+            status: 400,
             retry_after_secs: None,
         },
     });

@@ -190,3 +190,23 @@ async fn adopt_existing_by_username_takes_over_the_user_visibly() {
     assert_eq!(adopted[0].outcome, "success");
     assert!(w.rows("dead").await.is_empty());
 }
+
+#[tokio::test]
+async fn plan_warns_when_all_users_carries_roles() {
+    let w = World::start().await;
+    let (p, actual, _) = w.engine.plan_full().await.expect("plan");
+    assert!(!sync::render(&p, &actual).contains("All Users"));
+    w.emu.with_state(|s| {
+        s.groups
+            .get_mut(teamcity_emulator::ALL_USERS_GROUP)
+            .expect("All Users")
+            .roles
+            .insert(("PROJECT_VIEWER".into(), "p:Backend".into()));
+    });
+    let (p, actual, _) = w.engine.plan_full().await.expect("plan");
+    let text = sync::render(&p, &actual);
+    assert!(
+        text.contains("the All Users group carries PROJECT_VIEWER@p:Backend"),
+        "{text}"
+    );
+}

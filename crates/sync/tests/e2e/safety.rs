@@ -688,3 +688,33 @@ async fn an_unreadable_held_batch_is_never_approved_as_empty() {
         &events[seen..]
     );
 }
+
+// ---- the bridge's own account refused everywhere -----------------------------------------
+
+#[tokio::test]
+async fn a_403_on_every_write_dead_letters_nothing_and_readiness_says_why() {
+    let w = World::start().await;
+    w.create_user("first", None).await;
+    w.drain().await; // TeamCity read, one user created
+    // The bridge's account loses its permissions: every write is refused.
+    w.fail_writes(FaultAction::Status {
+        status: 403,
+        retry_after_secs: None,
+    });
+    w.create_user("ann", None).await;
+    w.create_user("bob", None).await;
+    w.drain().await;
+    assert!(
+        w.rows("dead").await.is_empty(),
+        "{:?}",
+        w.rows("dead").await
+    );
+    assert_eq!(w.pending().await, 2, "the rows wait");
+    let reason = w.engine.health().not_ready().expect("not ready");
+    assert!(reason.contains("403"), "{reason}");
+
+    w.emu.clear_faults();
+    w.drain_until_idle(&w.engine, Duration::from_secs(10)).await;
+    assert!(w.tc_user("ann").is_some() && w.tc_user("bob").is_some());
+    assert_eq!(w.engine.health().not_ready(), None, "ready again");
+}
