@@ -212,23 +212,16 @@ async fn affected(store: &DynStore, steps: &[sync::Action]) -> anyhow::Result<St
     let mut who: BTreeSet<String> = BTreeSet::new();
     let mut whole: BTreeSet<String> = BTreeSet::new();
     for a in steps {
-        match a {
-            sync::Action::RemoveFromGroup { user, .. }
-            | sync::Action::RemoveUserRole { user, .. }
-            | sync::Action::DeleteUser { user }
-            | sync::Action::RevokeTokens { user }
-            | sync::Action::ResetPassword { user }
-            | sync::Action::EndSessions { user }
-            | sync::Action::ClearRememberMe { user }
-            | sync::Action::SetDeactivated { user } => {
+        match (a.user_target(), a.group_target()) {
+            (Some(sync::UserTarget::Id(user)), _) => {
                 let id = user.to_string();
                 who.insert(match users.get(&id) {
                     Some(n) => format!("{n} (id:{id})"),
                     None => format!("id:{id}"),
                 });
             }
-            sync::Action::DeleteGroup { key }
-            | sync::Action::RemoveGroupRole { group: key, .. } => {
+            // A group's role removed or the group deleted: everyone in it.
+            (None, Some(key)) => {
                 whole.insert(match groups.get(key) {
                     Some(n) => format!("every member of {n} [{key}]"),
                     None => format!("every member of {key}"),

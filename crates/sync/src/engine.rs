@@ -33,7 +33,9 @@ use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
 
 use crate::apply::{Applied, apply_step, kind, usernames};
-use crate::model::{Action, ActualState, DEFAULTS_MARKER, DirGroup, Directory, UserRef};
+use crate::model::{
+    Action, ActualState, DEFAULTS_MARKER, DirGroup, Directory, UserRef, UserTarget,
+};
 use crate::plan::{AdoptExisting, Conflict, Deprovision, Plan, PlanOptions, plan};
 use crate::policy::Policy;
 use crate::{Desired, DesiredOptions, GuardLimits, ReadOptions, desired, read_actual_with};
@@ -368,37 +370,18 @@ impl std::fmt::Display for Obj {
     }
 }
 
-/// The TeamCity objects a step addresses, for "changed underneath".
+/// The TeamCity objects a step addresses, for "changed underneath" (a group it creates does
+/// not exist yet).
 fn objects(a: &Action) -> Vec<Obj> {
-    let user = |r: &UserRef| match r {
-        UserRef::Id(i) => Some(Obj::User(*i)),
-        UserRef::New(_) => None,
+    let user = match a.user_target() {
+        Some(UserTarget::Id(id)) => Some(Obj::User(id)),
+        _ => None,
     };
-    match a {
-        Action::CreateUser { .. } => vec![],
-        Action::AddToGroup { user: u, group } => user(u)
-            .into_iter()
-            .chain([Obj::Group(group.clone())])
-            .collect(),
-        Action::AddUserRole { user: u, .. } => user(u).into_iter().collect(),
-        Action::RemoveFromGroup { user, group } => {
-            vec![Obj::User(*user), Obj::Group(group.clone())]
-        }
-        Action::UpdateUser { user, .. }
-        | Action::DeleteUser { user }
-        | Action::RemoveUserRole { user, .. }
-        | Action::RevokeTokens { user }
-        | Action::ResetPassword { user }
-        | Action::EndSessions { user }
-        | Action::ClearRememberMe { user }
-        | Action::AdoptUser { user, .. }
-        | Action::SetDeactivated { user }
-        | Action::ClearDeactivated { user } => vec![Obj::User(*user)],
-        Action::CreateGroup { .. } => vec![],
-        Action::DeleteGroup { key }
-        | Action::AddGroupRole { group: key, .. }
-        | Action::RemoveGroupRole { group: key, .. } => vec![Obj::Group(key.clone())],
-    }
+    let group = match a {
+        Action::CreateGroup { .. } => None,
+        _ => a.group_target().map(|k| Obj::Group(k.to_owned())),
+    };
+    user.into_iter().chain(group).collect()
 }
 
 /// Records the outcome of step `i`.
@@ -409,49 +392,28 @@ fn set(outcomes: &std::sync::Mutex<Vec<Outcome>>, i: usize, outcome: Outcome) {
 /// The SCIM entities (outbox `entity_type`, SCIM id) a step concerns: its user and its group.
 /// A failure, a hold or a re-read of the step settles the outbox rows of all of them.
 fn entities_of(a: &Action, actual: &ActualState) -> Vec<(String, String)> {
-    let user_id = |id: u64| {
-        actual
-            .user(id)
-            .and_then(|u| u.scim_id.clone())
-            .map(|s| ("user".to_owned(), s))
+    let user = match a {
+        // An adopted user has no marker yet: its SCIM id is in the step.
+        Action::AdoptUser { scim_id, .. } => Some(scim_id.clone()),
+        _ => match a.user_target() {
+            Some(UserTarget::Id(id)) => actual.user(id).and_then(|u| u.scim_id.clone()),
+            Some(UserTarget::New(s)) => Some(s.to_owned()),
+            None => None,
+        },
     };
-    let user = |r: &UserRef| match r {
-        UserRef::Id(i) => user_id(*i),
-        UserRef::New(s) => Some(("user".to_owned(), s.clone())),
-    };
-    let group = |key: &str| {
-        actual
-            .group(key)
-            .and_then(|g| g.marker.clone())
-            .filter(|m| m != DEFAULTS_MARKER)
-            .map(|m| ("group".to_owned(), m))
-    };
-    match a {
-        Action::CreateUser { scim_id, .. } | Action::AdoptUser { scim_id, .. } => {
-            vec![("user".to_owned(), scim_id.clone())]
-        }
-        Action::AddToGroup { user: u, group: g } => user(u).into_iter().chain(group(g)).collect(),
-        Action::AddUserRole { user: u, .. } => user(u).into_iter().collect(),
-        Action::RemoveFromGroup { user, group: g } => {
-            user_id(*user).into_iter().chain(group(g)).collect()
-        }
-        Action::UpdateUser { user, .. }
-        | Action::DeleteUser { user }
-        | Action::RemoveUserRole { user, .. }
-        | Action::RevokeTokens { user }
-        | Action::ResetPassword { user }
-        | Action::EndSessions { user }
-        | Action::ClearRememberMe { user }
-        | Action::SetDeactivated { user }
-        | Action::ClearDeactivated { user } => user_id(*user).into_iter().collect(),
-        Action::CreateGroup { marker, .. } => (marker != DEFAULTS_MARKER)
-            .then(|| ("group".to_owned(), marker.clone()))
-            .into_iter()
-            .collect(),
-        Action::DeleteGroup { key }
-        | Action::AddGroupRole { group: key, .. }
-        | Action::RemoveGroupRole { group: key, .. } => group(key).into_iter().collect(),
+    let group = match a {
+        // A group being created is not in `actual` yet: its marker is in the step.
+        Action::CreateGroup { marker, .. } => Some(marker.clone()),
+        _ => a
+            .group_target()
+            .and_then(|k| actual.group(k))
+            .and_then(|g| g.marker.clone()),
     }
+    .filter(|m| m != DEFAULTS_MARKER);
+    user.map(|s| ("user".to_owned(), s))
+        .into_iter()
+        .chain(group.map(|m| ("group".to_owned(), m)))
+        .collect()
 }
 
 /// What became of one step in a run.

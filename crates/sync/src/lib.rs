@@ -32,7 +32,7 @@ pub use guard::{GuardLimits, Held};
 pub use model::{
     Action, ActualGroup, ActualState, ActualUser, DEFAULTS_GROUP_KEY, DEFAULTS_GROUP_NAME,
     DEFAULTS_MARKER, DirGroup, DirUser, Directory, GROUP_MARKER, RoleAt, RoleScope,
-    USER_DEACTIVATED, USER_MARKER, UserRef,
+    USER_DEACTIVATED, USER_MARKER, UserRef, UserTarget,
 };
 pub use plan::{AdoptExisting, Conflict, Deprovision, Orphan, Plan, PlanOptions, Report, plan};
 pub use policy::{Pins, Policy, Problem};

@@ -662,6 +662,59 @@ pub enum Action {
     },
 }
 
+/// The user a step addresses: an existing TeamCity user, or one the plan creates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum UserTarget<'a> {
+    /// An existing TeamCity user id.
+    Id(u64),
+    /// The user a `CreateUser` with this SCIM id creates.
+    New(&'a str),
+}
+
+impl Action {
+    /// The user this step writes to, if any.
+    pub fn user_target(&self) -> Option<UserTarget<'_>> {
+        fn r(u: &UserRef) -> UserTarget<'_> {
+            match u {
+                UserRef::Id(i) => UserTarget::Id(*i),
+                UserRef::New(s) => UserTarget::New(s),
+            }
+        }
+        match self {
+            Action::CreateUser { scim_id, .. } => Some(UserTarget::New(scim_id)),
+            Action::AddToGroup { user, .. } | Action::AddUserRole { user, .. } => Some(r(user)),
+            Action::UpdateUser { user, .. }
+            | Action::DeleteUser { user }
+            | Action::RemoveFromGroup { user, .. }
+            | Action::RemoveUserRole { user, .. }
+            | Action::RevokeTokens { user }
+            | Action::ResetPassword { user }
+            | Action::EndSessions { user }
+            | Action::ClearRememberMe { user }
+            | Action::AdoptUser { user, .. }
+            | Action::SetDeactivated { user }
+            | Action::ClearDeactivated { user } => Some(UserTarget::Id(*user)),
+            Action::CreateGroup { .. }
+            | Action::DeleteGroup { .. }
+            | Action::AddGroupRole { .. }
+            | Action::RemoveGroupRole { .. } => None,
+        }
+    }
+
+    /// The group (key) this step writes to or changes the membership of, if any.
+    pub fn group_target(&self) -> Option<&str> {
+        match self {
+            Action::AddToGroup { group, .. }
+            | Action::RemoveFromGroup { group, .. }
+            | Action::AddGroupRole { group, .. }
+            | Action::RemoveGroupRole { group, .. }
+            | Action::CreateGroup { key: group, .. }
+            | Action::DeleteGroup { key: group } => Some(group),
+            _ => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -33,7 +33,9 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::desired::{Desired, DesiredUser, group_key, key_generation};
-use crate::model::{Action, ActualGroup, ActualState, ActualUser, Field, FieldChange, UserRef};
+use crate::model::{
+    Action, ActualGroup, ActualState, ActualUser, Field, FieldChange, UserRef, UserTarget,
+};
 
 /// What a SCIM DELETE (a managed TeamCity user whose SCIM user is gone) does.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -742,33 +744,10 @@ pub fn dependencies(actions: &[Action], actual: &ActualState) -> Vec<Vec<usize>>
         .iter()
         .map(|g| (g.name.as_str(), g.key.as_str()))
         .collect();
-    let target_user = |a: &Action| -> Option<u64> {
-        match a {
-            Action::UpdateUser { user, .. }
-            | Action::DeleteUser { user }
-            | Action::RemoveFromGroup { user, .. }
-            | Action::RemoveUserRole { user, .. }
-            | Action::RevokeTokens { user }
-            | Action::ResetPassword { user }
-            | Action::EndSessions { user }
-            | Action::ClearRememberMe { user }
-            | Action::SetDeactivated { user }
-            | Action::ClearDeactivated { user } => Some(*user),
-            Action::AddToGroup {
-                user: UserRef::Id(u),
-                ..
-            }
-            | Action::AddUserRole {
-                user: UserRef::Id(u),
-                ..
-            } => Some(*u),
-            _ => None,
-        }
-    };
     let mut deps: Vec<Vec<usize>> = Vec::with_capacity(actions.len());
     for (i, a) in actions.iter().enumerate() {
         let mut d: Vec<usize> = Vec::new();
-        if let Some(u) = target_user(a)
+        if let Some(UserTarget::Id(u)) = a.user_target()
             && let Some(&j) = adopt.get(&u)
         {
             d.push(j);

@@ -4,7 +4,7 @@
 //! The plan sorts its actions by phase (orphan group deletes, user creates, user updates, group
 //! creates, joins, user role grants, leaves, group role changes, user role removals,
 //! (de)activation steps, swapped-out group deletes, user deletes), and every ordering it relies
-//! on is *between* phases: a [`UserRef::New`] is resolved by a `CreateUser` of an earlier phase,
+//! on is *between* phases: a [`UserRef::New`](crate::model::UserRef::New) is resolved by a `CreateUser` of an earlier phase,
 //! a rename swap creates the new group (phase 3) before it deletes the old one (phase 10), a
 //! capped user leaves a group (phase 6) before that group gains a role (phase 7), an orphan group
 //! is deleted (phase 0) before a group takes its name (phase 3).
@@ -29,7 +29,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::model::{Action, UserRef};
+use crate::model::{Action, UserTarget};
 
 /// The plan phase of an action (see [`crate::plan`]): actions of different phases never share a
 /// wave. Both kinds of `DeleteGroup` (orphans, first; swapped-out groups, near the end) map to
@@ -64,32 +64,12 @@ enum Lane<'a> {
     Group(&'a str),
 }
 
-fn user_lane(r: &UserRef) -> Lane<'_> {
-    match r {
-        UserRef::Id(id) => Lane::User(*id),
-        UserRef::New(s) => Lane::NewUser(s),
-    }
-}
-
 fn lane(a: &Action) -> Lane<'_> {
-    match a {
-        Action::CreateUser { scim_id, .. } => Lane::NewUser(scim_id),
-        Action::AddToGroup { user, .. } | Action::AddUserRole { user, .. } => user_lane(user),
-        Action::UpdateUser { user, .. }
-        | Action::DeleteUser { user }
-        | Action::RemoveFromGroup { user, .. }
-        | Action::RemoveUserRole { user, .. }
-        | Action::RevokeTokens { user }
-        | Action::ResetPassword { user }
-        | Action::EndSessions { user }
-        | Action::ClearRememberMe { user }
-        | Action::AdoptUser { user, .. }
-        | Action::SetDeactivated { user }
-        | Action::ClearDeactivated { user } => Lane::User(*user),
-        Action::CreateGroup { key, .. }
-        | Action::DeleteGroup { key }
-        | Action::AddGroupRole { group: key, .. }
-        | Action::RemoveGroupRole { group: key, .. } => Lane::Group(key),
+    match (a.user_target(), a.group_target()) {
+        (Some(UserTarget::Id(id)), _) => Lane::User(id),
+        (Some(UserTarget::New(s)), _) => Lane::NewUser(s),
+        // Every other step addresses a group.
+        (None, key) => Lane::Group(key.unwrap_or_default()),
     }
 }
 
@@ -127,7 +107,9 @@ pub fn waves(actions: &[Action]) -> Vec<Vec<Vec<usize>>> {
 mod tests {
     use super::*;
     use crate::desired::{DesiredOptions, desired};
-    use crate::model::{ActualGroup, ActualState, ActualUser, DirGroup, DirUser, Directory};
+    use crate::model::{
+        ActualGroup, ActualState, ActualUser, DirGroup, DirUser, Directory, UserRef,
+    };
     use crate::plan::{PlanOptions, plan};
     use crate::policy::{Pins, Policy};
 
