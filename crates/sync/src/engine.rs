@@ -760,14 +760,24 @@ impl Engine {
         d: &Desired,
         actual: &mut ActualState,
     ) -> Result<bool, EngineError> {
-        let deleted: HashSet<String> = self
-            .store
-            .deleted_entities()
-            .await?
-            .into_iter()
-            .filter(|(t, _)| t == "user")
-            .map(|(_, id)| id)
-            .collect();
+        // SCIM-deleted users are looked up only when a managed user left the directory.
+        let gone = actual.users.iter().any(|u| {
+            !u.deactivated
+                && u.scim_id
+                    .as_deref()
+                    .is_some_and(|s| !d.users.contains_key(s))
+        });
+        let deleted: HashSet<String> = if gone {
+            self.store
+                .deleted_entities()
+                .await?
+                .into_iter()
+                .filter(|(t, _)| t == "user")
+                .map(|(_, id)| id)
+                .collect()
+        } else {
+            HashSet::new()
+        };
         let due: Vec<(u64, String)> = {
             let fresh = self.fresh();
             actual
