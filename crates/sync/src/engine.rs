@@ -930,7 +930,11 @@ impl Engine {
         }
         self.conflicts(&p.conflicts, true).await?;
         drop(cache);
-        if let Some(reason) = self.blocked().await? {
+        // The checks that guard applying (the policy against TeamCity) run when there is
+        // something to apply; `run` checks them at start anyway.
+        if !p.actions.is_empty()
+            && let Some(reason) = self.blocked().await?
+        {
             warn!(%reason, "reconcile: nothing applied");
             report.transient_stop = true;
             return Ok(report);
