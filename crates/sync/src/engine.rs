@@ -43,6 +43,9 @@ use crate::{Desired, DesiredOptions, GuardLimits, ReadOptions, desired, read_act
 /// How often a paused engine checks whether what blocked it is fixed.
 const PROBE_INTERVAL: Duration = Duration::from_secs(5);
 
+/// Why rows wait when the cache must be read again first.
+const REREAD: &str = "TeamCity changed under the bridge; it is read again first";
+
 /// The store counter every writer to TeamCity moves (see the module docs).
 const WRITES_KEY: &str = "teamcity_writes";
 
@@ -994,37 +997,33 @@ impl Engine {
         }
         report.outbox_rows = claimed.iter().map(|c| c.items.len()).sum();
         let all_ids: Vec<i64> = claimed.iter().flat_map(ClaimedEntity::ids).collect();
-        let ctx = self.ctx("sync");
         if let Some(reason) = self.blocked().await? {
             // Not the rows' fault: they wait, and are never dead-lettered for it.
-            if !all_ids.is_empty() {
-                self.store
-                    .defer_outbox(&ctx, &all_ids, &reason, now + self.cfg.retry.cap)
-                    .await?;
-            }
+            self.defer(&all_ids, &reason, now + self.cfg.retry.cap)
+                .await?;
             report.transient_stop = true;
             return Ok(report);
         }
         let d = self.desired().await?;
         let mut cache = self.cache.lock().await;
-        let Some(actual) = cache.as_mut() else {
-            drop(cache);
-            self.store
-                .defer_outbox(&ctx, &all_ids, "TeamCity is read again first", now)
-                .await?;
-            report.transient_stop = true;
-            return Ok(report);
+        let fresh = match cache.as_mut() {
+            Some(actual) => {
+                self.notice_unknown_database(&d, actual);
+                self.refresh_offboarded(&d, actual).await?
+            }
+            None => false,
         };
-        self.notice_unknown_database(&d, actual);
-        if !self.refresh_offboarded(&d, actual).await? {
+        if !fresh {
+            // The cache was dropped meanwhile, or a user turned out different: read first.
             *cache = None;
             drop(cache);
-            self.store
-                .defer_outbox(&ctx, &all_ids, "TeamCity is read again first", now)
-                .await?;
+            self.defer(&all_ids, REREAD, now).await?;
             report.transient_stop = true;
             return Ok(report);
         }
+        let Some(actual) = cache.as_mut() else {
+            return Ok(report);
+        };
         let mut p = plan(&d, actual, &self.plan_options());
         self.settle_orphans(&mut p).await?;
         report.planned = p.actions.len();
@@ -1088,6 +1087,22 @@ impl Engine {
         }
     }
 
+    /// Releases rows without counting an attempt, due again at `until` (see
+    /// [`store::Store::defer_outbox`]).
+    async fn defer(
+        &self,
+        ids: &[i64],
+        reason: &str,
+        until: time::OffsetDateTime,
+    ) -> Result<(), EngineError> {
+        if !ids.is_empty() {
+            self.store
+                .defer_outbox(&self.ctx("sync"), ids, reason, until)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Settles the claimed rows after a pass (see the module docs).
     async fn settle(
         &self,
@@ -1105,8 +1120,7 @@ impl Engine {
                 return Ok(());
             }
             Some(Stop::Misconfigured(reason)) => {
-                self.store
-                    .defer_outbox(&ctx, &all_ids, reason, now + self.cfg.retry.cap)
+                self.defer(&all_ids, reason, now + self.cfg.retry.cap)
                     .await?;
                 return Ok(());
             }
@@ -1121,7 +1135,7 @@ impl Engine {
                     .fail_outbox(&ctx, &c.ids(), reason, false, now, &self.cfg.retry)
                     .await?;
             } else if let Some(reason) = exec.stale.get(&key) {
-                self.store.defer_outbox(&ctx, &c.ids(), reason, now).await?;
+                self.defer(&c.ids(), reason, now).await?;
             } else if let Some(batch) = exec.held.get(&key) {
                 held.entry(*batch).or_default().extend(c.ids());
             } else {
