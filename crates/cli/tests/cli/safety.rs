@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use store::WriteCtx;
 
-use crate::support::{Env, POLICY, TC_TOKEN, free_port, serve, signal, text, wait_up};
+use crate::support::{Env, KillOnDrop, POLICY, TC_TOKEN, free_port, serve, signal, text, wait_up};
 
 const USER_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:User";
 
@@ -40,10 +40,10 @@ async fn eventually(secs: u64, what: &str, mut f: impl AsyncFnMut() -> bool) {
     }
 }
 
-fn stop(child: std::process::Child) {
-    signal(child.id(), "TERM");
-    let mut child = child;
-    let _ = child.wait();
+/// Stops `serve` the way an orchestrator does (SIGTERM), and waits for it.
+fn stop(mut child: KillOnDrop) {
+    signal(child.0.id(), "TERM");
+    let _ = child.0.wait();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -62,7 +62,7 @@ async fn serve_with_a_policy_that_does_not_match_teamcity_applies_nothing_and_sa
     env.group("Developers", "00g-dev", &[&ann]).await;
     let port = free_port();
     let http = reqwest::Client::new();
-    let child = serve(&env, port);
+    let child = KillOnDrop(serve(&env, port));
     wait_up(&http, &format!("http://127.0.0.1:{port}/scim/v2")).await;
     eventually(10, "readiness names the policy problem", async || {
         let (status, body) = ready(&http, port).await;
@@ -107,7 +107,7 @@ async fn serve_with_a_policy_that_does_not_match_teamcity_applies_nothing_and_sa
     std::fs::write(&env.config, POLICY).expect("config");
     let o = env.run(&["config", "check"]).await;
     assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
-    let child = serve(&env, port);
+    let child = KillOnDrop(serve(&env, port));
     wait_up(&http, &format!("http://127.0.0.1:{port}/scim/v2")).await;
     eventually(10, "ready", async || ready(&http, port).await.0 == 200).await;
     eventually(10, "ann created", async || {
@@ -130,7 +130,7 @@ async fn a_teamcity_restored_under_a_running_serve_never_gets_a_write_meant_for_
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}/scim/v2");
     let http = reqwest::Client::new();
-    let child = serve(&env, port);
+    let child = KillOnDrop(serve(&env, port));
     wait_up(&http, &base).await;
     let r = http
         .post(format!("{base}/Users"))
@@ -224,7 +224,7 @@ async fn a_reconcile_from_the_cli_leaves_no_running_serve_with_a_stale_view() {
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}/scim/v2");
     let http = reqwest::Client::new();
-    let child = serve(&env, port);
+    let child = KillOnDrop(serve(&env, port));
     wait_up(&http, &base).await;
     let r = http
         .post(format!("{base}/Users"))
@@ -314,16 +314,17 @@ async fn serve_on_an_empty_database_says_so_naming_the_file_and_removes_nothing(
     // `serve` started with a relative database path that holds nothing (another working
     // directory, a lost volume).
     let port = free_port();
-    let mut child = env
-        .cmd(&["serve"])
-        .env("TEAMCITY_SCIM_SERVER__LISTEN", format!("127.0.0.1:{port}"))
-        .env("TEAMCITY_SCIM_DATABASE__URL", "sqlite://elsewhere.db")
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("serve");
-    let stderr = child.stderr.take().expect("stderr");
+    let mut child = KillOnDrop(
+        env.cmd(&["serve"])
+            .env("TEAMCITY_SCIM_SERVER__LISTEN", format!("127.0.0.1:{port}"))
+            .env("TEAMCITY_SCIM_DATABASE__URL", "sqlite://elsewhere.db")
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("serve"),
+    );
+    let stderr = child.0.stderr.take().expect("stderr");
     let expected = std::path::absolute(env.dir.path().join("elsewhere.db"))
         .expect("absolute")
         .display()

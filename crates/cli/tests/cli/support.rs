@@ -169,3 +169,14 @@ pub(crate) async fn wait_up(http: &reqwest::Client, base: &str) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A child process killed when dropped, so a failing test never leaves a `serve` running (nor
+/// a reader of its output blocked).
+pub(crate) struct KillOnDrop(pub(crate) Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
