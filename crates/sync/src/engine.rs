@@ -875,7 +875,13 @@ impl Engine {
                 }
                 self.store.sync_state_set(&key, "reported").await?;
             }
-            warn!(conflict = %reason, "sync conflict left alone");
+            // Usernames are often email addresses: the log names the SCIM entity only; the
+            // reason is in the outbox row, the audit trail and `plan`.
+            warn!(
+                entity = entity.0,
+                id = %entity.1,
+                "sync conflict left alone; `teamcity-scim plan` and `outbox list` say why"
+            );
             self.store
                 .audit(
                     &self.ctx("sync"),
@@ -925,7 +931,13 @@ impl Engine {
         self.settle_orphans(&mut p).await?;
         debug!(actions = p.actions.len(), elapsed = ?started.elapsed(), "reconcile: planned");
         for r in &p.reports {
-            info!(report = %r, "reconcile: reported");
+            match r {
+                // Usernames are often email addresses: logged by id only.
+                crate::plan::Report::UnmanagedMember { user, group, .. } => {
+                    info!(user, %group, "reconcile: an unmanaged user is a member of a managed group; left as is");
+                }
+                other => info!(report = %other, "reconcile: reported"),
+            }
         }
         report.planned = p.actions.len();
         if dry_run {
