@@ -185,6 +185,13 @@ impl AccessState {
             ("delete_user", Some(k), _) => {
                 self.users.remove(&k);
             }
+            // An existing TeamCity user taken over by username: from now on it is the SCIM
+            // user's (its earlier access was not the bridge's doing and is not replayed).
+            ("adopt_user", Some(k), _) => {
+                if let Some(scim) = detail_str(&d, "scim_id").map(str::to_owned) {
+                    self.user(k).scim_id = Some(scim);
+                }
+            }
             ("add_to_group", Some(k), _) => {
                 if let Some(g) = group {
                     self.user(k).groups.insert(g);
@@ -443,6 +450,18 @@ mod tests {
                     ("mapping.upsert", "user:s4", json!({"teamcity_id": "15"})),
                 ],
                 vec!["15 s4 PROJECT_DEVELOPER@p:Backend DEV (developers)"],
+            ),
+            (
+                "an adopted user is the SCIM user's from its adoption on",
+                vec![
+                    (
+                        "adopt_user",
+                        "user:21",
+                        json!({"scim_id": "s9", "adopted": true}),
+                    ),
+                    ("add_to_group", "user:21", json!({"group": "DEV"})),
+                ],
+                vec!["21 s9 PROJECT_DEVELOPER@p:Backend DEV (developers)"],
             ),
             (
                 "unlinked new user shows its SCIM id only",
