@@ -43,6 +43,9 @@ use crate::{Desired, DesiredOptions, GuardLimits, ReadOptions, desired, read_act
 /// How often a paused engine checks whether what blocked it is fixed.
 const PROBE_INTERVAL: Duration = Duration::from_secs(5);
 
+/// How often a ready engine checks that TeamCity still answers and accepts its token.
+const READY_PROBE_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Why rows wait when the cache must be read again first.
 const REREAD: &str = "TeamCity changed under the bridge; it is read again first";
 
@@ -1904,13 +1907,32 @@ impl Engine {
             if *shutdown.borrow() {
                 break;
             }
-            // While not ready, look again every few seconds (not only when rows arrive), so
-            // readiness turns green as soon as what blocked the sync is fixed.
-            if self.health.not_ready().is_some() && tokio::time::Instant::now() >= next_probe {
-                if let Err(e) = self.blocked().await {
-                    warn!(error = %e, "readiness probe failed");
+            // Readiness follows TeamCity even when no work arrives: while not ready, look again
+            // every few seconds, so it turns green as soon as what blocked the sync is fixed;
+            // while ready, check now and then that TeamCity still answers and takes the token.
+            if tokio::time::Instant::now() >= next_probe {
+                let paused = self.health.not_ready().is_some();
+                match self.client.server_info().await {
+                    Err(e) if e.is_transient() || e.is_misconfiguration() => {
+                        self.health.set(Some(if e.is_misconfiguration() {
+                            format!("the bridge cannot use TeamCity ({e}); check [teamcity] url, token and ca_file")
+                        } else {
+                            format!("TeamCity is unreachable ({e})")
+                        }));
+                    }
+                    _ if paused => {
+                        if let Err(e) = self.blocked().await {
+                            warn!(error = %e, "readiness probe failed");
+                        }
+                    }
+                    _ => {}
                 }
-                next_probe = tokio::time::Instant::now() + PROBE_INTERVAL;
+                next_probe = tokio::time::Instant::now()
+                    + if self.health.not_ready().is_some() {
+                        PROBE_INTERVAL
+                    } else {
+                        READY_PROBE_INTERVAL
+                    };
             }
             if tokio::time::Instant::now() >= next_reconcile {
                 match self.reconcile(false).await {

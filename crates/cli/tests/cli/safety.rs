@@ -374,3 +374,40 @@ async fn serve_on_an_empty_database_says_so_naming_the_file_and_removes_nothing(
     assert_eq!(after.groups, before.groups);
     stop(child);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readiness_follows_teamcity_down_and_back() {
+    let env = Env::new(POLICY, Duration::ZERO).await;
+    let port = free_port();
+    let http = reqwest::Client::new();
+    let child = KillOnDrop(serve(&env, port));
+    wait_up(&http, &format!("http://127.0.0.1:{port}/scim/v2")).await;
+    eventually(15, "ready", async || ready(&http, port).await.0 == 200).await;
+
+    // TeamCity goes away (every connection dropped): readiness says so, with the reason.
+    env.emu.inject_fault(teamcity_emulator::Fault::always(
+        teamcity_emulator::FaultAction::Drop,
+    ));
+    eventually(20, "not ready, TeamCity unreachable", async || {
+        let (status, body) = ready(&http, port).await;
+        status == 503
+            && body["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("TeamCity is unreachable"))
+    })
+    .await;
+    // The liveness probe is not affected.
+    let live = http
+        .get(format!("http://127.0.0.1:{port}/healthz/live"))
+        .send()
+        .await
+        .expect("live");
+    assert_eq!(live.status(), 200);
+
+    env.emu.clear_faults();
+    eventually(20, "ready again", async || {
+        ready(&http, port).await.0 == 200
+    })
+    .await;
+    stop(child);
+}
