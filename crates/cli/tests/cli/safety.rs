@@ -203,17 +203,16 @@ async fn a_teamcity_restored_under_a_running_serve_never_gets_a_write_meant_for_
         carol_now.properties.get("teamcity-scim.id"),
         Some(&carol_id)
     );
-    let link = env
-        .store
-        .mapping(scim::ResourceKind::User, &carol_id)
-        .await
-        .expect("mapping")
-        .expect("link");
-    assert_eq!(
-        link.teamcity_id,
-        carol_now.id.to_string(),
-        "the link follows carol"
-    );
+    // The link is written with the create's audit event, just after TeamCity answered.
+    let new_id = carol_now.id.to_string();
+    eventually(10, "the link follows carol", async || {
+        env.store
+            .mapping(scim::ResourceKind::User, &carol_id)
+            .await
+            .expect("mapping")
+            .is_some_and(|l| l.teamcity_id == new_id)
+    })
+    .await;
     stop(child);
 }
 
