@@ -21,6 +21,7 @@ mod audit_cmd;
 mod config;
 mod demo;
 mod ops;
+mod status;
 mod sync_cmd;
 mod telemetry;
 mod ttl;
@@ -88,6 +89,9 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// The bridge at a glance: TeamCity and the bridge's account, the last pass and reconcile,
+    /// the outbox, held batches; exits 1 when it is not ready.
+    Status,
     /// List batches the blast-radius guard held back, with the users they affect.
     Held {
         /// Also list applied and dropped batches.
@@ -193,7 +197,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn open_store(cfg: &Config) -> anyhow::Result<DynStore> {
+pub(crate) async fn open_store(cfg: &Config) -> anyhow::Result<DynStore> {
     store::open(&cfg.database.url, Arc::new(SystemClock))
         .await
         .with_context(|| format!("cannot open the database at {}", cfg.database.url))
@@ -221,6 +225,13 @@ async fn run(cmd: Command, cfg: Config) -> anyhow::Result<u8> {
         Command::AccessReview { at, format } => {
             let at = audit_cmd::parse_time(&at)?;
             audit_cmd::access_review(&cfg, &open_store(&cfg).await?, at, format, out).await?
+        }
+        Command::Status => {
+            return Ok(if status::status(&cfg, out).await? {
+                0
+            } else {
+                1
+            });
         }
         Command::Plan { exit_code } => {
             let pending = sync_cmd::plan(&cfg, open_store(&cfg).await?).await?;

@@ -46,6 +46,12 @@ const PROBE_INTERVAL: Duration = Duration::from_secs(5);
 /// How often a ready engine checks that TeamCity still answers and accepts its token.
 const READY_PROBE_INTERVAL: Duration = Duration::from_secs(10);
 
+/// `sync_state` key of the last reconcile's [`PassReport`] (JSON).
+pub const LAST_RECONCILE_KEY: &str = "last_reconcile_report";
+
+/// `sync_state` key of the last worker pass's [`PassReport`] (JSON), for passes with rows.
+pub const LAST_PASS_KEY: &str = "last_pass_report";
+
 /// Why rows wait when the cache must be read again first.
 const REREAD: &str = "TeamCity changed under the bridge; it is read again first";
 
@@ -982,8 +988,33 @@ impl Engine {
                 &store::timefmt::format(time::OffsetDateTime::now_utc()),
             )
             .await?;
+        self.record_report(LAST_RECONCILE_KEY, &report, started.elapsed())
+            .await?;
         metrics::counter!("sync_reconciles_total").increment(1);
         Ok(report)
+    }
+
+    /// Keeps what the last pass or reconcile did (`teamcity-scim status` shows it).
+    async fn record_report(
+        &self,
+        key: &str,
+        r: &PassReport,
+        took: Duration,
+    ) -> Result<(), EngineError> {
+        let summary = json!({
+            "time": store::timefmt::format(time::OffsetDateTime::now_utc()),
+            "seconds": took.as_secs_f64(),
+            "outbox_rows": r.outbox_rows,
+            "reads": r.reads,
+            "planned": r.planned,
+            "applied": r.applied,
+            "failed": r.failed,
+            "cancelled": r.cancelled,
+            "held": r.held,
+            "stopped_early": r.transient_stop,
+        });
+        self.store.sync_state_set(key, &summary.to_string()).await?;
+        Ok(())
     }
 
     /// Approved batches this engine has not tried yet (a pass runs for them even without rows).
@@ -997,6 +1028,7 @@ impl Engine {
 
     /// One worker pass over due outbox rows. Returns what it did; `outbox_rows == 0` means idle.
     pub async fn run_once(&self) -> Result<PassReport, EngineError> {
+        let started = std::time::Instant::now();
         let mut report = PassReport::default();
         self.notice_foreign_writes().await?;
         let now = time::OffsetDateTime::now_utc();
@@ -1082,6 +1114,8 @@ impl Engine {
         if exec.stop.is_some() || !exec.stale.is_empty() {
             report.transient_stop = true;
         }
+        self.record_report(LAST_PASS_KEY, &report, started.elapsed())
+            .await?;
         Ok(report)
     }
 

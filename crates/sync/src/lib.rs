@@ -27,7 +27,9 @@ pub mod waves;
 pub use actual::{ReadOptions, ReadStats, read_actual, read_actual_with};
 pub use apply::{ApplyError, ApplyReport, apply};
 pub use desired::{Alert, Desired, DesiredGroup, DesiredOptions, DesiredUser, desired, group_key};
-pub use engine::{Engine, EngineConfig, EngineError, Health, Mode, PassReport};
+pub use engine::{
+    Engine, EngineConfig, EngineError, Health, LAST_PASS_KEY, LAST_RECONCILE_KEY, Mode, PassReport,
+};
 pub use guard::{GuardLimits, Held};
 pub use model::{
     Action, ActualGroup, ActualState, ActualUser, DEFAULTS_GROUP_KEY, DEFAULTS_GROUP_NAME,

@@ -259,3 +259,51 @@ async fn outbox_list_retry_drop_and_held_approve_commands() {
     e.drain().await.expect("drain");
     assert_eq!(members("c1"), 1, "removed after approval; defaults remain");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_summarises_the_bridge_and_exits_1_when_not_ready() {
+    let env = Env::new(POLICY, Duration::ZERO).await;
+    let ann = env.user("ann").await;
+    env.group("Developers", "00g-dev", &[&ann]).await;
+    let o = env.run(&["status"]).await;
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}{err}");
+    assert!(out.contains("the bridge's token is accepted"), "{out}");
+    assert!(out.contains("policy:     matches TeamCity"), "{out}");
+    assert!(out.contains("reconcile:  never"), "{out}");
+    assert!(out.contains("outbox:     2 pending"), "{out}");
+    assert!(out.trim_end().ends_with("ready"), "{out}");
+
+    let o = env.run(&["reconcile", "--apply"]).await;
+    assert!(o.status.success(), "{:?}", text(&o));
+    let o = env.run(&["status"]).await;
+    let (out, _) = text(&o);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("reconcile:") && l.contains("applied")),
+        "{out}"
+    );
+
+    // A policy TeamCity does not match: not ready, with the reason.
+    let typo = POLICY.replace("PROJECT_DEVELOPER@p:Backend", "PROJECT_ADMINN@p:Backend");
+    std::fs::write(&env.config, typo).expect("config");
+    let o = env.run(&["status"]).await;
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}{err}");
+    assert!(
+        out.contains("NOT READY: the policy does not match TeamCity")
+            && out.contains("PROJECT_ADMINN"),
+        "{out}"
+    );
+
+    // TeamCity refusing the token: not ready.
+    std::fs::write(&env.config, POLICY).expect("config");
+    let o = env
+        .cmd(&["status"])
+        .env("TEAMCITY_SCIM_TEAMCITY__TOKEN", "wrong-token")
+        .output()
+        .expect("status");
+    let (out, _) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(out.contains("NOT READY: TeamCity at"), "{out}");
+}
