@@ -7,8 +7,10 @@
 //! - adding an existing member or role is a TeamCity no-op;
 //! - creating a user or group that already exists *with our marker for the same SCIM id*
 //!   adopts it (a previous apply got that far);
-//! - ending sessions on a server without `POST /users/{u}/logout` (404 while the user is
-//!   there) is noted in [`Applied::sessions_unsupported`], never a failure.
+//! - ending sessions on a server without `POST /users/{u}/logout`, or clearing remember-me
+//!   data on one without `DELETE /users/{u}/debug/rememberMe` (a 405, or a 404 while the user
+//!   is there), is noted in [`Applied::sessions_unsupported`] /
+//!   [`Applied::remember_me_unsupported`], never a failure.
 //!
 //! [`apply_step`] runs one step; [`apply`] runs a list in order and stops at the first
 //! failure (the engine schedules steps itself, see `engine`).
@@ -58,6 +60,8 @@ pub struct Applied {
     pub tokens: Vec<String>,
     /// `EndSessions` met a TeamCity without the logout endpoint.
     pub sessions_unsupported: bool,
+    /// `ClearRememberMe` met a TeamCity without the remember-me endpoint.
+    pub remember_me_unsupported: bool,
     /// A user or group that already existed with our marker was taken as created.
     pub adopted: Option<String>,
     /// TeamCity answered 404 and the step counted as done (a delete or a leave): the cached
@@ -133,6 +137,25 @@ fn done_if_missing(r: Result<(), TeamCityError>, out: &mut Applied) -> Result<()
             Ok(())
         }
         other => other,
+    }
+}
+
+/// The result of a call to an endpoint that some TeamCity versions lack (logout: newer servers
+/// only; remember-me: older ones only): `Ok(true)` when this server does not have it — a 405,
+/// or a 404 while the user is there (a user that changed answers 404 too, and stays an error).
+async fn endpoint_missing(
+    client: &Client,
+    user: &Locator,
+    result: Result<(), TeamCityError>,
+) -> Result<bool, TeamCityError> {
+    match result {
+        Ok(()) => Ok(false),
+        Err(e) if e.status() == Some(405) => Ok(true),
+        Err(e) if e.is_not_found() => match client.find_user(user, Some("id")).await? {
+            Some(_) => Ok(true),
+            None => Err(e),
+        },
+        Err(e) => Err(e),
     }
 }
 
@@ -345,23 +368,17 @@ async fn step(
             Ok(())
         }
         Action::ResetPassword { user } => client.randomize_password(&pinned(*user, names)?).await,
-        Action::ClearRememberMe { user } => client.delete_remember_me(&pinned(*user, names)?).await,
+        Action::ClearRememberMe { user } => {
+            let loc = pinned(*user, names)?;
+            let r = client.delete_remember_me(&loc).await;
+            out.remember_me_unsupported = endpoint_missing(client, &loc, r).await?;
+            Ok(())
+        }
         Action::EndSessions { user } => {
             let loc = pinned(*user, names)?;
-            match client.logout_user(&loc).await {
-                Err(e) if e.is_not_found() => {
-                    // An older TeamCity has no logout endpoint: the user is still there,
-                    // the endpoint is not. A user that changed answers 404 here too.
-                    match client.find_user(&loc, Some("id")).await? {
-                        Some(_) => {
-                            out.sessions_unsupported = true;
-                            Ok(())
-                        }
-                        None => Err(e),
-                    }
-                }
-                other => other,
-            }
+            let r = client.logout_user(&loc).await;
+            out.sessions_unsupported = endpoint_missing(client, &loc, r).await?;
+            Ok(())
         }
         Action::SetDeactivated { user } => {
             client

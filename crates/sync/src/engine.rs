@@ -209,6 +209,8 @@ pub struct Engine {
     policy_ok: AtomicBool,
     /// "This TeamCity cannot end sessions" was logged.
     sessions_noted: AtomicBool,
+    /// "This TeamCity cannot clear remember-me data" was logged.
+    remember_me_noted: AtomicBool,
     /// The database was compared with TeamCity's managed objects once.
     database_checked: AtomicBool,
     /// Approved batches this engine has tried to apply at least once.
@@ -480,6 +482,7 @@ struct Offboarding {
     roles: Vec<String>,
     tokens: Vec<String>,
     sessions: Option<&'static str>,
+    remember_me: Option<&'static str>,
 }
 
 /// The fingerprints of a held batch's steps, or why its stored plan cannot be read.
@@ -525,6 +528,7 @@ impl Engine {
             seen_writes: std::sync::Mutex::new(None),
             policy_ok: AtomicBool::new(false),
             sessions_noted: AtomicBool::new(false),
+            remember_me_noted: AtomicBool::new(false),
             database_checked: AtomicBool::new(false),
             approved_tried: std::sync::Mutex::new(BTreeSet::new()),
             fresh_users: std::sync::Mutex::new(HashSet::new()),
@@ -1812,6 +1816,20 @@ impl Engine {
                     .tokens
                     .extend(applied.tokens.iter().cloned());
             }
+            Action::ClearRememberMe { user } => {
+                let note = if applied.remember_me_unsupported {
+                    if !self.remember_me_noted.swap(true, Ordering::Relaxed) {
+                        warn!(
+                            "this TeamCity cannot clear remember-me data (no DELETE /users/{{u}}/debug/rememberMe); the password reset is what signs deactivated users out there"
+                        );
+                    }
+                    "this TeamCity cannot clear remember-me data"
+                } else {
+                    "cleared"
+                };
+                detail["remember_me"] = json!(note);
+                all.entry(*user).or_default().remember_me = Some(note);
+            }
             Action::EndSessions { user } => {
                 let note = if applied.sessions_unsupported {
                     if !self.sessions_noted.swap(true, Ordering::Relaxed) {
@@ -1835,6 +1853,9 @@ impl Engine {
                 });
                 if let Some(s) = o.sessions {
                     detail["sessions"] = json!(s);
+                }
+                if let Some(r) = o.remember_me {
+                    detail["remember_me"] = json!(r);
                 }
             }
             _ => {}

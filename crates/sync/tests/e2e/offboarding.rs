@@ -210,3 +210,52 @@ async fn plan_warns_when_all_users_carries_roles() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn a_teamcity_without_the_remember_me_endpoint_still_completes_the_offboarding() {
+    let w = World::start().await;
+    let ann = w.create_user("ann", None).await;
+    w.drain().await;
+    // Newer servers may lack the experimental endpoint: 405 here, 404 for a second user.
+    w.emu.inject_fault(
+        teamcity_emulator::Fault::always(teamcity_emulator::FaultAction::Status {
+            status: 405,
+            retry_after_secs: None,
+        })
+        .method("DELETE")
+        .path_contains("/debug/rememberMe"),
+    );
+    w.set_active(&ann, false).await;
+    let r = w.drain().await;
+    assert_eq!((r.failed, r.cancelled), (0, 0), "{r:?}");
+    let u = w.tc_user("ann").expect("ann");
+    assert_eq!(
+        u.properties.get(USER_DEACTIVATED).map(String::as_str),
+        Some("true")
+    );
+    let d = detail(&w.audit_ops("set_deactivated").await[0]);
+    assert_eq!(
+        d["remember_me"], "this TeamCity cannot clear remember-me data",
+        "{d}"
+    );
+
+    w.emu.clear_faults();
+    let bob = w.create_user("bob", None).await;
+    w.drain().await;
+    w.emu.inject_fault(
+        teamcity_emulator::Fault::always(teamcity_emulator::FaultAction::Status {
+            status: 404,
+            retry_after_secs: None,
+        })
+        .method("DELETE")
+        .path_contains("/debug/rememberMe"),
+    );
+    w.set_active(&bob, false).await;
+    let r = w.drain().await;
+    assert_eq!((r.failed, r.cancelled), (0, 0), "{r:?}");
+    let u = w.tc_user("bob").expect("bob");
+    assert_eq!(
+        u.properties.get(USER_DEACTIVATED).map(String::as_str),
+        Some("true")
+    );
+}
