@@ -12,6 +12,34 @@ use crate::support::{Env, KillOnDrop, POLICY, TC_TOKEN, free_port, serve, signal
 
 const USER_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:User";
 
+/// Sends a SCIM request as an IdP does; returns the status and the JSON body.
+async fn scim(
+    http: &reqwest::Client,
+    method: reqwest::Method,
+    url: String,
+    token: &str,
+    body: Value,
+) -> (u16, Value) {
+    let r = http
+        .request(method, url)
+        .bearer_auth(token)
+        .header("Content-Type", "application/scim+json")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("SCIM request");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// A PATCH body replacing `value`.
+fn replace(value: Value) -> Value {
+    json!({
+        "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+        "Operations": [{"op": "replace", "value": value}],
+    })
+}
+
 async fn scim_token(env: &Env) -> String {
     let token = server::generate_token(*b"safety-test-token-0123456789abcd");
     env.store
@@ -132,16 +160,15 @@ async fn a_teamcity_restored_under_a_running_serve_never_gets_a_write_meant_for_
     let http = reqwest::Client::new();
     let child = KillOnDrop(serve(&env, port));
     wait_up(&http, &base).await;
-    let r = http
-        .post(format!("{base}/Users"))
-        .bearer_auth(&token)
-        .header("Content-Type", "application/scim+json")
-        .body(json!({"schemas": [USER_SCHEMA], "userName": "carol@example.com", "displayName": "Carol", "active": true}).to_string())
-        .send()
-        .await
-        .expect("post");
-    assert_eq!(r.status(), 201);
-    let carol: Value = r.json().await.expect("json");
+    let (status, carol) = scim(
+        &http,
+        reqwest::Method::POST,
+        format!("{base}/Users"),
+        &token,
+        json!({"schemas": [USER_SCHEMA], "userName": "carol@example.com", "displayName": "Carol", "active": true}),
+    )
+    .await;
+    assert_eq!(status, 201);
     let carol_id = carol["id"].as_str().expect("id").to_owned();
     let tc_id = |name: &str| {
         env.emu
@@ -178,15 +205,15 @@ async fn a_teamcity_restored_under_a_running_serve_never_gets_a_write_meant_for_
     let alice_before = env.emu.snapshot().users[&carol_tc].clone();
 
     // The IdP renames carol: the running serve still believes carol is that id.
-    let r = http
-        .patch(format!("{base}/Users/{carol_id}"))
-        .bearer_auth(&token)
-        .header("Content-Type", "application/scim+json")
-        .body(json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"], "Operations": [{"op": "replace", "value": {"userName": "carol.new@example.com", "displayName": "Carol New"}}]}).to_string())
-        .send()
-        .await
-        .expect("patch");
-    assert_eq!(r.status(), 200);
+    let (status, _) = scim(
+        &http,
+        reqwest::Method::PATCH,
+        format!("{base}/Users/{carol_id}"),
+        &token,
+        replace(json!({"userName": "carol.new@example.com", "displayName": "Carol New"})),
+    )
+    .await;
+    assert_eq!(status, 200);
     eventually(15, "carol re-created under her new name", async || {
         tc_id("carol.new@example.com").is_some()
     })
@@ -225,18 +252,15 @@ async fn a_reconcile_from_the_cli_leaves_no_running_serve_with_a_stale_view() {
     let http = reqwest::Client::new();
     let child = KillOnDrop(serve(&env, port));
     wait_up(&http, &base).await;
-    let r = http
-        .post(format!("{base}/Users"))
-        .bearer_auth(&token)
-        .header("Content-Type", "application/scim+json")
-        .body(
-            json!({"schemas": [USER_SCHEMA], "userName": "dan@example.com", "active": true})
-                .to_string(),
-        )
-        .send()
-        .await
-        .expect("post");
-    let dan: Value = r.json().await.expect("json");
+    let (status, dan) = scim(
+        &http,
+        reqwest::Method::POST,
+        format!("{base}/Users"),
+        &token,
+        json!({"schemas": [USER_SCHEMA], "userName": "dan@example.com", "active": true}),
+    )
+    .await;
+    assert_eq!(status, 201);
     let dan_id = dan["id"].as_str().expect("id").to_owned();
     let find = |name: &str| {
         env.emu
@@ -271,15 +295,15 @@ async fn a_reconcile_from_the_cli_leaves_no_running_serve_with_a_stale_view() {
 
     // A change for dan through the running serve lands on the new dan at once: serve noticed
     // the CLI's writes and read TeamCity again, instead of trying the old id first.
-    let r = http
-        .patch(format!("{base}/Users/{dan_id}"))
-        .bearer_auth(&token)
-        .header("Content-Type", "application/scim+json")
-        .body(json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"], "Operations": [{"op": "replace", "value": {"displayName": "Dan Renamed"}}]}).to_string())
-        .send()
-        .await
-        .expect("patch");
-    assert_eq!(r.status(), 200);
+    let (status, _) = scim(
+        &http,
+        reqwest::Method::PATCH,
+        format!("{base}/Users/{dan_id}"),
+        &token,
+        replace(json!({"displayName": "Dan Renamed"})),
+    )
+    .await;
+    assert_eq!(status, 200);
     eventually(10, "dan renamed", async || {
         find("dan@example.com").and_then(|u| u.name) == Some("Dan Renamed".into())
     })
