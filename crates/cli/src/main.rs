@@ -389,18 +389,11 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         state.tokens = server::auth::TokenCache::new(store).with_token_file(path.clone(), grace);
     }
     state.metrics = Some(metrics);
-    state.readiness = Some(match &engine {
-        Some(engine) => {
-            let health = engine.health();
-            server::Readiness(Arc::new(move || health.not_ready()))
-        }
-        None => server::Readiness(Arc::new(|| {
-            Some(
-                "no TeamCity token is configured ([teamcity] token_file or TEAMCITY_SCIM_TEAMCITY__TOKEN): \
-                 SCIM changes are stored and queued, nothing is applied"
-                    .to_owned(),
-            )
-        })),
+    // Without a TeamCity token the bridge is a SCIM store that queues every change (a supported
+    // mode, logged at start): ready when its database is.
+    state.readiness = engine.as_ref().map(|engine| {
+        let health = engine.health();
+        server::Readiness(Arc::new(move || health.not_ready()))
     });
     let options = harden(&cfg, &mut state)?;
     let listener = tokio::net::TcpListener::bind(cfg.server.listen)

@@ -46,13 +46,16 @@ pub(crate) async fn status(cfg: &Config, out: &mut dyn Write) -> anyhow::Result<
     };
 
     match sync_cmd::client(cfg)? {
-        None => problems.push(
-            "no TeamCity token is configured ([teamcity] token_file or TEAMCITY_SCIM_TEAMCITY__TOKEN): \
+        None => writeln!(
+            out,
+            "TeamCity:   no token configured ([teamcity] token_file or TEAMCITY_SCIM_TEAMCITY__TOKEN): \
              SCIM changes are stored and queued, nothing is applied"
-                .into(),
-        ),
+        )?,
         Some(client) => match client.server_info().await {
-            Err(e) => problems.push(format!("TeamCity at {} cannot be used: {e}", cfg.teamcity.url)),
+            Err(e) => problems.push(format!(
+                "TeamCity at {} cannot be used: {e}",
+                cfg.teamcity.url
+            )),
             Ok(info) => {
                 writeln!(
                     out,
@@ -72,7 +75,10 @@ pub(crate) async fn status(cfg: &Config, out: &mut dyn Write) -> anyhow::Result<
                     Ok(p) if p.is_empty() => writeln!(out, "policy:     matches TeamCity")?,
                     Ok(p) => problems.push(format!(
                         "the policy does not match TeamCity: {}",
-                        p.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+                        p.iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join("; ")
                     )),
                     Err(e) => problems.push(format!("the policy could not be checked: {e}")),
                 }
