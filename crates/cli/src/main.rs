@@ -383,6 +383,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         }
     });
     let engine = sync_cmd::engine(&cfg, store.clone())?;
+    let store_for_gauges = store.clone();
     let mut state = server::AppState::new(store.clone());
     if let Some(path) = &cfg.server.token_file {
         let grace = ttl::parse(&cfg.server.token_file_grace)?.unsigned_abs();
@@ -395,6 +396,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         let health = engine.health();
         server::Readiness(Arc::new(move || health.not_ready()))
     });
+    tokio::spawn(refresh_gauges(store_for_gauges, state.readiness.clone()));
     let options = harden(&cfg, &mut state)?;
     let listener = tokio::net::TcpListener::bind(cfg.server.listen)
         .await
@@ -437,6 +439,39 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     }
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// Keeps the gauges that describe the bridge's state current (every
+/// [`METRICS_UPKEEP_INTERVAL`]): outbox rows by state, the age of the oldest pending one, held
+/// batches waiting for approval, readiness.
+async fn refresh_gauges(store: DynStore, readiness: Option<server::Readiness>) {
+    const STATES: [&str; 5] = ["pending", "done", "dead", "held", "dropped"];
+    let mut every = tokio::time::interval(METRICS_UPKEEP_INTERVAL);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let ready = readiness.as_ref().is_none_or(|r| (r.0)().is_none());
+        metrics::gauge!("teamcity_scim_ready").set(if ready { 1.0 } else { 0.0 });
+        match store.outbox_summary().await {
+            Ok(summary) => {
+                for state in STATES {
+                    let n = summary.by_state.get(state).copied().unwrap_or(0);
+                    metrics::gauge!("teamcity_scim_outbox_items", "state" => state).set(n as f64);
+                }
+                let age = summary.oldest_pending.map_or(0.0, |t| {
+                    (OffsetDateTime::now_utc() - t).as_seconds_f64().max(0.0)
+                });
+                metrics::gauge!("teamcity_scim_outbox_oldest_pending_age_seconds").set(age);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the outbox for metrics"),
+        }
+        match store.list_held(Some("held")).await {
+            Ok(held) => {
+                metrics::gauge!("teamcity_scim_held_batches_waiting").set(held.len() as f64);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read held batches for metrics"),
+        }
+    }
 }
 
 /// How often `serve` folds queued histogram samples into the metrics recorder.

@@ -306,6 +306,19 @@ fn interned(value: &str) -> &'static str {
     v
 }
 
+/// The identity provider family of a request, from its `User-Agent`, as a bounded metric label:
+/// `okta` (`Okta SCIM Client …`), `entra` (Microsoft's provisioning service), or `other`.
+pub fn client_family(user_agent: Option<&str>) -> &'static str {
+    let ua = user_agent.unwrap_or_default().to_ascii_lowercase();
+    if ua.contains("okta") {
+        "okta"
+    } else if ua.contains("azure") || ua.contains("microsoft") || ua.contains("entra") {
+        "entra"
+    } else {
+        "other"
+    }
+}
+
 async fn track_metrics(req: Request, next: Next) -> Response {
     let start = Instant::now();
     // Only matched routes (a fixed set) become labels; anything else is `unmatched`.
@@ -321,9 +334,14 @@ async fn track_metrics(req: Request, next: Next) -> Response {
         Method::DELETE => "DELETE",
         _ => "other",
     };
+    let client = client_family(
+        req.headers()
+            .get(axum::http::header::USER_AGENT)
+            .and_then(|v| v.to_str().ok()),
+    );
     let resp = next.run(req).await;
     let status = interned(resp.status().as_str());
-    metrics::counter!("scim_requests_total", "method" => method, "route" => route, "status" => status)
+    metrics::counter!("scim_requests_total", "method" => method, "route" => route, "status" => status, "client" => client)
         .increment(1);
     metrics::histogram!("scim_request_duration_seconds", "method" => method, "route" => route)
         .record(start.elapsed().as_secs_f64());
@@ -594,4 +612,24 @@ pub async fn serve_with(
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::client_family;
+
+    #[test]
+    fn client_family_from_the_user_agent() {
+        let cases = [
+            (Some("Okta SCIM Client 1.0.0"), "okta"),
+            (Some("Microsoft.AzureAD.Provisioning/1.0"), "entra"),
+            (Some("Microsoft Entra Provisioning"), "entra"),
+            (Some("python-requests/2.31"), "other"),
+            (Some(""), "other"),
+            (None, "other"),
+        ];
+        for (ua, want) in cases {
+            assert_eq!(client_family(ua), want, "{ua:?}");
+        }
+    }
 }

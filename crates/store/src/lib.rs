@@ -28,7 +28,7 @@ pub mod timefmt;
 pub use clock::{Clock, FixedClock, SystemClock};
 pub use sync_model::{
     AuditEntry, ClaimedEntity, DirGroup, DirUser, DirectorySnapshot, FailedItem, HeldBatch,
-    Mapping, MappingLink, OutboxEntry, RetryPolicy, backoff,
+    Mapping, MappingLink, OutboxEntry, OutboxSummary, RetryPolicy, backoff,
 };
 
 /// Errors a store command reports. Callers branch on these variants only.
@@ -440,6 +440,10 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// Parks pending rows in held batch `batch_id` (state `held`, lease released).
     async fn hold_outbox(&self, ctx: &WriteCtx, ids: &[i64], batch_id: i64) -> StoreResult<()>;
+
+    /// How many outbox rows are in each state, and when the oldest pending one was written
+    /// (for metrics and `status`; one cheap query each).
+    async fn outbox_summary(&self) -> StoreResult<OutboxSummary>;
 
     /// Outbox rows in `state` (any state when `None`), oldest first, at most `limit`.
     async fn list_outbox(&self, state: Option<&str>, limit: i64) -> StoreResult<Vec<OutboxEntry>>;

@@ -1299,6 +1299,10 @@ impl Store for SqliteStore {
         self.sync_defer_outbox(ctx, ids, reason, until).await
     }
 
+    async fn outbox_summary(&self) -> StoreResult<crate::OutboxSummary> {
+        self.sync_outbox_summary().await
+    }
+
     async fn deleted_entities(&self) -> StoreResult<Vec<(String, String)>> {
         self.sync_deleted_entities().await
     }

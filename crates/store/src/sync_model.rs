@@ -481,3 +481,12 @@ mod tests {
         );
     }
 }
+
+/// Outbox rows by state (see [`crate::Store::outbox_summary`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OutboxSummary {
+    /// State → number of rows (states without rows are absent).
+    pub by_state: std::collections::BTreeMap<String, i64>,
+    /// When the oldest `pending` row was written.
+    pub oldest_pending: Option<OffsetDateTime>,
+}

@@ -995,6 +995,11 @@ impl Engine {
         self.record_report(LAST_RECONCILE_KEY, &report, started.elapsed())
             .await?;
         metrics::counter!("sync_reconciles_total").increment(1);
+        metrics::gauge!("teamcity_scim_reconcile_drift_steps").set(report.planned as f64);
+        if !report.transient_stop {
+            metrics::gauge!("teamcity_scim_last_reconcile_success_timestamp_seconds")
+                .set(time::OffsetDateTime::now_utc().unix_timestamp() as f64);
+        }
         Ok(report)
     }
 
@@ -1354,7 +1359,7 @@ impl Engine {
                 &plan_json,
             )
             .await?;
-        metrics::counter!("sync_held_batches_total").increment(1);
+        metrics::counter!("teamcity_scim_guard_holds_total").increment(1);
         warn!(
             batch = id,
             users,
@@ -1956,6 +1961,8 @@ impl Engine {
 
     /// The worker and the periodic reconcile, until `shutdown` flips to true.
     pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        // Exported from the start (0), so alerts and dashboards see them before the first hold.
+        metrics::counter!("teamcity_scim_guard_holds_total").increment(0);
         let mut next_reconcile = tokio::time::Instant::now();
         let mut next_probe = tokio::time::Instant::now();
         loop {
@@ -1967,7 +1974,10 @@ impl Engine {
             // while ready, check now and then that TeamCity still answers and takes the token.
             if tokio::time::Instant::now() >= next_probe {
                 let paused = self.health.not_ready().is_some();
-                match self.client.server_info().await {
+                let answer = self.client.server_info().await;
+                let up = !matches!(&answer, Err(e) if e.is_transient() || e.is_misconfiguration());
+                metrics::gauge!("teamcity_scim_teamcity_up").set(if up { 1.0 } else { 0.0 });
+                match answer {
                     Err(e) if e.is_transient() || e.is_misconfiguration() => {
                         self.health.set(Some(if e.is_misconfiguration() {
                             format!("the bridge cannot use TeamCity ({e}); check [teamcity] url, token and ca_file")

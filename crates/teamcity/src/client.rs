@@ -424,7 +424,21 @@ impl Client {
         };
         let started = Instant::now();
         let result = req.send().await;
-        let duration_ms = started.elapsed().as_millis() as u64;
+        let elapsed = started.elapsed();
+        let duration_ms = elapsed.as_millis() as u64;
+        // Bounded labels: the operation is one of the client's own names, the outcome a class.
+        let outcome = match &result {
+            Ok(r) if r.status().is_success() => "success",
+            Ok(r) if r.status().is_server_error() => "server_error",
+            Ok(_) => "client_error",
+            Err(_) => "transport",
+        };
+        metrics::histogram!(
+            "teamcity_scim_teamcity_request_duration_seconds",
+            "operation" => op,
+            "outcome" => outcome
+        )
+        .record(elapsed.as_secs_f64());
         match result {
             Ok(resp) if resp.status().is_success() => {
                 tracing::debug!(%request_id, op, %method, status = resp.status().as_u16(), duration_ms, "teamcity call");

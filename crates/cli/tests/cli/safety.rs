@@ -434,3 +434,93 @@ async fn readiness_follows_teamcity_down_and_back() {
     .await;
     stop(child);
 }
+
+/// Metric names a Prometheus expression text refers to (ours start with `teamcity_scim_` or
+/// `scim_`), without the `_count` / `_sum` / `_bucket` series suffixes.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let word_start = i == 0 || !(bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_');
+        let rest = &text[i..];
+        if word_start && (rest.starts_with("teamcity_scim_") || rest.starts_with("scim_")) {
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            let name = &rest[..end];
+            let base = ["_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(name);
+            out.insert(base.to_owned());
+            i += end;
+        } else {
+            i += 1;
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_metric_the_alerts_and_the_dashboard_use_is_exported() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/monitoring");
+    let rules = std::fs::read_to_string(root.join("alerts.yml")).expect("alerts.yml");
+    let dashboard =
+        std::fs::read_to_string(root.join("grafana-dashboard.json")).expect("dashboard");
+    let mut wanted = metric_names(&rules);
+    wanted.extend(metric_names(&dashboard));
+    assert!(wanted.len() >= 10, "{wanted:?}");
+
+    let env = Env::new(POLICY, Duration::ZERO).await;
+    let token = scim_token(&env).await;
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}/scim/v2");
+    let http = reqwest::Client::builder()
+        .user_agent("Okta SCIM Client 1.0.0")
+        .build()
+        .expect("client");
+    let child = KillOnDrop(serve(&env, port));
+    wait_up(&http, &base).await;
+    let (status, _) = scim(
+        &http,
+        reqwest::Method::POST,
+        format!("{base}/Users"),
+        &token,
+        json!({"schemas": [USER_SCHEMA], "userName": "erin@example.com", "active": true}),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let scrape = async || {
+        http.get(format!("http://127.0.0.1:{port}/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text")
+    };
+    let mut missing = wanted.clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut text = String::new();
+    while !missing.is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        text = scrape().await;
+        let exported = metric_names(
+            &text
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        );
+        missing.retain(|m| !exported.contains(m));
+    }
+    assert!(missing.is_empty(), "not exported: {missing:?}\n{text}");
+    // The client family label comes from the User-Agent.
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("scim_requests_total{") && l.contains("client=\"okta\"")),
+        "{text}"
+    );
+    stop(child);
+}

@@ -20,8 +20,8 @@ use super::{
 };
 use crate::{
     AuditEntry, ClaimedEntity, DirectorySnapshot, FailedItem, HeldBatch, Mapping, MappingLink,
-    MemberRef, MemberType, OutboxEntry, OutboxItem, RetryPolicy, StoreError, StoreResult, WriteCtx,
-    backoff,
+    MemberRef, MemberType, OutboxEntry, OutboxItem, OutboxSummary, RetryPolicy, StoreError,
+    StoreResult, WriteCtx, backoff,
     sync_model::{GroupDoc, UserDoc},
     timefmt,
 };
@@ -508,6 +508,21 @@ impl SqliteStore {
         append_audit(&mut tx, ctx, self.now(), &entry).await?;
         tx.commit().await?;
         Ok(usize::try_from(n).unwrap_or(usize::MAX))
+    }
+
+    pub(super) async fn sync_outbox_summary(&self) -> StoreResult<OutboxSummary> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT state, COUNT(*) FROM outbox GROUP BY state")
+                .fetch_all(&self.read)
+                .await?;
+        let oldest: Option<String> =
+            sqlx::query_scalar("SELECT MIN(created) FROM outbox WHERE state = 'pending'")
+                .fetch_one(&self.read)
+                .await?;
+        Ok(OutboxSummary {
+            by_state: rows.into_iter().collect(),
+            oldest_pending: oldest.as_deref().map(parse_time).transpose()?,
+        })
     }
 
     pub(super) async fn sync_deleted_entities(&self) -> StoreResult<Vec<(String, String)>> {
