@@ -87,6 +87,45 @@ pub(crate) fn engine(cfg: &Config, store: DynStore) -> anyhow::Result<Option<Arc
     ))))
 }
 
+/// Progress of the steps a command applies: a bar (done / total, rate, time left) when stderr
+/// is a terminal, else a plain line every few seconds and one at the end.
+fn with_progress(engine: Engine) -> (Engine, Option<indicatif::ProgressBar>) {
+    use std::io::IsTerminal as _;
+    if std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} steps  {per_sec}  {eta} left",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        let b = bar.clone();
+        let engine = engine.with_progress(Arc::new(move |done, total| {
+            b.set_length(total as u64);
+            b.set_position(done as u64);
+        }));
+        return (engine, Some(bar));
+    }
+    let started = std::time::Instant::now();
+    let last = std::sync::Mutex::new(started);
+    let engine = engine.with_progress(Arc::new(move |done, total| {
+        let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+        if done < total && last.elapsed() < std::time::Duration::from_secs(5) {
+            return;
+        }
+        *last = std::time::Instant::now();
+        let secs = started.elapsed().as_secs_f64().max(0.001);
+        let rate = done as f64 / secs;
+        let left = if rate > 0.0 {
+            (total - done) as f64 / rate
+        } else {
+            0.0
+        };
+        eprintln!("applied {done}/{total} steps ({rate:.0}/s, {left:.0} s left)");
+    }));
+    (engine, None)
+}
+
 fn spinner(msg: &'static str) -> indicatif::ProgressBar {
     // indicatif draws only when stderr is a terminal.
     let pb = indicatif::ProgressBar::new_spinner();
@@ -168,9 +207,11 @@ pub(crate) async fn reconcile(cfg: &Config, store: DynStore, apply: bool) -> any
         println!("({reads} TeamCity reads; nothing applied — run with --apply to apply)");
         return Ok(());
     }
-    let pb = spinner("reconciling TeamCity with the directory…");
+    let (engine, bar) = with_progress(engine);
     let r = engine.reconcile(false).await?;
-    pb.finish_and_clear();
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
     println!(
         "Reconcile: {} TeamCity reads, {} actions planned, {} applied, {} failed, {} held{}.",
         r.reads,

@@ -193,8 +193,47 @@ impl Health {
     }
 }
 
+/// Told how far a run of steps is: `(steps finished, steps to run)`, from the lanes as they
+/// finish (so cheap and thread-safe). See [`Engine::with_progress`].
+pub type Progress = Arc<dyn Fn(usize, usize) + Send + Sync>;
+
+/// Progress of long runs in the log: a line every [`PROGRESS_LOG_INTERVAL`] while a run of at
+/// least [`PROGRESS_LOG_MIN_STEPS`] steps (a first load) goes on, with rate and time left.
+fn log_progress() -> Progress {
+    let started = std::time::Instant::now();
+    let last = std::sync::Mutex::new(started);
+    Arc::new(move |done, total| {
+        let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+        if total < PROGRESS_LOG_MIN_STEPS
+            || (done < total && last.elapsed() < PROGRESS_LOG_INTERVAL)
+        {
+            return;
+        }
+        *last = std::time::Instant::now();
+        let secs = started.elapsed().as_secs_f64().max(0.001);
+        let rate = done as f64 / secs;
+        let left = if rate > 0.0 {
+            (total - done) as f64 / rate
+        } else {
+            0.0
+        };
+        info!(
+            done,
+            total,
+            rate = format!("{rate:.0}/s"),
+            left = format!("{left:.0} s"),
+            "applying to TeamCity"
+        );
+    })
+}
+
+/// How often [`log_progress`] logs.
+const PROGRESS_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Runs shorter than this are not logged by [`log_progress`].
+const PROGRESS_LOG_MIN_STEPS: usize = 1000;
+
 /// The sync engine.
-#[derive(Debug)]
 pub struct Engine {
     store: DynStore,
     client: Client,
@@ -220,6 +259,17 @@ pub struct Engine {
     /// Why the last run's writes were all refused (the bridge misconfigured), until a write
     /// is accepted again: readiness keeps saying so between attempts.
     writes_refused: std::sync::Mutex<Option<String>>,
+    /// Told how far each run of steps is (default: a log line now and then for long runs).
+    progress: Option<Progress>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("cfg", &self.cfg)
+            .field("worker_id", &self.worker_id)
+            .finish_non_exhaustive()
+    }
 }
 
 fn entry(
@@ -533,7 +583,15 @@ impl Engine {
             approved_tried: std::sync::Mutex::new(BTreeSet::new()),
             fresh_users: std::sync::Mutex::new(HashSet::new()),
             writes_refused: std::sync::Mutex::new(None),
+            progress: None,
         }
+    }
+
+    /// Reports the progress of every run of steps to `progress` instead of the log (the CLI
+    /// draws a progress bar with it).
+    pub fn with_progress(mut self, progress: Progress) -> Self {
+        self.progress = Some(progress);
+        self
     }
 
     /// The settings.
@@ -1582,6 +1640,14 @@ impl Engine {
             .map(|g| (g.key.clone(), g.name.clone()))
             .collect();
         let mut created: BTreeMap<String, u64> = BTreeMap::new();
+        let total = actions.len() - waiting.len();
+        let progress = self.progress.clone().unwrap_or_else(log_progress);
+        let finished_steps = std::sync::atomic::AtomicUsize::new(0);
+        let tick = || {
+            let done = finished_steps.fetch_add(1, Ordering::Relaxed) + 1;
+            progress(done, total);
+        };
+        let tick = &tick;
         // Lanes await their audit write between calls (up to the journal's gathering window
         // and a commit): keep more lanes in flight than the client has permits, so no permit
         // idles meanwhile. The client's semaphore bounds the calls in flight.
@@ -1668,6 +1734,7 @@ impl Engine {
                                     }
                                 }
                                 set(outcomes, i, outcome);
+                                tick();
                                 continue;
                             }
                             let in_call = journal.busy();
@@ -1750,6 +1817,7 @@ impl Engine {
                             let made = result.ok().and_then(|applied| applied.created);
                             let applied = outcome == Outcome::Applied;
                             set(outcomes, i, outcome);
+                            tick();
                             if applied {
                                 done.push((i, made));
                             }

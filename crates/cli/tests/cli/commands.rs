@@ -48,6 +48,22 @@ async fn plan_shows_add_change_remove_with_summary_and_exit_codes() {
 
     let o = env.run(&["reconcile", "--apply"]).await;
     assert!(o.status.success(), "{:?}", text(&o));
+    // Not on a terminal: plain progress lines on stderr, the last one at the end.
+    let (_, err) = text(&o);
+    let last = err
+        .lines()
+        .filter(|l| l.starts_with("applied "))
+        .last()
+        .unwrap_or_else(|| panic!("{err}"));
+    let counts = last
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.split_once('/'))
+        .unwrap_or_else(|| panic!("{last}"));
+    assert_eq!(
+        counts.0, counts.1,
+        "the last line says all steps are done: {last}"
+    );
     let o = env.run(&["plan", "--exit-code"]).await;
     let (out, err) = text(&o);
     assert_eq!(o.status.code(), Some(0), "{out}{err}");
