@@ -52,8 +52,7 @@ async fn plan_shows_add_change_remove_with_summary_and_exit_codes() {
     let (_, err) = text(&o);
     let last = err
         .lines()
-        .filter(|l| l.starts_with("applied "))
-        .last()
+        .rfind(|l| l.starts_with("applied "))
         .unwrap_or_else(|| panic!("{err}"));
     let counts = last
         .split_whitespace()
