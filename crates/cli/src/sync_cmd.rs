@@ -106,23 +106,13 @@ fn with_progress(engine: Engine) -> (Engine, Option<indicatif::ProgressBar>) {
         }));
         return (engine, Some(bar));
     }
-    let started = std::time::Instant::now();
-    let last = std::sync::Mutex::new(started);
-    let engine = engine.with_progress(Arc::new(move |done, total| {
-        let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
-        if done < total && last.elapsed() < std::time::Duration::from_secs(5) {
-            return;
-        }
-        *last = std::time::Instant::now();
-        let secs = started.elapsed().as_secs_f64().max(0.001);
-        let rate = done as f64 / secs;
-        let left = if rate > 0.0 {
-            (total - done) as f64 / rate
-        } else {
-            0.0
-        };
-        eprintln!("applied {done}/{total} steps ({rate:.0}/s, {left:.0} s left)");
-    }));
+    let engine = engine.with_progress(sync::periodic_progress(
+        std::time::Duration::from_secs(5),
+        0,
+        |done, total, rate, left| {
+            eprintln!("applied {done}/{total} steps ({rate:.0}/s, {left:.0} s left)");
+        },
+    ));
     (engine, None)
 }
 

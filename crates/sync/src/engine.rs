@@ -197,34 +197,48 @@ impl Health {
 /// finish (so cheap and thread-safe). See [`Engine::with_progress`].
 pub type Progress = Arc<dyn Fn(usize, usize) + Send + Sync>;
 
-/// Progress of long runs in the log: a line every [`PROGRESS_LOG_INTERVAL`] while a run of at
-/// least [`PROGRESS_LOG_MIN_STEPS`] steps (a first load) goes on, with rate and time left.
-fn log_progress() -> Progress {
+/// A [`Progress`] that calls `emit(done, total, steps per second, seconds left)` at most once
+/// per `every` while a run of at least `min_steps` steps goes on, and once at its end. The
+/// engine logs long runs with it; the CLI prints plain lines with it off a terminal.
+pub fn periodic_progress(
+    every: Duration,
+    min_steps: usize,
+    emit: impl Fn(usize, usize, f64, f64) + Send + Sync + 'static,
+) -> Progress {
     let started = std::time::Instant::now();
     let last = std::sync::Mutex::new(started);
     Arc::new(move |done, total| {
         let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
-        if total < PROGRESS_LOG_MIN_STEPS
-            || (done < total && last.elapsed() < PROGRESS_LOG_INTERVAL)
-        {
+        if total < min_steps || (done < total && last.elapsed() < every) {
             return;
         }
         *last = std::time::Instant::now();
-        let secs = started.elapsed().as_secs_f64().max(0.001);
-        let rate = done as f64 / secs;
+        let rate = done as f64 / started.elapsed().as_secs_f64().max(0.001);
         let left = if rate > 0.0 {
             (total - done) as f64 / rate
         } else {
             0.0
         };
-        info!(
-            done,
-            total,
-            rate = format!("{rate:.0}/s"),
-            left = format!("{left:.0} s"),
-            "applying to TeamCity"
-        );
+        emit(done, total, rate, left);
     })
+}
+
+/// Progress of long runs in the log: a line every [`PROGRESS_LOG_INTERVAL`] while a run of at
+/// least [`PROGRESS_LOG_MIN_STEPS`] steps (a first load) goes on, with rate and time left.
+fn log_progress() -> Progress {
+    periodic_progress(
+        PROGRESS_LOG_INTERVAL,
+        PROGRESS_LOG_MIN_STEPS,
+        |done, total, rate, left| {
+            info!(
+                done,
+                total,
+                rate = format!("{rate:.0}/s"),
+                left = format!("{left:.0} s"),
+                "applying to TeamCity"
+            );
+        },
+    )
 }
 
 /// How often [`log_progress`] logs.

@@ -1,27 +1,10 @@
 //! (4) Deprovisioning: active=false, reactivation, SCIM DELETE (strip / delete), group DELETE.
 
+use crate::support::{POLICY, World, cfg, give_tokens};
 use serde_json::json;
 use sync::{
     DEFAULTS_GROUP_KEY, Deprovision, EngineConfig, USER_DEACTIVATED, USER_MARKER, group_key,
 };
-use teamcity_emulator::TokenRec;
-
-use crate::support::{POLICY, World, cfg};
-
-fn give_tokens(w: &World, name: &str, n: usize) {
-    let id = w.tc_user(name).expect("user").id;
-    w.emu.with_state(|s| {
-        let u = s.users.get_mut(&id).expect("user");
-        for i in 0..n {
-            u.tokens.push(TokenRec {
-                name: format!("t{i}"),
-                creation_time: "20260101T000000+0000".into(),
-                expiration_time: None,
-                value_sha256: None,
-            });
-        }
-    });
-}
 
 #[tokio::test]
 async fn deactivation_strips_groups_roles_tokens_and_password() {
