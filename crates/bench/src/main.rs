@@ -435,6 +435,7 @@ async fn start_process(
         .env_remove("TEAMCITY_SCIM_CONFIG")
         .env_remove("RUST_LOG")
         .env("TEAMCITY_SCIM_SERVER__LISTEN", &listen)
+        .env("TEAMCITY_SCIM_ADMIN__LISTEN", "")
         .env("TEAMCITY_SCIM_DATABASE__URL", seeded.url())
         // One token drives the whole load: the per-token rate limit would measure itself.
         .env("TEAMCITY_SCIM_SERVER__RATE_LIMIT_PER_SECOND", "0")

@@ -31,6 +31,8 @@ pub struct Config {
     pub sync: SyncConfig,
     /// `[audit]`
     pub audit: AuditConfig,
+    /// `[admin]`: the read-only dashboard.
+    pub admin: AdminConfig,
     /// `[policy]`: IdP groups → TeamCity roles, defaults, caps.
     pub policy: sync::Policy,
 }
@@ -279,6 +281,43 @@ pub struct ServerConfig {
     pub tls_key_file: Option<PathBuf>,
 }
 
+/// `[admin]`: the read-only dashboard.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address of the dashboard, e.g. `127.0.0.1:8081`; empty turns it off. It shows who has
+    /// which access: keep it on a private address.
+    pub listen: String,
+    /// A file of admin tokens (one per line, `#` comments), re-read when it changes, besides
+    /// those made with `token create --admin`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: "127.0.0.1:8081".into(),
+            token_file: None,
+        }
+    }
+}
+
+impl AdminConfig {
+    /// The dashboard's address; `None` when it is off.
+    pub(crate) fn address(&self) -> anyhow::Result<Option<SocketAddr>> {
+        let text = self.listen.trim();
+        if text.is_empty() {
+            return Ok(None);
+        }
+        text.parse().map(Some).map_err(|_| {
+            anyhow::anyhow!(
+                "admin.listen: {text:?} is not an address like 127.0.0.1:8081 (empty turns the dashboard off)"
+            )
+        })
+    }
+}
+
 /// `[database]`
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -414,6 +453,14 @@ pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
     if !matches!(cfg.audit.retention.trim(), "" | "0") {
         crate::ttl::parse(&cfg.audit.retention).context("`audit.retention`")?;
     }
+    let admin = cfg.admin.address()?;
+    if admin.is_some() && admin == Some(cfg.server.listen) {
+        anyhow::bail!(
+            "`admin.listen` and `server.listen` are both {}: the dashboard needs its own address \
+             (or set admin.listen = \"\" to turn it off)",
+            cfg.server.listen
+        );
+    }
     match (&cfg.server.tls_cert_file, &cfg.server.tls_key_file) {
         (Some(_), Some(_)) | (None, None) => {}
         _ => anyhow::bail!(
@@ -523,6 +570,7 @@ mod tests {
         full.teamcity.ca_file = Some("/etc/teamcity-scim/teamcity-ca.pem".into());
         full.server.tls_cert_file = Some("/etc/teamcity-scim/tls.crt".into());
         full.server.tls_key_file = Some("/etc/teamcity-scim/tls.key".into());
+        full.admin.token_file = Some("/run/secrets/admin-tokens".into());
         full.policy = sync::Policy::from_toml(
             "[[groups]]\nname = \"x\"\nmatch = { externalId = \"x\" }\nroles = []\n\
              [defaults]\nroles = []\n[[caps]]\nuser_type = \"Agent\"\nallowed_roles = []\n",

@@ -233,8 +233,8 @@ pub(crate) async fn run() -> anyhow::Result<()> {
     let policy = sync::Policy::from_toml(POLICY)?;
     let engine = Arc::new(Engine::new(
         store.clone(),
-        client,
-        policy,
+        client.clone(),
+        policy.clone(),
         EngineConfig {
             poll: Duration::from_millis(50),
             reconcile_interval: Duration::from_secs(600),
@@ -252,6 +252,44 @@ pub(crate) async fn run() -> anyhow::Result<()> {
         server::AppState::new(store.clone()),
         async move {
             let _ = stop_server.changed().await;
+        },
+    ));
+
+    // The read-only dashboard, behind its own admin token.
+    rand::rng().fill_bytes(&mut random);
+    let admin_token = server::generate_token(random);
+    store
+        .create_scoped_token(
+            &WriteCtx::cli(),
+            store::TokenScope::Admin,
+            "demo-admin",
+            server::hash_token(&admin_token),
+            None,
+        )
+        .await?;
+    let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let dashboard_url = format!("http://{}/", admin_listener.local_addr()?);
+    let health = engine.health();
+    let admin_state = server::admin::AdminState {
+        store: store.clone(),
+        tokens: server::auth::TokenCache::for_scope(store.clone(), store::TokenScope::Admin),
+        source: Arc::new(crate::dashboard::Dashboard::new(
+            store.clone(),
+            policy,
+            tc_url.clone(),
+            Some(engine.clone()),
+            Some(client),
+        )),
+        readiness: Some(server::Readiness(Arc::new(move || health.not_ready()))),
+        secure_cookie: false,
+    };
+    let mut stop_admin = stop_tx.subscribe();
+    let admin_task = tokio::spawn(server::serve_admin(
+        admin_listener,
+        admin_state,
+        server::ServeOptions::default(),
+        async move {
+            let _ = stop_admin.changed().await;
         },
     ));
 
@@ -373,11 +411,13 @@ pub(crate) async fn run() -> anyhow::Result<()> {
     println!(
         "  TeamCity:  curl -H 'Authorization: Bearer {emulator_token}' -H 'Accept: application/json' {tc_url}/app/rest/userGroups"
     );
+    println!("  Dashboard: {dashboard_url} (sign in with the admin token {admin_token})");
     println!("Press Ctrl-C to stop.");
     crate::shutdown_signal().await;
     let _ = stop_tx.send(true);
     let _ = worker.await;
     let _ = server_task.await;
+    let _ = admin_task.await;
     drop(dir);
     println!("Demo stopped.");
     Ok(())

@@ -19,6 +19,7 @@ use time::OffsetDateTime;
 
 mod audit_cmd;
 mod config;
+mod dashboard;
 mod demo;
 mod ops;
 mod status;
@@ -132,6 +133,10 @@ enum TokenCommand {
         /// Lifetime, e.g. 30d, 12h, 90m; forever when omitted.
         #[arg(long)]
         ttl: Option<String>,
+        /// A token for the read-only dashboard (`[admin] listen`) instead of the SCIM API;
+        /// neither kind is accepted by the other.
+        #[arg(long)]
+        admin: bool,
     },
     /// List tokens (never their secrets).
     List,
@@ -270,6 +275,7 @@ async fn run(cmd: Command, cfg: Config) -> anyhow::Result<u8> {
 /// Creates a token, returning (record, secret).
 async fn new_token(
     store: &DynStore,
+    scope: store::TokenScope,
     name: &str,
     expires: Option<OffsetDateTime>,
 ) -> anyhow::Result<(store::TokenRecord, String)> {
@@ -277,7 +283,13 @@ async fn new_token(
     rand::rng().fill_bytes(&mut random);
     let secret = server::generate_token(random);
     let rec = store
-        .create_token(&WriteCtx::cli(), name, server::hash_token(&secret), expires)
+        .create_scoped_token(
+            &WriteCtx::cli(),
+            scope,
+            name,
+            server::hash_token(&secret),
+            expires,
+        )
         .await?;
     Ok((rec, secret))
 }
@@ -285,14 +297,20 @@ async fn new_token(
 async fn token(cmd: TokenCommand, cfg: &Config) -> anyhow::Result<()> {
     let store = open_store(cfg).await?;
     match cmd {
-        TokenCommand::Create { name, ttl } => {
+        TokenCommand::Create { name, ttl, admin } => {
             let expires = match ttl {
                 Some(t) => Some(OffsetDateTime::now_utc() + ttl::parse(&t)?),
                 None => None,
             };
-            let (rec, secret) = new_token(&store, &name, expires).await?;
+            let scope = if admin {
+                store::TokenScope::Admin
+            } else {
+                store::TokenScope::Scim
+            };
+            let (rec, secret) = new_token(&store, scope, &name, expires).await?;
             println!(
-                "Created token {} ({name}){}.",
+                "Created {} token {} ({name}){}.",
+                if admin { "dashboard (admin)" } else { "SCIM" },
                 rec.id,
                 match rec.expires {
                     Some(e) => format!(", expires {}", store::timefmt::format(e)),
@@ -307,8 +325,8 @@ async fn token(cmd: TokenCommand, cfg: &Config) -> anyhow::Result<()> {
         TokenCommand::List => {
             let now = OffsetDateTime::now_utc();
             println!(
-                "{:<18} {:<24} {:<28} {:<28} STATUS",
-                "ID", "NAME", "CREATED", "EXPIRES"
+                "{:<18} {:<6} {:<24} {:<28} {:<28} STATUS",
+                "ID", "SCOPE", "NAME", "CREATED", "EXPIRES"
             );
             for t in store.list_tokens().await? {
                 let status = if t.revoked.is_some() {
@@ -319,8 +337,9 @@ async fn token(cmd: TokenCommand, cfg: &Config) -> anyhow::Result<()> {
                     "expired"
                 };
                 println!(
-                    "{:<18} {:<24} {:<28} {:<28} {status}",
+                    "{:<18} {:<6} {:<24} {:<28} {:<28} {status}",
                     t.id,
+                    t.scope.as_str(),
                     t.name,
                     store::timefmt::format(t.created),
                     t.expires
@@ -345,8 +364,14 @@ async fn token(cmd: TokenCommand, cfg: &Config) -> anyhow::Result<()> {
 async fn serve(cfg: Config) -> anyhow::Result<()> {
     let store = open_store(&cfg).await?;
     let audit_store = store.clone();
-    if cfg.server.token_file.is_none() && store.valid_token_hashes().await?.is_empty() {
-        let (rec, secret) = new_token(&store, "initial", None).await?;
+    let scim_tokens = store
+        .valid_token_hashes()
+        .await?
+        .into_iter()
+        .filter(|(_, t)| t.scope == store::TokenScope::Scim)
+        .count();
+    if cfg.server.token_file.is_none() && scim_tokens == 0 {
+        let (rec, secret) = new_token(&store, store::TokenScope::Scim, "initial", None).await?;
         println!(
             "No SCIM token existed, so one was created (id {}). It is shown only this once:",
             rec.id
@@ -383,6 +408,41 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         }
     });
     let engine = sync_cmd::engine(&cfg, store.clone())?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let dashboard = match cfg.admin.address()? {
+        None => None,
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                format!(
+                    "cannot listen on {addr} (admin.listen, the dashboard); choose another address \
+                     or set admin.listen = \"\" to turn the dashboard off"
+                )
+            })?;
+            let mut tokens =
+                server::auth::TokenCache::for_scope(store.clone(), store::TokenScope::Admin);
+            if let Some(path) = &cfg.admin.token_file {
+                let grace = ttl::parse(&cfg.server.token_file_grace)?.unsigned_abs();
+                tokens = tokens.with_token_file(path.clone(), grace);
+            }
+            let source = dashboard::Dashboard::new(
+                store.clone(),
+                cfg.policy.clone(),
+                cfg.teamcity.url.clone(),
+                engine.clone(),
+                sync_cmd::client(&cfg)?,
+            );
+            Some((
+                listener,
+                server::admin::AdminState {
+                    store: store.clone(),
+                    tokens,
+                    source: Arc::new(source),
+                    readiness: None,
+                    secure_cookie: cfg.server.tls_cert_file.is_some(),
+                },
+            ))
+        }
+    };
     let store_for_gauges = store.clone();
     let mut state = server::AppState::new(store.clone());
     if let Some(path) = &cfg.server.token_file {
@@ -398,10 +458,26 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     });
     tokio::spawn(refresh_gauges(store_for_gauges, state.readiness.clone()));
     let options = harden(&cfg, &mut state)?;
+    let admin = dashboard.map(|(listener, mut admin)| {
+        admin.readiness = state.readiness.clone();
+        let addr = listener.local_addr().ok();
+        let mut stop = stop_rx.clone();
+        tracing::info!(
+            listen = ?addr,
+            "dashboard serving (read-only; sign in with a token from `teamcity-scim token create --admin`)"
+        );
+        tokio::spawn(server::serve_admin(
+            listener,
+            admin,
+            options.clone(),
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            },
+        ))
+    });
     let listener = tokio::net::TcpListener::bind(cfg.server.listen)
         .await
         .with_context(|| format!("cannot listen on {} (server.listen)", cfg.server.listen))?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let retention = audit_cmd::spawn_retention(&cfg, audit_store, stop_rx.clone())?;
     let worker = match engine {
         Some(engine) => {
@@ -436,6 +512,9 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     }
     if let Some(r) = retention {
         let _ = r.await;
+    }
+    if let Some(a) = admin {
+        let _ = a.await;
     }
     tracing::info!("stopped cleanly");
     Ok(())

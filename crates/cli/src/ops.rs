@@ -189,13 +189,13 @@ fn held_row(b: &HeldBatch) -> String {
 }
 
 /// The steps of a held batch, or why this version cannot read them.
-fn held_steps(b: &HeldBatch) -> Result<Vec<sync::Action>, String> {
+pub(crate) fn held_steps(b: &HeldBatch) -> Result<Vec<sync::Action>, String> {
     serde_json::from_value(b.plan.clone())
         .map_err(|e| format!("UNREADABLE: its stored plan cannot be read by this version ({e})"))
 }
 
 /// Who a held batch would take access from: usernames (from the mapping table) and groups.
-async fn affected(store: &DynStore, steps: &[sync::Action]) -> anyhow::Result<String> {
+pub(crate) async fn affected(store: &DynStore, steps: &[sync::Action]) -> anyhow::Result<String> {
     use std::collections::{BTreeMap, BTreeSet};
     let names = |kind| async move {
         anyhow::Ok(

@@ -9,6 +9,9 @@ use crate::config::Config;
 use crate::ops;
 use crate::sync_cmd;
 
+/// Lines of a reconcile's drift `status` prints.
+const STATUS_DRIFT_LINES: usize = 20;
+
 /// A `sync_state` pass report as `status` prints it.
 fn report_line(json: &str) -> String {
     let v: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
@@ -92,7 +95,20 @@ pub(crate) async fn status(cfg: &Config, out: &mut dyn Write) -> anyhow::Result<
             ("reconcile: ", sync::LAST_RECONCILE_KEY),
         ] {
             match store.sync_state_get(key).await? {
-                Some(r) => writeln!(out, "{label} {}", report_line(&r))?,
+                Some(r) => {
+                    writeln!(out, "{label} {}", report_line(&r))?;
+                    let v: serde_json::Value = serde_json::from_str(&r).unwrap_or_default();
+                    let drift = v["drift"].as_str().unwrap_or_default();
+                    if !drift.is_empty() {
+                        writeln!(out, "            drift it found and repaired:")?;
+                        for line in drift.lines().take(STATUS_DRIFT_LINES) {
+                            writeln!(out, "            {line}")?;
+                        }
+                        if drift.lines().count() > STATUS_DRIFT_LINES {
+                            writeln!(out, "            … (the dashboard's Overview shows more)")?;
+                        }
+                    }
+                }
                 None => writeln!(out, "{label} never")?,
             }
         }

@@ -19,7 +19,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use scim::ScimError;
 use sha2::{Digest, Sha256};
-use store::{DynStore, TokenRecord};
+use store::{DynStore, TokenRecord, TokenScope};
 use subtle::ConstantTimeEq;
 use tokio::sync::RwLock;
 
@@ -60,6 +60,7 @@ struct Snapshot {
 /// IdP pick it up, drop the old one) never locks the IdP out.
 #[derive(Debug)]
 struct FileTokens {
+    scope: TokenScope,
     path: PathBuf,
     grace: time::Duration,
     content: Option<[u8; 32]>,
@@ -101,9 +102,11 @@ impl FileTokens {
             }
         }
         self.retiring.retain(|(_, until)| *until > now);
+        let scope = self.scope;
         let record = |h: &[u8; 32], expires: Option<time::OffsetDateTime>| TokenRecord {
             // A prefix of the hash names the token in the audit trail without revealing it.
             id: format!("file:{}", hex::encode(&h[..4])),
+            scope,
             name: "token_file".into(),
             created: now,
             expires,
@@ -121,22 +124,29 @@ impl FileTokens {
     }
 }
 
-/// The snapshot of valid token hashes.
+/// The snapshot of valid token hashes of one [`TokenScope`].
 #[derive(Debug, Clone)]
 pub struct TokenCache {
     store: DynStore,
+    scope: TokenScope,
     snapshot: Arc<RwLock<Snapshot>>,
     file: Option<Arc<std::sync::Mutex<FileTokens>>>,
 }
 
 impl TokenCache {
-    /// A cache over `store`, loaded on first use.
+    /// A cache of the SCIM tokens in `store`, loaded on first use.
     pub fn new(store: DynStore) -> Self {
+        Self::for_scope(store, TokenScope::Scim)
+    }
+
+    /// A cache of the tokens of `scope` in `store`, loaded on first use.
+    pub fn for_scope(store: DynStore, scope: TokenScope) -> Self {
         let stale = Instant::now()
             .checked_sub(REFRESH * 10)
             .unwrap_or_else(Instant::now);
         TokenCache {
             store,
+            scope,
             snapshot: Arc::new(RwLock::new(Snapshot {
                 entries: vec![],
                 loaded: stale,
@@ -149,6 +159,7 @@ impl TokenCache {
     /// the file stays valid for `grace`.
     pub fn with_token_file(mut self, path: PathBuf, grace: std::time::Duration) -> Self {
         self.file = Some(Arc::new(std::sync::Mutex::new(FileTokens {
+            scope: self.scope,
             path,
             grace: time::Duration::try_from(grace).unwrap_or(time::Duration::minutes(10)),
             content: None,
@@ -165,6 +176,7 @@ impl TokenCache {
         }
         match self.store.valid_token_hashes().await {
             Ok(mut entries) => {
+                entries.retain(|(_, rec)| rec.scope == self.scope);
                 if let Some(file) = &self.file {
                     let now = time::OffsetDateTime::now_utc();
                     entries.extend(file.lock().unwrap_or_else(|e| e.into_inner()).refresh(now));

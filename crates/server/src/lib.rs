@@ -22,6 +22,7 @@ use tower_http::request_id::{
 };
 use tower_http::trace::TraceLayer;
 
+pub mod admin;
 pub mod auth;
 mod bulk;
 mod discovery;
@@ -493,13 +494,34 @@ pub async fn serve_with(
     options: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_router(listener, router(state), options, shutdown).await
+}
+
+/// Serves the read-only dashboard ([`admin::router`]) on its own listener, with the same
+/// connection handling as [`serve_with`].
+pub async fn serve_admin(
+    listener: tokio::net::TcpListener,
+    state: admin::AdminState,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = admin::router(state).layer(TraceLayer::new_for_http().make_span_with(request_span));
+    serve_router(listener, app, options, shutdown).await
+}
+
+/// The accept loop behind [`serve_with`] and [`serve_admin`].
+async fn serve_router(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     use hyper_util::server::conn::auto;
     use hyper_util::server::graceful::GracefulShutdown;
     use hyper_util::service::TowerToHyperService;
     use tower::ServiceExt as _;
 
-    let app = router(state);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()

@@ -225,11 +225,42 @@ pub struct ListPage {
     pub resources: std::sync::Arc<[Resource]>,
 }
 
-/// A stored SCIM bearer token (never the secret itself).
+/// What a token may be used for. A token of one scope is never accepted by the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum TokenScope {
+    /// The SCIM API (identity providers).
+    #[default]
+    Scim,
+    /// The read-only dashboard.
+    Admin,
+}
+
+impl TokenScope {
+    /// The stored form: `scim` or `admin`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenScope::Scim => "scim",
+            TokenScope::Admin => "admin",
+        }
+    }
+
+    /// Parses the stored form.
+    pub fn parse(s: &str) -> Option<TokenScope> {
+        match s {
+            "scim" => Some(TokenScope::Scim),
+            "admin" => Some(TokenScope::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// A stored bearer token (never the secret itself).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenRecord {
     /// Public id, shown in `token list` and in the audit trail.
     pub id: String,
+    /// What it may be used for.
+    pub scope: TokenScope,
     /// Human-readable name.
     pub name: String,
     /// When it was created.
@@ -353,10 +384,23 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         None
     }
 
-    /// Stores a new token hash (the caller generated and shows the secret).
+    /// Stores a new SCIM token hash (the caller generated and shows the secret).
     async fn create_token(
         &self,
         ctx: &WriteCtx,
+        name: &str,
+        hash: [u8; 32],
+        expires: Option<OffsetDateTime>,
+    ) -> StoreResult<TokenRecord> {
+        self.create_scoped_token(ctx, TokenScope::Scim, name, hash, expires)
+            .await
+    }
+
+    /// Stores a new token hash of `scope` (the caller generated and shows the secret).
+    async fn create_scoped_token(
+        &self,
+        ctx: &WriteCtx,
+        scope: TokenScope,
         name: &str,
         hash: [u8; 32],
         expires: Option<OffsetDateTime>,
@@ -368,8 +412,8 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Revokes a token; `NotFound` if there is none with that id.
     async fn revoke_token(&self, ctx: &WriteCtx, id: &str) -> StoreResult<()>;
 
-    /// Every token that is neither revoked nor expired, with its SHA-256 hash, for the
-    /// server's authentication snapshot.
+    /// Every token (of any scope) that is neither revoked nor expired, with its SHA-256 hash,
+    /// for the server's authentication snapshots.
     async fn valid_token_hashes(&self) -> StoreResult<Vec<([u8; 32], TokenRecord)>>;
 
     /// Audit events with `seq > after`, oldest first, at most `limit`.
@@ -554,6 +598,10 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     async fn audit(&self, ctx: &WriteCtx, entry: AuditEntry) -> StoreResult<i64>;
 
     // ----- Audit retention and export -----
+
+    /// The newest audit events with `seq < before` (all when `None`), newest first, at most
+    /// `limit`: the dashboard's view of the trail.
+    async fn audit_recent(&self, before: Option<i64>, limit: i64) -> StoreResult<Vec<AuditEvent>>;
 
     /// Audit events with `seq > after` and `since <= time <= until` (either bound optional),
     /// oldest first, at most `limit`.

@@ -18,7 +18,8 @@ use crate::audit::{AuditEvent, GENESIS_HASH};
 use crate::sql_filter::{self, Bind};
 use crate::{
     Clock, GroupRef, ListPage, ListQuery, MemberRef, MemberType, MembershipChange, NewMember,
-    OutboxItem, ReadOpts, Resource, Store, StoreError, StoreResult, TokenRecord, WriteCtx, timefmt,
+    OutboxItem, ReadOpts, Resource, Store, StoreError, StoreResult, TokenRecord, TokenScope,
+    WriteCtx, timefmt,
 };
 
 mod audit_log;
@@ -1101,9 +1102,10 @@ impl Store for SqliteStore {
         Some(self.generation.load(std::sync::atomic::Ordering::Acquire))
     }
 
-    async fn create_token(
+    async fn create_scoped_token(
         &self,
         ctx: &WriteCtx,
+        scope: TokenScope,
         name: &str,
         hash: [u8; 32],
         expires: Option<OffsetDateTime>,
@@ -1112,13 +1114,14 @@ impl Store for SqliteStore {
         let id = format!("tok_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let mut tx = self.begin().await?;
         sqlx::query(
-            "INSERT INTO api_tokens (id, name, hash, created, expires) VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO api_tokens (id, name, hash, created, expires, scope) VALUES (?, ?, ?, ?, ?, ?)",
         )
         .bind(&id)
         .bind(name)
         .bind(&hash[..])
         .bind(timefmt::format(now))
         .bind(expires.map(timefmt::format))
+        .bind(scope.as_str())
         .execute(&mut *tx)
         .await?;
         record(
@@ -1130,7 +1133,7 @@ impl Store for SqliteStore {
                 resource_id: &id,
                 operation: "token.create",
                 status: 201,
-                detail: json!({"name": name, "expires": expires.map(timefmt::format)}),
+                detail: json!({"name": name, "scope": scope.as_str(), "expires": expires.map(timefmt::format)}),
                 outbox: None,
             },
         )
@@ -1138,6 +1141,7 @@ impl Store for SqliteStore {
         tx.commit().await?;
         Ok(TokenRecord {
             id,
+            scope,
             name: name.to_owned(),
             created: now,
             expires,
@@ -1146,8 +1150,8 @@ impl Store for SqliteStore {
     }
 
     async fn list_tokens(&self) -> StoreResult<Vec<TokenRecord>> {
-        let rows: Vec<(String, String, String, Option<String>, Option<String>)> = sqlx::query_as(
-            "SELECT id, name, created, expires, revoked FROM api_tokens ORDER BY created DESC, id",
+        let rows: Vec<TokenRow> = sqlx::query_as(
+            "SELECT id, name, created, expires, revoked, scope FROM api_tokens ORDER BY created DESC, id",
         )
         .fetch_all(&self.read)
         .await?;
@@ -1184,15 +1188,16 @@ impl Store for SqliteStore {
     }
 
     async fn valid_token_hashes(&self) -> StoreResult<Vec<([u8; 32], TokenRecord)>> {
-        let rows: Vec<(Vec<u8>, String, String, String, Option<String>, Option<String>)> = sqlx::query_as(
-            "SELECT hash, id, name, created, expires, revoked FROM api_tokens WHERE revoked IS NULL",
-        )
-        .fetch_all(&self.read)
-        .await?;
+        let rows: Vec<(Vec<u8>, String, String, String, Option<String>, Option<String>, String)> =
+            sqlx::query_as(
+                "SELECT hash, id, name, created, expires, revoked, scope FROM api_tokens WHERE revoked IS NULL",
+            )
+            .fetch_all(&self.read)
+            .await?;
         let now = self.now();
         let mut out = Vec::new();
-        for (hash, id, name, created, expires, revoked) in rows {
-            let rec = token_row((id, name, created, expires, revoked))?;
+        for (hash, id, name, created, expires, revoked, scope) in rows {
+            let rec = token_row((id, name, created, expires, revoked, scope))?;
             let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) else {
                 continue;
             };
@@ -1205,6 +1210,10 @@ impl Store for SqliteStore {
 
     async fn audit_events(&self, after: i64, limit: i64) -> StoreResult<Vec<AuditEvent>> {
         self.audit_range(None, None, after, limit).await
+    }
+
+    async fn audit_recent(&self, before: Option<i64>, limit: i64) -> StoreResult<Vec<AuditEvent>> {
+        self.audit_log_recent(before, limit).await
     }
 
     async fn audit_range(
@@ -1440,10 +1449,21 @@ impl Store for SqliteStore {
     }
 }
 
-fn token_row(
-    (id, name, created, expires, revoked): (String, String, String, Option<String>, Option<String>),
-) -> StoreResult<TokenRecord> {
+/// `id, name, created, expires, revoked, scope` of `api_tokens`.
+type TokenRow = (
+    String,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    String,
+);
+
+fn token_row((id, name, created, expires, revoked, scope): TokenRow) -> StoreResult<TokenRecord> {
     Ok(TokenRecord {
+        scope: TokenScope::parse(&scope).ok_or_else(|| {
+            StoreError::Other(format!("token {id} has an unknown scope {scope:?}").into())
+        })?,
         id,
         name,
         created: parse_time(&created)?,

@@ -575,3 +575,75 @@ async fn tokens_hash_only_expire_and_revoke() {
     assert_eq!(ops, ["token.create", "token.create", "token.revoke"]);
     let _ = b;
 }
+
+#[tokio::test]
+async fn token_scopes_are_stored_and_kept_apart() {
+    let d = db().await;
+    let s = &d.store;
+    let scim = s
+        .create_token(&WriteCtx::cli(), "okta", [1; 32], None)
+        .await
+        .unwrap();
+    let admin = s
+        .create_scoped_token(
+            &WriteCtx::cli(),
+            store::TokenScope::Admin,
+            "ops",
+            [2; 32],
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(scim.scope, store::TokenScope::Scim);
+    assert_eq!(admin.scope, store::TokenScope::Admin);
+    let valid: Vec<([u8; 32], String, store::TokenScope)> = s
+        .valid_token_hashes()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(h, t)| (h, t.id, t.scope))
+        .collect();
+    assert!(valid.contains(&([1; 32], scim.id.clone(), store::TokenScope::Scim)));
+    assert!(valid.contains(&([2; 32], admin.id.clone(), store::TokenScope::Admin)));
+    let listed: Vec<store::TokenScope> = s
+        .list_tokens()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.scope)
+        .collect();
+    assert_eq!(listed.len(), 2);
+    assert!(listed.contains(&store::TokenScope::Admin));
+    // The creation is audited with its scope.
+    let events = s.audit_recent(None, 1).await.unwrap();
+    assert_eq!(events[0].operation, "token.create");
+    assert!(
+        events[0].detail.contains("\"scope\":\"admin\""),
+        "{}",
+        events[0].detail
+    );
+}
+
+#[tokio::test]
+async fn audit_recent_pages_newest_first() {
+    let d = db().await;
+    let s = &d.store;
+    for n in 0..5 {
+        s.create(&ctx(), ResourceKind::User, user(&format!("u{n}")), None)
+            .await
+            .unwrap();
+    }
+    let all = s.audit_recent(None, 100).await.unwrap();
+    let seqs: Vec<i64> = all.iter().map(|e| e.seq).collect();
+    let mut sorted = seqs.clone();
+    sorted.sort_unstable_by(|a, b| b.cmp(a));
+    assert_eq!(seqs, sorted, "newest first");
+    assert_eq!(seqs.len(), 5);
+    let page = s.audit_recent(Some(seqs[1]), 2).await.unwrap();
+    assert_eq!(
+        page.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        seqs[2..4].to_vec(),
+        "before is exclusive and the limit holds"
+    );
+    assert!(s.audit_recent(Some(seqs[4]), 10).await.unwrap().is_empty());
+}

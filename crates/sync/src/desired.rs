@@ -68,6 +68,8 @@ pub struct DesiredGroup {
     pub name: String,
     /// Roles.
     pub roles: BTreeSet<RoleAt>,
+    /// The policy rules that match it (indexes into [`Policy::groups`]), for explanations.
+    pub rules: Vec<usize>,
     /// Member SCIM user ids (active users only; capped users kept out where needed).
     pub members: BTreeSet<String>,
     /// A fixed key (the defaults group); otherwise the key is [`group_key`] of
@@ -222,7 +224,8 @@ pub fn desired(
 
     // Rules → roles per SCIM group id.
     let mut roles_of: BTreeMap<&str, BTreeSet<RoleAt>> = BTreeMap::new();
-    for rule in &policy.groups {
+    let mut rules_of: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (index, rule) in policy.groups.iter().enumerate() {
         let targets: Vec<&str> = match &rule.matcher {
             Match::ExternalId(v) => directory
                 .groups
@@ -284,6 +287,7 @@ pub fn desired(
             }
         };
         for t in targets {
+            rules_of.entry(t).or_default().push(index);
             roles_of
                 .entry(t)
                 .or_default()
@@ -304,6 +308,7 @@ pub fn desired(
             marker: g.id.clone(),
             name: g.display_name.clone(),
             roles: roles_of.remove(g.id.as_str()).unwrap_or_default(),
+            rules: rules_of.remove(g.id.as_str()).unwrap_or_default(),
             members,
             fixed_key: None,
         });
@@ -313,6 +318,7 @@ pub fn desired(
             marker: DEFAULTS_MARKER.to_owned(),
             name: opts.defaults_group_name.clone(),
             roles: policy.defaults.roles.iter().cloned().collect(),
+            rules: Vec::new(),
             members: active.iter().map(|s| (*s).to_owned()).collect(),
             fixed_key: Some(DEFAULTS_GROUP_KEY.to_owned()),
         });

@@ -123,6 +123,23 @@ pub enum EngineError {
     TeamCity(#[from] TeamCityError),
 }
 
+/// How many lines of a reconcile's drift are kept for `status` and the dashboard.
+const DRIFT_LINES: usize = 200;
+
+/// The first `max` lines of `text`, and a line saying how many were left out.
+fn truncate_lines(text: &str, max: usize) -> String {
+    let total = text.lines().count();
+    if total <= max {
+        return text.to_owned();
+    }
+    let mut out: String = text.lines().take(max).flat_map(|l| [l, "\n"]).collect();
+    out.push_str(&format!(
+        "… {} more lines (`teamcity-scim plan` shows all)\n",
+        total - max
+    ));
+    out
+}
+
 /// What one pass or reconcile did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PassReport {
@@ -143,6 +160,9 @@ pub struct PassReport {
     pub transient_stop: bool,
     /// TeamCity reads made (reconcile only).
     pub reads: usize,
+    /// The drift a reconcile found, rendered as `plan` renders it (reconcile only; empty when
+    /// TeamCity already matched).
+    pub drift: String,
 }
 
 impl PassReport {
@@ -155,6 +175,7 @@ impl PassReport {
         self.held += r.held;
         self.transient_stop |= r.transient_stop;
         self.reads += r.reads;
+        self.drift.push_str(&r.drift);
     }
 }
 
@@ -302,6 +323,27 @@ fn entry(
         status,
         detail,
     }
+}
+
+/// The directory as the sync engine sees it: one consistent read of the store.
+pub async fn read_directory(store: &DynStore) -> Result<Directory, StoreError> {
+    let snap = store.directory().await?;
+    Ok(Directory {
+        users: snap.users,
+        groups: snap.groups.into_iter().map(dir_group).collect(),
+    })
+}
+
+/// The directory and the desired state as they would be computed now, writing nothing (no
+/// pins persisted, no alerts audited): for read-only views.
+pub async fn desired_unrecorded(
+    store: &DynStore,
+    policy: &Policy,
+) -> Result<(Directory, Desired), StoreError> {
+    let dir = read_directory(store).await?;
+    let pins = store.pins().await?;
+    let d = desired(&dir, policy, &pins, &DesiredOptions::default());
+    Ok((dir, d))
 }
 
 /// The sync engine's view of a stored SCIM group: its user members only.
@@ -634,11 +676,16 @@ impl Engine {
 
     /// The directory as the sync engine sees it.
     pub async fn directory(&self) -> Result<Directory, EngineError> {
-        let snap = self.store.directory().await?;
-        Ok(Directory {
-            users: snap.users,
-            groups: snap.groups.into_iter().map(dir_group).collect(),
-        })
+        Ok(read_directory(&self.store).await?)
+    }
+
+    /// [`Engine::plan_full`] for read-only views: writes nothing to the store.
+    pub async fn preview(&self) -> Result<(Plan, ActualState, usize), EngineError> {
+        let (actual, reads) = self.read_actual().await?;
+        let (_, d) = desired_unrecorded(&self.store, &self.policy).await?;
+        let mut p = plan(&d, &actual, &self.plan_options());
+        self.settle_orphans(&mut p).await?;
+        Ok((p, actual, reads))
     }
 
     /// Desired state; persists new pins and audits new alerts.
@@ -1025,6 +1072,9 @@ impl Engine {
             }
         }
         report.planned = p.actions.len();
+        if !p.actions.is_empty() {
+            report.drift = crate::render::render(&p, actual);
+        }
         if dry_run {
             return Ok(report);
         }
@@ -1093,6 +1143,7 @@ impl Engine {
             "cancelled": r.cancelled,
             "held": r.held,
             "stopped_early": r.transient_stop,
+            "drift": truncate_lines(&r.drift, DRIFT_LINES),
         });
         self.store.sync_state_set(key, &summary.to_string()).await?;
         Ok(())

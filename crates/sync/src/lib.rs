@@ -16,6 +16,7 @@ pub mod actual;
 pub mod apply;
 pub mod desired;
 pub mod engine;
+pub mod explain;
 pub mod guard;
 mod journal;
 pub mod model;
@@ -29,7 +30,7 @@ pub use apply::{ApplyError, ApplyReport, apply};
 pub use desired::{Alert, Desired, DesiredGroup, DesiredOptions, DesiredUser, desired, group_key};
 pub use engine::{
     Engine, EngineConfig, EngineError, Health, LAST_PASS_KEY, LAST_RECONCILE_KEY, Mode, PassReport,
-    Progress, periodic_progress,
+    Progress, desired_unrecorded, periodic_progress, read_directory,
 };
 pub use guard::{GuardLimits, Held};
 pub use model::{

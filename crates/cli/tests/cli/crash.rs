@@ -57,6 +57,18 @@ async fn sigkill_mid_sync_then_restart_converges() {
     let mut child = serve(&env, port);
     wait_up(&http, &base).await;
 
+    // TeamCity refuses user creation (503) while the IdP pushes, so the whole push is still
+    // pending when writes start, however fast this machine is.
+    env.emu.inject_fault(teamcity_emulator::Fault {
+        method: Some("POST".into()),
+        path_prefix: Some("/app/rest/users".into()),
+        path_contains: None,
+        times: teamcity_emulator::Fault::UNLIMITED,
+        action: teamcity_emulator::FaultAction::Status {
+            status: 503,
+            retry_after_secs: None,
+        },
+    });
     let mut ids = vec![];
     for n in 0..150 {
         let v = post(
@@ -78,6 +90,8 @@ async fn sigkill_mid_sync_then_restart_converges() {
     .await;
 
     // Kill it once TeamCity has seen some writes but the outbox still has many pending rows.
+    env.emu.clear_faults();
+    env.emu.reset_counters();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let writes: u64 = env

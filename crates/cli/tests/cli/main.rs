@@ -5,5 +5,6 @@ mod support;
 
 mod commands;
 mod crash;
+mod dashboard;
 mod demo;
 mod safety;

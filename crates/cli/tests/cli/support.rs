@@ -69,6 +69,8 @@ impl Env {
             .env("TEAMCITY_SCIM_DATABASE__URL", &self.db_url)
             .env("TEAMCITY_SCIM_TEAMCITY__URL", &self.tc_url)
             .env("TEAMCITY_SCIM_TEAMCITY__TOKEN", TC_TOKEN)
+            // Tests run in parallel: the dashboard only where a test gives it a port.
+            .env("TEAMCITY_SCIM_ADMIN__LISTEN", "")
             .env("RUST_LOG", "warn")
             .current_dir(self.dir.path());
         c

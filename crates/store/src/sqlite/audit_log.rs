@@ -72,6 +72,23 @@ impl SqliteStore {
         rows.iter().map(event_row).collect()
     }
 
+    pub(super) async fn audit_log_recent(
+        &self,
+        before: Option<i64>,
+        limit: i64,
+    ) -> StoreResult<Vec<AuditEvent>> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {EVENT_COLS} FROM audit_events WHERE (? IS NULL OR seq < ?) \
+             ORDER BY seq DESC LIMIT ?"
+        )))
+        .bind(before)
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter().map(event_row).collect()
+    }
+
     pub(super) async fn audit_log_checkpoint(&self) -> StoreResult<Option<Checkpoint>> {
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {CHECKPOINT_COLS} FROM audit_checkpoints ORDER BY id DESC LIMIT 1"
