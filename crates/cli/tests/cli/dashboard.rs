@@ -359,22 +359,8 @@ async fn every_dashboard_page_renders_in_chromium_without_errors_and_only_for_ad
             Some(json!({ "text": admin_token })),
         )
         .await;
-    let button = browser.element("#sign-in").await;
-    browser
-        .call(
-            reqwest::Method::POST,
-            &format!("/element/{button}/click"),
-            None,
-        )
-        .await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !browser.title().await.starts_with("Overview") {
-        assert!(
-            Instant::now() < deadline,
-            "sign-in did not reach the Overview"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    browser.click("#sign-in").await;
+    browser.wait_for_title("Overview").await;
     // Until now the only complaint may be the 401 of the sign-in page itself.
     let before = browser.console_problems().await;
     assert!(
@@ -408,19 +394,8 @@ async fn every_dashboard_page_renders_in_chromium_without_errors_and_only_for_ad
         "the search filters: {people}"
     );
     browser.screenshot("people").await;
-    let link = browser.element("#people a").await;
-    browser
-        .call(
-            reqwest::Method::POST,
-            &format!("/element/{link}/click"),
-            None,
-        )
-        .await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !browser.title().await.starts_with("ann@example.com") {
-        assert!(Instant::now() < deadline, "the person page did not open");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    browser.click("#people a").await;
+    browser.wait_for_title("ann@example.com").await;
     let grants = browser.text("#grants").await;
     for want in [
         "PROJECT_DEVELOPER@p:Backend",
@@ -506,14 +481,8 @@ async fn every_dashboard_page_renders_in_chromium_without_errors_and_only_for_ad
 
     // Signing out forgets the cookie.
     browser.go(&format!("{dashboard}/")).await;
-    let out = browser.element(".logout button").await;
-    browser
-        .call(
-            reqwest::Method::POST,
-            &format!("/element/{out}/click"),
-            None,
-        )
-        .await;
+    browser.click(".logout button").await;
+    browser.wait_for_title("Sign in").await;
     browser.go(&format!("{dashboard}/groups")).await;
     assert!(browser.title().await.contains("Sign in"), "signed out");
     browser.close().await;
