@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Subcommand, ValueEnum};
 use rand::RngCore;
-use serde_json::{Value, json};
+use serde_json::Value;
 use store::access::{AccessRow, reconstruct};
 use store::audit::{VerifyError, looks_like_email, verify_store};
 use store::{AuditEvent, DynStore, WriteCtx, timefmt};
@@ -19,8 +19,19 @@ use crate::config::Config;
 /// `audit` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
-    /// Recompute the hash chain (from the last checkpoint) and name the first broken link.
-    Verify,
+    /// Recompute the hash chain (from the last checkpoint) and name the first broken link; with
+    /// `--public-key`, also check every signed head (detects a rewrite of the whole trail).
+    Verify {
+        /// The Ed25519 public key (PEM) whose signed heads to check (`audit keygen` wrote it).
+        #[arg(long)]
+        public_key: Option<PathBuf>,
+    },
+    /// Write a new Ed25519 key pair for signed heads: FILE (private, mode 0600) and FILE.pub.
+    Keygen {
+        /// Where to write the private key; the public key goes to FILE.pub.
+        #[arg(long)]
+        output: PathBuf,
+    },
     /// Write events as JSON Lines (one event per line, RFC 3339 times).
     Export {
         /// Only events at or after this time (RFC 3339).
@@ -128,24 +139,6 @@ pub(crate) fn load_key(cfg: &Config, create: bool) -> anyhow::Result<Option<Vec<
     }
 }
 
-/// One event as an export line: the stored columns, `detail` as JSON.
-pub(crate) fn event_json(e: &AuditEvent) -> Value {
-    json!({
-        "seq": e.seq,
-        "time": e.time,
-        "actor": e.actor,
-        "request_id": e.request_id,
-        "resource_type": e.resource_type,
-        "resource_id": e.resource_id,
-        "operation": e.operation,
-        "outcome": e.outcome,
-        "status": e.status,
-        "detail": serde_json::from_str::<Value>(&e.detail).unwrap_or(Value::String(e.detail.clone())),
-        "prev_hash": e.prev_hash,
-        "hash": e.hash,
-    })
-}
-
 /// An export line back as an event (for checking an export on its own).
 #[cfg(test)]
 pub(crate) fn event_from_json(v: &Value) -> anyhow::Result<AuditEvent> {
@@ -172,8 +165,79 @@ pub(crate) fn event_from_json(v: &Value) -> anyhow::Result<AuditEvent> {
     })
 }
 
-/// `audit verify`: 0 when the chain is intact, 1 when broken.
+/// `audit verify [--public-key FILE]`: 0 when the chain (and every signed head) is intact, 1
+/// when not.
 pub(crate) async fn verify(
+    cfg: &Config,
+    store: &DynStore,
+    public_key: Option<&std::path::Path>,
+    out: &mut dyn Write,
+) -> anyhow::Result<u8> {
+    let chain = verify_chain_only(cfg, store, out).await?;
+    let Some(path) = public_key else {
+        if chain == 0 {
+            writeln!(
+                out,
+                "(the chain alone does not detect a rewrite by someone who can write the database: \
+                 pass --public-key to check the signed heads)"
+            )?;
+        }
+        return Ok(chain);
+    };
+    let key = audit::heads::load_verifying_key(path)?;
+    let r = audit::heads::verify(store, &key).await?;
+    match &r.problem {
+        None => {
+            let (seq, time) = r.newest.clone().unwrap_or_default();
+            writeln!(
+                out,
+                "signed heads OK: {} verified with key {} (newest covers seq {seq}, signed {time}); \
+                 {} events after it are not covered yet{}{}",
+                r.verified,
+                audit::heads::key_id(&key),
+                r.uncovered,
+                if r.other_keys > 0 {
+                    format!(
+                        "; {} heads signed by other keys were not checked",
+                        r.other_keys
+                    )
+                } else {
+                    String::new()
+                },
+                if r.pruned > 0 {
+                    format!("; {} heads cover pruned events", r.pruned)
+                } else {
+                    String::new()
+                },
+            )?;
+            Ok(chain)
+        }
+        Some(p) => {
+            writeln!(out, "SIGNED HEADS FAILED: {p}")?;
+            Ok(1)
+        }
+    }
+}
+
+/// Writes a key pair for signed heads.
+pub(crate) fn keygen(output: &std::path::Path, out: &mut dyn Write) -> anyhow::Result<()> {
+    let mut public = output.as_os_str().to_owned();
+    public.push(".pub");
+    let public = PathBuf::from(public);
+    let id = audit::heads::keygen(output, &public)?;
+    writeln!(
+        out,
+        "wrote {} (private: keep it where the database's writers cannot read it) and {} (public: \
+         publish it and keep a copy off this machine); key id {id}. Set `[audit] signing_key_file` \
+         to the private key.",
+        output.display(),
+        public.display()
+    )?;
+    Ok(())
+}
+
+/// The hash chain part of `audit verify`.
+async fn verify_chain_only(
     cfg: &Config,
     store: &DynStore,
     out: &mut dyn Write,
@@ -217,7 +281,7 @@ pub(crate) async fn export(
         let Some(last) = page.last() else { break };
         after = last.seq;
         for e in &page {
-            writeln!(out, "{}", event_json(e))?;
+            writeln!(out, "{}", e.to_json())?;
             n += 1;
         }
     }
@@ -297,6 +361,7 @@ pub(crate) async fn prune(
             bail!("`[audit] retention` is 0 (keep forever): pass --before TIME to prune anyway")
         }
     };
+    let before = clamp_to_sinks(cfg, store, before, out).await?;
     let key = load_key(cfg, true)?.context("no checkpoint key")?;
     match store.prune_audit(ctx, before, &key).await? {
         Some(cp) => writeln!(
@@ -311,6 +376,34 @@ pub(crate) async fn prune(
         None => writeln!(out, "nothing to prune before {}", timefmt::format(before))?,
     }
     Ok(())
+}
+
+/// Never prunes what a configured sink has not received: `before` is moved back to the time of
+/// the oldest event some sink still waits for.
+async fn clamp_to_sinks(
+    cfg: &Config,
+    store: &DynStore,
+    before: OffsetDateTime,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<OffsetDateTime> {
+    let mut clamped = before;
+    for sink in &cfg.audit.sinks {
+        let name = sink.name();
+        let pos = audit::sinks::position(store, &name).await?;
+        if let Some(next) = store.audit_events(pos, 1).await?.first()
+            && let Some(t) = timefmt::parse(&next.time)
+            && t < clamped
+        {
+            writeln!(
+                out,
+                "audit sink {name:?} has not received events from seq {} on: pruning only before {}",
+                next.seq,
+                timefmt::format(t)
+            )?;
+            clamped = t;
+        }
+    }
+    Ok(clamped)
 }
 
 /// `serve`'s retention: prunes once at start and then daily while `[audit] retention` is set.
@@ -452,7 +545,10 @@ pub(crate) async fn access_review(
 pub(crate) async fn run(cmd: AuditCommand, cfg: &Config, store: &DynStore) -> anyhow::Result<u8> {
     let stdout = &mut std::io::stdout();
     match cmd {
-        AuditCommand::Verify => return verify(cfg, store, stdout).await,
+        AuditCommand::Verify { public_key } => {
+            return verify(cfg, store, public_key.as_deref(), stdout).await;
+        }
+        AuditCommand::Keygen { output } => keygen(&output, stdout)?,
         AuditCommand::Export {
             since,
             until,
@@ -492,6 +588,8 @@ mod tests {
     use store::{ReadOpts, SystemClock};
     use sync::{Engine, EngineConfig};
     use teamcity_emulator::EmulatorOptions;
+
+    use serde_json::json;
 
     use super::*;
 
@@ -557,7 +655,7 @@ allowed_roles = ["PROJECT_VIEWER"]
                 .unwrap();
         }
         let (code, out) = text(|mut o| async {
-            let c = verify(&cfg, &store, &mut o).await.unwrap();
+            let c = verify(&cfg, &store, None, &mut o).await.unwrap();
             (c, o)
         })
         .await;
@@ -599,7 +697,7 @@ allowed_roles = ["PROJECT_VIEWER"]
         );
         assert!(key_path(&cfg).unwrap().exists());
         let (code, out) = text(|mut o| async {
-            let c = verify(&cfg, &store, &mut o).await.unwrap();
+            let c = verify(&cfg, &store, None, &mut o).await.unwrap();
             (c, o)
         })
         .await;
@@ -618,7 +716,7 @@ allowed_roles = ["PROJECT_VIEWER"]
             .await
             .unwrap();
         let (code, out) = text(|mut o| async {
-            let c = verify(&cfg, &store, &mut o).await.unwrap();
+            let c = verify(&cfg, &store, None, &mut o).await.unwrap();
             (c, o)
         })
         .await;
@@ -870,7 +968,7 @@ allowed_roles = ["PROJECT_VIEWER"]
             .unwrap();
         assert_eq!(review_rows(&store, t2).await.unwrap(), rows);
         let (code, _) = text(|mut o| async {
-            let c = verify(&cfg, &store, &mut o).await.unwrap();
+            let c = verify(&cfg, &store, None, &mut o).await.unwrap();
             (c, o)
         })
         .await;

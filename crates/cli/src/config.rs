@@ -359,6 +359,15 @@ pub struct AuditConfig {
     /// created on the first prune.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub checkpoint_key_file: Option<PathBuf>,
+    /// The Ed25519 private key (PKCS#8 PEM) that signs the chain's head; `audit keygen` writes
+    /// one. Unset: no signed heads.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signing_key_file: Option<PathBuf>,
+    /// How often `serve` signs the head (and once at clean shutdown), e.g. `5m`.
+    pub head_interval: String,
+    /// `[[audit.sinks]]`: where every event is streamed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sinks: Vec<audit::SinkConfig>,
 }
 
 impl Default for AuditConfig {
@@ -366,6 +375,9 @@ impl Default for AuditConfig {
         AuditConfig {
             retention: "0".into(),
             checkpoint_key_file: None,
+            signing_key_file: None,
+            head_interval: "5m".into(),
+            sinks: Vec::new(),
         }
     }
 }
@@ -447,11 +459,15 @@ pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
         ),
         ("server.token_file_grace", &cfg.server.token_file_grace),
         ("sync.lease", &cfg.sync.lease),
+        ("audit.head_interval", &cfg.audit.head_interval),
     ] {
         crate::ttl::parse(value).with_context(|| format!("`{key}`"))?;
     }
     if !matches!(cfg.audit.retention.trim(), "" | "0") {
         crate::ttl::parse(&cfg.audit.retention).context("`audit.retention`")?;
+    }
+    for sink in &cfg.audit.sinks {
+        sink.validate()?;
     }
     let admin = cfg.admin.address()?;
     if admin.is_some() && admin == Some(cfg.server.listen) {
@@ -571,6 +587,17 @@ mod tests {
         full.server.tls_cert_file = Some("/etc/teamcity-scim/tls.crt".into());
         full.server.tls_key_file = Some("/etc/teamcity-scim/tls.key".into());
         full.admin.token_file = Some("/run/secrets/admin-tokens".into());
+        full.audit.signing_key_file = Some("/etc/teamcity-scim/audit-signing.pem".into());
+        full.audit.sinks = vec![audit::SinkConfig {
+            kind: audit::SinkKind::Syslog,
+            name: Some("siem".into()),
+            address: Some("siem.example.com:6514".into()),
+            tls: true,
+            ca_file: Some("/etc/teamcity-scim/siem-ca.pem".into()),
+            url: Some("https://audit.example.com/ingest".into()),
+            secret_file: Some("/run/secrets/audit-webhook-key".into()),
+            path: Some("/var/log/teamcity-scim/audit.jsonl".into()),
+        }];
         full.policy = sync::Policy::from_toml(
             "[[groups]]\nname = \"x\"\nmatch = { externalId = \"x\" }\nroles = []\n\
              [defaults]\nroles = []\n[[caps]]\nuser_type = \"Agent\"\nallowed_roles = []\n",

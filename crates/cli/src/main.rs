@@ -106,7 +106,7 @@ enum Command {
         /// The batch id from `held`.
         id: i64,
     },
-    /// The tamper-evident audit trail: verify, export, tail, prune.
+    /// The tamper-evident audit trail: verify, export, tail, prune, keygen, evidence.
     Audit {
         #[command(subcommand)]
         command: audit_cmd::AuditCommand,
@@ -224,6 +224,10 @@ async fn run(cmd: Command, cfg: Config) -> anyhow::Result<u8> {
             ops::held(&open_store(&cfg).await?, all, out).await?
         }
         Command::Approve { id } => ops::approve(&open_store(&cfg).await?, id, out).await?,
+        // Writing a key pair needs no database.
+        Command::Audit {
+            command: audit_cmd::AuditCommand::Keygen { output },
+        } => audit_cmd::keygen(&output, out)?,
         Command::Audit { command } => {
             return audit_cmd::run(command, &cfg, &open_store(&cfg).await?).await;
         }
@@ -478,7 +482,28 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.server.listen)
         .await
         .with_context(|| format!("cannot listen on {} (server.listen)", cfg.server.listen))?;
-    let retention = audit_cmd::spawn_retention(&cfg, audit_store, stop_rx.clone())?;
+    let retention = audit_cmd::spawn_retention(&cfg, audit_store.clone(), stop_rx.clone())?;
+    // Signed heads every audit.head_interval and at shutdown; the sinks stop after the last head
+    // so it is streamed too.
+    let heads = match &cfg.audit.signing_key_file {
+        Some(path) => {
+            let key = audit::heads::load_signing_key(path)?;
+            let interval = ttl::parse(&cfg.audit.head_interval)?.unsigned_abs();
+            tracing::info!(
+                key_id = %audit::heads::key_id(&key.verifying_key()),
+                ?interval,
+                "audit heads are signed"
+            );
+            let signer = audit::HeadSigner::new(audit_store.clone(), key);
+            Some(tokio::spawn(signer.run(interval, stop_rx.clone())))
+        }
+        None => None,
+    };
+    let (sinks_stop_tx, sinks_stop_rx) = tokio::sync::watch::channel(false);
+    let sinks = audit::sinks::spawn(audit_store, &cfg.audit.sinks, sinks_stop_rx)?;
+    for s in &cfg.audit.sinks {
+        tracing::info!(sink = %s.name(), "audit events are streamed");
+    }
     let worker = match engine {
         Some(engine) => {
             tracing::info!(
@@ -515,6 +540,13 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     }
     if let Some(a) = admin {
         let _ = a.await;
+    }
+    if let Some(h) = heads {
+        let _ = h.await;
+    }
+    let _ = sinks_stop_tx.send(true);
+    for s in sinks {
+        let _ = s.await;
     }
     tracing::info!("stopped cleanly");
     Ok(())

@@ -59,6 +59,28 @@ impl AuditEvent {
         .to_string()
     }
 
+    /// The event as one JSON object: the stored columns, `detail` as JSON, both hashes. The
+    /// form of `audit export` lines and of what the streaming sinks deliver, so a receiver can
+    /// check the chain itself (`hash` = SHA-256 of `prev_hash`, a newline and
+    /// [`AuditEvent::canonical_json`]).
+    pub fn to_json(&self) -> Value {
+        json!({
+            "seq": self.seq,
+            "time": self.time,
+            "actor": self.actor,
+            "request_id": self.request_id,
+            "resource_type": self.resource_type,
+            "resource_id": self.resource_id,
+            "operation": self.operation,
+            "outcome": self.outcome,
+            "status": self.status,
+            "detail": serde_json::from_str::<Value>(&self.detail)
+                .unwrap_or(Value::String(self.detail.clone())),
+            "prev_hash": self.prev_hash,
+            "hash": self.hash,
+        })
+    }
+
     /// The hash this event should carry given its `prev_hash`.
     pub fn compute_hash(&self) -> String {
         let mut h = Sha256::new();
