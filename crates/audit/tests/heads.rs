@@ -76,7 +76,8 @@ async fn rewrite_from(d: &Db, seq: i64) {
             .await
             .expect("update");
     }
-    let n: i64 = sqlx::query("SELECT COUNT(*) AS n FROM audit_events WHERE detail LIKE '%99%'")
+    let n: i64 = sqlx::query("SELECT COUNT(*) AS n FROM audit_events WHERE detail = ?")
+        .bind(json!({"members_added": 99}).to_string())
         .fetch_one(&pool)
         .await
         .expect("count")

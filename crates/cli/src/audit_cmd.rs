@@ -26,6 +26,24 @@ pub enum AuditCommand {
         #[arg(long)]
         public_key: Option<PathBuf>,
     },
+    /// Write a folder of evidence for an audit period: access at both ends, every access change
+    /// with its cause, held batches, the policy and configuration, the verification result and
+    /// a SHA-256 manifest.
+    Evidence {
+        /// Start of the period (RFC 3339).
+        #[arg(long)]
+        from: String,
+        /// End of the period (RFC 3339, or `now`).
+        #[arg(long, default_value = "now")]
+        to: String,
+        /// A new (or empty) folder to write.
+        #[arg(long)]
+        output: PathBuf,
+        /// The public key whose signed heads to check (default: the public half of
+        /// `[audit] signing_key_file`).
+        #[arg(long)]
+        public_key: Option<PathBuf>,
+    },
     /// Write a new Ed25519 key pair for signed heads: FILE (private, mode 0600) and FILE.pub.
     Keygen {
         /// Where to write the private key; the public key goes to FILE.pub.
@@ -170,12 +188,13 @@ pub(crate) fn event_from_json(v: &Value) -> anyhow::Result<AuditEvent> {
 pub(crate) async fn verify(
     cfg: &Config,
     store: &DynStore,
-    public_key: Option<&std::path::Path>,
+    public_key: Option<&ed25519_dalek::VerifyingKey>,
     out: &mut dyn Write,
 ) -> anyhow::Result<u8> {
     let chain = verify_chain_only(cfg, store, out).await?;
-    let Some(path) = public_key else {
-        if chain == 0 {
+    let Some(key) = public_key else {
+        // Heads are signed: say how to check them.
+        if chain == 0 && cfg.audit.signing_key_file.is_some() {
             writeln!(
                 out,
                 "(the chain alone does not detect a rewrite by someone who can write the database: \
@@ -184,8 +203,7 @@ pub(crate) async fn verify(
         }
         return Ok(chain);
     };
-    let key = audit::heads::load_verifying_key(path)?;
-    let r = audit::heads::verify(store, &key).await?;
+    let r = audit::heads::verify(store, key).await?;
     match &r.problem {
         None => {
             let (seq, time) = r.newest.clone().unwrap_or_default();
@@ -194,7 +212,7 @@ pub(crate) async fn verify(
                 "signed heads OK: {} verified with key {} (newest covers seq {seq}, signed {time}); \
                  {} events after it are not covered yet{}{}",
                 r.verified,
-                audit::heads::key_id(&key),
+                audit::heads::key_id(key),
                 r.uncovered,
                 if r.other_keys > 0 {
                     format!(
@@ -546,7 +564,36 @@ pub(crate) async fn run(cmd: AuditCommand, cfg: &Config, store: &DynStore) -> an
     let stdout = &mut std::io::stdout();
     match cmd {
         AuditCommand::Verify { public_key } => {
-            return verify(cfg, store, public_key.as_deref(), stdout).await;
+            let key = public_key
+                .as_deref()
+                .map(audit::heads::load_verifying_key)
+                .transpose()?;
+            return verify(cfg, store, key.as_ref(), stdout).await;
+        }
+        AuditCommand::Evidence {
+            from,
+            to,
+            output,
+            public_key,
+        } => {
+            let from = parse_time(&from)?;
+            let to = parse_time(&to)?;
+            let files =
+                crate::evidence::evidence(cfg, store, from, to, &output, public_key.as_deref())
+                    .await?;
+            writeln!(
+                stdout,
+                "wrote {} files to {}:",
+                files.len(),
+                output.display()
+            )?;
+            for f in &files {
+                writeln!(
+                    stdout,
+                    "  {}",
+                    f.file_name().and_then(|n| n.to_str()).unwrap_or_default()
+                )?;
+            }
         }
         AuditCommand::Keygen { output } => keygen(&output, stdout)?,
         AuditCommand::Export {
@@ -816,6 +863,7 @@ allowed_roles = ["PROJECT_VIEWER"]
         let dir = tempfile::tempdir().unwrap();
         let cfg = cfg_for(dir.path());
         let store = open(&cfg).await;
+        let t0 = OffsetDateTime::now_utc();
         let client = teamcity::Client::new(teamcity::ClientConfig::new(
             tc_url,
             teamcity::Token::new("t"),
@@ -960,6 +1008,109 @@ allowed_roles = ["PROJECT_VIEWER"]
         ] {
             assert!(events.iter().any(|e| e.operation == op), "no {op} event");
         }
+
+        // The evidence folder of the whole flow, with a signed head and secrets in the config.
+        let mut signed = cfg.clone();
+        let key = dir.path().join("audit-signing.pem");
+        audit::heads::keygen(&key, &dir.path().join("audit-signing.pem.pub")).unwrap();
+        signed.audit.signing_key_file = Some(key.clone());
+        signed.teamcity.token = Some(crate::config::Secret::new("tc-super-secret".into()));
+        signed.policy = sync::Policy::from_toml(POLICY).unwrap();
+        audit::HeadSigner::new(store.clone(), audit::heads::load_signing_key(&key).unwrap())
+            .sign("audit")
+            .await
+            .unwrap();
+        let folder = dir.path().join("evidence");
+        let t3 = OffsetDateTime::now_utc();
+        let files = crate::evidence::evidence(&signed, &store, t0, t3, &folder, None)
+            .await
+            .unwrap();
+        let names: BTreeSet<String> = files
+            .iter()
+            .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "MANIFEST.sha256",
+                "SUMMARY.txt",
+                "access-changes.csv",
+                "access-review-from.csv",
+                "access-review-to.csv",
+                "config.toml",
+                "events.jsonl",
+                "held-batches.csv",
+                "policy.toml",
+                "verification.txt",
+            ]
+            .map(String::from)
+            .into_iter()
+            .collect()
+        );
+        let read = |n: &str| std::fs::read_to_string(folder.join(n)).unwrap();
+        let manifest = read("MANIFEST.sha256");
+        assert_eq!(manifest.lines().count(), names.len() - 1);
+        for line in manifest.lines() {
+            let (sum, name) = line.split_once("  ").unwrap();
+            let data = std::fs::read(folder.join(name)).unwrap();
+            use sha2::Digest as _;
+            assert_eq!(sum, hex::encode(sha2::Sha256::digest(&data)), "{name}");
+        }
+        assert_eq!(
+            read("access-review-from.csv").lines().count(),
+            1,
+            "nobody had access at t0"
+        );
+        assert_eq!(
+            read("access-review-to.csv").lines().count(),
+            review_rows(&store, t3).await.unwrap().len() + 1
+        );
+        let changes = read("access-changes.csv");
+        let bob_off = changes
+            .lines()
+            .find(|l| l.contains(",set_deactivated,"))
+            .expect("bob's deactivation");
+        assert!(
+            bob_off.contains(&format!(
+                "SCIM patch of User {} by token:tok_okta",
+                ids["bob"]
+            )),
+            "the cause is the IdP's PATCH: {bob_off}"
+        );
+        let created = changes
+            .lines()
+            .find(|l| l.contains(",create_group,") && l.contains("Operations"))
+            .expect("Operations created");
+        assert!(
+            created.contains(&format!("SCIM create of Group {}", groups["Operations"])),
+            "{created}"
+        );
+        let verification = read("verification.txt");
+        assert!(verification.contains("audit chain OK"), "{verification}");
+        assert!(
+            verification.contains("signed heads OK: 1 verified"),
+            "{verification}"
+        );
+        assert!(verification.contains("result: OK"), "{verification}");
+        let config = read("config.toml");
+        assert!(
+            !config.contains("tc-super-secret") && config.contains("<redacted>"),
+            "{config}"
+        );
+        assert!(read("policy.toml").contains("00g-engineering"));
+        assert_eq!(
+            read("events.jsonl").lines().count(),
+            store.audit_events(0, 100_000).await.unwrap().len()
+        );
+        println!("{}\n{changes}", read("SUMMARY.txt"));
+        assert!(
+            crate::evidence::evidence(&signed, &store, t0, t3, &folder, None)
+                .await
+                .unwrap_err()
+                .to_string()
+                .contains("not empty"),
+            "never overwrites earlier evidence"
+        );
 
         // Prune up to t1, and the review at t2 is unchanged (replayed from the checkpoint).
         let mut o = Vec::new();

@@ -412,6 +412,9 @@ pub(crate) async fn run() -> anyhow::Result<()> {
         "  TeamCity:  curl -H 'Authorization: Bearer {emulator_token}' -H 'Accept: application/json' {tc_url}/app/rest/userGroups"
     );
     println!("  Dashboard: {dashboard_url} (sign in with the admin token {admin_token})");
+    println!(
+        "  Audit:     TEAMCITY_SCIM_DATABASE__URL={db} teamcity-scim audit evidence --from 2020-01-01T00:00:00Z --output demo-evidence"
+    );
     println!("Press Ctrl-C to stop.");
     crate::shutdown_signal().await;
     let _ = stop_tx.send(true);

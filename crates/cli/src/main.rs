@@ -21,6 +21,7 @@ mod audit_cmd;
 mod config;
 mod dashboard;
 mod demo;
+mod evidence;
 mod ops;
 mod status;
 mod sync_cmd;

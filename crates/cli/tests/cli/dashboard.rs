@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use serde_json::{Value, json};
 
-use crate::support::{Env, KillOnDrop, free_port, text, wait_up};
+use crate::support::{Env, KillOnDrop, free_port, serve_with, text, wait_up};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
@@ -250,18 +250,14 @@ async fn every_dashboard_page_renders_in_chromium_without_errors_and_only_for_ad
 
     let port = free_port();
     let admin_port = free_port();
-    let _serve = KillOnDrop(
-        env.cmd(&["serve"])
-            .env("TEAMCITY_SCIM_SERVER__LISTEN", format!("127.0.0.1:{port}"))
-            .env(
-                "TEAMCITY_SCIM_ADMIN__LISTEN",
-                format!("127.0.0.1:{admin_port}"),
-            )
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("serve"),
-    );
+    let _serve = KillOnDrop(serve_with(
+        &env,
+        port,
+        &[(
+            "TEAMCITY_SCIM_ADMIN__LISTEN",
+            format!("127.0.0.1:{admin_port}"),
+        )],
+    ));
     let http = reqwest::Client::new();
     wait_up(&http, &format!("http://127.0.0.1:{port}/scim/v2")).await;
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod audit_stream;
 mod commands;
 mod crash;
 mod dashboard;

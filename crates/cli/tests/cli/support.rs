@@ -150,9 +150,17 @@ pub(crate) fn free_port() -> u16 {
 
 /// `serve` on `port` against this setup.
 pub(crate) fn serve(env: &Env, port: u16) -> Child {
-    env.cmd(&["serve"])
-        .env("TEAMCITY_SCIM_SERVER__LISTEN", format!("127.0.0.1:{port}"))
-        .stdout(Stdio::null())
+    serve_with(env, port, &[])
+}
+
+/// `serve` on `port` with extra environment variables (e.g. the dashboard's address).
+pub(crate) fn serve_with(env: &Env, port: u16, vars: &[(&str, String)]) -> Child {
+    let mut cmd = env.cmd(&["serve"]);
+    cmd.env("TEAMCITY_SCIM_SERVER__LISTEN", format!("127.0.0.1:{port}"));
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    cmd.stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("serve")
