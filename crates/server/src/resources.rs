@@ -183,11 +183,18 @@ pub(crate) async fn patch(
             changes.push(membership_change(state, id, c).await?);
         }
         let attrs = (outcome.attrs != cur.attrs).then_some(outcome.attrs);
-        match state
-            .store
-            .update(ctx, kind, id, cur.version, attrs, &changes)
-            .await
-        {
+        // Membership changes alone commute: applied to the rows at whatever version the group
+        // has, so a burst of PATCHes to one group never retries, fails or loses a member. An
+        // If-Match still pins the version.
+        let written = if kind == ResourceKind::Group && attrs.is_none() && pinned.is_none() {
+            state.store.update_members(ctx, id, &changes).await
+        } else {
+            state
+                .store
+                .update(ctx, kind, id, cur.version, attrs, &changes)
+                .await
+        };
+        match written {
             Ok(r) => break r,
             Err(StoreError::PreconditionFailed) if pinned.is_none() && attempt < PATCH_ATTEMPTS => {
                 tokio::time::sleep(retry_pause()).await;

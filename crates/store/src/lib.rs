@@ -347,6 +347,17 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         members: &[MembershipChange],
     ) -> StoreResult<Resource>;
 
+    /// Applies membership changes to a group in order, in one transaction, at whatever version
+    /// it has: adding and removing members commute, so concurrent PATCHes of one group need no
+    /// optimistic retry and none is lost. Bumps the version (and writes the audit event and the
+    /// outbox row) only when a member was added or removed.
+    async fn update_members(
+        &self,
+        ctx: &WriteCtx,
+        id: &str,
+        members: &[MembershipChange],
+    ) -> StoreResult<Resource>;
+
     /// Deletes a resource and its membership rows.
     async fn delete(
         &self,

@@ -55,6 +55,71 @@ fn str_attr<'a>(attrs: &'a Value, name: &str) -> Option<&'a str> {
 }
 
 impl SqliteStore {
+    /// [`Store::update`] with the version check optional (`None`: membership changes only,
+    /// which commute).
+    async fn update_at(
+        &self,
+        ctx: &WriteCtx,
+        kind: ResourceKind,
+        id: &str,
+        expected_version: Option<i64>,
+        attrs: Option<Value>,
+        members: &[MembershipChange],
+    ) -> StoreResult<Resource> {
+        let now = self.now();
+        let ts = timefmt::format(now);
+        let mut tx = self.begin().await?;
+        let version = Self::current_version(&mut tx, kind, id).await?;
+        if expected_version.is_some_and(|v| v != version) {
+            return Err(StoreError::PreconditionFailed);
+        }
+        let (mut added, mut removed) = (vec![], vec![]);
+        if kind == ResourceKind::Group {
+            for change in members {
+                apply_members(&mut tx, id, change, &mut added, &mut removed).await?;
+            }
+        }
+        let attrs_changed = attrs.is_some();
+        let members_changed = !added.is_empty() || !removed.is_empty();
+        if !attrs_changed && !members_changed {
+            // Nothing changed: no version bump, no audit noise, nothing for TeamCity.
+            let r = self.read_one_tx(&mut tx, kind, id, read_back(kind)).await?;
+            tx.commit().await?;
+            return Ok(r);
+        }
+        match &attrs {
+            Some(a) => Self::write_attrs(&mut tx, kind, id, a, &ts, version + 1).await?,
+            None => Self::touch(&mut tx, kind, id, &ts, version + 1).await?,
+        }
+        let op = if attrs_changed { "upsert" } else { "members" };
+        record(
+            &mut tx,
+            ctx,
+            now,
+            Record {
+                resource_type: kind.name(),
+                resource_id: id,
+                operation: "patch",
+                status: 200,
+                detail: json!({
+                    "attributes_changed": attrs_changed,
+                    "members_added": added.len(),
+                    "members_removed": removed.len(),
+                }),
+                outbox: Some((
+                    entity(kind),
+                    op,
+                    json!({"added": added, "removed": removed}),
+                )),
+            },
+        )
+        .await?;
+        let r = self.read_one_tx(&mut tx, kind, id, read_back(kind)).await?;
+        tx.commit().await?;
+        self.written();
+        Ok(r)
+    }
+
     /// Opens (creating if missing) and migrates the database at `url`.
     pub async fn open(url: &str, clock: Arc<dyn Clock>) -> StoreResult<Self> {
         let memory = url.contains(":memory:") || url.contains("mode=memory");
@@ -941,58 +1006,18 @@ impl Store for SqliteStore {
         attrs: Option<Value>,
         members: &[MembershipChange],
     ) -> StoreResult<Resource> {
-        let now = self.now();
-        let ts = timefmt::format(now);
-        let mut tx = self.begin().await?;
-        let version = Self::current_version(&mut tx, kind, id).await?;
-        if version != expected_version {
-            return Err(StoreError::PreconditionFailed);
-        }
-        let (mut added, mut removed) = (vec![], vec![]);
-        if kind == ResourceKind::Group {
-            for change in members {
-                apply_members(&mut tx, id, change, &mut added, &mut removed).await?;
-            }
-        }
-        let attrs_changed = attrs.is_some();
-        let members_changed = !added.is_empty() || !removed.is_empty();
-        if !attrs_changed && !members_changed {
-            // Nothing changed: no version bump, no audit noise, nothing for TeamCity.
-            let r = self.read_one_tx(&mut tx, kind, id, read_back(kind)).await?;
-            tx.commit().await?;
-            return Ok(r);
-        }
-        match &attrs {
-            Some(a) => Self::write_attrs(&mut tx, kind, id, a, &ts, version + 1).await?,
-            None => Self::touch(&mut tx, kind, id, &ts, version + 1).await?,
-        }
-        let op = if attrs_changed { "upsert" } else { "members" };
-        record(
-            &mut tx,
-            ctx,
-            now,
-            Record {
-                resource_type: kind.name(),
-                resource_id: id,
-                operation: "patch",
-                status: 200,
-                detail: json!({
-                    "attributes_changed": attrs_changed,
-                    "members_added": added.len(),
-                    "members_removed": removed.len(),
-                }),
-                outbox: Some((
-                    entity(kind),
-                    op,
-                    json!({"added": added, "removed": removed}),
-                )),
-            },
-        )
-        .await?;
-        let r = self.read_one_tx(&mut tx, kind, id, read_back(kind)).await?;
-        tx.commit().await?;
-        self.written();
-        Ok(r)
+        self.update_at(ctx, kind, id, Some(expected_version), attrs, members)
+            .await
+    }
+
+    async fn update_members(
+        &self,
+        ctx: &WriteCtx,
+        id: &str,
+        members: &[MembershipChange],
+    ) -> StoreResult<Resource> {
+        self.update_at(ctx, ResourceKind::Group, id, None, None, members)
+            .await
     }
 
     async fn delete(

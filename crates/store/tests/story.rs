@@ -647,3 +647,65 @@ async fn audit_recent_pages_newest_first() {
     );
     assert!(s.audit_recent(Some(seqs[4]), 10).await.unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn membership_updates_apply_at_any_version() {
+    let d = db().await;
+    let s = &d.store;
+    let a = s
+        .create(&ctx(), ResourceKind::User, user("ma"), None)
+        .await
+        .unwrap();
+    let b = s
+        .create(&ctx(), ResourceKind::User, user("mb"), None)
+        .await
+        .unwrap();
+    let g = s
+        .create(&ctx(), ResourceKind::Group, group("mg"), None)
+        .await
+        .unwrap();
+    // Someone renames the group meanwhile: a membership change still applies, keeps the rename.
+    let renamed = s
+        .update(
+            &ctx(),
+            ResourceKind::Group,
+            &g.id,
+            g.version,
+            Some(group("mg2")),
+            &[],
+        )
+        .await
+        .unwrap();
+    let r = s
+        .update_members(
+            &ctx(),
+            &g.id,
+            &[MembershipChange::Add(vec![member(&a.id), member(&b.id)])],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.version, renamed.version + 1, "one bump for the change");
+    assert_eq!(r.attrs["displayName"], "mg2", "the rename is kept");
+    let (audit_before, outbox_before) = counts(s).await;
+    // Adding members already there changes nothing: no bump, no audit event, no outbox row.
+    let same = s
+        .update_members(&ctx(), &g.id, &[MembershipChange::Add(vec![member(&a.id)])])
+        .await
+        .unwrap();
+    assert_eq!(same.version, r.version);
+    assert_eq!(counts(s).await, (audit_before, outbox_before));
+    let r = s
+        .update_members(
+            &ctx(),
+            &g.id,
+            &[MembershipChange::Remove(vec![a.id.clone()])],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.version, same.version + 1);
+    assert!(matches!(
+        s.update_members(&ctx(), "no-such-group", &[MembershipChange::RemoveAll])
+            .await,
+        Err(StoreError::NotFound)
+    ));
+}

@@ -1307,3 +1307,49 @@ async fn cached_lookups_never_outlive_a_write() {
     s.delete(&format!("/Users/{ann}")).await.expect(204);
     assert!(s.get(&q("anna@x.example")).await.resources().is_empty());
 }
+
+/// Okta pushes a group's membership as bursts of PATCHes to that one group, Entra in parallel
+/// requests: adding and removing members commute, so none of them may fail or lose a member
+/// however many arrive at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_membership_patches_to_one_group_never_fails_and_loses_nothing() {
+    const USERS: usize = 400;
+    const IN_FLIGHT: usize = 64;
+    let s = std::sync::Arc::new(Server::start().await);
+    let mut users = vec![];
+    for i in 0..USERS {
+        users.push(s.create_user(&format!("burst{i:03}@x.example")).await);
+    }
+    let gid = s.create_group("Burst", &[]).await;
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+    let mut set = tokio::task::JoinSet::new();
+    for u in users.clone() {
+        let (s, gid, sem) = (s.clone(), gid.clone(), sem.clone());
+        set.spawn(async move {
+            let _permit = sem.acquire().await.expect("permit");
+            s.patch(
+                &format!("/Groups/{gid}"),
+                &patch_op(json!([{"op": "add", "path": "members", "value": [{"value": u}]}])),
+            )
+            .await
+            .status
+        });
+    }
+    let mut failed = 0;
+    while let Some(st) = set.join_next().await {
+        if st.unwrap() != 200 {
+            failed += 1;
+        }
+    }
+    assert_eq!(failed, 0, "{failed} of {USERS} membership PATCHes failed");
+    let mut want = users.clone();
+    want.sort();
+    assert_eq!(s.member_ids(&gid).await, want, "no member lost");
+    let r = s.get(&format!("/Groups/{gid}")).await;
+    // Created at version 1, one bump per PATCH that changed something.
+    assert_eq!(
+        r.header("etag"),
+        Some(format!("W/\"{}\"", USERS + 1).as_str()),
+        "the ETag moved once per change"
+    );
+}
