@@ -366,7 +366,42 @@ async fn token(cmd: TokenCommand, cfg: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Holds `<database file>.lock` for as long as `serve` runs: SQLite serves one process, whose
+/// lookup cache and write counters live in its memory, so a second `serve` on the same file
+/// (a rolling deploy on a shared volume, a copy started by hand) must not run beside it. The
+/// operating system releases the lock when the process ends, however it ends. The CLI's other
+/// commands (`token`, `approve`, `outbox`, `plan`, `audit`) do not take it and keep working.
+fn lock_database(cfg: &Config) -> anyhow::Result<Option<std::fs::File>> {
+    let Some(db) = cfg.database_file() else {
+        return Ok(None);
+    };
+    let db = std::path::absolute(&db).unwrap_or(db);
+    let mut path = db.clone().into_os_string();
+    path.push(".lock");
+    let path = PathBuf::from(path);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open the lock file {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another `teamcity-scim serve` is already using the SQLite database {} (it holds {}). \
+             SQLite serves one process: stop the other one first. Commands such as `token`, \
+             `plan`, `approve`, `outbox` and `audit` work beside it.",
+            db.display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
+}
+
 async fn serve(cfg: Config) -> anyhow::Result<()> {
+    let _lock = lock_database(&cfg)?;
     let store = open_store(&cfg).await?;
     let audit_store = store.clone();
     let scim_tokens = store

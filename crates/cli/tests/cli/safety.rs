@@ -524,3 +524,40 @@ async fn every_metric_the_alerts_and_the_dashboard_use_is_exported() {
     );
     stop(child);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_serve_on_the_same_sqlite_database_refuses_to_start_and_says_why() {
+    let env = Env::new(POLICY, Duration::ZERO).await;
+    let http = reqwest::Client::new();
+    let port = free_port();
+    let first = KillOnDrop(serve(&env, port));
+    wait_up(&http, &format!("http://127.0.0.1:{port}/scim/v2")).await;
+
+    // A rolling deploy on a shared volume: the second process stops at once, with the reason.
+    let second = env
+        .cmd(&["serve"])
+        .env(
+            "TEAMCITY_SCIM_SERVER__LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        )
+        .output()
+        .expect("second serve");
+    let (_, stderr) = text(&second);
+    assert!(!second.status.success(), "the second serve must not run");
+    assert!(
+        stderr.contains("another `teamcity-scim serve` is already using the SQLite database")
+            && stderr.contains("cli.db"),
+        "{stderr}"
+    );
+    // The operator's commands keep working beside the running serve.
+    let out = env.run(&["token", "create", "--name", "beside"]).await;
+    assert!(out.status.success(), "{:?}", text(&out));
+    let out = env.run(&["outbox", "list"]).await;
+    assert!(out.status.success(), "{:?}", text(&out));
+
+    // Once the first is gone (killed, no clean shutdown), a new one starts.
+    drop(first);
+    let port = free_port();
+    let _again = KillOnDrop(serve(&env, port));
+    wait_up(&http, &format!("http://127.0.0.1:{port}/scim/v2")).await;
+}
