@@ -541,7 +541,21 @@ impl Client {
         body: Body,
         want: Want,
     ) -> Result<(), TeamCityError> {
-        let resp = self.send(op, method, segments, &[], body, want).await?;
+        self.nothing_with(op, method, segments, &[], body, want)
+            .await
+    }
+
+    /// [`Client::nothing`] with query parameters (e.g. a small `fields=` for the answer).
+    async fn nothing_with(
+        &self,
+        op: &'static str,
+        method: Method,
+        segments: &[&str],
+        query: &[(&str, &str)],
+        body: Body,
+        want: Want,
+    ) -> Result<(), TeamCityError> {
+        let resp = self.send(op, method, segments, query, body, want).await?;
         // Drain so the connection goes back to the pool.
         let _ = resp.bytes().await;
         Ok(())
@@ -957,8 +971,16 @@ impl Client {
     pub async fn add_user_to_group(&self, user: &Locator, key: &str) -> Result<(), TeamCityError> {
         let segments = ["users", user.as_str(), "groups"];
         let body = Self::encode(&GroupRef { key })?;
-        self.nothing("add_member", Method::POST, &segments, body, Want::Json)
-            .await
+        // Without `fields=` the answer lists every member of the group.
+        self.nothing_with(
+            "add_member",
+            Method::POST,
+            &segments,
+            &[("fields", "key")],
+            body,
+            Want::Json,
+        )
+        .await
     }
 
     /// `DELETE /app/rest/users/{u}/groups/key:(..)`: 404 when not a member.
@@ -990,11 +1012,12 @@ impl Client {
             group: keys.iter().map(|key| GroupRef { key }).collect(),
         };
         let segments = ["users", user.as_str(), "groups"];
+        // Without `fields=` each group in the answer lists all its members.
         self.json(
             "set_user_groups",
             Method::PUT,
             &segments,
-            &[],
+            &[("fields", "count,group(key,name)")],
             Self::encode(&body)?,
         )
         .await
