@@ -473,6 +473,13 @@ async fn every_metric_the_alerts_and_the_dashboard_use_is_exported() {
     assert!(wanted.len() >= 10, "{wanted:?}");
 
     let env = Env::new(POLICY, Duration::ZERO).await;
+    // A sink, so its lag gauges are exported too.
+    let sink = env.dir.path().join("audit.jsonl");
+    std::fs::write(
+        &env.config,
+        format!("[[audit.sinks]]\nkind = \"file\"\npath = {sink:?}\n{POLICY}"),
+    )
+    .expect("config");
     let token = scim_token(&env).await;
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}/scim/v2");
