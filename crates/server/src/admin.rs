@@ -832,10 +832,12 @@ impl Subject {
             .filter_map(Value::as_str)
             .any(|m| self.member_ids.contains(m));
         member
-            || self
-                .group_key
-                .as_deref()
-                .is_some_and(|k| detail["group"].as_str() == Some(k))
+            || self.group_key.as_deref().is_some_and(|k| {
+                detail["group"].as_str() == Some(k)
+                    || detail["groups"]
+                        .as_array()
+                        .is_some_and(|gs| gs.iter().any(|g| g.as_str() == Some(k)))
+            })
     }
 }
 

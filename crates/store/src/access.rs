@@ -181,6 +181,12 @@ impl AccessState {
                 if scim.is_some() {
                     u.scim_id = scim;
                 }
+                // Groups joined in the create call itself.
+                for g in d["groups"].as_array().into_iter().flatten() {
+                    if let Some(g) = g.as_str() {
+                        u.groups.insert(g.to_owned());
+                    }
+                }
             }
             ("delete_user", Some(k), _) => {
                 self.users.remove(&k);
@@ -420,6 +426,18 @@ mod tests {
                     "12 s2 PROJECT_DEVELOPER@p:Backend DEV (developers)",
                     "12 s2 PROJECT_VIEWER@g direct",
                 ],
+            ),
+            (
+                "groups joined in the create call itself",
+                vec![
+                    (
+                        "create_user",
+                        "user:new:s5",
+                        json!({"scim_id": "s5", "groups": ["DEV"]}),
+                    ),
+                    ("mapping.upsert", "user:s5", json!({"teamcity_id": "16"})),
+                ],
+                vec!["16 s5 PROJECT_DEVELOPER@p:Backend DEV (developers)"],
             ),
             (
                 "events after an early link reach the linked user",

@@ -256,6 +256,7 @@ async fn step(
             username,
             name,
             email,
+            groups,
         } => {
             if let Some(id) = created.get(scim_id) {
                 out.created = Some((scim_id.clone(), *id));
@@ -266,6 +267,7 @@ async fn step(
                 name: name.clone(),
                 email: email.clone(),
                 properties: vec![(USER_MARKER.to_owned(), scim_id.clone())],
+                groups: groups.clone(),
             };
             match client.create_user(&new).await {
                 Ok(u) => {

@@ -375,8 +375,14 @@ pub fn describe(a: &Action) -> (String, Value) {
         UserRef::New(s) => format!("new:{s}"),
     };
     match a {
-        Action::CreateUser { scim_id, .. } => {
-            (format!("user:new:{scim_id}"), json!({"scim_id": scim_id}))
+        Action::CreateUser {
+            scim_id, groups, ..
+        } => {
+            let mut d = json!({"scim_id": scim_id});
+            if !groups.is_empty() {
+                d["groups"] = json!(groups);
+            }
+            (format!("user:new:{scim_id}"), d)
         }
         Action::UpdateUser { user: u, changes } => (
             format!("user:{u}"),

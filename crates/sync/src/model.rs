@@ -371,6 +371,7 @@ impl ActualState {
                 username,
                 name,
                 email,
+                groups,
             } => {
                 if let Some(&id) = created.get(scim_id)
                     && !index.contains_key(&id)
@@ -382,6 +383,7 @@ impl ActualState {
                         name: name.clone(),
                         email: email.clone(),
                         scim_id: Some(scim_id.clone()),
+                        groups: groups.iter().cloned().collect(),
                         ..ActualUser::default()
                     });
                 }
@@ -534,7 +536,7 @@ pub struct FieldChange {
 /// delete per token).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Action {
-    /// `POST /users` with the marker property and a random password.
+    /// `POST /users` with the marker property, a random password and the groups it joins.
     CreateUser {
         /// SCIM id (the marker value; resolves [`UserRef::New`]).
         scim_id: String,
@@ -544,6 +546,10 @@ pub enum Action {
         name: Option<String>,
         /// Email.
         email: Option<String>,
+        /// Keys of groups that already exist in TeamCity which the user joins in the same call
+        /// (TeamCity applies them right after creating the user).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        groups: Vec<String>,
     },
     /// `PUT /users/id:N` (or `DELETE /users/id:N/{field}` to clear).
     UpdateUser {

@@ -353,6 +353,7 @@ pub fn plan(desired: &Desired, actual: &ActualState, opts: &PlanOptions) -> Plan
                 username: d.username.clone(),
                 name: d.name.clone(),
                 email: d.email.clone(),
+                groups: Vec::new(),
             },
         );
         refs.insert(&d.scim_id, UserRef::New(d.scim_id.clone()));
@@ -656,6 +657,7 @@ pub fn plan(desired: &Desired, actual: &ActualState, opts: &PlanOptions) -> Plan
         });
     }
 
+    fold_joins_into_creates(&mut out.actions, actual);
     out.actions.sort_by_key(|(phase, _, _)| *phase);
     let mut orphans_at = BTreeMap::new();
     let mut actions = Vec::with_capacity(out.actions.len());
@@ -672,6 +674,53 @@ pub fn plan(desired: &Desired, actual: &ActualState, opts: &PlanOptions) -> Plan
         orphans: orphans_at,
         conflicts: out.conflicts,
         reports,
+    }
+}
+
+/// A new user's joins of groups that already exist in TeamCity (and are neither deleted nor
+/// created by this plan) go into its create: one call instead of one per group, which halves
+/// the calls of a first load pushed users first (every user joins the defaults group). Joins
+/// of groups this plan creates stay separate steps after that create.
+fn fold_joins_into_creates(actions: &mut Vec<(u8, Action, Option<Orphan>)>, actual: &ActualState) {
+    let existing: BTreeSet<&str> = actual.groups.iter().map(|g| g.key.as_str()).collect();
+    let touched: BTreeSet<String> = actions
+        .iter()
+        .filter_map(|(_, a, _)| match a {
+            Action::CreateGroup { key, .. } | Action::DeleteGroup { key } => Some(key.clone()),
+            _ => None,
+        })
+        .collect();
+    let creates: BTreeSet<String> = actions
+        .iter()
+        .filter_map(|(_, a, _)| match a {
+            Action::CreateUser { scim_id, .. } => Some(scim_id.clone()),
+            _ => None,
+        })
+        .collect();
+    let mut joins: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    actions.retain(|(_, a, _)| match a {
+        Action::AddToGroup {
+            user: UserRef::New(s),
+            group,
+        } if creates.contains(s)
+            && existing.contains(group.as_str())
+            && !touched.contains(group) =>
+        {
+            joins.entry(s.clone()).or_default().push(group.clone());
+            false
+        }
+        _ => true,
+    });
+    for (_, a, _) in actions.iter_mut() {
+        if let Action::CreateUser {
+            scim_id, groups, ..
+        } = a
+            && let Some(keys) = joins.remove(scim_id.as_str())
+        {
+            groups.extend(keys);
+            groups.sort();
+            groups.dedup();
+        }
     }
 }
 
@@ -706,8 +755,14 @@ pub fn dependencies(actions: &[Action], actual: &ActualState) -> Vec<Vec<usize>>
     let mut strip_steps: HashMap<u64, Vec<usize>> = HashMap::new();
     for (i, a) in actions.iter().enumerate() {
         match a {
-            Action::CreateUser { scim_id, .. } => {
+            Action::CreateUser {
+                scim_id, groups, ..
+            } => {
                 create_user.insert(scim_id, i);
+                // Joins made by the create count as additions to those groups.
+                for g in groups {
+                    group_additions.entry(g).or_default().push(i);
+                }
             }
             Action::AdoptUser { user, .. } => {
                 adopt.insert(*user, i);

@@ -157,12 +157,16 @@ pub fn render(plan: &Plan, actual: &ActualState) -> String {
                 scim_id,
                 name,
                 email,
+                groups,
                 ..
             } => {
                 let b = user_block(&mut users, UserRef::New(scim_id.clone()), user_title);
                 b.status = Status::Add;
                 b.lines.push(line(format!("+ name:  {}", q(name))));
                 b.lines.push(format!("+ email: {}", q(email)));
+                for g in groups {
+                    b.lines.push(format!("+ group {}", group_label(g)));
+                }
             }
             Action::AdoptUser { user, scim_id } => {
                 user_block(&mut users, UserRef::Id(*user), user_title)

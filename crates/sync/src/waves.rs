@@ -258,10 +258,15 @@ roles = ["PROJECT_VIEWER@p:_Root"]
                 }
             }
         }
-        let join_u4 = find(
-            &|x| matches!(x, Action::AddToGroup { user: UserRef::New(s), group } if s == "u4" && *group == g_ops0),
+        // u4 joins the existing Ops group in its create call.
+        let create_u4 = find(
+            &|x| matches!(x, Action::CreateUser { scim_id, groups, .. } if scim_id == "u4" && groups.contains(&g_ops0)),
         );
-        assert_eq!(join_u4.len(), 1, "u4 joins the existing Ops group: {a:#?}");
+        assert_eq!(
+            create_u4.len(),
+            1,
+            "u4 joins the existing Ops group: {a:#?}"
+        );
         // The deactivation steps of u2 stay in one lane, in plan order.
         let deact: Vec<usize> = find(&|x| {
             matches!(

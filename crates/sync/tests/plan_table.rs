@@ -158,6 +158,7 @@ fn simulate(actual: &ActualState, actions: &[Action]) -> ActualState {
                 username,
                 name,
                 email,
+                groups,
             } => {
                 let next = s.users.iter().map(|u| u.id).max().unwrap_or(0) + 1;
                 created.insert(scim_id.clone(), next);
@@ -167,6 +168,7 @@ fn simulate(actual: &ActualState, actions: &[Action]) -> ActualState {
                     name: name.clone(),
                     email: email.clone(),
                     scim_id: Some(scim_id.clone()),
+                    groups: groups.iter().cloned().collect(),
                     ..ActualUser::default()
                 });
             }
@@ -321,12 +323,14 @@ fn initial_sync_creates_users_then_groups_with_members() {
                 username: "ann".into(),
                 name: Some("Ann Person".into()),
                 email: Some("ann@x".into()),
+                groups: vec![],
             },
             Action::CreateUser {
                 scim_id: "u2".into(),
                 username: "bob".into(),
                 name: Some("Bob Person".into()),
                 email: Some("bob@x".into()),
+                groups: vec![],
             },
             Action::CreateGroup {
                 key: DEFAULTS_GROUP_KEY.into(),
@@ -373,14 +377,14 @@ fn user_changes() {
                 d.groups[0].members.push("u3".into());
             }),
             vec![
+                // The groups exist: joined in the create call itself.
                 Action::CreateUser {
                     scim_id: "u3".into(),
                     username: "cara".into(),
                     name: Some("Cara Person".into()),
                     email: Some("cara@x".into()),
+                    groups: vec![k("g1"), DEFAULTS_GROUP_KEY.into()],
                 },
-                join(new("u3"), &k("g1")),
-                join(new("u3"), DEFAULTS_GROUP_KEY),
             ],
         ),
         (
@@ -522,16 +526,13 @@ fn scim_delete_per_deprovision_mode() {
         &policy,
         &hand_deleted,
         strip(),
-        &[
-            Action::CreateUser {
-                scim_id: "u2".into(),
-                username: "bob".into(),
-                name: Some("Bob Person".into()),
-                email: Some("bob@x".into()),
-            },
-            join(new("u2"), &k("g1")),
-            join(new("u2"), DEFAULTS_GROUP_KEY),
-        ],
+        &[Action::CreateUser {
+            scim_id: "u2".into(),
+            username: "bob".into(),
+            name: Some("Bob Person".into()),
+            email: Some("bob@x".into()),
+            groups: vec![k("g1"), DEFAULTS_GROUP_KEY.into()],
+        }],
     );
 }
 
@@ -750,8 +751,8 @@ allowed_roles = ["PROJECT_VIEWER"]
                 username: "cara".into(),
                 name: Some("Cara Person".into()),
                 email: Some("cara@x".into()),
+                groups: vec![DEFAULTS_GROUP_KEY.into()],
             },
-            join(new("u3"), DEFAULTS_GROUP_KEY),
             Action::AddUserRole {
                 user: new("u3"),
                 role: viewer("Frontend"),
@@ -859,15 +860,13 @@ fn defaults_group_holds_every_active_managed_user_only() {
         &policy,
         &s,
         strip(),
-        &[
-            Action::CreateUser {
-                scim_id: "u3".into(),
-                username: "cara".into(),
-                name: Some("Cara Person".into()),
-                email: Some("cara@x".into()),
-            },
-            join(new("u3"), DEFAULTS_GROUP_KEY),
-        ],
+        &[Action::CreateUser {
+            scim_id: "u3".into(),
+            username: "cara".into(),
+            name: Some("Cara Person".into()),
+            email: Some("cara@x".into()),
+            groups: vec![DEFAULTS_GROUP_KEY.into()],
+        }],
     );
     // An inactive SCIM user that never reached TeamCity is not created.
     let mut ghost = user("u4", "Dan", "dan@x");
@@ -953,7 +952,7 @@ fn render_reads_like_terraform() {
         r#"  + user "cara" (scim u3)
       + name:  "Cara Person"
       + email: "cara@x"
-      + group "SCIM: default roles"   (after: create user "cara")
+      + group "SCIM: default roles"
 
   ~ user "ann" (id:2)
       ~ email: "ann@x" -> "ann@new"
@@ -1018,15 +1017,13 @@ fn steps_carry_their_prerequisites() {
     // (case, directory change, expected prerequisites)
     let cases: Vec<(&str, Directory, Vec<String>)> = vec![
         (
-            "a new user's join needs its create",
+            // Joins of existing groups ride on the create itself: nothing waits for it.
+            "a new user's joins are part of its create",
             with(base_dir(), |d| {
                 d.users.push(user("u3", "Cara", "cara@x"));
                 d.groups[0].members.push("u3".into());
             }),
-            vec![
-                "add_to_group(user:new:u3) <- [create_user(user:new:u3)]".to_owned(),
-                "add_to_group(user:new:u3) <- [create_user(user:new:u3)]".to_owned(),
-            ],
+            vec![],
         ),
         (
             "a rename's delete needs the replacement",

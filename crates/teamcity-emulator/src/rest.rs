@@ -436,35 +436,37 @@ async fn create_user(
         )
         .caused_by(ce, cm));
     }
+    // As `DataUpdater.createUser`: the properties are part of the new account; roles and
+    // groups are applied afterwards (`DataUpdater.modify`), so a failure there leaves the user
+    // created, marker included. A failed role gives 400 PartialUpdateError; a group key that does
+    // not exist throws `NotFoundException` from `Group.getFromPosted`, which `modify` does not
+    // catch: 404 `No group is found by key '…'`.
+    let props = posted.properties.as_ref().map(posted_props).transpose()?;
     let id = s.insert_user(&username, posted.name.as_deref(), posted.email.as_deref());
-    // Properties, roles and groups are applied after creation; a failure leaves the user.
-    let applied = (|| -> Result<(), TcError> {
-        let props = posted.properties.as_ref().map(posted_props).transpose()?;
-        let roles = posted
-            .roles
-            .as_ref()
-            .map(|r| posted_roles(&s, r))
-            .transpose()?;
-        let groups = posted
-            .groups
-            .as_ref()
-            .map(|g| posted_group_keys(&s, g))
-            .transpose()?;
-        let user = s.users.get_mut(&id).expect("just inserted");
-        if let Some(p) = props {
-            user.properties = p;
+    if let Some(p) = props {
+        s.users.get_mut(&id).expect("just inserted").properties = p;
+    }
+    let roles = posted
+        .roles
+        .as_ref()
+        .map(|r| posted_roles(&s, r))
+        .transpose();
+    let roles_failed = match roles {
+        Ok(Some(r)) => {
+            s.users.get_mut(&id).expect("just inserted").roles = r.into_iter().collect();
+            None
         }
-        if let Some(r) = roles {
-            user.roles = r.into_iter().collect();
-        }
-        if let Some(g) = groups {
-            user.groups = g.into_iter().filter(|k| k != ALL_USERS_GROUP).collect();
-        }
-        Ok(())
-    })();
-    if let Err(e) = applied {
+        Ok(None) => None,
+        Err(e) => Some(e),
+    };
+    if let Some(g) = &posted.groups {
+        let keys = posted_group_keys(&s, g)?;
+        s.users.get_mut(&id).expect("just inserted").groups =
+            keys.into_iter().filter(|k| k != ALL_USERS_GROUP).collect();
+    }
+    if let Some(e) = roles_failed {
         return Err(TcError::partial(format!(
-            "Error setting user details: {}",
+            "Partial error updating user: {}",
             e.message
         )));
     }

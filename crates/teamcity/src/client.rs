@@ -99,6 +99,9 @@ pub struct NewUser {
     pub email: Option<String>,
     /// Properties to set in the same call (e.g. the managed marker).
     pub properties: Vec<(String, String)>,
+    /// Keys of existing groups the user joins in the same call (TeamCity applies them right
+    /// after creating the user; a failure there answers 400 but the user exists).
+    pub groups: Vec<String>,
 }
 
 /// Fields to change on a user; `None` leaves a field as it is.
@@ -212,6 +215,8 @@ struct CreateUserBody<'a> {
     password: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     properties: Option<Properties>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    groups: Option<GroupRefs<'a>>,
 }
 
 #[derive(Serialize)]
@@ -657,6 +662,9 @@ impl Client {
             email: user.email.as_deref(),
             password: random_password(),
             properties: properties(&user.properties),
+            groups: (!user.groups.is_empty()).then(|| GroupRefs {
+                group: user.groups.iter().map(|key| GroupRef { key }).collect(),
+            }),
         };
         // `fields=` keeps the answer to what a caller needs: by default TeamCity renders the
         // user's groups and roles too.

@@ -198,6 +198,7 @@ async fn a_teamcity_restored_under_a_running_serve_never_gets_a_write_meant_for_
             name: Some("Alice".into()),
             email: None,
             properties: vec![],
+            groups: vec![],
         })
         .await
         .expect("alice");

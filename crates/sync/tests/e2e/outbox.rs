@@ -285,3 +285,88 @@ async fn unmanaged_users_and_groups_survive_every_sync() {
     assert_eq!(local.name, local_before.name);
     assert!(local.properties.is_empty());
 }
+
+/// A user created after its groups exist joins them in the create call itself: one TeamCity
+/// call per user for a first load pushed users first. When a group it joins was deleted by
+/// hand under the engine's cached view, TeamCity creates the user (marker included) and
+/// answers 404: the user is not created twice, nobody is left in conflict, and the next passes
+/// restore the group with every member.
+#[tokio::test]
+async fn new_users_join_existing_groups_in_their_create_and_survive_a_group_deleted_by_hand() {
+    let w = World::start().await;
+    w.create_user("ann", None).await;
+    w.drain().await;
+    assert!(
+        w.tc_user("ann")
+            .expect("ann")
+            .groups
+            .contains(DEFAULTS_GROUP_KEY),
+        "the defaults group exists now"
+    );
+
+    // A users-first load: each new user costs exactly one TeamCity write.
+    w.emu.reset_counters();
+    for name in ["bob", "cid", "dee", "eve"] {
+        w.create_user(name, None).await;
+    }
+    w.drain().await;
+    assert_eq!(w.writes(), 4, "{:?}", w.emu.counters());
+    for name in ["bob", "cid", "dee", "eve"] {
+        let u = w.tc_user(name).expect("created");
+        assert!(
+            u.groups.contains(DEFAULTS_GROUP_KEY),
+            "{name} joined in its create"
+        );
+    }
+    let creates = w.audit_ops("create_user").await;
+    assert!(
+        creates
+            .iter()
+            .rev()
+            .take(4)
+            .all(|e| e.detail.contains(DEFAULTS_GROUP_KEY)),
+        "the audit trail records the joins made by the create"
+    );
+
+    // The defaults group is deleted by hand; the engine's cached view still has it.
+    w.emu.with_state(|s| {
+        s.groups.remove(DEFAULTS_GROUP_KEY);
+        for u in s.users.values_mut() {
+            u.groups.remove(DEFAULTS_GROUP_KEY);
+        }
+    });
+    w.create_user("fay", None).await;
+    w.drain_until_idle(&w.engine, Duration::from_secs(20)).await;
+    w.engine.reconcile(false).await.expect("reconcile");
+    w.drain_until_idle(&w.engine, Duration::from_secs(20)).await;
+
+    let failed: Vec<_> = w
+        .audit_ops("create_user")
+        .await
+        .into_iter()
+        .filter(|e| e.outcome == "failure")
+        .collect();
+    assert_eq!(
+        failed.len(),
+        1,
+        "fay's create met the missing group (404) once: {failed:?}"
+    );
+    let s = w.emu.snapshot();
+    let fays: Vec<_> = s
+        .users
+        .values()
+        .filter(|u| u.username == "fay@example.com")
+        .collect();
+    assert_eq!(fays.len(), 1, "created once");
+    assert!(fays[0].properties.contains_key(sync::USER_MARKER));
+    for name in ["ann", "bob", "cid", "dee", "eve", "fay"] {
+        let u = w.tc_user(name).expect("user");
+        assert!(
+            u.groups.contains(DEFAULTS_GROUP_KEY),
+            "{name} is back in the restored defaults group"
+        );
+    }
+    let (p, _, _) = w.engine.plan_full().await.expect("plan");
+    assert!(p.actions.is_empty(), "converged: {:?}", p.actions);
+    assert!(p.conflicts.is_empty(), "no conflict: {:?}", p.conflicts);
+}

@@ -11,6 +11,7 @@ fn new_user(username: &str) -> NewUser {
         name: Some("Jane Doe".into()),
         email: Some("jane@example.com".into()),
         properties: vec![("scim.id".into(), "00u1".into())],
+        groups: vec![],
     }
 }
 
@@ -434,4 +435,48 @@ async fn password_set_and_randomized() {
         .await
         .expect_err("unknown user");
     assert!(err.is_not_found());
+}
+
+/// `POST /users` with `groups`: joined right after the account is created, as
+/// `DataUpdater.modify` does; a group key that does not exist answers 404 but the user exists,
+/// with the properties it was created with.
+#[tokio::test]
+async fn create_user_joins_groups_and_keeps_the_user_when_a_group_is_missing() {
+    let (client, emu) = start().await;
+    client
+        .create_group(&teamcity::NewGroup {
+            key: "DEVS".into(),
+            name: "Developers".into(),
+            ..teamcity::NewGroup::default()
+        })
+        .await
+        .expect("group");
+    let u = client
+        .create_user(&NewUser {
+            groups: vec!["DEVS".into()],
+            ..new_user("joins")
+        })
+        .await
+        .expect("create with groups");
+    let id = u.id.expect("id");
+    assert!(emu.snapshot().users[&id].groups.contains("DEVS"));
+
+    let err = client
+        .create_user(&NewUser {
+            groups: vec!["NO_SUCH_GROUP".into()],
+            properties: vec![("scim.id".into(), "00u2".into())],
+            ..new_user("half")
+        })
+        .await
+        .expect_err("unknown group");
+    assert!(err.is_not_found(), "{err}");
+    let s = emu.snapshot();
+    let half = s
+        .user_by_username("half")
+        .expect("the user was created anyway");
+    assert_eq!(
+        half.properties.get("scim.id").map(String::as_str),
+        Some("00u2")
+    );
+    assert!(half.groups.is_empty());
 }
