@@ -1,6 +1,7 @@
 //! Integration tests of the SCIM HTTP surface, over real HTTP against a server on a loopback
 //! port with its own SQLite database per test.
 
+mod admin;
 mod audit_outbox;
 mod auth;
 mod bad_input;
