@@ -171,8 +171,21 @@ impl SinkConfig {
             },
             SinkKind::Webhook => {
                 match &self.url {
-                    Some(u) if u.starts_with("https://") || u.starts_with("http://") => {}
-                    Some(u) => return err(format!("`url` {u:?} is not an http(s) URL")),
+                    Some(u) if u.starts_with("https://") => {}
+                    // Plain HTTP would carry the trail in clear: only to this machine.
+                    Some(u) if u.starts_with("http://") => {
+                        let host = u["http://".len()..]
+                            .split(['/', '?'])
+                            .next()
+                            .unwrap_or_default();
+                        let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+                        if !matches!(host, "localhost" | "127.0.0.1" | "[::1]") {
+                            return err(format!(
+                                "`url` {u:?} is plain HTTP to another machine: use https://"
+                            ));
+                        }
+                    }
+                    Some(u) => return err(format!("`url` {u:?} is not an https URL")),
                     None => return err("`url` is required".into()),
                 }
                 if self.secret_file.is_none() {
@@ -823,7 +836,23 @@ mod tests {
                     secret_file: Some("k".into()),
                     ..base(SinkKind::Webhook)
                 },
-                Some("not an http(s) URL"),
+                Some("not an https URL"),
+            ),
+            (
+                SinkConfig {
+                    url: Some("http://siem.example.com/in".into()),
+                    secret_file: Some("k".into()),
+                    ..base(SinkKind::Webhook)
+                },
+                Some("plain HTTP to another machine"),
+            ),
+            (
+                SinkConfig {
+                    url: Some("http://127.0.0.1:9000/in".into()),
+                    secret_file: Some("k".into()),
+                    ..base(SinkKind::Webhook)
+                },
+                None,
             ),
             (
                 SinkConfig {
