@@ -20,6 +20,7 @@ use time::OffsetDateTime;
 pub mod access;
 pub mod audit;
 mod clock;
+mod common;
 mod sql_filter;
 pub mod sqlite;
 pub mod sync_model;
