@@ -423,4 +423,37 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn postgres_numbers_placeholders_and_uses_its_functions() {
+        let f = Filter::Or(
+            Box::new(cmp("userName", CompareOp::Ew, json!("ICE"))),
+            Box::new(Filter::And(
+                Box::new(cmp("externalId", CompareOp::Co, json!("x"))),
+                Box::new(cmp("meta.created", CompareOp::Eq, json!("not a date"))),
+            )),
+        );
+        let g = translate(ResourceKind::User, &f, Dialect::Postgres).unwrap();
+        assert_eq!(
+            g.sql,
+            "(COALESCE(right(t.user_name_ci, CAST($1 AS INTEGER)) = $2, FALSE) OR \
+             (COALESCE(strpos(t.external_id, $3) > 0, FALSE) AND FALSE))"
+        );
+        assert_eq!(
+            g.binds,
+            vec![
+                Bind::Int(3),
+                Bind::Text("ice".into()),
+                Bind::Text("x".into())
+            ]
+        );
+        assert!(g.exact);
+        let s = translate(ResourceKind::User, &f, Dialect::Sqlite).unwrap();
+        assert_eq!(
+            s.sql,
+            "(COALESCE(substr(t.user_name_ci, -?) = ?, 0) OR \
+             (COALESCE(instr(t.external_id, ?) > 0, 0) AND 0))"
+        );
+        assert_eq!(s.binds, g.binds);
+    }
 }
