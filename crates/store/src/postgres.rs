@@ -117,7 +117,9 @@ impl PostgresStore {
         let shown = redact_url(url);
         let (driver_url, size) = pool_size(url)?;
         let opts = PgConnectOptions::from_str(&driver_url)
-            .map_err(|e| StoreError::Invalid(format!("invalid PostgreSQL URL `{shown}`: {e}")))?;
+            .map_err(|e| StoreError::Invalid(format!("invalid PostgreSQL URL `{shown}`: {e}")))?
+            // The migrator's "already exists, skipping" notices are not news.
+            .options([("client_min_messages", "warning")]);
         let pool = PgPoolOptions::new()
             .max_connections(size)
             .acquire_timeout(Duration::from_secs(10))
