@@ -120,8 +120,14 @@ pub(crate) fn key_path(cfg: &Config) -> anyhow::Result<PathBuf> {
 
 /// Reads the checkpoint key (hex, or raw bytes). With `create`, a missing key file is created
 /// once with 32 random bytes (mode 0600).
+/// Without `create`, no place for a key (a PostgreSQL database and no
+/// `checkpoint_key_file`) reads as no key, like a key file that does not exist.
 pub(crate) fn load_key(cfg: &Config, create: bool) -> anyhow::Result<Option<Vec<u8>>> {
-    let path = key_path(cfg)?;
+    let path = match key_path(cfg) {
+        Ok(p) => p,
+        Err(_) if !create => return Ok(None),
+        Err(e) => return Err(e),
+    };
     match std::fs::read(&path) {
         Ok(raw) => {
             let text = String::from_utf8_lossy(&raw);

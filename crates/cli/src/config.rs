@@ -49,11 +49,12 @@ impl Config {
     }
 
     /// The database as an operator should read it in a message: the SQLite file's absolute
-    /// path (the default is relative to the working directory), else the URL.
+    /// path (the default is relative to the working directory), else the URL without its
+    /// password.
     pub(crate) fn database_description(&self) -> String {
         match self.database_file() {
             Some(p) => std::path::absolute(&p).unwrap_or(p).display().to_string(),
-            None => self.database.url.clone(),
+            None => store::postgres::redact_url(&self.database.url),
         }
     }
 }
@@ -322,7 +323,9 @@ impl AdminConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
-    /// `sqlite://PATH` (created if missing).
+    /// `sqlite://PATH` (created if missing) or
+    /// `postgres://USER[:PASSWORD]@HOST[:PORT]/DB[?max_connections=N]` (the database must
+    /// exist; the schema is created and migrated).
     pub url: String,
     /// A file holding the URL (for URLs with credentials); wins over `url`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -503,8 +506,10 @@ pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
         "`sync.max_removals_percent` is a share of managed users: 0..=100"
     );
     anyhow::ensure!(
-        cfg.database.url.starts_with("sqlite:"),
-        "database.url: `{}` is not supported; use sqlite://PATH (PostgreSQL support comes later)",
+        ["sqlite:", "postgres://", "postgresql://"]
+            .iter()
+            .any(|p| cfg.database.url.starts_with(p)),
+        "database.url: `{}` is not supported; use sqlite://PATH or postgres://USER@HOST/DB",
         cfg.database.url.split(':').next().unwrap_or_default()
     );
     Ok(cfg)

@@ -4,7 +4,8 @@
 //! rows, SCIM bearer tokens (hashes only), the hash-chained audit trail and the transactional
 //! outbox. **Every mutating command writes its change, its audit event and its outbox row in one
 //! database transaction**; nothing else audits or enqueues. Nothing above this trait knows which
-//! database is in use; the SQLite implementation lives in [`sqlite`], PostgreSQL follows.
+//! database is in use; the implementations live in [`sqlite`] and [`postgres`], the logic they
+//! share (everything that is not SQL) in `common`.
 //!
 //! This crate does no HTTP and never talks to TeamCity.
 
@@ -20,6 +21,8 @@ use time::OffsetDateTime;
 pub mod access;
 pub mod audit;
 mod clock;
+mod common;
+pub mod postgres;
 mod sql_filter;
 pub mod sqlite;
 pub mod sync_model;
@@ -644,18 +647,17 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 /// A shared store handle.
 pub type DynStore = Arc<dyn Store>;
 
-/// Opens the store a database URL names (`sqlite://PATH`, `sqlite::memory:`), creating and
+/// Opens the store a database URL names (`sqlite://PATH`, `sqlite::memory:`,
+/// `postgres://USER[:PASSWORD]@HOST[:PORT]/DB[?max_connections=N]`), creating (SQLite) and
 /// migrating it as needed.
 pub async fn open(url: &str, clock: Arc<dyn Clock>) -> StoreResult<DynStore> {
     if url.starts_with("sqlite:") {
         Ok(Arc::new(sqlite::SqliteStore::open(url, clock).await?))
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Err(StoreError::Invalid(
-            "PostgreSQL support is not built yet; use a sqlite:// URL for now".into(),
-        ))
+        Ok(Arc::new(postgres::PostgresStore::open(url, clock).await?))
     } else {
         Err(StoreError::Invalid(format!(
-            "unsupported database URL scheme in `{}`: expected sqlite://PATH",
+            "unsupported database URL scheme in `{}`: expected sqlite://PATH or postgres://…",
             url.split(':').next().unwrap_or(url)
         )))
     }

@@ -1,4 +1,5 @@
-//! SCIM filter → SQLite `WHERE` clause, for the attributes that have columns.
+//! SCIM filter → SQL `WHERE` clause (SQLite or PostgreSQL), for the attributes that have
+//! columns.
 //!
 //! The translation is a *pre-filter*: it may match more rows than the filter (never fewer), and
 //! says when it is exact. Exact translations let the database count and page; inexact ones are
@@ -12,7 +13,46 @@ use serde_json::Value;
 
 use crate::timefmt;
 
-/// A value bound to a `?` placeholder.
+/// The SQL dialect to produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    /// `?` placeholders, `instr`, integer truth values.
+    Sqlite,
+    /// `$n` placeholders, `strpos`/`right`, boolean truth values. The text columns are
+    /// `COLLATE "C"` (byte order, as SQLite's BINARY) and the `_ci` columns hold the same
+    /// Rust-folded values, so every comparison means the same in both.
+    Postgres,
+}
+
+impl Dialect {
+    fn truth(self, b: bool) -> &'static str {
+        match (self, b) {
+            (Dialect::Sqlite, true) => "1",
+            (Dialect::Sqlite, false) => "0",
+            (Dialect::Postgres, true) => "TRUE",
+            (Dialect::Postgres, false) => "FALSE",
+        }
+    }
+}
+
+/// Rewrites the `?` placeholders of `sql` as `$start`, `$start+1`, … (PostgreSQL). The
+/// translated SQL holds no literals, so every `?` is a placeholder.
+pub(crate) fn number_placeholders(sql: &str, start: usize) -> String {
+    let mut out = String::with_capacity(sql.len() + 8);
+    let mut n = start;
+    for c in sql.chars() {
+        if c == '?' {
+            out.push('$');
+            out.push_str(&n.to_string());
+            n += 1;
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A value bound to a placeholder.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Bind {
     Text(String),
@@ -28,9 +68,18 @@ pub(crate) struct SqlFilter {
 }
 
 /// Translates `filter`; `None` means "no pre-filter possible" (every row is a candidate).
-pub(crate) fn translate(kind: ResourceKind, filter: &Filter) -> Option<SqlFilter> {
+/// PostgreSQL placeholders are numbered from `$1`.
+pub(crate) fn translate(kind: ResourceKind, filter: &Filter, d: Dialect) -> Option<SqlFilter> {
+    let mut f = tr(kind, filter, d)?;
+    if d == Dialect::Postgres {
+        f.sql = number_placeholders(&f.sql, 1);
+    }
+    Some(f)
+}
+
+fn tr(kind: ResourceKind, filter: &Filter, d: Dialect) -> Option<SqlFilter> {
     match filter {
-        Filter::And(a, b) => match (translate(kind, a), translate(kind, b)) {
+        Filter::And(a, b) => match (tr(kind, a, d), tr(kind, b, d)) {
             (Some(x), Some(y)) => Some(combine(x, y, "AND")),
             (Some(mut x), None) | (None, Some(mut x)) => {
                 x.exact = false;
@@ -39,19 +88,19 @@ pub(crate) fn translate(kind: ResourceKind, filter: &Filter) -> Option<SqlFilter
             (None, None) => None,
         },
         Filter::Or(a, b) => {
-            let (x, y) = (translate(kind, a)?, translate(kind, b)?);
+            let (x, y) = (tr(kind, a, d)?, tr(kind, b, d)?);
             Some(combine(x, y, "OR"))
         }
         Filter::Not(inner) => {
-            let x = translate(kind, inner)?;
+            let x = tr(kind, inner, d)?;
             x.exact.then(|| SqlFilter {
                 sql: format!("NOT ({})", x.sql),
                 binds: x.binds,
                 exact: true,
             })
         }
-        Filter::Present(path) => present(kind, path),
-        Filter::Compare { path, op, value } => compare(kind, path, *op, value),
+        Filter::Present(path) => present(kind, path, d),
+        Filter::Compare { path, op, value } => compare(kind, path, *op, value, d),
         Filter::ValuePath { path, filter } => value_path(kind, path, filter),
     }
 }
@@ -114,10 +163,10 @@ fn exact(sql: String, binds: Vec<Bind>) -> Option<SqlFilter> {
     })
 }
 
-fn present(kind: ResourceKind, path: &AttrPath) -> Option<SqlFilter> {
+fn present(kind: ResourceKind, path: &AttrPath, d: Dialect) -> Option<SqlFilter> {
     match column(kind, path)? {
         Column::Exact(_) | Column::Folded(_) | Column::Time(_) | Column::Bool(_) => {
-            exact("1".into(), vec![])
+            exact(d.truth(true).into(), vec![])
         }
         Column::Nullable(c) => exact(format!("({c} IS NOT NULL AND {c} <> '')"), vec![]),
         Column::Membership => exact(membership_exists(kind, None), vec![]),
@@ -137,7 +186,14 @@ fn membership_exists(kind: ResourceKind, with_value: Option<()>) -> String {
     format!("EXISTS (SELECT 1 FROM group_members m WHERE m.{this} = t.id{cond})")
 }
 
-fn compare(kind: ResourceKind, path: &AttrPath, op: CompareOp, value: &Value) -> Option<SqlFilter> {
+fn compare(
+    kind: ResourceKind,
+    path: &AttrPath,
+    op: CompareOp,
+    value: &Value,
+    d: Dialect,
+) -> Option<SqlFilter> {
+    let no = d.truth(false);
     let col = column(kind, path)?;
     match col {
         Column::Bool(c) => {
@@ -158,7 +214,7 @@ fn compare(kind: ResourceKind, path: &AttrPath, op: CompareOp, value: &Value) ->
             let Value::String(s) = value else { return None };
             let Some(t) = timefmt::parse(s) else {
                 // A value that is not a date matches nothing, as in memory.
-                return exact("0".into(), vec![]);
+                return exact(no.into(), vec![]);
             };
             let sql_op = ordering_op(op)?;
             exact(
@@ -190,25 +246,38 @@ fn compare(kind: ResourceKind, path: &AttrPath, op: CompareOp, value: &Value) ->
                 ),
                 CompareOp::Ne => (format!("{c} <> ?"), vec![Bind::Text(v)], true),
                 CompareOp::Co => (
-                    format!("COALESCE(instr({c}, ?) > 0, 0)"),
+                    match d {
+                        Dialect::Sqlite => format!("COALESCE(instr({c}, ?) > 0, {no})"),
+                        Dialect::Postgres => format!("COALESCE(strpos({c}, ?) > 0, {no})"),
+                    },
                     vec![Bind::Text(v)],
                     true,
                 ),
                 CompareOp::Sw => (
-                    format!("COALESCE(substr({c}, 1, ?) = ?, 0)"),
+                    match d {
+                        Dialect::Sqlite => format!("COALESCE(substr({c}, 1, ?) = ?, {no})"),
+                        Dialect::Postgres => {
+                            format!("COALESCE(substr({c}, 1, CAST(? AS INTEGER)) = ?, {no})")
+                        }
+                    },
                     vec![Bind::Int(n), Bind::Text(v)],
                     true,
                 ),
                 CompareOp::Ew if n == 0 => (format!("{c} IS NOT NULL"), vec![], true),
                 CompareOp::Ew => (
-                    format!("COALESCE(substr({c}, -?) = ?, 0)"),
+                    match d {
+                        Dialect::Sqlite => format!("COALESCE(substr({c}, -?) = ?, {no})"),
+                        Dialect::Postgres => {
+                            format!("COALESCE(right({c}, CAST(? AS INTEGER)) = ?, {no})")
+                        }
+                    },
                     vec![Bind::Int(n), Bind::Text(v)],
                     true,
                 ),
                 CompareOp::Gt | CompareOp::Ge | CompareOp::Lt | CompareOp::Le => {
                     let sql_op = ordering_op(op)?;
                     (
-                        format!("COALESCE({c} {sql_op} ?, 0)"),
+                        format!("COALESCE({c} {sql_op} ?, {no})"),
                         vec![Bind::Text(v)],
                         true,
                     )
@@ -343,7 +412,7 @@ mod tests {
             ),
         ];
         for (kind, f, want) in cases {
-            let got = translate(kind, &f);
+            let got = translate(kind, &f, Dialect::Sqlite);
             match (got, want) {
                 (None, None) => {}
                 (Some(g), Some((sql, ex))) => {
@@ -353,5 +422,38 @@ mod tests {
                 (g, w) => panic!("{f:?}: got {g:?}, want {w:?}"),
             }
         }
+    }
+
+    #[test]
+    fn postgres_numbers_placeholders_and_uses_its_functions() {
+        let f = Filter::Or(
+            Box::new(cmp("userName", CompareOp::Ew, json!("ICE"))),
+            Box::new(Filter::And(
+                Box::new(cmp("externalId", CompareOp::Co, json!("x"))),
+                Box::new(cmp("meta.created", CompareOp::Eq, json!("not a date"))),
+            )),
+        );
+        let g = translate(ResourceKind::User, &f, Dialect::Postgres).unwrap();
+        assert_eq!(
+            g.sql,
+            "(COALESCE(right(t.user_name_ci, CAST($1 AS INTEGER)) = $2, FALSE) OR \
+             (COALESCE(strpos(t.external_id, $3) > 0, FALSE) AND FALSE))"
+        );
+        assert_eq!(
+            g.binds,
+            vec![
+                Bind::Int(3),
+                Bind::Text("ice".into()),
+                Bind::Text("x".into())
+            ]
+        );
+        assert!(g.exact);
+        let s = translate(ResourceKind::User, &f, Dialect::Sqlite).unwrap();
+        assert_eq!(
+            s.sql,
+            "(COALESCE(substr(t.user_name_ci, -?) = ?, 0) OR \
+             (COALESCE(instr(t.external_id, ?) > 0, 0) AND 0))"
+        );
+        assert_eq!(s.binds, g.binds);
     }
 }

@@ -6,20 +6,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use scim::AttrPath;
-use scim::filter::{self, Filter};
 use scim::schema::ResourceKind;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{AssertSqlSafe, Row, Sqlite, SqlitePool, Transaction};
 use time::OffsetDateTime;
 
-use crate::audit::{AuditEvent, GENESIS_HASH};
-use crate::sql_filter::{self, Bind};
+use crate::audit::AuditEvent;
+use crate::common::{
+    self, Indexed, NewEvent, Record, TokenRow, chain_event, entity, indexed, read_back, table,
+    token_row,
+};
+use crate::sql_filter::{Bind, Dialect};
 use crate::{
-    Clock, GroupRef, ListPage, ListQuery, MemberRef, MemberType, MembershipChange, NewMember,
-    OutboxItem, ReadOpts, Resource, Store, StoreError, StoreResult, TokenRecord, TokenScope,
-    WriteCtx, timefmt,
+    Clock, ListPage, ListQuery, MemberRef, MemberType, MembershipChange, NewMember, OutboxItem,
+    ReadOpts, Resource, Store, StoreError, StoreResult, TokenRecord, TokenScope, WriteCtx, timefmt,
 };
 
 mod audit_log;
@@ -42,17 +43,6 @@ type Tx = Transaction<'static, Sqlite>;
 const USER_COLS: &str = "t.id, t.created, t.last_modified, t.version, t.data";
 const GROUPS_OF_USER: &str = "(SELECT json_group_array(json_object('value', g.id, 'display', g.display_name)) \
      FROM group_members m JOIN groups g ON g.id = m.group_id WHERE m.member_id = t.id)";
-
-fn table(kind: ResourceKind) -> &'static str {
-    match kind {
-        ResourceKind::User => "users",
-        ResourceKind::Group => "groups",
-    }
-}
-
-fn str_attr<'a>(attrs: &'a Value, name: &str) -> Option<&'a str> {
-    attrs.get(name).and_then(Value::as_str)
-}
 
 impl SqliteStore {
     /// [`Store::update`] with the version check optional (`None`: membership changes only,
@@ -177,17 +167,6 @@ impl SqliteStore {
     }
 }
 
-/// What a command records besides its change.
-struct Record<'a> {
-    resource_type: &'a str,
-    resource_id: &'a str,
-    operation: &'a str,
-    status: i64,
-    detail: Value,
-    /// `(entity_type, operation, detail)` of the outbox row, if the change concerns TeamCity.
-    outbox: Option<(&'a str, &'a str, Value)>,
-}
-
 /// The chain head inside `tx`: the last event, else the newest checkpoint (everything was
 /// pruned), else genesis.
 async fn chain_head(tx: &mut Tx) -> StoreResult<(i64, String)> {
@@ -203,17 +182,7 @@ async fn chain_head(tx: &mut Tx) -> StoreResult<(i64, String)> {
     )
     .fetch_optional(&mut **tx)
     .await?;
-    Ok(cp.unwrap_or((0, GENESIS_HASH.to_owned())))
-}
-
-/// One event to append (see [`append_event`]).
-pub(crate) struct NewEvent<'a> {
-    pub(crate) resource_type: &'a str,
-    pub(crate) resource_id: Option<&'a str>,
-    pub(crate) operation: &'a str,
-    pub(crate) outcome: &'a str,
-    pub(crate) status: Option<i64>,
-    pub(crate) detail: Value,
+    Ok(common::empty_head(cp))
 }
 
 /// Appends one audit event inside `tx`, chained to the head; email addresses in the detail
@@ -228,34 +197,6 @@ async fn append_event(
     let ev = chain_event(ctx, now, n, prev);
     insert_events(tx, std::slice::from_ref(&ev)).await?;
     Ok(ev)
-}
-
-/// The event that follows `prev` (its seq and hash); email addresses in the detail are
-/// scrubbed first.
-fn chain_event(
-    ctx: &WriteCtx,
-    now: OffsetDateTime,
-    n: NewEvent<'_>,
-    (prev_seq, prev_hash): (i64, String),
-) -> AuditEvent {
-    let mut detail = n.detail;
-    crate::audit::scrub_emails(&mut detail);
-    let mut ev = AuditEvent {
-        seq: prev_seq + 1,
-        time: timefmt::format(now),
-        actor: ctx.actor.clone(),
-        request_id: ctx.request_id.clone(),
-        resource_type: n.resource_type.to_owned(),
-        resource_id: n.resource_id.map(str::to_owned),
-        operation: n.operation.to_owned(),
-        outcome: n.outcome.to_owned(),
-        status: n.status,
-        detail: detail.to_string(),
-        prev_hash,
-        hash: String::new(),
-    };
-    ev.hash = ev.compute_hash();
-    ev
 }
 
 /// Inserts chained events; more than one in a single statement (bound as one JSON array and
@@ -323,20 +264,7 @@ async fn record(
     now: OffsetDateTime,
     r: Record<'_>,
 ) -> StoreResult<i64> {
-    let ev = append_event(
-        tx,
-        ctx,
-        now,
-        NewEvent {
-            resource_type: r.resource_type,
-            resource_id: Some(r.resource_id),
-            operation: r.operation,
-            outcome: "success",
-            status: Some(r.status),
-            detail: r.detail,
-        },
-    )
-    .await?;
+    let ev = append_event(tx, ctx, now, r.event()).await?;
     if let Some((entity_type, op, detail)) = r.outbox {
         sqlx::query(
             "INSERT INTO outbox (entity_type, entity_id, operation, detail, audit_seq, created, next_attempt_at) \
@@ -355,38 +283,6 @@ async fn record(
     Ok(ev.seq)
 }
 
-fn entity(kind: ResourceKind) -> &'static str {
-    match kind {
-        ResourceKind::User => "user",
-        ResourceKind::Group => "group",
-    }
-}
-
-/// The indexed values of a resource's attributes.
-struct Indexed {
-    name: String,
-    name_ci: String,
-    external_id: Option<String>,
-    active: bool,
-}
-
-fn indexed(kind: ResourceKind, attrs: &Value) -> StoreResult<Indexed> {
-    let key = match kind {
-        ResourceKind::User => "userName",
-        ResourceKind::Group => "displayName",
-    };
-    let name = str_attr(attrs, key)
-        .filter(|s| !s.is_empty())
-        .ok_or_else(|| StoreError::Invalid(format!("{key} is required")))?
-        .to_owned();
-    Ok(Indexed {
-        name_ci: name.to_lowercase(),
-        name,
-        external_id: str_attr(attrs, "externalId").map(str::to_owned),
-        active: attrs.get("active").and_then(Value::as_bool).unwrap_or(true),
-    })
-}
-
 async fn check_unique(
     tx: &mut Tx,
     kind: ResourceKind,
@@ -402,25 +298,16 @@ async fn check_unique(
         .fetch_optional(&mut **tx)
         .await?;
     match found {
-        Some((id,)) if Some(id.as_str()) != except_id => Err(StoreError::Conflict(match kind {
-            ResourceKind::User => "a User with this userName already exists (userName is unique, compared case-insensitively)".into(),
-            ResourceKind::Group => "a Group with this displayName already exists (displayName is unique, compared case-insensitively)".into(),
-        })),
+        Some((id,)) if Some(id.as_str()) != except_id => Err(common::name_conflict(kind)),
         _ => Ok(()),
     }
 }
 
 /// Resolves a member's type, checking that it exists.
 async fn resolve_member(tx: &mut Tx, group_id: &str, m: &NewMember) -> StoreResult<MemberType> {
-    let candidates = match m.ty {
-        Some(t) => vec![t],
-        None => vec![MemberType::User, MemberType::Group],
-    };
-    for t in candidates {
+    for t in common::member_candidates(m.ty) {
         if t == MemberType::Group && m.value == group_id {
-            return Err(StoreError::Invalid(
-                "a group cannot be a member of itself".into(),
-            ));
+            return Err(common::self_member_error());
         }
         let sql = match t {
             MemberType::User => "SELECT 1 FROM users WHERE id = ?",
@@ -435,10 +322,7 @@ async fn resolve_member(tx: &mut Tx, group_id: &str, m: &NewMember) -> StoreResu
             return Ok(t);
         }
     }
-    Err(StoreError::Invalid(format!(
-        "member `{}` does not exist",
-        m.value
-    )))
+    Err(common::missing_member_error(&m.value))
 }
 
 /// Applies one membership change; returns the ids added and removed.
@@ -518,45 +402,25 @@ async fn add_members(
     Ok(())
 }
 
-fn parse_time(s: &str) -> StoreResult<OffsetDateTime> {
-    timefmt::parse(s).ok_or_else(|| StoreError::Other(format!("corrupt timestamp `{s}`").into()))
-}
-
 fn row_to_resource(
     kind: ResourceKind,
     row: &sqlx::sqlite::SqliteRow,
     with_groups: bool,
 ) -> StoreResult<Resource> {
-    let data: String = row.try_get("data")?;
     let groups = if with_groups {
-        let raw: Option<String> = row.try_get("groups_json")?;
-        let list: Vec<Value> = match raw {
-            Some(s) => serde_json::from_str(&s)?,
-            None => vec![],
-        };
-        Some(
-            list.into_iter()
-                .filter_map(|g| {
-                    Some(GroupRef {
-                        value: g.get("value")?.as_str()?.to_owned(),
-                        display: g.get("display")?.as_str()?.to_owned(),
-                    })
-                })
-                .collect(),
-        )
+        Some(common::groups_from_json(row.try_get("groups_json")?)?)
     } else {
         None
     };
-    Ok(Resource {
+    common::resource(
         kind,
-        id: row.try_get("id")?,
-        attrs: serde_json::from_str(&data)?,
-        created: parse_time(row.try_get("created")?)?,
-        last_modified: parse_time(row.try_get("last_modified")?)?,
-        version: row.try_get("version")?,
-        members: None,
+        row.try_get("id")?,
+        row.try_get("data")?,
+        row.try_get("created")?,
+        row.try_get("last_modified")?,
+        row.try_get("version")?,
         groups,
-    })
+    )
 }
 
 async fn load_members<'e, E>(exec: E, group_id: &str) -> StoreResult<Vec<MemberRef>>
@@ -570,14 +434,7 @@ where
     .bind(group_id)
     .fetch_all(exec)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(value, ty, display)| MemberRef {
-            value,
-            ty: MemberType::parse(&ty).unwrap_or(MemberType::User),
-            display,
-        })
-        .collect())
+    Ok(common::member_refs(rows))
 }
 
 fn select_sql(kind: ResourceKind, read: ReadOpts) -> String {
@@ -587,50 +444,6 @@ fn select_sql(kind: ResourceKind, read: ReadOpts) -> String {
         String::new()
     };
     format!("SELECT {USER_COLS}{groups} FROM {} t", table(kind))
-}
-
-/// The JSON a filter or sort is evaluated against: attributes plus `id`, `meta`, and the
-/// derived multi-valued attributes.
-fn eval_json(r: &Resource) -> Value {
-    let mut o = match &r.attrs {
-        Value::Object(m) => m.clone(),
-        _ => Map::new(),
-    };
-    o.insert("id".into(), json!(r.id));
-    o.insert(
-        "meta".into(),
-        json!({
-            "resourceType": r.kind.name(),
-            "created": timefmt::format(r.created),
-            "lastModified": timefmt::format(r.last_modified),
-            "version": format!("W/\"{}\"", r.version),
-        }),
-    );
-    if let Some(members) = &r.members {
-        let list: Vec<Value> = members
-            .iter()
-            .map(|m| json!({"value": m.value, "type": m.ty.as_str(), "display": m.display}))
-            .collect();
-        o.insert("members".into(), Value::Array(list));
-    }
-    if let Some(groups) = &r.groups {
-        let list: Vec<Value> = groups
-            .iter()
-            .map(|g| json!({"value": g.value, "display": g.display}))
-            .collect();
-        o.insert("groups".into(), Value::Array(list));
-    }
-    Value::Object(o)
-}
-
-fn mentions(f: &Filter, attr: &str) -> bool {
-    match f {
-        Filter::And(a, b) | Filter::Or(a, b) => mentions(a, attr) || mentions(b, attr),
-        Filter::Not(a) => mentions(a, attr),
-        Filter::Present(p)
-        | Filter::Compare { path: p, .. }
-        | Filter::ValuePath { path: p, .. } => p.attr.eq_ignore_ascii_case(attr),
-    }
 }
 
 fn bind_all<'q>(
@@ -654,36 +467,9 @@ impl SqliteStore {
     }
 
     async fn list_uncached(&self, kind: ResourceKind, q: &ListQuery) -> StoreResult<ListPage> {
-        let pre = q
-            .filter
-            .as_ref()
-            .and_then(|f| sql_filter::translate(kind, f));
-        let exact = match (&q.filter, &pre) {
-            (None, _) => true,
-            (Some(_), Some(p)) => p.exact,
-            (Some(_), None) => false,
-        };
-        let sort_col = match &q.sort_by {
-            None => Some("t.seq"),
-            Some(p) => sql_filter::sort_column(kind, p),
-        };
-        let (where_sql, binds): (String, &[Bind]) = match &pre {
-            Some(p) => (format!(" WHERE {}", p.sql), &p.binds),
-            None => (String::new(), &[]),
-        };
-        // What in-memory evaluation needs loaded.
-        let need_members = kind == ResourceKind::Group
-            && (q.read.members
-                || q.filter.as_ref().is_some_and(|f| mentions(f, "members"))
-                || q.sort_by
-                    .as_ref()
-                    .is_some_and(|p| p.attr.eq_ignore_ascii_case("members")));
-        let read = ReadOpts {
-            members: need_members,
-            groups: kind == ResourceKind::User
-                && (q.read.groups || q.filter.as_ref().is_some_and(|f| mentions(f, "groups"))),
-        };
-        if let (true, Some(col)) = (exact, sort_col) {
+        let plan = common::list_plan(kind, q, Dialect::Sqlite);
+        let (where_sql, binds, read) = (&plan.where_sql, &plan.binds[..], plan.read);
+        if let Some(col) = plan.sql_sort {
             // One connection for the page and the count: each pool checkout costs a round
             // trip to the connection's worker thread (sqlx pings it on release).
             let mut conn = self.read.acquire().await?;
@@ -705,9 +491,7 @@ impl SqliteStore {
                     .await?;
                 // A short page that is not past the end is the end: it gives the total (the
                 // `userName eq` lookup every IdP sends then costs one query, not two).
-                if rows.len() < q.count && (!rows.is_empty() || q.offset == 0) {
-                    total = Some(q.offset + rows.len());
-                }
+                total = common::total_from_page(q, rows.len());
                 for row in &rows {
                     let mut r = row_to_resource(kind, row, read.groups)?;
                     if read.members {
@@ -737,34 +521,15 @@ impl SqliteStore {
         let rows = bind_all(sqlx::query(AssertSqlSafe(sql)), binds)
             .fetch_all(&self.read)
             .await?;
-        let mut matched: Vec<(Resource, Value)> = Vec::new();
+        let mut candidates = Vec::with_capacity(rows.len());
         for row in &rows {
             let mut r = row_to_resource(kind, row, read.groups)?;
             if read.members {
                 r.members = Some(load_members(&self.read, &r.id).await?);
             }
-            let v = eval_json(&r);
-            if q.filter
-                .as_ref()
-                .is_none_or(|f| filter::matches(f, kind, &v))
-            {
-                matched.push((r, v));
-            }
+            candidates.push(r);
         }
-        if let Some(by) = &q.sort_by {
-            sort_in_memory(kind, by, q.descending, &mut matched);
-        }
-        let total = matched.len();
-        let resources: Vec<Resource> = matched
-            .into_iter()
-            .skip(q.offset)
-            .take(q.count)
-            .map(|(r, _)| r)
-            .collect();
-        Ok(ListPage {
-            total,
-            resources: resources.into(),
-        })
+        Ok(common::complete_in_memory(kind, q, candidates))
     }
 
     async fn read_one_tx(
@@ -861,13 +626,6 @@ impl SqliteStore {
             .execute(&mut **tx)
             .await?;
         Ok(())
-    }
-}
-
-fn read_back(kind: ResourceKind) -> ReadOpts {
-    ReadOpts {
-        members: false,
-        groups: kind == ResourceKind::User,
     }
 }
 
@@ -1136,7 +894,7 @@ impl Store for SqliteStore {
         expires: Option<OffsetDateTime>,
     ) -> StoreResult<TokenRecord> {
         let now = self.now();
-        let id = format!("tok_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let id = common::new_token_id();
         let mut tx = self.begin().await?;
         sqlx::query(
             "INSERT INTO api_tokens (id, name, hash, created, expires, scope) VALUES (?, ?, ?, ?, ?, ?)",
@@ -1472,39 +1230,4 @@ impl Store for SqliteStore {
     async fn audit(&self, ctx: &WriteCtx, entry: crate::AuditEntry) -> StoreResult<i64> {
         self.sync_audit(ctx, entry).await
     }
-}
-
-/// `id, name, created, expires, revoked, scope` of `api_tokens`.
-type TokenRow = (
-    String,
-    String,
-    String,
-    Option<String>,
-    Option<String>,
-    String,
-);
-
-fn token_row((id, name, created, expires, revoked, scope): TokenRow) -> StoreResult<TokenRecord> {
-    Ok(TokenRecord {
-        scope: TokenScope::parse(&scope).ok_or_else(|| {
-            StoreError::Other(format!("token {id} has an unknown scope {scope:?}").into())
-        })?,
-        id,
-        name,
-        created: parse_time(&created)?,
-        expires: expires.as_deref().map(parse_time).transpose()?,
-        revoked: revoked.as_deref().map(parse_time).transpose()?,
-    })
-}
-
-fn sort_in_memory(
-    kind: ResourceKind,
-    by: &AttrPath,
-    descending: bool,
-    items: &mut [(Resource, Value)],
-) {
-    items.sort_by(|(_, a), (_, b)| {
-        let o = scim::projection::sort_cmp(kind, by, a, b);
-        if descending { o.reverse() } else { o }
-    });
 }

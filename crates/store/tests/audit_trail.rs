@@ -8,31 +8,20 @@ use scim::ResourceKind;
 use serde_json::json;
 use store::access::{AccessState, reconstruct};
 use store::audit::{VerifyError, verify_store};
-use store::{AuditEntry, DynStore, FixedClock, WriteCtx};
+use store::{AuditEntry, FixedClock, WriteCtx};
 use time::macros::datetime;
 use time::{Duration, OffsetDateTime};
 
 const KEY: &[u8] = b"test checkpoint key, 32 bytes...";
 
-struct Db {
-    store: DynStore,
-    clock: Arc<FixedClock>,
-    raw: sqlx::SqlitePool,
-    _dir: tempfile::TempDir,
-}
+mod common;
+use common::{Backend, Raw};
 
-async fn db() -> Db {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}/audit.db", dir.path().display());
+type Db = common::TestDb;
+
+async fn db(backend: Backend) -> Db {
     let clock = Arc::new(FixedClock::new(datetime!(2026-01-01 00:00 UTC)));
-    let store = store::open(&url, clock.clone()).await.unwrap();
-    let raw = sqlx::SqlitePool::connect(&url).await.unwrap();
-    Db {
-        store,
-        clock,
-        raw,
-        _dir: dir,
-    }
+    common::open(backend, "audit.db", clock).await
 }
 
 impl Db {
@@ -74,10 +63,7 @@ impl Db {
     }
 
     async fn exec(&self, sql: &str) {
-        sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
-            .execute(&self.raw)
-            .await
-            .unwrap();
+        self.raw.exec(sql).await;
     }
 
     async fn verify(&self) -> Result<store::audit::VerifyReport, VerifyError> {
@@ -92,8 +78,13 @@ fn broken_at(r: Result<store::audit::VerifyReport, VerifyError>) -> i64 {
     }
 }
 
-#[tokio::test]
-async fn editing_one_row_breaks_verify_at_exactly_that_event() {
+both!(
+    editing_one_row_breaks_verify_at_exactly_that_event,
+    editing_one_row_breaks_verify_at_exactly_that_event_on
+);
+async fn editing_one_row_breaks_verify_at_exactly_that_event_on(first: Db) {
+    let backend = first.backend;
+    drop(first);
     for (column, seq, sql) in [
         (
             "detail",
@@ -116,7 +107,7 @@ async fn editing_one_row_breaks_verify_at_exactly_that_event() {
             "UPDATE audit_events SET outcome = 'failure' WHERE seq = 6",
         ),
     ] {
-        let d = db().await;
+        let d = db(backend).await;
         for i in 0..7 {
             d.user(&format!("user{i}")).await;
         }
@@ -137,9 +128,11 @@ async fn editing_one_row_breaks_verify_at_exactly_that_event() {
     }
 }
 
-#[tokio::test]
-async fn deleting_a_row_breaks_verify_at_the_next_event() {
-    let d = db().await;
+both!(
+    deleting_a_row_breaks_verify_at_the_next_event,
+    deleting_a_row_breaks_verify_at_the_next_event_on
+);
+async fn deleting_a_row_breaks_verify_at_the_next_event_on(d: Db) {
     for i in 0..6 {
         d.user(&format!("user{i}")).await;
     }
@@ -149,7 +142,7 @@ async fn deleting_a_row_breaks_verify_at_the_next_event() {
     assert_eq!(broken_at(err), 5);
 
     // Deleting the first row breaks the link of the second.
-    let d = db().await;
+    let d = db(d.backend).await;
     for i in 0..3 {
         d.user(&format!("user{i}")).await;
     }
@@ -157,10 +150,12 @@ async fn deleting_a_row_breaks_verify_at_the_next_event() {
     assert_eq!(broken_at(d.verify().await), 2);
 }
 
-#[tokio::test]
-async fn a_rehashed_edit_still_breaks_the_next_link() {
+both!(
+    a_rehashed_edit_still_breaks_the_next_link,
+    a_rehashed_edit_still_breaks_the_next_link_on
+);
+async fn a_rehashed_edit_still_breaks_the_next_link_on(d: Db) {
     // Editing a row and fixing its own hash moves the break to the following event.
-    let d = db().await;
     for i in 0..4 {
         d.user(&format!("user{i}")).await;
     }
@@ -174,9 +169,11 @@ async fn a_rehashed_edit_still_breaks_the_next_link() {
     assert_eq!(broken_at(d.verify().await), 3);
 }
 
-#[tokio::test]
-async fn prune_leaves_a_signed_checkpoint_and_verify_still_passes() {
-    let d = db().await;
+both!(
+    prune_leaves_a_signed_checkpoint_and_verify_still_passes,
+    prune_leaves_a_signed_checkpoint_and_verify_still_passes_on
+);
+async fn prune_leaves_a_signed_checkpoint_and_verify_still_passes_on(d: Db) {
     for i in 0..5 {
         d.user(&format!("old{i}")).await; // seq 1..=5 on day 0
     }
@@ -244,9 +241,11 @@ async fn prune_leaves_a_signed_checkpoint_and_verify_still_passes() {
     assert_eq!(broken_at(d.verify().await), 11);
 }
 
-#[tokio::test]
-async fn forged_or_unkeyed_checkpoints_are_detected() {
-    let d = db().await;
+both!(
+    forged_or_unkeyed_checkpoints_are_detected,
+    forged_or_unkeyed_checkpoints_are_detected_on
+);
+async fn forged_or_unkeyed_checkpoints_are_detected_on(d: Db) {
     for i in 0..4 {
         d.user(&format!("u{i}")).await;
     }
@@ -278,11 +277,11 @@ async fn forged_or_unkeyed_checkpoints_are_detected() {
         "UPDATE audit_checkpoints SET last_seq = last_seq - 1",
         "UPDATE audit_checkpoints SET signature = 'ab' || substr(signature, 3)",
     ] {
-        let before: (String, i64, String) =
-            sqlx::query_as("SELECT snapshot, last_seq, signature FROM audit_checkpoints")
-                .fetch_one(&d.raw)
-                .await
-                .unwrap();
+        let sql = "SELECT snapshot, last_seq, signature FROM audit_checkpoints";
+        let before: (String, i64, String) = match &d.raw {
+            Raw::Sqlite(p) => sqlx::query_as(sql).fetch_one(p).await.unwrap(),
+            Raw::Postgres(p) => sqlx::query_as(sql).fetch_one(p).await.unwrap(),
+        };
         d.exec(forge).await;
         let r = d.verify().await;
         let text = format!("{}", r.as_ref().unwrap_err());
@@ -293,13 +292,30 @@ async fn forged_or_unkeyed_checkpoints_are_detected() {
             .prune_audit(&WriteCtx::cli(), d.now() + Duration::days(1), KEY)
             .await;
         assert!(matches!(p, Err(store::StoreError::Invalid(_))), "{forge}");
-        sqlx::query("UPDATE audit_checkpoints SET snapshot = ?, last_seq = ?, signature = ?")
-            .bind(before.0)
-            .bind(before.1)
-            .bind(before.2)
-            .execute(&d.raw)
-            .await
-            .unwrap();
+        match &d.raw {
+            Raw::Sqlite(p) => {
+                sqlx::query(
+                    "UPDATE audit_checkpoints SET snapshot = ?, last_seq = ?, signature = ?",
+                )
+                .bind(before.0)
+                .bind(before.1)
+                .bind(before.2)
+                .execute(p)
+                .await
+                .unwrap();
+            }
+            Raw::Postgres(p) => {
+                sqlx::query(
+                    "UPDATE audit_checkpoints SET snapshot = $1, last_seq = $2, signature = $3",
+                )
+                .bind(before.0)
+                .bind(before.1)
+                .bind(before.2)
+                .execute(p)
+                .await
+                .unwrap();
+            }
+        }
         assert!(d.verify().await.is_ok());
     }
 
@@ -308,9 +324,11 @@ async fn forged_or_unkeyed_checkpoints_are_detected() {
     assert_eq!(broken_at(d.verify().await), 5);
 }
 
-#[tokio::test]
-async fn prune_refuses_a_broken_chain() {
-    let d = db().await;
+both!(
+    prune_refuses_a_broken_chain,
+    prune_refuses_a_broken_chain_on
+);
+async fn prune_refuses_a_broken_chain_on(d: Db) {
     for i in 0..3 {
         d.user(&format!("u{i}")).await;
     }
@@ -325,9 +343,11 @@ async fn prune_refuses_a_broken_chain() {
     assert_eq!(d.store.audit_events(0, 100).await.unwrap().len(), 3);
 }
 
-#[tokio::test]
-async fn range_filters_by_time_inclusively_and_pages_by_seq() {
-    let d = db().await;
+both!(
+    range_filters_by_time_inclusively_and_pages_by_seq,
+    range_filters_by_time_inclusively_and_pages_by_seq_on
+);
+async fn range_filters_by_time_inclusively_and_pages_by_seq_on(d: Db) {
     let t0 = d.now();
     d.user("a").await; // 1 @ day 0
     d.advance_days(1);
@@ -359,9 +379,11 @@ async fn range_filters_by_time_inclusively_and_pages_by_seq() {
     );
 }
 
-#[tokio::test]
-async fn no_email_reaches_an_audit_detail() {
-    let d = db().await;
+both!(
+    no_email_reaches_an_audit_detail,
+    no_email_reaches_an_audit_detail_on
+);
+async fn no_email_reaches_an_audit_detail_on(d: Db) {
     d.store
         .audit(
             &WriteCtx::sync(),
@@ -399,10 +421,12 @@ async fn no_email_reaches_an_audit_detail() {
     assert!(d.verify().await.is_ok());
 }
 
+both!(
+    access_review_replays_to_a_time_and_survives_a_prune,
+    access_review_replays_to_a_time_and_survives_a_prune_on
+);
 /// Access at T from the trail, and the same after the events before T were pruned.
-#[tokio::test]
-async fn access_review_replays_to_a_time_and_survives_a_prune() {
-    let d = db().await;
+async fn access_review_replays_to_a_time_and_survives_a_prune_on(d: Db) {
     d.tc(
         "create_group",
         "group:SCIM_DEV",

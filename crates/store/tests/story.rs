@@ -1,5 +1,5 @@
-//! The store story: what every backend must do, run against SQLite (PostgreSQL joins when its
-//! backend lands). Writes carry their audit event and outbox row in the same transaction;
+//! The store story: what every backend must do, run against SQLite and PostgreSQL (see
+//! `common/mod.rs`). Writes carry their audit event and outbox row in the same transaction;
 //! failures leave nothing behind; SQL filtering agrees with the in-memory evaluator.
 
 use std::sync::Arc;
@@ -14,24 +14,14 @@ use store::{
 };
 use time::macros::datetime;
 
-struct Db {
-    store: DynStore,
-    url: String,
-    clock: Arc<FixedClock>,
-    _dir: tempfile::TempDir,
-}
+mod common;
+use common::Backend;
 
-async fn db() -> Db {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}/story.db", dir.path().display());
+type Db = common::TestDb;
+
+async fn db(backend: Backend) -> Db {
     let clock = Arc::new(FixedClock::new(datetime!(2026-01-01 00:00 UTC)));
-    let store = store::open(&url, clock.clone()).await.unwrap();
-    Db {
-        store,
-        url,
-        clock,
-        _dir: dir,
-    }
+    common::open(backend, "story.db", clock).await
 }
 
 fn ctx() -> WriteCtx {
@@ -64,9 +54,11 @@ async fn counts(s: &DynStore) -> (usize, usize) {
     )
 }
 
-#[tokio::test]
-async fn every_write_records_one_audit_event_and_one_outbox_row() {
-    let d = db().await;
+both!(
+    every_write_records_one_audit_event_and_one_outbox_row,
+    every_write_records_one_audit_event_and_one_outbox_row_on
+);
+async fn every_write_records_one_audit_event_and_one_outbox_row_on(d: Db) {
     let s = &d.store;
     let u = s
         .create(&ctx(), ResourceKind::User, user("alice"), None)
@@ -154,9 +146,11 @@ async fn every_write_records_one_audit_event_and_one_outbox_row() {
     assert!(events.iter().all(|e| !e.detail.contains("alice")));
 }
 
-#[tokio::test]
-async fn failed_writes_leave_nothing_behind() {
-    let d = db().await;
+both!(
+    failed_writes_leave_nothing_behind,
+    failed_writes_leave_nothing_behind_on
+);
+async fn failed_writes_leave_nothing_behind_on(d: Db) {
     let s = &d.store;
     let u = s
         .create(&ctx(), ResourceKind::User, user("bob"), None)
@@ -247,9 +241,8 @@ async fn failed_writes_leave_nothing_behind() {
     assert_eq!(counts(s).await, before);
 }
 
-#[tokio::test]
-async fn membership_is_rows() {
-    let d = db().await;
+both!(membership_is_rows, membership_is_rows_on);
+async fn membership_is_rows_on(d: Db) {
     let s = &d.store;
     let mut ids = vec![];
     for i in 0..5 {
@@ -375,9 +368,11 @@ async fn membership_is_rows() {
     assert!(matches!(e, StoreError::Invalid(_)), "{e:?}");
 }
 
-#[tokio::test]
-async fn audit_chain_detects_an_edited_row() {
-    let d = db().await;
+both!(
+    audit_chain_detects_an_edited_row,
+    audit_chain_detects_an_edited_row_on
+);
+async fn audit_chain_detects_an_edited_row_on(d: Db) {
     let s = &d.store;
     for i in 0..6 {
         s.create(&ctx(), ResourceKind::User, user(&format!("a{i}")), None)
@@ -389,18 +384,18 @@ async fn audit_chain_detects_an_edited_row() {
     assert_eq!(events.len(), 6);
     assert!(verify_chain(GENESIS_HASH, &events).is_ok());
     // Tamper with event 4 directly in the database.
-    let pool = sqlx::SqlitePool::connect(&d.url).await.unwrap();
-    sqlx::query("UPDATE audit_events SET actor = 'someone-else' WHERE seq = 4")
-        .execute(&pool)
-        .await
-        .unwrap();
+    d.raw
+        .exec("UPDATE audit_events SET actor = 'someone-else' WHERE seq = 4")
+        .await;
     let events = s.audit_events(0, 100).await.unwrap();
     assert_eq!(verify_chain(GENESIS_HASH, &events), Err(4));
 }
 
-#[tokio::test]
-async fn sql_filtering_agrees_with_the_evaluator() {
-    let d = db().await;
+both!(
+    sql_filtering_agrees_with_the_evaluator,
+    sql_filtering_agrees_with_the_evaluator_on
+);
+async fn sql_filtering_agrees_with_the_evaluator_on(d: Db) {
     let s = &d.store;
     let mut all = vec![];
     for (i, (name, ext, active)) in [
@@ -475,9 +470,11 @@ async fn sql_filtering_agrees_with_the_evaluator() {
     }
 }
 
-#[tokio::test]
-async fn paging_and_sorting_are_stable() {
-    let d = db().await;
+both!(
+    paging_and_sorting_are_stable,
+    paging_and_sorting_are_stable_on
+);
+async fn paging_and_sorting_are_stable_on(d: Db) {
     let s = &d.store;
     for name in ["m", "b", "Z", "a", "k", "c", "y"] {
         s.create(&ctx(), ResourceKind::User, user(name), None)
@@ -520,9 +517,11 @@ async fn paging_and_sorting_are_stable() {
     assert_eq!(page(0, 7, Some("title"), false).await.0, 7);
 }
 
-#[tokio::test]
-async fn tokens_hash_only_expire_and_revoke() {
-    let d = db().await;
+both!(
+    tokens_hash_only_expire_and_revoke,
+    tokens_hash_only_expire_and_revoke_on
+);
+async fn tokens_hash_only_expire_and_revoke_on(d: Db) {
     let s = &d.store;
     let a = s
         .create_token(&WriteCtx::cli(), "okta", [1; 32], None)
@@ -576,9 +575,11 @@ async fn tokens_hash_only_expire_and_revoke() {
     let _ = b;
 }
 
-#[tokio::test]
-async fn token_scopes_are_stored_and_kept_apart() {
-    let d = db().await;
+both!(
+    token_scopes_are_stored_and_kept_apart,
+    token_scopes_are_stored_and_kept_apart_on
+);
+async fn token_scopes_are_stored_and_kept_apart_on(d: Db) {
     let s = &d.store;
     let scim = s
         .create_token(&WriteCtx::cli(), "okta", [1; 32], None)
@@ -624,9 +625,11 @@ async fn token_scopes_are_stored_and_kept_apart() {
     );
 }
 
-#[tokio::test]
-async fn audit_recent_pages_newest_first() {
-    let d = db().await;
+both!(
+    audit_recent_pages_newest_first,
+    audit_recent_pages_newest_first_on
+);
+async fn audit_recent_pages_newest_first_on(d: Db) {
     let s = &d.store;
     for n in 0..5 {
         s.create(&ctx(), ResourceKind::User, user(&format!("u{n}")), None)
@@ -648,9 +651,11 @@ async fn audit_recent_pages_newest_first() {
     assert!(s.audit_recent(Some(seqs[4]), 10).await.unwrap().is_empty());
 }
 
-#[tokio::test]
-async fn membership_updates_apply_at_any_version() {
-    let d = db().await;
+both!(
+    membership_updates_apply_at_any_version,
+    membership_updates_apply_at_any_version_on
+);
+async fn membership_updates_apply_at_any_version_on(d: Db) {
     let s = &d.store;
     let a = s
         .create(&ctx(), ResourceKind::User, user("ma"), None)

@@ -8,30 +8,18 @@ use std::time::Duration;
 use scim::ResourceKind;
 use serde_json::{Value, json};
 use store::audit::{GENESIS_HASH, verify_chain};
-use store::{
-    AuditEntry, DynStore, FixedClock, MemberType, NewMember, RetryPolicy, StoreError, WriteCtx,
-};
+use store::{AuditEntry, FixedClock, MemberType, NewMember, RetryPolicy, StoreError, WriteCtx};
 use time::OffsetDateTime;
 use time::macros::datetime;
 
-struct Db {
-    store: DynStore,
-    clock: Arc<FixedClock>,
-    url: String,
-    _dir: tempfile::TempDir,
-}
+mod common;
+use common::Backend;
 
-async fn db() -> Db {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}/sync.db", dir.path().display());
+type Db = common::TestDb;
+
+async fn db(backend: Backend) -> Db {
     let clock = Arc::new(FixedClock::new(datetime!(2026-01-01 00:00 UTC)));
-    let store = store::open(&url, clock.clone()).await.unwrap();
-    Db {
-        store,
-        clock,
-        url,
-        _dir: dir,
-    }
+    common::open(backend, "sync.db", clock).await
 }
 
 impl Db {
@@ -135,9 +123,11 @@ impl Db {
 
 const LEASE: Duration = Duration::from_secs(30);
 
-#[tokio::test]
-async fn a_claimed_entity_is_not_claimed_again_until_its_lease_expires() {
-    let d = db().await;
+both!(
+    a_claimed_entity_is_not_claimed_again_until_its_lease_expires,
+    a_claimed_entity_is_not_claimed_again_until_its_lease_expires_on
+);
+async fn a_claimed_entity_is_not_claimed_again_until_its_lease_expires_on(d: Db) {
     let alice = d.user("alice").await;
     let s = &d.store;
 
@@ -193,9 +183,11 @@ async fn a_claimed_entity_is_not_claimed_again_until_its_lease_expires() {
     );
 }
 
-#[tokio::test]
-async fn claims_coalesce_rows_of_one_entity_and_respect_the_limit() {
-    let d = db().await;
+both!(
+    claims_coalesce_rows_of_one_entity_and_respect_the_limit,
+    claims_coalesce_rows_of_one_entity_and_respect_the_limit_on
+);
+async fn claims_coalesce_rows_of_one_entity_and_respect_the_limit_on(d: Db) {
     let a = d.user("a").await;
     let b = d.user("b").await;
     d.patch_user(&a, "a2").await;
@@ -218,9 +210,11 @@ async fn claims_coalesce_rows_of_one_entity_and_respect_the_limit() {
     assert_eq!(rest[0].ids().len(), 1);
 }
 
-#[tokio::test]
-async fn transient_failures_back_off_then_dead_letter_after_max_attempts() {
-    let d = db().await;
+both!(
+    transient_failures_back_off_then_dead_letter_after_max_attempts,
+    transient_failures_back_off_then_dead_letter_after_max_attempts_on
+);
+async fn transient_failures_back_off_then_dead_letter_after_max_attempts_on(d: Db) {
     let u = d.user("u").await;
     let s = &d.store;
     let policy = RetryPolicy {
@@ -312,9 +306,11 @@ async fn transient_failures_back_off_then_dead_letter_after_max_attempts() {
     );
 }
 
-#[tokio::test]
-async fn a_permanent_failure_is_dead_at_once_with_its_reason() {
-    let d = db().await;
+both!(
+    a_permanent_failure_is_dead_at_once_with_its_reason,
+    a_permanent_failure_is_dead_at_once_with_its_reason_on
+);
+async fn a_permanent_failure_is_dead_at_once_with_its_reason_on(d: Db) {
     d.user("u").await;
     let s = &d.store;
     let c = s.claim_outbox("w", d.now(), LEASE, 10).await.unwrap();
@@ -344,9 +340,11 @@ async fn a_permanent_failure_is_dead_at_once_with_its_reason() {
     assert_eq!(detail["transient"], json!(false));
 }
 
-#[tokio::test]
-async fn operators_retry_dead_items_and_drop_items() {
-    let d = db().await;
+both!(
+    operators_retry_dead_items_and_drop_items,
+    operators_retry_dead_items_and_drop_items_on
+);
+async fn operators_retry_dead_items_and_drop_items_on(d: Db) {
     d.user("u").await;
     d.user("v").await;
     let s = &d.store;
@@ -417,9 +415,11 @@ async fn operators_retry_dead_items_and_drop_items() {
     ));
 }
 
-#[tokio::test]
-async fn complete_records_the_worker_events_and_no_outbox_rows() {
-    let d = db().await;
+both!(
+    complete_records_the_worker_events_and_no_outbox_rows,
+    complete_records_the_worker_events_and_no_outbox_rows_on
+);
+async fn complete_records_the_worker_events_and_no_outbox_rows_on(d: Db) {
     let u = d.user("u").await;
     let s = &d.store;
     let c = s.claim_outbox("w", d.now(), LEASE, 10).await.unwrap();
@@ -464,9 +464,11 @@ async fn complete_records_the_worker_events_and_no_outbox_rows() {
     assert_eq!(d.state_of(c[0].items[0].id).await.item.state, "done");
 }
 
-#[tokio::test]
-async fn held_batches_round_trip_through_approval() {
-    let d = db().await;
+both!(
+    held_batches_round_trip_through_approval,
+    held_batches_round_trip_through_approval_on
+);
+async fn held_batches_round_trip_through_approval_on(d: Db) {
     let a = d.user("a").await;
     let s = &d.store;
     let c = s.claim_outbox("w", d.now(), LEASE, 10).await.unwrap();
@@ -566,9 +568,11 @@ async fn held_batches_round_trip_through_approval() {
     assert_eq!(ev[1].1, "cli:alice");
 }
 
-#[tokio::test]
-async fn hold_outbox_parks_pending_rows_in_an_existing_batch() {
-    let d = db().await;
+both!(
+    hold_outbox_parks_pending_rows_in_an_existing_batch,
+    hold_outbox_parks_pending_rows_in_an_existing_batch_on
+);
+async fn hold_outbox_parks_pending_rows_in_an_existing_batch_on(d: Db) {
     d.user("a").await;
     d.user("b").await;
     let s = &d.store;
@@ -594,9 +598,11 @@ async fn hold_outbox_parks_pending_rows_in_an_existing_batch() {
     assert_eq!(s.list_outbox(Some("dropped"), 10).await.unwrap().len(), 2);
 }
 
-#[tokio::test]
-async fn mappings_upsert_read_and_delete_with_audit() {
-    let d = db().await;
+both!(
+    mappings_upsert_read_and_delete_with_audit,
+    mappings_upsert_read_and_delete_with_audit_on
+);
+async fn mappings_upsert_read_and_delete_with_audit_on(d: Db) {
     let s = &d.store;
     let before = d.last_seq().await;
     let ctx = WriteCtx::sync();
@@ -680,9 +686,8 @@ async fn mappings_upsert_read_and_delete_with_audit() {
     );
 }
 
-#[tokio::test]
-async fn pins_and_sync_state() {
-    let d = db().await;
+both!(pins_and_sync_state, pins_and_sync_state_on);
+async fn pins_and_sync_state_on(d: Db) {
     let s = &d.store;
     assert!(s.pins().await.unwrap().is_empty());
     let before = d.last_seq().await;
@@ -714,9 +719,11 @@ async fn pins_and_sync_state() {
     );
 }
 
-#[tokio::test]
-async fn directory_snapshot_of_an_empty_store_is_empty() {
-    let d = db().await;
+both!(
+    directory_snapshot_of_an_empty_store_is_empty,
+    directory_snapshot_of_an_empty_store_is_empty_on
+);
+async fn directory_snapshot_of_an_empty_store_is_empty_on(d: Db) {
     let snap = d.store.directory().await.unwrap();
     assert!(snap.users.is_empty() && snap.groups.is_empty());
     assert!(
@@ -728,9 +735,11 @@ async fn directory_snapshot_of_an_empty_store_is_empty() {
     );
 }
 
-#[tokio::test]
-async fn directory_snapshot_has_every_user_group_and_member() {
-    let d = db().await;
+both!(
+    directory_snapshot_has_every_user_group_and_member,
+    directory_snapshot_has_every_user_group_and_member_on
+);
+async fn directory_snapshot_has_every_user_group_and_member_on(d: Db) {
     let a = d.user("a").await;
     let b = d.user("b").await;
     let inner = d.group("Inner", &[&b]).await;
@@ -761,9 +770,11 @@ async fn directory_snapshot_has_every_user_group_and_member() {
     assert!(snap.groups[2].members.is_empty());
 }
 
-#[tokio::test]
-async fn standalone_audit_keeps_the_chain_intact_across_processes() {
-    let d = db().await;
+both!(
+    standalone_audit_keeps_the_chain_intact_across_processes,
+    standalone_audit_keeps_the_chain_intact_across_processes_on
+);
+async fn standalone_audit_keeps_the_chain_intact_across_processes_on(d: Db) {
     d.user("a").await;
     let s = &d.store;
     let seq = s
@@ -821,9 +832,11 @@ fn link(kind: ResourceKind, scim: &str, id: &str, name: &str) -> store::MappingL
     }
 }
 
-#[tokio::test]
-async fn record_applied_appends_a_batch_in_one_chain_with_its_links() {
-    let d = db().await;
+both!(
+    record_applied_appends_a_batch_in_one_chain_with_its_links,
+    record_applied_appends_a_batch_in_one_chain_with_its_links_on
+);
+async fn record_applied_appends_a_batch_in_one_chain_with_its_links_on(d: Db) {
     let s = &d.store;
     let ctx = WriteCtx::sync();
     s.upsert_mapping(&ctx, ResourceKind::User, "u-old", "5", "old")

@@ -1,14 +1,13 @@
 //! Audit export ranges, prune checkpoints and retention.
 
-use serde_json::json;
 use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
 use time::OffsetDateTime;
 
-use super::{NewEvent, SqliteStore, append_event};
-use crate::access::AccessState;
-use crate::audit::{AuditEvent, Checkpoint, GENESIS_HASH, link_error};
-use crate::{StoreError, StoreResult, WriteCtx, timefmt};
+use super::{SqliteStore, append_event};
+use crate::audit::{AuditEvent, Checkpoint};
+use crate::common::PruneReplay;
+use crate::{StoreResult, WriteCtx, timefmt};
 
 const EVENT_COLS: &str = "seq, time, actor, request_id, resource_type, resource_id, operation, \
      outcome, status, detail, prev_hash, hash";
@@ -114,77 +113,31 @@ impl SqliteStore {
         .as_ref()
         .map(checkpoint_row)
         .transpose()?;
-        if let Some(p) = &prev
-            && !p.signature_valid(key)
-        {
-            return Err(StoreError::Invalid(format!(
-                "audit checkpoint {} has an invalid signature: refusing to prune (run `audit verify`)",
-                p.id
-            )));
-        }
-        let (mut seq, mut hash, mut state, total) = match &prev {
-            Some(p) => (
-                p.last_seq,
-                p.last_hash.clone(),
-                AccessState::from_snapshot(&p.snapshot)?,
-                p.total_pruned,
-            ),
-            None => (0, GENESIS_HASH.to_owned(), AccessState::default(), 0),
-        };
-        state.last_seq = seq;
+        let mut replay = PruneReplay::start(prev.as_ref(), key, before)?;
+        let cutoff = replay.cutoff().to_owned();
         // Replay (and check) what will be deleted, a page at a time.
-        let cutoff = timefmt::format(before);
-        let mut pruned = 0i64;
-        let mut last_time = String::new();
         loop {
             let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "SELECT {EVENT_COLS} FROM audit_events WHERE seq > ? ORDER BY seq LIMIT 500"
             )))
-            .bind(seq)
+            .bind(replay.seq)
             .fetch_all(&mut *tx)
             .await?;
-            let mut done = rows.is_empty();
-            for r in &rows {
-                let e = event_row(r)?;
-                if e.time >= cutoff {
-                    done = true;
-                    break;
-                }
-                if let Some(reason) = link_error(seq, &hash, &e) {
-                    return Err(StoreError::Invalid(format!(
-                        "audit chain broken at seq {}: {reason}; refusing to prune",
-                        e.seq
-                    )));
-                }
-                state.apply(&e);
-                seq = e.seq;
-                hash = e.hash;
-                last_time = e.time;
-                pruned += 1;
-            }
-            if done {
+            let page = rows
+                .iter()
+                .map(event_row)
+                .collect::<StoreResult<Vec<_>>>()?;
+            if !replay.feed(page)? {
                 break;
             }
         }
-        if pruned == 0 {
+        let Some(mut cp) = replay.checkpoint(now, key) else {
             return Ok(None);
-        }
+        };
         sqlx::query("DELETE FROM audit_events WHERE seq <= ?")
-            .bind(seq)
+            .bind(cp.last_seq)
             .execute(&mut *tx)
             .await?;
-        let mut cp = Checkpoint {
-            id: 0,
-            created: timefmt::format(now),
-            last_seq: seq,
-            last_hash: hash,
-            last_time,
-            pruned,
-            total_pruned: total + pruned,
-            snapshot: state.snapshot(),
-            signature: String::new(),
-        };
-        cp.sign(key);
         cp.id = sqlx::query(
             "INSERT INTO audit_checkpoints (created, last_seq, last_hash, last_time, pruned, \
              total_pruned, snapshot, signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -205,19 +158,7 @@ impl SqliteStore {
             &mut tx,
             ctx,
             now,
-            NewEvent {
-                resource_type: "Audit",
-                resource_id: Some(&cp_id),
-                operation: "audit.prune",
-                outcome: "success",
-                status: Some(200),
-                detail: json!({
-                    "before": cutoff,
-                    "pruned": pruned,
-                    "last_seq": cp.last_seq,
-                    "total_pruned": cp.total_pruned,
-                }),
-            },
+            PruneReplay::prune_event(&cp, &cp_id, &cutoff),
         )
         .await?;
         tx.commit().await?;

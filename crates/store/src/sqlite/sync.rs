@@ -14,14 +14,15 @@ use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
 use time::OffsetDateTime;
 
-use super::{
-    NewEvent, Record, SqliteStore, Tx, append_event, chain_event, chain_head, entity,
-    insert_events, parse_time, record,
+use super::{SqliteStore, Tx, append_event, chain_head, insert_events, record};
+use crate::common::{
+    self, Chain, HELD_STATES, OUTBOX_STATES, Record, check_state, entity, new_event, opt_time,
+    parse_time, resource_type,
 };
 use crate::{
     AuditEntry, ClaimedEntity, DirectorySnapshot, FailedItem, HeldBatch, Mapping, MappingLink,
-    MemberRef, MemberType, OutboxEntry, OutboxItem, OutboxSummary, RetryPolicy, StoreError,
-    StoreResult, WriteCtx, backoff,
+    MemberRef, OutboxEntry, OutboxItem, OutboxSummary, RetryPolicy, StoreError, StoreResult,
+    WriteCtx,
     sync_model::{GroupDoc, UserDoc},
     timefmt,
 };
@@ -38,9 +39,6 @@ macro_rules! all_as_one_row {
     };
 }
 
-const OUTBOX_STATES: &[&str] = &["pending", "done", "dead", "held", "dropped"];
-const HELD_STATES: &[&str] = &["held", "approved", "applied", "dropped"];
-
 const ITEM_COLS: &str = "id, entity_type, entity_id, operation, detail, audit_seq, state, attempts";
 const ENTRY_COLS: &str = "id, entity_type, entity_id, operation, detail, audit_seq, state, attempts, \
      created, next_attempt_at, lease_until, leased_by, last_error, dead_reason, held_batch_id, finished";
@@ -49,29 +47,6 @@ const HELD_COLS: &str =
 
 fn ids_json(ids: &[i64]) -> String {
     Value::from(ids.to_vec()).to_string()
-}
-
-fn check_state(state: Option<&str>, allowed: &[&str], what: &str) -> StoreResult<()> {
-    match state {
-        Some(s) if !allowed.contains(&s) => Err(StoreError::Invalid(format!(
-            "unknown {what} state `{s}`; expected one of {}",
-            allowed.join(", ")
-        ))),
-        _ => Ok(()),
-    }
-}
-
-/// The SCIM resource type of an outbox entity type.
-fn resource_type(entity_type: &str) -> &str {
-    match entity_type {
-        "user" => "User",
-        "group" => "Group",
-        other => other,
-    }
-}
-
-fn opt_time(s: Option<String>) -> StoreResult<Option<OffsetDateTime>> {
-    s.as_deref().map(parse_time).transpose()
 }
 
 fn item_row(r: &SqliteRow) -> StoreResult<OutboxItem> {
@@ -118,17 +93,6 @@ fn held_row(r: &SqliteRow) -> StoreResult<HeldBatch> {
     })
 }
 
-fn new_event(e: &AuditEntry) -> NewEvent<'_> {
-    NewEvent {
-        resource_type: &e.resource_type,
-        resource_id: e.resource_id.as_deref(),
-        operation: &e.operation,
-        outcome: &e.outcome,
-        status: e.status,
-        detail: e.detail.clone(),
-    }
-}
-
 /// Appends `entries`, then upserts `links` and audits each changed link (`mapping.upsert`,
 /// with the previous link), inside `tx`: one statement for the events, one read and one
 /// upsert per resource kind, however many there are. Returns how many links changed.
@@ -139,12 +103,9 @@ async fn append_applied(
     entries: &[AuditEntry],
     links: &[MappingLink],
 ) -> StoreResult<usize> {
-    let mut head = chain_head(tx).await?;
-    let mut events = Vec::with_capacity(entries.len() + links.len());
+    let mut chain = Chain::new(ctx, now, chain_head(tx).await?);
     for e in entries {
-        let ev = chain_event(ctx, now, new_event(e), head);
-        head = (ev.seq, ev.hash.clone());
-        events.push(ev);
+        chain.push(new_event(e));
     }
     let mut changed = 0;
     for kind in [ResourceKind::User, ResourceKind::Group] {
@@ -161,41 +122,10 @@ async fn append_applied(
         .bind(serde_json::to_string(&ids)?)
         .fetch_all(&mut **tx)
         .await?;
-        let mut current: HashMap<String, (String, String)> = prev
-            .into_iter()
-            .map(|(scim_id, id, name)| (scim_id, (id, name)))
-            .collect();
-        let mut rows = Vec::new();
-        for link in of_kind {
-            let new = (link.teamcity_id.clone(), link.teamcity_name.clone());
-            let previous = current.insert(link.scim_id.clone(), new.clone());
-            if previous.as_ref() == Some(&new) {
-                continue;
-            }
-            let resource_id = format!("{}:{}", entity(kind), link.scim_id);
-            let ev = chain_event(
-                ctx,
-                now,
-                NewEvent {
-                    resource_type: "Mapping",
-                    resource_id: Some(&resource_id),
-                    operation: "mapping.upsert",
-                    outcome: "success",
-                    status: Some(200),
-                    detail: json!({
-                        "teamcity_id": link.teamcity_id,
-                        "teamcity_name": link.teamcity_name,
-                        "previous": previous.map(|(i, n)| json!({"teamcity_id": i, "teamcity_name": n})),
-                    }),
-                },
-                head,
-            );
-            head = (ev.seq, ev.hash.clone());
-            events.push(ev);
-            rows.push(json!([link.scim_id, link.teamcity_id, link.teamcity_name]));
-            changed += 1;
-        }
+        let rows = common::link_changes(&mut chain, kind, &of_kind, prev);
+        changed += rows.len();
         if !rows.is_empty() {
+            let rows: Vec<Value> = rows.into_iter().map(|(a, b, c)| json!([a, b, c])).collect();
             // `WHERE true`: SQLite's grammar needs it between an upsert's SELECT and ON CONFLICT.
             sqlx::query(
                 "INSERT INTO mappings (kind, scim_id, teamcity_id, teamcity_name, updated) \
@@ -210,7 +140,7 @@ async fn append_applied(
             .await?;
         }
     }
-    insert_events(tx, &events).await?;
+    insert_events(tx, &chain.events).await?;
     Ok(changed)
 }
 
@@ -240,14 +170,7 @@ async fn note(
         tx,
         ctx,
         now,
-        Record {
-            resource_type,
-            resource_id,
-            operation,
-            status: 200,
-            detail,
-            outbox: None,
-        },
+        Record::note(resource_type, resource_id, operation, detail),
     )
     .await
 }
@@ -287,14 +210,9 @@ async fn hold_tx(tx: &mut Tx, ids: &[i64], batch_id: i64) -> StoreResult<Vec<i64
 /// A batch in one of `allowed` states, or `NotFound` / `Invalid` naming its state.
 async fn held_in_state(tx: &mut Tx, id: i64, allowed: &[&str]) -> StoreResult<HeldBatch> {
     let b = held_tx(tx, id).await?.ok_or(StoreError::NotFound)?;
-    if allowed.contains(&b.state.as_str()) {
-        Ok(b)
-    } else {
-        Err(StoreError::Invalid(format!(
-            "held batch {id} is {}, not {}",
-            b.state,
-            allowed.join(" or ")
-        )))
+    match common::held_state_error(id, &b.state, allowed) {
+        Some(e) => Err(e),
+        None => Ok(b),
     }
 }
 
@@ -411,24 +329,8 @@ impl SqliteStore {
         .await?;
         let mut out = Vec::with_capacity(rows.len());
         for (id, ty, eid, attempts) in rows {
-            let attempts = attempts + 1;
-            let n = u32::try_from(attempts).unwrap_or(u32::MAX);
-            let dead_reason = if !transient {
-                Some(format!("permanent failure: {error}"))
-            } else if n >= policy.max_attempts {
-                Some(format!("gave up after {attempts} attempts: {error}"))
-            } else {
-                None
-            };
-            let next = match dead_reason {
-                Some(_) => None,
-                None => {
-                    let seed = (id as u64) ^ (u64::from(n) << 40);
-                    // At the stored (microsecond) precision, so the caller sees what is stored.
-                    let at = timefmt::format(now + backoff(n, policy.base, policy.cap, seed));
-                    Some(parse_time(&at)?)
-                }
-            };
+            let d = common::fail_decision(id, attempts, error, transient, now, policy)?;
+            let (attempts, dead_reason, next) = (d.attempts, d.dead_reason.clone(), d.next);
             sqlx::query(
                 "UPDATE outbox SET attempts = ?, last_error = ?, lease_until = NULL, \
                  state = CASE WHEN ? IS NULL THEN state ELSE 'dead' END, \
@@ -445,24 +347,7 @@ impl SqliteStore {
             .bind(id)
             .execute(&mut *tx)
             .await?;
-            let entry = AuditEntry {
-                resource_type: resource_type(&ty).to_owned(),
-                resource_id: Some(eid),
-                operation: if dead_reason.is_some() {
-                    "outbox.dead".into()
-                } else {
-                    "outbox.retry_later".into()
-                },
-                outcome: "failure".into(),
-                status: None,
-                detail: json!({
-                    "outbox_id": id,
-                    "attempts": attempts,
-                    "transient": transient,
-                    "error": error,
-                    "next_attempt_at": next.map(timefmt::format),
-                }),
-            };
+            let entry = common::fail_entry(id, &ty, eid, &d, error, transient);
             append_audit(&mut tx, ctx, self.now(), &entry).await?;
             out.push(FailedItem {
                 id,
@@ -493,18 +378,7 @@ impl SqliteStore {
         .execute(&mut *tx)
         .await?
         .rows_affected();
-        let entry = AuditEntry {
-            resource_type: "Outbox".into(),
-            resource_id: None,
-            operation: "outbox.deferred".into(),
-            outcome: "failure".into(),
-            status: None,
-            detail: json!({
-                "outbox_ids": ids,
-                "reason": reason,
-                "next_attempt_at": timefmt::format(until),
-            }),
-        };
+        let entry = common::defer_entry(ids, reason, until);
         append_audit(&mut tx, ctx, self.now(), &entry).await?;
         tx.commit().await?;
         Ok(usize::try_from(n).unwrap_or(usize::MAX))
@@ -675,15 +549,7 @@ impl SqliteStore {
         kind: ResourceKind,
         items: &[(String, String, String)],
     ) -> StoreResult<usize> {
-        let links: Vec<MappingLink> = items
-            .iter()
-            .map(|(scim_id, teamcity_id, teamcity_name)| MappingLink {
-                kind,
-                scim_id: scim_id.clone(),
-                teamcity_id: teamcity_id.clone(),
-                teamcity_name: teamcity_name.clone(),
-            })
-            .collect();
+        let links = common::links_from_items(kind, items);
         let now = self.now();
         let mut tx = self.begin().await?;
         let changed = append_applied(&mut tx, ctx, now, &[], &links).await?;
@@ -778,11 +644,7 @@ impl SqliteStore {
         removals: i64,
         plan: &Value,
     ) -> StoreResult<i64> {
-        if !["outbox", "reconcile"].contains(&source) {
-            return Err(StoreError::Invalid(format!(
-                "held batch source must be `outbox` or `reconcile`, not `{source}`"
-            )));
-        }
+        common::check_held_source(source)?;
         let now = self.now();
         let mut tx = self.begin().await?;
         let id = sqlx::query(
@@ -1062,16 +924,7 @@ impl SqliteStore {
         let mut by_group: HashMap<String, Vec<MemberRef>> = HashMap::with_capacity(members.len());
         for (group_id, list) in members {
             let list: Vec<(String, String, Option<String>)> = serde_json::from_str(&list)?;
-            by_group.insert(
-                group_id,
-                list.into_iter()
-                    .map(|(value, ty, display)| MemberRef {
-                        value,
-                        ty: MemberType::parse(&ty).unwrap_or(MemberType::User),
-                        display,
-                    })
-                    .collect(),
-            );
+            by_group.insert(group_id, common::member_refs(list));
         }
         let users = users
             .await

@@ -1,0 +1,765 @@
+//! Backend-neutral logic shared by the SQLite and PostgreSQL stores: everything that is not SQL.
+//!
+//! Indexed columns of a resource, audit chaining, the retry/dead-letter decision, completing
+//! list filters and sorts in memory, mapping diffs and the prune replay (with the checkpoint's
+//! signature) are written once here; the backends only read and write rows.
+
+use std::collections::HashMap;
+
+use scim::AttrPath;
+use scim::filter::{self, Filter};
+use scim::schema::ResourceKind;
+use serde_json::{Map, Value, json};
+use time::OffsetDateTime;
+
+use crate::access::AccessState;
+use crate::audit::{AuditEvent, Checkpoint, GENESIS_HASH, link_error};
+use crate::sql_filter::{self, Bind, Dialect};
+use crate::{
+    AuditEntry, GroupRef, ListPage, ListQuery, MappingLink, MemberRef, MemberType, ReadOpts,
+    Resource, RetryPolicy, StoreError, StoreResult, TokenRecord, TokenScope, WriteCtx, backoff,
+    timefmt,
+};
+
+pub(crate) const OUTBOX_STATES: &[&str] = &["pending", "done", "dead", "held", "dropped"];
+pub(crate) const HELD_STATES: &[&str] = &["held", "approved", "applied", "dropped"];
+
+/// The table of a resource kind.
+pub(crate) fn table(kind: ResourceKind) -> &'static str {
+    match kind {
+        ResourceKind::User => "users",
+        ResourceKind::Group => "groups",
+    }
+}
+
+/// The outbox entity type of a resource kind.
+pub(crate) fn entity(kind: ResourceKind) -> &'static str {
+    match kind {
+        ResourceKind::User => "user",
+        ResourceKind::Group => "group",
+    }
+}
+
+/// The SCIM resource type of an outbox entity type.
+pub(crate) fn resource_type(entity_type: &str) -> &str {
+    match entity_type {
+        "user" => "User",
+        "group" => "Group",
+        other => other,
+    }
+}
+
+/// What a write reads back: a user's groups, never a group's members.
+pub(crate) fn read_back(kind: ResourceKind) -> ReadOpts {
+    ReadOpts {
+        members: false,
+        groups: kind == ResourceKind::User,
+    }
+}
+
+pub(crate) fn parse_time(s: &str) -> StoreResult<OffsetDateTime> {
+    timefmt::parse(s).ok_or_else(|| StoreError::Other(format!("corrupt timestamp `{s}`").into()))
+}
+
+pub(crate) fn opt_time(s: Option<String>) -> StoreResult<Option<OffsetDateTime>> {
+    s.as_deref().map(parse_time).transpose()
+}
+
+pub(crate) fn check_state(state: Option<&str>, allowed: &[&str], what: &str) -> StoreResult<()> {
+    match state {
+        Some(s) if !allowed.contains(&s) => Err(StoreError::Invalid(format!(
+            "unknown {what} state `{s}`; expected one of {}",
+            allowed.join(", ")
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// `NotFound`-free check that a state is one of `allowed`, naming it otherwise.
+pub(crate) fn held_state_error(id: i64, state: &str, allowed: &[&str]) -> Option<StoreError> {
+    (!allowed.contains(&state)).then(|| {
+        StoreError::Invalid(format!(
+            "held batch {id} is {state}, not {}",
+            allowed.join(" or ")
+        ))
+    })
+}
+
+pub(crate) fn check_held_source(source: &str) -> StoreResult<()> {
+    if ["outbox", "reconcile"].contains(&source) {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid(format!(
+            "held batch source must be `outbox` or `reconcile`, not `{source}`"
+        )))
+    }
+}
+
+// ----- Resources -----
+
+/// The indexed values of a resource's attributes.
+pub(crate) struct Indexed {
+    pub(crate) name: String,
+    pub(crate) name_ci: String,
+    pub(crate) external_id: Option<String>,
+    pub(crate) active: bool,
+}
+
+pub(crate) fn indexed(kind: ResourceKind, attrs: &Value) -> StoreResult<Indexed> {
+    let key = match kind {
+        ResourceKind::User => "userName",
+        ResourceKind::Group => "displayName",
+    };
+    let name = attrs
+        .get(key)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| StoreError::Invalid(format!("{key} is required")))?
+        .to_owned();
+    Ok(Indexed {
+        name_ci: name.to_lowercase(),
+        name,
+        external_id: attrs
+            .get("externalId")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        active: attrs.get("active").and_then(Value::as_bool).unwrap_or(true),
+    })
+}
+
+/// The `Conflict` a duplicate name gets.
+pub(crate) fn name_conflict(kind: ResourceKind) -> StoreError {
+    StoreError::Conflict(match kind {
+        ResourceKind::User => "a User with this userName already exists (userName is unique, compared case-insensitively)".into(),
+        ResourceKind::Group => "a Group with this displayName already exists (displayName is unique, compared case-insensitively)".into(),
+    })
+}
+
+pub(crate) fn self_member_error() -> StoreError {
+    StoreError::Invalid("a group cannot be a member of itself".into())
+}
+
+pub(crate) fn missing_member_error(value: &str) -> StoreError {
+    StoreError::Invalid(format!("member `{value}` does not exist"))
+}
+
+/// The types to try for a member, in order.
+pub(crate) fn member_candidates(ty: Option<MemberType>) -> Vec<MemberType> {
+    match ty {
+        Some(t) => vec![t],
+        None => vec![MemberType::User, MemberType::Group],
+    }
+}
+
+/// A user's groups from the JSON array (`[{value, display}]`) the read query aggregates.
+pub(crate) fn groups_from_json(raw: Option<String>) -> StoreResult<Vec<GroupRef>> {
+    let list: Vec<Value> = match raw {
+        Some(s) => serde_json::from_str(&s)?,
+        None => vec![],
+    };
+    Ok(list
+        .into_iter()
+        .filter_map(|g| {
+            Some(GroupRef {
+                value: g.get("value")?.as_str()?.to_owned(),
+                display: g.get("display")?.as_str()?.to_owned(),
+            })
+        })
+        .collect())
+}
+
+/// A resource from its stored columns.
+pub(crate) fn resource(
+    kind: ResourceKind,
+    id: String,
+    data: &str,
+    created: &str,
+    last_modified: &str,
+    version: i64,
+    groups: Option<Vec<GroupRef>>,
+) -> StoreResult<Resource> {
+    Ok(Resource {
+        kind,
+        id,
+        attrs: serde_json::from_str(data)?,
+        created: parse_time(created)?,
+        last_modified: parse_time(last_modified)?,
+        version,
+        members: None,
+        groups,
+    })
+}
+
+pub(crate) fn member_refs(rows: Vec<(String, String, Option<String>)>) -> Vec<MemberRef> {
+    rows.into_iter()
+        .map(|(value, ty, display)| MemberRef {
+            value,
+            ty: MemberType::parse(&ty).unwrap_or(MemberType::User),
+            display,
+        })
+        .collect()
+}
+
+/// `id, name, created, expires, revoked, scope` of `api_tokens`.
+pub(crate) type TokenRow = (
+    String,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    String,
+);
+
+pub(crate) fn token_row(
+    (id, name, created, expires, revoked, scope): TokenRow,
+) -> StoreResult<TokenRecord> {
+    Ok(TokenRecord {
+        scope: TokenScope::parse(&scope).ok_or_else(|| {
+            StoreError::Other(format!("token {id} has an unknown scope {scope:?}").into())
+        })?,
+        id,
+        name,
+        created: parse_time(&created)?,
+        expires: expires.as_deref().map(parse_time).transpose()?,
+        revoked: revoked.as_deref().map(parse_time).transpose()?,
+    })
+}
+
+pub(crate) fn new_token_id() -> String {
+    format!("tok_{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+// ----- Lists -----
+
+/// How a list query runs: the SQL pre-filter, whether the database can page it, what to load.
+pub(crate) struct ListPlan {
+    /// ` WHERE …` (empty without a pre-filter).
+    pub(crate) where_sql: String,
+    pub(crate) binds: Vec<Bind>,
+    /// `Some(column)`: the database filters exactly and sorts by this column, so it pages.
+    pub(crate) sql_sort: Option<&'static str>,
+    pub(crate) read: ReadOpts,
+}
+
+pub(crate) fn list_plan(kind: ResourceKind, q: &ListQuery, dialect: Dialect) -> ListPlan {
+    let pre = q
+        .filter
+        .as_ref()
+        .and_then(|f| sql_filter::translate(kind, f, dialect));
+    let exact = match (&q.filter, &pre) {
+        (None, _) => true,
+        (Some(_), Some(p)) => p.exact,
+        (Some(_), None) => false,
+    };
+    let sort_col = match &q.sort_by {
+        None => Some("t.seq"),
+        Some(p) => sql_filter::sort_column(kind, p),
+    };
+    let (where_sql, binds) = match pre {
+        Some(p) => (format!(" WHERE {}", p.sql), p.binds),
+        None => (String::new(), vec![]),
+    };
+    // What in-memory evaluation needs loaded.
+    let need_members = kind == ResourceKind::Group
+        && (q.read.members
+            || q.filter.as_ref().is_some_and(|f| mentions(f, "members"))
+            || q.sort_by
+                .as_ref()
+                .is_some_and(|p| p.attr.eq_ignore_ascii_case("members")));
+    let read = ReadOpts {
+        members: need_members,
+        groups: kind == ResourceKind::User
+            && (q.read.groups || q.filter.as_ref().is_some_and(|f| mentions(f, "groups"))),
+    };
+    ListPlan {
+        where_sql,
+        binds,
+        sql_sort: if exact { sort_col } else { None },
+        read,
+    }
+}
+
+/// The total of a page the database paged, when the page itself proves it: a short page that
+/// is not past the end is the end.
+pub(crate) fn total_from_page(q: &ListQuery, rows: usize) -> Option<usize> {
+    (q.count > 0 && rows < q.count && (rows > 0 || q.offset == 0)).then_some(q.offset + rows)
+}
+
+/// Completes an inexact filter or a sort without a column in memory over the candidates (in
+/// creation order).
+pub(crate) fn complete_in_memory(
+    kind: ResourceKind,
+    q: &ListQuery,
+    candidates: Vec<Resource>,
+) -> ListPage {
+    let mut matched: Vec<(Resource, Value)> = Vec::new();
+    for r in candidates {
+        let v = eval_json(&r);
+        if q.filter
+            .as_ref()
+            .is_none_or(|f| filter::matches(f, kind, &v))
+        {
+            matched.push((r, v));
+        }
+    }
+    if let Some(by) = &q.sort_by {
+        sort_in_memory(kind, by, q.descending, &mut matched);
+    }
+    let total = matched.len();
+    let resources: Vec<Resource> = matched
+        .into_iter()
+        .skip(q.offset)
+        .take(q.count)
+        .map(|(r, _)| r)
+        .collect();
+    ListPage {
+        total,
+        resources: resources.into(),
+    }
+}
+
+/// The JSON a filter or sort is evaluated against: attributes plus `id`, `meta`, and the
+/// derived multi-valued attributes.
+fn eval_json(r: &Resource) -> Value {
+    let mut o = match &r.attrs {
+        Value::Object(m) => m.clone(),
+        _ => Map::new(),
+    };
+    o.insert("id".into(), json!(r.id));
+    o.insert(
+        "meta".into(),
+        json!({
+            "resourceType": r.kind.name(),
+            "created": timefmt::format(r.created),
+            "lastModified": timefmt::format(r.last_modified),
+            "version": format!("W/\"{}\"", r.version),
+        }),
+    );
+    if let Some(members) = &r.members {
+        let list: Vec<Value> = members
+            .iter()
+            .map(|m| json!({"value": m.value, "type": m.ty.as_str(), "display": m.display}))
+            .collect();
+        o.insert("members".into(), Value::Array(list));
+    }
+    if let Some(groups) = &r.groups {
+        let list: Vec<Value> = groups
+            .iter()
+            .map(|g| json!({"value": g.value, "display": g.display}))
+            .collect();
+        o.insert("groups".into(), Value::Array(list));
+    }
+    Value::Object(o)
+}
+
+fn mentions(f: &Filter, attr: &str) -> bool {
+    match f {
+        Filter::And(a, b) | Filter::Or(a, b) => mentions(a, attr) || mentions(b, attr),
+        Filter::Not(a) => mentions(a, attr),
+        Filter::Present(p)
+        | Filter::Compare { path: p, .. }
+        | Filter::ValuePath { path: p, .. } => p.attr.eq_ignore_ascii_case(attr),
+    }
+}
+
+fn sort_in_memory(
+    kind: ResourceKind,
+    by: &AttrPath,
+    descending: bool,
+    items: &mut [(Resource, Value)],
+) {
+    items.sort_by(|(_, a), (_, b)| {
+        let o = scim::projection::sort_cmp(kind, by, a, b);
+        if descending { o.reverse() } else { o }
+    });
+}
+
+// ----- Audit chain -----
+
+/// What a command records besides its change.
+pub(crate) struct Record<'a> {
+    pub(crate) resource_type: &'a str,
+    pub(crate) resource_id: &'a str,
+    pub(crate) operation: &'a str,
+    pub(crate) status: i64,
+    pub(crate) detail: Value,
+    /// `(entity_type, operation, detail)` of the outbox row, if the change concerns TeamCity.
+    pub(crate) outbox: Option<(&'a str, &'a str, Value)>,
+}
+
+impl<'a> Record<'a> {
+    /// A success event without an outbox row.
+    pub(crate) fn note(
+        resource_type: &'a str,
+        resource_id: &'a str,
+        operation: &'a str,
+        detail: Value,
+    ) -> Self {
+        Record {
+            resource_type,
+            resource_id,
+            operation,
+            status: 200,
+            detail,
+            outbox: None,
+        }
+    }
+
+    /// The event part.
+    pub(crate) fn event(&self) -> NewEvent<'a> {
+        NewEvent {
+            resource_type: self.resource_type,
+            resource_id: Some(self.resource_id),
+            operation: self.operation,
+            outcome: "success",
+            status: Some(self.status),
+            detail: self.detail.clone(),
+        }
+    }
+}
+
+/// One event to append.
+pub(crate) struct NewEvent<'a> {
+    pub(crate) resource_type: &'a str,
+    pub(crate) resource_id: Option<&'a str>,
+    pub(crate) operation: &'a str,
+    pub(crate) outcome: &'a str,
+    pub(crate) status: Option<i64>,
+    pub(crate) detail: Value,
+}
+
+pub(crate) fn new_event(e: &AuditEntry) -> NewEvent<'_> {
+    NewEvent {
+        resource_type: &e.resource_type,
+        resource_id: e.resource_id.as_deref(),
+        operation: &e.operation,
+        outcome: &e.outcome,
+        status: e.status,
+        detail: e.detail.clone(),
+    }
+}
+
+/// The chain head when no event is stored: the newest checkpoint, else genesis.
+pub(crate) fn empty_head(checkpoint: Option<(i64, String)>) -> (i64, String) {
+    checkpoint.unwrap_or((0, GENESIS_HASH.to_owned()))
+}
+
+/// The event that follows `prev` (its seq and hash); email addresses in the detail are
+/// scrubbed first.
+pub(crate) fn chain_event(
+    ctx: &WriteCtx,
+    now: OffsetDateTime,
+    n: NewEvent<'_>,
+    (prev_seq, prev_hash): (i64, String),
+) -> AuditEvent {
+    let mut detail = n.detail;
+    crate::audit::scrub_emails(&mut detail);
+    let mut ev = AuditEvent {
+        seq: prev_seq + 1,
+        time: timefmt::format(now),
+        actor: ctx.actor.clone(),
+        request_id: ctx.request_id.clone(),
+        resource_type: n.resource_type.to_owned(),
+        resource_id: n.resource_id.map(str::to_owned),
+        operation: n.operation.to_owned(),
+        outcome: n.outcome.to_owned(),
+        status: n.status,
+        detail: detail.to_string(),
+        prev_hash,
+        hash: String::new(),
+    };
+    ev.hash = ev.compute_hash();
+    ev
+}
+
+/// Events chained one after another from a head.
+pub(crate) struct Chain<'c> {
+    ctx: &'c WriteCtx,
+    now: OffsetDateTime,
+    head: (i64, String),
+    pub(crate) events: Vec<AuditEvent>,
+}
+
+impl<'c> Chain<'c> {
+    pub(crate) fn new(ctx: &'c WriteCtx, now: OffsetDateTime, head: (i64, String)) -> Self {
+        Chain {
+            ctx,
+            now,
+            head,
+            events: vec![],
+        }
+    }
+
+    pub(crate) fn push(&mut self, n: NewEvent<'_>) -> i64 {
+        let ev = chain_event(self.ctx, self.now, n, self.head.clone());
+        self.head = (ev.seq, ev.hash.clone());
+        self.events.push(ev);
+        self.head.0
+    }
+}
+
+// ----- Mappings -----
+
+/// The links of one kind that change, with their previous link, given the current links of
+/// their SCIM ids; pushes one `mapping.upsert` event per change onto `chain`. Returns the rows
+/// to upsert (`scim_id, teamcity_id, teamcity_name`).
+pub(crate) fn link_changes(
+    chain: &mut Chain<'_>,
+    kind: ResourceKind,
+    of_kind: &[&MappingLink],
+    prev: Vec<(String, String, String)>,
+) -> Vec<(String, String, String)> {
+    let mut current: HashMap<String, (String, String)> = prev
+        .into_iter()
+        .map(|(scim_id, id, name)| (scim_id, (id, name)))
+        .collect();
+    let mut rows = Vec::new();
+    for link in of_kind {
+        let new = (link.teamcity_id.clone(), link.teamcity_name.clone());
+        let previous = current.insert(link.scim_id.clone(), new.clone());
+        if previous.as_ref() == Some(&new) {
+            continue;
+        }
+        let resource_id = format!("{}:{}", entity(kind), link.scim_id);
+        chain.push(NewEvent {
+            resource_type: "Mapping",
+            resource_id: Some(&resource_id),
+            operation: "mapping.upsert",
+            outcome: "success",
+            status: Some(200),
+            detail: json!({
+                "teamcity_id": link.teamcity_id,
+                "teamcity_name": link.teamcity_name,
+                "previous": previous.map(|(i, n)| json!({"teamcity_id": i, "teamcity_name": n})),
+            }),
+        });
+        rows.push((
+            link.scim_id.clone(),
+            link.teamcity_id.clone(),
+            link.teamcity_name.clone(),
+        ));
+    }
+    rows
+}
+
+pub(crate) fn links_from_items(
+    kind: ResourceKind,
+    items: &[(String, String, String)],
+) -> Vec<MappingLink> {
+    items
+        .iter()
+        .map(|(scim_id, teamcity_id, teamcity_name)| MappingLink {
+            kind,
+            scim_id: scim_id.clone(),
+            teamcity_id: teamcity_id.clone(),
+            teamcity_name: teamcity_name.clone(),
+        })
+        .collect()
+}
+
+// ----- Outbox outcomes -----
+
+/// What a failure does to one claimed row.
+pub(crate) struct FailDecision {
+    /// Attempts including this one.
+    pub(crate) attempts: i64,
+    /// `Some`: the row is dead now.
+    pub(crate) dead_reason: Option<String>,
+    /// When it is due again (at the stored precision), unless dead.
+    pub(crate) next: Option<OffsetDateTime>,
+}
+
+/// Retry later with backoff, or dead-letter (permanent, or out of attempts).
+pub(crate) fn fail_decision(
+    id: i64,
+    attempts_before: i64,
+    error: &str,
+    transient: bool,
+    now: OffsetDateTime,
+    policy: &RetryPolicy,
+) -> StoreResult<FailDecision> {
+    let attempts = attempts_before + 1;
+    let n = u32::try_from(attempts).unwrap_or(u32::MAX);
+    let dead_reason = if !transient {
+        Some(format!("permanent failure: {error}"))
+    } else if n >= policy.max_attempts {
+        Some(format!("gave up after {attempts} attempts: {error}"))
+    } else {
+        None
+    };
+    let next = match dead_reason {
+        Some(_) => None,
+        None => {
+            let seed = (id as u64) ^ (u64::from(n) << 40);
+            // At the stored (microsecond) precision, so the caller sees what is stored.
+            let at = timefmt::format(now + backoff(n, policy.base, policy.cap, seed));
+            Some(parse_time(&at)?)
+        }
+    };
+    Ok(FailDecision {
+        attempts,
+        dead_reason,
+        next,
+    })
+}
+
+/// The audit entry of one failed row.
+pub(crate) fn fail_entry(
+    id: i64,
+    entity_type: &str,
+    entity_id: String,
+    d: &FailDecision,
+    error: &str,
+    transient: bool,
+) -> AuditEntry {
+    AuditEntry {
+        resource_type: resource_type(entity_type).to_owned(),
+        resource_id: Some(entity_id),
+        operation: if d.dead_reason.is_some() {
+            "outbox.dead".into()
+        } else {
+            "outbox.retry_later".into()
+        },
+        outcome: "failure".into(),
+        status: None,
+        detail: json!({
+            "outbox_id": id,
+            "attempts": d.attempts,
+            "transient": transient,
+            "error": error,
+            "next_attempt_at": d.next.map(timefmt::format),
+        }),
+    }
+}
+
+pub(crate) fn defer_entry(ids: &[i64], reason: &str, until: OffsetDateTime) -> AuditEntry {
+    AuditEntry {
+        resource_type: "Outbox".into(),
+        resource_id: None,
+        operation: "outbox.deferred".into(),
+        outcome: "failure".into(),
+        status: None,
+        detail: json!({
+            "outbox_ids": ids,
+            "reason": reason,
+            "next_attempt_at": timefmt::format(until),
+        }),
+    }
+}
+
+// ----- Prune -----
+
+/// Replays (and checks) the events a prune deletes, from the previous checkpoint, and builds
+/// the signed checkpoint.
+pub(crate) struct PruneReplay {
+    pub(crate) seq: i64,
+    hash: String,
+    state: AccessState,
+    total: i64,
+    cutoff: String,
+    pruned: i64,
+    last_time: String,
+}
+
+impl PruneReplay {
+    /// Starts after `prev` (whose signature must be valid under `key`), else at genesis.
+    pub(crate) fn start(
+        prev: Option<&Checkpoint>,
+        key: &[u8],
+        before: OffsetDateTime,
+    ) -> StoreResult<Self> {
+        if let Some(p) = prev
+            && !p.signature_valid(key)
+        {
+            return Err(StoreError::Invalid(format!(
+                "audit checkpoint {} has an invalid signature: refusing to prune (run `audit verify`)",
+                p.id
+            )));
+        }
+        let (seq, hash, mut state, total) = match prev {
+            Some(p) => (
+                p.last_seq,
+                p.last_hash.clone(),
+                AccessState::from_snapshot(&p.snapshot)?,
+                p.total_pruned,
+            ),
+            None => (0, GENESIS_HASH.to_owned(), AccessState::default(), 0),
+        };
+        state.last_seq = seq;
+        Ok(PruneReplay {
+            seq,
+            hash,
+            state,
+            total,
+            cutoff: timefmt::format(before),
+            pruned: 0,
+            last_time: String::new(),
+        })
+    }
+
+    /// Feeds the next page of events (in seq order, after [`PruneReplay::seq`]). Returns
+    /// whether to read another page.
+    pub(crate) fn feed(&mut self, page: Vec<AuditEvent>) -> StoreResult<bool> {
+        if page.is_empty() {
+            return Ok(false);
+        }
+        for e in page {
+            if e.time >= self.cutoff {
+                return Ok(false);
+            }
+            if let Some(reason) = link_error(self.seq, &self.hash, &e) {
+                return Err(StoreError::Invalid(format!(
+                    "audit chain broken at seq {}: {reason}; refusing to prune",
+                    e.seq
+                )));
+            }
+            self.state.apply(&e);
+            self.seq = e.seq;
+            self.hash = e.hash;
+            self.last_time = e.time;
+            self.pruned += 1;
+        }
+        Ok(true)
+    }
+
+    /// The signed checkpoint (id 0 until stored), or `None` when nothing is pruned.
+    pub(crate) fn checkpoint(self, now: OffsetDateTime, key: &[u8]) -> Option<Checkpoint> {
+        if self.pruned == 0 {
+            return None;
+        }
+        let mut cp = Checkpoint {
+            id: 0,
+            created: timefmt::format(now),
+            last_seq: self.seq,
+            last_hash: self.hash,
+            last_time: self.last_time,
+            pruned: self.pruned,
+            total_pruned: self.total + self.pruned,
+            snapshot: self.state.snapshot(),
+            signature: String::new(),
+        };
+        cp.sign(key);
+        Some(cp)
+    }
+
+    /// The `audit.prune` event chained after the stored checkpoint.
+    pub(crate) fn prune_event<'a>(cp: &Checkpoint, cp_id: &'a str, before: &str) -> NewEvent<'a> {
+        NewEvent {
+            resource_type: "Audit",
+            resource_id: Some(cp_id),
+            operation: "audit.prune",
+            outcome: "success",
+            status: Some(200),
+            detail: json!({
+                "before": before,
+                "pruned": cp.pruned,
+                "last_seq": cp.last_seq,
+                "total_pruned": cp.total_pruned,
+            }),
+        }
+    }
+
+    pub(crate) fn cutoff(&self) -> &str {
+        &self.cutoff
+    }
+}

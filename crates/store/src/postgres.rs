@@ -1,0 +1,1297 @@
+//! The PostgreSQL backend: a connection pool shared by any number of processes.
+//!
+//! Every audited write transaction first locks the one row of `audit_head` (`SELECT … FOR
+//! UPDATE`), which holds the chain's last seq and hash: writers from every process append to
+//! one chain with gap-free seq, and what SQLite gets from its single writer (a version check
+//! and the write that follows it, a uniqueness check and the insert) holds here too. Resource
+//! rows are locked as well (`FOR UPDATE`) where a command reads then writes them. Outbox claims
+//! (not audited) skip rows another transaction holds (`FOR UPDATE SKIP LOCKED`) and are
+//! serialised with each other by a transaction-scoped advisory lock, so no entity is ever
+//! leased to two workers. Timestamps and JSON are TEXT exactly as in SQLite (see the schema).
+//!
+//! Nothing here is SQLite-specific logic: the backend-neutral parts live in `common`.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use scim::schema::ResourceKind;
+use serde_json::{Value, json};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::{AssertSqlSafe, PgPool, Postgres, Row, Transaction};
+use time::OffsetDateTime;
+
+use crate::audit::AuditEvent;
+use crate::common::{
+    self, Indexed, NewEvent, Record, TokenRow, chain_event, entity, indexed, read_back, table,
+    token_row,
+};
+use crate::sql_filter::{Bind, Dialect};
+use crate::{
+    Clock, ListPage, ListQuery, MemberRef, MemberType, MembershipChange, NewMember, OutboxItem,
+    ReadOpts, Resource, Store, StoreError, StoreResult, TokenRecord, TokenScope, WriteCtx, timefmt,
+};
+
+mod audit_log;
+mod sync;
+
+/// The default pool size (override with `?max_connections=N` in the URL).
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 10;
+
+/// The PostgreSQL store.
+#[derive(Debug, Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+    clock: Arc<dyn Clock>,
+}
+
+type Tx = Transaction<'static, Postgres>;
+
+const USER_COLS: &str = "t.id, t.created, t.last_modified, t.version, t.data";
+const GROUPS_OF_USER: &str = "(SELECT json_agg(json_build_object('value', g.id, 'display', g.display_name) \
+     ORDER BY g.id)::text FROM group_members m JOIN groups g ON g.id = m.group_id WHERE m.member_id = t.id)";
+
+/// `url` with the password (userinfo or `password=` parameter) replaced, for messages.
+pub fn redact_url(url: &str) -> String {
+    let (head, query) = match url.split_once('?') {
+        Some((h, q)) => (h, Some(q)),
+        None => (url, None),
+    };
+    let mut out = match head.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((creds, host)) => match creds.split_once(':') {
+                Some((user, _)) => format!("{scheme}://{user}:<redacted>@{host}"),
+                None => head.to_owned(),
+            },
+            None => head.to_owned(),
+        },
+        None => head.to_owned(),
+    };
+    if let Some(q) = query {
+        let params: Vec<String> = q
+            .split('&')
+            .map(|p| match p.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=<redacted>"),
+                _ => p.to_owned(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&params.join("&"));
+    }
+    out
+}
+
+/// Splits our own `max_connections` parameter off `url` (the driver rejects what it does not
+/// know). Returns the URL for the driver and the pool size.
+fn pool_size(url: &str) -> StoreResult<(String, u32)> {
+    let Some((head, q)) = url.split_once('?') else {
+        return Ok((url.to_owned(), DEFAULT_MAX_CONNECTIONS));
+    };
+    let mut size = DEFAULT_MAX_CONNECTIONS;
+    let mut rest = Vec::new();
+    for p in q.split('&').filter(|p| !p.is_empty()) {
+        match p.split_once('=') {
+            Some(("max_connections", v)) => {
+                size = v.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                    StoreError::Invalid(format!(
+                        "max_connections in the database URL must be a positive integer, not `{v}`"
+                    ))
+                })?;
+            }
+            _ => rest.push(p),
+        }
+    }
+    let url = if rest.is_empty() {
+        head.to_owned()
+    } else {
+        format!("{head}?{}", rest.join("&"))
+    };
+    Ok((url, size))
+}
+
+impl PostgresStore {
+    /// Connects to the database at `url` (`postgres://…` / `postgresql://…`, optionally with
+    /// `max_connections=N`) and runs the migrations.
+    pub async fn open(url: &str, clock: Arc<dyn Clock>) -> StoreResult<Self> {
+        let shown = redact_url(url);
+        let (driver_url, size) = pool_size(url)?;
+        let opts = PgConnectOptions::from_str(&driver_url)
+            .map_err(|e| StoreError::Invalid(format!("invalid PostgreSQL URL `{shown}`: {e}")))?
+            // The migrator's "already exists, skipping" notices are not news.
+            .options([("client_min_messages", "warning")]);
+        let pool = PgPoolOptions::new()
+            .max_connections(size)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(opts)
+            .await
+            .map_err(|e| {
+                StoreError::Other(format!("cannot connect to PostgreSQL at `{shown}`: {e}").into())
+            })?;
+        sqlx::migrate!("./migrations/postgres")
+            .run(&pool)
+            .await
+            .map_err(|e| {
+                StoreError::Other(
+                    format!("cannot migrate the PostgreSQL database at `{shown}`: {e}").into(),
+                )
+            })?;
+        Ok(PostgresStore { pool, clock })
+    }
+
+    /// A transaction for writes that are not audited (outbox claims, sync state).
+    async fn begin(&self) -> StoreResult<Tx> {
+        Ok(self.pool.begin().await?)
+    }
+
+    /// A transaction for an audited write: the chain head is locked first, so audited writes
+    /// run one after another (as on SQLite) and their events form one chain.
+    async fn begin_write(&self) -> StoreResult<Tx> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT seq FROM audit_head WHERE id = 1 FOR UPDATE")
+            .fetch_one(&mut *tx)
+            .await?;
+        Ok(tx)
+    }
+
+    fn now(&self) -> OffsetDateTime {
+        self.clock.now()
+    }
+}
+
+/// The chain head (locked: see [`PostgresStore::begin_write`]).
+async fn chain_head(tx: &mut Tx) -> StoreResult<(i64, String)> {
+    Ok(
+        sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
+            .fetch_one(&mut **tx)
+            .await?,
+    )
+}
+
+/// Appends one audit event inside `tx`, chained to the head.
+async fn append_event(
+    tx: &mut Tx,
+    ctx: &WriteCtx,
+    now: OffsetDateTime,
+    n: NewEvent<'_>,
+) -> StoreResult<AuditEvent> {
+    let prev = chain_head(tx).await?;
+    let ev = chain_event(ctx, now, n, prev);
+    insert_events(tx, std::slice::from_ref(&ev)).await?;
+    Ok(ev)
+}
+
+/// Inserts chained events (one statement, arrays unnested) and moves the head to the last.
+async fn insert_events(tx: &mut Tx, events: &[AuditEvent]) -> StoreResult<()> {
+    let Some(last) = events.last() else {
+        return Ok(());
+    };
+    let col = |f: fn(&AuditEvent) -> String| events.iter().map(f).collect::<Vec<String>>();
+    let opt = |f: fn(&AuditEvent) -> Option<String>| {
+        events.iter().map(f).collect::<Vec<Option<String>>>()
+    };
+    sqlx::query(
+        "INSERT INTO audit_events (seq, time, actor, request_id, resource_type, resource_id, operation, \
+         outcome, status, detail, prev_hash, hash) \
+         SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
+         $7::text[], $8::text[], $9::bigint[], $10::text[], $11::text[], $12::text[])",
+    )
+    .bind(events.iter().map(|e| e.seq).collect::<Vec<i64>>())
+    .bind(col(|e| e.time.clone()))
+    .bind(col(|e| e.actor.clone()))
+    .bind(opt(|e| e.request_id.clone()))
+    .bind(col(|e| e.resource_type.clone()))
+    .bind(opt(|e| e.resource_id.clone()))
+    .bind(col(|e| e.operation.clone()))
+    .bind(col(|e| e.outcome.clone()))
+    .bind(events.iter().map(|e| e.status).collect::<Vec<Option<i64>>>())
+    .bind(col(|e| e.detail.clone()))
+    .bind(col(|e| e.prev_hash.clone()))
+    .bind(col(|e| e.hash.clone()))
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
+        .bind(last.seq)
+        .bind(&last.hash)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Appends the audit event (and the outbox row) inside `tx`.
+async fn record(
+    tx: &mut Tx,
+    ctx: &WriteCtx,
+    now: OffsetDateTime,
+    r: Record<'_>,
+) -> StoreResult<i64> {
+    let ev = append_event(tx, ctx, now, r.event()).await?;
+    if let Some((entity_type, op, detail)) = r.outbox {
+        sqlx::query(
+            "INSERT INTO outbox (entity_type, entity_id, operation, detail, audit_seq, created, next_attempt_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(entity_type)
+        .bind(r.resource_id)
+        .bind(op)
+        .bind(detail.to_string())
+        .bind(ev.seq)
+        .bind(&ev.time)
+        .bind(&ev.time)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(ev.seq)
+}
+
+/// A unique violation on a name column is the uniqueness conflict (a second line of defence:
+/// [`check_unique`] runs first under the head lock).
+fn map_unique(kind: ResourceKind, e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Database(d) if d.is_unique_violation() => common::name_conflict(kind),
+        _ => e.into(),
+    }
+}
+
+async fn check_unique(
+    tx: &mut Tx,
+    kind: ResourceKind,
+    ix: &Indexed,
+    except_id: Option<&str>,
+) -> StoreResult<()> {
+    let sql = match kind {
+        ResourceKind::User => "SELECT id FROM users WHERE user_name_ci = $1",
+        ResourceKind::Group => "SELECT id FROM groups WHERE display_name_ci = $1",
+    };
+    let found: Option<(String,)> = sqlx::query_as(sql)
+        .bind(&ix.name_ci)
+        .fetch_optional(&mut **tx)
+        .await?;
+    match found {
+        Some((id,)) if Some(id.as_str()) != except_id => Err(common::name_conflict(kind)),
+        _ => Ok(()),
+    }
+}
+
+/// Resolves a member's type, checking that it exists.
+async fn resolve_member(tx: &mut Tx, group_id: &str, m: &NewMember) -> StoreResult<MemberType> {
+    for t in common::member_candidates(m.ty) {
+        if t == MemberType::Group && m.value == group_id {
+            return Err(common::self_member_error());
+        }
+        let sql = match t {
+            MemberType::User => "SELECT 1 FROM users WHERE id = $1",
+            MemberType::Group => "SELECT 1 FROM groups WHERE id = $1",
+        };
+        if sqlx::query(sql)
+            .bind(&m.value)
+            .fetch_optional(&mut **tx)
+            .await?
+            .is_some()
+        {
+            return Ok(t);
+        }
+    }
+    Err(common::missing_member_error(&m.value))
+}
+
+/// Applies one membership change; returns the ids added and removed.
+async fn apply_members(
+    tx: &mut Tx,
+    group_id: &str,
+    change: &MembershipChange,
+    added: &mut Vec<String>,
+    removed: &mut Vec<String>,
+) -> StoreResult<()> {
+    match change {
+        MembershipChange::Add(list) => add_members(tx, group_id, list, added).await?,
+        MembershipChange::Remove(ids) => {
+            for id in ids {
+                let r =
+                    sqlx::query("DELETE FROM group_members WHERE group_id = $1 AND member_id = $2")
+                        .bind(group_id)
+                        .bind(id)
+                        .execute(&mut **tx)
+                        .await?;
+                if r.rows_affected() > 0 {
+                    removed.push(id.clone());
+                }
+            }
+        }
+        MembershipChange::RemoveAll | MembershipChange::ReplaceAll(_) => {
+            let keep: Vec<&str> = match change {
+                MembershipChange::ReplaceAll(list) => {
+                    list.iter().map(|m| m.value.as_str()).collect()
+                }
+                _ => vec![],
+            };
+            // The order SQLite returns them in (its primary key order).
+            let current: Vec<(String,)> = sqlx::query_as(
+                "SELECT member_id FROM group_members WHERE group_id = $1 ORDER BY member_id",
+            )
+            .bind(group_id)
+            .fetch_all(&mut **tx)
+            .await?;
+            for (id,) in current {
+                if !keep.contains(&id.as_str()) {
+                    sqlx::query("DELETE FROM group_members WHERE group_id = $1 AND member_id = $2")
+                        .bind(group_id)
+                        .bind(&id)
+                        .execute(&mut **tx)
+                        .await?;
+                    removed.push(id);
+                }
+            }
+            if let MembershipChange::ReplaceAll(list) = change {
+                add_members(tx, group_id, list, added).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn add_members(
+    tx: &mut Tx,
+    group_id: &str,
+    list: &[NewMember],
+    added: &mut Vec<String>,
+) -> StoreResult<()> {
+    for m in list {
+        let ty = resolve_member(tx, group_id, m).await?;
+        let r = sqlx::query(
+            "INSERT INTO group_members (group_id, member_id, member_type, display) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+        )
+        .bind(group_id)
+        .bind(&m.value)
+        .bind(ty.as_str())
+        .bind(&m.display)
+        .execute(&mut **tx)
+        .await?;
+        if r.rows_affected() > 0 {
+            added.push(m.value.clone());
+        }
+    }
+    Ok(())
+}
+
+fn row_to_resource(kind: ResourceKind, row: &PgRow, with_groups: bool) -> StoreResult<Resource> {
+    let groups = if with_groups {
+        Some(common::groups_from_json(row.try_get("groups_json")?)?)
+    } else {
+        None
+    };
+    common::resource(
+        kind,
+        row.try_get("id")?,
+        row.try_get("data")?,
+        row.try_get("created")?,
+        row.try_get("last_modified")?,
+        row.try_get("version")?,
+        groups,
+    )
+}
+
+async fn load_members<'e, E>(exec: E, group_id: &str) -> StoreResult<Vec<MemberRef>>
+where
+    E: sqlx::Executor<'e, Database = Postgres>,
+{
+    let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
+        "SELECT m.member_id, m.member_type, m.display FROM group_members m \
+         WHERE m.group_id = $1 ORDER BY m.member_id",
+    )
+    .bind(group_id)
+    .fetch_all(exec)
+    .await?;
+    Ok(common::member_refs(rows))
+}
+
+fn select_sql(kind: ResourceKind, read: ReadOpts) -> String {
+    let groups = if kind == ResourceKind::User && read.groups {
+        format!(", {GROUPS_OF_USER} AS groups_json")
+    } else {
+        String::new()
+    };
+    format!("SELECT {USER_COLS}{groups} FROM {} t", table(kind))
+}
+
+fn bind_all<'q>(
+    mut q: sqlx::query::Query<'q, Postgres, PgArguments>,
+    binds: &'q [Bind],
+) -> sqlx::query::Query<'q, Postgres, PgArguments> {
+    for b in binds {
+        q = match b {
+            Bind::Text(s) => q.bind(s.as_str()),
+            Bind::Int(i) => q.bind(*i),
+        };
+    }
+    q
+}
+
+impl PostgresStore {
+    /// [`Store::update`] with the version check optional (`None`: membership changes only,
+    /// which commute).
+    async fn update_at(
+        &self,
+        ctx: &WriteCtx,
+        kind: ResourceKind,
+        id: &str,
+        expected_version: Option<i64>,
+        attrs: Option<Value>,
+        members: &[MembershipChange],
+    ) -> StoreResult<Resource> {
+        let now = self.now();
+        let ts = timefmt::format(now);
+        let mut tx = self.begin_write().await?;
+        let version = current_version(&mut tx, kind, id).await?;
+        if expected_version.is_some_and(|v| v != version) {
+            return Err(StoreError::PreconditionFailed);
+        }
+        let (mut added, mut removed) = (vec![], vec![]);
+        if kind == ResourceKind::Group {
+            for change in members {
+                apply_members(&mut tx, id, change, &mut added, &mut removed).await?;
+            }
+        }
+        let attrs_changed = attrs.is_some();
+        let members_changed = !added.is_empty() || !removed.is_empty();
+        if !attrs_changed && !members_changed {
+            // Nothing changed: no version bump, no audit noise, nothing for TeamCity.
+            let r = read_one_tx(&mut tx, kind, id, read_back(kind)).await?;
+            tx.commit().await?;
+            return Ok(r);
+        }
+        match &attrs {
+            Some(a) => write_attrs(&mut tx, kind, id, a, &ts, version + 1).await?,
+            None => touch(&mut tx, kind, id, &ts, version + 1).await?,
+        }
+        let op = if attrs_changed { "upsert" } else { "members" };
+        record(
+            &mut tx,
+            ctx,
+            now,
+            Record {
+                resource_type: kind.name(),
+                resource_id: id,
+                operation: "patch",
+                status: 200,
+                detail: json!({
+                    "attributes_changed": attrs_changed,
+                    "members_added": added.len(),
+                    "members_removed": removed.len(),
+                }),
+                outbox: Some((
+                    entity(kind),
+                    op,
+                    json!({"added": added, "removed": removed}),
+                )),
+            },
+        )
+        .await?;
+        let r = read_one_tx(&mut tx, kind, id, read_back(kind)).await?;
+        tx.commit().await?;
+        Ok(r)
+    }
+
+    async fn list_query(&self, kind: ResourceKind, q: &ListQuery) -> StoreResult<ListPage> {
+        let plan = common::list_plan(kind, q, Dialect::Postgres);
+        let (where_sql, binds, read) = (&plan.where_sql, &plan.binds[..], plan.read);
+        if let Some(col) = plan.sql_sort {
+            let mut conn = self.pool.acquire().await?;
+            let mut resources = Vec::new();
+            let mut total = None;
+            if q.count > 0 {
+                let dir = if q.descending { "DESC" } else { "ASC" };
+                // Integers we computed: nothing to inject.
+                let sql = format!(
+                    "{}{where_sql} ORDER BY {col} {dir}, t.seq {dir} LIMIT {} OFFSET {}",
+                    select_sql(kind, read),
+                    q.count,
+                    q.offset
+                );
+                let rows = bind_all(sqlx::query(AssertSqlSafe(sql)), binds)
+                    .fetch_all(&mut *conn)
+                    .await?;
+                total = common::total_from_page(q, rows.len());
+                for row in &rows {
+                    let mut r = row_to_resource(kind, row, read.groups)?;
+                    if read.members {
+                        r.members = Some(load_members(&mut *conn, &r.id).await?);
+                    }
+                    resources.push(r);
+                }
+            }
+            let total = match total {
+                Some(t) => t,
+                None => {
+                    let count_sql = format!("SELECT COUNT(*) FROM {} t{where_sql}", table(kind));
+                    let n: i64 = bind_all(sqlx::query(AssertSqlSafe(count_sql)), binds)
+                        .fetch_one(&mut *conn)
+                        .await?
+                        .try_get(0)?;
+                    usize::try_from(n).unwrap_or(0)
+                }
+            };
+            return Ok(ListPage {
+                total,
+                resources: resources.into(),
+            });
+        }
+        // Inexact filter or a sort without a column: complete in memory over the candidates,
+        // read in one snapshot.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await?;
+        let sql = format!("{}{where_sql} ORDER BY t.seq", select_sql(kind, read));
+        let rows = bind_all(sqlx::query(AssertSqlSafe(sql)), binds)
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut candidates = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let mut r = row_to_resource(kind, row, read.groups)?;
+            if read.members {
+                r.members = Some(load_members(&mut *tx, &r.id).await?);
+            }
+            candidates.push(r);
+        }
+        tx.rollback().await?;
+        Ok(common::complete_in_memory(kind, q, candidates))
+    }
+}
+
+async fn read_one_tx(
+    tx: &mut Tx,
+    kind: ResourceKind,
+    id: &str,
+    read: ReadOpts,
+) -> StoreResult<Resource> {
+    let sql = format!("{} WHERE t.id = $1", select_sql(kind, read));
+    let row = sqlx::query(AssertSqlSafe(sql))
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    let row = row.ok_or(StoreError::NotFound)?;
+    let mut r = row_to_resource(kind, &row, kind == ResourceKind::User && read.groups)?;
+    if kind == ResourceKind::Group && read.members {
+        r.members = Some(load_members(&mut **tx, id).await?);
+    }
+    Ok(r)
+}
+
+/// The resource's version, its row locked until the transaction ends.
+async fn current_version(tx: &mut Tx, kind: ResourceKind, id: &str) -> StoreResult<i64> {
+    let sql = format!(
+        "SELECT version FROM {} WHERE id = $1 FOR UPDATE",
+        table(kind)
+    );
+    let v: Option<(i64,)> = sqlx::query_as(AssertSqlSafe(sql))
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    v.map(|(v,)| v).ok_or(StoreError::NotFound)
+}
+
+async fn write_attrs(
+    tx: &mut Tx,
+    kind: ResourceKind,
+    id: &str,
+    attrs: &Value,
+    now: &str,
+    version: i64,
+) -> StoreResult<()> {
+    let ix = indexed(kind, attrs)?;
+    check_unique(tx, kind, &ix, Some(id)).await?;
+    let data = attrs.to_string();
+    let q = match kind {
+        ResourceKind::User => sqlx::query(
+            "UPDATE users SET user_name = $1, user_name_ci = $2, external_id = $3, active = $4, \
+             last_modified = $5, version = $6, data = $7 WHERE id = $8",
+        )
+        .bind(&ix.name)
+        .bind(&ix.name_ci)
+        .bind(&ix.external_id)
+        .bind(i64::from(ix.active)),
+        ResourceKind::Group => sqlx::query(
+            "UPDATE groups SET display_name = $1, display_name_ci = $2, external_id = $3, \
+             last_modified = $4, version = $5, data = $6 WHERE id = $7",
+        )
+        .bind(&ix.name)
+        .bind(&ix.name_ci)
+        .bind(&ix.external_id),
+    };
+    q.bind(now)
+        .bind(version)
+        .bind(&data)
+        .bind(id)
+        .execute(&mut **tx)
+        .await
+        .map_err(|e| map_unique(kind, e))?;
+    Ok(())
+}
+
+async fn touch(
+    tx: &mut Tx,
+    kind: ResourceKind,
+    id: &str,
+    now: &str,
+    version: i64,
+) -> StoreResult<()> {
+    let sql = format!(
+        "UPDATE {} SET last_modified = $1, version = $2 WHERE id = $3",
+        table(kind)
+    );
+    sqlx::query(AssertSqlSafe(sql))
+        .bind(now)
+        .bind(version)
+        .bind(id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn create(
+        &self,
+        ctx: &WriteCtx,
+        kind: ResourceKind,
+        attrs: Value,
+        members: Option<Vec<NewMember>>,
+    ) -> StoreResult<Resource> {
+        let now = self.now();
+        let ts = timefmt::format(now);
+        let id = uuid::Uuid::new_v4().to_string();
+        let ix = indexed(kind, &attrs)?;
+        let mut tx = self.begin_write().await?;
+        check_unique(&mut tx, kind, &ix, None).await?;
+        let data = attrs.to_string();
+        let insert = match kind {
+            ResourceKind::User => sqlx::query(
+                "INSERT INTO users (id, user_name, user_name_ci, external_id, active, created, last_modified, version, data) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8)",
+            )
+            .bind(&id)
+            .bind(&ix.name)
+            .bind(&ix.name_ci)
+            .bind(&ix.external_id)
+            .bind(i64::from(ix.active)),
+            ResourceKind::Group => sqlx::query(
+                "INSERT INTO groups (id, display_name, display_name_ci, external_id, created, last_modified, version, data) \
+                 VALUES ($1, $2, $3, $4, $5, $6, 1, $7)",
+            )
+            .bind(&id)
+            .bind(&ix.name)
+            .bind(&ix.name_ci)
+            .bind(&ix.external_id),
+        };
+        insert
+            .bind(&ts)
+            .bind(&ts)
+            .bind(&data)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| map_unique(kind, e))?;
+        let (mut added, mut removed) = (vec![], vec![]);
+        if let (ResourceKind::Group, Some(list)) = (kind, members) {
+            apply_members(
+                &mut tx,
+                &id,
+                &MembershipChange::Add(list),
+                &mut added,
+                &mut removed,
+            )
+            .await?;
+        }
+        record(
+            &mut tx,
+            ctx,
+            now,
+            Record {
+                resource_type: kind.name(),
+                resource_id: &id,
+                operation: "create",
+                status: 201,
+                detail: json!({"members_added": added.len()}),
+                outbox: Some((entity(kind), "upsert", json!({"added": added}))),
+            },
+        )
+        .await?;
+        let r = read_one_tx(&mut tx, kind, &id, read_back(kind)).await?;
+        tx.commit().await?;
+        Ok(r)
+    }
+
+    async fn replace(
+        &self,
+        ctx: &WriteCtx,
+        kind: ResourceKind,
+        id: &str,
+        expected_version: Option<i64>,
+        attrs: Value,
+        members: Option<Vec<NewMember>>,
+    ) -> StoreResult<Resource> {
+        let now = self.now();
+        let ts = timefmt::format(now);
+        let mut tx = self.begin_write().await?;
+        let version = current_version(&mut tx, kind, id).await?;
+        if expected_version.is_some_and(|v| v != version) {
+            return Err(StoreError::PreconditionFailed);
+        }
+        write_attrs(&mut tx, kind, id, &attrs, &ts, version + 1).await?;
+        let (mut added, mut removed) = (vec![], vec![]);
+        if let (ResourceKind::Group, Some(list)) = (kind, members) {
+            apply_members(
+                &mut tx,
+                id,
+                &MembershipChange::ReplaceAll(list),
+                &mut added,
+                &mut removed,
+            )
+            .await?;
+        }
+        record(
+            &mut tx,
+            ctx,
+            now,
+            Record {
+                resource_type: kind.name(),
+                resource_id: id,
+                operation: "replace",
+                status: 200,
+                detail: json!({"members_added": added.len(), "members_removed": removed.len()}),
+                outbox: Some((
+                    entity(kind),
+                    "upsert",
+                    json!({"added": added, "removed": removed}),
+                )),
+            },
+        )
+        .await?;
+        let r = read_one_tx(&mut tx, kind, id, read_back(kind)).await?;
+        tx.commit().await?;
+        Ok(r)
+    }
+
+    async fn update(
+        &self,
+        ctx: &WriteCtx,
+        kind: ResourceKind,
+        id: &str,
+        expected_version: i64,
+        attrs: Option<Value>,
+        members: &[MembershipChange],
+    ) -> StoreResult<Resource> {
+        self.update_at(ctx, kind, id, Some(expected_version), attrs, members)
+            .await
+    }
+
+    async fn update_members(
+        &self,
+        ctx: &WriteCtx,
+        id: &str,
+        members: &[MembershipChange],
+    ) -> StoreResult<Resource> {
+        self.update_at(ctx, ResourceKind::Group, id, None, None, members)
+            .await
+    }
+
+    async fn delete(
+        &self,
+        ctx: &WriteCtx,
+        kind: ResourceKind,
+        id: &str,
+        expected_version: Option<i64>,
+    ) -> StoreResult<()> {
+        let now = self.now();
+        let mut tx = self.begin_write().await?;
+        let version = current_version(&mut tx, kind, id).await?;
+        if expected_version.is_some_and(|v| v != version) {
+            return Err(StoreError::PreconditionFailed);
+        }
+        let affected: Vec<(String,)> = sqlx::query_as(
+            "SELECT group_id FROM group_members WHERE member_id = $1 ORDER BY group_id",
+        )
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM group_members WHERE member_id = $1 OR group_id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        let sql = format!("DELETE FROM {} WHERE id = $1", table(kind));
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        let groups: Vec<String> = affected.into_iter().map(|(g,)| g).collect();
+        // The groups it left changed too: their ETags must move.
+        let ts = timefmt::format(now);
+        for g in &groups {
+            sqlx::query(
+                "UPDATE groups SET version = version + 1, last_modified = $1 WHERE id = $2",
+            )
+            .bind(&ts)
+            .bind(g)
+            .execute(&mut *tx)
+            .await?;
+        }
+        record(
+            &mut tx,
+            ctx,
+            now,
+            Record {
+                resource_type: kind.name(),
+                resource_id: id,
+                operation: "delete",
+                status: 204,
+                detail: json!({"left_groups": groups.len()}),
+                outbox: Some((entity(kind), "delete", json!({"groups": groups}))),
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn get(
+        &self,
+        kind: ResourceKind,
+        id: &str,
+        read: ReadOpts,
+    ) -> StoreResult<Option<Resource>> {
+        let sql = format!("{} WHERE t.id = $1", select_sql(kind, read));
+        let Some(row) = sqlx::query(AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let mut r = row_to_resource(kind, &row, kind == ResourceKind::User && read.groups)?;
+        if kind == ResourceKind::Group && read.members {
+            r.members = Some(load_members(&self.pool, id).await?);
+        }
+        Ok(Some(r))
+    }
+
+    async fn member_count(&self, group_id: &str) -> StoreResult<usize> {
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM group_members WHERE group_id = $1")
+            .bind(group_id)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(usize::try_from(n).unwrap_or(0))
+    }
+
+    async fn member_count_exceeds(&self, group_id: &str, n: usize) -> StoreResult<bool> {
+        let (c,): (i64,) = sqlx::query_as(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM group_members WHERE group_id = $1 LIMIT $2) x",
+        )
+        .bind(group_id)
+        .bind(i64::try_from(n.saturating_add(1)).unwrap_or(i64::MAX))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(usize::try_from(c).unwrap_or(0) > n)
+    }
+
+    async fn list(&self, kind: ResourceKind, q: &ListQuery) -> StoreResult<ListPage> {
+        self.list_query(kind, q).await
+    }
+
+    async fn create_scoped_token(
+        &self,
+        ctx: &WriteCtx,
+        scope: TokenScope,
+        name: &str,
+        hash: [u8; 32],
+        expires: Option<OffsetDateTime>,
+    ) -> StoreResult<TokenRecord> {
+        let now = self.now();
+        let id = common::new_token_id();
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO api_tokens (id, name, hash, created, expires, scope) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&id)
+        .bind(name)
+        .bind(&hash[..])
+        .bind(timefmt::format(now))
+        .bind(expires.map(timefmt::format))
+        .bind(scope.as_str())
+        .execute(&mut *tx)
+        .await?;
+        record(
+            &mut tx,
+            ctx,
+            now,
+            Record {
+                resource_type: "Token",
+                resource_id: &id,
+                operation: "token.create",
+                status: 201,
+                detail: json!({"name": name, "scope": scope.as_str(), "expires": expires.map(timefmt::format)}),
+                outbox: None,
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(TokenRecord {
+            id,
+            scope,
+            name: name.to_owned(),
+            created: now,
+            expires,
+            revoked: None,
+        })
+    }
+
+    async fn list_tokens(&self) -> StoreResult<Vec<TokenRecord>> {
+        let rows: Vec<TokenRow> = sqlx::query_as(
+            "SELECT id, name, created, expires, revoked, scope FROM api_tokens ORDER BY created DESC, id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(token_row).collect()
+    }
+
+    async fn revoke_token(&self, ctx: &WriteCtx, id: &str) -> StoreResult<()> {
+        let now = self.now();
+        let mut tx = self.begin_write().await?;
+        let r = sqlx::query("UPDATE api_tokens SET revoked = $1 WHERE id = $2 AND revoked IS NULL")
+            .bind(timefmt::format(now))
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        if r.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        record(
+            &mut tx,
+            ctx,
+            now,
+            Record {
+                resource_type: "Token",
+                resource_id: id,
+                operation: "token.revoke",
+                status: 200,
+                detail: json!({}),
+                outbox: None,
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn valid_token_hashes(&self) -> StoreResult<Vec<([u8; 32], TokenRecord)>> {
+        let rows: Vec<(Vec<u8>, String, String, String, Option<String>, Option<String>, String)> =
+            sqlx::query_as(
+                "SELECT hash, id, name, created, expires, revoked, scope FROM api_tokens WHERE revoked IS NULL",
+            )
+            .fetch_all(&self.pool)
+            .await?;
+        let now = self.now();
+        let mut out = Vec::new();
+        for (hash, id, name, created, expires, revoked, scope) in rows {
+            let rec = token_row((id, name, created, expires, revoked, scope))?;
+            let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) else {
+                continue;
+            };
+            if rec.is_valid_at(now) {
+                out.push((hash, rec));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn audit_events(&self, after: i64, limit: i64) -> StoreResult<Vec<AuditEvent>> {
+        self.audit_range(None, None, after, limit).await
+    }
+
+    async fn audit_recent(&self, before: Option<i64>, limit: i64) -> StoreResult<Vec<AuditEvent>> {
+        self.audit_log_recent(before, limit).await
+    }
+
+    async fn audit_range(
+        &self,
+        since: Option<OffsetDateTime>,
+        until: Option<OffsetDateTime>,
+        after: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<AuditEvent>> {
+        self.audit_log_range(since, until, after, limit).await
+    }
+
+    async fn audit_checkpoint(&self) -> StoreResult<Option<crate::Checkpoint>> {
+        self.audit_log_checkpoint().await
+    }
+
+    async fn prune_audit(
+        &self,
+        ctx: &WriteCtx,
+        before: OffsetDateTime,
+        key: &[u8],
+    ) -> StoreResult<Option<crate::Checkpoint>> {
+        self.audit_log_prune(ctx, before, key).await
+    }
+
+    async fn outbox_items(&self, after: i64, limit: i64) -> StoreResult<Vec<OutboxItem>> {
+        let rows = sqlx::query(
+            "SELECT id, entity_type, entity_id, operation, detail, audit_seq, state, attempts \
+             FROM outbox WHERE id > $1 ORDER BY id LIMIT $2",
+        )
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(sync::item_row).collect()
+    }
+
+    // ----- Sync bookkeeping: implemented in `postgres/sync.rs`. -----
+
+    async fn claim_outbox(
+        &self,
+        worker: &str,
+        now: OffsetDateTime,
+        lease: Duration,
+        limit: usize,
+    ) -> StoreResult<Vec<crate::ClaimedEntity>> {
+        self.sync_claim_outbox(worker, now, lease, limit).await
+    }
+
+    async fn complete_outbox(
+        &self,
+        ctx: &WriteCtx,
+        ids: &[i64],
+        events: Vec<crate::AuditEntry>,
+    ) -> StoreResult<()> {
+        self.sync_complete_outbox(ctx, ids, events).await
+    }
+
+    async fn fail_outbox(
+        &self,
+        ctx: &WriteCtx,
+        ids: &[i64],
+        error: &str,
+        transient: bool,
+        now: OffsetDateTime,
+        policy: &crate::RetryPolicy,
+    ) -> StoreResult<Vec<crate::FailedItem>> {
+        self.sync_fail_outbox(ctx, ids, error, transient, now, policy)
+            .await
+    }
+
+    async fn defer_outbox(
+        &self,
+        ctx: &WriteCtx,
+        ids: &[i64],
+        reason: &str,
+        until: OffsetDateTime,
+    ) -> StoreResult<usize> {
+        self.sync_defer_outbox(ctx, ids, reason, until).await
+    }
+
+    async fn outbox_summary(&self) -> StoreResult<crate::OutboxSummary> {
+        self.sync_outbox_summary().await
+    }
+
+    async fn deleted_entities(&self) -> StoreResult<Vec<(String, String)>> {
+        self.sync_deleted_entities().await
+    }
+
+    async fn hold_outbox(&self, ctx: &WriteCtx, ids: &[i64], batch_id: i64) -> StoreResult<()> {
+        self.sync_hold_outbox(ctx, ids, batch_id).await
+    }
+
+    async fn list_outbox(
+        &self,
+        state: Option<&str>,
+        limit: i64,
+    ) -> StoreResult<Vec<crate::OutboxEntry>> {
+        self.sync_list_outbox(state, limit).await
+    }
+
+    async fn retry_outbox(&self, ctx: &WriteCtx, id: i64) -> StoreResult<crate::OutboxEntry> {
+        self.sync_retry_outbox(ctx, id).await
+    }
+
+    async fn drop_outbox(&self, ctx: &WriteCtx, id: i64) -> StoreResult<crate::OutboxEntry> {
+        self.sync_drop_outbox(ctx, id).await
+    }
+
+    async fn upsert_mapping(
+        &self,
+        ctx: &WriteCtx,
+        kind: ResourceKind,
+        scim_id: &str,
+        teamcity_id: &str,
+        teamcity_name: &str,
+    ) -> StoreResult<bool> {
+        let items = [(
+            scim_id.to_owned(),
+            teamcity_id.to_owned(),
+            teamcity_name.to_owned(),
+        )];
+        Ok(self.sync_upsert_mappings(ctx, kind, &items).await? > 0)
+    }
+
+    async fn upsert_mappings(
+        &self,
+        ctx: &WriteCtx,
+        kind: ResourceKind,
+        items: &[(String, String, String)],
+    ) -> StoreResult<usize> {
+        self.sync_upsert_mappings(ctx, kind, items).await
+    }
+
+    async fn delete_mapping(
+        &self,
+        ctx: &WriteCtx,
+        kind: ResourceKind,
+        scim_id: &str,
+    ) -> StoreResult<bool> {
+        self.sync_delete_mapping(ctx, kind, scim_id).await
+    }
+
+    async fn record_applied(
+        &self,
+        ctx: &WriteCtx,
+        entries: &[crate::AuditEntry],
+        links: &[crate::MappingLink],
+    ) -> StoreResult<()> {
+        self.sync_record_applied(ctx, entries, links).await
+    }
+
+    async fn mappings(&self, kind: ResourceKind) -> StoreResult<Vec<crate::Mapping>> {
+        self.sync_mappings(kind, None).await
+    }
+
+    async fn mapping(
+        &self,
+        kind: ResourceKind,
+        scim_id: &str,
+    ) -> StoreResult<Option<crate::Mapping>> {
+        Ok(self.sync_mappings(kind, Some(scim_id)).await?.pop())
+    }
+
+    async fn create_held(
+        &self,
+        ctx: &WriteCtx,
+        source: &str,
+        outbox_ids: &[i64],
+        summary: &str,
+        removals: i64,
+        plan: &Value,
+    ) -> StoreResult<i64> {
+        self.sync_create_held(ctx, source, outbox_ids, summary, removals, plan)
+            .await
+    }
+
+    async fn list_held(&self, state: Option<&str>) -> StoreResult<Vec<crate::HeldBatch>> {
+        self.sync_list_held(state).await
+    }
+
+    async fn held_batch(&self, id: i64) -> StoreResult<Option<crate::HeldBatch>> {
+        self.sync_held_batch(id).await
+    }
+
+    async fn approve_held(&self, ctx: &WriteCtx, id: i64) -> StoreResult<crate::HeldBatch> {
+        self.held_transition(ctx, id, &["held"], "approved", "sync.approve", None)
+            .await
+    }
+
+    async fn mark_held_applied(&self, ctx: &WriteCtx, id: i64) -> StoreResult<()> {
+        self.held_transition(
+            ctx,
+            id,
+            &["approved"],
+            "applied",
+            "sync.applied",
+            Some("done"),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn drop_held(&self, ctx: &WriteCtx, id: i64) -> StoreResult<crate::HeldBatch> {
+        self.held_transition(
+            ctx,
+            id,
+            &["held", "approved"],
+            "dropped",
+            "sync.drop",
+            Some("dropped"),
+        )
+        .await
+    }
+
+    async fn pins(&self) -> StoreResult<std::collections::BTreeMap<String, String>> {
+        self.sync_pins().await
+    }
+
+    async fn set_pin(&self, ctx: &WriteCtx, rule: &str, group_id: &str) -> StoreResult<()> {
+        self.sync_set_pin(ctx, rule, group_id).await
+    }
+
+    async fn sync_state_get(&self, key: &str) -> StoreResult<Option<String>> {
+        self.sync_state_read(key).await
+    }
+
+    async fn sync_state_set(&self, key: &str, value: &str) -> StoreResult<()> {
+        self.sync_state_write(key, value).await
+    }
+
+    async fn sync_state_increment(&self, key: &str) -> StoreResult<i64> {
+        self.sync_state_add_one(key).await
+    }
+
+    async fn directory(&self) -> StoreResult<crate::DirectorySnapshot> {
+        self.sync_directory().await
+    }
+
+    async fn audit(&self, ctx: &WriteCtx, entry: crate::AuditEntry) -> StoreResult<i64> {
+        self.sync_audit(ctx, entry).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_reach_messages() {
+        for (url, want) in [
+            (
+                "postgres://bridge:s3cret@db:5432/scim",
+                "postgres://bridge:<redacted>@db:5432/scim",
+            ),
+            ("postgres://bridge@db/scim", "postgres://bridge@db/scim"),
+            (
+                "postgresql://u:p@ss@h/d?sslmode=require&password=x",
+                "postgresql://u:<redacted>@h/d?sslmode=require&password=<redacted>",
+            ),
+        ] {
+            assert_eq!(redact_url(url), want);
+        }
+    }
+
+    #[test]
+    fn pool_size_comes_from_the_url_or_defaults_to_ten() {
+        assert_eq!(
+            pool_size("postgres://h/d").unwrap(),
+            ("postgres://h/d".into(), DEFAULT_MAX_CONNECTIONS)
+        );
+        assert_eq!(
+            pool_size("postgres://h/d?max_connections=3&sslmode=disable").unwrap(),
+            ("postgres://h/d?sslmode=disable".into(), 3)
+        );
+        assert_eq!(
+            pool_size("postgres://h/d?max_connections=4").unwrap(),
+            ("postgres://h/d".into(), 4)
+        );
+        assert!(matches!(
+            pool_size("postgres://h/d?max_connections=0"),
+            Err(StoreError::Invalid(_))
+        ));
+    }
+}

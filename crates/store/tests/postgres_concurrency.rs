@@ -1,0 +1,240 @@
+//! PostgreSQL only: what its backend must hold with several processes on one database (two
+//! stores = two connection pools, as two processes would have), and its connection errors.
+//! SQLite has one writer per file, so these questions do not arise there.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use scim::ResourceKind;
+use serde_json::json;
+use store::audit::{GENESIS_HASH, verify_chain};
+use store::{AuditEntry, DynStore, FixedClock, MembershipChange, NewMember, StoreError, WriteCtx};
+use time::macros::datetime;
+
+mod common;
+use common::Backend;
+
+/// A PostgreSQL database and a second store on it; `None` when PostgreSQL is skipped.
+async fn two_handles() -> Option<(common::TestDb, DynStore)> {
+    if !common::backends().await.contains(&Backend::Postgres) {
+        return None;
+    }
+    let clock = Arc::new(FixedClock::new(datetime!(2026-01-01 00:00 UTC)));
+    let d = common::open(Backend::Postgres, "unused.db", clock.clone()).await;
+    let other = store::open(&d.url, clock).await.unwrap();
+    Some((d, other))
+}
+
+fn user(name: &str) -> serde_json::Value {
+    json!({"userName": name, "active": true})
+}
+
+#[tokio::test]
+async fn concurrent_writers_keep_one_gap_free_chain() {
+    let Some((d, other)) = two_handles().await else {
+        return;
+    };
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let s = if i % 2 == 0 {
+            d.store.clone()
+        } else {
+            other.clone()
+        };
+        tasks.push(tokio::spawn(async move {
+            if i % 4 == 3 {
+                s.audit(
+                    &WriteCtx::sync(),
+                    AuditEntry::success("TeamCity", "x", "tc.test", json!({"i": i})),
+                )
+                .await
+                .map(drop)
+            } else {
+                s.create(
+                    &WriteCtx::cli(),
+                    ResourceKind::User,
+                    user(&format!("u{i}")),
+                    None,
+                )
+                .await
+                .map(drop)
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let events = d.store.audit_events(0, 1000).await.unwrap();
+    assert_eq!(events.len(), 40);
+    let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=40).collect::<Vec<_>>());
+    assert!(verify_chain(GENESIS_HASH, &events).is_ok());
+    // One outbox row per SCIM write, each pointing at its own event.
+    let outbox = other.outbox_items(0, 1000).await.unwrap();
+    assert_eq!(outbox.len(), 30);
+    let audit_seqs: HashSet<i64> = outbox.iter().map(|o| o.audit_seq).collect();
+    assert_eq!(audit_seqs.len(), 30);
+}
+
+#[tokio::test]
+async fn concurrent_membership_patches_lose_no_member() {
+    let Some((d, other)) = two_handles().await else {
+        return;
+    };
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        ids.push(
+            d.store
+                .create(
+                    &WriteCtx::cli(),
+                    ResourceKind::User,
+                    user(&format!("m{i}")),
+                    None,
+                )
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    let g = d
+        .store
+        .create(
+            &WriteCtx::cli(),
+            ResourceKind::Group,
+            json!({"displayName": "crowd"}),
+            None,
+        )
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let s = if i % 2 == 0 {
+            d.store.clone()
+        } else {
+            other.clone()
+        };
+        let (gid, id) = (g.id.clone(), id.clone());
+        tasks.push(tokio::spawn(async move {
+            let add = MembershipChange::Add(vec![NewMember {
+                value: id,
+                ty: None,
+                display: None,
+            }]);
+            s.update_members(&WriteCtx::cli(), &gid, &[add]).await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(d.store.member_count(&g.id).await.unwrap(), 30);
+    let after = other
+        .get(ResourceKind::Group, &g.id, Default::default())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(after.version, g.version + 30);
+    let events = d.store.audit_events(0, 1000).await.unwrap();
+    assert!(verify_chain(GENESIS_HASH, &events).is_ok());
+}
+
+#[tokio::test]
+async fn concurrent_creates_of_one_name_conflict_but_one() {
+    let Some((d, other)) = two_handles().await else {
+        return;
+    };
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let s = if i % 2 == 0 {
+            d.store.clone()
+        } else {
+            other.clone()
+        };
+        tasks.push(tokio::spawn(async move {
+            s.create(
+                &WriteCtx::cli(),
+                ResourceKind::User,
+                user(if i % 2 == 0 { "Same" } else { "same" }),
+                None,
+            )
+            .await
+        }));
+    }
+    let (mut ok, mut conflicts) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(StoreError::Conflict(m)) => {
+                assert!(m.contains("userName"), "{m}");
+                conflicts += 1;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!((ok, conflicts), (1, 9));
+    assert_eq!(d.store.audit_events(0, 100).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn claims_from_two_processes_never_share_an_entity() {
+    let Some((d, other)) = two_handles().await else {
+        return;
+    };
+    for i in 0..30 {
+        d.store
+            .create(
+                &WriteCtx::cli(),
+                ResourceKind::User,
+                user(&format!("c{i}")),
+                None,
+            )
+            .await
+            .unwrap();
+    }
+    use store::Clock;
+    let now = d.clock.now();
+    let lease = Duration::from_secs(60);
+    let mut tasks = Vec::new();
+    for w in 0..6 {
+        let s = if w % 2 == 0 {
+            d.store.clone()
+        } else {
+            other.clone()
+        };
+        tasks.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            loop {
+                let c = s
+                    .claim_outbox(&format!("w{w}"), now, lease, 3)
+                    .await
+                    .unwrap();
+                if c.is_empty() {
+                    break;
+                }
+                mine.extend(c.into_iter().map(|e| e.entity_id));
+            }
+            mine
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let distinct: HashSet<&String> = all.iter().collect();
+    assert_eq!(all.len(), 30, "every entity claimed exactly once");
+    assert_eq!(distinct.len(), 30);
+}
+
+#[tokio::test]
+async fn connection_errors_name_the_url_without_its_password() {
+    let clock = Arc::new(FixedClock::new(datetime!(2026-01-01 00:00 UTC)));
+    let err = store::open("postgres://bridge:s3cret@127.0.0.1:1/scim", clock)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("postgres://bridge:<redacted>@127.0.0.1:1/scim"),
+        "{err}"
+    );
+    assert!(!err.contains("s3cret"), "{err}");
+}
