@@ -433,41 +433,13 @@ async fn held_batches(
 /// password in the database URL is replaced).
 fn redacted_config(cfg: &Config) -> anyhow::Result<String> {
     let mut cfg = cfg.clone();
-    cfg.database.url = redact_url(&cfg.database.url);
+    cfg.database.url = store::redact_url(&cfg.database.url);
     Ok(toml::to_string_pretty(&cfg)?)
-}
-
-/// `scheme://user:password@host…` with the password replaced.
-fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let Some((creds, host)) = rest.split_once('@') else {
-        return url.to_owned();
-    };
-    match creds.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:<redacted>@{host}"),
-        None => url.to_owned(),
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn database_passwords_are_redacted() {
-        for (url, want) in [
-            (
-                "postgres://bridge:s3cret@db:5432/scim",
-                "postgres://bridge:<redacted>@db:5432/scim",
-            ),
-            ("postgres://bridge@db/scim", "postgres://bridge@db/scim"),
-            ("sqlite://teamcity-scim.db", "sqlite://teamcity-scim.db"),
-        ] {
-            assert_eq!(redact_url(url), want);
-        }
-    }
 
     #[test]
     fn csv_fields_are_quoted_when_needed() {

@@ -20,6 +20,7 @@ use time::OffsetDateTime;
 mod audit_cmd;
 mod config;
 mod dashboard;
+mod db_cmd;
 mod demo;
 mod evidence;
 mod ops;
@@ -107,6 +108,11 @@ enum Command {
         /// The batch id from `held`.
         id: i64,
     },
+    /// The database: copy a deployment between backends.
+    Db {
+        #[command(subcommand)]
+        command: DbCommand,
+    },
     /// The tamper-evident audit trail: verify, export, tail, prune, keygen, evidence.
     Audit {
         #[command(subcommand)]
@@ -121,6 +127,20 @@ enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value = "csv")]
         format: audit_cmd::ReviewFormat,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DbCommand {
+    /// Copy every table (resources, tokens, mappings, outbox, held batches, the audit trail)
+    /// from one database to a new, empty one, e.g. SQLite to PostgreSQL. Stop `serve` first.
+    Copy {
+        /// The source database URL (`sqlite://…` or `postgres://…`).
+        #[arg(long)]
+        from: String,
+        /// The target database URL; it must be empty.
+        #[arg(long)]
+        to: String,
     },
 }
 
@@ -225,6 +245,9 @@ async fn run(cmd: Command, cfg: Config) -> anyhow::Result<u8> {
             ops::held(&open_store(&cfg).await?, all, out).await?
         }
         Command::Approve { id } => ops::approve(&open_store(&cfg).await?, id, out).await?,
+        Command::Db {
+            command: DbCommand::Copy { from, to },
+        } => db_cmd::copy(&cfg, &from, &to, out).await?,
         // Writing a key pair needs no database.
         Command::Audit {
             command: audit_cmd::AuditCommand::Keygen { output },
@@ -371,7 +394,7 @@ async fn token(cmd: TokenCommand, cfg: &Config) -> anyhow::Result<()> {
 /// (a rolling deploy on a shared volume, a copy started by hand) must not run beside it. The
 /// operating system releases the lock when the process ends, however it ends. The CLI's other
 /// commands (`token`, `approve`, `outbox`, `plan`, `audit`) do not take it and keep working.
-fn lock_database(cfg: &Config) -> anyhow::Result<Option<std::fs::File>> {
+pub(crate) fn lock_database(cfg: &Config) -> anyhow::Result<Option<std::fs::File>> {
     let Some(db) = cfg.database_file() else {
         return Ok(None);
     };

@@ -22,7 +22,9 @@ pub mod access;
 pub mod audit;
 mod clock;
 mod common;
+pub mod copy;
 pub mod postgres;
+pub use postgres::redact_url;
 mod sql_filter;
 pub mod sqlite;
 pub mod sync_model;
@@ -642,6 +644,28 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         before: OffsetDateTime,
         key: &[u8],
     ) -> StoreResult<Option<Checkpoint>>;
+
+    // ----- Copying a deployment (`db copy`) -----
+
+    /// How many rows `table` (one of [`copy::COPY_TABLES`]) holds.
+    async fn copy_count(&self, table: &copy::CopyTable) -> StoreResult<i64>;
+
+    /// At most `limit` rows of `table` after the first `offset`, in its primary-key order,
+    /// every column as stored.
+    async fn copy_out(
+        &self,
+        table: &copy::CopyTable,
+        offset: i64,
+        limit: i64,
+    ) -> StoreResult<copy::Rows>;
+
+    /// Inserts `rows` into `table` as they are (ids, sequence numbers, hashes kept), in one
+    /// transaction, without audit events: the copied trail is the record.
+    async fn copy_in(&self, table: &copy::CopyTable, rows: &copy::Rows) -> StoreResult<()>;
+
+    /// After the last [`Store::copy_in`]: moves id sequences and the audit chain's head past
+    /// the copied rows, so the next write continues them.
+    async fn copy_finish(&self) -> StoreResult<()>;
 }
 
 /// A shared store handle.

@@ -34,6 +34,7 @@ use crate::{
 };
 
 mod audit_log;
+mod copy;
 mod sync;
 
 /// The default pool size (override with `?max_connections=N` in the URL).
@@ -1033,6 +1034,31 @@ impl Store for PostgresStore {
         key: &[u8],
     ) -> StoreResult<Option<crate::Checkpoint>> {
         self.audit_log_prune(ctx, before, key).await
+    }
+
+    async fn copy_count(&self, table: &crate::copy::CopyTable) -> StoreResult<i64> {
+        self.copy_count_rows(table).await
+    }
+
+    async fn copy_out(
+        &self,
+        table: &crate::copy::CopyTable,
+        offset: i64,
+        limit: i64,
+    ) -> StoreResult<crate::copy::Rows> {
+        self.copy_rows_out(table, offset, limit).await
+    }
+
+    async fn copy_in(
+        &self,
+        table: &crate::copy::CopyTable,
+        rows: &crate::copy::Rows,
+    ) -> StoreResult<()> {
+        self.copy_rows_in(table, rows).await
+    }
+
+    async fn copy_finish(&self) -> StoreResult<()> {
+        self.copy_rows_finish().await
     }
 
     async fn outbox_items(&self, after: i64, limit: i64) -> StoreResult<Vec<OutboxItem>> {

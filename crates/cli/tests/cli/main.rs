@@ -7,5 +7,6 @@ mod audit_stream;
 mod commands;
 mod crash;
 mod dashboard;
+mod db_copy;
 mod demo;
 mod safety;
