@@ -107,6 +107,22 @@ async fn the_overview_shows_held_batches_dead_rows_and_why_not_ready_to_admins_o
         }))),
         secure_cookie: false,
     };
+    // Without a TeamCity token the bridge is ready (it stores and queues), and says that
+    // nothing is applied.
+    let queued = AdminState {
+        readiness: None,
+        ..state.clone()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let queued_addr = listener.local_addr().expect("addr");
+    tokio::spawn(server::serve_admin(
+        listener,
+        queued,
+        server::ServeOptions::default(),
+        std::future::pending(),
+    ));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -156,6 +172,20 @@ async fn the_overview_shows_held_batches_dead_rows_and_why_not_ready_to_admins_o
         assert!(html.contains(want), "overview lacks {want:?}:\n{html}");
     }
     assert!(!html.contains("<b>Devs</b>"), "markup from data is escaped");
+
+    let page = http
+        .get(format!("http://{queued_addr}/"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .expect("get")
+        .text()
+        .await
+        .expect("html");
+    assert!(
+        page.contains("stored and queued, not applied") && !page.contains("applied to TeamCity."),
+        "{page}"
+    );
 
     let people = http
         .get(format!("{base}/people"))
