@@ -38,6 +38,19 @@ pub(crate) async fn copy(
             )
         })?);
     }
+    // Opening a SQLite URL creates the file: a mistyped source path must not become an empty
+    // database that is then "copied".
+    let mut source_cfg = cfg.clone();
+    source_cfg.database.url = from.to_owned();
+    if let Some(file) = source_cfg.database_file()
+        && !file.exists()
+    {
+        anyhow::bail!(
+            "the source {} does not exist (no file {})",
+            shown(from),
+            std::path::absolute(&file).unwrap_or(file).display()
+        );
+    }
     let clock = std::sync::Arc::new(store::SystemClock);
     let source = store::open(from, clock.clone())
         .await

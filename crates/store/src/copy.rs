@@ -87,6 +87,11 @@ pub async fn copy_all(
         counts.push((t, from.copy_count(t).await?));
     }
     let total: u64 = counts.iter().map(|(_, n)| *n as u64).sum();
+    if total == 0 {
+        return Err(StoreError::Invalid(
+            "the source database is empty: nothing to copy (is it the right URL?)".into(),
+        ));
+    }
     let mut done = 0u64;
     progress("", 0, total);
     for (t, _) in &counts {

@@ -77,6 +77,16 @@ async fn db_copy_moves_a_deployment_to_postgresql_and_refuses_what_it_must() {
     let out = env.run(&["token", "create", "--name", "okta"]).await;
     assert!(out.status.success());
 
+    // A mistyped source is not created and copied as an empty database.
+    let missing = format!("sqlite://{}/no-such.db", env.dir.path().display());
+    let out = env
+        .run(&["db", "copy", "--from", &missing, "--to", &pg.url])
+        .await;
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success());
+    assert!(stderr.contains("does not exist"), "{stderr}");
+    assert!(!env.dir.path().join("no-such.db").exists());
+
     // Not while `serve` runs on the source.
     let port = free_port();
     let running = KillOnDrop(serve(&env, port));
