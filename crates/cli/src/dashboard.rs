@@ -277,3 +277,14 @@ impl AdminSource for Dashboard {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The dashboard reads the pass reports under the keys the sync engine writes them to
+    /// (`server` does not depend on `sync`, so the keys are written twice).
+    #[test]
+    fn the_dashboard_reads_the_reports_where_the_engine_writes_them() {
+        assert_eq!(server::admin::LAST_PASS_KEY, sync::LAST_PASS_KEY);
+        assert_eq!(server::admin::LAST_RECONCILE_KEY, sync::LAST_RECONCILE_KEY);
+    }
+}

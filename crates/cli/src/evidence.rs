@@ -200,13 +200,7 @@ pub(crate) async fn evidence(
 fn csv(fields: &[&str]) -> String {
     fields
         .iter()
-        .map(|s| {
-            if s.contains([',', '"', '\n', '\r']) {
-                format!("\"{}\"", s.replace('"', "\"\""))
-            } else {
-                (*s).to_owned()
-            }
-        })
+        .map(|s| audit_cmd::csv_field(s))
         .collect::<Vec<_>>()
         .join(",")
 }
