@@ -1,0 +1,1 @@
+//! A Microsoft Graph fake (to be written).

@@ -1,0 +1,1 @@
+//! An Okta API fake (to be written).

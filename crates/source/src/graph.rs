@@ -1,0 +1,1 @@
+//! Microsoft Graph: users and groups through delta queries (to be written).

@@ -1,0 +1,1 @@
+//! Okta: users and groups through the Users and Groups APIs (to be written).

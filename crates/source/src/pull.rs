@@ -1,0 +1,1 @@
+//! The pull loop: every `interval`, pull a round and apply it (to be written).
