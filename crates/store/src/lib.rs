@@ -97,6 +97,46 @@ impl WriteCtx {
     }
 }
 
+/// One write of a batch ([`Store::write_batch`]); each is audited and enqueued exactly as the
+/// single-resource command it mirrors.
+#[derive(Debug, Clone)]
+pub enum BatchOp {
+    /// [`Store::create`], with the id chosen by the caller (so later ops can name it).
+    Create {
+        /// Users or groups.
+        kind: ResourceKind,
+        /// The new resource's id.
+        id: String,
+        /// Its attributes.
+        attrs: Value,
+        /// A group's first members.
+        members: Option<Vec<NewMember>>,
+    },
+    /// [`Store::replace`] of the attributes at any version; a group's members are kept.
+    Replace {
+        /// Users or groups.
+        kind: ResourceKind,
+        /// The resource.
+        id: String,
+        /// Its new attributes.
+        attrs: Value,
+    },
+    /// [`Store::update_members`].
+    Members {
+        /// The group.
+        id: String,
+        /// The changes, in order.
+        changes: Vec<MembershipChange>,
+    },
+    /// [`Store::delete`] at any version.
+    Delete {
+        /// Users or groups.
+        kind: ResourceKind,
+        /// The resource.
+        id: String,
+    },
+}
+
 /// The type of a group member.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum MemberType {
@@ -370,6 +410,15 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         kind: ResourceKind,
         id: &str,
         expected_version: Option<i64>,
+    ) -> StoreResult<()>;
+
+    /// Applies `ops` in order and sets the sync state `state` (key, value) in one transaction:
+    /// all of it or none. Pull mode stores the IdP's cursor with the changes it carried.
+    async fn write_batch(
+        &self,
+        ctx: &WriteCtx,
+        ops: &[BatchOp],
+        state: Option<(&str, &str)>,
     ) -> StoreResult<()>;
 
     /// Reads one resource.

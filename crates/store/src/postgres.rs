@@ -29,8 +29,9 @@ use crate::common::{
 };
 use crate::sql_filter::{Bind, Dialect};
 use crate::{
-    Clock, ListPage, ListQuery, MemberRef, MemberType, MembershipChange, NewMember, OutboxItem,
-    ReadOpts, Resource, Store, StoreError, StoreResult, TokenRecord, TokenScope, WriteCtx, timefmt,
+    BatchOp, Clock, ListPage, ListQuery, MemberRef, MemberType, MembershipChange, NewMember,
+    OutboxItem, ReadOpts, Resource, Store, StoreError, StoreResult, TokenRecord, TokenScope,
+    WriteCtx, timefmt,
 };
 
 mod audit_log;
@@ -441,52 +442,16 @@ impl PostgresStore {
         attrs: Option<Value>,
         members: &[MembershipChange],
     ) -> StoreResult<Resource> {
-        let now = self.now();
-        let ts = timefmt::format(now);
         let mut tx = self.begin_write().await?;
-        let version = current_version(&mut tx, kind, id).await?;
-        if expected_version.is_some_and(|v| v != version) {
-            return Err(StoreError::PreconditionFailed);
-        }
-        let (mut added, mut removed) = (vec![], vec![]);
-        if kind == ResourceKind::Group {
-            for change in members {
-                apply_members(&mut tx, id, change, &mut added, &mut removed).await?;
-            }
-        }
-        let attrs_changed = attrs.is_some();
-        let members_changed = !added.is_empty() || !removed.is_empty();
-        if !attrs_changed && !members_changed {
-            // Nothing changed: no version bump, no audit noise, nothing for TeamCity.
-            let r = read_one_tx(&mut tx, kind, id, read_back(kind)).await?;
-            tx.commit().await?;
-            return Ok(r);
-        }
-        match &attrs {
-            Some(a) => write_attrs(&mut tx, kind, id, a, &ts, version + 1).await?,
-            None => touch(&mut tx, kind, id, &ts, version + 1).await?,
-        }
-        let op = if attrs_changed { "upsert" } else { "members" };
-        record(
+        update_in(
             &mut tx,
             ctx,
-            now,
-            Record {
-                resource_type: kind.name(),
-                resource_id: id,
-                operation: "patch",
-                status: 200,
-                detail: json!({
-                    "attributes_changed": attrs_changed,
-                    "members_added": added.len(),
-                    "members_removed": removed.len(),
-                }),
-                outbox: Some((
-                    entity(kind),
-                    op,
-                    json!({"added": added, "removed": removed}),
-                )),
-            },
+            self.now(),
+            kind,
+            id,
+            expected_version,
+            attrs.as_ref(),
+            members,
         )
         .await?;
         let r = read_one_tx(&mut tx, kind, id, read_back(kind)).await?;
@@ -651,6 +616,237 @@ async fn touch(
     Ok(())
 }
 
+/// [`Store::update`] inside `tx`. Returns whether anything changed (nothing: no version bump,
+/// no audit noise, nothing for TeamCity).
+#[allow(clippy::too_many_arguments)]
+async fn update_in(
+    tx: &mut Tx,
+    ctx: &WriteCtx,
+    now: OffsetDateTime,
+    kind: ResourceKind,
+    id: &str,
+    expected_version: Option<i64>,
+    attrs: Option<&Value>,
+    members: &[MembershipChange],
+) -> StoreResult<bool> {
+    let ts = timefmt::format(now);
+    let version = current_version(tx, kind, id).await?;
+    if expected_version.is_some_and(|v| v != version) {
+        return Err(StoreError::PreconditionFailed);
+    }
+    let (mut added, mut removed) = (vec![], vec![]);
+    if kind == ResourceKind::Group {
+        for change in members {
+            apply_members(tx, id, change, &mut added, &mut removed).await?;
+        }
+    }
+    let attrs_changed = attrs.is_some();
+    let members_changed = !added.is_empty() || !removed.is_empty();
+    if !attrs_changed && !members_changed {
+        return Ok(false);
+    }
+    match attrs {
+        Some(a) => write_attrs(tx, kind, id, a, &ts, version + 1).await?,
+        None => touch(tx, kind, id, &ts, version + 1).await?,
+    }
+    let op = if attrs_changed { "upsert" } else { "members" };
+    record(
+        tx,
+        ctx,
+        now,
+        Record {
+            resource_type: kind.name(),
+            resource_id: id,
+            operation: "patch",
+            status: 200,
+            detail: json!({
+                "attributes_changed": attrs_changed,
+                "members_added": added.len(),
+                "members_removed": removed.len(),
+            }),
+            outbox: Some((
+                entity(kind),
+                op,
+                json!({"added": added, "removed": removed}),
+            )),
+        },
+    )
+    .await?;
+    Ok(true)
+}
+
+/// [`Store::create`] inside `tx`, with the id chosen by the caller.
+async fn create_in(
+    tx: &mut Tx,
+    ctx: &WriteCtx,
+    now: OffsetDateTime,
+    kind: ResourceKind,
+    id: &str,
+    attrs: &Value,
+    members: Option<&[NewMember]>,
+) -> StoreResult<()> {
+    let ts = timefmt::format(now);
+    let ix = indexed(kind, attrs)?;
+    check_unique(tx, kind, &ix, None).await?;
+    let data = attrs.to_string();
+    let insert = match kind {
+        ResourceKind::User => sqlx::query(
+            "INSERT INTO users (id, user_name, user_name_ci, external_id, active, created, last_modified, version, data) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8)",
+        )
+        .bind(id)
+        .bind(&ix.name)
+        .bind(&ix.name_ci)
+        .bind(&ix.external_id)
+        .bind(i64::from(ix.active)),
+        ResourceKind::Group => sqlx::query(
+            "INSERT INTO groups (id, display_name, display_name_ci, external_id, created, last_modified, version, data) \
+             VALUES ($1, $2, $3, $4, $5, $6, 1, $7)",
+        )
+        .bind(id)
+        .bind(&ix.name)
+        .bind(&ix.name_ci)
+        .bind(&ix.external_id),
+    };
+    insert
+        .bind(&ts)
+        .bind(&ts)
+        .bind(&data)
+        .execute(&mut **tx)
+        .await
+        .map_err(|e| map_unique(kind, e))?;
+    let (mut added, mut removed) = (vec![], vec![]);
+    if let (ResourceKind::Group, Some(list)) = (kind, members) {
+        apply_members(
+            tx,
+            id,
+            &MembershipChange::Add(list.to_vec()),
+            &mut added,
+            &mut removed,
+        )
+        .await?;
+    }
+    record(
+        tx,
+        ctx,
+        now,
+        Record {
+            resource_type: kind.name(),
+            resource_id: id,
+            operation: "create",
+            status: 201,
+            detail: json!({"members_added": added.len()}),
+            outbox: Some((entity(kind), "upsert", json!({"added": added}))),
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// [`Store::replace`] inside `tx`.
+#[allow(clippy::too_many_arguments)]
+async fn replace_in(
+    tx: &mut Tx,
+    ctx: &WriteCtx,
+    now: OffsetDateTime,
+    kind: ResourceKind,
+    id: &str,
+    expected_version: Option<i64>,
+    attrs: &Value,
+    members: Option<&[NewMember]>,
+) -> StoreResult<()> {
+    let ts = timefmt::format(now);
+    let version = current_version(tx, kind, id).await?;
+    if expected_version.is_some_and(|v| v != version) {
+        return Err(StoreError::PreconditionFailed);
+    }
+    write_attrs(tx, kind, id, attrs, &ts, version + 1).await?;
+    let (mut added, mut removed) = (vec![], vec![]);
+    if let (ResourceKind::Group, Some(list)) = (kind, members) {
+        apply_members(
+            tx,
+            id,
+            &MembershipChange::ReplaceAll(list.to_vec()),
+            &mut added,
+            &mut removed,
+        )
+        .await?;
+    }
+    record(
+        tx,
+        ctx,
+        now,
+        Record {
+            resource_type: kind.name(),
+            resource_id: id,
+            operation: "replace",
+            status: 200,
+            detail: json!({"members_added": added.len(), "members_removed": removed.len()}),
+            outbox: Some((
+                entity(kind),
+                "upsert",
+                json!({"added": added, "removed": removed}),
+            )),
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// [`Store::delete`] inside `tx`.
+async fn delete_in(
+    tx: &mut Tx,
+    ctx: &WriteCtx,
+    now: OffsetDateTime,
+    kind: ResourceKind,
+    id: &str,
+    expected_version: Option<i64>,
+) -> StoreResult<()> {
+    let version = current_version(tx, kind, id).await?;
+    if expected_version.is_some_and(|v| v != version) {
+        return Err(StoreError::PreconditionFailed);
+    }
+    let affected: Vec<(String,)> =
+        sqlx::query_as("SELECT group_id FROM group_members WHERE member_id = $1 ORDER BY group_id")
+            .bind(id)
+            .fetch_all(&mut **tx)
+            .await?;
+    sqlx::query("DELETE FROM group_members WHERE member_id = $1 OR group_id = $1")
+        .bind(id)
+        .execute(&mut **tx)
+        .await?;
+    let sql = format!("DELETE FROM {} WHERE id = $1", table(kind));
+    sqlx::query(AssertSqlSafe(sql))
+        .bind(id)
+        .execute(&mut **tx)
+        .await?;
+    let groups: Vec<String> = affected.into_iter().map(|(g,)| g).collect();
+    // The groups it left changed too: their ETags must move.
+    let ts = timefmt::format(now);
+    for g in &groups {
+        sqlx::query("UPDATE groups SET version = version + 1, last_modified = $1 WHERE id = $2")
+            .bind(&ts)
+            .bind(g)
+            .execute(&mut **tx)
+            .await?;
+    }
+    record(
+        tx,
+        ctx,
+        now,
+        Record {
+            resource_type: kind.name(),
+            resource_id: id,
+            operation: "delete",
+            status: 204,
+            detail: json!({"left_groups": groups.len()}),
+            outbox: Some((entity(kind), "delete", json!({"groups": groups}))),
+        },
+    )
+    .await?;
+    Ok(())
+}
+
 #[async_trait]
 impl Store for PostgresStore {
     async fn create(
@@ -660,62 +856,16 @@ impl Store for PostgresStore {
         attrs: Value,
         members: Option<Vec<NewMember>>,
     ) -> StoreResult<Resource> {
-        let now = self.now();
-        let ts = timefmt::format(now);
         let id = uuid::Uuid::new_v4().to_string();
-        let ix = indexed(kind, &attrs)?;
         let mut tx = self.begin_write().await?;
-        check_unique(&mut tx, kind, &ix, None).await?;
-        let data = attrs.to_string();
-        let insert = match kind {
-            ResourceKind::User => sqlx::query(
-                "INSERT INTO users (id, user_name, user_name_ci, external_id, active, created, last_modified, version, data) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8)",
-            )
-            .bind(&id)
-            .bind(&ix.name)
-            .bind(&ix.name_ci)
-            .bind(&ix.external_id)
-            .bind(i64::from(ix.active)),
-            ResourceKind::Group => sqlx::query(
-                "INSERT INTO groups (id, display_name, display_name_ci, external_id, created, last_modified, version, data) \
-                 VALUES ($1, $2, $3, $4, $5, $6, 1, $7)",
-            )
-            .bind(&id)
-            .bind(&ix.name)
-            .bind(&ix.name_ci)
-            .bind(&ix.external_id),
-        };
-        insert
-            .bind(&ts)
-            .bind(&ts)
-            .bind(&data)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| map_unique(kind, e))?;
-        let (mut added, mut removed) = (vec![], vec![]);
-        if let (ResourceKind::Group, Some(list)) = (kind, members) {
-            apply_members(
-                &mut tx,
-                &id,
-                &MembershipChange::Add(list),
-                &mut added,
-                &mut removed,
-            )
-            .await?;
-        }
-        record(
+        create_in(
             &mut tx,
             ctx,
-            now,
-            Record {
-                resource_type: kind.name(),
-                resource_id: &id,
-                operation: "create",
-                status: 201,
-                detail: json!({"members_added": added.len()}),
-                outbox: Some((entity(kind), "upsert", json!({"added": added}))),
-            },
+            self.now(),
+            kind,
+            &id,
+            &attrs,
+            members.as_deref(),
         )
         .await?;
         let r = read_one_tx(&mut tx, kind, &id, read_back(kind)).await?;
@@ -732,41 +882,16 @@ impl Store for PostgresStore {
         attrs: Value,
         members: Option<Vec<NewMember>>,
     ) -> StoreResult<Resource> {
-        let now = self.now();
-        let ts = timefmt::format(now);
         let mut tx = self.begin_write().await?;
-        let version = current_version(&mut tx, kind, id).await?;
-        if expected_version.is_some_and(|v| v != version) {
-            return Err(StoreError::PreconditionFailed);
-        }
-        write_attrs(&mut tx, kind, id, &attrs, &ts, version + 1).await?;
-        let (mut added, mut removed) = (vec![], vec![]);
-        if let (ResourceKind::Group, Some(list)) = (kind, members) {
-            apply_members(
-                &mut tx,
-                id,
-                &MembershipChange::ReplaceAll(list),
-                &mut added,
-                &mut removed,
-            )
-            .await?;
-        }
-        record(
+        replace_in(
             &mut tx,
             ctx,
-            now,
-            Record {
-                resource_type: kind.name(),
-                resource_id: id,
-                operation: "replace",
-                status: 200,
-                detail: json!({"members_added": added.len(), "members_removed": removed.len()}),
-                outbox: Some((
-                    entity(kind),
-                    "upsert",
-                    json!({"added": added, "removed": removed}),
-                )),
-            },
+            self.now(),
+            kind,
+            id,
+            expected_version,
+            &attrs,
+            members.as_deref(),
         )
         .await?;
         let r = read_one_tx(&mut tx, kind, id, read_back(kind)).await?;
@@ -804,53 +929,58 @@ impl Store for PostgresStore {
         id: &str,
         expected_version: Option<i64>,
     ) -> StoreResult<()> {
+        let mut tx = self.begin_write().await?;
+        delete_in(&mut tx, ctx, self.now(), kind, id, expected_version).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn write_batch(
+        &self,
+        ctx: &WriteCtx,
+        ops: &[BatchOp],
+        state: Option<(&str, &str)>,
+    ) -> StoreResult<()> {
         let now = self.now();
         let mut tx = self.begin_write().await?;
-        let version = current_version(&mut tx, kind, id).await?;
-        if expected_version.is_some_and(|v| v != version) {
-            return Err(StoreError::PreconditionFailed);
+        for op in ops {
+            match op {
+                BatchOp::Create {
+                    kind,
+                    id,
+                    attrs,
+                    members,
+                } => create_in(&mut tx, ctx, now, *kind, id, attrs, members.as_deref()).await?,
+                BatchOp::Replace { kind, id, attrs } => {
+                    replace_in(&mut tx, ctx, now, *kind, id, None, attrs, None).await?
+                }
+                BatchOp::Members { id, changes } => update_in(
+                    &mut tx,
+                    ctx,
+                    now,
+                    ResourceKind::Group,
+                    id,
+                    None,
+                    None,
+                    changes,
+                )
+                .await
+                .map(|_| ())?,
+                BatchOp::Delete { kind, id } => {
+                    delete_in(&mut tx, ctx, now, *kind, id, None).await?
+                }
+            }
         }
-        let affected: Vec<(String,)> = sqlx::query_as(
-            "SELECT group_id FROM group_members WHERE member_id = $1 ORDER BY group_id",
-        )
-        .bind(id)
-        .fetch_all(&mut *tx)
-        .await?;
-        sqlx::query("DELETE FROM group_members WHERE member_id = $1 OR group_id = $1")
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        let sql = format!("DELETE FROM {} WHERE id = $1", table(kind));
-        sqlx::query(AssertSqlSafe(sql))
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        let groups: Vec<String> = affected.into_iter().map(|(g,)| g).collect();
-        // The groups it left changed too: their ETags must move.
-        let ts = timefmt::format(now);
-        for g in &groups {
+        if let Some((key, value)) = state {
             sqlx::query(
-                "UPDATE groups SET version = version + 1, last_modified = $1 WHERE id = $2",
+                "INSERT INTO sync_state (key, value) VALUES ($1, $2) \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             )
-            .bind(&ts)
-            .bind(g)
+            .bind(key)
+            .bind(value)
             .execute(&mut *tx)
             .await?;
         }
-        record(
-            &mut tx,
-            ctx,
-            now,
-            Record {
-                resource_type: kind.name(),
-                resource_id: id,
-                operation: "delete",
-                status: 204,
-                detail: json!({"left_groups": groups.len()}),
-                outbox: Some((entity(kind), "delete", json!({"groups": groups}))),
-            },
-        )
-        .await?;
         tx.commit().await?;
         Ok(())
     }

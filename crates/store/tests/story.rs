@@ -714,3 +714,116 @@ async fn membership_updates_apply_at_any_version_on(d: Db) {
         Err(StoreError::NotFound)
     ));
 }
+
+both!(
+    a_batch_is_all_or_nothing_with_its_cursor,
+    a_batch_is_all_or_nothing_with_its_cursor_on
+);
+async fn a_batch_is_all_or_nothing_with_its_cursor_on(d: Db) {
+    use store::BatchOp;
+    let s = &d.store;
+    let old = s
+        .create(&ctx(), ResourceKind::User, user("old"), None)
+        .await
+        .unwrap();
+    let before = counts(s).await;
+    // A batch whose last write breaks uniqueness: nothing of it stays, the cursor is not moved.
+    let bad = [
+        BatchOp::Create {
+            kind: ResourceKind::User,
+            id: "u-new".into(),
+            attrs: user("new"),
+            members: None,
+        },
+        BatchOp::Replace {
+            kind: ResourceKind::User,
+            id: old.id.clone(),
+            attrs: user("renamed"),
+        },
+        BatchOp::Create {
+            kind: ResourceKind::User,
+            id: "u-dup".into(),
+            attrs: user("NEW"),
+            members: None,
+        },
+    ];
+    let err = s
+        .write_batch(&ctx(), &bad, Some(("source:cursor", "c1")))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert_eq!(counts(s).await, before);
+    assert!(s.sync_state_get("source:cursor").await.unwrap().is_none());
+    let kept = s
+        .get(ResourceKind::User, &old.id, ReadOpts::default())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(kept.attrs["userName"], "old");
+
+    // A good batch: a user and a group naming it, a rename, a member removed, a delete — each
+    // audited and enqueued as its single command would be, and the cursor with them.
+    let good = [
+        BatchOp::Create {
+            kind: ResourceKind::User,
+            id: "u-new".into(),
+            attrs: user("new"),
+            members: None,
+        },
+        BatchOp::Create {
+            kind: ResourceKind::Group,
+            id: "g-1".into(),
+            attrs: group("Team"),
+            members: Some(vec![member("u-new"), member(&old.id)]),
+        },
+        BatchOp::Replace {
+            kind: ResourceKind::Group,
+            id: "g-1".into(),
+            attrs: group("Team renamed"),
+        },
+        BatchOp::Members {
+            id: "g-1".into(),
+            changes: vec![MembershipChange::Remove(vec![old.id.clone()])],
+        },
+        BatchOp::Delete {
+            kind: ResourceKind::User,
+            id: old.id.clone(),
+        },
+    ];
+    s.write_batch(&ctx(), &good, Some(("source:cursor", "c2")))
+        .await
+        .unwrap();
+    assert_eq!(counts(s).await, (before.0 + 5, before.1 + 5));
+    assert_eq!(
+        s.sync_state_get("source:cursor").await.unwrap().as_deref(),
+        Some("c2")
+    );
+    let g = s
+        .get(
+            ResourceKind::Group,
+            "g-1",
+            ReadOpts {
+                members: true,
+                groups: false,
+            },
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(g.attrs["displayName"], "Team renamed");
+    let members: Vec<String> = g
+        .members
+        .unwrap_or_default()
+        .into_iter()
+        .map(|m| m.value)
+        .collect();
+    assert_eq!(members, vec!["u-new".to_string()]);
+    assert!(
+        s.get(ResourceKind::User, &old.id, ReadOpts::default())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let events = s.audit_events(0, 100_000).await.unwrap();
+    assert!(verify_chain(GENESIS_HASH, &events).is_ok());
+}
