@@ -278,6 +278,8 @@ pub struct DirUser {
     pub active: bool,
     /// `userType`, if not empty (what `[[policy.caps]]` match).
     pub user_type: Option<String>,
+    /// `externalId`, if not empty (the IdP's object id; pull mode finds users by it).
+    pub external_id: Option<String>,
 }
 
 /// A group in the directory snapshot: the attributes the sync engine reads.
@@ -311,6 +313,7 @@ pub(crate) struct UserDoc {
     emails: Option<Value>,
     active: Option<Value>,
     user_type: Option<Value>,
+    external_id: Option<Value>,
 }
 
 impl UserDoc {
@@ -337,6 +340,7 @@ impl UserDoc {
                 .and_then(Value::as_bool)
                 .unwrap_or(true),
             user_type: text(self.user_type.as_ref()),
+            external_id: text(self.external_id.as_ref()),
         }
     }
 }
