@@ -286,11 +286,42 @@ fn scim_router(state: AppState) -> Router<AppState> {
         )
         .merge(discovery_routes())
         .fallback(not_found)
+        // Inside the gate: only an authenticated client learns that writes are refused.
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            refuse_writes_in_pull_mode,
+        ))
         // Peers that keep failing authentication are blocked for a while; then the token;
         // then the token's rate limit. `layer`, not `route_layer`: unknown paths under the
         // base need a token too, so an unauthenticated client learns nothing about which
         // endpoints exist.
         .layer(middleware::from_fn_with_state(state, limit::scim_gate))
+}
+
+/// Pull mode: every SCIM write (POST, PUT, PATCH, DELETE — searches excepted) answers 405 with
+/// a SCIM error saying where the directory comes from; reads go on.
+async fn refuse_writes_in_pull_mode(
+    State(s): State<AppState>,
+    req: axum::extract::Request,
+    next: middleware::Next,
+) -> Response {
+    let Some(reason) = &s.read_only else {
+        return next.run(req).await;
+    };
+    let write = matches!(
+        *req.method(),
+        axum::http::Method::POST
+            | axum::http::Method::PUT
+            | axum::http::Method::PATCH
+            | axum::http::Method::DELETE
+    ) && !req.uri().path().ends_with("/.search");
+    if !write {
+        return next.run(req).await;
+    }
+    let mut resp = scim_error_response(&ScimError::new(405, None, reason.to_string()));
+    resp.headers_mut()
+        .insert(header::ALLOW, axum::http::HeaderValue::from_static("GET"));
+    resp
 }
 
 /// A label value that lives as long as the process: routes, methods and statuses are a small

@@ -50,6 +50,9 @@ pub struct AppState {
     /// Why the process is not ready beyond its database (the sync engine: TeamCity unreachable,
     /// its token refused, a policy that does not match TeamCity), for `/healthz/ready`.
     pub readiness: Option<Readiness>,
+    /// Pull mode: the directory comes from the IdP's API, and SCIM writes answer 405 with this
+    /// reason (reads keep working).
+    pub read_only: Option<std::sync::Arc<str>>,
 }
 
 /// A check `/healthz/ready` asks: `None` when ready, else the reason.
@@ -73,6 +76,7 @@ impl AppState {
             rate_limiter: RateLimiter::disabled(),
             lookups: std::sync::Arc::default(),
             readiness: None,
+            read_only: None,
         }
     }
 }

@@ -582,3 +582,96 @@ fn tls_load_errors_name_the_file() {
         .to_string();
     assert!(e.contains("a.crt") && e.contains("b.key"), "{e}");
 }
+
+#[tokio::test]
+async fn pull_mode_refuses_scim_writes_with_405_and_keeps_reads() {
+    let s = Custom::start(
+        |st: &mut AppState| {
+            st.read_only = Some(Arc::from(
+                "the directory is pulled from Microsoft Graph (source.kind = \"graph\")",
+            ))
+        },
+        ServeOptions::default(),
+    )
+    .await;
+    let ctx = store::WriteCtx::cli();
+    let stored = s
+        .store
+        .create(&ctx, scim::ResourceKind::User, user("ann"), None)
+        .await
+        .expect("stored by the puller");
+    let http = reqwest::Client::new();
+    let url = |p: &str| format!("http://{}/scim/v2{p}", s.addr);
+    let id = stored.id.as_str();
+    let writes: Vec<(Method, String, Value)> = vec![
+        (Method::POST, url("/Users"), user("bob")),
+        (Method::PUT, url(&format!("/Users/{id}")), user("ann")),
+        (
+            Method::PATCH,
+            url(&format!("/Users/{id}")),
+            json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+                   "Operations": [{"op": "replace", "path": "active", "value": false}]}),
+        ),
+        (Method::DELETE, url(&format!("/Users/{id}")), Value::Null),
+        (
+            Method::POST,
+            url("/Groups"),
+            json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"], "displayName": "G"}),
+        ),
+        (
+            Method::POST,
+            url("/Bulk"),
+            json!({"schemas": [BULK_REQUEST], "Operations": [
+                {"method": "POST", "path": "/Users", "bulkId": "b1", "data": user("carl")}]}),
+        ),
+    ];
+    for (method, u, body) in writes {
+        let mut rb = http.request(method.clone(), &u).bearer_auth(&s.token);
+        if !body.is_null() {
+            rb = rb
+                .header("content-type", "application/scim+json")
+                .body(body.to_string());
+        }
+        let r = read(rb.send().await.expect("request")).await;
+        assert_eq!(r.status, 405, "{method} {u}: {}", r.text);
+        assert_eq!(r.body["status"], "405", "{method} {u}: a SCIM error body");
+        assert!(
+            r.body["detail"]
+                .as_str()
+                .unwrap_or("")
+                .contains("Microsoft Graph"),
+            "{method} {u}: says where the directory comes from: {}",
+            r.text
+        );
+        assert_eq!(r.headers["allow"], "GET");
+    }
+    // Nothing changed; reads and searches work; without a token it is still 401.
+    s.get(&format!("/Users/{id}"), Some(&s.token))
+        .await
+        .expect(200);
+    let r = read(
+        http.post(url("/Users/.search"))
+            .bearer_auth(&s.token)
+            .header("content-type", "application/scim+json")
+            .body(json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:SearchRequest"], "filter": "userName eq \"ann\""}).to_string())
+            .send()
+            .await
+            .expect("search"),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["totalResults"], 1);
+    let r = read(
+        http.post(url("/Users"))
+            .body("{}")
+            .send()
+            .await
+            .expect("anon"),
+    )
+    .await;
+    assert_eq!(r.status, 401);
+    let dir = s.store.directory().await.expect("directory");
+    assert_eq!(dir.users.len(), 1, "no write reached the store");
+    assert!(dir.users[0].active);
+    assert!(dir.groups.is_empty());
+}
