@@ -33,6 +33,8 @@ pub struct Config {
     pub audit: AuditConfig,
     /// `[admin]`: the read-only dashboard.
     pub admin: AdminConfig,
+    /// `[source]`: where the directory comes from (SCIM pushes, or pulled from Graph or Okta).
+    pub source: SourceConfig,
     /// `[policy]`: IdP groups → TeamCity roles, defaults, caps.
     pub policy: sync::Policy,
 }
@@ -282,6 +284,165 @@ pub struct ServerConfig {
     pub tls_key_file: Option<PathBuf>,
 }
 
+/// `[source]`: where the directory comes from. `kind = "scim"` (the default) takes SCIM
+/// pushes; `"graph"` and `"okta"` pull it from the IdP's API every `interval` (pull mode: SCIM
+/// writes answer 405). Secrets are only read from files, re-read when they change.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SourceConfig {
+    /// `scim`, `graph` or `okta`.
+    pub kind: String,
+    /// How often to pull, e.g. `60s`.
+    pub interval: String,
+    /// The IdP groups (object ids) whose members are in scope; their members are provisioned,
+    /// and the groups become SCIM groups with the object id as `externalId`.
+    pub groups: Vec<String>,
+    /// Graph: the tenant (directory) id.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub tenant_id: String,
+    /// Graph: the application (client) id; Okta: the service app's client id (with
+    /// `private_key_file`).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub client_id: String,
+    /// Graph: a file holding the client secret.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_secret_file: Option<PathBuf>,
+    /// Graph: the certificate (PEM) registered with the app, with `client_key_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_certificate_file: Option<PathBuf>,
+    /// Graph: the certificate's private key (PEM).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_key_file: Option<PathBuf>,
+    /// Graph: the Graph endpoint (sovereign clouds: e.g. `https://graph.microsoft.us`).
+    pub graph_url: String,
+    /// Graph: the Entra ID authority (sovereign clouds: e.g. `https://login.microsoftonline.us`).
+    pub authority_url: String,
+    /// Graph: the attribute that becomes the userName: `userPrincipalName` or `mail`.
+    pub user_name_attribute: String,
+    /// Okta: the org URL, e.g. `https://example.okta.com`.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub org_url: String,
+    /// Okta: a file holding an API token (read-only admin).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    /// Okta: the service app's private key (PEM), instead of an API token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub private_key_file: Option<PathBuf>,
+    /// Okta: the `kid` of that key, if the app has several.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        SourceConfig {
+            kind: "scim".into(),
+            interval: "60s".into(),
+            groups: vec![],
+            tenant_id: String::new(),
+            client_id: String::new(),
+            client_secret_file: None,
+            client_certificate_file: None,
+            client_key_file: None,
+            graph_url: "https://graph.microsoft.com".into(),
+            authority_url: "https://login.microsoftonline.com".into(),
+            user_name_attribute: "userPrincipalName".into(),
+            org_url: String::new(),
+            token_file: None,
+            private_key_file: None,
+            key_id: None,
+        }
+    }
+}
+
+impl SourceConfig {
+    /// Whether the directory is pulled (not pushed over SCIM).
+    pub fn is_pull(&self) -> bool {
+        self.kind != "scim"
+    }
+
+    /// Checks that the keys the kind needs are there (files readable) and the others unused.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let need_file = |key: &str, p: &Option<PathBuf>| -> anyhow::Result<()> {
+            let Some(p) = p else {
+                anyhow::bail!("source.{key} is required with source.kind = \"{}\"", self.kind)
+            };
+            std::fs::metadata(p)
+                .with_context(|| format!("source.{key}: cannot read {}", p.display()))?;
+            Ok(())
+        };
+        let need = |key: &str, v: &str| -> anyhow::Result<()> {
+            anyhow::ensure!(
+                !v.trim().is_empty(),
+                "source.{key} is required with source.kind = \"{}\"",
+                self.kind
+            );
+            Ok(())
+        };
+        match self.kind.as_str() {
+            "scim" => return Ok(()),
+            "graph" => {
+                need("tenant_id", &self.tenant_id)?;
+                need("client_id", &self.client_id)?;
+                match (&self.client_secret_file, &self.client_certificate_file) {
+                    (Some(_), None) => need_file("client_secret_file", &self.client_secret_file)?,
+                    (None, Some(_)) => {
+                        need_file("client_certificate_file", &self.client_certificate_file)?;
+                        need_file("client_key_file", &self.client_key_file)?;
+                    }
+                    _ => anyhow::bail!(
+                        "source.kind = \"graph\" needs exactly one credential: \
+                         source.client_secret_file, or source.client_certificate_file with \
+                         source.client_key_file"
+                    ),
+                }
+                anyhow::ensure!(
+                    matches!(
+                        self.user_name_attribute.as_str(),
+                        "userPrincipalName" | "mail"
+                    ),
+                    "source.user_name_attribute: {:?} is not userPrincipalName or mail",
+                    self.user_name_attribute
+                );
+                for (key, url) in [
+                    ("graph_url", &self.graph_url),
+                    ("authority_url", &self.authority_url),
+                ] {
+                    reqwest::Url::parse(url)
+                        .with_context(|| format!("source.{key}: {url:?} is not a URL"))?;
+                }
+            }
+            "okta" => {
+                need("org_url", &self.org_url)?;
+                reqwest::Url::parse(&self.org_url).with_context(|| {
+                    format!("source.org_url: {:?} is not a URL", self.org_url)
+                })?;
+                match (&self.token_file, &self.private_key_file) {
+                    (Some(_), None) => need_file("token_file", &self.token_file)?,
+                    (None, Some(_)) => {
+                        need("client_id", &self.client_id)?;
+                        need_file("private_key_file", &self.private_key_file)?;
+                    }
+                    _ => anyhow::bail!(
+                        "source.kind = \"okta\" needs exactly one credential: source.token_file \
+                         (an API token), or source.private_key_file with source.client_id (an \
+                         OAuth service app)"
+                    ),
+                }
+            }
+            other => anyhow::bail!(
+                "source.kind: {other:?} is not one of \"scim\" (SCIM pushes), \"graph\" \
+                 (Microsoft Graph) or \"okta\""
+            ),
+        }
+        anyhow::ensure!(
+            !self.groups.is_empty(),
+            "source.groups is empty: list the IdP groups (object ids) whose members are in scope"
+        );
+        Ok(())
+    }
+}
+
 /// `[admin]`: the read-only dashboard.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -463,6 +624,7 @@ pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
         ("server.token_file_grace", &cfg.server.token_file_grace),
         ("sync.lease", &cfg.sync.lease),
         ("audit.head_interval", &cfg.audit.head_interval),
+        ("source.interval", &cfg.source.interval),
     ] {
         crate::ttl::parse(value).with_context(|| format!("`{key}`"))?;
     }
@@ -472,6 +634,7 @@ pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
     for sink in &cfg.audit.sinks {
         sink.validate()?;
     }
+    cfg.source.validate()?;
     let admin = cfg.admin.address()?;
     if admin.is_some() && admin == Some(cfg.server.listen) {
         anyhow::bail!(

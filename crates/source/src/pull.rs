@@ -45,6 +45,21 @@ pub struct LastPull {
     pub requests: u64,
 }
 
+/// Whether the last pull succeeded, for readiness: `None` when it did (or none ran yet).
+#[derive(Debug, Clone, Default)]
+pub struct PullHealth(Arc<std::sync::Mutex<Option<String>>>);
+
+impl PullHealth {
+    /// Why the bridge is not ready because of its source, if it is not.
+    pub fn not_ready(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set(&self, reason: Option<String>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = reason;
+    }
+}
+
 /// What one pull did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PullReport {
@@ -169,6 +184,7 @@ pub async fn run(
     scope: Vec<String>,
     interval: Duration,
     clock: Arc<dyn Clock>,
+    health: PullHealth,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -177,6 +193,7 @@ pub async fn run(
     loop {
         match pull_once(&store, source.as_ref(), &scope, clock.as_ref()).await {
             Ok(r) => {
+                health.set(None);
                 if failing.take().is_some() {
                     tracing::info!(source = kind, "source: reachable again");
                 }
@@ -199,6 +216,10 @@ pub async fn run(
             }
             Err(e) => {
                 let msg = e.to_string();
+                health.set(Some(format!(
+                    "the identity provider ({kind}) could not be read, so nothing is changed until \
+                     it can: {msg}"
+                )));
                 if failing.as_deref() != Some(&msg) {
                     tracing::warn!(source = kind, error = %msg, "source: pull failed; nothing changed, retrying every interval");
                 }
