@@ -24,6 +24,7 @@ mod db_cmd;
 mod demo;
 mod evidence;
 mod ops;
+mod source_cmd;
 mod status;
 mod sync_cmd;
 mod telemetry;
@@ -108,6 +109,11 @@ enum Command {
         /// The batch id from `held`.
         id: i64,
     },
+    /// Pull mode (`source.kind = "graph"` or `"okta"`): check the IdP credentials, or pull once.
+    Source {
+        #[command(subcommand)]
+        command: SourceCommand,
+    },
     /// The database: copy a deployment between backends.
     Db {
         #[command(subcommand)]
@@ -166,6 +172,17 @@ enum TokenCommand {
         /// The token id from `token list`.
         id: String,
     },
+}
+
+/// `source` subcommands.
+#[derive(Debug, Subcommand)]
+enum SourceCommand {
+    /// Verify the credentials and permissions and print the groups in scope; exits 1 when
+    /// something must be fixed.
+    Check,
+    /// Pull once now and apply it to the directory (as `serve` does every `source.interval`).
+    /// Stop `serve` first or let it pull: both are safe, each round is one transaction.
+    Pull,
 }
 
 /// `held` subcommands.
@@ -244,6 +261,12 @@ async fn run(cmd: Command, cfg: Config) -> anyhow::Result<u8> {
         Command::Held { all, command: None } => {
             ops::held(&open_store(&cfg).await?, all, out).await?
         }
+        Command::Source {
+            command: SourceCommand::Check,
+        } => source_cmd::check(&cfg, out).await?,
+        Command::Source {
+            command: SourceCommand::Pull,
+        } => source_cmd::pull(&cfg, &open_store(&cfg).await?, out).await?,
         Command::Approve { id } => ops::approve(&open_store(&cfg).await?, id, out).await?,
         Command::Db {
             command: DbCommand::Copy { from, to },
@@ -433,7 +456,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         .into_iter()
         .filter(|(_, t)| t.scope == store::TokenScope::Scim)
         .count();
-    if cfg.server.token_file.is_none() && scim_tokens == 0 {
+    // In pull mode no IdP pushes: a SCIM token is made only when someone asks for one.
+    if cfg.server.token_file.is_none() && scim_tokens == 0 && !cfg.source.is_pull() {
         let (rec, secret) = new_token(&store, store::TokenScope::Scim, "initial", None).await?;
         println!(
             "No SCIM token existed, so one was created (id {}). It is shown only this once:",
@@ -472,6 +496,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     });
     let engine = sync_cmd::engine(&cfg, store.clone())?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let pull_source = source_cmd::build(&cfg.source)?;
+    let pull_health = source::pull::PullHealth::default();
     let dashboard = match cfg.admin.address()? {
         None => None,
         Some(addr) => {
@@ -507,6 +533,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         }
     };
     let store_for_gauges = store.clone();
+    let store_for_pull = store.clone();
     let mut state = server::AppState::new(store.clone());
     if let Some(path) = &cfg.server.token_file {
         let grace = ttl::parse(&cfg.server.token_file_grace)?.unsigned_abs();
@@ -515,10 +542,21 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     state.metrics = Some(metrics);
     // Without a TeamCity token the bridge is a SCIM store that queues every change (a supported
     // mode, logged at start): ready when its database is.
-    state.readiness = engine.as_ref().map(|engine| {
-        let health = engine.health();
-        server::Readiness(Arc::new(move || health.not_ready()))
-    });
+    state.readiness = match (engine.as_ref().map(|e| e.health()), &pull_source) {
+        (None, None) => None,
+        (engine_health, _) => {
+            let pulled = pull_source.is_some().then(|| pull_health.clone());
+            Some(server::Readiness(Arc::new(move || {
+                engine_health
+                    .as_ref()
+                    .and_then(|h| h.not_ready())
+                    .or_else(|| pulled.as_ref().and_then(|p| p.not_ready()))
+            })))
+        }
+    };
+    if pull_source.is_some() {
+        state.read_only = Some(Arc::from(source_cmd::read_only_reason(&cfg.source)));
+    }
     tokio::spawn(refresh_gauges(store_for_gauges, state.readiness.clone()));
     let options = harden(&cfg, &mut state)?;
     let admin = dashboard.map(|(listener, mut admin)| {
@@ -563,6 +601,30 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     for s in &cfg.audit.sinks {
         tracing::info!(sink = %s.name(), "audit events are streamed");
     }
+    let puller = match pull_source {
+        Some(src) => {
+            let interval = source_cmd::interval(&cfg.source)?;
+            tracing::info!(
+                source = src.kind(),
+                groups = cfg.source.groups.len(),
+                ?interval,
+                "pull mode: the directory is read from the identity provider; SCIM writes are refused"
+            );
+            let mut stop = stop_rx.clone();
+            Some(tokio::spawn(source::pull::run(
+                store_for_pull.clone(),
+                src,
+                cfg.source.groups.clone(),
+                interval,
+                Arc::new(SystemClock),
+                pull_health,
+                async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                },
+            )))
+        }
+        None => None,
+    };
     let worker = match engine {
         Some(engine) => {
             tracing::info!(
@@ -593,6 +655,9 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     .await?;
     if let Some(w) = worker {
         let _ = w.await;
+    }
+    if let Some(p) = puller {
+        let _ = p.await;
     }
     if let Some(r) = retention {
         let _ = r.await;

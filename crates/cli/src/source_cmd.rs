@@ -137,3 +137,45 @@ pub(crate) async fn check(cfg: &Config, out: &mut impl std::io::Write) -> anyhow
     );
     Ok(())
 }
+
+/// `teamcity-scim source pull`: one round now, applied as `serve` applies it.
+pub(crate) async fn pull(
+    cfg: &Config,
+    store: &store::DynStore,
+    out: &mut impl std::io::Write,
+) -> anyhow::Result<()> {
+    let Some(src) = build(&cfg.source)? else {
+        anyhow::bail!(
+            "source.kind = \"scim\": the directory is pushed over SCIM; `source pull` needs \
+             source.kind = \"graph\" or \"okta\""
+        );
+    };
+    let r = source::pull::pull_once(store, src.as_ref(), &cfg.source.groups, &store::SystemClock)
+        .await
+        .map_err(|e| anyhow::anyhow!("{}: {e}", src.kind()))?;
+    let s = &r.summary;
+    writeln!(
+        out,
+        "pulled from {} ({}{} requests): users +{} ~{} deactivated {} deleted {}; groups +{} ~{} \
+         deleted {}; memberships +{} -{}",
+        src.kind(),
+        if r.full { "full, " } else { "" },
+        r.requests,
+        s.users_created,
+        s.users_updated,
+        s.users_deactivated,
+        s.users_deleted,
+        s.groups_created,
+        s.groups_updated,
+        s.groups_deleted,
+        s.members_added,
+        s.members_removed,
+    )?;
+    if let Some(why) = &r.resync_reason {
+        writeln!(out, "full resync: {why}")?;
+    }
+    for c in &s.conflicts {
+        writeln!(out, "conflict: {c}")?;
+    }
+    Ok(())
+}
