@@ -471,16 +471,16 @@ fn gate<'a>(
     route: &'static str,
     headers: &HeaderMap,
     roles_needed: &[&str],
-) -> Result<MutexGuard<'a, State>, Response> {
+) -> Result<MutexGuard<'a, State>, Box<Response>> {
     let mut st = st.lock().unwrap_or_else(|p| p.into_inner());
     st.requests += 1;
     *st.per_route.entry(route).or_default() += 1;
     if st.down {
-        return Err(graph_error(
+        return Err(Box::new(graph_error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "generalException",
             "The service is down (fake).",
-        ));
+        )));
     }
     if route == "token" {
         return Ok(st);
@@ -494,7 +494,7 @@ fn gate<'a>(
         );
         resp.headers_mut()
             .insert(header::RETRY_AFTER, st.throttle.1.into());
-        return Err(resp);
+        return Err(Box::new(resp));
     }
     let bearer = headers
         .get(header::AUTHORIZATION)
@@ -503,34 +503,34 @@ fn gate<'a>(
         .unwrap_or("");
     let roles = match st.tokens.get(bearer) {
         None if bearer.is_empty() => {
-            return Err(graph_error(
+            return Err(Box::new(graph_error(
                 StatusCode::UNAUTHORIZED,
                 "InvalidAuthenticationToken",
                 "Access token is empty.",
-            ));
+            )));
         }
         None => {
-            return Err(graph_error(
+            return Err(Box::new(graph_error(
                 StatusCode::UNAUTHORIZED,
                 "InvalidAuthenticationToken",
                 "Access token validation failure. Invalid audience.",
-            ));
+            )));
         }
         Some((until, _)) if *until <= Instant::now() => {
-            return Err(graph_error(
+            return Err(Box::new(graph_error(
                 StatusCode::UNAUTHORIZED,
                 "InvalidAuthenticationToken",
                 "Lifetime validation failed, the token is expired.",
-            ));
+            )));
         }
         Some((_, roles)) => roles,
     };
     if !roles_needed.iter().any(|r| roles.iter().any(|h| h == r)) {
-        return Err(graph_error(
+        return Err(Box::new(graph_error(
             StatusCode::FORBIDDEN,
             "Authorization_RequestDenied",
             "Insufficient privileges to complete the operation.",
-        ));
+        )));
     }
     Ok(st)
 }
@@ -563,7 +563,7 @@ async fn token(
 ) -> Response {
     let mut st = match gate(&state, "token", &headers, &[]) {
         Ok(st) => st,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let f = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
     if tenant != TENANT_ID {
@@ -787,7 +787,7 @@ async fn users_delta(
 ) -> Response {
     let st = match gate(&state, "users/delta", &headers, &USER_ROLES) {
         Ok(st) => st,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let mut p = match start(&st, &q, None) {
         Start::Pos(p) => p,
@@ -875,7 +875,7 @@ async fn groups_delta(
 ) -> Response {
     let st = match gate(&state, "groups/delta", &headers, &GROUP_ROLES) {
         Ok(st) => st,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let ids = match q.get("$filter") {
         None => None,
@@ -1032,7 +1032,7 @@ async fn user_by_id(
     // https://learn.microsoft.com/en-us/graph/api/user-get
     let st = match gate(&state, "users/{id}", &headers, &USER_ROLES) {
         Ok(st) => st,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match st.users.get(&id) {
         None => not_found(&id),
@@ -1052,7 +1052,7 @@ async fn group_by_id(
     // https://learn.microsoft.com/en-us/graph/api/group-get
     let st = match gate(&state, "groups/{id}", &headers, &GROUP_ROLES) {
         Ok(st) => st,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match st.groups.get(&id) {
         None => not_found(&id),
@@ -1075,7 +1075,7 @@ async fn group_members(
     // `@odata.nextLink`; each member typed with `@odata.type`).
     let st = match gate(&state, "groups/{id}/members", &headers, &GROUP_ROLES) {
         Ok(st) => st,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let Some(g) = st.groups.get(&id) else {
         return not_found(&id);

@@ -138,6 +138,15 @@ struct Cursor {
     group_links: Vec<String>,
 }
 
+/// A group of a full round, aggregated over the entries and pages it appears in.
+#[derive(Debug, Default)]
+struct FullGroup {
+    name: Option<String>,
+    /// Direct user members, in the order Graph listed them.
+    members: Vec<String>,
+    seen: HashSet<String>,
+}
+
 /// A delta request that failed: the link refused (start over) or an error.
 #[derive(Debug)]
 enum DeltaError {
@@ -678,8 +687,7 @@ impl GraphSource {
         let scope = self.scope();
         let mut group_links = Vec::new();
         // Aggregated over pages: a group's members can span several entries and pages.
-        let mut found: HashMap<String, (Option<String>, Vec<String>, HashSet<String>)> =
-            HashMap::new();
+        let mut found: HashMap<String, FullGroup> = HashMap::new();
         for chunk in scope.chunks(GROUP_CHUNK) {
             let (entries, link) = self
                 .walk(
@@ -697,26 +705,26 @@ impl GraphSource {
                     continue;
                 }
                 let acc = found.entry(id.to_string()).or_default();
-                if acc.0.is_none() {
-                    acc.0 = str_of(&e, "displayName").map(String::from);
+                if acc.name.is_none() {
+                    acc.name = str_of(&e, "displayName").map(String::from);
                 }
                 for m in Self::member_delta(&e).0 {
-                    if acc.2.insert(m.clone()) {
-                        acc.1.push(m);
+                    if acc.seen.insert(m.clone()) {
+                        acc.members.push(m);
                     }
                 }
             }
         }
         for id in &scope {
             match found.remove(id) {
-                Some((name, members, _)) => {
+                Some(g) => {
                     changes.push(Change::Group(SourceGroup {
                         id: id.clone(),
-                        display_name: name.unwrap_or_else(|| id.clone()),
+                        display_name: g.name.unwrap_or_else(|| id.clone()),
                     }));
                     changes.push(Change::AllMembers {
                         group: id.clone(),
-                        members,
+                        members: g.members,
                     });
                 }
                 None => {
