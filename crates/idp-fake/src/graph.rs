@@ -170,6 +170,7 @@ struct State {
     tokens: HashMap<String, (Instant, Vec<String>)>,
     throttle: (u32, u64),
     down: bool,
+    thumbprint: Option<String>,
     requests: u64,
     per_route: HashMap<&'static str, u64>,
 }
@@ -236,6 +237,7 @@ impl GraphFake {
             tokens: HashMap::new(),
             throttle: (0, 0),
             down: false,
+            thumbprint: None,
             requests: 0,
             per_route: HashMap::new(),
         }));
@@ -288,6 +290,12 @@ impl GraphFake {
     /// tokens with 401.
     pub fn set_token_lifetime(&self, secs: u64) {
         self.st().token_lifetime = secs;
+    }
+
+    /// The `x5t` (base64url SHA-1 thumbprint) of the certificate registered on the app: client
+    /// assertions whose header names another are refused (AADSTS700027). Unset, any is taken.
+    pub fn set_certificate_thumbprint(&self, x5t: &str) {
+        self.st().thumbprint = Some(x5t.to_string());
     }
 
     /// Revokes every issued token: Graph answers 401 `InvalidAuthenticationToken` to them.
@@ -604,7 +612,21 @@ async fn token(
             "The provided value for scope is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier (application ID URI).",
         );
     }
-    if f("client_secret") != CLIENT_SECRET {
+    if f("client_assertion_type") == JWT_BEARER {
+        let audience = format!("{}/{tenant}/oauth2/v2.0/token", st.base);
+        if let Err(why) =
+            check_assertion(f("client_assertion"), &audience, st.thumbprint.as_deref())
+        {
+            return token_error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_client",
+                700027,
+                &format!(
+                    "The certificate with identifier used to sign the client assertion is not registered on application, or the assertion is invalid: {why}."
+                ),
+            );
+        }
+    } else if f("client_secret") != CLIENT_SECRET {
         return token_error(
             StatusCode::UNAUTHORIZED,
             "invalid_client",
@@ -644,6 +666,52 @@ async fn token(
         "access_token": access_token,
     }))
     .into_response()
+}
+
+const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+/// Checks a client assertion's header and claims as Microsoft Entra does
+/// (<https://learn.microsoft.com/en-us/entra/identity-platform/certificate-credentials>): `alg`
+/// RS256 (or PS256), `x5t` (or `x5t#S256`) naming the registered certificate, `aud` the token
+/// endpoint, `iss` = `sub` = the client id, `exp` in the future, a `jti`. The signature is NOT
+/// verified (the fake has no RSA).
+fn check_assertion(jwt: &str, audience: &str, thumbprint: Option<&str>) -> Result<(), String> {
+    let part = |i: usize| -> Result<Value, String> {
+        let seg = jwt.split('.').nth(i).ok_or("not a JWT")?;
+        let bytes = URL_SAFE_NO_PAD
+            .decode(seg)
+            .map_err(|e| format!("segment {i}: {e}"))?;
+        serde_json::from_slice(&bytes).map_err(|e| format!("segment {i}: {e}"))
+    };
+    if jwt.split('.').count() != 3 {
+        return Err("not a signed JWT".into());
+    }
+    let (h, c) = (part(0)?, part(1)?);
+    let s = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(String::from);
+    if !matches!(s(&h, "alg").as_deref(), Some("RS256" | "PS256")) {
+        return Err("alg is not RS256".into());
+    }
+    let x5t = s(&h, "x5t").or_else(|| s(&h, "x5t#S256")).ok_or("no x5t")?;
+    if thumbprint.is_some_and(|t| t != x5t) {
+        return Err(format!("x5t {x5t} is not the registered certificate"));
+    }
+    if s(&c, "aud").as_deref() != Some(audience) {
+        return Err(format!("aud is not {audience}"));
+    }
+    if s(&c, "iss").as_deref() != Some(CLIENT_ID) || s(&c, "sub").as_deref() != Some(CLIENT_ID) {
+        return Err("iss and sub must be the client id".into());
+    }
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    if c.get("exp")
+        .and_then(Value::as_i64)
+        .is_none_or(|exp| exp <= now)
+    {
+        return Err("expired or no exp".into());
+    }
+    if s(&c, "jti").is_none() {
+        return Err("no jti".into());
+    }
+    Ok(())
 }
 
 fn select_of(q: &HashMap<String, String>) -> Vec<String> {

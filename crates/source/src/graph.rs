@@ -843,7 +843,12 @@ fn graph_error(what: &str, status: StatusCode, body: &str) -> SourceError {
         Some((code, message)) => format!("{code}: {message}"),
         None => body.to_string(),
     };
-    http::status_error(what, status, &body, PERMISSION_HINT)
+    let hint = if status == StatusCode::UNAUTHORIZED {
+        "Graph refused the access token: check that graph_url and authority_url are of the same cloud"
+    } else {
+        PERMISSION_HINT
+    };
+    http::status_error(what, status, &body, hint)
 }
 
 #[async_trait]
