@@ -480,16 +480,16 @@ impl GraphSource {
             .map_err(|e| SourceError::Protocol(format!("{what}: unreadable answer: {e}")))
     }
 
-    /// Checks that a link Graph returned points to the configured Graph (the bearer token is
-    /// sent to it).
+    /// Checks that a link Graph returned (or a stored one) points to the configured Graph's
+    /// origin: the bearer token is sent to it.
     fn own_link(&self, link: &str, what: &str) -> SourceResult<String> {
-        if link.starts_with(&format!("{}/", self.graph)) {
-            Ok(link.to_string())
-        } else {
-            Err(SourceError::Protocol(format!(
-                "{what}: Graph returned a link outside {}: {link}",
+        let origin = |u: &str| reqwest::Url::parse(u).ok().map(|u| u.origin());
+        match (origin(link), origin(&self.graph)) {
+            (Some(a), Some(b)) if a == b && a.is_tuple() => Ok(link.to_string()),
+            _ => Err(SourceError::Protocol(format!(
+                "{what}: a link outside {}: {link}",
                 self.graph
-            )))
+            ))),
         }
     }
 
@@ -502,7 +502,7 @@ impl GraphSource {
         what: &str,
     ) -> Result<(Vec<Value>, String), DeltaError> {
         let mut entries = Vec::new();
-        let mut url = first;
+        let mut url = self.own_link(&first, what)?;
         loop {
             let resp = self.get(&url, requests, what).await?;
             let status = resp.status();
@@ -923,5 +923,67 @@ impl Source for GraphSource {
             permissions,
             groups,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(graph_url: &str) -> GraphSource {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        GraphSource::new(GraphOptions {
+            tenant_id: "t".into(),
+            client_id: "c".into(),
+            credential: GraphCredential::Secret(SecretFile::new("/nonexistent")),
+            graph_url: graph_url.into(),
+            authority_url: DEFAULT_AUTHORITY_URL.into(),
+            groups: vec!["b".into(), " a ".into(), "b".into()],
+            user_name_attribute: "userPrincipalName".into(),
+        })
+    }
+
+    #[test]
+    fn urls_encode_odata_queries_and_keep_the_base_path() {
+        let s = source("https://graph.microsoft.com/");
+        assert_eq!(s.scope(), vec!["a".to_string(), "b".to_string()]);
+        assert_eq!(
+            s.groups_delta_url(&["a".into(), "o'k".into()]).unwrap(),
+            "https://graph.microsoft.com/v1.0/groups/delta?%24filter=id%20eq%20%27a%27%20or%20id%20eq%20%27o%27%27k%27&%24select=displayName%2Cmembers"
+        );
+        let proxied = source("http://proxy.example:8080/graph");
+        assert_eq!(
+            proxied.url(&["users", "x/y"], &[]).unwrap(),
+            "http://proxy.example:8080/graph/v1.0/users/x%2Fy"
+        );
+    }
+
+    #[test]
+    fn links_must_stay_on_the_graph_origin() {
+        let s = source(DEFAULT_GRAPH_URL);
+        assert!(
+            s.own_link(
+                "https://graph.microsoft.com:443/v1.0/users/delta?$skiptoken=x",
+                "t"
+            )
+            .is_ok()
+        );
+        assert!(
+            s.own_link("https://evil.example/v1.0/users/delta", "t")
+                .is_err()
+        );
+        assert!(
+            s.own_link("http://graph.microsoft.com/v1.0/users/delta", "t")
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn claims_are_read_from_the_token_payload() {
+        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(r#"{"roles":["Group.Read.All"],"tid":"t"}"#);
+        let claims = jwt_claims(&format!("e30.{payload}.sig"));
+        assert_eq!(claims["roles"][0], "Group.Read.All");
+        assert_eq!(jwt_claims("not a jwt"), Value::Null);
     }
 }
