@@ -843,12 +843,13 @@ fn graph_error(what: &str, status: StatusCode, body: &str) -> SourceError {
         Some((code, message)) => format!("{code}: {message}"),
         None => body.to_string(),
     };
-    let hint = if status == StatusCode::UNAUTHORIZED {
-        "Graph refused the access token: check that graph_url and authority_url are of the same cloud"
-    } else {
-        PERMISSION_HINT
-    };
-    http::status_error(what, status, &body, hint)
+    if status == StatusCode::UNAUTHORIZED {
+        let hint = format!(
+            "Graph refused a fresh access token: check that graph_url and authority_url are of the same cloud, and {PERMISSION_HINT}"
+        );
+        return http::status_error(what, status, &body, &hint);
+    }
+    http::status_error(what, status, &body, PERMISSION_HINT)
 }
 
 #[async_trait]
