@@ -25,7 +25,7 @@ pub fn retry_after(resp: &Response) -> Option<Duration> {
 }
 
 /// Sends the request `make` builds, again after the `Retry-After` wait while the IdP answers
-/// 429 or 503 and the total wait stays within [`THROTTLE_BUDGET`]; counts every request in
+/// 429 (or 503 with `Retry-After`) and the total wait stays within [`THROTTLE_BUDGET`]; counts every request in
 /// `requests`. Network errors are transient; any other status comes back to the caller.
 pub async fn send(
     make: impl Fn() -> reqwest::RequestBuilder,
@@ -40,8 +40,17 @@ pub async fn send(
             .await
             .map_err(|e| SourceError::Transient(format!("{what}: {}", error_chain(&e))))?;
         let status = resp.status();
-        if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
-            let wait = retry_after(&resp).unwrap_or(Duration::from_secs(1));
+        // 429 is throttling (1 s when the IdP names no wait); a 503 is throttling only when
+        // it says how long to wait — without `Retry-After` it is an outage, and the round
+        // fails at once as transient (the next interval tries again).
+        let throttled = match status {
+            StatusCode::TOO_MANY_REQUESTS => {
+                Some(retry_after(&resp).unwrap_or(Duration::from_secs(1)))
+            }
+            StatusCode::SERVICE_UNAVAILABLE => retry_after(&resp),
+            _ => None,
+        };
+        if let Some(wait) = throttled {
             if waited + wait > THROTTLE_BUDGET {
                 return Err(SourceError::Transient(format!(
                     "{what}: still throttled ({status}) after waiting {}s",
