@@ -529,13 +529,13 @@ async fn gate(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Re
 }
 
 /// Who called: the API token (every read permission) or a bearer token with scopes.
-fn authorize(shared: &Shared, headers: &HeaderMap, scope: &str) -> Result<bool, Response> {
+fn authorize(shared: &Shared, headers: &HeaderMap, scope: &str) -> Result<bool, Box<Response>> {
     let invalid = || {
-        okta_error(
+        Box::new(okta_error(
             StatusCode::UNAUTHORIZED,
             "E0000011",
             "Invalid token provided",
-        )
+        ))
     };
     let auth = headers
         .get(header::AUTHORIZATION)
@@ -565,7 +565,7 @@ fn authorize(shared: &Shared, headers: &HeaderMap, scope: &str) -> Result<bool, 
         )) {
             resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
         }
-        return Err(resp);
+        return Err(Box::new(resp));
     }
     Ok(false)
 }
@@ -685,7 +685,7 @@ async fn list_users(
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
     if let Err(r) = authorize(&shared, &headers, "okta.users.read") {
-        return r;
+        return *r;
     }
     let search = q.get("search").map(|s| s.trim().to_string());
     let since = match &search {
@@ -777,11 +777,11 @@ async fn get_user(
             }))
             .into_response(),
             Ok(false) => not_found("me", "User"),
-            Err(r) => r,
+            Err(r) => *r,
         };
     }
     if let Err(r) = authorize(&shared, &headers, "okta.users.read") {
-        return r;
+        return *r;
     }
     let s = shared.lock();
     let found = s
@@ -801,7 +801,7 @@ async fn list_groups(
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
     if let Err(r) = authorize(&shared, &headers, "okta.groups.read") {
-        return r;
+        return *r;
     }
     let s = shared.lock();
     let limit = page_limit(&s, &q);
@@ -838,7 +838,7 @@ async fn get_group(
     Path(id): Path<String>,
 ) -> Response {
     if let Err(r) = authorize(&shared, &headers, "okta.groups.read") {
-        return r;
+        return *r;
     }
     let s = shared.lock();
     match s.groups.get(&id) {
@@ -855,7 +855,7 @@ async fn group_users(
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
     if let Err(r) = authorize(&shared, &headers, "okta.groups.read") {
-        return r;
+        return *r;
     }
     let s = shared.lock();
     let Some(g) = s.groups.get(&id) else {
