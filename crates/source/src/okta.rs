@@ -8,7 +8,8 @@
 //!   lastUpdated gt "…"`, which covers every status, DEPROVISIONED included); each configured
 //!   group read again, its members re-read when its `lastMembershipUpdated` moved and a
 //!   [`Change::Group`] when its `lastUpdated` moved; a group gone (404) is
-//!   [`Change::GroupRemoved`].
+//!   [`Change::GroupRemoved`]. A user deleted in Okta leaves their groups, so the bridge sees
+//!   them go through the groups' `AllMembers` (Okta has no feed of deletions to read).
 //! - **Rate limits**: Okta limits each endpoint separately and reports the bucket of every
 //!   answer in `X-Rate-Limit-Limit`, `X-Rate-Limit-Remaining` and `X-Rate-Limit-Reset` (UTC
 //!   epoch seconds, <https://developer.okta.com/docs/reference/rl-best-practices/>). The source
@@ -183,6 +184,16 @@ struct TokenAnswer {
 struct OAuthError {
     error: String,
     error_description: Option<String>,
+}
+
+/// One GET's outcome.
+enum Fetched<T> {
+    /// 2xx: the body and the `rel="next"` link.
+    Found(T, Option<String>),
+    /// 404.
+    NotFound,
+    /// Any other answer, classified.
+    Refused(StatusCode, SourceError),
 }
 
 /// What a round collects.
@@ -615,6 +626,20 @@ impl OktaSource {
         url: &Url,
         what: &str,
     ) -> SourceResult<Option<(T, Option<String>)>> {
+        match self.try_get(ctx, url, what).await? {
+            Fetched::Found(value, next) => Ok(Some((value, next))),
+            Fetched::NotFound => Ok(None),
+            Fetched::Refused(_, e) => Err(e),
+        }
+    }
+
+    /// [`Self::get`] with refusals (non-success answers but 404) handed back with their status.
+    async fn try_get<T: DeserializeOwned>(
+        &self,
+        ctx: &mut Ctx,
+        url: &Url,
+        what: &str,
+    ) -> SourceResult<Fetched<T>> {
         let mut renewed = false;
         loop {
             let auth = self.authorization(ctx).await?;
@@ -642,7 +667,7 @@ impl OktaSource {
                 continue;
             }
             if status == StatusCode::NOT_FOUND {
-                return Ok(None);
+                return Ok(Fetched::NotFound);
             }
             let next = next_link(resp.headers());
             let text = resp
@@ -650,16 +675,17 @@ impl OktaSource {
                 .await
                 .map_err(|e| SourceError::Transient(format!("{what}: {}", error_chain(&e))))?;
             if !status.is_success() {
-                return Err(status_error(what, status, &text, &self.hint(status)));
+                let error = status_error(what, status, &text, &self.hint(status));
+                return Ok(Fetched::Refused(status, error));
             }
             let value = serde_json::from_str(&text)
                 .map_err(|e| SourceError::Protocol(format!("{what}: unreadable answer: {e}")))?;
-            return Ok(Some((value, next)));
+            return Ok(Fetched::Found(value, next));
         }
     }
 
     /// Every page of a list, following `rel="next"` links (which must stay on the org).
-    /// `None` when the first page is a 404.
+    /// `None` when a page is a 404 (the list's owner is gone: a partial list would be wrong).
     async fn get_all<T: DeserializeOwned>(
         &self,
         ctx: &mut Ctx,
@@ -670,7 +696,7 @@ impl OktaSource {
         let mut url = first;
         loop {
             let Some((page, next)) = self.get::<Vec<T>>(ctx, &url, what).await? else {
-                return Ok(if all.is_empty() { None } else { Some(all) });
+                return Ok(None);
             };
             all.extend(page);
             let Some(next) = next else {
@@ -870,16 +896,17 @@ impl Source for OktaSource {
         let identity = match &self.credential {
             OktaCredential::ApiToken(_) => {
                 let url = self.url(&["api", "v1", "users", "me"], &[])?;
+                // The token's owner when the token may read it; a wrong token stops here.
                 match self
-                    .get::<serde_json::Value>(&mut ctx, &url, "okta: reading the token's owner")
-                    .await
+                    .try_get::<serde_json::Value>(&mut ctx, &url, "okta: reading the token's owner")
+                    .await?
                 {
-                    Ok(Some((me, _))) => match me["profile"]["login"].as_str() {
+                    Fetched::Found(me, _) => match me["profile"]["login"].as_str() {
                         Some(login) => format!("API token of {login}"),
                         None => "API token".into(),
                     },
-                    Ok(None) | Err(SourceError::Protocol(_)) => "API token".into(),
-                    Err(e) => return Err(e),
+                    Fetched::Refused(StatusCode::UNAUTHORIZED, e) => return Err(e),
+                    Fetched::NotFound | Fetched::Refused(..) => "API token".into(),
                 }
             }
             OktaCredential::PrivateKey { client_id, .. } => {
