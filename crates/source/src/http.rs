@@ -49,12 +49,7 @@ pub async fn send(
                 )));
             }
             metrics::counter!("teamcity_scim_source_throttled_total").increment(1);
-            tracing::info!(
-                what,
-                status = status.as_u16(),
-                wait_ms = wait.as_millis() as u64,
-                "source: throttled, waiting as asked"
-            );
+            tracing::info!(what, status = status.as_u16(), wait_ms = wait.as_millis() as u64, "source: throttled, waiting as asked");
             tokio::time::sleep(wait).await;
             waited += wait;
             continue;

@@ -164,9 +164,7 @@ pub struct SecretFile {
 
 impl std::fmt::Debug for SecretFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SecretFile")
-            .field("path", &self.path)
-            .finish()
+        f.debug_struct("SecretFile").field("path", &self.path).finish()
     }
 }
 
