@@ -191,27 +191,7 @@ fn jwt_claims(token: &str) -> Value {
         .unwrap_or(Value::Null)
 }
 
-// TODO(merge): use crate::jwt
-fn client_assertion(
-    client_id: &str,
-    audience: &str,
-    key_pem: &str,
-    x5t: Option<&str>,
-    now_unix: u64,
-) -> SourceResult<String> {
-    let _ = (client_id, audience, key_pem, x5t, now_unix);
-    Err(SourceError::Config(
-        "certificate credentials are not built yet".into(),
-    ))
-}
-
-// TODO(merge): use crate::jwt
-fn x5t_of_certificate(cert_pem: &str) -> SourceResult<String> {
-    let _ = cert_pem;
-    Err(SourceError::Config(
-        "certificate credentials are not built yet".into(),
-    ))
-}
+use crate::jwt::{client_assertion, x5t_of_certificate};
 
 impl GraphSource {
     /// A source for `opts` (no request is made until used).

@@ -610,7 +610,6 @@ const TEST_CERT: &str = "-----BEGIN CERTIFICATE-----\nMIIDKTCCAhGgAwIBAgIUa+/dHk
 const TEST_CERT_X5T: &str = "r-zbJydrYk1Fxxy2T3bxVtojgbM";
 
 #[tokio::test]
-#[ignore = "needs crate::jwt (client assertions), wired at merge"]
 async fn a_certificate_credential_signs_a_client_assertion() {
     let env = env().await;
     env.directory();
