@@ -365,7 +365,10 @@ impl SourceConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
         let need_file = |key: &str, p: &Option<PathBuf>| -> anyhow::Result<()> {
             let Some(p) = p else {
-                anyhow::bail!("source.{key} is required with source.kind = \"{}\"", self.kind)
+                anyhow::bail!(
+                    "source.{key} is required with source.kind = \"{}\"",
+                    self.kind
+                )
             };
             std::fs::metadata(p)
                 .with_context(|| format!("source.{key}: cannot read {}", p.display()))?;
@@ -414,9 +417,8 @@ impl SourceConfig {
             }
             "okta" => {
                 need("org_url", &self.org_url)?;
-                reqwest::Url::parse(&self.org_url).with_context(|| {
-                    format!("source.org_url: {:?} is not a URL", self.org_url)
-                })?;
+                reqwest::Url::parse(&self.org_url)
+                    .with_context(|| format!("source.org_url: {:?} is not a URL", self.org_url))?;
                 match (&self.token_file, &self.private_key_file) {
                     (Some(_), None) => need_file("token_file", &self.token_file)?,
                     (None, Some(_)) => {

@@ -112,7 +112,10 @@ pub(crate) async fn check(cfg: &Config, out: &mut impl std::io::Write) -> anyhow
         match name {
             Ok(name) => {
                 total += members;
-                writeln!(out, "group:       {id} {name:?}: {members} user members in scope")?;
+                writeln!(
+                    out,
+                    "group:       {id} {name:?}: {members} user members in scope"
+                )?;
             }
             Err(e) => {
                 writeln!(out, "group:       {id}: CANNOT READ: {e}")?;

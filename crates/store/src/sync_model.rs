@@ -441,7 +441,7 @@ mod tests {
         let u = user(
             r#"{"schemas":["x"],"userName":"Ann","displayName":"Ann A","name":{"givenName":"Ann",
             "familyName":"A","formatted":"x"},"emails":[{"value":"a@x"},{"value":"b@x",
-            "primary":true}],"active":false,"userType":"Agent","meta":{"version":"W/1"},
+            "primary":true}],"active":false,"userType":"Agent","externalId":"00u1","meta":{"version":"W/1"},
             "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User":{"department":"d"}}"#,
         );
         assert_eq!(
@@ -455,6 +455,7 @@ mod tests {
                 email: Some("b@x".into()),
                 active: false,
                 user_type: Some("Agent".into()),
+                external_id: Some("00u1".into()),
             }
         );
         // No primary: the first email. Missing `active`: active. Empty strings: absent.

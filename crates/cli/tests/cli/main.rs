@@ -9,4 +9,5 @@ mod crash;
 mod dashboard;
 mod db_copy;
 mod demo;
+mod pull;
 mod safety;
