@@ -1,6 +1,6 @@
 //! `teamcity-scim demo`: an emulated TeamCity, the bridge on a temporary database with a demo
-//! policy, and an Okta-style provisioning replayed over the SCIM API — then both keep running
-//! for `curl` until Ctrl-C.
+//! policy, and an Okta-style provisioning replayed over the SCIM API (`--source graph`: the same
+//! story pulled from a Microsoft Graph fake) — then both keep running for `curl` until Ctrl-C.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -206,8 +206,17 @@ fn print_teamcity(emu: &teamcity_emulator::Emulator) {
     }
 }
 
+/// Where the demo's directory comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum DemoSource {
+    /// An Okta-style provisioning pushed over SCIM.
+    Scim,
+    /// Pull mode: the directory read from a Microsoft Graph fake.
+    Graph,
+}
+
 /// Runs the demo until Ctrl-C.
-pub(crate) async fn run() -> anyhow::Result<()> {
+pub(crate) async fn run(source: DemoSource) -> anyhow::Result<()> {
     let emulator_token = "demo-teamcity-token";
     let (tc_url, emu) = teamcity_emulator::spawn(EmulatorOptions {
         token: emulator_token.into(),
@@ -247,13 +256,15 @@ pub(crate) async fn run() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let scim_url = format!("http://{}{}", listener.local_addr()?, server::BASE_PATH);
     let mut stop_server = stop_tx.subscribe();
-    let server_task = tokio::spawn(server::serve(
-        listener,
-        server::AppState::new(store.clone()),
-        async move {
-            let _ = stop_server.changed().await;
-        },
-    ));
+    let mut app = server::AppState::new(store.clone());
+    if source == DemoSource::Graph {
+        app.read_only = Some(Arc::from(
+            "the demo reads its directory from a Microsoft Graph fake: SCIM writes are refused",
+        ));
+    }
+    let server_task = tokio::spawn(server::serve(listener, app, async move {
+        let _ = stop_server.changed().await;
+    }));
 
     // The read-only dashboard, behind its own admin token.
     rand::rng().fill_bytes(&mut random);
@@ -293,10 +304,53 @@ pub(crate) async fn run() -> anyhow::Result<()> {
         },
     ));
 
+    let (summary, puller) = match source {
+        DemoSource::Scim => (scim_scenario(&store, &emu, &scim_url, &token).await?, None),
+        DemoSource::Graph => {
+            let (summary, puller) = graph_scenario(&store, &emu, dir.path(), &stop_tx).await?;
+            (summary, Some(puller))
+        }
+    };
+    println!("{summary}");
+    print_teamcity(&emu);
+    let audit = store.audit_events(0, 100_000).await?.len();
+    println!("\nAudit trail: {audit} hash-chained events (SCIM writes and every TeamCity action).");
+    println!("\nBoth keep running. Try:");
+    println!(
+        "  SCIM:      curl -H 'Authorization: Bearer {token}' '{scim_url}/Users?filter=userName%20sw%20%22a%22'"
+    );
+    println!(
+        "  TeamCity:  curl -H 'Authorization: Bearer {emulator_token}' -H 'Accept: application/json' {tc_url}/app/rest/userGroups"
+    );
+    println!("  Dashboard: {dashboard_url} (sign in with the admin token {admin_token})");
+    println!(
+        "  Audit:     TEAMCITY_SCIM_DATABASE__URL={db} teamcity-scim audit evidence --from 2020-01-01T00:00:00Z --output demo-evidence"
+    );
+    println!("Press Ctrl-C to stop.");
+    crate::shutdown_signal().await;
+    let _ = stop_tx.send(true);
+    let _ = worker.await;
+    if let Some(p) = puller {
+        let _ = p.await;
+    }
+    let _ = server_task.await;
+    let _ = admin_task.await;
+    drop(dir);
+    println!("Demo stopped.");
+    Ok(())
+}
+
+/// The SCIM demo: an Okta-style provisioning replayed over the SCIM API.
+async fn scim_scenario(
+    store: &DynStore,
+    emu: &teamcity_emulator::Emulator,
+    scim_url: &str,
+    token: &str,
+) -> anyhow::Result<String> {
     let scim = Scim {
         http: reqwest::Client::new(),
-        base: scim_url.clone(),
-        token: token.clone(),
+        base: scim_url.to_owned(),
+        token: token.to_owned(),
     };
     let steps = 8u64;
     let pb = indicatif::ProgressBar::new(steps);
@@ -337,7 +391,7 @@ pub(crate) async fn run() -> anyhow::Result<()> {
     let mobile = scim
         .push_group("Mobile", "00g-mobile", &[&dave, &alice])
         .await?;
-    wait_synced(&store).await?;
+    wait_synced(store).await?;
 
     say(
         &pb,
@@ -345,30 +399,11 @@ pub(crate) async fn run() -> anyhow::Result<()> {
     );
     let before = emu.total_calls();
     scim.patch_group(&eng, "Engineering", json!([])).await?;
-    wait_synced(&store).await?;
+    wait_synced(store).await?;
     let noop_calls = emu.total_calls() - before;
 
     say(&pb, "Bob creates two TeamCity access tokens");
-    let bob_tc = emu.with_state(|s| {
-        s.users
-            .values()
-            .find(|u| u.username == "bob@example.com")
-            .map(|u| u.id)
-    });
-    if let Some(id) = bob_tc {
-        emu.with_state(|s| {
-            if let Some(u) = s.users.get_mut(&id) {
-                for name in ["ci-script", "laptop"] {
-                    u.tokens.push(TokenRec {
-                        name: name.into(),
-                        creation_time: "20261129T100000+0000".into(),
-                        expiration_time: None,
-                        value_sha256: None,
-                    });
-                }
-            }
-        });
-    }
+    give_tokens(emu, "bob@example.com");
 
     say(
         &pb,
@@ -395,33 +430,138 @@ pub(crate) async fn run() -> anyhow::Result<()> {
     scim.patch_group(&mobile, "Mobile Apps", json!([])).await?;
 
     say(&pb, "waiting for the sync worker");
-    wait_synced(&store).await?;
+    wait_synced(store).await?;
     pb.finish_and_clear();
 
-    println!(
+    Ok(format!(
         "Replayed an Okta-style provisioning over SCIM: 5 users, 3 groups, a no-op push ({noop_calls} TeamCity calls), a deactivation, two renames."
+    ))
+}
+
+/// Two TeamCity access tokens for `username`, made by hand in TeamCity.
+fn give_tokens(emu: &teamcity_emulator::Emulator, username: &str) {
+    emu.with_state(|s| {
+        if let Some(u) = s.users.values_mut().find(|u| u.username == username) {
+            for name in ["ci-script", "laptop"] {
+                u.tokens.push(TokenRec {
+                    name: name.into(),
+                    creation_time: "20261129T100000+0000".into(),
+                    expiration_time: None,
+                    value_sha256: None,
+                });
+            }
+        }
+    });
+}
+
+/// The pull-mode demo: the directory read from a Microsoft Graph fake.
+async fn graph_scenario(
+    store: &DynStore,
+    emu: &teamcity_emulator::Emulator,
+    dir: &std::path::Path,
+    stop_tx: &tokio::sync::watch::Sender<bool>,
+) -> anyhow::Result<(String, tokio::task::JoinHandle<()>)> {
+    use idp_fake::graph::{FakeUser, GraphFake};
+    use source::graph::{GraphCredential, GraphOptions, GraphSource};
+
+    let fake = Arc::new(GraphFake::start().await);
+    // Entra users are name@contoso.example in the fake.
+    for name in ["alice", "bob", "carol", "dave", "build-bot"] {
+        fake.add_user(FakeUser::new(&format!("00u-{name}"), name));
+    }
+    for (id, name, members) in [
+        (
+            "00g-engineering",
+            "Engineering",
+            &["alice", "bob", "build-bot"][..],
+        ),
+        ("00g-operations", "Operations", &["carol"][..]),
+        ("00g-mobile", "Mobile", &["dave", "alice"][..]),
+    ] {
+        fake.add_group(id, name);
+        for m in members {
+            fake.add_member(id, &format!("00u-{m}"));
+        }
+    }
+    let secret = dir.join("graph-client-secret");
+    std::fs::write(&secret, fake.client_secret())?;
+    let scope: Vec<String> = ["00g-engineering", "00g-operations", "00g-mobile"]
+        .map(String::from)
+        .to_vec();
+    let src: Arc<dyn source::Source> = Arc::new(GraphSource::new(GraphOptions {
+        tenant_id: fake.tenant_id().into(),
+        client_id: fake.client_id().into(),
+        credential: GraphCredential::Secret(source::SecretFile::new(&secret)),
+        graph_url: fake.url(),
+        authority_url: fake.url(),
+        groups: scope.clone(),
+        user_name_attribute: "userPrincipalName".into(),
+    }));
+    let pull = async || -> anyhow::Result<()> {
+        source::pull::pull_once(store, src.as_ref(), &scope, &SystemClock)
+            .await
+            .map_err(|e| anyhow::anyhow!("pull from the Graph fake: {e}"))?;
+        wait_synced(store).await
+    };
+    let step = |n: u32, msg: &str| println!("[{n}/5] {msg}");
+
+    step(
+        1,
+        "first sync: the members of Engineering, Operations and Mobile are read from Graph (users/delta, groups/delta)",
     );
-    print_teamcity(&emu);
-    let audit = store.audit_events(0, 100_000).await?.len();
-    println!("\nAudit trail: {audit} hash-chained events (SCIM writes and every TeamCity action).");
-    println!("\nBoth keep running. Try:");
-    println!(
-        "  SCIM:      curl -H 'Authorization: Bearer {token}' '{scim_url}/Users?filter=userName%20sw%20%22a%22'"
+    pull().await?;
+    step(
+        2,
+        "a pull with nothing new (the delta link answers no change) costs TeamCity nothing",
     );
-    println!(
-        "  TeamCity:  curl -H 'Authorization: Bearer {emulator_token}' -H 'Accept: application/json' {tc_url}/app/rest/userGroups"
+    let before = emu.total_calls();
+    pull().await?;
+    let noop_calls = emu.total_calls() - before;
+    give_tokens(emu, "bob@contoso.example");
+    step(
+        3,
+        "Bob is disabled in Entra ID (accountEnabled = false): groups, roles and tokens go",
     );
-    println!("  Dashboard: {dashboard_url} (sign in with the admin token {admin_token})");
-    println!(
-        "  Audit:     TEAMCITY_SCIM_DATABASE__URL={db} teamcity-scim audit evidence --from 2020-01-01T00:00:00Z --output demo-evidence"
+    fake.update_user("00u-bob", |u| u.enabled = false);
+    pull().await?;
+    step(
+        4,
+        "Engineering is renamed Platform Engineering in Entra ID (a two-call swap in TeamCity)",
     );
-    println!("Press Ctrl-C to stop.");
-    crate::shutdown_signal().await;
-    let _ = stop_tx.send(true);
-    let _ = worker.await;
-    let _ = server_task.await;
-    let _ = admin_task.await;
-    drop(dir);
-    println!("Demo stopped.");
-    Ok(())
+    fake.rename_group("00g-engineering", "Platform Engineering");
+    pull().await?;
+    step(
+        5,
+        "Mobile is renamed Mobile Apps (a rule matched by name): an alert, nobody loses access",
+    );
+    fake.rename_group("00g-mobile", "Mobile Apps");
+    pull().await?;
+
+    // From here on the bridge pulls every 5 s, as `serve` does in pull mode.
+    let mut stop = stop_tx.subscribe();
+    let fake_alive = fake.clone();
+    let store_bg = store.clone();
+    let requests = fake.requests();
+    let puller = tokio::spawn(async move {
+        source::pull::run(
+            store_bg,
+            src,
+            scope,
+            Duration::from_secs(5),
+            Arc::new(SystemClock),
+            source::pull::PullHealth::default(),
+            async move {
+                let _ = stop.changed().await;
+            },
+        )
+        .await;
+        drop(fake_alive);
+    });
+    Ok((
+        format!(
+            "Pulled the directory from a Microsoft Graph fake at {} ({requests} Graph requests): 5 users, 3 groups, a pull with no change ({noop_calls} TeamCity calls), a deactivation, two renames.",
+            fake.url()
+        ),
+        puller,
+    ))
 }

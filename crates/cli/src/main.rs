@@ -64,8 +64,14 @@ enum Command {
     /// Run a standalone TeamCity REST emulator (for trials, demos and tests).
     Emulator(teamcity_emulator::cli::EmulatorArgs),
     /// Run a self-contained demonstration: an emulated TeamCity, the bridge, and an Okta-style
-    /// provisioning replayed over SCIM. Ctrl-C stops it.
-    Demo,
+    /// provisioning replayed over SCIM (or, with `--source graph`, the directory pulled from a
+    /// Microsoft Graph fake). Ctrl-C stops it.
+    Demo {
+        /// `scim`: an Okta-style provisioning pushed over SCIM; `graph`: pull mode, the
+        /// directory read from a Microsoft Graph fake.
+        #[arg(long, value_enum, default_value = "scim")]
+        source: demo::DemoSource,
+    },
     /// Configuration helpers.
     Config {
         #[command(subcommand)]
@@ -305,7 +311,7 @@ async fn run(cmd: Command, cfg: Config) -> anyhow::Result<u8> {
                 1
             });
         }
-        Command::Demo => demo::run().await?,
+        Command::Demo { source } => demo::run(source).await?,
         Command::Config {
             command: ConfigCommand::Show,
         } => {
