@@ -112,6 +112,59 @@ pub(crate) async fn status(cfg: &Config, out: &mut dyn Write) -> anyhow::Result<
                 None => writeln!(out, "{label} never")?,
             }
         }
+        if cfg.source.is_pull() {
+            let kind = cfg.source.kind.as_str();
+            let last = store
+                .sync_state_get(&source::pull::last_key(kind))
+                .await?
+                .and_then(|s| serde_json::from_str::<source::pull::LastPull>(&s).ok());
+            match last {
+                None => writeln!(
+                    out,
+                    "source:     {kind} (pull every {}): never pulled yet",
+                    cfg.source.interval
+                )?,
+                Some(l) => {
+                    let ok = l
+                        .last_success
+                        .as_deref()
+                        .map_or("never".to_owned(), |t| format!("last success {t}"));
+                    writeln!(
+                        out,
+                        "source:     {kind} (pull every {}): last pull {}, {ok}",
+                        cfg.source.interval, l.at
+                    )?;
+                    if let Some(s) = &l.summary {
+                        writeln!(
+                            out,
+                            "            {}users +{} ~{} deactivated {} deleted {}; groups +{} ~{} \
+                             deleted {}; memberships +{} -{} ({} requests)",
+                            if l.full { "full round: " } else { "" },
+                            s.users_created,
+                            s.users_updated,
+                            s.users_deactivated,
+                            s.users_deleted,
+                            s.groups_created,
+                            s.groups_updated,
+                            s.groups_deleted,
+                            s.members_added,
+                            s.members_removed,
+                            l.requests
+                        )?;
+                        for c in &s.conflicts {
+                            writeln!(out, "            conflict: {c}")?;
+                        }
+                    }
+                    if let Some(e) = &l.error {
+                        problems.push(format!(
+                            "the identity provider ({kind}) could not be read at {}, so nothing \
+                             is changed until it can: {e}",
+                            l.at
+                        ));
+                    }
+                }
+            }
+        }
         let count = |state: &'static str| {
             let store = store.clone();
             async move { anyhow::Ok(store.list_outbox(Some(state), i64::MAX).await?) }

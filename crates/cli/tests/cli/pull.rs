@@ -204,6 +204,14 @@ async fn scenario(idp: Idp) {
         None,
         "{kind}: eve is out of scope"
     );
+    let o = env.run(&["status"]).await;
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{kind}: status: {out}{err}");
+    assert!(
+        out.contains(&format!("source:     {kind} (pull every 1s)"))
+            && out.contains("last success"),
+        "{out}"
+    );
 
     // A new hire reaches TeamCity within interval + 5 s.
     let t = Instant::now();
@@ -289,6 +297,13 @@ async fn scenario(idp: Idp) {
             .contains("identity provider"),
         "{body}"
     );
+    let o = env.run(&["status"]).await;
+    let (out, _) = text(&o);
+    assert!(
+        !o.status.success(),
+        "{kind}: status is not ready while the IdP is down: {out}"
+    );
+    assert!(out.contains("NOT READY: the identity provider"), "{out}");
     idp.set_down(false);
     eventually(20, "removal after the outage", || {
         access(&env, &idp.login(&team[3])) == Some(false)
