@@ -192,6 +192,97 @@ async fn no_secret_or_email_reaches_logs_or_audit() {
     engine.drain().await.unwrap();
     engine.reconcile(false).await.unwrap();
 
+    // Pull mode: the IdP credentials and the pulled people's addresses stay out too.
+    let pstore = store::open(
+        &format!("sqlite://{}/pull.db", dir.path().display()),
+        Arc::new(store::SystemClock),
+    )
+    .await
+    .unwrap();
+    let graph = idp_fake::graph::GraphFake::start().await;
+    graph.add_user(idp_fake::graph::FakeUser::new("g-1", "pulled.person"));
+    graph.add_group("00g-eng", "Eng");
+    graph.add_member("00g-eng", "g-1");
+    let graph_secret = dir.path().join("graph-secret");
+    std::fs::write(&graph_secret, graph.client_secret()).unwrap();
+    let gsrc = source::graph::GraphSource::new(source::graph::GraphOptions {
+        tenant_id: graph.tenant_id().into(),
+        client_id: graph.client_id().into(),
+        credential: source::graph::GraphCredential::Secret(source::SecretFile::new(&graph_secret)),
+        graph_url: graph.url(),
+        authority_url: graph.url(),
+        groups: vec!["00g-eng".into()],
+        user_name_attribute: "userPrincipalName".into(),
+    });
+    let okta = idp_fake::okta::OktaFake::start().await;
+    okta.add_user(idp_fake::okta::FakeUser::new("o-1", "okta", "person"));
+    okta.add_group("00g-ops", "Ops");
+    okta.add_member("00g-ops", "o-1");
+    let okta_token = dir.path().join("okta-token");
+    std::fs::write(&okta_token, okta.api_token()).unwrap();
+    let osrc = source::okta::OktaSource::new(source::okta::OktaOptions {
+        org_url: okta.url(),
+        credential: source::okta::OktaCredential::ApiToken(source::SecretFile::new(&okta_token)),
+        groups: vec!["00g-ops".into()],
+    });
+    for (src, scope) in [
+        (&gsrc as &dyn source::Source, "00g-eng"),
+        (&osrc as &dyn source::Source, "00g-ops"),
+    ] {
+        let r = source::pull::pull_once(&pstore, src, &[scope.to_owned()], &store::SystemClock)
+            .await
+            .unwrap();
+        assert_eq!(r.summary.users_created, 1, "{}", src.kind());
+    }
+    // A failing pull (a wrong secret) logs and stores its error without the secret.
+    std::fs::write(&graph_secret, "wrong-graph-secret-Qm4").unwrap();
+    let gsrc_bad = source::graph::GraphSource::new(source::graph::GraphOptions {
+        tenant_id: graph.tenant_id().into(),
+        client_id: graph.client_id().into(),
+        credential: source::graph::GraphCredential::Secret(source::SecretFile::new(&graph_secret)),
+        graph_url: graph.url(),
+        authority_url: graph.url(),
+        groups: vec!["00g-eng".into()],
+        user_name_attribute: "userPrincipalName".into(),
+    });
+    let err = source::pull::pull_once(&pstore, &gsrc_bad, &["00g-eng".into()], &store::SystemClock)
+        .await
+        .unwrap_err()
+        .to_string();
+    tracing::warn!(error = %err, "pull failed");
+    let last = pstore
+        .sync_state_get(&source::pull::last_key("graph"))
+        .await
+        .unwrap()
+        .unwrap_or_default();
+    let pulled_audit: String = pstore
+        .audit_events(0, 100_000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {} {:?} {}\n",
+                e.actor, e.operation, e.resource_id, e.detail
+            )
+        })
+        .collect();
+    for s in [
+        graph.client_secret(),
+        "wrong-graph-secret-Qm4",
+        okta.api_token(),
+        "pulled.person@contoso.example",
+        "okta.person@example.com",
+    ] {
+        assert!(!err.contains(s), "the pull error contains `{s}`");
+        assert!(!last.contains(s), "the stored last pull contains `{s}`");
+        assert!(!pulled_audit.contains(s), "the pull audit contains `{s}`");
+    }
+    assert!(
+        pulled_audit.contains("source.sync"),
+        "the pulls were audited: {pulled_audit}"
+    );
+
     let audit: String = store
         .audit_events(0, 100_000)
         .await
@@ -213,7 +304,17 @@ async fn no_secret_or_email_reaches_logs_or_audit() {
         audit.lines().count() >= 15,
         "the scenario was audited: {audit}"
     );
-    let mut secrets: Vec<&str> = vec![tc_token, &scim_token, wrong, "grace.new@navy.example"];
+    let mut secrets: Vec<&str> = vec![
+        tc_token,
+        &scim_token,
+        wrong,
+        "grace.new@navy.example",
+        graph.client_secret(),
+        "wrong-graph-secret-Qm4",
+        okta.api_token(),
+        "pulled.person@contoso.example",
+        "okta.person@example.com",
+    ];
     secrets.extend(emails);
     secrets.extend(passwords);
     for s in secrets {
