@@ -382,6 +382,36 @@ impl SourceConfig {
             );
             Ok(())
         };
+        let graph_keys = [
+            ("tenant_id", !self.tenant_id.is_empty()),
+            ("client_secret_file", self.client_secret_file.is_some()),
+            (
+                "client_certificate_file",
+                self.client_certificate_file.is_some(),
+            ),
+            ("client_key_file", self.client_key_file.is_some()),
+        ];
+        let okta_keys = [
+            ("org_url", !self.org_url.is_empty()),
+            ("token_file", self.token_file.is_some()),
+            ("private_key_file", self.private_key_file.is_some()),
+            ("key_id", self.key_id.is_some()),
+        ];
+        let foreign: Vec<&str> = match self.kind.as_str() {
+            "graph" => okta_keys.iter(),
+            "okta" => graph_keys.iter(),
+            _ => [].iter(),
+        }
+        .filter(|(_, set)| *set)
+        .map(|(k, _)| *k)
+        .collect();
+        anyhow::ensure!(
+            foreign.is_empty(),
+            "source.{} do(es) not apply to source.kind = \"{}\": remove it, or change the kind",
+            foreign.join(", source."),
+            self.kind
+        );
+        crate::ttl::parse(&self.interval).context("`source.interval`")?;
         match self.kind.as_str() {
             "scim" => return Ok(()),
             "graph" => {
@@ -626,7 +656,6 @@ pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
         ("server.token_file_grace", &cfg.server.token_file_grace),
         ("sync.lease", &cfg.sync.lease),
         ("audit.head_interval", &cfg.audit.head_interval),
-        ("source.interval", &cfg.source.interval),
     ] {
         crate::ttl::parse(value).with_context(|| format!("`{key}`"))?;
     }
@@ -746,6 +775,99 @@ mod tests {
     /// Every key the code knows is in the example (set or shown commented out), and every key
     /// the example sets is one the code accepts, with the code's default value.
     #[test]
+    fn the_source_is_validated_per_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s").unwrap();
+        let graph = SourceConfig {
+            kind: "graph".into(),
+            groups: vec!["g".into()],
+            tenant_id: "t".into(),
+            client_id: "c".into(),
+            client_secret_file: Some(secret.clone()),
+            ..SourceConfig::default()
+        };
+        graph.validate().expect("a complete graph source");
+        let err = |c: SourceConfig| format!("{:#}", c.validate().unwrap_err());
+        for (c, want) in [
+            (
+                SourceConfig {
+                    tenant_id: String::new(),
+                    ..graph.clone()
+                },
+                "source.tenant_id is required",
+            ),
+            (
+                SourceConfig {
+                    client_secret_file: None,
+                    ..graph.clone()
+                },
+                "needs exactly one credential",
+            ),
+            (
+                SourceConfig {
+                    client_secret_file: Some(dir.path().join("missing")),
+                    ..graph.clone()
+                },
+                "source.client_secret_file: cannot read",
+            ),
+            (
+                SourceConfig {
+                    token_file: Some(secret.clone()),
+                    ..graph.clone()
+                },
+                "source.token_file do(es) not apply to source.kind = \"graph\"",
+            ),
+            (
+                SourceConfig {
+                    interval: "0s".into(),
+                    ..graph.clone()
+                },
+                "invalid duration `0s`",
+            ),
+            (
+                SourceConfig {
+                    groups: vec![],
+                    ..graph.clone()
+                },
+                "source.groups is empty",
+            ),
+            (
+                SourceConfig {
+                    kind: "ldap".into(),
+                    tenant_id: String::new(),
+                    client_secret_file: None,
+                    ..graph.clone()
+                },
+                "is not one of",
+            ),
+            (
+                SourceConfig {
+                    kind: "okta".into(),
+                    groups: vec!["g".into()],
+                    org_url: "https://example.okta.com".into(),
+                    ..SourceConfig::default()
+                },
+                "needs exactly one credential",
+            ),
+        ] {
+            let e = err(c);
+            assert!(e.contains(want), "{e:?} should say {want:?}");
+        }
+        let okta = SourceConfig {
+            kind: "okta".into(),
+            groups: vec!["g".into()],
+            org_url: "https://example.okta.com".into(),
+            token_file: Some(secret),
+            ..SourceConfig::default()
+        };
+        okta.validate().expect("a complete okta source");
+        SourceConfig::default()
+            .validate()
+            .expect("push mode needs nothing");
+    }
+
+    #[test]
     fn example_is_in_step_with_the_code() {
         let mut full = Config::default();
         full.database.url_file = Some("/run/secrets/database-url".into());
@@ -768,6 +890,15 @@ mod tests {
             secret_file: Some("/run/secrets/audit-webhook-key".into()),
             path: Some("/var/log/teamcity-scim/audit.jsonl".into()),
         }];
+        full.source.tenant_id = "00000000-0000-0000-0000-000000000000".into();
+        full.source.client_id = "11111111-1111-1111-1111-111111111111".into();
+        full.source.client_secret_file = Some("/run/secrets/graph-client-secret".into());
+        full.source.client_certificate_file = Some("/etc/teamcity-scim/graph-app.crt".into());
+        full.source.client_key_file = Some("/run/secrets/graph-app.key".into());
+        full.source.org_url = "https://example.okta.com".into();
+        full.source.token_file = Some("/run/secrets/okta-api-token".into());
+        full.source.private_key_file = Some("/run/secrets/okta-app.pem".into());
+        full.source.key_id = Some("kid-1".into());
         full.policy = sync::Policy::from_toml(
             "[[groups]]\nname = \"x\"\nmatch = { externalId = \"x\" }\nroles = []\n\
              [defaults]\nroles = []\n[[caps]]\nuser_type = \"Agent\"\nallowed_roles = []\n",

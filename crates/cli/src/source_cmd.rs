@@ -153,6 +153,12 @@ pub(crate) async fn pull(
              source.kind = \"graph\" or \"okta\""
         );
     };
+    // A running `serve` pulls every source.interval itself; two pullers would plan against
+    // the same directory at once.
+    let _lock = crate::lock_database(cfg).context(
+        "`source pull` needs the database to itself: a running `serve` already pulls every \
+         source.interval (see `teamcity-scim status`)",
+    )?;
     let r = source::pull::pull_once(store, src.as_ref(), &cfg.source.groups, &store::SystemClock)
         .await
         .map_err(|e| anyhow::anyhow!("{}: {e}", src.kind()))?;

@@ -484,7 +484,9 @@ pub enum ApplyError {
 }
 
 /// Plans `round` against the store, reads the users it needs from `source`, and writes the
-/// changes with the round's cursor under `cursor_key` in one transaction.
+/// changes, the `source.sync` audit event that sums them up (when anything changed, the round
+/// was full, or something conflicted) and the round's cursor under `cursor_key` in one
+/// transaction. Returns the summary and the user reads it made.
 pub async fn apply_round(
     store: &DynStore,
     source: &dyn Source,
@@ -502,11 +504,42 @@ pub async fn apply_round(
             fetched.insert(id, u);
         }
     }
-    let (ops, summary) = plan(&dir, scope, round, &fetched, || {
+    let (mut ops, summary) = plan(&dir, scope, round, &fetched, || {
         uuid::Uuid::new_v4().to_string()
     });
+    if !summary.is_empty() || round.full || !summary.conflicts.is_empty() {
+        ops.push(BatchOp::Audit(sync_event(
+            source.kind(),
+            round,
+            &summary,
+            reads,
+        )));
+    }
     store
         .write_batch(ctx, &ops, Some((cursor_key, &round.cursor)))
         .await?;
     Ok((summary, reads))
+}
+
+/// The `source.sync` audit event of a round: the source, whether it was full and why, the
+/// requests, what changed, and a digest of the position (the cursor itself can carry the IdP's
+/// paging tokens).
+fn sync_event(kind: &str, round: &Round, summary: &Summary, reads: u64) -> store::AuditEntry {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(round.cursor.as_bytes());
+    let position: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    store::AuditEntry::success(
+        "Source",
+        kind,
+        "source.sync",
+        json!({
+            "source": kind,
+            "full": round.full,
+            "resync_reason": round.resync_reason,
+            "requests": round.requests + reads,
+            "changes": round.changes.len(),
+            "position": position,
+            "summary": summary,
+        }),
+    )
 }

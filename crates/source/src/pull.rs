@@ -10,8 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use serde_json::json;
-use store::{AuditEntry, Clock, DynStore, WriteCtx};
+use store::{Clock, DynStore, WriteCtx};
 
 use crate::apply::{ApplyError, Summary, apply_round};
 use crate::{Source, SourceError};
@@ -131,36 +130,6 @@ async fn pull_inner(
     };
     let (summary, reads) = apply_round(store, source, scope, &round, &key, &ctx).await?;
     let requests = round.requests + reads;
-    // The cursor itself can carry the IdP's paging tokens: the audit trail gets its digest.
-    let position = {
-        use sha2::Digest;
-        let d = sha2::Sha256::digest(round.cursor.as_bytes());
-        d.iter()
-            .take(8)
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    };
-    if !summary.is_empty() || round.full || !summary.conflicts.is_empty() {
-        store
-            .audit(
-                &ctx,
-                AuditEntry::success(
-                    "Source",
-                    kind,
-                    "source.sync",
-                    json!({
-                        "source": kind,
-                        "full": round.full,
-                        "resync_reason": round.resync_reason,
-                        "requests": requests,
-                        "changes": round.changes.len(),
-                        "position": position,
-                        "summary": summary,
-                    }),
-                ),
-            )
-            .await?;
-    }
     if !summary.conflicts.is_empty() {
         tracing::warn!(
             source = kind,

@@ -128,6 +128,8 @@ pub enum BatchOp {
         /// The changes, in order.
         changes: Vec<MembershipChange>,
     },
+    /// An audit event of its own ([`Store::audit`]), e.g. what a whole batch did.
+    Audit(AuditEntry),
     /// [`Store::delete`] at any version.
     Delete {
         /// Users or groups.

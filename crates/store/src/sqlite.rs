@@ -957,6 +957,9 @@ impl Store for SqliteStore {
                 BatchOp::Delete { kind, id } => {
                     Self::delete_in(&mut tx, ctx, now, *kind, id, None).await?
                 }
+                BatchOp::Audit(entry) => sync::append_audit(&mut tx, ctx, now, entry)
+                    .await
+                    .map(|_| ())?,
             }
         }
         if let Some((key, value)) = state {

@@ -150,7 +150,7 @@ async fn append_applied(
     Ok(changed)
 }
 
-async fn append_audit(
+pub(super) async fn append_audit(
     tx: &mut Tx,
     ctx: &WriteCtx,
     now: OffsetDateTime,

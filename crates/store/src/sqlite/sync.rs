@@ -146,7 +146,7 @@ async fn append_applied(
 
 /// Appends an audit event with any outcome inside `tx`. The same chain logic as [`record`]
 /// (which always writes `success`); the store tests verify the chain across both.
-async fn append_audit(
+pub(super) async fn append_audit(
     tx: &mut Tx,
     ctx: &WriteCtx,
     now: OffsetDateTime,
