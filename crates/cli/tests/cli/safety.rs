@@ -474,11 +474,29 @@ async fn every_metric_the_alerts_and_the_dashboard_use_is_exported() {
     assert!(wanted.len() >= 10, "{wanted:?}");
 
     let env = Env::new(POLICY, Duration::ZERO).await;
-    // A sink, so its lag gauges are exported too.
+    // A sink, so its lag gauges are exported too; pull mode from a Graph fake, so the source's
+    // metrics are too (the rest are the same in both modes).
+    let graph = idp_fake::graph::GraphFake::start().await;
+    graph.add_user(idp_fake::graph::FakeUser::new("u-1", "frank"));
+    graph.add_group("00g-dev", "Developers");
+    graph.add_member("00g-dev", "u-1");
+    // The first request is throttled, so the throttling counter exists.
+    graph.throttle(1, 1);
+    let secret = env.dir.path().join("graph-secret");
+    std::fs::write(&secret, graph.client_secret()).expect("secret");
     let sink = env.dir.path().join("audit.jsonl");
     std::fs::write(
         &env.config,
-        format!("[[audit.sinks]]\nkind = \"file\"\npath = {sink:?}\n{POLICY}"),
+        format!(
+            "[source]\nkind = \"graph\"\ninterval = \"1s\"\ngroups = [\"00g-dev\"]\n\
+             tenant_id = \"{}\"\nclient_id = \"{}\"\nclient_secret_file = {secret:?}\n\
+             graph_url = \"{}\"\nauthority_url = \"{}\"\n\
+             [[audit.sinks]]\nkind = \"file\"\npath = {sink:?}\n{POLICY}",
+            graph.tenant_id(),
+            graph.client_id(),
+            graph.url(),
+            graph.url()
+        ),
     )
     .expect("config");
     let token = scim_token(&env).await;
@@ -498,7 +516,7 @@ async fn every_metric_the_alerts_and_the_dashboard_use_is_exported() {
         json!({"schemas": [USER_SCHEMA], "userName": "erin@example.com", "active": true}),
     )
     .await;
-    assert_eq!(status, 201);
+    assert_eq!(status, 405, "pull mode refuses SCIM writes");
     let scrape = async || {
         http.get(format!("http://127.0.0.1:{port}/metrics"))
             .send()
