@@ -27,6 +27,8 @@ pub(crate) struct Dashboard {
     engine: Option<Arc<Engine>>,
     client: Option<teamcity::Client>,
     plan: Mutex<Option<(Instant, PlanView)>>,
+    /// Pull mode: (kind, interval).
+    directory_source: Option<(String, String)>,
 }
 
 impl std::fmt::Debug for Dashboard {
@@ -56,7 +58,14 @@ impl Dashboard {
             engine,
             client,
             plan: Mutex::new(None),
+            directory_source: None,
         }
+    }
+
+    /// Pull mode: the source's kind and interval, for the Overview.
+    pub(crate) fn with_source(mut self, kind: &str, interval: &str) -> Self {
+        self.directory_source = Some((kind.to_owned(), interval.to_owned()));
+        self
     }
 
     async fn teamcity_user(&self, scim_id: &str) -> Result<Option<TeamCityUserView>, String> {
@@ -242,6 +251,37 @@ impl AdminSource for Dashboard {
                 });
             }
             Ok(out)
+        })
+    }
+
+    fn directory_source(&self) -> BoxFuture<'_, Option<Result<String, String>>> {
+        Box::pin(async move {
+            let (kind, interval) = self.directory_source.as_ref()?;
+            let last = match self
+                .store
+                .sync_state_get(&source::pull::last_key(kind))
+                .await
+            {
+                Ok(v) => v.and_then(|s| serde_json::from_str::<source::pull::LastPull>(&s).ok()),
+                Err(e) => return Some(Err(format!("the last pull could not be read: {e}"))),
+            };
+            let head = format!("Pulled from {kind} every {interval} (SCIM writes are refused).");
+            Some(match last {
+                None => Ok(format!("{head} No pull yet.")),
+                Some(l) => match &l.error {
+                    Some(e) => Err(format!(
+                        "{head} The pull at {} failed, so nothing is changed until the identity \
+                         provider can be read: {e}",
+                        l.at
+                    )),
+                    None => Ok(format!(
+                        "{head} Last pull {}{}: {}.",
+                        l.at,
+                        if l.full { " (full)" } else { "" },
+                        l.summary.as_ref().map(|s| s.line()).unwrap_or_default()
+                    )),
+                },
+            })
         })
     }
 

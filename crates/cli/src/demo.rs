@@ -284,13 +284,20 @@ pub(crate) async fn run(source: DemoSource) -> anyhow::Result<()> {
     let admin_state = server::admin::AdminState {
         store: store.clone(),
         tokens: server::auth::TokenCache::for_scope(store.clone(), store::TokenScope::Admin),
-        source: Arc::new(crate::dashboard::Dashboard::new(
-            store.clone(),
-            policy,
-            tc_url.clone(),
-            Some(engine.clone()),
-            Some(client),
-        )),
+        source: Arc::new({
+            let d = crate::dashboard::Dashboard::new(
+                store.clone(),
+                policy,
+                tc_url.clone(),
+                Some(engine.clone()),
+                Some(client),
+            );
+            if source == DemoSource::Graph {
+                d.with_source("graph", "5s")
+            } else {
+                d
+            }
+        }),
         readiness: Some(server::Readiness(Arc::new(move || health.not_ready()))),
         secure_cookie: false,
     };

@@ -519,13 +519,16 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
                 let grace = ttl::parse(&cfg.server.token_file_grace)?.unsigned_abs();
                 tokens = tokens.with_token_file(path.clone(), grace);
             }
-            let source = dashboard::Dashboard::new(
+            let mut source = dashboard::Dashboard::new(
                 store.clone(),
                 cfg.policy.clone(),
                 cfg.teamcity.url.clone(),
                 engine.clone(),
                 sync_cmd::client(&cfg)?,
             );
+            if cfg.source.is_pull() {
+                source = source.with_source(&cfg.source.kind, &cfg.source.interval);
+            }
             Some((
                 listener,
                 server::admin::AdminState {

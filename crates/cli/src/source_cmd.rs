@@ -162,28 +162,18 @@ pub(crate) async fn pull(
     let r = source::pull::pull_once(store, src.as_ref(), &cfg.source.groups, &store::SystemClock)
         .await
         .map_err(|e| anyhow::anyhow!("{}: {e}", src.kind()))?;
-    let s = &r.summary;
     writeln!(
         out,
-        "pulled from {} ({}{} requests): users +{} ~{} deactivated {} deleted {}; groups +{} ~{} \
-         deleted {}; memberships +{} -{}",
+        "pulled from {} ({}{} requests): {}",
         src.kind(),
         if r.full { "full, " } else { "" },
         r.requests,
-        s.users_created,
-        s.users_updated,
-        s.users_deactivated,
-        s.users_deleted,
-        s.groups_created,
-        s.groups_updated,
-        s.groups_deleted,
-        s.members_added,
-        s.members_removed,
+        r.summary.line()
     )?;
     if let Some(why) = &r.resync_reason {
         writeln!(out, "full resync: {why}")?;
     }
-    for c in &s.conflicts {
+    for c in &r.summary.conflicts {
         writeln!(out, "conflict: {c}")?;
     }
     Ok(())

@@ -137,18 +137,9 @@ pub(crate) async fn status(cfg: &Config, out: &mut dyn Write) -> anyhow::Result<
                     if let Some(s) = &l.summary {
                         writeln!(
                             out,
-                            "            {}users +{} ~{} deactivated {} deleted {}; groups +{} ~{} \
-                             deleted {}; memberships +{} -{} ({} requests)",
+                            "            {}{} ({} requests)",
                             if l.full { "full round: " } else { "" },
-                            s.users_created,
-                            s.users_updated,
-                            s.users_deactivated,
-                            s.users_deleted,
-                            s.groups_created,
-                            s.groups_updated,
-                            s.groups_deleted,
-                            s.members_added,
-                            s.members_removed,
+                            s.line(),
                             l.requests
                         )?;
                         for c in &s.conflicts {

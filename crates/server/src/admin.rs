@@ -64,6 +64,12 @@ pub trait AdminSource: Send + Sync + std::fmt::Debug {
 
     /// What a reconcile would change now.
     fn plan(&self) -> BoxFuture<'_, Result<PlanView, String>>;
+
+    /// In pull mode, where the directory comes from and how the last pull went (`Err`: the IdP
+    /// could not be read); `None` when IdPs push over SCIM.
+    fn directory_source(&self) -> BoxFuture<'_, Option<Result<String, String>>> {
+        Box::pin(async { None })
+    }
 }
 
 /// One role and why the user has it.
@@ -415,6 +421,7 @@ struct OverviewPage {
     nav: &'static str,
     ready: Result<(), String>,
     teamcity: Result<String, String>,
+    directory_source: Option<Result<String, String>>,
     last_pass: Option<PassView>,
     last_reconcile: Option<PassView>,
     pending: usize,
@@ -495,6 +502,7 @@ async fn overview_page(s: &AdminState) -> Result<OverviewPage, store::StoreError
         drift,
         ready,
         teamcity: s.source.teamcity(),
+        directory_source: s.source.directory_source().await,
         last_pass,
         last_reconcile,
         pending: summary.by_state.get("pending").copied().unwrap_or(0) as usize,

@@ -50,6 +50,23 @@ pub struct Summary {
 }
 
 impl Summary {
+    /// One line for people: `users +3 ~1 deactivated 0 deleted 0; groups +1 ~0 deleted 0;
+    /// memberships +4 -0`.
+    pub fn line(&self) -> String {
+        format!(
+            "users +{} ~{} deactivated {} deleted {}; groups +{} ~{} deleted {}; memberships +{} -{}",
+            self.users_created,
+            self.users_updated,
+            self.users_deactivated,
+            self.users_deleted,
+            self.groups_created,
+            self.groups_updated,
+            self.groups_deleted,
+            self.members_added,
+            self.members_removed
+        )
+    }
+
     /// Whether the round changed nothing.
     pub fn is_empty(&self) -> bool {
         self.users_created

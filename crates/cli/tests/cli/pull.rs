@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use idp_fake::graph::GraphFake;
 use idp_fake::okta::OktaFake;
 
-use crate::support::{Env, KillOnDrop, POLICY, free_port, serve, text, wait_up};
+use crate::support::{Env, KillOnDrop, POLICY, free_port, serve_with, text, wait_up};
 
 /// The group the policy maps (`POLICY` matches externalId `00g-dev`).
 const GROUP: &str = "00g-dev";
@@ -179,12 +179,40 @@ async fn scenario(idp: Idp) {
         "{out}"
     );
 
+    let o = env
+        .run(&["token", "create", "--admin", "--name", "ops"])
+        .await;
+    let (out, _) = text(&o);
+    let admin_token = out
+        .lines()
+        .last()
+        .expect("the admin token")
+        .trim()
+        .to_owned();
     let port = free_port();
+    let admin_port = free_port();
     let base = format!("http://127.0.0.1:{port}/scim/v2");
     let http = reqwest::Client::new();
     let before = idp.requests();
     let started = Instant::now();
-    let _serve = KillOnDrop(serve(&env, port));
+    let _serve = KillOnDrop(serve_with(
+        &env,
+        port,
+        &[(
+            "TEAMCITY_SCIM_ADMIN__LISTEN",
+            format!("127.0.0.1:{admin_port}"),
+        )],
+    ));
+    let overview = async || {
+        http.get(format!("http://127.0.0.1:{admin_port}/"))
+            .bearer_auth(&admin_token)
+            .send()
+            .await
+            .expect("dashboard")
+            .text()
+            .await
+            .expect("html")
+    };
     wait_up(&http, &base).await;
 
     // First sync: the group's members get access; eve, in no configured group, does not exist.
@@ -203,6 +231,12 @@ async fn scenario(idp: Idp) {
         access(&env, &idp.login("eve")),
         None,
         "{kind}: eve is out of scope"
+    );
+    let page = overview().await;
+    assert!(
+        page.contains("Identity provider")
+            && page.contains(&format!("Pulled from {kind} every 1s")),
+        "{kind}: the Overview shows the source: {page}"
     );
     let o = env.run(&["status"]).await;
     let (out, err) = text(&o);
@@ -304,6 +338,11 @@ async fn scenario(idp: Idp) {
         "{kind}: status is not ready while the IdP is down: {out}"
     );
     assert!(out.contains("NOT READY: the identity provider"), "{out}");
+    let page = overview().await;
+    assert!(
+        page.contains("failed, so nothing is changed until the identity provider can be read"),
+        "{kind}: the Overview shows the failing source: {page}"
+    );
     idp.set_down(false);
     eventually(20, "removal after the outage", || {
         access(&env, &idp.login(&team[3])) == Some(false)
