@@ -216,3 +216,40 @@ impl SecretFile {
 /// How long a pull waits in total for an IdP that throttles (429 / 503 with `Retry-After`)
 /// before the round is given up as transient and retried at the next interval.
 pub const THROTTLE_BUDGET: Duration = Duration::from_secs(120);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_secret_file_is_read_again_when_it_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        std::fs::write(&path, "first\n").unwrap();
+        let s = SecretFile::new(&path);
+        assert_eq!(s.get().unwrap(), "first");
+        // Rotation: a new value (and a new modification time) is picked up without a restart.
+        std::fs::write(&path, "second").unwrap();
+        let later = SystemTime::now() + Duration::from_secs(2);
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(later)
+            .unwrap();
+        assert_eq!(s.get().unwrap(), "second");
+        // Empty or missing: a configuration error naming the file, never a value.
+        std::fs::write(&path, "  \n").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(later + Duration::from_secs(2))
+            .unwrap();
+        assert!(matches!(s.get(), Err(SourceError::Config(m)) if m.contains("is empty")));
+        std::fs::remove_file(&path).unwrap();
+        let e = s.get().unwrap_err().to_string();
+        assert!(e.contains("cannot read") && e.contains("secret"), "{e}");
+        assert_eq!(format!("{s:?}"), format!("SecretFile {{ path: {path:?} }}"));
+    }
+}

@@ -247,6 +247,11 @@ async fn scenario(idp: Idp) {
         "{out}"
     );
 
+    // `plan` works in pull mode: nothing left to change after the first sync.
+    let o = env.run(&["plan", "--exit-code"]).await;
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{kind}: plan: {out}{err}");
+
     // A new hire reaches TeamCity within interval + 5 s.
     let t = Instant::now();
     idp.hire("id-new", "newbie", true);
