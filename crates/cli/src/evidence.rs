@@ -324,11 +324,16 @@ async fn access_changes(
             (Some(c), actor) => (
                 c.seq.to_string(),
                 format!(
-                    "{}SCIM {} of {} {} by {} at {}",
+                    "{}{} {} of {} {} by {} at {}",
                     if actor == "reconciler" {
                         "reconcile enforcing the directory as last changed by: "
                     } else {
                         ""
+                    },
+                    // Pull mode writes as `source:<kind>`: the change was read from the IdP.
+                    match c.actor.strip_prefix("source:") {
+                        Some(kind) => format!("pulled from {kind}:"),
+                        None => "SCIM".to_owned(),
                     },
                     c.operation,
                     c.resource_type,

@@ -543,7 +543,11 @@ impl GraphSource {
             upn
         };
         let Some(user_name) = user_name.filter(|n| !n.is_empty()) else {
-            tracing::warn!(id, "graph: a user without userPrincipalName, skipped");
+            tracing::warn!(
+                id,
+                attribute = %self.opts.user_name_attribute,
+                "graph: a user with neither the configured attribute nor a userPrincipalName, skipped"
+            );
             return None;
         };
         let s = |k: &str| str_of(v, k).map(String::from);
