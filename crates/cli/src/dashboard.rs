@@ -274,12 +274,25 @@ impl AdminSource for Dashboard {
                          provider can be read: {e}",
                         l.at
                     )),
-                    None => Ok(format!(
-                        "{head} Last pull {}{}: {}.",
-                        l.at,
-                        if l.full { " (full)" } else { "" },
-                        l.summary.as_ref().map(|s| s.line()).unwrap_or_default()
-                    )),
+                    None => {
+                        let conflicts = l
+                            .summary
+                            .as_ref()
+                            .map(|s| s.conflicts.clone())
+                            .unwrap_or_default();
+                        let text = format!(
+                            "{head} Last pull {}{}: {}.",
+                            l.at,
+                            if l.full { " (full)" } else { "" },
+                            l.summary.as_ref().map(|s| s.line()).unwrap_or_default()
+                        );
+                        // What could not be applied is a problem to see, not a detail.
+                        if conflicts.is_empty() {
+                            Ok(text)
+                        } else {
+                            Err(format!("{text} Not applied: {}", conflicts.join("; ")))
+                        }
+                    }
                 },
             })
         })
