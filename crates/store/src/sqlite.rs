@@ -26,6 +26,7 @@ use crate::{
 
 mod audit_log;
 mod copy;
+mod lease;
 mod sync;
 
 /// The SQLite store.
@@ -38,6 +39,8 @@ pub struct SqliteStore {
     /// this process writes SCIM resources to its SQLite file (the CLI's commands touch tokens,
     /// the outbox and the audit trail), which is what makes a process-local counter enough.
     generation: Arc<std::sync::atomic::AtomicU64>,
+    /// Set on a [`Store::fenced`] view: every write transaction checks it first.
+    fence: Option<Arc<crate::Fence>>,
 }
 
 type Tx = Transaction<'static, Sqlite>;
@@ -354,11 +357,16 @@ impl SqliteStore {
             write,
             clock,
             generation: Arc::default(),
+            fence: None,
         })
     }
 
     async fn begin(&self) -> StoreResult<Tx> {
-        Ok(self.write.begin_with("BEGIN IMMEDIATE").await?)
+        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
+        if let Some(f) = &self.fence {
+            lease::check(&mut tx, f, &timefmt::format(self.now())).await?;
+        }
+        Ok(tx)
     }
 
     fn now(&self) -> OffsetDateTime {
@@ -1020,8 +1028,35 @@ impl Store for SqliteStore {
         self.list_uncached(kind, q).await
     }
 
-    fn resource_generation(&self) -> Option<u64> {
-        Some(self.generation.load(std::sync::atomic::Ordering::Acquire))
+    async fn resource_generation(&self) -> StoreResult<Option<u64>> {
+        Ok(Some(
+            self.generation.load(std::sync::atomic::Ordering::Acquire),
+        ))
+    }
+
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> StoreResult<Option<crate::Lease>> {
+        self.lease_acquire(name, holder, ttl).await
+    }
+
+    async fn renew_lease(
+        &self,
+        fence: &crate::Fence,
+        ttl: std::time::Duration,
+    ) -> StoreResult<crate::Lease> {
+        self.lease_renew(fence, ttl).await
+    }
+
+    async fn release_lease(&self, fence: &crate::Fence) -> StoreResult<()> {
+        self.lease_release(fence).await
+    }
+
+    fn fenced(&self, fence: crate::Fence) -> crate::DynStore {
+        self.with_fence(fence)
     }
 
     async fn create_scoped_token(
