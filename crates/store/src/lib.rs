@@ -585,6 +585,16 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         limit: usize,
     ) -> StoreResult<Vec<ClaimedEntity>>;
 
+    /// The heartbeat of a long pass: extends to `now + lease` the lease of every `pending` row
+    /// `worker` still holds (its lease not run out at `now`). Returns how many rows it kept.
+    /// A row whose lease ran out is not taken back: another worker may have it now.
+    async fn renew_outbox_leases(
+        &self,
+        worker: &str,
+        now: OffsetDateTime,
+        lease: std::time::Duration,
+    ) -> StoreResult<usize>;
+
     /// Marks claimed rows `done` and records `events` (e.g. the TeamCity calls made) plus one
     /// `outbox.complete` event per entity. Rows no longer `pending` (dropped meanwhile) are
     /// left alone.

@@ -1274,6 +1274,27 @@ impl Store for PostgresStore {
         self.sync_claim_outbox(worker, now, lease, limit).await
     }
 
+    async fn renew_outbox_leases(
+        &self,
+        worker: &str,
+        now: OffsetDateTime,
+        lease: Duration,
+    ) -> StoreResult<usize> {
+        let mut tx = self.begin().await?;
+        let n = sqlx::query(
+            "UPDATE outbox SET lease_until = $1 \
+             WHERE state = 'pending' AND leased_by = $2 AND lease_until > $3",
+        )
+        .bind(timefmt::format(now + lease))
+        .bind(worker)
+        .bind(timefmt::format(now))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
+    }
+
     async fn complete_outbox(
         &self,
         ctx: &WriteCtx,
