@@ -499,6 +499,15 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         Ok(None)
     }
 
+    /// Wakes `wake` whenever a transaction that inserted an outbox row commits, in any process
+    /// (PostgreSQL: `LISTEN` on a connection of its own, reconnecting when it drops). Returns
+    /// `false` when this backend has no such signal (SQLite: the writer is this process); the
+    /// worker's polling is the fallback either way.
+    fn watch_outbox(&self, wake: Arc<tokio::sync::Notify>) -> bool {
+        let _ = wake;
+        false
+    }
+
     // ----- Leases (one reconciler among replicas) -----
 
     /// Takes the lease `name` for `holder` until `now + ttl` when it is free, expired, or
@@ -524,7 +533,8 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// that `fence` still holds (holder, epoch, not expired; on PostgreSQL the lease row is
     /// share-locked until commit, so a takeover waits for the write or the write sees the
     /// takeover). A write whose fence no longer holds fails with [`StoreError::Fenced`] and
-    /// writes nothing. Reads are not checked.
+    /// writes nothing. Reads are not checked. Fencing a fenced view adds a fence: every one is
+    /// checked.
     fn fenced(&self, fence: Fence) -> DynStore;
 
     /// Stores a new SCIM token hash (the caller generated and shows the secret).

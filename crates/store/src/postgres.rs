@@ -50,8 +50,8 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 10;
 pub struct PostgresStore {
     pool: PgPool,
     clock: Arc<dyn Clock>,
-    /// Set on a [`Store::fenced`] view: every write transaction checks it first.
-    fence: Option<Arc<crate::Fence>>,
+    /// Set on a [`Store::fenced`] view: every write transaction checks them first.
+    fences: Vec<Arc<crate::Fence>>,
 }
 
 type Tx = Transaction<'static, Postgres>;
@@ -147,7 +147,7 @@ impl PostgresStore {
         Ok(PostgresStore {
             pool,
             clock,
-            fence: None,
+            fences: Vec::new(),
         })
     }
 
@@ -160,10 +160,10 @@ impl PostgresStore {
 
     /// On a fenced view, fails unless the fence still holds (inside `tx`).
     async fn check_fence(&self, tx: &mut Tx) -> StoreResult<()> {
-        match &self.fence {
-            Some(f) => lease::check(tx, f, &timefmt::format(self.now())).await,
-            None => Ok(()),
+        for f in &self.fences {
+            lease::check(tx, f, &timefmt::format(self.now())).await?;
         }
+        Ok(())
     }
 
     /// A transaction for an audited write: the chain head is locked first, so audited writes
@@ -1086,6 +1086,11 @@ impl Store for PostgresStore {
 
     fn fenced(&self, fence: crate::Fence) -> crate::DynStore {
         self.with_fence(fence)
+    }
+
+    fn watch_outbox(&self, wake: Arc<tokio::sync::Notify>) -> bool {
+        lease::spawn_outbox_listener(self.pool.clone(), wake);
+        true
     }
 
     async fn create_scoped_token(

@@ -39,8 +39,8 @@ pub struct SqliteStore {
     /// this process writes SCIM resources to its SQLite file (the CLI's commands touch tokens,
     /// the outbox and the audit trail), which is what makes a process-local counter enough.
     generation: Arc<std::sync::atomic::AtomicU64>,
-    /// Set on a [`Store::fenced`] view: every write transaction checks it first.
-    fence: Option<Arc<crate::Fence>>,
+    /// Set on a [`Store::fenced`] view: every write transaction checks them first.
+    fences: Vec<Arc<crate::Fence>>,
 }
 
 type Tx = Transaction<'static, Sqlite>;
@@ -357,13 +357,13 @@ impl SqliteStore {
             write,
             clock,
             generation: Arc::default(),
-            fence: None,
+            fences: Vec::new(),
         })
     }
 
     async fn begin(&self) -> StoreResult<Tx> {
         let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
-        if let Some(f) = &self.fence {
+        for f in &self.fences {
             lease::check(&mut tx, f, &timefmt::format(self.now())).await?;
         }
         Ok(tx)

@@ -72,7 +72,43 @@ impl PostgresStore {
 
     pub(super) fn with_fence(&self, fence: Fence) -> DynStore {
         let mut s = self.clone();
-        s.fence = Some(Arc::new(fence));
+        s.fences.push(Arc::new(fence));
         Arc::new(s)
     }
+}
+
+/// [`crate::Store::watch_outbox`]: a task that `LISTEN`s on [`super::OUTBOX_CHANNEL`] and
+/// wakes `wake` on every notification, reconnecting (after a pause) whenever the connection
+/// drops. Notifications sent while it is away are lost: the worker polls as well.
+pub(super) fn spawn_outbox_listener(pool: sqlx::PgPool, wake: Arc<tokio::sync::Notify>) {
+    tokio::spawn(async move {
+        loop {
+            let listener = async {
+                let mut l = sqlx::postgres::PgListener::connect_with(&pool).await?;
+                l.listen(super::OUTBOX_CHANNEL).await?;
+                Ok::<_, sqlx::Error>(l)
+            };
+            match listener.await {
+                Ok(mut l) => {
+                    // Something may have been written while nobody listened.
+                    wake.notify_one();
+                    loop {
+                        match l.try_recv().await {
+                            Ok(Some(_)) => wake.notify_one(),
+                            // The connection dropped: listen again on a new one.
+                            Ok(None) => break,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "outbox LISTEN connection failed; polling until it is back");
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot LISTEN for outbox rows; polling until it works");
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
 }

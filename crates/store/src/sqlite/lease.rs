@@ -78,7 +78,7 @@ impl SqliteStore {
 
     pub(super) fn with_fence(&self, fence: Fence) -> DynStore {
         let mut s = self.clone();
-        s.fence = Some(Arc::new(fence));
+        s.fences.push(Arc::new(fence));
         Arc::new(s)
     }
 }
