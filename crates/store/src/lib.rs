@@ -74,10 +74,12 @@ pub mod anyhow_like {
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         match e {
-            // The server is away (refused, reset, closed) or every connection is busy.
-            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
-                StoreError::Unavailable(e.to_string())
-            }
+            // The server is away (refused, reset, closed; or a proxy / load balancer in front
+            // of it accepts and drops the connection mid-handshake) or every connection is busy.
+            sqlx::Error::Io(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed => StoreError::Unavailable(e.to_string()),
             // PostgreSQL shutting down or refusing connections: class 57P (operator
             // intervention), 08 (connection exception), 53300 (too many connections).
             sqlx::Error::Database(ref d)

@@ -340,3 +340,176 @@ async fn two_replicas_on_one_postgresql() {
     assert!(out.status.success(), "audit verify: {:?}", text(&out));
     drop(replicas);
 }
+
+/// A TCP proxy in front of PostgreSQL that a test can cut (every connection dropped, new ones
+/// refused) and restore, so the shared server itself is never restarted.
+struct Proxy {
+    port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Proxy {
+    async fn start(upstream: &'static str) -> Proxy {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (c, k) = (cut.clone(), conns.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if c.load(Ordering::SeqCst) {
+                    continue; // dropped: the connection is refused
+                }
+                k.lock().expect("lock").push(tokio::spawn(async move {
+                    if let Ok(mut out) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                }));
+            }
+        });
+        Proxy { port, cut, conns }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for h in self.conns.lock().expect("lock").drain(..) {
+            h.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgresql_unreachable_under_load_answers_503_and_loses_nothing_acknowledged() {
+    let Some(pg) = PgDb::create().await else {
+        return;
+    };
+    let proxy = Proxy::start("127.0.0.1:5432").await;
+    let proxied = pg
+        .url
+        .replacen("127.0.0.1:5432", &format!("127.0.0.1:{}", proxy.port), 1);
+    assert_ne!(proxied, pg.url, "the test database is on 127.0.0.1:5432");
+    let mut env = Env::new(POLICY, Duration::ZERO).await;
+    env.store = store::open(&pg.url, std::sync::Arc::new(store::SystemClock))
+        .await
+        .expect("store on PostgreSQL");
+    env.db_url = proxied;
+    let token = server::generate_token(*b"outage-test-token-0123456789abcd");
+    env.store
+        .create_token(&WriteCtx::cli(), "idp", server::hash_token(&token), None)
+        .await
+        .expect("token");
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client");
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}/scim/v2");
+    let _serve = KillOnDrop(serve(&env, port));
+    wait_up(&http, &base).await;
+
+    // Load from four clients; every 201 is remembered.
+    let acknowledged = std::sync::Arc::new(std::sync::Mutex::new(BTreeSet::new()));
+    let statuses = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for c in 0..4 {
+        let (http, token, base) = (http.clone(), token.clone(), base.clone());
+        let (ack, st, stop) = (acknowledged.clone(), statuses.clone(), stop.clone());
+        clients.push(tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let name = format!("c{c}-{i}@example.com");
+                i += 1;
+                let (s, body) = send(
+                    &http,
+                    &token,
+                    reqwest::Method::POST,
+                    &format!("{base}/Users"),
+                    json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+                           "userName": name, "active": true}),
+                )
+                .await;
+                match s {
+                    201 => {
+                        ack.lock().expect("lock").insert(name);
+                    }
+                    503 => {
+                        assert_eq!(
+                            body["schemas"][0], "urn:ietf:params:scim:api:messages:2.0:Error",
+                            "a SCIM error body: {body}"
+                        );
+                        assert_eq!(body["status"], "503", "{body}");
+                    }
+                    other => panic!("neither 201 nor 503 but {other}: {body}"),
+                }
+                st.lock().expect("lock").push(s);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    proxy.cut();
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    proxy.restore();
+    let restored = Instant::now();
+    // Writes are accepted again.
+    loop {
+        let after = acknowledged.lock().expect("lock").len();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if acknowledged.lock().expect("lock").len() > after {
+            break;
+        }
+        assert!(
+            restored.elapsed() < Duration::from_secs(30),
+            "writes did not come back after the database did"
+        );
+    }
+    eprintln!(
+        "writes accepted again {:?} after the database came back",
+        restored.elapsed()
+    );
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for c in clients {
+        c.await.expect("client");
+    }
+    let statuses = statuses.lock().expect("lock").clone();
+    let unavailable = statuses.iter().filter(|s| **s == 503).count();
+    assert!(unavailable > 0, "the outage was seen: {statuses:?}");
+    // Everything acknowledged is stored.
+    let page = env
+        .store
+        .list(
+            scim::ResourceKind::User,
+            &store::ListQuery {
+                count: 100_000,
+                ..store::ListQuery::default()
+            },
+        )
+        .await
+        .expect("list");
+    let stored: BTreeSet<String> = page
+        .resources
+        .iter()
+        .map(|r| r.attrs["userName"].as_str().expect("userName").to_owned())
+        .collect();
+    let acknowledged = acknowledged.lock().expect("lock").clone();
+    assert!(
+        acknowledged.is_subset(&stored),
+        "acknowledged but missing: {:?}",
+        acknowledged.difference(&stored).collect::<Vec<_>>()
+    );
+    eprintln!(
+        "{} acknowledged, {unavailable} answered 503 during the outage, all acknowledged stored",
+        acknowledged.len()
+    );
+    let out = env.run(&["audit", "verify"]).await;
+    assert!(out.status.success(), "audit verify: {:?}", text(&out));
+}
