@@ -456,6 +456,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let _lock = lock_database(&cfg)?;
     let store = open_store(&cfg).await?;
     let audit_store = store.clone();
+    let wake_store = store.clone();
     let scim_tokens = store
         .valid_token_hashes()
         .await?
@@ -641,6 +642,13 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
                 mode = ?cfg.sync.mode,
                 "sync worker started: SCIM changes are applied to TeamCity"
             );
+            // PostgreSQL: a replica's worker wakes as soon as any replica commits an outbox
+            // row (LISTEN/NOTIFY); polling stays as the fallback.
+            if wake_store.watch_outbox(engine.waker()) {
+                tracing::info!(
+                    "woken by LISTEN/NOTIFY on new outbox rows; polling as the fallback"
+                );
+            }
             Some(tokio::spawn(engine.run(stop_rx)))
         }
         None => {

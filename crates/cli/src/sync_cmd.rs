@@ -198,10 +198,17 @@ pub(crate) async fn reconcile(cfg: &Config, store: DynStore, apply: bool) -> any
         return Ok(());
     }
     let (engine, bar) = with_progress(engine);
-    let r = engine.reconcile(false).await?;
+    let r = engine.reconcile_leased(None).await?;
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
+    let Some(r) = r else {
+        anyhow::bail!(
+            "another process is reconciling this database now (it holds the `reconcile` lease); \
+             nothing was applied — try again when it has finished (`teamcity-scim status` shows \
+             the last reconcile)"
+        );
+    };
     println!(
         "Reconcile: {} TeamCity reads, {} actions planned, {} applied, {} failed, {} held{}.",
         r.reads,

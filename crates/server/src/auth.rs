@@ -1,8 +1,9 @@
 //! Bearer-token authentication for SCIM clients.
 //!
 //! Tokens are random secrets shown once; the store keeps only their SHA-256. The server holds a
-//! snapshot of the valid hashes, refreshed every [`REFRESH`] (so `token revoke` from the CLI
-//! takes effect within that time) and whenever an unknown token is presented (so a token
+//! snapshot of the valid hashes, refreshed every [`REFRESH`] (so a token revoked from the CLI
+//! or on another replica stops working here within that time: the snapshot's age counts from
+//! the moment its query started) and whenever an unknown token is presented (so a token
 //! created a moment ago works at once; repeated failures are rate-limited per peer).
 //! Every presented token is compared with every snapshot entry in constant time.
 
@@ -26,8 +27,9 @@ use tokio::sync::RwLock;
 use crate::error::scim_error_response;
 use crate::state::AppState;
 
-/// How often the snapshot of valid tokens is refreshed.
-pub const REFRESH: Duration = Duration::from_secs(2);
+/// How often the snapshot of valid tokens is refreshed: the longest a revoked token still
+/// works on a replica that did not revoke it (one small query per second under load).
+pub const REFRESH: Duration = Duration::from_secs(1);
 
 /// The prefix of every token this service issues (helps secret scanners).
 pub const TOKEN_PREFIX: &str = "tcscim_";
@@ -174,6 +176,8 @@ impl TokenCache {
         if snap.loaded.elapsed() < age {
             return;
         }
+        // The snapshot is as old as the moment its query started, not when it returned.
+        let started = Instant::now();
         match self.store.valid_token_hashes().await {
             Ok(mut entries) => {
                 entries.retain(|(_, rec)| rec.scope == self.scope);
@@ -182,7 +186,7 @@ impl TokenCache {
                     entries.extend(file.lock().unwrap_or_else(|e| e.into_inner()).refresh(now));
                 }
                 snap.entries = entries;
-                snap.loaded = Instant::now();
+                snap.loaded = started;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "could not refresh SCIM tokens; keeping the last snapshot")

@@ -36,6 +36,20 @@ impl From<StoreError> for ApiError {
             ),
             // 400 invalidValue.
             StoreError::Invalid(detail) => ScimError::bad_request(ScimType::InvalidValue, detail),
+            // 503: the database is away; nothing was written, the client retries.
+            StoreError::Unavailable(e) => {
+                tracing::warn!(error = %e, "database unavailable");
+                ScimError::new(
+                    503,
+                    None,
+                    "the database is unavailable; the request was not applied, try again",
+                )
+            }
+            // 500: logged, never shown (a fenced write never comes from a SCIM request).
+            StoreError::Fenced(e) => {
+                tracing::error!(error = %e, "store failure");
+                ScimError::new(500, None, "internal error; the request was not applied")
+            }
             // 500: logged, never shown.
             StoreError::Other(e) => {
                 tracing::error!(error = %e, "store failure");

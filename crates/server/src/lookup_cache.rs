@@ -2,9 +2,11 @@
 //! again on every sync cycle) kept as their serialized bodies until the next resource write.
 //!
 //! An entry is tagged with the store's resource generation read *before* the data was read
-//! ([`store::Store::resource_generation`]), and is served only while the generation is still
-//! the same, so an answer from the cache is never older than the last write. A store that
-//! gives no generation gets no caching.
+//! ([`store::Store::resource_generation`]), and is served only while the generation read again
+//! for the request is still the same, so an answer from the cache is never older than the last
+//! write committed before the request — by this process or, on PostgreSQL, by any replica (the
+//! generation is a row every resource write transaction moves on). A store that gives no
+//! generation gets no caching.
 //!
 //! The cache is bounded by size ([`MAX_BYTES`]); when a new entry would exceed it, entries are
 //! evicted in the map's (effectively random) iteration order until it fits, so a working set
@@ -49,6 +51,11 @@ impl ResponseCache {
             inner: Mutex::default(),
             max_bytes,
         }
+    }
+
+    /// Whether anything can be cached at all (capacity above zero).
+    pub(crate) fn enabled(&self) -> bool {
+        self.max_bytes > 0
     }
 
     /// The body cached for `key` at `generation`.

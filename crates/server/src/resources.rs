@@ -487,7 +487,13 @@ pub(crate) async fn list(
     let plain = p.cursor.is_none()
         && p.projection.attributes.is_empty()
         && p.projection.excluded.is_empty();
-    let generation = state.store.resource_generation();
+    // One primary-key read on PostgreSQL (the generation every replica's resource writes move
+    // on), a memory read on SQLite; only asked when the answer could come from the cache.
+    let generation = if plain && state.lookups.enabled() {
+        state.store.resource_generation().await?
+    } else {
+        None
+    };
     let cache_key = plain.then(|| {
         let start_index = p.start_index.as_ref().map(ToString::to_string);
         let count = p.count.as_ref().map(ToString::to_string);

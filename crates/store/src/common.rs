@@ -763,3 +763,59 @@ impl PruneReplay {
         &self.cutoff
     }
 }
+
+// ----- Leases: the SQL is the same in both dialects (`$n` parameters, upsert, RETURNING) -----
+
+/// Takes the lease ($1 name, $2 holder, $3 new expiry, $4 now) when it is absent, expired or
+/// already the holder's; the epoch stays only when the holder renews a lease it still has.
+pub(crate) const LEASE_ACQUIRE: &str = "INSERT INTO leases (name, holder, epoch, expires_at) \
+     VALUES ($1, $2, 1, $3) \
+     ON CONFLICT (name) DO UPDATE SET \
+       epoch = CASE WHEN leases.holder = excluded.holder AND leases.expires_at > $4 \
+               THEN leases.epoch ELSE leases.epoch + 1 END, \
+       holder = excluded.holder, expires_at = excluded.expires_at \
+     WHERE leases.expires_at <= $4 OR leases.holder = excluded.holder \
+     RETURNING epoch, expires_at";
+
+/// Extends the lease ($1 new expiry) if ($2 name, $3 holder, $4 epoch) still holds it.
+pub(crate) const LEASE_RENEW: &str = "UPDATE leases SET expires_at = $1 \
+     WHERE name = $2 AND holder = $3 AND epoch = $4 RETURNING expires_at";
+
+/// Lets the lease ($2 name, $3 holder, $4 epoch) run out now ($1).
+pub(crate) const LEASE_RELEASE: &str = "UPDATE leases SET expires_at = $1 \
+     WHERE name = $2 AND holder = $3 AND epoch = $4";
+
+/// Whether ($1 name, $2 holder, $3 epoch) still holds the lease at $4 (now).
+pub(crate) const LEASE_CHECK: &str = "SELECT epoch FROM leases \
+     WHERE name = $1 AND holder = $2 AND epoch = $3 AND expires_at > $4";
+
+/// The error of a write whose fence no longer holds.
+pub(crate) fn fenced_error(f: &crate::Fence) -> StoreError {
+    StoreError::Fenced(format!(
+        "the `{}` lease is no longer held by `{}` at epoch {} (another replica took it over, or \
+         it ran out before it was renewed): nothing was written",
+        f.name, f.holder, f.epoch
+    ))
+}
+
+/// A lease from the row [`LEASE_ACQUIRE`] / [`LEASE_RENEW`] returned.
+pub(crate) fn lease(
+    name: &str,
+    holder: &str,
+    epoch: i64,
+    expires: &str,
+) -> StoreResult<crate::Lease> {
+    Ok(crate::Lease {
+        fence: crate::Fence {
+            name: name.to_owned(),
+            holder: holder.to_owned(),
+            epoch,
+        },
+        expires: parse_time(expires)?,
+    })
+}
+
+/// `now + ttl`, formatted.
+pub(crate) fn lease_until(now: time::OffsetDateTime, ttl: std::time::Duration) -> String {
+    crate::timefmt::format(now + ttl)
+}

@@ -52,7 +52,15 @@ pub enum StoreError {
     /// (400 `invalidValue`).
     #[error("{0}")]
     Invalid(String),
-    /// Anything else: database unavailable, corrupt row, bug. Logged, answered as 500.
+    /// A write made under a [`Fence`] whose lease is no longer held (another holder took it
+    /// over, or it ran out): nothing was written. The text names the lease.
+    #[error("{0}")]
+    Fenced(String),
+    /// The database cannot be reached (connection refused or lost, pool timed out): nothing was
+    /// written; try again (503).
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
+    /// Anything else: corrupt row, bug. Logged, answered as 500.
     #[error(transparent)]
     Other(#[from] anyhow_like::Error),
 }
@@ -65,7 +73,24 @@ pub mod anyhow_like {
 
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
-        StoreError::Other(Box::new(e))
+        match e {
+            // The server is away (refused, reset, closed; or a proxy / load balancer in front
+            // of it accepts and drops the connection mid-handshake) or every connection is busy.
+            sqlx::Error::Io(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed => StoreError::Unavailable(e.to_string()),
+            // PostgreSQL shutting down or refusing connections: class 57P (operator
+            // intervention), 08 (connection exception), 53300 (too many connections).
+            sqlx::Error::Database(ref d)
+                if d.code().is_some_and(|c| {
+                    c.starts_with("57P") || c.starts_with("08") || c == "53300"
+                }) =>
+            {
+                StoreError::Unavailable(e.to_string())
+            }
+            e => StoreError::Other(Box::new(e)),
+        }
     }
 }
 
@@ -348,6 +373,31 @@ pub struct OutboxItem {
 
 pub use audit::{AuditEvent, Checkpoint};
 
+/// The proof that a writer holds a lease ([`Store::acquire_lease`]): every write made through
+/// [`Store::fenced`] checks, inside its own transaction, that the lease `name` is still held by
+/// `holder` at `epoch` and has not run out.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Fence {
+    /// The lease, e.g. [`RECONCILE_LEASE`].
+    pub name: String,
+    /// Who holds it (a replica's id).
+    pub holder: String,
+    /// Moves on every time the lease changes hands.
+    pub epoch: i64,
+}
+
+/// A lease as held.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// What writes under it must present.
+    pub fence: Fence,
+    /// When it runs out unless renewed.
+    pub expires: OffsetDateTime,
+}
+
+/// The lease the periodic reconcile runs under: one replica reconciles at a time.
+pub const RECONCILE_LEASE: &str = "reconcile";
+
 impl WriteCtx {
     /// The context of the outbox worker and the reconciler.
     pub fn sync() -> Self {
@@ -443,13 +493,53 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Lists resources matching a query.
     async fn list(&self, kind: ResourceKind, query: &ListQuery) -> StoreResult<ListPage>;
 
-    /// A counter that moves on after every committed resource write through this store, for
-    /// caches of read results: what was read while the counter said `g` is current as long as
-    /// it still says `g` (read the counter *before* reading the data). `None`: this backend
-    /// cannot promise that (others may write the same database), so nothing may be cached.
-    fn resource_generation(&self) -> Option<u64> {
-        None
+    /// A counter that moves on after every committed resource write to the database, by any
+    /// process, for caches of read results: what was read while the counter said `g` is current
+    /// as long as it still says `g` (read the counter *before* reading the data, and again
+    /// before serving a cached answer). SQLite (one writing process) keeps it in memory;
+    /// PostgreSQL keeps it in the chain-head row every resource write already locks, so reading
+    /// it is one primary-key lookup. `None`: nothing may be cached.
+    async fn resource_generation(&self) -> StoreResult<Option<u64>> {
+        Ok(None)
     }
+
+    /// Wakes `wake` whenever a transaction that inserted an outbox row commits, in any process
+    /// (PostgreSQL: `LISTEN` on a connection of its own, reconnecting when it drops). Returns
+    /// `false` when this backend has no such signal (SQLite: the writer is this process); the
+    /// worker's polling is the fallback either way.
+    fn watch_outbox(&self, wake: Arc<tokio::sync::Notify>) -> bool {
+        let _ = wake;
+        false
+    }
+
+    // ----- Leases (one reconciler among replicas) -----
+
+    /// Takes the lease `name` for `holder` until `now + ttl` when it is free, expired, or
+    /// already `holder`'s (then it is renewed at the same epoch). Taking it from someone else
+    /// (or after a release) moves the epoch on, which fences off every write the previous
+    /// holder still tries. `None` when another holder has it.
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> StoreResult<Option<Lease>>;
+
+    /// Extends a held lease to `now + ttl` (the heartbeat of a long reconcile). `Fenced` when
+    /// the lease changed hands since `fence` was issued.
+    async fn renew_lease(&self, fence: &Fence, ttl: std::time::Duration) -> StoreResult<Lease>;
+
+    /// Gives the lease up (it expires now; the next taker moves the epoch on). Does nothing
+    /// when it already changed hands.
+    async fn release_lease(&self, fence: &Fence) -> StoreResult<()>;
+
+    /// This store, with every write transaction checking first — in the same transaction —
+    /// that `fence` still holds (holder, epoch, not expired; on PostgreSQL the lease row is
+    /// share-locked until commit, so a takeover waits for the write or the write sees the
+    /// takeover). A write whose fence no longer holds fails with [`StoreError::Fenced`] and
+    /// writes nothing. Reads are not checked. Fencing a fenced view adds a fence: every one is
+    /// checked.
+    fn fenced(&self, fence: Fence) -> DynStore;
 
     /// Stores a new SCIM token hash (the caller generated and shows the secret).
     async fn create_token(
@@ -508,6 +598,16 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         lease: std::time::Duration,
         limit: usize,
     ) -> StoreResult<Vec<ClaimedEntity>>;
+
+    /// The heartbeat of a long pass: extends to `now + lease` the lease of every `pending` row
+    /// `worker` still holds (its lease not run out at `now`). Returns how many rows it kept.
+    /// A row whose lease ran out is not taken back: another worker may have it now.
+    async fn renew_outbox_leases(
+        &self,
+        worker: &str,
+        now: OffsetDateTime,
+        lease: std::time::Duration,
+    ) -> StoreResult<usize>;
 
     /// Marks claimed rows `done` and records `events` (e.g. the TeamCity calls made) plus one
     /// `outbox.complete` event per entity. Rows no longer `pending` (dropped meanwhile) are

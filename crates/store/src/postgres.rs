@@ -36,7 +36,11 @@ use crate::{
 
 mod audit_log;
 mod copy;
+mod lease;
 mod sync;
+
+/// The channel a transaction that inserts an outbox row notifies (`LISTEN` on it to wake up).
+pub const OUTBOX_CHANNEL: &str = "teamcity_scim_outbox";
 
 /// The default pool size (override with `?max_connections=N` in the URL).
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 10;
@@ -46,6 +50,8 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 10;
 pub struct PostgresStore {
     pool: PgPool,
     clock: Arc<dyn Clock>,
+    /// Set on a [`Store::fenced`] view: every write transaction checks them first.
+    fences: Vec<Arc<crate::Fence>>,
 }
 
 type Tx = Transaction<'static, Postgres>;
@@ -138,12 +144,26 @@ impl PostgresStore {
                     format!("cannot migrate the PostgreSQL database at `{shown}`: {e}").into(),
                 )
             })?;
-        Ok(PostgresStore { pool, clock })
+        Ok(PostgresStore {
+            pool,
+            clock,
+            fences: Vec::new(),
+        })
     }
 
     /// A transaction for writes that are not audited (outbox claims, sync state).
     async fn begin(&self) -> StoreResult<Tx> {
-        Ok(self.pool.begin().await?)
+        let mut tx = self.pool.begin().await?;
+        self.check_fence(&mut tx).await?;
+        Ok(tx)
+    }
+
+    /// On a fenced view, fails unless the fence still holds (inside `tx`).
+    async fn check_fence(&self, tx: &mut Tx) -> StoreResult<()> {
+        for f in &self.fences {
+            lease::check(tx, f, &timefmt::format(self.now())).await?;
+        }
+        Ok(())
     }
 
     /// A transaction for an audited write: the chain head is locked first, so audited writes
@@ -153,6 +173,7 @@ impl PostgresStore {
         sqlx::query("SELECT seq FROM audit_head WHERE id = 1 FOR UPDATE")
             .fetch_one(&mut *tx)
             .await?;
+        self.check_fence(&mut tx).await?;
         Ok(tx)
     }
 
@@ -242,6 +263,16 @@ async fn record(
         .bind(&ev.time)
         .execute(&mut **tx)
         .await?;
+        // A SCIM resource changed: every replica's lookup cache must see it (the head row is
+        // locked by this transaction already), and every replica's worker may wake up now
+        // (delivered on commit, once per transaction).
+        sqlx::query("UPDATE audit_head SET resource_gen = resource_gen + 1 WHERE id = 1")
+            .execute(&mut **tx)
+            .await?;
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(OUTBOX_CHANNEL)
+            .execute(&mut **tx)
+            .await?;
     }
     Ok(ev.seq)
 }
@@ -1032,6 +1063,39 @@ impl Store for PostgresStore {
         self.list_query(kind, q).await
     }
 
+    async fn resource_generation(&self) -> StoreResult<Option<u64>> {
+        let (g,): (i64,) = sqlx::query_as("SELECT resource_gen FROM audit_head WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(Some(g as u64))
+    }
+
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> StoreResult<Option<crate::Lease>> {
+        self.lease_acquire(name, holder, ttl).await
+    }
+
+    async fn renew_lease(&self, fence: &crate::Fence, ttl: Duration) -> StoreResult<crate::Lease> {
+        self.lease_renew(fence, ttl).await
+    }
+
+    async fn release_lease(&self, fence: &crate::Fence) -> StoreResult<()> {
+        self.lease_release(fence).await
+    }
+
+    fn fenced(&self, fence: crate::Fence) -> crate::DynStore {
+        self.with_fence(fence)
+    }
+
+    fn watch_outbox(&self, wake: Arc<tokio::sync::Notify>) -> bool {
+        lease::spawn_outbox_listener(self.pool.clone(), wake);
+        true
+    }
+
     async fn create_scoped_token(
         &self,
         ctx: &WriteCtx,
@@ -1216,6 +1280,27 @@ impl Store for PostgresStore {
         limit: usize,
     ) -> StoreResult<Vec<crate::ClaimedEntity>> {
         self.sync_claim_outbox(worker, now, lease, limit).await
+    }
+
+    async fn renew_outbox_leases(
+        &self,
+        worker: &str,
+        now: OffsetDateTime,
+        lease: Duration,
+    ) -> StoreResult<usize> {
+        let mut tx = self.begin().await?;
+        let n = sqlx::query(
+            "UPDATE outbox SET lease_until = $1 \
+             WHERE state = 'pending' AND leased_by = $2 AND lease_until > $3",
+        )
+        .bind(timefmt::format(now + lease))
+        .bind(worker)
+        .bind(timefmt::format(now))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
     }
 
     async fn complete_outbox(

@@ -26,6 +26,7 @@ use crate::{
 
 mod audit_log;
 mod copy;
+mod lease;
 mod sync;
 
 /// The SQLite store.
@@ -38,6 +39,8 @@ pub struct SqliteStore {
     /// this process writes SCIM resources to its SQLite file (the CLI's commands touch tokens,
     /// the outbox and the audit trail), which is what makes a process-local counter enough.
     generation: Arc<std::sync::atomic::AtomicU64>,
+    /// Set on a [`Store::fenced`] view: every write transaction checks them first.
+    fences: Vec<Arc<crate::Fence>>,
 }
 
 type Tx = Transaction<'static, Sqlite>;
@@ -354,11 +357,16 @@ impl SqliteStore {
             write,
             clock,
             generation: Arc::default(),
+            fences: Vec::new(),
         })
     }
 
     async fn begin(&self) -> StoreResult<Tx> {
-        Ok(self.write.begin_with("BEGIN IMMEDIATE").await?)
+        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
+        for f in &self.fences {
+            lease::check(&mut tx, f, &timefmt::format(self.now())).await?;
+        }
+        Ok(tx)
     }
 
     fn now(&self) -> OffsetDateTime {
@@ -1023,8 +1031,35 @@ impl Store for SqliteStore {
         self.list_uncached(kind, q).await
     }
 
-    fn resource_generation(&self) -> Option<u64> {
-        Some(self.generation.load(std::sync::atomic::Ordering::Acquire))
+    async fn resource_generation(&self) -> StoreResult<Option<u64>> {
+        Ok(Some(
+            self.generation.load(std::sync::atomic::Ordering::Acquire),
+        ))
+    }
+
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> StoreResult<Option<crate::Lease>> {
+        self.lease_acquire(name, holder, ttl).await
+    }
+
+    async fn renew_lease(
+        &self,
+        fence: &crate::Fence,
+        ttl: std::time::Duration,
+    ) -> StoreResult<crate::Lease> {
+        self.lease_renew(fence, ttl).await
+    }
+
+    async fn release_lease(&self, fence: &crate::Fence) -> StoreResult<()> {
+        self.lease_release(fence).await
+    }
+
+    fn fenced(&self, fence: crate::Fence) -> crate::DynStore {
+        self.with_fence(fence)
     }
 
     async fn create_scoped_token(
@@ -1227,6 +1262,27 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> StoreResult<Vec<crate::ClaimedEntity>> {
         self.sync_claim_outbox(worker, now, lease, limit).await
+    }
+
+    async fn renew_outbox_leases(
+        &self,
+        worker: &str,
+        now: OffsetDateTime,
+        lease: Duration,
+    ) -> StoreResult<usize> {
+        let mut tx = self.begin().await?;
+        let n = sqlx::query(
+            "UPDATE outbox SET lease_until = $1 \
+             WHERE state = 'pending' AND leased_by = $2 AND lease_until > $3",
+        )
+        .bind(timefmt::format(now + lease))
+        .bind(worker)
+        .bind(timefmt::format(now))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
     }
 
     async fn complete_outbox(

@@ -19,6 +19,16 @@
 //! (TeamCity changed underneath: re-read first); held (in a held batch); or retried with
 //! backoff (TeamCity unavailable). In shadow mode the plan is computed, logged and audited,
 //! and nothing is written.
+//!
+//! **Replicas.** Several `serve` processes may share one PostgreSQL database; all of them take
+//! SCIM writes, one of them applies. [`Engine::run`] applies only while it holds the
+//! [`SYNC_LEASE`] (taken when free or expired, renewed at a third of its time), and each
+//! reconcile also takes the [`store::RECONCILE_LEASE`] (so a `reconcile --apply` from the CLI
+//! never runs beside it). Every store write of a pass or a reconcile goes through
+//! [`store::Store::fenced`]: it checks the leases inside its own transaction, so a replica that
+//! lost its lease (paused, partitioned, expired) writes nothing more and its pass stops; a
+//! heartbeat renews the leases (and the claimed outbox rows' leases) during long passes. A
+//! replica that gains the lease reads TeamCity again before applying anything.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -33,6 +43,17 @@ use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
 
 use crate::apply::{Applied, apply_step, kind, usernames};
+
+/// The lease the applying replica holds while it runs outbox passes and reconciles.
+pub const SYNC_LEASE: &str = "sync";
+
+/// How often a standby replica tries to take the sync lease (at most a third of its time).
+const STANDBY_RETRY: Duration = Duration::from_secs(1);
+
+tokio::task_local! {
+    /// The store a pass or a reconcile writes through: fenced by the leases it runs under.
+    static FENCED: DynStore;
+}
 use crate::model::{
     Action, ActualState, DEFAULTS_MARKER, DirGroup, Directory, UserRef, UserTarget,
 };
@@ -294,6 +315,8 @@ pub struct Engine {
     /// Why the last run's writes were all refused (the bridge misconfigured), until a write
     /// is accepted again: readiness keeps saying so between attempts.
     writes_refused: std::sync::Mutex<Option<String>>,
+    /// Notified when a new outbox row was committed (LISTEN/NOTIFY on PostgreSQL).
+    wake: Arc<tokio::sync::Notify>,
     /// Told how far each run of steps is (default: a log line now and then for long runs).
     progress: Option<Progress>,
 }
@@ -624,7 +647,12 @@ struct Exec {
 impl Engine {
     /// An engine over a store and a TeamCity client.
     pub fn new(store: DynStore, client: Client, policy: Policy, cfg: EngineConfig) -> Self {
-        let worker_id = format!("worker-{}", std::process::id());
+        // Unique among replicas (two containers both run as pid 1).
+        let worker_id = format!(
+            "worker-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        );
         Engine {
             store,
             client,
@@ -645,6 +673,7 @@ impl Engine {
             approved_tried: std::sync::Mutex::new(BTreeSet::new()),
             fresh_users: std::sync::Mutex::new(HashSet::new()),
             writes_refused: std::sync::Mutex::new(None),
+            wake: Arc::new(tokio::sync::Notify::new()),
             progress: None,
         }
     }
@@ -666,6 +695,87 @@ impl Engine {
         self.health.clone()
     }
 
+    /// The store to use: inside a leased pass or reconcile, the view fenced by its leases.
+    fn store(&self) -> DynStore {
+        FENCED
+            .try_with(Clone::clone)
+            .unwrap_or_else(|_| self.store.clone())
+    }
+
+    /// This engine's id as a lease holder and outbox worker.
+    pub fn worker_id(&self) -> &str {
+        &self.worker_id
+    }
+
+    /// Runs `work` with every store write fenced by `fences` (checked inside each write's
+    /// transaction), renewing the leases — and the outbox rows this worker claimed — every
+    /// third of their time. When a lease is lost, `work` is stopped at once (dropped between
+    /// two awaits) and `Fenced` returned.
+    async fn under_leases<T>(
+        &self,
+        fences: &[store::Fence],
+        ttl: Duration,
+        work: impl std::future::Future<Output = Result<T, EngineError>>,
+    ) -> Result<T, EngineError> {
+        let mut fenced = self.store.clone();
+        for f in fences {
+            fenced = fenced.fenced(f.clone());
+        }
+        let heartbeat = async {
+            loop {
+                tokio::time::sleep(ttl / 3).await;
+                for f in fences {
+                    match self.store.renew_lease(f, ttl).await {
+                        Ok(_) => {}
+                        Err(e @ StoreError::Fenced(_)) => return e,
+                        Err(e) => {
+                            warn!(error = %e, lease = %f.name, "could not renew the lease; trying again")
+                        }
+                    }
+                }
+                let now = time::OffsetDateTime::now_utc();
+                if let Err(e) = self
+                    .store
+                    .renew_outbox_leases(&self.worker_id, now, self.cfg.lease)
+                    .await
+                {
+                    warn!(error = %e, "could not renew the outbox row leases; trying again");
+                }
+            }
+        };
+        tokio::select! {
+            r = FENCED.scope(fenced, work) => r,
+            e = heartbeat => {
+                warn!(error = %e, "lease lost: stopping this pass; another replica goes on");
+                Err(e.into())
+            }
+        }
+    }
+
+    /// A reconcile under the [`store::RECONCILE_LEASE`] (taken for it and released after),
+    /// fenced also by `outer` (the [`SYNC_LEASE`] of `serve`). `None`: another process is
+    /// reconciling now, nothing was done.
+    pub async fn reconcile_leased(
+        &self,
+        outer: Option<&store::Fence>,
+    ) -> Result<Option<PassReport>, EngineError> {
+        let ttl = self.cfg.lease;
+        let Some(lease) = self
+            .store
+            .acquire_lease(store::RECONCILE_LEASE, &self.worker_id, ttl)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let mut fences: Vec<store::Fence> = outer.into_iter().cloned().collect();
+        fences.push(lease.fence.clone());
+        let r = self.under_leases(&fences, ttl, self.reconcile(false)).await;
+        if let Err(e) = self.store.release_lease(&lease.fence).await {
+            warn!(error = %e, "could not release the reconcile lease; it runs out by itself");
+        }
+        r.map(Some)
+    }
+
     fn ctx(&self, actor: &str) -> WriteCtx {
         WriteCtx {
             actor: actor.to_owned(),
@@ -682,13 +792,13 @@ impl Engine {
 
     /// The directory as the sync engine sees it.
     pub async fn directory(&self) -> Result<Directory, EngineError> {
-        Ok(read_directory(&self.store).await?)
+        Ok(read_directory(&self.store()).await?)
     }
 
     /// [`Engine::plan_full`] for read-only views: writes nothing to the store.
     pub async fn preview(&self) -> Result<(Plan, ActualState, usize), EngineError> {
         let (actual, reads) = self.read_actual().await?;
-        let (_, d) = desired_unrecorded(&self.store, &self.policy).await?;
+        let (_, d) = desired_unrecorded(&self.store(), &self.policy).await?;
         let mut p = plan(&d, &actual, &self.plan_options());
         self.settle_orphans(&mut p).await?;
         Ok((p, actual, reads))
@@ -699,18 +809,18 @@ impl Engine {
         let started = std::time::Instant::now();
         let dir = self.directory().await?;
         debug!(users = dir.users.len(), groups = dir.groups.len(), elapsed = ?started.elapsed(), "directory read");
-        let pins = self.store.pins().await?;
+        let pins = self.store().pins().await?;
         let d = desired(&dir, &self.policy, &pins, &DesiredOptions::default());
         for (rule, group) in &d.pins {
             if pins.get(rule) != Some(group) {
-                self.store.set_pin(&self.ctx("sync"), rule, group).await?;
+                self.store().set_pin(&self.ctx("sync"), rule, group).await?;
             }
         }
         for alert in &d.alerts {
             let key = format!("alert:{alert:?}");
-            if self.store.sync_state_get(&key).await?.is_none() {
+            if self.store().sync_state_get(&key).await?.is_none() {
                 alert.emit();
-                self.store
+                self.store()
                     .audit(
                         &self.ctx("sync"),
                         entry(
@@ -723,7 +833,7 @@ impl Engine {
                         ),
                     )
                     .await?;
-                self.store.sync_state_set(&key, "raised").await?;
+                self.store().sync_state_set(&key, "raised").await?;
             }
         }
         Ok(d)
@@ -749,7 +859,7 @@ impl Engine {
             return Ok(());
         }
         let deleted: HashSet<(String, String)> =
-            self.store.deleted_entities().await?.into_iter().collect();
+            self.store().deleted_entities().await?.into_iter().collect();
         p.orphans
             .retain(|_, o| !deleted.contains(&(o.entity.to_owned(), o.scim_id.clone())));
         Ok(())
@@ -803,7 +913,7 @@ impl Engine {
         if !attempted || self.cfg.mode == Mode::Shadow {
             return Ok(());
         }
-        let v = self.store.sync_state_increment(WRITES_KEY).await?;
+        let v = self.store().sync_state_increment(WRITES_KEY).await?;
         let ours = {
             let mut seen = self.seen();
             let ours = *seen == Some(v - 1);
@@ -909,7 +1019,7 @@ impl Engine {
                     .is_some_and(|s| !d.users.contains_key(s))
         });
         let deleted: HashSet<String> = if gone {
-            self.store
+            self.store()
                 .deleted_entities()
                 .await?
                 .into_iter()
@@ -1008,10 +1118,10 @@ impl Engine {
             let reason = c.to_string();
             let key = format!("conflict:{}:{}", entity.1, reason);
             if once {
-                if self.store.sync_state_get(&key).await?.is_some() {
+                if self.store().sync_state_get(&key).await?.is_some() {
                     continue;
                 }
-                self.store.sync_state_set(&key, "reported").await?;
+                self.store().sync_state_set(&key, "reported").await?;
             }
             // Usernames are often email addresses: the log names the SCIM entity only; the
             // reason is in the outbox row, the audit trail and `plan`.
@@ -1020,7 +1130,7 @@ impl Engine {
                 id = %entity.1,
                 "sync conflict left alone; `teamcity-scim plan` and `outbox list` say why"
             );
-            self.store
+            self.store()
                 .audit(
                     &self.ctx("sync"),
                     entry(
@@ -1114,7 +1224,7 @@ impl Engine {
             report.transient_stop = true;
         }
         debug!(elapsed = ?started.elapsed(), "reconcile: mappings recorded");
-        self.store
+        self.store()
             .sync_state_set(
                 "last_reconcile",
                 &store::timefmt::format(time::OffsetDateTime::now_utc()),
@@ -1151,7 +1261,9 @@ impl Engine {
             "stopped_early": r.transient_stop,
             "drift": truncate_lines(&r.drift, DRIFT_LINES),
         });
-        self.store.sync_state_set(key, &summary.to_string()).await?;
+        self.store()
+            .sync_state_set(key, &summary.to_string())
+            .await?;
         Ok(())
     }
 
@@ -1175,7 +1287,7 @@ impl Engine {
             .claim_outbox(&self.worker_id, now, self.cfg.lease, 1000)
             .await?;
         if claimed.is_empty() {
-            let approved = self.store.list_held(Some("approved")).await?;
+            let approved = self.store().list_held(Some("approved")).await?;
             if !self.untried_approvals(&approved) {
                 return Ok(report);
             }
@@ -1283,7 +1395,7 @@ impl Engine {
         until: time::OffsetDateTime,
     ) -> Result<(), EngineError> {
         if !ids.is_empty() {
-            self.store
+            self.store()
                 .defer_outbox(&self.ctx("sync"), ids, reason, until)
                 .await?;
         }
@@ -1301,7 +1413,7 @@ impl Engine {
         let all_ids: Vec<i64> = claimed.iter().flat_map(ClaimedEntity::ids).collect();
         match &exec.stop {
             Some(Stop::Transient(reason)) => {
-                self.store
+                self.store()
                     .fail_outbox(&ctx, &all_ids, reason, true, now, &self.cfg.retry)
                     .await?;
                 return Ok(());
@@ -1318,7 +1430,7 @@ impl Engine {
         for c in claimed {
             let key = (c.entity_type.clone(), c.entity_id.clone());
             if let Some(reason) = exec.failed.get(&key) {
-                self.store
+                self.store()
                     .fail_outbox(&ctx, &c.ids(), reason, false, now, &self.cfg.retry)
                     .await?;
             } else if let Some(reason) = exec.stale.get(&key) {
@@ -1330,10 +1442,10 @@ impl Engine {
             }
         }
         for (batch, ids) in held {
-            self.store.hold_outbox(&ctx, &ids, batch).await?;
+            self.store().hold_outbox(&ctx, &ids, batch).await?;
         }
         if !ok.is_empty() {
-            self.store.complete_outbox(&ctx, &ok, vec![]).await?;
+            self.store().complete_outbox(&ctx, &ok, vec![]).await?;
         }
         Ok(())
     }
@@ -1362,14 +1474,14 @@ impl Engine {
             return Ok(waiting);
         }
         let mut approved: HashMap<String, i64> = HashMap::new();
-        for b in self.store.list_held(Some("approved")).await? {
+        for b in self.store().list_held(Some("approved")).await? {
             match read_batch(&b) {
                 Ok(steps) => approved.extend(steps.into_iter().map(|s| (s, b.id))),
                 Err(reason) => self.unreadable(&b, &reason).await?,
             }
         }
         let mut held: HashMap<String, i64> = HashMap::new();
-        for b in self.store.list_held(Some("held")).await? {
+        for b in self.store().list_held(Some("held")).await? {
             if let Ok(steps) = read_batch(&b) {
                 held.extend(steps.into_iter().map(|s| (s, b.id)));
             }
@@ -1428,7 +1540,7 @@ impl Engine {
     /// empty; `held` shows it and `held drop` removes it.
     async fn unreadable(&self, b: &HeldBatch, reason: &str) -> Result<(), EngineError> {
         let key = format!("held_unreadable:{}", b.id);
-        if self.store.sync_state_get(&key).await?.is_some() {
+        if self.store().sync_state_get(&key).await?.is_some() {
             return Ok(());
         }
         warn!(
@@ -1438,7 +1550,7 @@ impl Engine {
              (the next reconcile plans what is still needed)",
             b.id
         );
-        self.store
+        self.store()
             .audit(
                 &self.ctx("sync"),
                 entry(
@@ -1451,7 +1563,7 @@ impl Engine {
                 ),
             )
             .await?;
-        self.store.sync_state_set(&key, "reported").await?;
+        self.store().sync_state_set(&key, "reported").await?;
         Ok(())
     }
 
@@ -1527,7 +1639,7 @@ impl Engine {
                     ?kinds,
                     "shadow mode: plan computed, nothing written to TeamCity"
                 );
-                self.store
+                self.store()
                     .audit(
                         &self.ctx(actor),
                         entry(
@@ -1632,7 +1744,7 @@ impl Engine {
     /// now, or the plan no longer wants it. A batch with a step that failed stays approved
     /// (retried with the next pass or reconcile).
     async fn finish_approved(&self, p: &Plan, outcomes: &[Outcome]) -> Result<(), EngineError> {
-        let approved = self.store.list_held(Some("approved")).await?;
+        let approved = self.store().list_held(Some("approved")).await?;
         if approved.is_empty() {
             return Ok(());
         }
@@ -1659,7 +1771,7 @@ impl Engine {
             if steps.iter().any(|s| left.contains(s)) {
                 continue;
             }
-            self.store
+            self.store()
                 .mark_held_applied(&self.ctx("sync"), b.id)
                 .await?;
             info!(batch = b.id, steps = steps.len(), "approved batch applied");
@@ -1724,7 +1836,7 @@ impl Engine {
         // idles meanwhile. The client's semaphore bounds the calls in flight.
         let width = self.client.max_concurrency().saturating_mul(3).max(1);
         let ctx = self.ctx(actor);
-        let journal = crate::journal::Journal::start(self.store.clone(), ctx.clone());
+        let journal = crate::journal::Journal::start(self.store(), ctx.clone());
         let journal = &journal;
         let mut store_error: Option<EngineError> = None;
         for wave in crate::waves::waves(actions) {
@@ -2055,7 +2167,7 @@ impl Engine {
             (scim::ResourceKind::User, users),
             (scim::ResourceKind::Group, groups),
         ] {
-            let have = self.store.mappings(kind).await?;
+            let have = self.store().mappings(kind).await?;
             let known: std::collections::HashMap<&str, (&str, &str)> = have
                 .iter()
                 .map(|m| {
@@ -2067,7 +2179,7 @@ impl Engine {
                 .collect();
             for m in &have {
                 if only.is_none_or(|o| o.contains(&m.scim_id)) && !want.contains_key(&m.scim_id) {
-                    self.store.delete_mapping(&ctx, kind, &m.scim_id).await?;
+                    self.store().delete_mapping(&ctx, kind, &m.scim_id).await?;
                 }
             }
             // New and changed links in one transaction (an initial load links thousands).
@@ -2079,7 +2191,7 @@ impl Engine {
                 .map(|(scim_id, (id, name))| (scim_id.clone(), id.clone(), name.clone()))
                 .collect();
             if !changed.is_empty() {
-                self.store.upsert_mappings(&ctx, kind, &changed).await?;
+                self.store().upsert_mappings(&ctx, kind, &changed).await?;
             }
         }
         Ok(())
@@ -2098,12 +2210,62 @@ impl Engine {
         Ok(total)
     }
 
+    /// Keeps (renews at a third of its time) or takes the [`SYNC_LEASE`]; the fence to apply
+    /// under, or `None` while another replica holds it.
+    async fn hold_sync_lease(
+        &self,
+        held: &mut Option<(store::Lease, tokio::time::Instant)>,
+    ) -> Option<store::Fence> {
+        let ttl = self.cfg.lease;
+        if let Some((lease, renewed)) = held.as_mut()
+            && renewed.elapsed() >= ttl / 3
+        {
+            match self.store.renew_lease(&lease.fence, ttl).await {
+                Ok(l) => *held = Some((l, tokio::time::Instant::now())),
+                Err(e @ StoreError::Fenced(_)) => {
+                    warn!(error = %e, "this replica lost the sync lease; standing by");
+                    *held = None;
+                }
+                // The database is away: keep trying; the lease runs out if it stays away.
+                Err(e) => warn!(error = %e, "could not renew the sync lease; trying again"),
+            }
+        }
+        if held.is_none() {
+            match self
+                .store
+                .acquire_lease(SYNC_LEASE, &self.worker_id, ttl)
+                .await
+            {
+                Ok(Some(l)) => {
+                    info!(
+                        holder = %l.fence.holder,
+                        epoch = l.fence.epoch,
+                        "this replica now applies changes to TeamCity (sync lease taken)"
+                    );
+                    // Another replica may have written to TeamCity meanwhile: read it again.
+                    *self.cache.lock().await = None;
+                    *held = Some((l, tokio::time::Instant::now()));
+                }
+                Ok(None) => {}
+                Err(e) => warn!(error = %e, "could not take the sync lease; trying again"),
+            }
+        }
+        held.as_ref().map(|(l, _)| l.fence.clone())
+    }
+
+    /// Wakes the worker at once (a new outbox row was committed somewhere).
+    pub fn waker(&self) -> Arc<tokio::sync::Notify> {
+        self.wake.clone()
+    }
+
     /// The worker and the periodic reconcile, until `shutdown` flips to true.
     pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         // Exported from the start (0), so alerts and dashboards see them before the first hold.
         metrics::counter!("teamcity_scim_guard_holds_total").increment(0);
         let mut next_reconcile = tokio::time::Instant::now();
         let mut next_probe = tokio::time::Instant::now();
+        let ttl = self.cfg.lease;
+        let mut held: Option<(store::Lease, tokio::time::Instant)> = None;
         loop {
             if *shutdown.borrow() {
                 break;
@@ -2138,20 +2300,32 @@ impl Engine {
                         READY_PROBE_INTERVAL
                     };
             }
+            // One replica applies: the holder of the sync lease. The others serve SCIM and
+            // stand by, trying again now and then, so one takes over once the holder's lease
+            // runs out (it died, or cannot reach the database).
+            let Some(fence) = self.hold_sync_lease(&mut held).await else {
+                tokio::select! {
+                    _ = tokio::time::sleep(STANDBY_RETRY.min(ttl / 3)) => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            };
             if tokio::time::Instant::now() >= next_reconcile {
-                match self.reconcile(false).await {
-                    Ok(r) => info!(
+                match self.reconcile_leased(Some(&fence)).await {
+                    Ok(Some(r)) => info!(
                         reads = r.reads,
                         planned = r.planned,
                         applied = r.applied,
                         held = r.held,
                         "reconcile done"
                     ),
+                    Ok(None) => info!("reconcile skipped: another process is reconciling now"),
                     Err(e) => warn!(error = %e, "reconcile failed; will try again"),
                 }
                 next_reconcile = tokio::time::Instant::now() + self.cfg.reconcile_interval;
             }
-            let idle = match self.run_once().await {
+            let pass = self.under_leases(std::slice::from_ref(&fence), ttl, self.run_once());
+            let idle = match pass.await {
                 Ok(r) => r.outbox_rows == 0 || r.transient_stop,
                 Err(e) => {
                     warn!(error = %e, "sync pass failed; will try again");
@@ -2161,9 +2335,15 @@ impl Engine {
             if idle {
                 tokio::select! {
                     _ = tokio::time::sleep(self.cfg.poll) => {}
+                    _ = self.wake.notified() => {}
                     _ = shutdown.changed() => {}
                 }
             }
+        }
+        if let Some((lease, _)) = held
+            && let Err(e) = self.store.release_lease(&lease.fence).await
+        {
+            warn!(error = %e, "could not release the sync lease; it runs out by itself");
         }
         info!("sync worker stopped");
     }

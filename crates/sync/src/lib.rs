@@ -30,7 +30,7 @@ pub use apply::{ApplyError, ApplyReport, apply};
 pub use desired::{Alert, Desired, DesiredGroup, DesiredOptions, DesiredUser, desired, group_key};
 pub use engine::{
     Engine, EngineConfig, EngineError, Health, LAST_PASS_KEY, LAST_RECONCILE_KEY, Mode, PassReport,
-    Progress, desired_unrecorded, periodic_progress, read_directory,
+    Progress, SYNC_LEASE, desired_unrecorded, periodic_progress, read_directory,
 };
 pub use guard::{GuardLimits, Held};
 pub use model::{

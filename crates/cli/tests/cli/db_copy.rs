@@ -11,13 +11,13 @@ const SERVER: &str = "postgres://postgres@127.0.0.1:5432/test";
 
 /// A fresh PostgreSQL database, dropped at the end; `None` (with the reason printed) when the
 /// server is unreachable outside CI.
-struct PgDb {
-    url: String,
+pub(crate) struct PgDb {
+    pub(crate) url: String,
     name: String,
 }
 
 impl PgDb {
-    async fn create() -> Option<PgDb> {
+    pub(crate) async fn create() -> Option<PgDb> {
         let server = std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| SERVER.to_owned());
         let mut conn = match sqlx::PgConnection::connect(&server).await {
             Ok(c) => c,

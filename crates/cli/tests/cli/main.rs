@@ -10,4 +10,5 @@ mod dashboard;
 mod db_copy;
 mod demo;
 mod pull;
+mod replicas;
 mod safety;

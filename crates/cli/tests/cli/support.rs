@@ -161,7 +161,11 @@ pub(crate) fn serve_with(env: &Env, port: u16, vars: &[(&str, String)]) -> Child
         cmd.env(k, v);
     }
     cmd.stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(if std::env::var_os("DEBUG_SERVE").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
         .spawn()
         .expect("serve")
 }

@@ -818,27 +818,32 @@ impl PostgresStore {
     }
 
     pub(super) async fn sync_state_write(&self, key: &str, value: &str) -> StoreResult<()> {
+        // A transaction of its own, so a fenced view checks its fence in it.
+        let mut tx = self.begin().await?;
         sqlx::query(
             "INSERT INTO sync_state (key, value) VALUES ($1, $2) \
              ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         )
         .bind(key)
         .bind(value)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 
     pub(super) async fn sync_state_add_one(&self, key: &str) -> StoreResult<i64> {
         // One statement: the conflicting row is locked, so concurrent increments never lose one.
+        let mut tx = self.begin().await?;
         let v: String = sqlx::query_scalar(
             "INSERT INTO sync_state (key, value) VALUES ($1, '1') \
              ON CONFLICT (key) DO UPDATE SET value = CAST(CAST(sync_state.value AS BIGINT) + 1 AS TEXT) \
              RETURNING value",
         )
         .bind(key)
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *tx)
         .await?;
+        tx.commit().await?;
         v.parse()
             .map_err(|_| StoreError::Invalid(format!("sync_state {key} is not a number: {v}")))
     }

@@ -10,6 +10,7 @@ mod plan;
 mod policy;
 mod reconcile;
 mod rename;
+mod replicas;
 mod safety;
 mod shadow;
 mod support;
