@@ -146,7 +146,18 @@ async fn pull_inner(
     })
 }
 
-/// Pulls every `interval` until `shutdown` resolves. The first pull starts at once.
+/// The lease a replica holds while it pulls: with several replicas on one PostgreSQL database,
+/// one pulls at a time and every write of its round is fenced (a replica that lost the lease
+/// writes nothing).
+pub const SOURCE_LEASE: &str = "source";
+
+/// How long a pull's lease lasts: a whole round (with its throttling waits) fits in it.
+fn lease_ttl(interval: Duration) -> Duration {
+    interval * 2 + crate::THROTTLE_BUDGET
+}
+
+/// Pulls every `interval` until `shutdown` resolves. The first pull starts at once. Each round
+/// runs under [`SOURCE_LEASE`]; a replica that does not hold it skips the round.
 pub async fn run(
     store: DynStore,
     source: Arc<dyn Source>,
@@ -158,9 +169,37 @@ pub async fn run(
 ) {
     tokio::pin!(shutdown);
     let kind = source.kind();
+    let holder = format!(
+        "puller-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    );
     let mut failing: Option<String> = None;
+    let mut held: Option<store::Fence> = None;
     loop {
-        match pull_once(&store, source.as_ref(), &scope, clock.as_ref()).await {
+        let lease = match store
+            .acquire_lease(SOURCE_LEASE, &holder, lease_ttl(interval))
+            .await
+        {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(source = kind, error = %e, "source: the pull lease could not be read; retrying");
+                None
+            }
+        };
+        let Some(lease) = lease else {
+            if held.take().is_some() {
+                tracing::info!(source = kind, "source: another replica pulls now");
+            }
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+            continue;
+        };
+        held = Some(lease.fence.clone());
+        let fenced = store.fenced(lease.fence);
+        match pull_once(&fenced, source.as_ref(), &scope, clock.as_ref()).await {
             Ok(r) => {
                 health.set(None);
                 if failing.take().is_some() {
@@ -196,7 +235,12 @@ pub async fn run(
             }
         }
         tokio::select! {
-            _ = &mut shutdown => return,
+            _ = &mut shutdown => {
+                if let Some(f) = held.take() {
+                    let _ = store.release_lease(&f).await;
+                }
+                return;
+            }
             _ = tokio::time::sleep(interval) => {}
         }
     }
