@@ -91,7 +91,6 @@ def call(base, token, method, path, body=None):
 LUA = {
     "lookup-miss": """
 local n = 0
-local tag = tostring(math.random(1, 1000000000))
 request = function()
   n = n + 1
   return wrk.format("GET", "/scim/v2/Users?filter=userName%20eq%20%22nobody-" .. tag .. "-" .. n .. "%40example.com%22", {["Authorization"] = auth})
@@ -106,7 +105,6 @@ end
 """,
     "post": """
 local n = 0
-local tag = tostring(math.random(1, 1000000000))
 request = function()
   n = n + 1
   local body = '{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"post-' .. tag .. '-' .. n .. '@example.com","active":true}'
@@ -132,7 +130,9 @@ def wrk_all(replicas, script, seconds, conns, work):
     for r in replicas:
         path = os.path.join(work, f"{r.port}.lua")
         with open(path, "w") as f:
-            f.write(script)
+            # A tag of its own per wrk (wrk's Lua random is not seeded: two runs would send
+            # the same names and collide).
+            f.write(f'local tag = "{r.port}-{uuid.uuid4().hex[:8]}"\n' + script)
         procs.append(subprocess.Popen(
             ["wrk", "-t1", f"-c{per}", f"-d{seconds}s", "--latency", "-s", path, r.base],
             stdout=subprocess.PIPE, text=True))
