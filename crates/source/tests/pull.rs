@@ -62,7 +62,10 @@ async fn one_replica_pulls_at_a_time_and_another_takes_over_when_it_stops() {
     tokio::time::sleep(Duration::from_millis(600)).await;
     let (na, nb) = (a.0.load(Ordering::SeqCst), b.0.load(Ordering::SeqCst));
     assert!(na >= 3, "the first replica pulls every interval: {na}");
-    assert_eq!(nb, 0, "the second replica never pulls while the first holds the lease");
+    assert_eq!(
+        nb, 0,
+        "the second replica never pulls while the first holds the lease"
+    );
 
     // The holder stops (and lets the lease go): the other pulls from then on.
     stop_a.send(()).unwrap();
@@ -70,7 +73,11 @@ async fn one_replica_pulls_at_a_time_and_another_takes_over_when_it_stops() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     let nb = b.0.load(Ordering::SeqCst);
     assert!(nb >= 2, "the standby took over: {nb}");
-    assert_eq!(a.0.load(Ordering::SeqCst), na, "the stopped replica pulls no more");
+    assert_eq!(
+        a.0.load(Ordering::SeqCst),
+        na,
+        "the stopped replica pulls no more"
+    );
     stop_b.send(()).unwrap();
     tb.await.unwrap();
 }

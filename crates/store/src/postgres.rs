@@ -1,10 +1,11 @@
 //! The PostgreSQL backend: a connection pool shared by any number of processes.
 //!
-//! Every audited write transaction first locks the one row of `audit_head` (`SELECT … FOR
-//! UPDATE`), which holds the chain's last seq and hash: writers from every process append to
-//! one chain with gap-free seq, and what SQLite gets from its single writer (a version check
-//! and the write that follows it, a uniqueness check and the insert) holds here too. Resource
-//! rows are locked as well (`FOR UPDATE`) where a command reads then writes them. Outbox claims
+//! Audited writes append to one chain through the one row of `audit_head` (`SELECT … FOR
+//! UPDATE`), which holds the chain's last seq and hash: writers from every process append with
+//! gap-free seq in commit order. The SCIM resource commands take that lock only for their
+//! append, at their end; before it, what SQLite gets from its single writer holds through row
+//! locks and indexes (`FOR UPDATE` on a resource read then written, `FOR SHARE` on a member
+//! being added, unique indexes for names). Other audited writes lock the head first. Outbox claims
 //! (not audited) skip rows another transaction holds (`FOR UPDATE SKIP LOCKED`) and are
 //! serialised with each other by a transaction-scoped advisory lock, so no entity is ever
 //! leased to two workers. Timestamps and JSON are TEXT exactly as in SQLite (see the schema).
@@ -177,6 +178,15 @@ impl PostgresStore {
         Ok(tx)
     }
 
+    /// A transaction for one SCIM resource command (create, replace, update, delete): it locks
+    /// the rows it reads before writing them (`FOR UPDATE` on the resource, `FOR SHARE` on
+    /// members it adds; uniqueness is the indexes'), and takes the chain head's lock only when it
+    /// appends its one audit event, at its end — so concurrent commands overlap until then, and
+    /// the head is always the last lock taken (no deadlock through it).
+    async fn begin_resource_write(&self) -> StoreResult<Tx> {
+        self.begin().await
+    }
+
     fn now(&self) -> OffsetDateTime {
         self.clock.now()
     }
@@ -312,9 +322,11 @@ async fn resolve_member(tx: &mut Tx, group_id: &str, m: &NewMember) -> StoreResu
         if t == MemberType::Group && m.value == group_id {
             return Err(common::self_member_error());
         }
+        // Share-locked until commit: a concurrent delete of the member waits for this
+        // transaction (and then removes the membership it added), never the other way round.
         let sql = match t {
-            MemberType::User => "SELECT 1 FROM users WHERE id = $1",
-            MemberType::Group => "SELECT 1 FROM groups WHERE id = $1",
+            MemberType::User => "SELECT 1 FROM users WHERE id = $1 FOR SHARE",
+            MemberType::Group => "SELECT 1 FROM groups WHERE id = $1 FOR SHARE",
         };
         if sqlx::query(sql)
             .bind(&m.value)
@@ -473,7 +485,7 @@ impl PostgresStore {
         attrs: Option<Value>,
         members: &[MembershipChange],
     ) -> StoreResult<Resource> {
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.begin_resource_write().await?;
         update_in(
             &mut tx,
             ctx,
@@ -888,7 +900,7 @@ impl Store for PostgresStore {
         members: Option<Vec<NewMember>>,
     ) -> StoreResult<Resource> {
         let id = uuid::Uuid::new_v4().to_string();
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.begin_resource_write().await?;
         create_in(
             &mut tx,
             ctx,
@@ -913,7 +925,7 @@ impl Store for PostgresStore {
         attrs: Value,
         members: Option<Vec<NewMember>>,
     ) -> StoreResult<Resource> {
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.begin_resource_write().await?;
         replace_in(
             &mut tx,
             ctx,
@@ -960,7 +972,7 @@ impl Store for PostgresStore {
         id: &str,
         expected_version: Option<i64>,
     ) -> StoreResult<()> {
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.begin_resource_write().await?;
         delete_in(&mut tx, ctx, self.now(), kind, id, expected_version).await?;
         tx.commit().await?;
         Ok(())

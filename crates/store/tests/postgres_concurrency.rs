@@ -139,6 +139,79 @@ async fn concurrent_membership_patches_lose_no_member() {
 }
 
 #[tokio::test]
+async fn a_member_added_while_it_is_deleted_never_outlives_it() {
+    let Some((d, other)) = two_handles().await else {
+        return;
+    };
+    let ctx = WriteCtx::cli();
+    let g = d
+        .store
+        .create(&ctx, ResourceKind::Group, json!({"displayName": "G"}), None)
+        .await
+        .unwrap();
+    // Each round: one process adds a user to the group while the other deletes that user.
+    for round in 0..30 {
+        let u = d
+            .store
+            .create(
+                &ctx,
+                ResourceKind::User,
+                user(&format!("racer{round}")),
+                None,
+            )
+            .await
+            .unwrap();
+        let (a, b) = (d.store.clone(), other.clone());
+        let (gid, uid) = (g.id.clone(), u.id.clone());
+        let add = tokio::spawn(async move {
+            a.update_members(
+                &WriteCtx::cli(),
+                &gid,
+                &[MembershipChange::Add(vec![NewMember {
+                    value: uid,
+                    ty: None,
+                    display: None,
+                }])],
+            )
+            .await
+        });
+        let uid = u.id.clone();
+        let del = tokio::spawn(async move {
+            b.delete(&WriteCtx::cli(), ResourceKind::User, &uid, None)
+                .await
+        });
+        let added = add.await.unwrap();
+        del.await.unwrap().unwrap();
+        // The add either happened first (and the delete removed the membership) or found the
+        // user gone: no membership of a deleted user either way.
+        if let Err(e) = &added {
+            assert!(matches!(e, StoreError::Invalid(_)), "{e:?}");
+        }
+    }
+    let members = d
+        .store
+        .get(
+            ResourceKind::Group,
+            &g.id,
+            store::ReadOpts {
+                members: true,
+                groups: false,
+            },
+        )
+        .await
+        .unwrap()
+        .unwrap()
+        .members
+        .unwrap_or_default();
+    assert!(
+        members.is_empty(),
+        "memberships of deleted users: {members:?}"
+    );
+    let events = d.store.audit_events(0, 100_000).await.unwrap();
+    assert!(verify_chain(GENESIS_HASH, &events).is_ok());
+}
+
+#[tokio::test]
 async fn concurrent_creates_of_one_name_conflict_but_one() {
     let Some((d, other)) = two_handles().await else {
         return;
