@@ -8,6 +8,11 @@
 //! generation is a row every resource write transaction moves on). A store that gives no
 //! generation gets no caching.
 //!
+//! A key is admitted on its second sight: the first time a lookup is asked, nothing is read for
+//! the cache (on PostgreSQL reading the generation is a round trip of its own), and the answer is
+//! not kept — the lookup every IdP makes before creating a user names someone who exists nowhere
+//! and is asked once. From the second time on, the generation is read and the answer kept.
+//!
 //! The cache is bounded by size ([`MAX_BYTES`]); when a new entry would exceed it, entries are
 //! evicted in the map's (effectively random) iteration order until it fits, so a working set
 //! larger than the cache still gets a proportional share of hits. A newer generation empties
@@ -36,9 +41,14 @@ impl Default for ResponseCache {
     }
 }
 
+/// Keys seen once are remembered (as hashes) up to this many, then forgotten all at once.
+const SEEN_LIMIT: usize = 65_536;
+
 #[derive(Debug, Default)]
 struct Entries {
     map: HashMap<String, Bytes>,
+    /// Hashes of keys asked for once and not cached (yet).
+    seen: std::collections::HashSet<u64>,
     bytes: usize,
     /// The generation every entry was read at.
     generation: u64,
@@ -56,6 +66,30 @@ impl ResponseCache {
     /// Whether anything can be cached at all (capacity above zero).
     pub(crate) fn enabled(&self) -> bool {
         self.max_bytes > 0
+    }
+
+    /// Whether a lookup of `key` should use the cache (read the generation, look, keep the
+    /// answer): it is cached already, or it was asked for before.
+    pub(crate) fn admits(&self, key: &str) -> bool {
+        if !self.enabled() {
+            return false;
+        }
+        let mut e = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if e.map.contains_key(key) {
+            return true;
+        }
+        let h = {
+            use std::hash::{BuildHasher, BuildHasherDefault};
+            BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(key)
+        };
+        if e.seen.remove(&h) {
+            return true;
+        }
+        if e.seen.len() >= SEEN_LIMIT {
+            e.seen.clear();
+        }
+        e.seen.insert(h);
+        false
     }
 
     /// The body cached for `key` at `generation`.
@@ -111,6 +145,27 @@ impl ResponseCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_is_admitted_on_its_second_sight_and_while_cached() {
+        let c = ResponseCache::default();
+        assert!(
+            !c.admits("once"),
+            "first sight: not worth a generation read"
+        );
+        assert!(c.admits("once"), "asked again: cached from now on");
+        c.insert("once".into(), 1, Bytes::from_static(b"A"));
+        assert!(
+            c.admits("once") && c.admits("once"),
+            "cached: always admitted"
+        );
+        assert!(!c.admits("other"));
+        assert!(!ResponseCache::with_capacity(0).admits("x"));
+        assert!(
+            !ResponseCache::with_capacity(0).admits("x"),
+            "a cache of 0 admits nothing"
+        );
+    }
 
     #[test]
     fn entries_live_only_at_their_generation_and_within_the_bound() {

@@ -487,13 +487,6 @@ pub(crate) async fn list(
     let plain = p.cursor.is_none()
         && p.projection.attributes.is_empty()
         && p.projection.excluded.is_empty();
-    // One primary-key read on PostgreSQL (the generation every replica's resource writes move
-    // on), a memory read on SQLite; only asked when the answer could come from the cache.
-    let generation = if plain && state.lookups.enabled() {
-        state.store.resource_generation().await?
-    } else {
-        None
-    };
     let cache_key = plain.then(|| {
         let start_index = p.start_index.as_ref().map(ToString::to_string);
         let count = p.count.as_ref().map(ToString::to_string);
@@ -512,6 +505,13 @@ pub(crate) async fn list(
         }
         key
     });
+    // One primary-key read on PostgreSQL (the generation every replica's resource writes move
+    // on), a memory read on SQLite; only asked when the answer could come from the cache or be
+    // kept in it (a key seen before).
+    let generation = match &cache_key {
+        Some(key) if state.lookups.admits(key) => state.store.resource_generation().await?,
+        _ => None,
+    };
     if let (Some(key), Some(g)) = (&cache_key, generation)
         && let Some(body) = state.lookups.get(key, g)
     {
