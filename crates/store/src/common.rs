@@ -135,6 +135,23 @@ pub(crate) fn name_conflict(kind: ResourceKind) -> StoreError {
     })
 }
 
+/// A write that broke the case-insensitive uniqueness of a user's userName or a group's
+/// displayName (the `*_ci` unique indexes, on both backends) as the SCIM conflict; any other
+/// error as it is.
+pub(crate) fn name_taken(kind: ResourceKind, e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Database(d) if d.is_unique_violation() && d.message().contains("_ci") => {
+            name_conflict(kind)
+        }
+        sqlx::Error::Database(d)
+            if d.is_unique_violation() && d.constraint().is_some_and(|c| c.contains("_ci")) =>
+        {
+            name_conflict(kind)
+        }
+        _ => e.into(),
+    }
+}
+
 pub(crate) fn self_member_error() -> StoreError {
     StoreError::Invalid("a group cannot be a member of itself".into())
 }

@@ -827,3 +827,66 @@ async fn a_batch_is_all_or_nothing_with_its_cursor_on(d: Db) {
     let events = s.audit_events(0, 100_000).await.unwrap();
     assert!(verify_chain(GENESIS_HASH, &events).is_ok());
 }
+
+both!(
+    what_a_create_returns_is_what_a_read_gives,
+    what_a_create_returns_is_what_a_read_gives_on
+);
+async fn what_a_create_returns_is_what_a_read_gives_on(d: Db) {
+    let s = &d.store;
+    let created = s
+        .create(
+            &ctx(),
+            ResourceKind::User,
+            json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "userName": "Read.Back",
+                   "name": {"givenName": "R", "familyName": "B"}, "emails": [{"value": "r@b.example", "primary": true}],
+                   "active": true, "x": 1.5}),
+            None,
+        )
+        .await
+        .unwrap();
+    let read = s
+        .get(
+            ResourceKind::User,
+            &created.id,
+            ReadOpts {
+                members: false,
+                groups: true,
+            },
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(created.attrs, read.attrs);
+    assert_eq!(
+        (created.created, created.last_modified, created.version),
+        (read.created, read.last_modified, read.version)
+    );
+    assert_eq!(created.groups.as_deref(), Some(&[][..]));
+    assert_eq!(read.groups.as_deref(), Some(&[][..]));
+    // The same name in another case is the SCIM conflict, from the unique index.
+    let err = s
+        .create(&ctx(), ResourceKind::User, user("read.back"), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    let g = s
+        .create(&ctx(), ResourceKind::Group, group("Team"), None)
+        .await
+        .unwrap();
+    s.create(&ctx(), ResourceKind::Group, group("Other"), None)
+        .await
+        .unwrap();
+    let err = s
+        .replace(
+            &ctx(),
+            ResourceKind::Group,
+            &g.id,
+            None,
+            group("OTHER"),
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+}
