@@ -24,51 +24,89 @@ pub fn retry_after(resp: &Response) -> Option<Duration> {
     Some(Duration::from_secs(secs.min(60)))
 }
 
-/// Sends the request `make` builds, again after the `Retry-After` wait while the IdP answers
-/// 429 (or 503 with `Retry-After`) and the total wait stays within [`THROTTLE_BUDGET`]; counts every request in
-/// `requests`. Network errors are transient; any other status comes back to the caller.
+/// What a source does around each attempt of a request: count it, pace before it, read the
+/// answer's rate-limit headers, and say how long to wait when the answer asks for a retry.
+pub trait Throttling: Send {
+    /// Called for every attempt (the request is counted).
+    fn sent(&mut self);
+
+    /// Called before every attempt, e.g. to wait for a rate-limit window to reset.
+    fn before(&mut self) -> impl std::future::Future<Output = ()> + Send {
+        async {}
+    }
+
+    /// Called with every answer.
+    fn observe(&mut self, _resp: &Response) {}
+
+    /// How long to wait before the next attempt, when the answer is throttling: 429 (1 s when
+    /// the IdP names no wait), or 503 with `Retry-After` — without it a 503 is an outage, and
+    /// the round fails at once as transient (the next interval tries again).
+    fn wait(&self, resp: &Response) -> Option<Duration> {
+        match resp.status() {
+            StatusCode::TOO_MANY_REQUESTS => {
+                Some(retry_after(resp).unwrap_or(Duration::from_secs(1)))
+            }
+            StatusCode::SERVICE_UNAVAILABLE => retry_after(resp),
+            _ => None,
+        }
+    }
+}
+
+/// The plain policy: `Retry-After`, counted in the given counter.
+#[derive(Debug)]
+pub struct RetryAfter<'a>(pub &'a mut u64);
+
+impl Throttling for RetryAfter<'_> {
+    fn sent(&mut self) {
+        *self.0 += 1;
+    }
+}
+
+/// Sends the request `make` builds with the plain policy ([`RetryAfter`]).
 pub async fn send(
     make: impl Fn() -> reqwest::RequestBuilder,
     requests: &mut u64,
     what: &str,
 ) -> SourceResult<Response> {
+    send_with(make, &mut RetryAfter(requests), what).await
+}
+
+/// Sends the request `make` builds, again after the wait `policy` names while the IdP throttles
+/// and the total wait stays within [`THROTTLE_BUDGET`]. Network errors are transient; any other
+/// answer comes back to the caller.
+pub async fn send_with(
+    make: impl Fn() -> reqwest::RequestBuilder,
+    policy: &mut impl Throttling,
+    what: &str,
+) -> SourceResult<Response> {
     let mut waited = Duration::ZERO;
     loop {
-        *requests += 1;
+        policy.before().await;
+        policy.sent();
         let resp = make()
             .send()
             .await
             .map_err(|e| SourceError::Transient(format!("{what}: {}", error_chain(&e))))?;
+        policy.observe(&resp);
         let status = resp.status();
-        // 429 is throttling (1 s when the IdP names no wait); a 503 is throttling only when
-        // it says how long to wait — without `Retry-After` it is an outage, and the round
-        // fails at once as transient (the next interval tries again).
-        let throttled = match status {
-            StatusCode::TOO_MANY_REQUESTS => {
-                Some(retry_after(&resp).unwrap_or(Duration::from_secs(1)))
-            }
-            StatusCode::SERVICE_UNAVAILABLE => retry_after(&resp),
-            _ => None,
+        let Some(wait) = policy.wait(&resp) else {
+            return Ok(resp);
         };
-        if let Some(wait) = throttled {
-            if waited + wait > THROTTLE_BUDGET {
-                return Err(SourceError::Transient(format!(
-                    "{what}: still throttled ({status}) after waiting {}s",
-                    waited.as_secs()
-                )));
-            }
-            metrics::counter!("teamcity_scim_source_throttled_total").increment(1);
-            tracing::info!(
-                what,
-                status = status.as_u16(),
-                wait_ms = wait.as_millis() as u64,
-                "source: throttled, waiting as asked"
-            );
-            tokio::time::sleep(wait).await;
-            waited += wait;
-            continue;
+        if waited + wait > THROTTLE_BUDGET {
+            return Err(SourceError::Transient(format!(
+                "{what}: still throttled ({status}) after waiting {}s",
+                waited.as_secs()
+            )));
         }
-        return Ok(resp);
+        metrics::counter!("teamcity_scim_source_throttled_total").increment(1);
+        tracing::info!(
+            what,
+            status = status.as_u16(),
+            wait_ms = wait.as_millis() as u64,
+            "source: throttled, waiting as asked"
+        );
+        tokio::time::sleep(wait).await;
+        waited += wait;
     }
 }
 

@@ -16,7 +16,7 @@
 //!   keeps those per endpoint (ids replaced by `*`) and, before sending, waits for the reset of a
 //!   bucket down to its reserve, so a 429 is not reached in normal operation; a 429 anyway (the
 //!   org's budget is shared with other clients) waits for the reset and retries, within
-//!   [`THROTTLE_BUDGET`].
+//!   [`crate::THROTTLE_BUDGET`].
 //! - **Credentials**: an API token (`Authorization: SSWS …`), or an OAuth 2.0 service app with
 //!   a private key (`private_key_jwt` client credentials for the scopes [`SCOPES`],
 //!   <https://developer.okta.com/docs/guides/implement-oauth-for-okta-serviceapp/main/>), whose
@@ -35,7 +35,7 @@ use time::OffsetDateTime;
 use crate::http::{error_chain, status_error};
 use crate::{
     Change, CheckReport, Round, SecretFile, Source, SourceError, SourceGroup, SourceResult,
-    SourceUser, THROTTLE_BUDGET, jwt,
+    SourceUser, jwt,
 };
 
 /// The scopes the service app asks for (and must be granted in Okta's "Okta API Scopes" tab).
@@ -470,7 +470,7 @@ impl OktaSource {
 
     /// Sends a request, pacing by the rate-limit headers and retrying 429 (and 503 with
     /// `Retry-After`) after the announced wait while the total stays within
-    /// [`THROTTLE_BUDGET`]. Counts every request.
+    /// [`crate::THROTTLE_BUDGET`]. Counts every request.
     async fn send(
         &self,
         ctx: &mut Ctx,
@@ -478,45 +478,12 @@ impl OktaSource {
         make: impl Fn() -> reqwest::RequestBuilder,
         what: &str,
     ) -> SourceResult<reqwest::Response> {
-        let family = family(url.path());
-        let mut waited = Duration::ZERO;
-        loop {
-            self.pace(&family).await;
-            ctx.requests += 1;
-            let resp = make()
-                .send()
-                .await
-                .map_err(|e| SourceError::Transient(format!("{what}: {}", error_chain(&e))))?;
-            self.observe(&family, &resp, ctx);
-            let status = resp.status();
-            let retry_after = crate::http::retry_after(&resp);
-            let wait = match status {
-                StatusCode::TOO_MANY_REQUESTS => Some(
-                    retry_after
-                        .or_else(|| until_reset(&resp))
-                        .unwrap_or(Duration::from_secs(1))
-                        .max(Duration::from_millis(100)),
-                ),
-                StatusCode::SERVICE_UNAVAILABLE => retry_after,
-                _ => None,
-            };
-            let Some(wait) = wait else { return Ok(resp) };
-            if waited + wait > THROTTLE_BUDGET {
-                return Err(SourceError::Transient(format!(
-                    "{what}: Okta still throttles ({status}) after waiting {}s",
-                    waited.as_secs()
-                )));
-            }
-            metrics::counter!("teamcity_scim_source_throttled_total").increment(1);
-            tracing::info!(
-                what,
-                status = status.as_u16(),
-                wait_ms = wait.as_millis() as u64,
-                "okta: throttled, waiting for the rate-limit reset"
-            );
-            tokio::time::sleep(wait).await;
-            waited += wait;
-        }
+        let mut pacing = Pacing {
+            source: self,
+            family: family(url.path()),
+            ctx,
+        };
+        crate::http::send_with(make, &mut pacing, what).await
     }
 
     /// The `Authorization` header value; for a service app the cached access token, or a new
@@ -1058,5 +1025,41 @@ mod tests {
         assert_eq!(s.display_name.as_deref(), Some("Ada Lovelace"));
         assert!(!s.active);
         assert_eq!(s.user_name, "a@x");
+    }
+}
+
+/// Okta's throttling: pace each endpoint family by its rate-limit headers before a 429 is ever
+/// reached; a 429 anyway waits for `Retry-After` or the bucket's reset.
+struct Pacing<'a> {
+    source: &'a OktaSource,
+    family: String,
+    ctx: &'a mut Ctx,
+}
+
+impl crate::http::Throttling for Pacing<'_> {
+    fn sent(&mut self) {
+        self.ctx.requests += 1;
+    }
+
+    async fn before(&mut self) {
+        self.source.pace(&self.family).await;
+    }
+
+    fn observe(&mut self, resp: &reqwest::Response) {
+        self.source.observe(&self.family, resp, self.ctx);
+    }
+
+    fn wait(&self, resp: &reqwest::Response) -> Option<Duration> {
+        let retry_after = crate::http::retry_after(resp);
+        match resp.status() {
+            StatusCode::TOO_MANY_REQUESTS => Some(
+                retry_after
+                    .or_else(|| until_reset(resp))
+                    .unwrap_or(Duration::from_secs(1))
+                    .max(Duration::from_millis(100)),
+            ),
+            StatusCode::SERVICE_UNAVAILABLE => retry_after,
+            _ => None,
+        }
     }
 }
