@@ -930,6 +930,42 @@ impl Source for OktaSource {
     }
 }
 
+/// Okta's throttling: pace each endpoint family by its rate-limit headers before a 429 is ever
+/// reached; a 429 anyway waits for `Retry-After` or the bucket's reset.
+struct Pacing<'a> {
+    source: &'a OktaSource,
+    family: String,
+    ctx: &'a mut Ctx,
+}
+
+impl crate::http::Throttling for Pacing<'_> {
+    fn sent(&mut self) {
+        self.ctx.requests += 1;
+    }
+
+    async fn before(&mut self) {
+        self.source.pace(&self.family).await;
+    }
+
+    fn observe(&mut self, resp: &reqwest::Response) {
+        self.source.observe(&self.family, resp, self.ctx);
+    }
+
+    fn wait(&self, resp: &reqwest::Response) -> Option<Duration> {
+        let retry_after = crate::http::retry_after(resp);
+        match resp.status() {
+            StatusCode::TOO_MANY_REQUESTS => Some(
+                retry_after
+                    .or_else(|| until_reset(resp))
+                    .unwrap_or(Duration::from_secs(1))
+                    .max(Duration::from_millis(100)),
+            ),
+            StatusCode::SERVICE_UNAVAILABLE => retry_after,
+            _ => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1025,41 +1061,5 @@ mod tests {
         assert_eq!(s.display_name.as_deref(), Some("Ada Lovelace"));
         assert!(!s.active);
         assert_eq!(s.user_name, "a@x");
-    }
-}
-
-/// Okta's throttling: pace each endpoint family by its rate-limit headers before a 429 is ever
-/// reached; a 429 anyway waits for `Retry-After` or the bucket's reset.
-struct Pacing<'a> {
-    source: &'a OktaSource,
-    family: String,
-    ctx: &'a mut Ctx,
-}
-
-impl crate::http::Throttling for Pacing<'_> {
-    fn sent(&mut self) {
-        self.ctx.requests += 1;
-    }
-
-    async fn before(&mut self) {
-        self.source.pace(&self.family).await;
-    }
-
-    fn observe(&mut self, resp: &reqwest::Response) {
-        self.source.observe(&self.family, resp, self.ctx);
-    }
-
-    fn wait(&self, resp: &reqwest::Response) -> Option<Duration> {
-        let retry_after = crate::http::retry_after(resp);
-        match resp.status() {
-            StatusCode::TOO_MANY_REQUESTS => Some(
-                retry_after
-                    .or_else(|| until_reset(resp))
-                    .unwrap_or(Duration::from_secs(1))
-                    .max(Duration::from_millis(100)),
-            ),
-            StatusCode::SERVICE_UNAVAILABLE => retry_after,
-            _ => None,
-        }
     }
 }
