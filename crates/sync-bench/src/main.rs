@@ -107,7 +107,12 @@ struct Cli {
     #[arg(long, global = true, default_value_t = 50_000)]
     load_memberships: usize,
     /// `one-change`: directory sizes (users; groups are a tenth), comma-separated.
-    #[arg(long, global = true, value_delimiter = ',', default_value = "1000,10000,100000")]
+    #[arg(
+        long,
+        global = true,
+        value_delimiter = ',',
+        default_value = "1000,10000,100000"
+    )]
     sizes: Vec<usize>,
     /// `one-change`: single changes timed per size (half add-a-member, half deactivations).
     #[arg(long, global = true, default_value_t = 40)]
@@ -1013,7 +1018,9 @@ async fn complete_all(store: &DynStore) -> anyhow::Result<()> {
             return Ok(());
         }
         let ids: Vec<i64> = claimed.iter().flat_map(store::ClaimedEntity::ids).collect();
-        store.complete_outbox(&WriteCtx::cli(), &ids, vec![]).await?;
+        store
+            .complete_outbox(&WriteCtx::cli(), &ids, vec![])
+            .await?;
     }
 }
 
@@ -1146,7 +1153,14 @@ async fn bench_one_change(cli: &Cli, report: &mut Report) -> anyhow::Result<()> 
                 attrs["active"] = json!(false);
                 let t0 = Instant::now();
                 store
-                    .update(&ctx, ResourceKind::User, &uids[u], r.version, Some(attrs), &[])
+                    .update(
+                        &ctx,
+                        ResourceKind::User,
+                        &uids[u],
+                        r.version,
+                        Some(attrs),
+                        &[],
+                    )
                     .await?;
                 wait_for(&emu, t0, |s| {
                     s.users
@@ -1236,7 +1250,11 @@ async fn bench_push_during_load(cli: &Cli, report: &mut Report) -> anyhow::Resul
         let store = store.clone();
         async move {
             seed_store_batched(&store, users, groups, |i| {
-                (0..5).map(|k| (i * 5 + k * 7) % groups).collect::<BTreeSet<_>>().into_iter().collect()
+                (0..5)
+                    .map(|k| (i * 5 + k * 7) % groups)
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect()
             })
             .await
         }
@@ -1259,7 +1277,11 @@ async fn bench_push_during_load(cli: &Cli, report: &mut Report) -> anyhow::Resul
         .create(&WriteCtx::cli(), ResourceKind::User, n.attrs, None)
         .await?;
     let reached = loop {
-        if store.mapping(ResourceKind::User, &probe.id).await?.is_some() {
+        if store
+            .mapping(ResourceKind::User, &probe.id)
+            .await?
+            .is_some()
+        {
             break t0.elapsed();
         }
         ensure!(
