@@ -809,8 +809,8 @@ async fn scoped_directory_read_has_the_named_users_their_groups_and_the_named_gr
         "its groups, in creation order"
     );
     assert_eq!(snap.groups[0].display_name, "Devs");
-    assert_eq!(members(&snap, &devs), [a.clone()]);
-    assert_eq!(members(&snap, &ops), [a.clone()]);
+    assert_eq!(members(&snap, &devs), [a.as_str()]);
+    assert_eq!(members(&snap, &ops), [a.as_str()]);
 
     // One group: all its members (the nested group too), its user members as users, and the
     // other groups of those users with their memberships among them.
@@ -820,9 +820,9 @@ async fn scoped_directory_read_has_the_named_users_their_groups_and_the_named_gr
         [&a, &b, &c]
     );
     assert_eq!(members(&snap, &devs), sorted(vec![&a, &b, &c, &inner]));
-    assert_eq!(members(&snap, &ops), [a.clone()], "e is not loaded");
-    assert_eq!(members(&snap, &other), [c.clone()]);
-    assert_eq!(members(&snap, &inner), [b.clone()]);
+    assert_eq!(members(&snap, &ops), [a.as_str()], "e is not loaded");
+    assert_eq!(members(&snap, &other), [c.as_str()]);
+    assert_eq!(members(&snap, &inner), [b.as_str()]);
     assert_eq!(snap.groups.len(), 4);
 
     // Users and groups together; ids that name nothing (deleted) are left out.
@@ -843,8 +843,8 @@ async fn scoped_directory_read_has_the_named_users_their_groups_and_the_named_gr
         [&a, &e]
     );
     assert_eq!(members(&snap, &ops), sorted(vec![&a, &e]));
-    assert_eq!(members(&snap, &other), [e.clone()], "c is gone");
-    assert_eq!(members(&snap, &devs), [a.clone()]);
+    assert_eq!(members(&snap, &other), [e.as_str()], "c is gone");
+    assert_eq!(members(&snap, &devs), [a.as_str()]);
 
     // Nothing asked: nothing read.
     let snap = d.store.directory_of(&[], &[]).await.unwrap();

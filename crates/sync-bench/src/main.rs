@@ -1099,6 +1099,8 @@ async fn bench_one_change(cli: &Cli, report: &mut Report) -> anyhow::Result<()> 
         let (stop, task) = start_worker(engine.clone(), &store).await?;
         let tc_users = emu.read_state(|s| s.users.len());
         ensure!(tc_users > users, "TeamCity not seeded: {tc_users} users");
+        // Steady state: the worker indexes its cache on its first idle poll after a reconcile.
+        tokio::time::sleep(Duration::from_secs(1)).await;
         eprintln!(
             "[one-change] TeamCity in sync ({tc_users} users) after {:.1?}",
             started.elapsed()

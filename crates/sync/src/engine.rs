@@ -12,7 +12,9 @@
 //!
 //! Each pass: claim due outbox rows (lease, coalesced per entity) → TeamCity readable and the
 //! policy valid against it, else the rows wait (never dead-lettered for it) and readiness says
-//! why → directory snapshot → desired → plan against the cache (steps with prerequisites) →
+//! why → the part of the directory the rows touch → its desired state → plan against that
+//! part of the cache (steps with prerequisites; see [`Engine::run_once`] for when a pass
+//! plans the whole directory instead) →
 //! blast-radius guard (see [`Engine::guard`]) → apply the steps wave by wave, a step only
 //! after its prerequisites succeeded, auditing each → settle the rows: done; dead with the
 //! failing step and the reason (a permanent failure of the entity's own work); waiting again
@@ -587,6 +589,10 @@ struct Run {
     /// Steps that failed with a 403, and their targets.
     forbidden: BTreeMap<usize, String>,
 }
+
+/// Up to this many SCIM ids, [`Engine::record_mappings`] reads their links one by one instead
+/// of every link.
+const MAPPING_LOOKUPS: usize = 64;
 
 /// The least number of distinct objects that must all have been refused with a 403 (and nothing
 /// accepted) before a pass calls it the bridge's own lack of permissions, not the objects'.
@@ -1260,6 +1266,11 @@ impl Engine {
         let approved = self.store.list_held(Some("approved")).await?;
         let untried = self.untried_approvals(&approved);
         if claimed.is_empty() && !untried {
+            // Idle: index the cache now (after a reconcile or a whole pass), not when the
+            // next push is waiting.
+            if let Some(cached) = self.cache.lock().await.as_mut() {
+                cached.warm();
+            }
             return Ok(report);
         }
         report.outbox_rows = claimed.iter().map(|c| c.items.len()).sum();
@@ -2305,7 +2316,18 @@ impl Engine {
             (scim::ResourceKind::User, users),
             (scim::ResourceKind::Group, groups),
         ] {
-            let have = self.store.mappings(kind).await?;
+            // A pass touching a few entities reads their links one by one (indexed), not
+            // every link of the directory.
+            let have = match only {
+                Some(ids) if ids.len() <= MAPPING_LOOKUPS => {
+                    let mut have = Vec::with_capacity(ids.len());
+                    for id in ids {
+                        have.extend(self.store.mapping(kind, id).await?);
+                    }
+                    have
+                }
+                _ => self.store.mappings(kind).await?,
+            };
             let known: std::collections::HashMap<&str, (&str, &str)> = have
                 .iter()
                 .map(|m| {

@@ -195,6 +195,14 @@ impl Cached {
         }
     }
 
+    /// Builds the index if the cache has none (once per cache load; the worker does it while
+    /// idle).
+    pub fn warm(&mut self) {
+        if self.index.is_none() {
+            self.index = Some(Index::build(&self.state));
+        }
+    }
+
     /// The markers among `markers` that TeamCity holds a group for.
     pub fn markers_held(&self, markers: &BTreeSet<String>) -> BTreeSet<String> {
         if markers.is_empty() {

@@ -1196,7 +1196,16 @@ user_type = "Agent"
 allowed_roles = ["PROJECT_VIEWER@p:_Root", "PROJECT_DEVELOPER@p:Backend"]
 "#;
     type Change = fn(&mut Directory);
-    let cases: Vec<(&str, &str, Change, &[&str], &[&str], PlanOptions)> = vec![
+    /// Case, policy, change, users named by rows, groups planned whole, options.
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        Change,
+        &'a [&'a str],
+        &'a [&'a str],
+        PlanOptions,
+    );
+    let cases: Vec<Case<'_>> = vec![
         (
             "add a member",
             POLICY,
