@@ -836,3 +836,69 @@ pub(crate) fn lease(
 pub(crate) fn lease_until(now: time::OffsetDateTime, ttl: std::time::Duration) -> String {
     crate::timefmt::format(now + ttl)
 }
+
+/// A membership row: `(group_id, member_id, member_type, display)`.
+pub(crate) type MemberRow = (String, String, String, Option<String>);
+
+/// The users a scoped directory read loads ([`crate::Store::directory_of`]): those asked for,
+/// and the user members of the groups asked for (`full`: their membership rows). Sorted, no
+/// duplicates.
+pub(crate) fn scoped_user_ids(users: &[String], full: &[MemberRow]) -> Vec<String> {
+    let mut ids: std::collections::BTreeSet<&str> = users.iter().map(String::as_str).collect();
+    ids.extend(
+        full.iter()
+            .filter(|(_, _, ty, _)| MemberType::parse(ty) != Some(MemberType::Group))
+            .map(|(_, m, _, _)| m.as_str()),
+    );
+    ids.into_iter().map(str::to_owned).collect()
+}
+
+/// The groups a scoped directory read loads: those asked for, and those the loaded users are
+/// in (`memberships`: the loaded users' membership rows). Sorted, no duplicates.
+pub(crate) fn scoped_group_ids(groups: &[String], memberships: &[MemberRow]) -> Vec<String> {
+    let mut ids: std::collections::BTreeSet<&str> = groups.iter().map(String::as_str).collect();
+    ids.extend(memberships.iter().map(|(g, _, _, _)| g.as_str()));
+    ids.into_iter().map(str::to_owned).collect()
+}
+
+/// Assembles a scoped snapshot from its rows: `users` and `groups` as `(id, stored JSON)` in
+/// creation order; the groups asked for (`asked`) get their `full` membership rows, the others
+/// the loaded users' `memberships` only.
+pub(crate) fn scoped_snapshot(
+    users: Vec<(String, String)>,
+    groups: Vec<(String, String)>,
+    asked: &[String],
+    full: Vec<MemberRow>,
+    memberships: Vec<MemberRow>,
+) -> StoreResult<crate::DirectorySnapshot> {
+    use crate::sync_model::{GroupDoc, UserDoc};
+    let asked: std::collections::HashSet<&str> = asked.iter().map(String::as_str).collect();
+    let mut rows: HashMap<String, std::collections::BTreeMap<String, (String, Option<String>)>> =
+        HashMap::new();
+    for (g, m, ty, display) in memberships {
+        if !asked.contains(g.as_str()) {
+            rows.entry(g).or_default().insert(m, (ty, display));
+        }
+    }
+    for (g, m, ty, display) in full {
+        rows.entry(g).or_default().insert(m, (ty, display));
+    }
+    let users = users
+        .into_iter()
+        .map(|(id, data)| Ok(serde_json::from_str::<UserDoc>(&data)?.into_user(id)))
+        .collect::<StoreResult<Vec<_>>>()?;
+    let groups = groups
+        .into_iter()
+        .map(|(id, data)| {
+            let members = member_refs(
+                rows.remove(&id)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(m, (ty, display))| (m, ty, display))
+                    .collect(),
+            );
+            Ok(serde_json::from_str::<GroupDoc>(&data)?.into_group(id, members))
+        })
+        .collect::<StoreResult<Vec<_>>>()?;
+    Ok(crate::DirectorySnapshot { users, groups })
+}

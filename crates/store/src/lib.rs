@@ -609,6 +609,17 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         lease: std::time::Duration,
     ) -> StoreResult<usize>;
 
+    /// [`Store::claim_outbox`], the most recently written entities first (by their newest due
+    /// row): the worker takes a share of each pass this way, so a push made during a long
+    /// backlog (a first load) is not applied after all of it.
+    async fn claim_outbox_newest(
+        &self,
+        worker: &str,
+        now: OffsetDateTime,
+        lease: std::time::Duration,
+        limit: usize,
+    ) -> StoreResult<Vec<ClaimedEntity>>;
+
     /// Marks claimed rows `done` and records `events` (e.g. the TeamCity calls made) plus one
     /// `outbox.complete` event per entity. Rows no longer `pending` (dropped meanwhile) are
     /// left alone.
@@ -760,6 +771,21 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// Every user and group with direct members, in one consistent read (three queries).
     async fn directory(&self) -> StoreResult<DirectorySnapshot>;
+
+    /// The part of the directory a sync pass touches, in one consistent read of indexed
+    /// lookups only (four queries, whatever the size of the directory):
+    /// - the users `users` and the user members of the groups `groups`;
+    /// - the groups `groups`, each with all its direct members;
+    /// - every other group those users are in, with its attributes and its memberships among
+    ///   those users only (not its other members).
+    ///
+    /// Ids that name nothing (deleted resources) are left out. Users and groups come in
+    /// creation order, members ordered by id, as in [`Store::directory`].
+    async fn directory_of(
+        &self,
+        users: &[String],
+        groups: &[String],
+    ) -> StoreResult<DirectorySnapshot>;
 
     /// Appends one audit event on its own (no outbox row). Returns its sequence number.
     async fn audit(&self, ctx: &WriteCtx, entry: AuditEntry) -> StoreResult<i64>;

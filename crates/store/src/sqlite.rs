@@ -1325,7 +1325,19 @@ impl Store for SqliteStore {
         lease: Duration,
         limit: usize,
     ) -> StoreResult<Vec<crate::ClaimedEntity>> {
-        self.sync_claim_outbox(worker, now, lease, limit).await
+        self.sync_claim_outbox(worker, now, lease, limit, false)
+            .await
+    }
+
+    async fn claim_outbox_newest(
+        &self,
+        worker: &str,
+        now: OffsetDateTime,
+        lease: Duration,
+        limit: usize,
+    ) -> StoreResult<Vec<crate::ClaimedEntity>> {
+        self.sync_claim_outbox(worker, now, lease, limit, true)
+            .await
     }
 
     async fn renew_outbox_leases(
@@ -1515,6 +1527,14 @@ impl Store for SqliteStore {
 
     async fn directory(&self) -> StoreResult<crate::DirectorySnapshot> {
         self.sync_directory().await
+    }
+
+    async fn directory_of(
+        &self,
+        users: &[String],
+        groups: &[String],
+    ) -> StoreResult<crate::DirectorySnapshot> {
+        self.sync_directory_of(users, groups).await
     }
 
     async fn audit(&self, ctx: &WriteCtx, entry: crate::AuditEntry) -> StoreResult<i64> {

@@ -771,6 +771,96 @@ async fn directory_snapshot_has_every_user_group_and_member_on(d: Db) {
 }
 
 both!(
+    scoped_directory_read_has_the_named_users_their_groups_and_the_named_groups_members,
+    scoped_directory_read_has_the_named_users_their_groups_and_the_named_groups_members_on
+);
+async fn scoped_directory_read_has_the_named_users_their_groups_and_the_named_groups_members_on(
+    d: Db,
+) {
+    let a = d.user("a").await;
+    let b = d.user("b").await;
+    let c = d.user("c").await;
+    let e = d.user("e").await;
+    let inner = d.group("Inner", &[&b]).await;
+    let devs = d.group("Devs", &[&a, &b, &c, &inner]).await;
+    let ops = d.group("Ops", &[&a, &e]).await;
+    let other = d.group("Other", &[&c, &e]).await;
+    let ids = |v: &[&String]| v.iter().map(|s| (*s).clone()).collect::<Vec<String>>();
+    let members = |snap: &store::DirectorySnapshot, g: &str| -> Vec<String> {
+        snap.groups
+            .iter()
+            .find(|x| x.id == g)
+            .map(|x| x.members.iter().map(|m| m.value.clone()).collect())
+            .unwrap_or_default()
+    };
+    let sorted = |mut v: Vec<&String>| {
+        v.sort();
+        v.into_iter().cloned().collect::<Vec<String>>()
+    };
+
+    // One user: that user, and each of its groups with its attributes but only that user as
+    // member (not Devs' other members, not Ops' other member).
+    let snap = d.store.directory_of(&ids(&[&a]), &[]).await.unwrap();
+    assert_eq!(snap.users.iter().map(|u| &u.id).collect::<Vec<_>>(), [&a]);
+    assert_eq!(snap.users[0].user_name, "a");
+    assert_eq!(
+        snap.groups.iter().map(|g| &g.id).collect::<Vec<_>>(),
+        [&devs, &ops],
+        "its groups, in creation order"
+    );
+    assert_eq!(snap.groups[0].display_name, "Devs");
+    assert_eq!(members(&snap, &devs), [a.as_str()]);
+    assert_eq!(members(&snap, &ops), [a.as_str()]);
+
+    // One group: all its members (the nested group too), its user members as users, and the
+    // other groups of those users with their memberships among them.
+    let snap = d.store.directory_of(&[], &ids(&[&devs])).await.unwrap();
+    assert_eq!(
+        snap.users.iter().map(|u| &u.id).collect::<Vec<_>>(),
+        [&a, &b, &c]
+    );
+    assert_eq!(members(&snap, &devs), sorted(vec![&a, &b, &c, &inner]));
+    assert_eq!(members(&snap, &ops), [a.as_str()], "e is not loaded");
+    assert_eq!(members(&snap, &other), [c.as_str()]);
+    assert_eq!(members(&snap, &inner), [b.as_str()]);
+    assert_eq!(snap.groups.len(), 4);
+
+    // Users and groups together; ids that name nothing (deleted) are left out.
+    d.store
+        .delete(&WriteCtx::cli(), ResourceKind::User, &c, None)
+        .await
+        .unwrap();
+    let snap = d
+        .store
+        .directory_of(
+            &[e.clone(), c.clone(), "nobody".into()],
+            &[ops.clone(), "no-group".into()],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        snap.users.iter().map(|u| &u.id).collect::<Vec<_>>(),
+        [&a, &e]
+    );
+    assert_eq!(members(&snap, &ops), sorted(vec![&a, &e]));
+    assert_eq!(members(&snap, &other), [e.as_str()], "c is gone");
+    assert_eq!(members(&snap, &devs), [a.as_str()]);
+
+    // Nothing asked: nothing read.
+    let snap = d.store.directory_of(&[], &[]).await.unwrap();
+    assert!(snap.users.is_empty() && snap.groups.is_empty());
+
+    // The same users and groups as the full snapshot says.
+    let full = d.store.directory().await.unwrap();
+    let scoped = d
+        .store
+        .directory_of(&ids(&[&a, &b, &e]), &ids(&[&inner, &devs, &ops, &other]))
+        .await
+        .unwrap();
+    assert_eq!(scoped, full);
+}
+
+both!(
     standalone_audit_keeps_the_chain_intact_across_processes,
     standalone_audit_keeps_the_chain_intact_across_processes_on
 );

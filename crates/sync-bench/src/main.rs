@@ -106,6 +106,23 @@ struct Cli {
     /// `initial-load`: memberships (spread evenly over the users).
     #[arg(long, global = true, default_value_t = 50_000)]
     load_memberships: usize,
+    /// `one-change`: directory sizes (users; groups are a tenth), comma-separated.
+    #[arg(
+        long,
+        global = true,
+        value_delimiter = ',',
+        default_value = "1000,10000,100000"
+    )]
+    sizes: Vec<usize>,
+    /// `one-change`: single changes timed per size (half add-a-member, half deactivations).
+    #[arg(long, global = true, default_value_t = 40)]
+    changes: usize,
+    /// `push-during-load`: users of the first load (groups are a tenth, 5 per user).
+    #[arg(long, global = true, default_value_t = 100_000)]
+    push_load_users: usize,
+    /// `push-during-load`: seconds into the load when the probe push is made.
+    #[arg(long, global = true, default_value_t = 3)]
+    push_after_s: u64,
 }
 
 #[derive(Debug, Subcommand, Clone, Copy, PartialEq, Eq)]
@@ -121,6 +138,12 @@ enum Cmd {
     /// (D) pull mode: the same directory read from the Microsoft Graph fake (first sync, then
     /// one change), into TeamCity.
     Pull,
+    /// (E) one SCIM change (add a member, deactivate a user) with N users stored and in sync,
+    /// from the store write to the emulator's state, for each of `--sizes`. Not part of `all`.
+    OneChange,
+    /// (F) a push made during a first load (`--push-load-users` pushed as fast as the store
+    /// takes them): how long until it reaches TeamCity. Not part of `all`.
+    PushDuringLoad,
 }
 
 /// One line of the report.
@@ -915,6 +938,383 @@ async fn bench_pull(cli: &Cli, report: &mut Report) -> anyhow::Result<()> {
     Ok(())
 }
 
+// ---- (E) one change in a large directory --------------------------------------------------
+
+/// Writes `users` users (ids `u-…`) and `groups` groups (ids `g-…`, user `i` in the groups
+/// `member_of(i)`) through [`store::Store::write_batch`], 1,000 resources per transaction (as
+/// pull mode would; seeding is not measured). Returns the user and group ids.
+async fn seed_store_batched(
+    store: &DynStore,
+    users: usize,
+    groups: usize,
+    member_of: impl Fn(usize) -> Vec<usize>,
+) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+    let started = Instant::now();
+    let ctx = WriteCtx::cli();
+    let uids: Vec<String> = (0..users).map(|i| format!("u-{i:07}")).collect();
+    let gids: Vec<String> = (0..groups).map(|g| format!("g-{g:06}")).collect();
+    for chunk in (0..users).collect::<Vec<_>>().chunks(1000) {
+        let mut ops = Vec::with_capacity(chunk.len());
+        for &i in chunk {
+            let n = scim::resource::normalize(ResourceKind::User, &user_body(i))
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            ops.push(store::BatchOp::Create {
+                kind: ResourceKind::User,
+                id: uids[i].clone(),
+                attrs: n.attrs,
+                members: None,
+            });
+        }
+        store.write_batch(&ctx, &ops, None).await?;
+    }
+    let mut members: Vec<Vec<NewMember>> = vec![Vec::new(); groups];
+    for (i, id) in uids.iter().enumerate() {
+        for g in member_of(i) {
+            members[g].push(NewMember {
+                value: id.clone(),
+                ty: Some(store::MemberType::User),
+                display: None,
+            });
+        }
+    }
+    let mut ops = Vec::new();
+    for (g, m) in members.into_iter().enumerate() {
+        let n = scim::resource::normalize(ResourceKind::Group, &group_body(g))
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        ops.push(store::BatchOp::Create {
+            kind: ResourceKind::Group,
+            id: gids[g].clone(),
+            attrs: n.attrs,
+            members: Some(m),
+        });
+        if ops.len() == 1000 {
+            store.write_batch(&ctx, &ops, None).await?;
+            ops.clear();
+        }
+    }
+    if !ops.is_empty() {
+        store.write_batch(&ctx, &ops, None).await?;
+    }
+    eprintln!(
+        "[seed] store: {users} users, {groups} groups in {:.1?}",
+        started.elapsed()
+    );
+    Ok((uids, gids))
+}
+
+/// Marks every pending outbox row done (the seeded directory is brought into TeamCity by a
+/// reconcile instead).
+async fn complete_all(store: &DynStore) -> anyhow::Result<()> {
+    loop {
+        let claimed = store
+            .claim_outbox(
+                "sync-bench",
+                time::OffsetDateTime::now_utc(),
+                Duration::from_secs(3600),
+                20_000,
+            )
+            .await?;
+        if claimed.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<i64> = claimed.iter().flat_map(store::ClaimedEntity::ids).collect();
+        store
+            .complete_outbox(&WriteCtx::cli(), &ids, vec![])
+            .await?;
+    }
+}
+
+/// p50 and p99 (nearest rank) of `samples`, in ms.
+fn percentiles(samples: &mut [Duration]) -> (f64, f64) {
+    samples.sort();
+    let at = |q: f64| {
+        let i = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1;
+        samples[i].as_secs_f64() * 1000.0
+    };
+    if samples.is_empty() {
+        (0.0, 0.0)
+    } else {
+        (at(0.50), at(0.99))
+    }
+}
+
+/// Starts `engine.run` (the worker and its first reconcile) and waits for that reconcile.
+async fn start_worker(
+    engine: Arc<Engine>,
+    store: &DynStore,
+) -> anyhow::Result<(
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<()>,
+)> {
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(engine.run(stop_rx));
+    let started = Instant::now();
+    while store.sync_state_get("last_reconcile").await?.is_none() {
+        ensure!(
+            started.elapsed() < Duration::from_secs(1800),
+            "the first reconcile did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok((stop, task))
+}
+
+/// An engine for the latency benchmarks: the worker polls every 10 ms; no periodic reconcile
+/// during the measurement.
+fn worker_engine(store: &DynStore, client: teamcity::Client) -> anyhow::Result<Engine> {
+    Ok(Engine::new(
+        store.clone(),
+        client,
+        Policy::from_toml(POLICY)?,
+        EngineConfig {
+            poll: Duration::from_millis(10),
+            reconcile_interval: Duration::from_secs(24 * 3600),
+            ..EngineConfig::default()
+        },
+    ))
+}
+
+async fn bench_one_change(cli: &Cli, report: &mut Report) -> anyhow::Result<()> {
+    let mut all: Vec<Duration> = Vec::new();
+    let mut medians: Vec<f64> = Vec::new();
+    for &users in &cli.sizes {
+        let users = users.max(10);
+        let groups = (users / 10).max(3);
+        // User i is in two groups (about 20 members each) and the defaults group.
+        let member_of = |i: usize| -> Vec<usize> {
+            [i % groups, (i * 7 + 1) % groups]
+                .into_iter()
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect()
+        };
+        eprintln!("[one-change] {users} users, {groups} groups");
+        let dir = tempfile::tempdir()?;
+        let store = open_store(&dir).await?;
+        let (uids, gids) = seed_store_batched(&store, users, groups, member_of).await?;
+        complete_all(&store).await?;
+        let (url, emu) = emulator(Duration::ZERO).await?;
+        let engine = Arc::new(worker_engine(&store, tc_client(&url, cli.concurrency)?)?);
+        let started = Instant::now();
+        let (stop, task) = start_worker(engine.clone(), &store).await?;
+        let tc_users = emu.read_state(|s| s.users.len());
+        ensure!(tc_users > users, "TeamCity not seeded: {tc_users} users");
+        // Steady state: the worker indexes its cache on its first idle poll after a reconcile.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        eprintln!(
+            "[one-change] TeamCity in sync ({tc_users} users) after {:.1?}",
+            started.elapsed()
+        );
+        let ctx = WriteCtx::cli();
+        let mut used = BTreeSet::new();
+        let mut pick = |k: usize| {
+            let mut u = (k * 7919 + 13) % users;
+            while !used.insert(u) {
+                u = (u + 1) % users;
+            }
+            u
+        };
+        let (mut adds, mut deacts) = (Vec::new(), Vec::new());
+        for k in 0..cli.changes {
+            let u = pick(k);
+            let tc_id: u64 = store
+                .mapping(ResourceKind::User, &uids[u])
+                .await?
+                .context("user mapped")?
+                .teamcity_id
+                .parse()?;
+            let took = if k % 2 == 0 {
+                let mine = member_of(u);
+                let mut g = (u + groups / 2) % groups;
+                while mine.contains(&g) {
+                    g = (g + 1) % groups;
+                }
+                let key = sync::group_key(&gids[g], 0);
+                let t0 = Instant::now();
+                store
+                    .update_members(
+                        &ctx,
+                        &gids[g],
+                        &[store::MembershipChange::Add(vec![NewMember {
+                            value: uids[u].clone(),
+                            ty: Some(store::MemberType::User),
+                            display: None,
+                        }])],
+                    )
+                    .await?;
+                wait_for(&emu, t0, |s| {
+                    s.users.get(&tc_id).is_some_and(|x| x.groups.contains(&key))
+                })
+                .await?
+            } else {
+                let r = store
+                    .get(ResourceKind::User, &uids[u], store::ReadOpts::default())
+                    .await?
+                    .context("user stored")?;
+                let mut attrs = r.attrs.clone();
+                attrs["active"] = json!(false);
+                let t0 = Instant::now();
+                store
+                    .update(
+                        &ctx,
+                        ResourceKind::User,
+                        &uids[u],
+                        r.version,
+                        Some(attrs),
+                        &[],
+                    )
+                    .await?;
+                wait_for(&emu, t0, |s| {
+                    s.users
+                        .get(&tc_id)
+                        .is_some_and(|x| x.properties.contains_key(sync::USER_DEACTIVATED))
+                })
+                .await?
+            };
+            if k % 2 == 0 {
+                adds.push(took);
+            } else {
+                deacts.push(took);
+            }
+            // Let the pass settle its rows, so the next change is a pass of its own.
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        let _ = stop.send(true);
+        let _ = task.await;
+        all.extend(adds.iter().chain(&deacts));
+        let (a50, a99) = percentiles(&mut adds);
+        let (d50, d99) = percentiles(&mut deacts);
+        let mut both: Vec<Duration> = adds.iter().chain(&deacts).copied().collect();
+        let (b50, b99) = percentiles(&mut both);
+        medians.push(b50);
+        report.info(
+            &format!("E  {users} users / {groups} groups"),
+            format!(
+                "add member p50 {a50:.0} ms p99 {a99:.0} ms; deactivate p50 {d50:.0} ms p99 {d99:.0} ms ({} changes)",
+                both.len()
+            ),
+        );
+        report.target(
+            &format!("E  {users} users: one change p50 / p99"),
+            format!("{b50:.0} ms / {b99:.0} ms"),
+            "< 100 ms / < 300 ms",
+            b50 < 100.0 && b99 < 300.0,
+        );
+    }
+    if medians.len() > 1 {
+        let (lo, hi) = medians
+            .iter()
+            .fold((f64::MAX, 0.0f64), |(lo, hi), m| (lo.min(*m), hi.max(*m)));
+        report.target(
+            "E  flat: largest p50 / smallest p50",
+            format!("{:.2}", hi / lo.max(0.001)),
+            "<= 2",
+            hi / lo.max(0.001) <= 2.0,
+        );
+    }
+    Ok(())
+}
+
+/// Waits until `done` holds for the emulator's state; the time since `t0`.
+async fn wait_for(
+    emu: &Emulator,
+    t0: Instant,
+    done: impl Fn(&teamcity_emulator::State) -> bool,
+) -> anyhow::Result<Duration> {
+    loop {
+        if emu.read_state(&done) {
+            return Ok(t0.elapsed());
+        }
+        ensure!(
+            t0.elapsed() < Duration::from_secs(300),
+            "the change did not reach TeamCity within 300 s"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+// ---- (F) a push during a first load ------------------------------------------------------
+
+async fn bench_push_during_load(cli: &Cli, report: &mut Report) -> anyhow::Result<()> {
+    let users = cli.push_load_users.max(10);
+    let groups = (users / 10).max(5);
+    let dir = tempfile::tempdir()?;
+    let store = open_store(&dir).await?;
+    let latency = Duration::from_millis(cli.latency_ms);
+    let (url, emu) = emulator(latency).await?;
+    let engine = Arc::new(worker_engine(&store, tc_client(&url, cli.concurrency)?)?);
+    let (stop, task) = start_worker(engine.clone(), &store).await?;
+    eprintln!(
+        "[push-during-load] pushing {users} users then {groups} groups (5 per user) while the worker runs"
+    );
+    let load_started = Instant::now();
+    let load = tokio::spawn({
+        let store = store.clone();
+        async move {
+            seed_store_batched(&store, users, groups, |i| {
+                (0..5)
+                    .map(|k| (i * 5 + k * 7) % groups)
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect()
+            })
+            .await
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(cli.push_after_s)).await;
+    let n = scim::resource::normalize(
+        ResourceKind::User,
+        &json!({"userName": "probe@example.com", "active": true}),
+    )
+    .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let pending_before = store
+        .outbox_summary()
+        .await?
+        .by_state
+        .get("pending")
+        .copied()
+        .unwrap_or(0);
+    let t0 = Instant::now();
+    let probe = store
+        .create(&WriteCtx::cli(), ResourceKind::User, n.attrs, None)
+        .await?;
+    let reached = loop {
+        if store
+            .mapping(ResourceKind::User, &probe.id)
+            .await?
+            .is_some()
+        {
+            break t0.elapsed();
+        }
+        ensure!(
+            t0.elapsed() < Duration::from_secs(600),
+            "the probe push did not reach TeamCity within 600 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let tc_users = emu.read_state(|s| s.users.len());
+    let _ = stop.send(true);
+    let _ = task.await;
+    load.abort();
+    report.info(
+        "F  load",
+        format!(
+            "{users} users / {groups} groups pushed from t=0; probe at t={:.1} s with {pending_before} rows pending; \
+             TeamCity had {tc_users} users when it arrived (latency {} ms, concurrency {})",
+            (t0 - load_started).as_secs_f64(),
+            cli.latency_ms,
+            cli.concurrency
+        ),
+    );
+    report.target(
+        "F  a push made during a first load reaches TeamCity",
+        format!("{:.2} s", reached.as_secs_f64()),
+        "< 5 s",
+        reached < Duration::from_secs(5),
+    );
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if std::env::var_os("RUST_LOG").is_some() {
@@ -941,6 +1341,12 @@ fn main() -> anyhow::Result<()> {
         }
         if matches!(cli.command, Cmd::All | Cmd::Pull) {
             bench_pull(&cli, &mut report).await?;
+        }
+        if cli.command == Cmd::OneChange {
+            bench_one_change(&cli, &mut report).await?;
+        }
+        if cli.command == Cmd::PushDuringLoad {
+            bench_push_during_load(&cli, &mut report).await?;
         }
         anyhow::Ok(())
     })?;

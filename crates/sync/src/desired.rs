@@ -32,12 +32,19 @@ use crate::policy::{Match, Pins, Policy};
 pub struct DesiredOptions {
     /// Name of the defaults group.
     pub defaults_group_name: String,
+    /// `Some(groups)`: the directory is a part of it (an outbox pass's read), and `groups` are
+    /// the SCIM ids of the groups the pass plans whole. A pin whose group the part lacks is
+    /// reported missing only when that group is one of them (a SCIM DELETE in scope; any other
+    /// group is merely not read); a `displayName` rule not pinned yet matches nothing and pins
+    /// nothing (the engine runs a whole pass when one could match).
+    pub partial: Option<BTreeSet<String>>,
 }
 
 impl Default for DesiredOptions {
     fn default() -> Self {
         DesiredOptions {
             defaults_group_name: DEFAULTS_GROUP_NAME.to_owned(),
+            partial: None,
         }
     }
 }
@@ -189,6 +196,18 @@ pub fn key_generation(scim_id: &str, key: &str) -> Option<u32> {
     key.strip_prefix(prefix)?.parse().ok()
 }
 
+/// Whether a `displayName` rule not pinned yet matches a group of `directory`: a partial
+/// directory cannot tell whether such a match is unique, so the engine plans that pass whole.
+pub fn unpinned_match(directory: &Directory, policy: &Policy, pins: &Pins) -> bool {
+    policy.groups.iter().any(|rule| match &rule.matcher {
+        Match::DisplayName(name) => {
+            let key = rule.pin_key().unwrap_or_default();
+            !pins.contains_key(&key) && directory.groups.iter().any(|g| g.display_name == *name)
+        }
+        _ => false,
+    })
+}
+
 /// Computes the desired state. Pure; see the module docs for the rules.
 pub fn desired(
     directory: &Directory,
@@ -254,6 +273,13 @@ pub fn desired(
                             }
                             vec![g.id.as_str()]
                         }
+                        None if opts
+                            .partial
+                            .as_ref()
+                            .is_some_and(|groups| !groups.contains(pinned)) =>
+                        {
+                            Vec::new()
+                        }
                         None => {
                             out.alerts.push(Alert::PinnedGroupMissing {
                                 rule: key.clone(),
@@ -262,6 +288,7 @@ pub fn desired(
                             Vec::new()
                         }
                     },
+                    None if opts.partial.is_some() => Vec::new(),
                     None => {
                         let found: Vec<&str> = directory
                             .groups

@@ -12,7 +12,9 @@
 //!
 //! Each pass: claim due outbox rows (lease, coalesced per entity) → TeamCity readable and the
 //! policy valid against it, else the rows wait (never dead-lettered for it) and readiness says
-//! why → directory snapshot → desired → plan against the cache (steps with prerequisites) →
+//! why → the part of the directory the rows touch → its desired state → plan against that
+//! part of the cache (steps with prerequisites; see [`Engine::run_once`] for when a pass
+//! plans the whole directory instead) →
 //! blast-radius guard (see [`Engine::guard`]) → apply the steps wave by wave, a step only
 //! after its prerequisites succeeded, auditing each → settle the rows: done; dead with the
 //! failing step and the reason (a permanent failure of the entity's own work); waiting again
@@ -57,8 +59,9 @@ tokio::task_local! {
 use crate::model::{
     Action, ActualState, DEFAULTS_MARKER, DirGroup, Directory, UserRef, UserTarget,
 };
-use crate::plan::{AdoptExisting, Conflict, Deprovision, Plan, PlanOptions, plan};
+use crate::plan::{AdoptExisting, Conflict, Deprovision, Plan, PlanOptions, Scope, plan, plan_in};
 use crate::policy::Policy;
+use crate::scope::Cached;
 use crate::{Desired, DesiredOptions, GuardLimits, ReadOptions, desired, read_actual_with};
 
 /// How often a paused engine checks whether what blocked it is fixed.
@@ -109,6 +112,9 @@ pub struct EngineConfig {
     pub lease: Duration,
     /// Users per page when reading TeamCity.
     pub page_size: u64,
+    /// Most SCIM entities (their outbox rows coalesced) one worker pass takes: passes stay
+    /// short, so a push never waits long behind a large backlog (a first load).
+    pub batch: usize,
     /// The database, as operators should read it (a resolved path), for messages.
     pub database: String,
 }
@@ -128,6 +134,7 @@ impl Default for EngineConfig {
             poll: Duration::from_millis(200),
             lease: Duration::from_secs(60),
             page_size: 500,
+            batch: 256,
             database: "the database".into(),
         }
     }
@@ -296,7 +303,7 @@ pub struct Engine {
     policy: Policy,
     cfg: EngineConfig,
     worker_id: String,
-    cache: Mutex<Option<ActualState>>,
+    cache: Mutex<Option<Cached>>,
     health: Arc<Health>,
     /// The value of the store's TeamCity write counter that the cache reflects.
     seen_writes: std::sync::Mutex<Option<i64>>,
@@ -606,6 +613,10 @@ struct Run {
     forbidden: BTreeMap<usize, String>,
 }
 
+/// Up to this many SCIM ids, [`Engine::record_mappings`] reads their links one by one instead
+/// of every link.
+const MAPPING_LOOKUPS: usize = 64;
+
 /// The least number of distinct objects that must all have been refused with a 403 (and nothing
 /// accepted) before a pass calls it the bridge's own lack of permissions, not the objects'.
 const FORBIDDEN_EVERYWHERE: usize = 2;
@@ -642,6 +653,50 @@ struct Exec {
     changed: bool,
     /// A TeamCity call was made.
     attempted: bool,
+}
+
+/// The conflicts of a plan that concern the claimed entities.
+fn relevant_conflicts(p: &Plan, claimed: &BTreeSet<(String, String)>) -> Vec<Conflict> {
+    p.conflicts
+        .iter()
+        .filter(|c| {
+            let e = match c {
+                Conflict::UsernameTaken { scim_id, .. } => ("user".to_owned(), scim_id.clone()),
+                Conflict::GroupNameTaken { marker, .. } => ("group".to_owned(), marker.clone()),
+            };
+            claimed.contains(&e)
+        })
+        .cloned()
+        .collect()
+}
+
+/// The SCIM ids of the claimed entities a pass wrote to successfully (their links are kept).
+fn touched(claimed: &BTreeSet<(String, String)>, exec: &Exec) -> BTreeSet<String> {
+    claimed
+        .iter()
+        .filter(|e| !exec.failed.contains_key(*e) && !exec.stale.contains_key(*e))
+        .map(|(_, id)| id.clone())
+        .collect()
+}
+
+/// The member ids a group's outbox row names (`added` and `removed`), or `None` when its
+/// detail does not list them.
+fn member_lists(detail: &str) -> Option<Vec<String>> {
+    let v: Value = serde_json::from_str(detail).ok()?;
+    let mut ids = Vec::new();
+    for key in ["added", "removed"] {
+        match v.get(key) {
+            Some(Value::Array(list)) => ids.extend(
+                list.iter()
+                    .filter_map(|x| x.as_str().or_else(|| x.get("value")?.as_str()))
+                    .map(str::to_owned),
+            ),
+            Some(_) => return None,
+            None if key == "removed" => {}
+            None => return None,
+        }
+    }
+    Some(ids)
 }
 
 impl Engine {
@@ -811,6 +866,16 @@ impl Engine {
         debug!(users = dir.users.len(), groups = dir.groups.len(), elapsed = ?started.elapsed(), "directory read");
         let pins = self.store().pins().await?;
         let d = desired(&dir, &self.policy, &pins, &DesiredOptions::default());
+        self.record_desired(&d, &pins).await?;
+        Ok(d)
+    }
+
+    /// Persists the new pins of `d` and audits its new alerts (each once).
+    async fn record_desired(
+        &self,
+        d: &Desired,
+        pins: &crate::policy::Pins,
+    ) -> Result<(), EngineError> {
         for (rule, group) in &d.pins {
             if pins.get(rule) != Some(group) {
                 self.store().set_pin(&self.ctx("sync"), rule, group).await?;
@@ -836,7 +901,7 @@ impl Engine {
                 self.store().sync_state_set(&key, "raised").await?;
             }
         }
-        Ok(d)
+        Ok(())
     }
 
     /// Reads TeamCity in full (pages, `fields=` limited).
@@ -933,7 +998,7 @@ impl Engine {
             let (actual, _) = self.read_actual().await?;
             *self.seen() = Some(counter);
             self.fresh().clear();
-            *cache = Some(actual);
+            *cache = Some(actual.into());
         }
         Ok(())
     }
@@ -1010,13 +1075,16 @@ impl Engine {
         &self,
         d: &Desired,
         actual: &mut ActualState,
+        scope: Option<&Scope>,
     ) -> Result<bool, EngineError> {
+        // A scoped pass offboards only users in its scope.
+        let in_scope = |s: &str| scope.is_none_or(|sc| sc.users.contains(s));
         // SCIM-deleted users are looked up only when a managed user left the directory.
         let gone = actual.users.iter().any(|u| {
             !u.deactivated
                 && u.scim_id
                     .as_deref()
-                    .is_some_and(|s| !d.users.contains_key(s))
+                    .is_some_and(|s| !d.users.contains_key(s) && in_scope(s))
         });
         let deleted: HashSet<String> = if gone {
             self.store()
@@ -1038,7 +1106,7 @@ impl Engine {
                 .filter(|u| match u.scim_id.as_deref() {
                     Some(s) => match d.users.get(s) {
                         Some(du) => !du.active,
-                        None => deleted.contains(s),
+                        None => deleted.contains(s) && in_scope(s),
                     },
                     None => false,
                 })
@@ -1169,7 +1237,7 @@ impl Engine {
         debug!(reads, elapsed = ?started.elapsed(), "reconcile: TeamCity read, desired state computed");
         *self.seen() = Some(counter);
         self.fresh().clear();
-        let actual = cache.insert(actual);
+        let actual = cache.insert(actual.into());
         self.notice_unknown_database(&d, actual);
         let mut report = PassReport {
             reads,
@@ -1210,7 +1278,10 @@ impl Engine {
             report.transient_stop = true;
             return Ok(report);
         };
-        let exec = self.execute(&p, actual, "reconcile", &mut report).await?;
+        let managed = actual.managed_users();
+        let exec = self
+            .execute(&p, actual, managed, true, "reconcile", &mut report)
+            .await?;
         debug!(elapsed = ?started.elapsed(), "reconcile: applied");
         if exec.changed {
             *cache = None;
@@ -1276,21 +1347,43 @@ impl Engine {
         approved.iter().any(|b| !tried.contains(&b.id))
     }
 
-    /// One worker pass over due outbox rows. Returns what it did; `outbox_rows == 0` means idle.
+    /// One worker pass over due outbox rows (at most [`EngineConfig::batch`] entities).
+    /// Returns what it did; `outbox_rows == 0` means idle.
+    ///
+    /// A pass plans what its rows touch (see [`Engine::scoped_desired`]) against the cached
+    /// TeamCity state and costs O(change) whatever the size of the directory. It plans the
+    /// whole directory instead (as a reconcile does, without reading TeamCity) when approved
+    /// held batches wait for their first try, and in the cases `scoped_desired` names.
     pub async fn run_once(&self) -> Result<PassReport, EngineError> {
         let started = std::time::Instant::now();
         let mut report = PassReport::default();
         self.notice_foreign_writes().await?;
         let now = time::OffsetDateTime::now_utc();
-        let claimed = self
+        // A quarter of each pass goes to the most recent pushes, the rest to the oldest rows:
+        // behind a long backlog (a first load) a new push is applied within a pass or two, and
+        // the backlog still drains oldest first.
+        let batch = self.cfg.batch.max(1);
+        let recent = batch.div_ceil(4);
+        let mut claimed = self
             .store
-            .claim_outbox(&self.worker_id, now, self.cfg.lease, 1000)
+            .claim_outbox_newest(&self.worker_id, now, self.cfg.lease, recent)
             .await?;
-        if claimed.is_empty() {
-            let approved = self.store().list_held(Some("approved")).await?;
-            if !self.untried_approvals(&approved) {
-                return Ok(report);
+        if claimed.len() == recent && batch > recent {
+            claimed.extend(
+                self.store
+                    .claim_outbox(&self.worker_id, now, self.cfg.lease, batch - recent)
+                    .await?,
+            );
+        }
+        let approved = self.store().list_held(Some("approved")).await?;
+        let untried = self.untried_approvals(&approved);
+        if claimed.is_empty() && !untried {
+            // Idle: index the cache now (after a reconcile or a whole pass), not when the
+            // next push is waiting.
+            if let Some(cached) = self.cache.lock().await.as_mut() {
+                cached.warm();
             }
+            return Ok(report);
         }
         report.outbox_rows = claimed.iter().map(|c| c.items.len()).sum();
         let all_ids: Vec<i64> = claimed.iter().flat_map(ClaimedEntity::ids).collect();
@@ -1301,62 +1394,111 @@ impl Engine {
             report.transient_stop = true;
             return Ok(report);
         }
-        let d = self.desired().await?;
-        let mut cache = self.cache.lock().await;
-        let fresh = match cache.as_mut() {
-            Some(actual) => {
-                self.notice_unknown_database(&d, actual);
-                self.refresh_offboarded(&d, actual).await?
-            }
-            None => false,
+        let scoped = if untried {
+            None
+        } else {
+            self.scoped_desired(&claimed).await?
         };
-        if !fresh {
-            // The cache was dropped meanwhile, or a user turned out different: read first.
-            *cache = None;
-            drop(cache);
-            self.defer(&all_ids, REREAD, now).await?;
-            report.transient_stop = true;
-            return Ok(report);
-        }
-        let Some(actual) = cache.as_mut() else {
-            return Ok(report);
-        };
-        let mut p = plan(&d, actual, &self.plan_options());
-        self.settle_orphans(&mut p).await?;
-        report.planned = p.actions.len();
         let claimed_entities: BTreeSet<(String, String)> = claimed
             .iter()
             .map(|c| (c.entity_type.clone(), c.entity_id.clone()))
             .collect();
-        let relevant: Vec<Conflict> = p
-            .conflicts
-            .iter()
-            .filter(|c| {
-                let e = match c {
-                    Conflict::UsernameTaken { scim_id, .. } => ("user".to_owned(), scim_id.clone()),
-                    Conflict::GroupNameTaken { marker, .. } => ("group".to_owned(), marker.clone()),
+        let mut cache = self.cache.lock().await;
+        let (exec, conflicts) = match scoped {
+            Some((d, scope)) => {
+                let Some(cached) = cache.as_mut() else {
+                    drop(cache);
+                    self.defer(&all_ids, REREAD, now).await?;
+                    report.transient_stop = true;
+                    return Ok(report);
                 };
-                claimed_entities.contains(&e)
-            })
-            .cloned()
-            .collect();
-        let conflicts = self.conflicts(&relevant, false).await?;
-        let mut exec = self.execute(&p, actual, "outbox", &mut report).await?;
-        if exec.changed {
-            *cache = None;
-        } else if let Some(actual) = cache.as_ref() {
-            // Links of the objects this pass wrote to successfully (created ones are linked
-            // with their audit event already).
-            let touched: BTreeSet<String> = claimed_entities
-                .iter()
-                .filter(|e| !exec.failed.contains_key(*e) && !exec.stale.contains_key(*e))
-                .map(|(_, id)| id.clone())
-                .collect();
-            self.record_mappings(actual, Some(&touched)).await?;
-        }
-        drop(cache);
+                let mut part = cached.extract(&d, &scope);
+                debug!(
+                    users = part.actual.users.len(),
+                    groups = part.actual.groups.len(),
+                    elapsed = ?started.elapsed(),
+                    "scoped pass: part of the cache taken"
+                );
+                if !self
+                    .refresh_offboarded(&d, &mut part.actual, Some(&scope))
+                    .await?
+                {
+                    // A user turned out different: read everything first.
+                    *cache = None;
+                    drop(cache);
+                    self.defer(&all_ids, REREAD, now).await?;
+                    report.transient_stop = true;
+                    return Ok(report);
+                }
+                let mut p = plan_in(&d, &part.actual, &self.plan_options(), Some(&scope));
+                self.settle_orphans(&mut p).await?;
+                report.planned = p.actions.len();
+                let conflicts = self
+                    .conflicts(&relevant_conflicts(&p, &claimed_entities), false)
+                    .await?;
+                let managed = part.managed_users;
+                let exec = self
+                    .execute(&p, &mut part.actual, managed, false, "outbox", &mut report)
+                    .await?;
+                if exec.changed {
+                    *cache = None;
+                } else {
+                    self.record_mappings(&part.actual, Some(&touched(&claimed_entities, &exec)))
+                        .await?;
+                    if let Some(cached) = cache.as_mut() {
+                        cached.write_back(part);
+                    }
+                }
+                drop(cache);
+                (exec, conflicts)
+            }
+            None => {
+                drop(cache);
+                let d = self.desired().await?;
+                let mut cache = self.cache.lock().await;
+                let fresh = match cache.as_mut() {
+                    Some(actual) => {
+                        self.notice_unknown_database(&d, actual);
+                        self.refresh_offboarded(&d, actual, None).await?
+                    }
+                    None => false,
+                };
+                if !fresh {
+                    // The cache was dropped meanwhile, or a user turned out different: read
+                    // first.
+                    *cache = None;
+                    drop(cache);
+                    self.defer(&all_ids, REREAD, now).await?;
+                    report.transient_stop = true;
+                    return Ok(report);
+                }
+                let Some(actual) = cache.as_mut() else {
+                    return Ok(report);
+                };
+                let mut p = plan(&d, actual, &self.plan_options());
+                self.settle_orphans(&mut p).await?;
+                report.planned = p.actions.len();
+                let conflicts = self
+                    .conflicts(&relevant_conflicts(&p, &claimed_entities), false)
+                    .await?;
+                let managed = actual.managed_users();
+                let exec = self
+                    .execute(&p, actual, managed, true, "outbox", &mut report)
+                    .await?;
+                if exec.changed {
+                    *cache = None;
+                } else if let Some(actual) = cache.as_ref() {
+                    // Links of the objects this pass wrote to successfully (created ones are
+                    // linked with their audit event already).
+                    self.record_mappings(actual, Some(&touched(&claimed_entities, &exec)))
+                        .await?;
+                }
+                (exec, conflicts)
+            }
+        };
         self.after_writes(exec.attempted).await?;
         self.note_stop(exec.stop.as_ref()).await;
+        let mut exec = exec;
         for (e, reason) in conflicts {
             exec.failed.entry(e).or_insert(reason);
         }
@@ -1367,6 +1509,115 @@ impl Engine {
         self.record_report(LAST_PASS_KEY, &report, started.elapsed())
             .await?;
         Ok(report)
+    }
+
+    /// The desired state of what the claimed rows touch, and the scope a pass plans, reading
+    /// only that part of the directory ([`store::Store::directory_of`]); `None` when the pass
+    /// must plan the whole directory. Persists new pins and audits new alerts.
+    ///
+    /// - A user row: that user (all its groups, as context: its memberships and roles).
+    /// - A group row that only changed members (`members`): the users added and removed; the
+    ///   group is context (unless TeamCity has no group for it yet: then it is planned whole).
+    /// - Any other group row (created, attributes or members replaced, deleted): the group
+    ///   whole, every member in the directory and in TeamCity (a rename swap carries them
+    ///   all; a role change or a delete costs each of them access; a capped member is kept
+    ///   out or given direct roles), and the users a replace removed.
+    ///
+    /// The whole directory is planned instead when a group is deleted and the policy has caps
+    /// (a capped user kept out of the group holds direct roles from it, and nothing short of
+    /// the whole directory says who), when a `displayName` rule not pinned yet could match a
+    /// group read (is the name unique?), when the defaults group does not exist in TeamCity
+    /// yet (it is created with every active user), and for rows of an unknown entity type or
+    /// without their member lists.
+    async fn scoped_desired(
+        &self,
+        claimed: &[ClaimedEntity],
+    ) -> Result<Option<(Desired, Scope)>, EngineError> {
+        let mut users: BTreeSet<String> = BTreeSet::new();
+        let mut whole: BTreeSet<String> = BTreeSet::new();
+        let mut members_only: BTreeSet<String> = BTreeSet::new();
+        let mut group_deleted = false;
+        for c in claimed {
+            match c.entity_type.as_str() {
+                "user" => {
+                    users.insert(c.entity_id.clone());
+                }
+                "group" => {
+                    let mut only_members = true;
+                    for item in &c.items {
+                        let lists = member_lists(&item.detail);
+                        match (item.operation.as_str(), lists) {
+                            ("members", Some(ids)) => users.extend(ids),
+                            ("upsert", Some(ids)) => {
+                                users.extend(ids);
+                                only_members = false;
+                            }
+                            ("delete", _) => {
+                                group_deleted = true;
+                                only_members = false;
+                            }
+                            _ => {
+                                debug!(op = %item.operation, "an outbox row without its member lists: a whole pass");
+                                return Ok(None);
+                            }
+                        }
+                    }
+                    if only_members {
+                        members_only.insert(c.entity_id.clone());
+                    } else {
+                        whole.insert(c.entity_id.clone());
+                    }
+                }
+                _ => return Ok(None),
+            }
+        }
+        if group_deleted && !self.policy.caps.is_empty() {
+            return Ok(None);
+        }
+        {
+            let mut cache = self.cache.lock().await;
+            let Some(cached) = cache.as_mut() else {
+                return Ok(None);
+            };
+            if !self.policy.defaults.roles.is_empty()
+                && cached.group(crate::model::DEFAULTS_GROUP_KEY).is_none()
+            {
+                return Ok(None);
+            }
+            // A group TeamCity does not hold yet is created whole, with every member.
+            let held = cached.markers_held(&members_only);
+            whole.extend(members_only.difference(&held).cloned());
+            // Every member TeamCity has of a group planned whole is planned too (it may be
+            // leaving the group, or lose access with it).
+            users.extend(cached.member_scim_ids(&whole));
+        }
+        let users: Vec<String> = users.into_iter().collect();
+        let groups: Vec<String> = whole.iter().cloned().collect();
+        let snap = self.store().directory_of(&users, &groups).await?;
+        let dir = Directory {
+            users: snap.users,
+            groups: snap.groups.into_iter().map(dir_group).collect(),
+        };
+        let pins = self.store().pins().await?;
+        if crate::desired::unpinned_match(&dir, &self.policy, &pins) {
+            return Ok(None);
+        }
+        let mut scope = Scope {
+            users: users.into_iter().collect(),
+            groups: whole,
+        };
+        scope.users.extend(dir.users.iter().map(|u| u.id.clone()));
+        let d = desired(
+            &dir,
+            &self.policy,
+            &pins,
+            &DesiredOptions {
+                partial: Some(scope.groups.clone()),
+                ..DesiredOptions::default()
+            },
+        );
+        self.record_desired(&d, &pins).await?;
+        Ok(Some((d, scope)))
     }
 
     /// Readiness after a run that stopped early: TeamCity unavailable, or the bridge
@@ -1466,6 +1717,7 @@ impl Engine {
         &self,
         p: &Plan,
         actual: &ActualState,
+        managed_users: usize,
         source: &str,
     ) -> Result<BTreeMap<usize, i64>, EngineError> {
         let mut waiting: BTreeMap<usize, i64> = BTreeMap::new();
@@ -1519,7 +1771,12 @@ impl Engine {
         }
         if !fresh.is_empty() {
             let users: BTreeSet<u64> = fresh.iter().flat_map(|i| losses[*i].clone()).collect();
-            if let Err(h) = self.cfg.limits.check_plan_count(users.len(), actual) {
+            if let Err(h) = crate::guard::check(
+                users.len(),
+                managed_users,
+                self.cfg.limits.max_removals,
+                self.cfg.limits.max_removals_percent,
+            ) {
                 let id = self.hold(p, &fresh, h.count, &h.reason, source).await?;
                 waiting.extend(fresh.iter().map(|i| (*i, id)));
             }
@@ -1612,11 +1869,15 @@ impl Engine {
 
     /// Guards, then applies a plan's steps (see [`Engine::apply_steps`]), recording each
     /// effect in `actual` and each outcome in the audit trail; marks approved batches applied
-    /// once none of their steps is left to do.
+    /// once none of their steps is left to do — only after a whole plan (`whole`): a scoped
+    /// plan does not hold the steps of objects out of its scope. `managed_users`: all of
+    /// them, for the guard's percentage (`actual` may be a part of TeamCity).
     async fn execute(
         &self,
         p: &Plan,
         actual: &mut ActualState,
+        managed_users: usize,
+        whole: bool,
         source: &str,
         report: &mut PassReport,
     ) -> Result<Exec, EngineError> {
@@ -1655,7 +1916,7 @@ impl Engine {
             }
             return Ok(exec);
         }
-        let waiting = self.guard(p, actual, source).await?;
+        let waiting = self.guard(p, actual, managed_users, source).await?;
         let entities: Vec<Vec<(String, String)>> =
             p.actions.iter().map(|a| entities_of(a, actual)).collect();
         let mut run = self
@@ -1734,7 +1995,7 @@ impl Engine {
                 Outcome::NotStarted => {}
             }
         }
-        if run.stop.is_none() {
+        if run.stop.is_none() && whole {
             self.finish_approved(p, &run.outcomes).await?;
         }
         Ok(exec)
@@ -2167,7 +2428,18 @@ impl Engine {
             (scim::ResourceKind::User, users),
             (scim::ResourceKind::Group, groups),
         ] {
-            let have = self.store().mappings(kind).await?;
+            // A pass touching a few entities reads their links one by one (indexed), not
+            // every link of the directory.
+            let have = match only {
+                Some(ids) if ids.len() <= MAPPING_LOOKUPS => {
+                    let mut have = Vec::with_capacity(ids.len());
+                    for id in ids {
+                        have.extend(self.store().mapping(kind, id).await?);
+                    }
+                    have
+                }
+                _ => self.store().mappings(kind).await?,
+            };
             let known: std::collections::HashMap<&str, (&str, &str)> = have
                 .iter()
                 .map(|m| {

@@ -23,6 +23,7 @@ pub mod model;
 pub mod plan;
 pub mod policy;
 pub mod render;
+pub mod scope;
 pub mod waves;
 
 pub use actual::{ReadOptions, ReadStats, read_actual, read_actual_with};
@@ -38,6 +39,8 @@ pub use model::{
     DEFAULTS_MARKER, DirGroup, DirUser, Directory, GROUP_MARKER, RoleAt, RoleScope,
     USER_DEACTIVATED, USER_MARKER, UserRef, UserTarget,
 };
-pub use plan::{AdoptExisting, Conflict, Deprovision, Orphan, Plan, PlanOptions, Report, plan};
+pub use plan::{
+    AdoptExisting, Conflict, Deprovision, Orphan, Plan, PlanOptions, Report, Scope, plan, plan_in,
+};
 pub use policy::{Pins, Policy, Problem};
 pub use render::render;

@@ -268,8 +268,48 @@ struct GroupTarget {
     created: bool,
 }
 
+/// What a scoped plan ([`plan_in`]) may change: an outbox pass plans the objects its rows
+/// name (and what they affect), nothing else.
+///
+/// - Every user of the desired state is planned whole (fields, every membership, direct roles,
+///   activation). A TeamCity user whose SCIM id is in [`Scope::users`] but not in the desired
+///   state is an orphan (a SCIM DELETE: stripped or deleted, held unless the store recorded
+///   the delete). Any other TeamCity user is left alone: neither managed here nor an orphan.
+/// - A desired group whose marker is in [`Scope::groups`] is planned whole: created, renamed
+///   (a swap, with every member), its roles made right, its leftover generations deleted; a
+///   TeamCity group with such a marker that the desired state lacks is an orphan. Any other
+///   desired group is *context*: its current TeamCity group is where its members (in the
+///   desired state) belong, and nothing is planned on the group itself; a context group that
+///   TeamCity does not hold yet is joined by nobody (its own pass creates it with every
+///   member).
+/// - No reports (the reconcile makes them).
+///
+/// `actual` may be a part of TeamCity (see `sync::scope`) that holds every object in scope,
+/// every group of its users, the groups holding the names of the groups in scope, and the
+/// users holding the usernames of the users in scope.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scope {
+    /// SCIM ids of users planned even when the directory no longer has them.
+    pub users: BTreeSet<String>,
+    /// Markers of the groups planned whole.
+    pub groups: BTreeSet<String>,
+}
+
 /// Computes the plan. Pure and deterministic.
 pub fn plan(desired: &Desired, actual: &ActualState, opts: &PlanOptions) -> Plan {
+    plan_in(desired, actual, opts, None)
+}
+
+/// [`plan`] limited to a [`Scope`] (`None`: everything, as [`plan`]). Pure and deterministic.
+pub fn plan_in(
+    desired: &Desired,
+    actual: &ActualState,
+    opts: &PlanOptions,
+    scope: Option<&Scope>,
+) -> Plan {
+    let user_in_scope =
+        |s: &str| scope.is_none_or(|sc| sc.users.contains(s)) || desired.users.contains_key(s);
+    let group_in_scope = |m: &str| scope.is_none_or(|sc| sc.groups.contains(m));
     let mut out = Out::default();
 
     // ---- index actual ----
@@ -281,7 +321,7 @@ pub fn plan(desired: &Desired, actual: &ActualState, opts: &PlanOptions) -> Plan
         if let Some(s) = u.scim_id.as_deref() {
             if desired.users.contains_key(s) && !managed_users.contains_key(s) {
                 managed_users.insert(s, u);
-            } else {
+            } else if user_in_scope(s) {
                 orphans.push(u);
             }
         }
@@ -378,7 +418,7 @@ pub fn plan(desired: &Desired, actual: &ActualState, opts: &PlanOptions) -> Plan
         .filter(|g| {
             g.marker
                 .as_deref()
-                .is_some_and(|m| !desired.groups.contains_key(m))
+                .is_some_and(|m| !desired.groups.contains_key(m) && group_in_scope(m))
         })
         .map(|g| g.key.as_str())
         .collect();
@@ -426,6 +466,19 @@ pub fn plan(desired: &Desired, actual: &ActualState, opts: &PlanOptions) -> Plan
                 .or_else(|| candidates.first())
                 .copied(),
         };
+        if !group_in_scope(&g.marker) {
+            // Context: its members join it where it is; nothing is planned on it.
+            if let Some(c) = current {
+                targets.insert(
+                    &g.marker,
+                    GroupTarget {
+                        key: c.key.clone(),
+                        created: false,
+                    },
+                );
+            }
+            continue;
+        }
         for extra in candidates
             .iter()
             .filter(|a| current.is_none_or(|c| c.key != a.key))
@@ -620,9 +673,9 @@ pub fn plan(desired: &Desired, actual: &ActualState, opts: &PlanOptions) -> Plan
     }
     out.orphan = None;
 
-    // ---- reports ----
+    // ---- reports (the whole plan only) ----
     let mut reports = Vec::new();
-    for (key, ids) in &members {
+    for (key, ids) in members.iter().filter(|_| scope.is_none()) {
         if !managed_group_keys.contains(key) {
             continue;
         }
@@ -636,12 +689,12 @@ pub fn plan(desired: &Desired, actual: &ActualState, opts: &PlanOptions) -> Plan
             }
         }
     }
-    if !actual.all_users_roles.is_empty() {
+    if scope.is_none() && !actual.all_users_roles.is_empty() {
         reports.push(Report::AllUsersRoles {
             roles: actual.all_users_roles.iter().cloned().collect(),
         });
     }
-    for f in &actual.read_failures {
+    for f in actual.read_failures.iter().filter(|_| scope.is_none()) {
         reports.push(Report::ReadFailed {
             user: f.user,
             what: f.what,
@@ -650,7 +703,7 @@ pub fn plan(desired: &Desired, actual: &ActualState, opts: &PlanOptions) -> Plan
     }
     let unmanaged_users = actual.users.iter().filter(|u| !u.is_managed()).count();
     let unmanaged_groups = actual.groups.iter().filter(|g| g.marker.is_none()).count();
-    if unmanaged_users + unmanaged_groups > 0 {
+    if scope.is_none() && unmanaged_users + unmanaged_groups > 0 {
         reports.push(Report::Unmanaged {
             users: unmanaged_users,
             groups: unmanaged_groups,

@@ -1101,3 +1101,336 @@ allowed_roles = ["PROJECT_VIEWER"]
         p.actions
     );
 }
+
+// ---- scoped plans (an outbox pass) ----------------------------------------------
+
+/// What `Store::directory_of(users, groups)` returns from `dir`: the users named and the
+/// user members of the groups named; the groups named with all their members; every other
+/// group of those users with their memberships among them only.
+fn part_of(dir: &Directory, users: &BTreeSet<String>, groups: &BTreeSet<String>) -> Directory {
+    let mut load: BTreeSet<&str> = users.iter().map(String::as_str).collect();
+    for g in dir.groups.iter().filter(|g| groups.contains(&g.id)) {
+        load.extend(g.members.iter().map(String::as_str));
+    }
+    let users: Vec<_> = dir
+        .users
+        .iter()
+        .filter(|u| load.contains(u.id.as_str()))
+        .cloned()
+        .collect();
+    let loaded: BTreeSet<&str> = users.iter().map(|u| u.id.as_str()).collect();
+    let groups = dir
+        .groups
+        .iter()
+        .filter_map(|g| {
+            if groups.contains(&g.id) {
+                return Some(g.clone());
+            }
+            let members: Vec<String> = g
+                .members
+                .iter()
+                .filter(|m| loaded.contains(m.as_str()))
+                .cloned()
+                .collect();
+            (!members.is_empty()).then(|| DirGroup {
+                members,
+                ..g.clone()
+            })
+        })
+        .collect();
+    Directory { users, groups }
+}
+
+/// The scoped plan an outbox pass makes for rows naming `users` and `groups` planned whole,
+/// against the part of `actual` it takes out of the cache, as the engine builds it.
+fn scoped_plan(
+    dir: &Directory,
+    policy: &Policy,
+    actual: &ActualState,
+    opts: PlanOptions,
+    users: &[&str],
+    groups: &[&str],
+) -> (Plan, ActualState) {
+    let groups: BTreeSet<String> = groups.iter().map(|g| (*g).to_owned()).collect();
+    let mut named: BTreeSet<String> = users.iter().map(|u| (*u).to_owned()).collect();
+    let mut cached = sync::scope::Cached::from(actual.clone());
+    named.extend(cached.member_scim_ids(&groups));
+    let part_dir = part_of(dir, &named, &groups);
+    let d = desired(
+        &part_dir,
+        policy,
+        &Pins::new(),
+        &DesiredOptions {
+            partial: Some(groups.clone()),
+            ..DesiredOptions::default()
+        },
+    );
+    let mut scope = sync::plan::Scope {
+        users: named,
+        groups,
+    };
+    scope
+        .users
+        .extend(part_dir.users.iter().map(|u| u.id.clone()));
+    let part = cached.extract(&d, &scope);
+    let p = sync::plan::plan_in(&d, &part.actual, &opts, Some(&scope));
+    (p, part.actual)
+}
+
+/// With everything else in sync, a pass that plans only what its rows touch plans exactly
+/// what the whole plan does — the same steps, prerequisites and orphans, and the guard counts
+/// the same losses on the part as on the whole.
+#[test]
+fn scoped_plans_equal_the_whole_plan_when_the_rest_is_in_sync() {
+    let capped = r#"
+[[groups]]
+match = { externalId = "00gDEV" }
+roles = ["PROJECT_DEVELOPER@p:Backend"]
+[[groups]]
+match = { externalId = "00gOPS" }
+roles = ["PROJECT_ADMIN@p:Backend", "PROJECT_DEVELOPER@p:Backend"]
+[defaults]
+roles = ["PROJECT_VIEWER@p:_Root"]
+[[caps]]
+user_type = "Agent"
+allowed_roles = ["PROJECT_VIEWER@p:_Root", "PROJECT_DEVELOPER@p:Backend"]
+"#;
+    type Change = fn(&mut Directory);
+    /// Case, policy, change, users named by rows, groups planned whole, options.
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        Change,
+        &'a [&'a str],
+        &'a [&'a str],
+        PlanOptions,
+    );
+    let cases: Vec<Case<'_>> = vec![
+        (
+            "add a member",
+            POLICY,
+            |d| d.groups[1].members.push("u2".into()),
+            &["u2"],
+            &[],
+            strip(),
+        ),
+        (
+            "remove a member",
+            POLICY,
+            |d| d.groups[0].members.retain(|m| m != "u2"),
+            &["u2"],
+            &[],
+            strip(),
+        ),
+        (
+            "deactivate",
+            POLICY,
+            |d| d.users[0].active = false,
+            &["u1"],
+            &[],
+            strip(),
+        ),
+        (
+            "user fields",
+            POLICY,
+            |d| d.users[1].email = Some("robert@x".into()),
+            &["u2"],
+            &[],
+            strip(),
+        ),
+        (
+            "rename a user to a taken name",
+            POLICY,
+            |d| d.users[1].user_name = "admin".into(),
+            &["u2"],
+            &[],
+            strip(),
+        ),
+        (
+            "new user in a group",
+            POLICY,
+            |d| {
+                d.users.push(user("u3", "Cat", "cat@x"));
+                d.groups[1].members.push("u3".into());
+            },
+            &["u3"],
+            &["g2"],
+            strip(),
+        ),
+        (
+            "new group with members",
+            POLICY,
+            |d| d.groups.push(group("g3", "QA", None, &["u1", "u2"])),
+            &[],
+            &["g3"],
+            strip(),
+        ),
+        (
+            "group renamed (a swap)",
+            POLICY,
+            |d| d.groups[0].display_name = "Developers".into(),
+            &[],
+            &["g1"],
+            strip(),
+        ),
+        (
+            "group renamed to a taken name",
+            POLICY,
+            |d| d.groups[1].display_name = "Local admins".into(),
+            &[],
+            &["g2"],
+            strip(),
+        ),
+        (
+            "group gains a rule",
+            POLICY,
+            |d| d.groups[1].external_id = Some("00gDEV".into()),
+            &[],
+            &["g2"],
+            strip(),
+        ),
+        (
+            "group replaced without a member",
+            POLICY,
+            |d| d.groups[0].members = vec!["u1".into()],
+            &["u2"],
+            &["g1"],
+            strip(),
+        ),
+        (
+            "group deleted",
+            POLICY,
+            |d| {
+                d.groups.remove(1);
+            },
+            &[],
+            &["g2"],
+            strip(),
+        ),
+        (
+            "user deleted, strip",
+            POLICY,
+            |d| {
+                d.users.remove(1);
+                for g in &mut d.groups {
+                    g.members.retain(|m| m != "u2");
+                }
+            },
+            &["u2"],
+            &[],
+            strip(),
+        ),
+        (
+            "user deleted, delete",
+            POLICY,
+            |d| {
+                d.users.remove(1);
+                for g in &mut d.groups {
+                    g.members.retain(|m| m != "u2");
+                }
+            },
+            &["u2"],
+            &[],
+            delete(),
+        ),
+        (
+            "capped user's group gains a role beyond the cap",
+            capped,
+            |d| d.groups[1].external_id = Some("00gOPS".into()),
+            &[],
+            &["g2"],
+            strip(),
+        ),
+        (
+            "capped user added to a group beyond the cap",
+            capped,
+            |d| d.groups[2].members.push("u3".into()),
+            &["u3"],
+            &[],
+            strip(),
+        ),
+        (
+            "capped user deactivated",
+            capped,
+            |d| d.users[2].active = false,
+            &["u3"],
+            &[],
+            strip(),
+        ),
+    ];
+    for (case, policy, change, users, groups, opts) in cases {
+        let policy = pol(policy);
+        let mut before = base_dir();
+        if case.starts_with("capped") {
+            // Cat is capped, in Ops; Admins' roles go beyond the cap.
+            let mut agent = user("u3", "Cat", "cat@x");
+            agent.user_type = Some("Agent".into());
+            before.users.push(agent);
+            before.groups[1].members.push("u3".into());
+            before
+                .groups
+                .push(group("g3", "Admins", Some("00gOPS"), &["u1"]));
+        }
+        let actual = converge(&before, &policy, &admin_world());
+        let after = with(before, change);
+        let d = desired(&after, &policy, &Pins::new(), &DesiredOptions::default());
+        let whole = plan(&d, &actual, &opts);
+        assert!(
+            !whole.actions.is_empty() || !whole.conflicts.is_empty(),
+            "case {case}: a change"
+        );
+        let (scoped, part) = scoped_plan(&after, &policy, &actual, opts, users, groups);
+        assert_eq!(scoped.actions, whole.actions, "case {case}: steps");
+        assert_eq!(scoped.deps, whole.deps, "case {case}: prerequisites");
+        assert_eq!(scoped.orphans, whole.orphans, "case {case}: orphans");
+        assert_eq!(scoped.conflicts, whole.conflicts, "case {case}: conflicts");
+        assert_eq!(
+            guard::losses(&scoped.actions, &part),
+            guard::losses(&whole.actions, &actual),
+            "case {case}: the guard counts the same losses"
+        );
+        assert!(
+            part.users.len() < actual.users.len() || users.len() + groups.len() > 1,
+            "case {case}: the part is smaller than the whole ({} of {} users)",
+            part.users.len(),
+            actual.users.len()
+        );
+    }
+}
+
+/// A pass planning one user never touches anyone else, even when the rest of TeamCity has
+/// drifted: drift and objects the directory does not know wait for the reconcile.
+#[test]
+fn a_scoped_plan_leaves_drift_and_unknown_objects_to_the_reconcile() {
+    let policy = pol(POLICY);
+    let mut actual = converged();
+    // Drift on Bob (removed from Devs by hand), an orphan managed user and an orphan group.
+    actual.users[2].groups.remove(&k("g1"));
+    actual.users.push(ActualUser {
+        id: 40,
+        username: "ghost".into(),
+        scim_id: Some("ghost".into()),
+        groups: [k("g1")].into(),
+        ..ActualUser::default()
+    });
+    actual.groups.push(ActualGroup {
+        key: k("gone"),
+        name: "Gone".into(),
+        marker: Some("gone".into()),
+        roles: BTreeSet::new(),
+    });
+    let dir = with(base_dir(), |d| {
+        d.users[0].display_name = Some("Annie".into())
+    });
+    let (p, _) = scoped_plan(&dir, &policy, &actual, strip(), &["u1"], &[]);
+    assert_eq!(p.actions.len(), 1, "{:?}", p.actions);
+    assert!(matches!(&p.actions[0], Action::UpdateUser { user: 2, .. }));
+    assert!(p.orphans.is_empty() && p.reports.is_empty());
+    // The whole plan repairs all of it.
+    let whole = plan_of(&dir, &policy, &actual, strip());
+    assert!(
+        whole.actions.len() > 3 && whole.orphans.len() >= 2,
+        "{:?}",
+        whole.actions
+    );
+}

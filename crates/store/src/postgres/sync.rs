@@ -230,6 +230,7 @@ impl PostgresStore {
         now: OffsetDateTime,
         lease: Duration,
         limit: usize,
+        newest: bool,
     ) -> StoreResult<Vec<ClaimedEntity>> {
         let now_s = timefmt::format(now);
         let until = timefmt::format(now + lease);
@@ -241,14 +242,19 @@ impl PostgresStore {
             .bind(CLAIM_LOCK)
             .execute(&mut *tx)
             .await?;
-        let due: Vec<(String, String)> = sqlx::query_as(
+        let due: Vec<(String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT o.entity_type, o.entity_id FROM outbox o \
              WHERE o.state = 'pending' AND o.next_attempt_at <= $1 \
                AND (o.lease_until IS NULL OR o.lease_until <= $1) \
                AND NOT EXISTS (SELECT 1 FROM outbox l WHERE l.entity_type = o.entity_type \
                    AND l.entity_id = o.entity_id AND l.state = 'pending' AND l.lease_until > $1) \
-             GROUP BY o.entity_type, o.entity_id ORDER BY MIN(o.id) LIMIT $2",
-        )
+             GROUP BY o.entity_type, o.entity_id ORDER BY {order} LIMIT $2",
+            order = if newest {
+                "MAX(o.id) DESC"
+            } else {
+                "MIN(o.id)"
+            }
+        )))
         .bind(&now_s)
         .bind(limit)
         .fetch_all(&mut *tx)
@@ -890,6 +896,47 @@ impl PostgresStore {
             })
             .collect::<StoreResult<Vec<_>>>()?;
         Ok(DirectorySnapshot { users, groups })
+    }
+
+    pub(super) async fn sync_directory_of(
+        &self,
+        users: &[String],
+        groups: &[String],
+    ) -> StoreResult<DirectorySnapshot> {
+        // One snapshot for the four queries; each looks its rows up by primary key or index.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await?;
+        let full: Vec<common::MemberRow> = sqlx::query_as(
+            "SELECT group_id, member_id, member_type, display FROM group_members \
+             WHERE group_id = ANY($1)",
+        )
+        .bind(groups)
+        .fetch_all(&mut *tx)
+        .await?;
+        let user_ids = common::scoped_user_ids(users, &full);
+        let user_rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT id, data FROM users WHERE id = ANY($1) ORDER BY seq")
+                .bind(&user_ids)
+                .fetch_all(&mut *tx)
+                .await?;
+        let loaded: Vec<String> = user_rows.iter().map(|(id, _)| id.clone()).collect();
+        let memberships: Vec<common::MemberRow> = sqlx::query_as(
+            "SELECT group_id, member_id, member_type, display FROM group_members \
+             WHERE member_id = ANY($1)",
+        )
+        .bind(&loaded)
+        .fetch_all(&mut *tx)
+        .await?;
+        let group_ids = common::scoped_group_ids(groups, &memberships);
+        let group_rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT id, data FROM groups WHERE id = ANY($1) ORDER BY seq")
+                .bind(&group_ids)
+                .fetch_all(&mut *tx)
+                .await?;
+        tx.rollback().await?;
+        common::scoped_snapshot(user_rows, group_rows, groups, full, memberships)
     }
 
     pub(super) async fn sync_audit(&self, ctx: &WriteCtx, entry: AuditEntry) -> StoreResult<i64> {

@@ -39,6 +39,17 @@ macro_rules! all_as_one_row {
     };
 }
 
+/// The queries of [`SqliteStore::sync_directory_of`], each an indexed lookup per id (checked
+/// with `EXPLAIN QUERY PLAN` in the tests below). Id lists are one JSON array.
+pub(super) const SCOPED_MEMBERS_OF_GROUPS: &str = "SELECT group_id, member_id, member_type, display FROM group_members \
+     WHERE group_id IN (SELECT value FROM json_each(?))";
+pub(super) const SCOPED_USERS: &str =
+    "SELECT id, data FROM users WHERE id IN (SELECT value FROM json_each(?)) ORDER BY seq";
+pub(super) const SCOPED_GROUPS_OF_USERS: &str = "SELECT group_id, member_id, member_type, display FROM group_members \
+     WHERE member_id IN (SELECT value FROM json_each(?))";
+pub(super) const SCOPED_GROUPS: &str =
+    "SELECT id, data FROM groups WHERE id IN (SELECT value FROM json_each(?)) ORDER BY seq";
+
 const ITEM_COLS: &str = "id, entity_type, entity_id, operation, detail, audit_seq, state, attempts";
 const ENTRY_COLS: &str = "id, entity_type, entity_id, operation, detail, audit_seq, state, attempts, \
      created, next_attempt_at, lease_until, leased_by, last_error, dead_reason, held_batch_id, finished";
@@ -223,19 +234,25 @@ impl SqliteStore {
         now: OffsetDateTime,
         lease: Duration,
         limit: usize,
+        newest: bool,
     ) -> StoreResult<Vec<ClaimedEntity>> {
         let now_s = timefmt::format(now);
         let until = timefmt::format(now + lease);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let mut tx = self.begin().await?;
-        let due: Vec<(String, String)> = sqlx::query_as(
+        let due: Vec<(String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT o.entity_type, o.entity_id FROM outbox o \
              WHERE o.state = 'pending' AND o.next_attempt_at <= ? \
                AND (o.lease_until IS NULL OR o.lease_until <= ?) \
                AND NOT EXISTS (SELECT 1 FROM outbox l WHERE l.entity_type = o.entity_type \
                    AND l.entity_id = o.entity_id AND l.state = 'pending' AND l.lease_until > ?) \
-             GROUP BY o.entity_type, o.entity_id ORDER BY MIN(o.id) LIMIT ?",
-        )
+             GROUP BY o.entity_type, o.entity_id ORDER BY {order} LIMIT ?",
+            order = if newest {
+                "MAX(o.id) DESC"
+            } else {
+                "MIN(o.id)"
+            }
+        )))
         .bind(&now_s)
         .bind(&now_s)
         .bind(&now_s)
@@ -941,11 +958,85 @@ impl SqliteStore {
         })
     }
 
+    pub(super) async fn sync_directory_of(
+        &self,
+        users: &[String],
+        groups: &[String],
+    ) -> StoreResult<DirectorySnapshot> {
+        let list = |ids: &[String]| Value::from(ids.to_vec()).to_string();
+        // One read transaction: in WAL mode the four queries see the same snapshot.
+        let mut tx = self.read.begin().await?;
+        let full: Vec<common::MemberRow> = sqlx::query_as(SCOPED_MEMBERS_OF_GROUPS)
+            .bind(list(groups))
+            .fetch_all(&mut *tx)
+            .await?;
+        let user_ids = common::scoped_user_ids(users, &full);
+        let user_rows: Vec<(String, String)> = sqlx::query_as(SCOPED_USERS)
+            .bind(list(&user_ids))
+            .fetch_all(&mut *tx)
+            .await?;
+        let loaded: Vec<String> = user_rows.iter().map(|(id, _)| id.clone()).collect();
+        let memberships: Vec<common::MemberRow> = sqlx::query_as(SCOPED_GROUPS_OF_USERS)
+            .bind(list(&loaded))
+            .fetch_all(&mut *tx)
+            .await?;
+        let group_ids = common::scoped_group_ids(groups, &memberships);
+        let group_rows: Vec<(String, String)> = sqlx::query_as(SCOPED_GROUPS)
+            .bind(list(&group_ids))
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.rollback().await?;
+        common::scoped_snapshot(user_rows, group_rows, groups, full, memberships)
+    }
+
     pub(super) async fn sync_audit(&self, ctx: &WriteCtx, entry: AuditEntry) -> StoreResult<i64> {
         let now = self.now();
         let mut tx = self.begin().await?;
         let seq = append_audit(&mut tx, ctx, now, &entry).await?;
         tx.commit().await?;
         Ok(seq)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    /// Every query of a scoped directory read looks its rows up by index: no table is scanned.
+    #[tokio::test]
+    async fn scoped_directory_reads_use_indexes_only() {
+        let store = SqliteStore::open("sqlite::memory:", Arc::new(crate::SystemClock))
+            .await
+            .expect("open");
+        for sql in [
+            SCOPED_MEMBERS_OF_GROUPS,
+            SCOPED_USERS,
+            SCOPED_GROUPS_OF_USERS,
+            SCOPED_GROUPS,
+        ] {
+            let plan: Vec<(i64, i64, i64, String)> =
+                sqlx::query_as(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")))
+                    .bind("[\"a\",\"b\"]")
+                    .fetch_all(&store.read)
+                    .await
+                    .expect("explain");
+            let steps: Vec<&str> = plan.iter().map(|(_, _, _, d)| d.as_str()).collect();
+            for table in ["users", "groups", "group_members"] {
+                assert!(
+                    !steps
+                        .iter()
+                        .any(|d| d.starts_with(&format!("SCAN {table}"))),
+                    "{sql}: scans {table}: {steps:?}"
+                );
+            }
+            assert!(
+                steps
+                    .iter()
+                    .any(|d| d.starts_with("SEARCH ") && d.contains(" USING ")),
+                "{sql}: no index used: {steps:?}"
+            );
+        }
     }
 }
