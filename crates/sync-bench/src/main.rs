@@ -127,7 +127,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand, Clone, Copy, PartialEq, Eq)]
 enum Cmd {
-    /// All three benchmarks.
+    /// The benchmarks A to D.
     All,
     /// (A) TeamCity calls per effective SCIM change, Okta-style replay.
     Calls,
