@@ -938,3 +938,42 @@ async fn concurrent_writes_each_get_their_own_answer_on(d: Db) {
     let events = s.audit_events(0, 100_000).await.unwrap();
     assert!(verify_chain(GENESIS_HASH, &events).is_ok());
 }
+
+both!(
+    a_write_given_up_before_it_ran_is_not_written,
+    a_write_given_up_before_it_ran_is_not_written_on
+);
+/// A request that gives up (its timeout, a client gone) before its write ran leaves nothing
+/// behind — on SQLite its job waits in the group-commit queue and is skipped there.
+async fn a_write_given_up_before_it_ran_is_not_written_on(d: Db) {
+    let s = &d.store;
+    let before = counts(s).await;
+    let c = ctx();
+    {
+        // Polled once and dropped at once, before anything else runs: a request given up.
+        let mut fut = std::pin::pin!(s.create(&c, ResourceKind::User, user("impatient"), None));
+        let first = std::future::poll_fn(|cx| std::task::Poll::Ready(fut.as_mut().poll(cx))).await;
+        assert!(
+            first.is_pending(),
+            "the write had not finished at its first poll"
+        );
+    }
+    // The next write goes through the same queue after it: once it is answered, the one given
+    // up was skipped (or never sent).
+    s.create(&ctx(), ResourceKind::User, user("patient"), None)
+        .await
+        .unwrap();
+    let q = ListQuery {
+        filter: Some(filter::parse("userName eq \"impatient\"").unwrap()),
+        count: 10,
+        ..ListQuery::default()
+    };
+    assert!(
+        s.list(ResourceKind::User, &q)
+            .await
+            .unwrap()
+            .resources
+            .is_empty()
+    );
+    assert_eq!(counts(s).await, (before.0 + 1, before.1 + 1));
+}

@@ -113,6 +113,14 @@ async fn batch(
     let mut results = Vec::with_capacity(jobs.len());
     let mut any = false;
     for job in jobs {
+        // The request gave up while it waited in the queue (its timeout, or the client went
+        // away): it is not written, so no one is told "failed" about a write that then lands.
+        if job.reply.is_closed() {
+            results.push(Err(StoreError::Unavailable(
+                "the request was given up before it was written".into(),
+            )));
+            continue;
+        }
         sqlx::query("SAVEPOINT scim_write")
             .execute(&mut *tx)
             .await?;
