@@ -431,16 +431,13 @@ fn apply_seed(state: &mut State, seed: &Seed) -> Result<(), EmulatorError> {
                     .map_err(|e| EmulatorError::Seed(e.message))?,
             ));
         }
-        state.groups.insert(
-            g.key.clone(),
-            GroupRec {
-                key: g.key.clone(),
-                name: g.name.clone().unwrap_or_else(|| g.key.clone()),
-                description: g.description.clone(),
-                properties: BTreeMap::new(),
-                roles,
-            },
-        );
+        state.insert_group(GroupRec {
+            key: g.key.clone(),
+            name: g.name.clone().unwrap_or_else(|| g.key.clone()),
+            description: g.description.clone(),
+            properties: BTreeMap::new(),
+            roles,
+        });
     }
     for u in &seed.users {
         if state.user_by_username(&u.username).is_some() {
@@ -470,12 +467,7 @@ fn apply_seed(state: &mut State, seed: &Seed) -> Result<(), EmulatorError> {
         let user = state.users.get_mut(&id).expect("just inserted");
         user.properties = u.properties.clone();
         user.roles = roles;
-        user.groups = u
-            .groups
-            .iter()
-            .filter(|g| *g != ALL_USERS_GROUP)
-            .cloned()
-            .collect();
+        state.set_user_groups(id, u.groups.iter().cloned());
     }
     Ok(())
 }

@@ -461,8 +461,7 @@ async fn create_user(
     };
     if let Some(g) = &posted.groups {
         let keys = posted_group_keys(&s, g)?;
-        s.users.get_mut(&id).expect("just inserted").groups =
-            keys.into_iter().filter(|k| k != ALL_USERS_GROUP).collect();
+        s.set_user_groups(id, keys);
     }
     if let Some(e) = roles_failed {
         return Err(TcError::partial(format!(
@@ -518,7 +517,7 @@ async fn update_user(
         user.roles = r.into_iter().collect();
     }
     if let Some(g) = groups {
-        user.groups = g.into_iter().filter(|k| k != ALL_USERS_GROUP).collect();
+        s.set_user_groups(id, g);
     }
     ok_json(s.render_user(&s.users[&id], &f))
 }
@@ -878,8 +877,7 @@ async fn replace_user_groups(
     let mut s = emu.state();
     let id = s.find_user_item(&u)?;
     let keys = posted_group_keys(&s, &posted)?;
-    s.users.get_mut(&id).expect("found").groups =
-        keys.into_iter().filter(|k| k != ALL_USERS_GROUP).collect();
+    s.set_user_groups(id, keys);
     ok_json(s.render_groups(&user_group_keys(&s, id), &f))
 }
 
@@ -902,13 +900,7 @@ async fn add_user_group(
         },
     )?
     .remove(0);
-    if key != ALL_USERS_GROUP {
-        s.users
-            .get_mut(&id)
-            .expect("found")
-            .groups
-            .insert(key.clone());
-    }
+    s.add_member(id, &key);
     ok_json(s.render_group(&s.groups[&key], &f))
 }
 
@@ -936,7 +928,7 @@ async fn delete_user_group(
     let mut s = emu.state();
     let id = s.find_user_item(&u)?;
     let key = s.find_group(&g)?;
-    if !s.users.get_mut(&id).expect("found").groups.remove(&key) {
+    if !s.remove_member(id, &key) {
         return Err(TcError::not_found("User does not belong to the group"));
     }
     no_content()
@@ -1045,17 +1037,16 @@ fn add_token(
     if name.is_empty() {
         return Err(TcError::bad_request("name cannot be empty"));
     }
-    let user = s.users.get_mut(&id).expect("found");
-    if user.tokens.iter().any(|t| t.name == name) {
+    if s.users[&id].tokens.iter().any(|t| t.name == name) {
         return Err(TcError::bad_request("Token already exists"));
     }
     // TeamCity's TCV2 form: base64 of `{"typ": "TCV2"}`, then two base64url parts.
     let mut rng = rand::rng();
-    let id: [u8; 12] = rng.random();
+    let token_id: [u8; 12] = rng.random();
     let secret: [u8; 32] = rng.random();
     let value = format!(
         "eyJ0eXAiOiAiVENWMiJ9.{}.{}",
-        URL_SAFE_NO_PAD.encode(id),
+        URL_SAFE_NO_PAD.encode(token_id),
         URL_SAFE_NO_PAD.encode(secret)
     );
     let rec = TokenRec {
@@ -1065,7 +1056,7 @@ fn add_token(
         value_sha256: Some(crate::token_digest(&value)),
     };
     let rendered = render_token(&rec, Some(&value), &Fields::Long);
-    user.tokens.push(rec);
+    s.push_token(id, rec);
     Ok(rendered)
 }
 
@@ -1104,10 +1095,7 @@ async fn delete_token(
 ) -> Res {
     let mut s = emu.state();
     let id = s.find_user_item(&u)?;
-    let tokens = &mut s.users.get_mut(&id).expect("found").tokens;
-    let before = tokens.len();
-    tokens.retain(|t| t.name != name);
-    if tokens.len() == before {
+    if !s.remove_token(id, &name) {
         return Err(TcError::not_found(format!(
             "No token found by name '{name}'"
         )));
@@ -1175,7 +1163,7 @@ async fn create_group(
             "Cannot create group as group with key '{key}': group with the same key already exists"
         )));
     }
-    if s.groups.values().any(|g| g.name == name) {
+    if s.group_key_by_name(&name).is_some() {
         return Err(TcError::bad_request(format!(
             "Cannot create group as group with name '{name}': group with the same name already exists"
         )));
@@ -1202,20 +1190,15 @@ async fn create_group(
             .collect::<Result<Vec<_>, _>>()
             .map_err(|_| TcError::bad_request("Cannot create group with specified users"))?,
     };
-    s.groups.insert(
-        key.clone(),
-        GroupRec {
-            key: key.clone(),
-            name,
-            description: posted.description.clone(),
-            properties: props.unwrap_or_default(),
-            roles: roles.unwrap_or_default().into_iter().collect(),
-        },
-    );
+    s.insert_group(GroupRec {
+        key: key.clone(),
+        name,
+        description: posted.description.clone(),
+        properties: props.unwrap_or_default(),
+        roles: roles.unwrap_or_default().into_iter().collect(),
+    });
     for id in members {
-        if let Some(u) = s.users.get_mut(&id) {
-            u.groups.insert(key.clone());
-        }
+        s.add_member(id, &key);
     }
     ok_json(s.render_group(&s.groups[&key], &f))
 }
@@ -1226,10 +1209,7 @@ async fn delete_group(AxState(emu): AxState<Emulator>, Path(g): Path<String>) ->
     if key == ALL_USERS_GROUP {
         return Err(TcError::bad_request("Cannot delete the All Users group"));
     }
-    s.groups.remove(&key);
-    for u in s.users.values_mut() {
-        u.groups.remove(&key);
-    }
+    s.remove_group(&key);
     no_content()
 }
 

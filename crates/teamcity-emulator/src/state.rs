@@ -6,7 +6,7 @@
 //! holds no HTTP concerns (status codes come from [`TcError`] constructors)
 //! and must never render a password or a token value except where TeamCity does.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as Json, json};
@@ -139,7 +139,29 @@ pub struct State {
     /// `users` was changed behind its back (a state loaded from a dump, a test inserting
     /// directly): see [`State::user_by_username`].
     #[serde(skip)]
-    by_username: std::collections::HashMap<String, u64>,
+    by_username: HashMap<String, u64>,
+    /// Indexes derived from `users` and `groups` (members of each group, the owner of each
+    /// token digest, the key of each group name), so that every operation costs O(log n)
+    /// in the size of the directory and of a group: TeamCity looks these up in indexes too,
+    /// and a benchmark at 100,000 users must measure the bridge, not the emulator. Kept by
+    /// the mutators below; built by [`State::reindex`] (which [`crate::Emulator::with_state`]
+    /// and [`crate::Emulator::restore`] call after changes made behind their back). A state
+    /// just deserialized has none and answers from scans until reindexed.
+    #[serde(skip)]
+    derived: Derived,
+}
+
+/// See [`State::derived`](State).
+#[derive(Debug, Clone, Default)]
+struct Derived {
+    /// Whether the maps below agree with `users` and `groups`.
+    ready: bool,
+    /// Group key → ids of its direct members (`ALL_USERS_GROUP` is implicit, never here).
+    members: HashMap<String, BTreeSet<u64>>,
+    /// Token value digest → id of the user holding the token.
+    tokens: HashMap<String, u64>,
+    /// Group name → key.
+    group_names: HashMap<String, String>,
 }
 
 impl PartialEq for State {
@@ -209,21 +231,20 @@ impl State {
             ],
             next_user_id: 1,
             admin_id: 1,
-            by_username: std::collections::HashMap::new(),
+            by_username: HashMap::new(),
+            derived: Derived::default(),
         };
+        state.reindex();
         for p in projects {
             state.add_project(p, "_Root");
         }
-        state.groups.insert(
-            ALL_USERS_GROUP.into(),
-            GroupRec {
-                key: ALL_USERS_GROUP.into(),
-                name: "All Users".into(),
-                description: Some("Contains all TeamCity users".into()),
-                properties: BTreeMap::new(),
-                roles: BTreeSet::new(),
-            },
-        );
+        state.insert_group(GroupRec {
+            key: ALL_USERS_GROUP.into(),
+            name: "All Users".into(),
+            description: Some("Contains all TeamCity users".into()),
+            properties: BTreeMap::new(),
+            roles: BTreeSet::new(),
+        });
         let admin = state.insert_user("admin", Some("Administrator"), None);
         state.admin_id = admin;
         if let Some(u) = state.users.get_mut(&admin) {
@@ -286,6 +307,18 @@ impl State {
     pub fn remove_user(&mut self, id: u64) -> Option<UserRec> {
         let user = self.users.remove(&id)?;
         self.by_username.remove(&user.username);
+        if self.derived.ready {
+            for key in &user.groups {
+                if let Some(m) = self.derived.members.get_mut(key) {
+                    m.remove(&id);
+                }
+            }
+            for t in &user.tokens {
+                if let Some(d) = &t.value_sha256 {
+                    self.derived.tokens.remove(d);
+                }
+            }
+        }
         Some(user)
     }
 
@@ -350,17 +383,136 @@ impl State {
     /// The user and token name a token value authenticates: the token must exist with
     /// this value's digest and must not have expired.
     pub(crate) fn token_owner(&self, value_sha256: &str, now: time::OffsetDateTime) -> Option<u64> {
-        self.users.values().find_map(|u| {
+        let valid = |u: &UserRec| {
             u.tokens
                 .iter()
                 .find(|t| t.value_sha256.as_deref() == Some(value_sha256))
-                .filter(|t| {
+                .is_some_and(|t| {
                     t.expiration_time
                         .as_deref()
                         .is_none_or(|exp| parse_teamcity_time(exp).is_none_or(|exp| exp > now))
                 })
-                .map(|_| u.id)
-        })
+        };
+        if self.derived.ready {
+            let id = self.derived.tokens.get(value_sha256)?;
+            return self.users.get(id).filter(|u| valid(u)).map(|u| u.id);
+        }
+        self.users.values().find(|u| valid(u)).map(|u| u.id)
+    }
+
+    /// Adds a token to user `id` (the caller checked its name is free).
+    pub(crate) fn push_token(&mut self, id: u64, rec: TokenRec) {
+        if let Some(d) = rec.value_sha256.clone().filter(|_| self.derived.ready) {
+            self.derived.tokens.insert(d, id);
+        }
+        if let Some(u) = self.users.get_mut(&id) {
+            u.tokens.push(rec);
+        }
+    }
+
+    /// Removes user `id`'s token `name`; false when it has none by that name.
+    pub(crate) fn remove_token(&mut self, id: u64, name: &str) -> bool {
+        let Some(u) = self.users.get_mut(&id) else {
+            return false;
+        };
+        let Some(at) = u.tokens.iter().position(|t| t.name == name) else {
+            return false;
+        };
+        let t = u.tokens.remove(at);
+        if let Some(d) = t.value_sha256.filter(|_| self.derived.ready) {
+            self.derived.tokens.remove(&d);
+        }
+        true
+    }
+
+    /// Adds user `id` to group `key` (`ALL_USERS_GROUP` is implicit: nothing to do); false
+    /// when it was a member already or does not exist.
+    pub(crate) fn add_member(&mut self, id: u64, key: &str) -> bool {
+        if key == ALL_USERS_GROUP {
+            return false;
+        }
+        let Some(u) = self.users.get_mut(&id) else {
+            return false;
+        };
+        let added = u.groups.insert(key.to_owned());
+        if added && self.derived.ready {
+            self.derived
+                .members
+                .entry(key.to_owned())
+                .or_default()
+                .insert(id);
+        }
+        added
+    }
+
+    /// Removes user `id` from group `key`; false when it was not a (direct) member.
+    pub(crate) fn remove_member(&mut self, id: u64, key: &str) -> bool {
+        let removed = self
+            .users
+            .get_mut(&id)
+            .is_some_and(|u| u.groups.remove(key));
+        if removed
+            && self.derived.ready
+            && let Some(m) = self.derived.members.get_mut(key)
+        {
+            m.remove(&id);
+        }
+        removed
+    }
+
+    /// Makes `keys` (without `ALL_USERS_GROUP`) user `id`'s direct groups.
+    pub(crate) fn set_user_groups(&mut self, id: u64, keys: impl IntoIterator<Item = String>) {
+        let old = self
+            .users
+            .get(&id)
+            .map(|u| u.groups.clone())
+            .unwrap_or_default();
+        for key in &old {
+            self.remove_member(id, key);
+        }
+        for key in keys {
+            self.add_member(id, &key);
+        }
+    }
+
+    /// Adds a group (the caller checked its key and name are free).
+    pub(crate) fn insert_group(&mut self, g: GroupRec) {
+        if self.derived.ready {
+            self.derived
+                .group_names
+                .insert(g.name.clone(), g.key.clone());
+        }
+        self.groups.insert(g.key.clone(), g);
+    }
+
+    /// Removes group `key` and every membership in it.
+    pub(crate) fn remove_group(&mut self, key: &str) {
+        let Some(g) = self.groups.remove(key) else {
+            return;
+        };
+        if self.derived.ready {
+            self.derived.group_names.remove(&g.name);
+            for id in self.derived.members.remove(key).unwrap_or_default() {
+                if let Some(u) = self.users.get_mut(&id) {
+                    u.groups.remove(key);
+                }
+            }
+        } else {
+            for u in self.users.values_mut() {
+                u.groups.remove(key);
+            }
+        }
+    }
+
+    /// The key of the group named `name`.
+    pub(crate) fn group_key_by_name(&self, name: &str) -> Option<&str> {
+        if self.derived.ready {
+            return self.derived.group_names.get(name).map(String::as_str);
+        }
+        self.groups
+            .values()
+            .find(|g| g.name == name)
+            .map(|g| g.key.as_str())
     }
 
     /// Whether the user holds `SYSTEM_ADMIN` globally, directly or through a group.
@@ -369,11 +521,7 @@ impl State {
             let global = |roles: &BTreeSet<(String, String)>| {
                 roles.iter().any(|(r, sc)| r == "SYSTEM_ADMIN" && sc == "g")
             };
-            global(&u.roles)
-                || self
-                    .groups
-                    .values()
-                    .any(|g| self.is_member(user, &g.key) && global(&g.roles))
+            global(&u.roles) || self.groups_of(u).any(|g| global(&g.roles))
         })
     }
 
@@ -384,6 +532,33 @@ impl State {
             .values()
             .map(|u| (u.username.clone(), u.id))
             .collect();
+        let mut d = Derived {
+            ready: true,
+            ..Derived::default()
+        };
+        for u in self.users.values() {
+            for key in &u.groups {
+                d.members.entry(key.clone()).or_default().insert(u.id);
+            }
+            for t in &u.tokens {
+                if let Some(v) = &t.value_sha256 {
+                    d.tokens.insert(v.clone(), u.id);
+                }
+            }
+        }
+        d.group_names = self
+            .groups
+            .values()
+            .map(|g| (g.name.clone(), g.key.clone()))
+            .collect();
+        self.derived = d;
+    }
+
+    /// The groups user `u` is in: `ALL_USERS_GROUP` and its direct groups.
+    fn groups_of<'a>(&'a self, u: &'a UserRec) -> impl Iterator<Item = &'a GroupRec> + 'a {
+        std::iter::once(ALL_USERS_GROUP)
+            .chain(u.groups.iter().map(String::as_str))
+            .filter_map(|k| self.groups.get(k))
     }
 
     // ---- finders --------------------------------------------------------
@@ -418,6 +593,9 @@ impl State {
                 Some(u) => vec![u.id],
                 None => return Err(TcError::not_found("User not found")),
             }
+        } else if let Some(g) = loc.text("group")?.or(loc.text("affectedGroup")?) {
+            // Without roles-by-group inheritance, both dimensions name direct members here.
+            self.members(&self.find_group(&g)?)
         } else {
             self.users.keys().copied().collect()
         };
@@ -496,10 +674,8 @@ impl State {
         }
         if let Some(name) = loc.text("name")? {
             return self
-                .groups
-                .values()
-                .find(|g| g.name == name)
-                .map(|g| g.key.clone())
+                .group_key_by_name(&name)
+                .map(str::to_owned)
                 .ok_or_else(|| {
                     TcError::not_found(format!("No group can be found by name '{name}'."))
                 });
@@ -607,6 +783,17 @@ impl State {
 
     /// Member ids of a group.
     pub(crate) fn members(&self, key: &str) -> Vec<u64> {
+        if key == ALL_USERS_GROUP {
+            return self.users.keys().copied().collect();
+        }
+        if self.derived.ready {
+            return self
+                .derived
+                .members
+                .get(key)
+                .map(|m| m.iter().copied().collect())
+                .unwrap_or_default();
+        }
         self.users
             .values()
             .filter(|u| self.is_member(u.id, key))
@@ -708,11 +895,7 @@ impl State {
             return false;
         };
         let mut holders: Vec<&BTreeSet<(String, String)>> = vec![&u.roles];
-        for g in self.groups.values() {
-            if self.is_member(user, &g.key) {
-                holders.push(&g.roles);
-            }
-        }
+        holders.extend(self.groups_of(u).map(|g| &g.roles));
         holders.iter().flat_map(|h| h.iter()).any(|(role, scope)| {
             let role_ok = match &req.role {
                 None => true,
@@ -1138,5 +1321,103 @@ mod tests {
         let json = serde_json::to_string(&s).expect("dump");
         let loaded: State = serde_json::from_str(&json).expect("load");
         assert_eq!(loaded.user_by_username("carl").map(|u| u.id), Some(c));
+    }
+}
+
+#[cfg(test)]
+mod index_tests {
+    use super::*;
+
+    fn token(name: &str, digest: &str) -> TokenRec {
+        TokenRec {
+            name: name.into(),
+            creation_time: "20260101T000000+0000".into(),
+            expiration_time: None,
+            value_sha256: Some(digest.into()),
+        }
+    }
+
+    fn group(key: &str, name: &str) -> GroupRec {
+        GroupRec {
+            key: key.into(),
+            name: name.into(),
+            description: None,
+            properties: BTreeMap::new(),
+            roles: BTreeSet::new(),
+        }
+    }
+
+    /// The indexed answers of `s` against the same questions answered by scans (a copy of
+    /// the state as loaded from a dump has no index).
+    fn assert_index_agrees(s: &State) {
+        let scan: State = serde_json::from_str(&serde_json::to_string(s).unwrap()).unwrap();
+        assert!(s.derived.ready && !scan.derived.ready);
+        let now = time::OffsetDateTime::now_utc();
+        for key in s.groups.keys() {
+            assert_eq!(s.members(key), scan.members(key), "members of {key}");
+            let name = &s.groups[key].name;
+            assert_eq!(s.group_key_by_name(name), scan.group_key_by_name(name));
+        }
+        for d in ["d1", "d2", "d3", "gone"] {
+            assert_eq!(s.token_owner(d, now), scan.token_owner(d, now), "token {d}");
+        }
+        assert_eq!(s.group_key_by_name("nobody"), None);
+        let mut rebuilt = s.clone();
+        rebuilt.reindex();
+        let non_empty = |d: &Derived| {
+            let mut m: Vec<_> = d.members.iter().filter(|(_, v)| !v.is_empty()).collect();
+            m.sort();
+            m.into_iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(non_empty(&rebuilt.derived), non_empty(&s.derived));
+        assert_eq!(rebuilt.derived.tokens, s.derived.tokens);
+        assert_eq!(rebuilt.derived.group_names, s.derived.group_names);
+    }
+
+    #[test]
+    fn indexes_follow_every_change_and_agree_with_scans() {
+        let mut s = State::new(&[]);
+        let a = s.insert_user("ann", None, None);
+        let b = s.insert_user("bob", None, None);
+        s.insert_group(group("G1", "one"));
+        s.insert_group(group("G2", "two"));
+        assert!(s.add_member(a, "G1"));
+        assert!(!s.add_member(a, "G1"), "already a member");
+        assert!(!s.add_member(a, ALL_USERS_GROUP), "implicit");
+        s.add_member(b, "G1");
+        s.add_member(b, "G2");
+        s.push_token(a, token("t1", "d1"));
+        s.push_token(b, token("t2", "d2"));
+        assert_eq!(s.members("G1"), vec![a, b]);
+        assert_eq!(
+            s.token_owner("d2", time::OffsetDateTime::now_utc()),
+            Some(b)
+        );
+        assert_index_agrees(&s);
+
+        s.set_user_groups(a, ["G2".to_string(), ALL_USERS_GROUP.to_string()]);
+        assert_eq!(s.members("G1"), vec![b]);
+        assert_eq!(s.members("G2"), vec![a, b]);
+        assert!(s.remove_member(b, "G2"));
+        assert!(!s.remove_member(b, "G2"));
+        assert!(s.remove_token(a, "t1"));
+        assert!(!s.remove_token(a, "t1"));
+        assert_eq!(s.token_owner("d1", time::OffsetDateTime::now_utc()), None);
+        s.push_token(a, token("t3", "d3"));
+        assert_index_agrees(&s);
+
+        s.remove_group("G2");
+        assert!(
+            s.users[&a].groups.is_empty(),
+            "membership gone with the group"
+        );
+        assert_eq!(s.group_key_by_name("two"), None);
+        s.remove_user(b);
+        assert_eq!(s.members("G1"), Vec::<u64>::new());
+        assert_eq!(s.token_owner("d2", time::OffsetDateTime::now_utc()), None);
+        assert_eq!(s.members(ALL_USERS_GROUP), vec![s.admin_id, a]);
+        assert_index_agrees(&s);
     }
 }
