@@ -21,6 +21,38 @@ use crate::{
     timefmt,
 };
 
+/// Which due entities an outbox claim takes first (the SQL is the same on both backends).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ClaimOrder {
+    /// The oldest due row first: the backlog drains in the order it was written.
+    Oldest,
+    /// The newest due row first.
+    Newest,
+    /// Only entities with a stored link (TeamCity has them), oldest first.
+    Linked,
+}
+
+impl ClaimOrder {
+    /// A condition on the outbox row `o` added to the claim's `WHERE`.
+    pub(crate) fn filter(self) -> &'static str {
+        match self {
+            ClaimOrder::Linked => {
+                "AND EXISTS (SELECT 1 FROM mappings m \
+                 WHERE m.kind = o.entity_type AND m.scim_id = o.entity_id) "
+            }
+            ClaimOrder::Oldest | ClaimOrder::Newest => "",
+        }
+    }
+
+    /// The claim's `ORDER BY` over the groups of due rows of one entity.
+    pub(crate) fn order_by(self) -> &'static str {
+        match self {
+            ClaimOrder::Newest => "MAX(o.id) DESC",
+            ClaimOrder::Oldest | ClaimOrder::Linked => "MIN(o.id)",
+        }
+    }
+}
+
 pub(crate) const OUTBOX_STATES: &[&str] = &["pending", "done", "dead", "held", "dropped"];
 pub(crate) const HELD_STATES: &[&str] = &["held", "approved", "applied", "dropped"];
 

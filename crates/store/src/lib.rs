@@ -23,6 +23,7 @@ pub mod audit;
 mod clock;
 mod common;
 pub mod copy;
+mod group_commit;
 pub mod postgres;
 pub use postgres::redact_url;
 mod sql_filter;
@@ -613,6 +614,17 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// row): the worker takes a share of each pass this way, so a push made during a long
     /// backlog (a first load) is not applied after all of it.
     async fn claim_outbox_newest(
+        &self,
+        worker: &str,
+        now: OffsetDateTime,
+        lease: std::time::Duration,
+        limit: usize,
+    ) -> StoreResult<Vec<ClaimedEntity>>;
+
+    /// [`Store::claim_outbox`] for entities TeamCity already has (a user or group with a
+    /// stored link), oldest due row first: a change to existing access — a deactivation, a
+    /// membership — is not queued behind the creations of a first load.
+    async fn claim_outbox_linked(
         &self,
         worker: &str,
         now: OffsetDateTime,

@@ -2,10 +2,12 @@
 //!
 //! Audited writes append to one chain through the one row of `audit_head` (`SELECT … FOR
 //! UPDATE`), which holds the chain's last seq and hash: writers from every process append with
-//! gap-free seq in commit order. The SCIM resource commands take that lock only for their
-//! append, at their end; before it, what SQLite gets from its single writer holds through row
-//! locks and indexes (`FOR UPDATE` on a resource read then written, `FOR SHARE` on a member
-//! being added, unique indexes for names). Other audited writes lock the head first. Outbox claims
+//! gap-free seq in commit order. Every audited write takes that lock first. The SCIM resource
+//! commands of a process are queued to its group-commit writer (`crate::group_commit`), which
+//! runs what is waiting in one transaction — one head lock and one WAL flush for many writes,
+//! each in its own savepoint; row locks (`FOR UPDATE` on a resource read then written, `FOR
+//! SHARE` on a member being added) and unique indexes hold what SQLite's single writer gives,
+//! and since the head is always the first lock, replicas never deadlock through it. Outbox claims
 //! (not audited) skip rows another transaction holds (`FOR UPDATE SKIP LOCKED`) and are
 //! serialised with each other by a transaction-scoped advisory lock, so no entity is ever
 //! leased to two workers. Timestamps and JSON are TEXT exactly as in SQLite (see the schema).
@@ -39,6 +41,7 @@ mod audit_log;
 mod copy;
 mod lease;
 mod sync;
+use crate::group_commit as gc;
 
 /// The channel a transaction that inserts an outbox row notifies (`LISTEN` on it to wake up).
 pub const OUTBOX_CHANNEL: &str = "teamcity_scim_outbox";
@@ -53,6 +56,9 @@ pub struct PostgresStore {
     clock: Arc<dyn Clock>,
     /// Set on a [`Store::fenced`] view: every write transaction checks them first.
     fences: Vec<Arc<crate::Fence>>,
+    /// The group-commit writer of SCIM resource commands (`crate::group_commit`); `None` on a
+    /// fenced view and inside the writer itself (they write directly).
+    writer: Option<tokio::sync::mpsc::Sender<gc::Job>>,
 }
 
 type Tx = Transaction<'static, Postgres>;
@@ -145,11 +151,14 @@ impl PostgresStore {
                     format!("cannot migrate the PostgreSQL database at `{shown}`: {e}").into(),
                 )
             })?;
-        Ok(PostgresStore {
+        let mut store = PostgresStore {
             pool,
             clock,
             fences: Vec::new(),
-        })
+            writer: None,
+        };
+        store.writer = Some(gc::spawn(store.clone()));
+        Ok(store)
     }
 
     /// A transaction for writes that are not audited (outbox claims, sync state).
@@ -176,15 +185,6 @@ impl PostgresStore {
             .await?;
         self.check_fence(&mut tx).await?;
         Ok(tx)
-    }
-
-    /// A transaction for one SCIM resource command (create, replace, update, delete): it locks
-    /// the rows it reads before writing them (`FOR UPDATE` on the resource, `FOR SHARE` on
-    /// members it adds; uniqueness is the indexes'), and takes the chain head's lock only when it
-    /// appends its one audit event, at its end — so concurrent commands overlap until then, and
-    /// the head is always the last lock taken (no deadlock through it).
-    async fn begin_resource_write(&self) -> StoreResult<Tx> {
-        self.begin().await
     }
 
     fn now(&self) -> OffsetDateTime {
@@ -485,21 +485,16 @@ impl PostgresStore {
         attrs: Option<Value>,
         members: &[MembershipChange],
     ) -> StoreResult<Resource> {
-        let mut tx = self.begin_resource_write().await?;
-        update_in(
-            &mut tx,
-            ctx,
-            self.now(),
+        let op = gc::Op::Update {
             kind,
-            id,
-            expected_version,
-            attrs.as_ref(),
-            members,
-        )
-        .await?;
-        let r = read_one_tx(&mut tx, kind, id, read_back(kind)).await?;
-        tx.commit().await?;
-        Ok(r)
+            id: id.to_owned(),
+            expected: expected_version,
+            attrs,
+            members: members.to_vec(),
+        };
+        gc::write(self, self.writer.as_ref(), ctx, op)
+            .await?
+            .ok_or(StoreError::NotFound)
     }
 
     async fn list_query(&self, kind: ResourceKind, q: &ListQuery) -> StoreResult<ListPage> {
@@ -899,21 +894,15 @@ impl Store for PostgresStore {
         attrs: Value,
         members: Option<Vec<NewMember>>,
     ) -> StoreResult<Resource> {
-        let id = uuid::Uuid::new_v4().to_string();
-        let mut tx = self.begin_resource_write().await?;
-        create_in(
-            &mut tx,
-            ctx,
-            self.now(),
+        let op = gc::Op::Create {
             kind,
-            &id,
-            &attrs,
-            members.as_deref(),
-        )
-        .await?;
-        let r = read_one_tx(&mut tx, kind, &id, read_back(kind)).await?;
-        tx.commit().await?;
-        Ok(r)
+            id: uuid::Uuid::new_v4().to_string(),
+            attrs,
+            members,
+        };
+        gc::write(self, self.writer.as_ref(), ctx, op)
+            .await?
+            .ok_or(StoreError::NotFound)
     }
 
     async fn replace(
@@ -925,21 +914,16 @@ impl Store for PostgresStore {
         attrs: Value,
         members: Option<Vec<NewMember>>,
     ) -> StoreResult<Resource> {
-        let mut tx = self.begin_resource_write().await?;
-        replace_in(
-            &mut tx,
-            ctx,
-            self.now(),
+        let op = gc::Op::Replace {
             kind,
-            id,
-            expected_version,
-            &attrs,
-            members.as_deref(),
-        )
-        .await?;
-        let r = read_one_tx(&mut tx, kind, id, read_back(kind)).await?;
-        tx.commit().await?;
-        Ok(r)
+            id: id.to_owned(),
+            expected: expected_version,
+            attrs,
+            members,
+        };
+        gc::write(self, self.writer.as_ref(), ctx, op)
+            .await?
+            .ok_or(StoreError::NotFound)
     }
 
     async fn update(
@@ -972,10 +956,14 @@ impl Store for PostgresStore {
         id: &str,
         expected_version: Option<i64>,
     ) -> StoreResult<()> {
-        let mut tx = self.begin_resource_write().await?;
-        delete_in(&mut tx, ctx, self.now(), kind, id, expected_version).await?;
-        tx.commit().await?;
-        Ok(())
+        let op = gc::Op::Delete {
+            kind,
+            id: id.to_owned(),
+            expected: expected_version,
+        };
+        gc::write(self, self.writer.as_ref(), ctx, op)
+            .await
+            .map(|_| ())
     }
 
     async fn write_batch(
@@ -1291,7 +1279,18 @@ impl Store for PostgresStore {
         lease: Duration,
         limit: usize,
     ) -> StoreResult<Vec<crate::ClaimedEntity>> {
-        self.sync_claim_outbox(worker, now, lease, limit, false)
+        self.sync_claim_outbox(worker, now, lease, limit, common::ClaimOrder::Oldest)
+            .await
+    }
+
+    async fn claim_outbox_linked(
+        &self,
+        worker: &str,
+        now: OffsetDateTime,
+        lease: Duration,
+        limit: usize,
+    ) -> StoreResult<Vec<crate::ClaimedEntity>> {
+        self.sync_claim_outbox(worker, now, lease, limit, common::ClaimOrder::Linked)
             .await
     }
 
@@ -1302,7 +1301,7 @@ impl Store for PostgresStore {
         lease: Duration,
         limit: usize,
     ) -> StoreResult<Vec<crate::ClaimedEntity>> {
-        self.sync_claim_outbox(worker, now, lease, limit, true)
+        self.sync_claim_outbox(worker, now, lease, limit, common::ClaimOrder::Newest)
             .await
     }
 
@@ -1527,6 +1526,96 @@ impl Store for PostgresStore {
 
     async fn audit(&self, ctx: &WriteCtx, entry: crate::AuditEntry) -> StoreResult<i64> {
         self.sync_audit(ctx, entry).await
+    }
+}
+
+/// PostgreSQL's statements for the group-commit writer (`crate::group_commit`): a batch's
+/// transaction takes the audit chain head's lock first ([`PostgresStore::begin_write`]), so
+/// every row lock of the batch comes after it and batches of several replicas never deadlock.
+impl gc::Writer for PostgresStore {
+    type Tx = Tx;
+
+    fn begin(&self) -> impl std::future::Future<Output = StoreResult<Tx>> + Send {
+        self.begin_write()
+    }
+
+    async fn exec(tx: &mut Tx, sql: &'static str) -> StoreResult<()> {
+        sqlx::query(sql).execute(&mut **tx).await?;
+        Ok(())
+    }
+
+    async fn commit(tx: Tx) -> StoreResult<()> {
+        Ok(tx.commit().await?)
+    }
+
+    fn create_in<'a>(
+        tx: &'a mut Tx,
+        ctx: &'a WriteCtx,
+        now: OffsetDateTime,
+        kind: ResourceKind,
+        id: &'a str,
+        attrs: &'a Value,
+        members: Option<&'a [NewMember]>,
+    ) -> impl std::future::Future<Output = StoreResult<()>> + Send + 'a {
+        create_in(tx, ctx, now, kind, id, attrs, members)
+    }
+
+    fn replace_in<'a>(
+        tx: &'a mut Tx,
+        ctx: &'a WriteCtx,
+        now: OffsetDateTime,
+        kind: ResourceKind,
+        id: &'a str,
+        expected: Option<i64>,
+        attrs: &'a Value,
+        members: Option<&'a [NewMember]>,
+    ) -> impl std::future::Future<Output = StoreResult<()>> + Send + 'a {
+        replace_in(tx, ctx, now, kind, id, expected, attrs, members)
+    }
+
+    fn update_in<'a>(
+        tx: &'a mut Tx,
+        ctx: &'a WriteCtx,
+        now: OffsetDateTime,
+        kind: ResourceKind,
+        id: &'a str,
+        expected: Option<i64>,
+        attrs: Option<&'a Value>,
+        members: &'a [MembershipChange],
+    ) -> impl std::future::Future<Output = StoreResult<bool>> + Send + 'a {
+        update_in(tx, ctx, now, kind, id, expected, attrs, members)
+    }
+
+    fn delete_in<'a>(
+        tx: &'a mut Tx,
+        ctx: &'a WriteCtx,
+        now: OffsetDateTime,
+        kind: ResourceKind,
+        id: &'a str,
+        expected: Option<i64>,
+    ) -> impl std::future::Future<Output = StoreResult<()>> + Send + 'a {
+        delete_in(tx, ctx, now, kind, id, expected)
+    }
+
+    fn read_in<'a>(
+        &'a self,
+        tx: &'a mut Tx,
+        kind: ResourceKind,
+        id: &'a str,
+    ) -> impl std::future::Future<Output = StoreResult<Resource>> + Send + 'a {
+        read_one_tx(tx, kind, id, read_back(kind))
+    }
+
+    fn now(&self) -> OffsetDateTime {
+        PostgresStore::now(self)
+    }
+
+    /// The generation every replica's lookup cache reads lives in the database
+    /// (`audit_head.resource_gen`, moved by each write): nothing to do here.
+    fn written(&self) {}
+
+    fn stopped() -> StoreError {
+        StoreError::Unavailable("the PostgreSQL writer has stopped".into())
     }
 }
 

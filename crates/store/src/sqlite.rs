@@ -14,7 +14,7 @@ use time::OffsetDateTime;
 
 use crate::audit::AuditEvent;
 use crate::common::{
-    self, NewEvent, Record, TokenRow, chain_event, entity, indexed, read_back, table, token_row,
+    self, NewEvent, Record, TokenRow, chain_event, entity, indexed, table, token_row,
 };
 use crate::sql_filter::{Bind, Dialect};
 use crate::{
@@ -26,6 +26,7 @@ use crate::{
 mod audit_log;
 mod copy;
 mod group_commit;
+use crate::group_commit as gc;
 mod lease;
 mod sync;
 
@@ -43,7 +44,7 @@ pub struct SqliteStore {
     fences: Vec<Arc<crate::Fence>>,
     /// The group-commit writer of SCIM resource commands (see `group_commit`); `None` on a
     /// fenced view and inside the writer itself (they write directly).
-    writer: Option<tokio::sync::mpsc::Sender<group_commit::Job>>,
+    writer: Option<tokio::sync::mpsc::Sender<gc::Job>>,
 }
 
 type Tx = Transaction<'static, Sqlite>;
@@ -64,34 +65,16 @@ impl SqliteStore {
         attrs: Option<Value>,
         members: &[MembershipChange],
     ) -> StoreResult<Resource> {
-        let op = group_commit::Op::Update {
+        let op = gc::Op::Update {
             kind,
             id: id.to_owned(),
             expected: expected_version,
-            attrs: attrs.clone(),
+            attrs,
             members: members.to_vec(),
         };
-        if let Some(r) = self.submit(ctx, op).await {
-            return r?.ok_or(StoreError::NotFound);
-        }
-        let mut tx = self.begin().await?;
-        let changed = Self::update_in(
-            &mut tx,
-            ctx,
-            self.now(),
-            kind,
-            id,
-            expected_version,
-            attrs.as_ref(),
-            members,
-        )
-        .await?;
-        let r = self.read_one_tx(&mut tx, kind, id, read_back(kind)).await?;
-        tx.commit().await?;
-        if changed {
-            self.written();
-        }
-        Ok(r)
+        gc::write(self, self.writer.as_ref(), ctx, op)
+            .await?
+            .ok_or(StoreError::NotFound)
     }
 
     /// The update inside `tx`. Returns whether anything changed (nothing: no version bump, no
@@ -376,35 +359,8 @@ impl SqliteStore {
             fences: Vec::new(),
             writer: None,
         };
-        let (tx, rx) = tokio::sync::mpsc::channel(4 * group_commit::MAX_BATCH);
-        tokio::spawn(group_commit::run(store.clone(), rx));
-        store.writer = Some(tx);
+        store.writer = Some(gc::spawn(store.clone()));
         Ok(store)
-    }
-
-    /// Runs a resource command through the group-commit writer, or directly when there is none.
-    async fn submit(
-        &self,
-        ctx: &WriteCtx,
-        op: group_commit::Op,
-    ) -> Option<StoreResult<Option<Resource>>> {
-        let writer = self.writer.as_ref()?;
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let job = group_commit::Job {
-            ctx: ctx.clone(),
-            op,
-            reply,
-        };
-        if writer.send(job).await.is_err() {
-            return Some(Err(StoreError::Unavailable(
-                "the SQLite writer has stopped".into(),
-            )));
-        }
-        Some(answer.await.unwrap_or_else(|_| {
-            Err(StoreError::Unavailable(
-                "the SQLite writer has stopped".into(),
-            ))
-        }))
     }
 
     async fn begin(&self) -> StoreResult<Tx> {
@@ -872,43 +828,15 @@ impl Store for SqliteStore {
         attrs: Value,
         members: Option<Vec<NewMember>>,
     ) -> StoreResult<Resource> {
-        let id = uuid::Uuid::new_v4().to_string();
-        let op = group_commit::Op::Create {
+        let op = gc::Op::Create {
             kind,
-            id: id.clone(),
-            attrs: attrs.clone(),
-            members: members.clone(),
+            id: uuid::Uuid::new_v4().to_string(),
+            attrs,
+            members,
         };
-        if let Some(r) = self.submit(ctx, op).await {
-            return r?.ok_or(StoreError::NotFound);
-        }
-        let now = self.now();
-        let mut tx = self.begin().await?;
-        Self::create_in(&mut tx, ctx, now, kind, &id, &attrs, members.as_deref()).await?;
-        let r = match kind {
-            // A new user is what was just written (no groups yet): no read back.
-            ResourceKind::User => {
-                let ts = common::parse_time(&timefmt::format(now))?;
-                Resource {
-                    kind,
-                    id,
-                    attrs,
-                    created: ts,
-                    last_modified: ts,
-                    version: 1,
-                    members: None,
-                    groups: Some(Vec::new()),
-                }
-            }
-            // A group's members carry what the store resolved (types, displays): read back.
-            ResourceKind::Group => {
-                self.read_one_tx(&mut tx, kind, &id, read_back(kind))
-                    .await?
-            }
-        };
-        tx.commit().await?;
-        self.written();
-        Ok(r)
+        gc::write(self, self.writer.as_ref(), ctx, op)
+            .await?
+            .ok_or(StoreError::NotFound)
     }
 
     async fn replace(
@@ -920,32 +848,16 @@ impl Store for SqliteStore {
         attrs: Value,
         members: Option<Vec<NewMember>>,
     ) -> StoreResult<Resource> {
-        let op = group_commit::Op::Replace {
+        let op = gc::Op::Replace {
             kind,
             id: id.to_owned(),
             expected: expected_version,
-            attrs: attrs.clone(),
-            members: members.clone(),
+            attrs,
+            members,
         };
-        if let Some(r) = self.submit(ctx, op).await {
-            return r?.ok_or(StoreError::NotFound);
-        }
-        let mut tx = self.begin().await?;
-        Self::replace_in(
-            &mut tx,
-            ctx,
-            self.now(),
-            kind,
-            id,
-            expected_version,
-            &attrs,
-            members.as_deref(),
-        )
-        .await?;
-        let r = self.read_one_tx(&mut tx, kind, id, read_back(kind)).await?;
-        tx.commit().await?;
-        self.written();
-        Ok(r)
+        gc::write(self, self.writer.as_ref(), ctx, op)
+            .await?
+            .ok_or(StoreError::NotFound)
     }
 
     async fn update(
@@ -978,19 +890,14 @@ impl Store for SqliteStore {
         id: &str,
         expected_version: Option<i64>,
     ) -> StoreResult<()> {
-        let op = group_commit::Op::Delete {
+        let op = gc::Op::Delete {
             kind,
             id: id.to_owned(),
             expected: expected_version,
         };
-        if let Some(r) = self.submit(ctx, op).await {
-            return r.map(|_| ());
-        }
-        let mut tx = self.begin().await?;
-        Self::delete_in(&mut tx, ctx, self.now(), kind, id, expected_version).await?;
-        tx.commit().await?;
-        self.written();
-        Ok(())
+        gc::write(self, self.writer.as_ref(), ctx, op)
+            .await
+            .map(|_| ())
     }
 
     async fn write_batch(
@@ -1325,7 +1232,18 @@ impl Store for SqliteStore {
         lease: Duration,
         limit: usize,
     ) -> StoreResult<Vec<crate::ClaimedEntity>> {
-        self.sync_claim_outbox(worker, now, lease, limit, false)
+        self.sync_claim_outbox(worker, now, lease, limit, common::ClaimOrder::Oldest)
+            .await
+    }
+
+    async fn claim_outbox_linked(
+        &self,
+        worker: &str,
+        now: OffsetDateTime,
+        lease: Duration,
+        limit: usize,
+    ) -> StoreResult<Vec<crate::ClaimedEntity>> {
+        self.sync_claim_outbox(worker, now, lease, limit, common::ClaimOrder::Linked)
             .await
     }
 
@@ -1336,7 +1254,7 @@ impl Store for SqliteStore {
         lease: Duration,
         limit: usize,
     ) -> StoreResult<Vec<crate::ClaimedEntity>> {
-        self.sync_claim_outbox(worker, now, lease, limit, true)
+        self.sync_claim_outbox(worker, now, lease, limit, common::ClaimOrder::Newest)
             .await
     }
 

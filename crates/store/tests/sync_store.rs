@@ -211,6 +211,48 @@ async fn claims_coalesce_rows_of_one_entity_and_respect_the_limit_on(d: Db) {
 }
 
 both!(
+    claims_take_the_newest_or_only_linked_entities_when_asked,
+    claims_take_the_newest_or_only_linked_entities_when_asked_on
+);
+async fn claims_take_the_newest_or_only_linked_entities_when_asked_on(d: Db) {
+    let a = d.user("a").await;
+    let b = d.user("b").await;
+    let c = d.user("c").await;
+    let g = d.group("G", &[&a]).await;
+    let s = &d.store;
+    // TeamCity has `b` and `G` (their links are stored); `a` and `c` are still to be created.
+    let ctx = WriteCtx::sync();
+    s.upsert_mapping(&ctx, ResourceKind::User, &b, "7", "b")
+        .await
+        .unwrap();
+    s.upsert_mapping(&ctx, ResourceKind::Group, &g, "SCIM_G", "G")
+        .await
+        .unwrap();
+
+    let newest = s.claim_outbox_newest("w", d.now(), LEASE, 1).await.unwrap();
+    assert_eq!(newest.len(), 1);
+    assert_eq!(newest[0].entity_id, g, "the group was written last");
+
+    // Linked entities only, oldest first; `G` is leased already.
+    let linked = s
+        .claim_outbox_linked("w", d.now(), LEASE, 10)
+        .await
+        .unwrap();
+    let ids: Vec<&str> = linked.iter().map(|e| e.entity_id.as_str()).collect();
+    assert_eq!(ids, vec![b.as_str()]);
+
+    let rest = s.claim_outbox("w", d.now(), LEASE, 10).await.unwrap();
+    let ids: Vec<&str> = rest.iter().map(|e| e.entity_id.as_str()).collect();
+    assert_eq!(ids, vec![a.as_str(), c.as_str()]);
+    assert!(
+        s.claim_outbox_linked("w", d.now(), LEASE, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+both!(
     transient_failures_back_off_then_dead_letter_after_max_attempts,
     transient_failures_back_off_then_dead_letter_after_max_attempts_on
 );

@@ -1359,21 +1359,34 @@ impl Engine {
         let mut report = PassReport::default();
         self.notice_foreign_writes().await?;
         let now = time::OffsetDateTime::now_utc();
-        // A quarter of each pass goes to the most recent pushes, the rest to the oldest rows:
-        // behind a long backlog (a first load) a new push is applied within a pass or two, and
-        // the backlog still drains oldest first.
+        // Three lanes share a pass. A quarter goes to entities TeamCity already has: a change
+        // to existing access (a deactivation, a membership) is never queued behind the
+        // creations of a first load. A quarter goes to the most recent pushes, the rest to the
+        // oldest rows: a new push is applied within a pass or two once the IdP stops pushing,
+        // and the backlog still drains oldest first.
         let batch = self.cfg.batch.max(1);
-        let recent = batch.div_ceil(4);
+        let lane = batch.div_ceil(4);
         let mut claimed = self
             .store
-            .claim_outbox_newest(&self.worker_id, now, self.cfg.lease, recent)
+            .claim_outbox_linked(&self.worker_id, now, self.cfg.lease, lane)
             .await?;
-        if claimed.len() == recent && batch > recent {
-            claimed.extend(
-                self.store
-                    .claim_outbox(&self.worker_id, now, self.cfg.lease, batch - recent)
-                    .await?,
-            );
+        let recent = lane.min(batch - claimed.len());
+        if recent > 0 {
+            let newest = self
+                .store
+                .claim_outbox_newest(&self.worker_id, now, self.cfg.lease, recent)
+                .await?;
+            // Fewer than asked: nothing else is due.
+            let more = newest.len() == recent;
+            claimed.extend(newest);
+            if more && batch > claimed.len() {
+                let rest = batch - claimed.len();
+                claimed.extend(
+                    self.store
+                        .claim_outbox(&self.worker_id, now, self.cfg.lease, rest)
+                        .await?,
+                );
+            }
         }
         let approved = self.store().list_held(Some("approved")).await?;
         let untried = self.untried_approvals(&approved);

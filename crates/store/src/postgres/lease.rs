@@ -73,6 +73,8 @@ impl PostgresStore {
     pub(super) fn with_fence(&self, fence: Fence) -> DynStore {
         let mut s = self.clone();
         s.fences.push(Arc::new(fence));
+        // Fenced writes go straight to their own transaction (each checks the fence).
+        s.writer = None;
         Arc::new(s)
     }
 }

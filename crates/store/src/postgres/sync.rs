@@ -230,7 +230,7 @@ impl PostgresStore {
         now: OffsetDateTime,
         lease: Duration,
         limit: usize,
-        newest: bool,
+        order: common::ClaimOrder,
     ) -> StoreResult<Vec<ClaimedEntity>> {
         let now_s = timefmt::format(now);
         let until = timefmt::format(now + lease);
@@ -247,13 +247,10 @@ impl PostgresStore {
              WHERE o.state = 'pending' AND o.next_attempt_at <= $1 \
                AND (o.lease_until IS NULL OR o.lease_until <= $1) \
                AND NOT EXISTS (SELECT 1 FROM outbox l WHERE l.entity_type = o.entity_type \
-                   AND l.entity_id = o.entity_id AND l.state = 'pending' AND l.lease_until > $1) \
+                   AND l.entity_id = o.entity_id AND l.state = 'pending' AND l.lease_until > $1) {linked}\
              GROUP BY o.entity_type, o.entity_id ORDER BY {order} LIMIT $2",
-            order = if newest {
-                "MAX(o.id) DESC"
-            } else {
-                "MIN(o.id)"
-            }
+            linked = order.filter(),
+            order = order.order_by(),
         )))
         .bind(&now_s)
         .bind(limit)

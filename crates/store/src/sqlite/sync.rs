@@ -234,7 +234,7 @@ impl SqliteStore {
         now: OffsetDateTime,
         lease: Duration,
         limit: usize,
-        newest: bool,
+        order: common::ClaimOrder,
     ) -> StoreResult<Vec<ClaimedEntity>> {
         let now_s = timefmt::format(now);
         let until = timefmt::format(now + lease);
@@ -245,13 +245,10 @@ impl SqliteStore {
              WHERE o.state = 'pending' AND o.next_attempt_at <= ? \
                AND (o.lease_until IS NULL OR o.lease_until <= ?) \
                AND NOT EXISTS (SELECT 1 FROM outbox l WHERE l.entity_type = o.entity_type \
-                   AND l.entity_id = o.entity_id AND l.state = 'pending' AND l.lease_until > ?) \
+                   AND l.entity_id = o.entity_id AND l.state = 'pending' AND l.lease_until > ?) {linked}\
              GROUP BY o.entity_type, o.entity_id ORDER BY {order} LIMIT ?",
-            order = if newest {
-                "MAX(o.id) DESC"
-            } else {
-                "MIN(o.id)"
-            }
+            linked = order.filter(),
+            order = order.order_by(),
         )))
         .bind(&now_s)
         .bind(&now_s)

@@ -1,0 +1,351 @@
+//! Group commit of SCIM resource writes, written once above the backends.
+//!
+//! Every write is durable before it is answered (SQLite with `synchronous = FULL`, PostgreSQL
+//! with `synchronous_commit` on: the WAL is flushed at each commit), and audited writes append
+//! to one hash chain, so they run one after another; a flush costs far more than the statements
+//! of one write. So concurrent resource commands (create, replace, update, delete) are queued to
+//! one writer task per process, which runs whatever is waiting — up to [`MAX_BATCH`] — in one
+//! transaction, each command inside its own savepoint (a command that fails is rolled back alone
+//! and answered with its own error), commits once, and only then answers every command of the
+//! batch. A command alone in the queue is a batch of one: nothing waits for company.
+//!
+//! Each backend supplies the statements ([`Writer`]): SQLite's transaction is `BEGIN
+//! IMMEDIATE`; PostgreSQL's takes the audit chain head's row lock first, so a batch's row locks
+//! are all taken after it and batches of several replicas cannot deadlock through it.
+
+use std::future::Future;
+
+use scim::schema::ResourceKind;
+use serde_json::Value;
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{MembershipChange, NewMember, Resource, StoreError, StoreResult, WriteCtx};
+
+/// Most commands one transaction carries.
+pub(crate) const MAX_BATCH: usize = 64;
+
+/// One resource command.
+#[derive(Debug)]
+pub(crate) enum Op {
+    Create {
+        kind: ResourceKind,
+        id: String,
+        attrs: Value,
+        members: Option<Vec<NewMember>>,
+    },
+    Replace {
+        kind: ResourceKind,
+        id: String,
+        expected: Option<i64>,
+        attrs: Value,
+        members: Option<Vec<NewMember>>,
+    },
+    Update {
+        kind: ResourceKind,
+        id: String,
+        expected: Option<i64>,
+        attrs: Option<Value>,
+        members: Vec<MembershipChange>,
+    },
+    Delete {
+        kind: ResourceKind,
+        id: String,
+        expected: Option<i64>,
+    },
+}
+
+/// A queued command and where its answer goes: the resource as written (`None` for a delete).
+#[derive(Debug)]
+pub(crate) struct Job {
+    pub(crate) ctx: WriteCtx,
+    pub(crate) op: Op,
+    pub(crate) reply: oneshot::Sender<StoreResult<Option<Resource>>>,
+}
+
+/// What a backend provides to the writer: its transaction and the resource commands inside it.
+pub(crate) trait Writer: Clone + Send + Sync + 'static {
+    /// A write transaction.
+    type Tx: Send;
+
+    /// Begins the batch's transaction (with the fence checks of a fenced view).
+    fn begin(&self) -> impl Future<Output = StoreResult<Self::Tx>> + Send;
+
+    /// Runs one statement without results (the savepoint commands).
+    fn exec<'a>(
+        tx: &'a mut Self::Tx,
+        sql: &'static str,
+    ) -> impl Future<Output = StoreResult<()>> + Send + 'a;
+
+    /// Commits the batch.
+    fn commit(tx: Self::Tx) -> impl Future<Output = StoreResult<()>> + Send;
+
+    /// Creates a resource inside `tx` (its audit event and outbox row with it).
+    #[allow(clippy::too_many_arguments)]
+    fn create_in<'a>(
+        tx: &'a mut Self::Tx,
+        ctx: &'a WriteCtx,
+        now: OffsetDateTime,
+        kind: ResourceKind,
+        id: &'a str,
+        attrs: &'a Value,
+        members: Option<&'a [NewMember]>,
+    ) -> impl Future<Output = StoreResult<()>> + Send + 'a;
+
+    /// Replaces a resource inside `tx`.
+    #[allow(clippy::too_many_arguments)]
+    fn replace_in<'a>(
+        tx: &'a mut Self::Tx,
+        ctx: &'a WriteCtx,
+        now: OffsetDateTime,
+        kind: ResourceKind,
+        id: &'a str,
+        expected: Option<i64>,
+        attrs: &'a Value,
+        members: Option<&'a [NewMember]>,
+    ) -> impl Future<Output = StoreResult<()>> + Send + 'a;
+
+    /// Updates a resource inside `tx`; whether anything changed.
+    #[allow(clippy::too_many_arguments)]
+    fn update_in<'a>(
+        tx: &'a mut Self::Tx,
+        ctx: &'a WriteCtx,
+        now: OffsetDateTime,
+        kind: ResourceKind,
+        id: &'a str,
+        expected: Option<i64>,
+        attrs: Option<&'a Value>,
+        members: &'a [MembershipChange],
+    ) -> impl Future<Output = StoreResult<bool>> + Send + 'a;
+
+    /// Deletes a resource inside `tx`.
+    fn delete_in<'a>(
+        tx: &'a mut Self::Tx,
+        ctx: &'a WriteCtx,
+        now: OffsetDateTime,
+        kind: ResourceKind,
+        id: &'a str,
+        expected: Option<i64>,
+    ) -> impl Future<Output = StoreResult<()>> + Send + 'a;
+
+    /// Reads a resource back inside `tx`.
+    fn read_in<'a>(
+        &'a self,
+        tx: &'a mut Self::Tx,
+        kind: ResourceKind,
+        id: &'a str,
+    ) -> impl Future<Output = StoreResult<Resource>> + Send + 'a;
+
+    /// The store's clock.
+    fn now(&self) -> OffsetDateTime;
+
+    /// Called after a committed batch that changed something (the in-process generation of
+    /// the lookup cache; PostgreSQL keeps its generation in the database and does nothing).
+    fn written(&self);
+
+    /// What the writer says when it has stopped.
+    fn stopped() -> StoreError;
+}
+
+/// Sends `op` to the writer and waits for its answer.
+pub(crate) async fn submit<W: Writer>(
+    writer: &mpsc::Sender<Job>,
+    ctx: &WriteCtx,
+    op: Op,
+) -> StoreResult<Option<Resource>> {
+    let (reply, answer) = oneshot::channel();
+    let job = Job {
+        ctx: ctx.clone(),
+        op,
+        reply,
+    };
+    if writer.send(job).await.is_err() {
+        return Err(W::stopped());
+    }
+    answer.await.unwrap_or_else(|_| Err(W::stopped()))
+}
+
+/// Starts the writer task of `store`; the sender it returns is where commands are queued.
+pub(crate) fn spawn<W: Writer>(store: W) -> mpsc::Sender<Job> {
+    let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
+    tokio::spawn(run(store, rx));
+    tx
+}
+
+/// Runs the writer until every sender is gone.
+async fn run<W: Writer>(store: W, mut rx: mpsc::Receiver<Job>) {
+    while let Some(first) = rx.recv().await {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        let (results, changed) = match batch(&store, &jobs).await {
+            Ok(r) => r,
+            Err(e) => {
+                // The commit (or the transaction around it) failed: nothing of the batch is
+                // there, and every command says so.
+                let msg = e.to_string();
+                let unavailable = matches!(e, StoreError::Unavailable(_));
+                let fenced = matches!(e, StoreError::Fenced(_));
+                let results = jobs
+                    .iter()
+                    .map(|_| {
+                        Err(if unavailable {
+                            StoreError::Unavailable(msg.clone())
+                        } else if fenced {
+                            StoreError::Fenced(msg.clone())
+                        } else {
+                            StoreError::Other(format!("the write was not committed: {msg}").into())
+                        })
+                    })
+                    .collect();
+                (results, false)
+            }
+        };
+        if changed {
+            store.written();
+        }
+        for (job, result) in jobs.into_iter().zip(results) {
+            let _ = job.reply.send(result);
+        }
+    }
+}
+
+type Results = Vec<StoreResult<Option<Resource>>>;
+
+/// One transaction: each command in a savepoint, one commit.
+async fn batch<W: Writer>(store: &W, jobs: &[Job]) -> StoreResult<(Results, bool)> {
+    let now = store.now();
+    let mut tx = store.begin().await?;
+    let mut results = Vec::with_capacity(jobs.len());
+    let mut any = false;
+    for job in jobs {
+        // The request gave up while it waited in the queue (its timeout, or the client went
+        // away): it is not written, so no one is told "failed" about a write that then lands.
+        if job.reply.is_closed() {
+            results.push(Err(StoreError::Unavailable(
+                "the request was given up before it was written".into(),
+            )));
+            continue;
+        }
+        W::exec(&mut tx, "SAVEPOINT scim_write").await?;
+        match one(store, &mut tx, job, now).await {
+            Ok((r, changed)) => {
+                W::exec(&mut tx, "RELEASE SAVEPOINT scim_write").await?;
+                any |= changed;
+                results.push(Ok(r));
+            }
+            Err(e) => {
+                W::exec(&mut tx, "ROLLBACK TO SAVEPOINT scim_write").await?;
+                W::exec(&mut tx, "RELEASE SAVEPOINT scim_write").await?;
+                results.push(Err(e));
+            }
+        }
+    }
+    W::commit(tx).await?;
+    Ok((results, any))
+}
+
+/// One command inside `tx` — what it returns and whether it changed anything. Also the
+/// direct path of a store without a writer (a fenced view), in a transaction of its own.
+pub(crate) async fn one<W: Writer>(
+    store: &W,
+    tx: &mut W::Tx,
+    job: &Job,
+    now: OffsetDateTime,
+) -> StoreResult<(Option<Resource>, bool)> {
+    let ctx = &job.ctx;
+    match &job.op {
+        Op::Create {
+            kind,
+            id,
+            attrs,
+            members,
+        } => {
+            W::create_in(tx, ctx, now, *kind, id, attrs, members.as_deref()).await?;
+            let r = match kind {
+                // A new user is what was just written (no groups yet): no read back.
+                ResourceKind::User => {
+                    let ts = crate::common::parse_time(&crate::timefmt::format(now))?;
+                    Resource {
+                        kind: *kind,
+                        id: id.clone(),
+                        attrs: attrs.clone(),
+                        created: ts,
+                        last_modified: ts,
+                        version: 1,
+                        members: None,
+                        groups: Some(Vec::new()),
+                    }
+                }
+                // A group's members carry what the store resolved: read back.
+                ResourceKind::Group => store.read_in(tx, *kind, id).await?,
+            };
+            Ok((Some(r), true))
+        }
+        Op::Replace {
+            kind,
+            id,
+            expected,
+            attrs,
+            members,
+        } => {
+            W::replace_in(
+                tx,
+                ctx,
+                now,
+                *kind,
+                id,
+                *expected,
+                attrs,
+                members.as_deref(),
+            )
+            .await?;
+            Ok((Some(store.read_in(tx, *kind, id).await?), true))
+        }
+        Op::Update {
+            kind,
+            id,
+            expected,
+            attrs,
+            members,
+        } => {
+            let changed =
+                W::update_in(tx, ctx, now, *kind, id, *expected, attrs.as_ref(), members).await?;
+            Ok((Some(store.read_in(tx, *kind, id).await?), changed))
+        }
+        Op::Delete { kind, id, expected } => {
+            W::delete_in(tx, ctx, now, *kind, id, *expected).await?;
+            Ok((None, true))
+        }
+    }
+}
+
+/// Runs `op` through `writer` when there is one, else directly in a transaction of its own
+/// (a fenced view: its fence is checked in that transaction).
+pub(crate) async fn write<W: Writer>(
+    store: &W,
+    writer: Option<&mpsc::Sender<Job>>,
+    ctx: &WriteCtx,
+    op: Op,
+) -> StoreResult<Option<Resource>> {
+    if let Some(w) = writer {
+        return submit::<W>(w, ctx, op).await;
+    }
+    let (reply, _answer) = oneshot::channel();
+    let job = Job {
+        ctx: ctx.clone(),
+        op,
+        reply,
+    };
+    let mut tx = store.begin().await?;
+    let (r, changed) = one(store, &mut tx, &job, store.now()).await?;
+    W::commit(tx).await?;
+    if changed {
+        store.written();
+    }
+    Ok(r)
+}
