@@ -28,27 +28,74 @@ pub(crate) enum ClaimOrder {
     Oldest,
     /// The newest due row first.
     Newest,
-    /// Only entities with a stored link (TeamCity has them), oldest first.
+    /// Only rows written while their entity had a stored link (TeamCity has it; the row's
+    /// `linked`), oldest first.
     Linked,
 }
 
 impl ClaimOrder {
-    /// A condition on the outbox row `o` added to the claim's `WHERE`.
-    pub(crate) fn filter(self) -> &'static str {
-        match self {
-            ClaimOrder::Linked => {
-                "AND EXISTS (SELECT 1 FROM mappings m \
-                 WHERE m.kind = o.entity_type AND m.scim_id = o.entity_id) "
-            }
-            ClaimOrder::Oldest | ClaimOrder::Newest => "",
-        }
+    /// Due rows in claim order from a keyset position: `$1` now, `$2` the position (the last
+    /// id of the page before; [`ClaimOrder::start`] at first), `$3` the page size. The scan
+    /// follows the `(state, id)` index and stops at the page's end, so a claim costs what it
+    /// takes, not the size of the backlog; a row is due when its entity has no row leased to
+    /// someone else.
+    pub(crate) fn due_sql(self) -> String {
+        let (linked, cmp, dir) = match self {
+            ClaimOrder::Oldest => ("", ">", "ASC"),
+            ClaimOrder::Newest => ("", "<", "DESC"),
+            ClaimOrder::Linked => ("AND o.linked = 1 ", ">", "ASC"),
+        };
+        format!(
+            "SELECT o.id, o.entity_type, o.entity_id FROM outbox o \
+             WHERE o.state = 'pending' {linked}AND o.id {cmp} $2 AND o.next_attempt_at <= $1 \
+               AND (o.lease_until IS NULL OR o.lease_until <= $1) \
+               AND NOT EXISTS (SELECT 1 FROM outbox l WHERE l.entity_type = o.entity_type \
+                   AND l.entity_id = o.entity_id AND l.state = 'pending' AND l.lease_until > $1) \
+             ORDER BY o.id {dir} LIMIT $3"
+        )
     }
 
-    /// The claim's `ORDER BY` over the groups of due rows of one entity.
-    pub(crate) fn order_by(self) -> &'static str {
+    /// The keyset position before the first row.
+    pub(crate) fn start(self) -> i64 {
         match self {
-            ClaimOrder::Newest => "MAX(o.id) DESC",
-            ClaimOrder::Oldest | ClaimOrder::Linked => "MIN(o.id)",
+            ClaimOrder::Newest => i64::MAX,
+            ClaimOrder::Oldest | ClaimOrder::Linked => 0,
+        }
+    }
+}
+
+/// The entities a claim takes, in claim order, each once.
+#[derive(Debug, Default)]
+pub(crate) struct DueEntities {
+    pub(crate) list: Vec<(String, String)>,
+    seen: std::collections::HashSet<(String, String)>,
+}
+
+impl DueEntities {
+    /// Adds the entities of a page of due rows (in claim order) until the list holds `limit`;
+    /// the keyset position of the next page, or `None` when the claim has what it needs or
+    /// there are no more rows (`page` is the size asked for).
+    pub(crate) fn add_page(
+        &mut self,
+        rows: Vec<(i64, String, String)>,
+        page: usize,
+        limit: usize,
+    ) -> Option<i64> {
+        let full = rows.len() == page;
+        let mut last = None;
+        for (id, ty, eid) in rows {
+            if self.list.len() == limit {
+                return None;
+            }
+            last = Some(id);
+            if self.seen.insert((ty.clone(), eid.clone())) {
+                self.list.push((ty, eid));
+            }
+        }
+        if self.list.len() == limit || !full {
+            None
+        } else {
+            last
         }
     }
 }

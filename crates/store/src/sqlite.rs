@@ -476,8 +476,9 @@ async fn record(
     let ev = append_event(tx, ctx, now, r.event()).await?;
     if let Some((entity_type, op, detail)) = r.outbox {
         sqlx::query(
-            "INSERT INTO outbox (entity_type, entity_id, operation, detail, audit_seq, created, next_attempt_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO outbox (entity_type, entity_id, operation, detail, audit_seq, created, next_attempt_at, \
+             linked) VALUES ($1, $2, $3, $4, $5, $6, $7, \
+             CASE WHEN EXISTS (SELECT 1 FROM mappings WHERE kind = $1 AND scim_id = $2) THEN 1 ELSE 0 END)",
         )
         .bind(entity_type)
         .bind(r.resource_id)

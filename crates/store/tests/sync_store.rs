@@ -218,28 +218,29 @@ async fn claims_take_the_newest_or_only_linked_entities_when_asked_on(d: Db) {
     let a = d.user("a").await;
     let b = d.user("b").await;
     let c = d.user("c").await;
-    let g = d.group("G", &[&a]).await;
     let s = &d.store;
-    // TeamCity has `b` and `G` (their links are stored); `a` and `c` are still to be created.
+    // TeamCity has `b` (its link is stored) when `b` changes again; `a` and `c` are still to
+    // be created when the group is written.
     let ctx = WriteCtx::sync();
     s.upsert_mapping(&ctx, ResourceKind::User, &b, "7", "b")
         .await
         .unwrap();
-    s.upsert_mapping(&ctx, ResourceKind::Group, &g, "SCIM_G", "G")
-        .await
-        .unwrap();
+    d.patch_user(&b, "b2").await;
+    let g = d.group("G", &[&a]).await;
 
-    let newest = s.claim_outbox_newest("w", d.now(), LEASE, 1).await.unwrap();
-    assert_eq!(newest.len(), 1);
-    assert_eq!(newest[0].entity_id, g, "the group was written last");
-
-    // Linked entities only, oldest first; `G` is leased already.
+    // Rows written while their entity was linked, oldest first; every due row of the entity
+    // comes with them (its create, written before the link, too).
     let linked = s
         .claim_outbox_linked("w", d.now(), LEASE, 10)
         .await
         .unwrap();
     let ids: Vec<&str> = linked.iter().map(|e| e.entity_id.as_str()).collect();
     assert_eq!(ids, vec![b.as_str()]);
+    assert_eq!(linked[0].items.len(), 2);
+
+    let newest = s.claim_outbox_newest("w", d.now(), LEASE, 1).await.unwrap();
+    assert_eq!(newest.len(), 1);
+    assert_eq!(newest[0].entity_id, g, "the group was written last");
 
     let rest = s.claim_outbox("w", d.now(), LEASE, 10).await.unwrap();
     let ids: Vec<&str> = rest.iter().map(|e| e.entity_id.as_str()).collect();

@@ -1399,6 +1399,12 @@ impl Engine {
             return Ok(report);
         }
         report.outbox_rows = claimed.iter().map(|c| c.items.len()).sum();
+        debug!(
+            entities = claimed.len(),
+            rows = report.outbox_rows,
+            elapsed = ?started.elapsed(),
+            "pass: rows claimed"
+        );
         let all_ids: Vec<i64> = claimed.iter().flat_map(ClaimedEntity::ids).collect();
         if let Some(reason) = self.blocked().await? {
             // Not the rows' fault: they wait, and are never dead-lettered for it.
@@ -1412,6 +1418,7 @@ impl Engine {
         } else {
             self.scoped_desired(&claimed).await?
         };
+        debug!(elapsed = ?started.elapsed(), "pass: desired state of what the rows touch");
         let claimed_entities: BTreeSet<(String, String)> = claimed
             .iter()
             .map(|c| (c.entity_type.clone(), c.entity_id.clone()))

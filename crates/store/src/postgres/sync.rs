@@ -234,7 +234,6 @@ impl PostgresStore {
     ) -> StoreResult<Vec<ClaimedEntity>> {
         let now_s = timefmt::format(now);
         let until = timefmt::format(now + lease);
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let mut tx = self.begin().await?;
         // Claims from every process one after another: the lease check below then sees every
         // committed lease, so an entity is never leased to two workers.
@@ -242,20 +241,20 @@ impl PostgresStore {
             .bind(CLAIM_LOCK)
             .execute(&mut *tx)
             .await?;
-        let due: Vec<(String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT o.entity_type, o.entity_id FROM outbox o \
-             WHERE o.state = 'pending' AND o.next_attempt_at <= $1 \
-               AND (o.lease_until IS NULL OR o.lease_until <= $1) \
-               AND NOT EXISTS (SELECT 1 FROM outbox l WHERE l.entity_type = o.entity_type \
-                   AND l.entity_id = o.entity_id AND l.state = 'pending' AND l.lease_until > $1) {linked}\
-             GROUP BY o.entity_type, o.entity_id ORDER BY {order} LIMIT $2",
-            linked = order.filter(),
-            order = order.order_by(),
-        )))
-        .bind(&now_s)
-        .bind(limit)
-        .fetch_all(&mut *tx)
-        .await?;
+        let page = limit.clamp(16, 1024);
+        let sql = order.due_sql();
+        let mut due = common::DueEntities::default();
+        let mut from = Some(order.start());
+        while let Some(at) = from {
+            let rows: Vec<(i64, String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()))
+                .bind(&now_s)
+                .bind(at)
+                .bind(i64::try_from(page).unwrap_or(i64::MAX))
+                .fetch_all(&mut *tx)
+                .await?;
+            from = due.add_page(rows, page, limit);
+        }
+        let due = due.list;
         let mut out = Vec::with_capacity(due.len());
         let sql = format!(
             "UPDATE outbox SET lease_until = $1, leased_by = $2 WHERE id IN ( \
