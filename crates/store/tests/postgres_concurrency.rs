@@ -311,3 +311,63 @@ async fn connection_errors_name_the_url_without_its_password() {
     );
     assert!(!err.contains("s3cret"), "{err}");
 }
+
+/// A write on one replica wakes the other's worker through LISTEN/NOTIFY at once, and still
+/// does after the listening connection was cut (it listens again on a new one; the worker
+/// polls meanwhile).
+#[tokio::test]
+async fn a_write_wakes_another_replica_and_still_does_after_its_listen_connection_is_cut() {
+    let Some((d, other)) = two_handles().await else {
+        return;
+    };
+    let wake = Arc::new(tokio::sync::Notify::new());
+    assert!(other.watch_outbox(wake.clone()), "PostgreSQL listens");
+    // Connected: it wakes once (rows may have been written while nobody listened).
+    tokio::time::timeout(Duration::from_secs(10), wake.notified())
+        .await
+        .expect("the listener connects");
+
+    let mut latencies = Vec::new();
+    for i in 0..5 {
+        let t0 = std::time::Instant::now();
+        d.store
+            .create(
+                &WriteCtx::cli(),
+                ResourceKind::User,
+                user(&format!("n{i}")),
+                None,
+            )
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(2), wake.notified())
+            .await
+            .expect("the other replica is woken by the write");
+        latencies.push(t0.elapsed());
+    }
+    eprintln!("write → wake-up on the other replica: {latencies:?}");
+
+    // Cut the LISTEN connection from the server side.
+    let mut admin = {
+        use sqlx::Connection;
+        sqlx::PgConnection::connect(&d.url).await.unwrap()
+    };
+    let cut: Vec<(bool,)> = sqlx::query_as(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+    )
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert!(!cut.is_empty(), "a LISTEN connection was there to cut");
+    // It listens again (and wakes once for what it may have missed).
+    tokio::time::timeout(Duration::from_secs(10), wake.notified())
+        .await
+        .expect("the listener connects again");
+    d.store
+        .create(&WriteCtx::cli(), ResourceKind::User, user("after"), None)
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(2), wake.notified())
+        .await
+        .expect("woken by a write after the reconnect");
+}
