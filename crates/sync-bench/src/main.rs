@@ -1379,7 +1379,19 @@ async fn bench_push_during_load(cli: &Cli, report: &mut Report) -> anyhow::Resul
         })
         .await
     };
-    let (deactivated, joined, created) = tokio::join!(deactivate, join, create);
+    let say = |what: &'static str| {
+        move |r: anyhow::Result<Duration>| {
+            if let Ok(d) = &r {
+                eprintln!("[push-during-load] {what} reached TeamCity after {d:.2?}");
+            }
+            r
+        }
+    };
+    let (deactivated, joined, created) = tokio::join!(
+        async { say("the deactivation")(deactivate.await) },
+        async { say("the membership")(join.await) },
+        async { say("the new user")(create.await) }
+    );
     let (deactivated, joined, created) = (deactivated?, joined?, created?);
     let tc_users = emu.read_state(|s| s.users.len());
     let _ = stop.send(true);

@@ -5,3 +5,6 @@
 ALTER TABLE outbox ADD COLUMN linked INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX outbox_claim ON outbox (state, id);
 CREATE INDEX outbox_claim_linked ON outbox (state, linked, id);
+-- A claim asks, for each row, whether its entity has a row leased to someone else: one entity's
+-- pending rows (without it SQLite answered from the state index, every pending row per row).
+CREATE INDEX outbox_entity_state ON outbox (entity_type, entity_id, state);
