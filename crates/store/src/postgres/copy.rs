@@ -149,3 +149,31 @@ impl PostgresStore {
         Ok(())
     }
 }
+
+#[async_trait::async_trait]
+impl crate::TableCopy for PostgresStore {
+    async fn copy_count(&self, table: &crate::copy::CopyTable) -> StoreResult<i64> {
+        self.copy_count_rows(table).await
+    }
+
+    async fn copy_out(
+        &self,
+        table: &crate::copy::CopyTable,
+        offset: i64,
+        limit: i64,
+    ) -> StoreResult<crate::copy::Rows> {
+        self.copy_rows_out(table, offset, limit).await
+    }
+
+    async fn copy_in(
+        &self,
+        table: &crate::copy::CopyTable,
+        rows: &crate::copy::Rows,
+    ) -> StoreResult<()> {
+        self.copy_rows_in(table, rows).await
+    }
+
+    async fn copy_finish(&self) -> StoreResult<()> {
+        self.copy_rows_finish().await
+    }
+}

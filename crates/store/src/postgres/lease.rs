@@ -112,3 +112,27 @@ pub(super) fn spawn_outbox_listener(pool: sqlx::PgPool, wake: Arc<tokio::sync::N
         }
     });
 }
+
+#[async_trait::async_trait]
+impl crate::Leases for PostgresStore {
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> StoreResult<Option<crate::Lease>> {
+        self.lease_acquire(name, holder, ttl).await
+    }
+
+    async fn renew_lease(&self, fence: &crate::Fence, ttl: Duration) -> StoreResult<crate::Lease> {
+        self.lease_renew(fence, ttl).await
+    }
+
+    async fn release_lease(&self, fence: &crate::Fence) -> StoreResult<()> {
+        self.lease_release(fence).await
+    }
+
+    fn fenced(&self, fence: crate::Fence) -> crate::DynStore {
+        self.with_fence(fence)
+    }
+}

@@ -165,3 +165,41 @@ impl SqliteStore {
         Ok(Some(cp))
     }
 }
+
+#[async_trait::async_trait]
+impl crate::AuditLog for SqliteStore {
+    async fn audit_events(&self, after: i64, limit: i64) -> StoreResult<Vec<AuditEvent>> {
+        self.audit_range(None, None, after, limit).await
+    }
+
+    async fn audit_recent(&self, before: Option<i64>, limit: i64) -> StoreResult<Vec<AuditEvent>> {
+        self.audit_log_recent(before, limit).await
+    }
+
+    async fn audit_range(
+        &self,
+        since: Option<OffsetDateTime>,
+        until: Option<OffsetDateTime>,
+        after: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<AuditEvent>> {
+        self.audit_log_range(since, until, after, limit).await
+    }
+
+    async fn audit_checkpoint(&self) -> StoreResult<Option<crate::Checkpoint>> {
+        self.audit_log_checkpoint().await
+    }
+
+    async fn prune_audit(
+        &self,
+        ctx: &WriteCtx,
+        before: OffsetDateTime,
+        key: &[u8],
+    ) -> StoreResult<Option<crate::Checkpoint>> {
+        self.audit_log_prune(ctx, before, key).await
+    }
+
+    async fn audit(&self, ctx: &WriteCtx, entry: crate::AuditEntry) -> StoreResult<i64> {
+        self.sync_audit(ctx, entry).await
+    }
+}

@@ -84,3 +84,31 @@ impl SqliteStore {
         Arc::new(s)
     }
 }
+
+#[async_trait::async_trait]
+impl crate::Leases for SqliteStore {
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> StoreResult<Option<crate::Lease>> {
+        self.lease_acquire(name, holder, ttl).await
+    }
+
+    async fn renew_lease(
+        &self,
+        fence: &crate::Fence,
+        ttl: std::time::Duration,
+    ) -> StoreResult<crate::Lease> {
+        self.lease_renew(fence, ttl).await
+    }
+
+    async fn release_lease(&self, fence: &crate::Fence) -> StoreResult<()> {
+        self.lease_release(fence).await
+    }
+
+    fn fenced(&self, fence: crate::Fence) -> crate::DynStore {
+        self.with_fence(fence)
+    }
+}
