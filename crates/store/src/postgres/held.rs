@@ -1,7 +1,12 @@
 //! [`HeldBatches`](crate::HeldBatches) on PostgreSQL.
 
+use super::sync::*;
 use super::*;
+use super::{PostgresStore, record};
 use crate::HeldBatches;
+use crate::common::{self, HELD_STATES, Record, check_state};
+use crate::{HeldBatch, StoreError, StoreResult, WriteCtx, timefmt};
+use serde_json::{Value, json};
 
 #[async_trait]
 impl HeldBatches for PostgresStore {
@@ -14,16 +19,64 @@ impl HeldBatches for PostgresStore {
         removals: i64,
         plan: &Value,
     ) -> StoreResult<i64> {
-        self.sync_create_held(ctx, source, outbox_ids, summary, removals, plan)
-            .await
+        common::check_held_source(source)?;
+        let now = self.now();
+        let mut tx = self.begin_write().await?;
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO held_batches (created, source, outbox_ids, summary, removals, plan) \
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+        )
+        .bind(timefmt::format(now))
+        .bind(source)
+        .bind(ids_json(outbox_ids))
+        .bind(summary)
+        .bind(removals)
+        .bind(plan.to_string())
+        .fetch_one(&mut *tx)
+        .await?;
+        let held = hold_tx(&mut tx, outbox_ids, id).await?;
+        record(
+            &mut tx,
+            ctx,
+            now,
+            Record {
+                resource_type: "HeldBatch",
+                resource_id: &id.to_string(),
+                operation: "sync.held",
+                status: 202,
+                detail: json!({
+                    "source": source,
+                    "outbox_ids": held,
+                    "summary": summary,
+                    "removals": removals,
+                }),
+                outbox: None,
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(id)
     }
 
     async fn list_held(&self, state: Option<&str>) -> StoreResult<Vec<crate::HeldBatch>> {
-        self.sync_list_held(state).await
+        check_state(state, HELD_STATES, "held batch")?;
+        let sql = format!(
+            "SELECT {HELD_COLS} FROM held_batches WHERE ($1::text IS NULL OR state = $1) ORDER BY id"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(state)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(held_row).collect()
     }
 
     async fn held_batch(&self, id: i64) -> StoreResult<Option<crate::HeldBatch>> {
-        self.sync_held_batch(id).await
+        let sql = format!("SELECT {HELD_COLS} FROM held_batches WHERE id = $1");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(held_row).transpose()
     }
 
     async fn approve_held(&self, ctx: &WriteCtx, id: i64) -> StoreResult<crate::HeldBatch> {
@@ -54,5 +107,76 @@ impl HeldBatches for PostgresStore {
             Some("dropped"),
         )
         .await
+    }
+}
+
+impl PostgresStore {
+    /// Moves a batch from one of `from` to `to` (recording who decided, except for `applied`)
+    /// and its held outbox rows to `outbox_to`.
+    pub(super) async fn held_transition(
+        &self,
+        ctx: &WriteCtx,
+        id: i64,
+        from: &[&str],
+        to: &str,
+        operation: &str,
+        outbox_to: Option<&str>,
+    ) -> StoreResult<HeldBatch> {
+        let now = self.now();
+        let now_s = timefmt::format(now);
+        let mut tx = self.begin_write().await?;
+        let before = held_in_state(&mut tx, id, from).await?;
+        if to == "applied" {
+            sqlx::query("UPDATE held_batches SET state = $1 WHERE id = $2")
+                .bind(to)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        } else {
+            sqlx::query(
+                "UPDATE held_batches SET state = $1, decided_at = $2, decided_by = $3 WHERE id = $4",
+            )
+            .bind(to)
+            .bind(&now_s)
+            .bind(&ctx.actor)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let mut rows: Vec<i64> = match outbox_to {
+            Some(state) => {
+                sqlx::query_scalar(
+                    "UPDATE outbox SET state = $1, finished = $2 \
+                     WHERE held_batch_id = $3 AND state = 'held' RETURNING id",
+                )
+                .bind(state)
+                .bind(&now_s)
+                .bind(id)
+                .fetch_all(&mut *tx)
+                .await?
+            }
+            None => vec![],
+        };
+        rows.sort_unstable();
+        note(
+            &mut tx,
+            ctx,
+            now,
+            "HeldBatch",
+            &id.to_string(),
+            operation,
+            json!({
+                "previous_state": before.state,
+                "source": before.source,
+                "removals": before.removals,
+                "outbox_ids": rows,
+            }),
+        )
+        .await?;
+        let after = held_tx(&mut tx, id, false)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        tx.commit().await?;
+        Ok(after)
     }
 }

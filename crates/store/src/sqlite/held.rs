@@ -1,7 +1,12 @@
 //! [`HeldBatches`](crate::HeldBatches) on SQLite.
 
+use super::sync::*;
 use super::*;
+use super::{SqliteStore, record};
 use crate::HeldBatches;
+use crate::common::{self, HELD_STATES, Record, check_state};
+use crate::{HeldBatch, StoreError, StoreResult, WriteCtx, timefmt};
+use serde_json::{Value, json};
 
 #[async_trait]
 impl HeldBatches for SqliteStore {
@@ -14,27 +19,164 @@ impl HeldBatches for SqliteStore {
         removals: i64,
         plan: &Value,
     ) -> StoreResult<i64> {
-        self.sync_create_held(ctx, source, outbox_ids, summary, removals, plan)
-            .await
+        common::check_held_source(source)?;
+        let now = self.now();
+        let mut tx = self.begin().await?;
+        let id = sqlx::query(
+            "INSERT INTO held_batches (created, source, outbox_ids, summary, removals, plan) \
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(timefmt::format(now))
+        .bind(source)
+        .bind(ids_json(outbox_ids))
+        .bind(summary)
+        .bind(removals)
+        .bind(plan.to_string())
+        .execute(&mut *tx)
+        .await?
+        .last_insert_rowid();
+        let held = hold_tx(&mut tx, outbox_ids, id).await?;
+        record(
+            &mut tx,
+            ctx,
+            now,
+            Record {
+                resource_type: "HeldBatch",
+                resource_id: &id.to_string(),
+                operation: "sync.held",
+                status: 202,
+                detail: json!({
+                    "source": source,
+                    "outbox_ids": held,
+                    "summary": summary,
+                    "removals": removals,
+                }),
+                outbox: None,
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(id)
     }
 
     async fn list_held(&self, state: Option<&str>) -> StoreResult<Vec<crate::HeldBatch>> {
-        self.sync_list_held(state).await
+        check_state(state, HELD_STATES, "held batch")?;
+        let sql = format!(
+            "SELECT {HELD_COLS} FROM held_batches WHERE (? IS NULL OR state = ?) ORDER BY id"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(state)
+            .bind(state)
+            .fetch_all(&self.read)
+            .await?;
+        rows.iter().map(held_row).collect()
     }
 
     async fn held_batch(&self, id: i64) -> StoreResult<Option<crate::HeldBatch>> {
-        self.sync_held_batch(id).await
+        let sql = format!("SELECT {HELD_COLS} FROM held_batches WHERE id = ?");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&self.read)
+            .await?;
+        row.as_ref().map(held_row).transpose()
     }
 
     async fn approve_held(&self, ctx: &WriteCtx, id: i64) -> StoreResult<crate::HeldBatch> {
-        self.sync_approve_held(ctx, id).await
+        self.held_transition(ctx, id, &["held"], "approved", "sync.approve", None)
+            .await
     }
 
     async fn mark_held_applied(&self, ctx: &WriteCtx, id: i64) -> StoreResult<()> {
-        self.sync_mark_held_applied(ctx, id).await
+        self.held_transition(
+            ctx,
+            id,
+            &["approved"],
+            "applied",
+            "sync.applied",
+            Some("done"),
+        )
+        .await
+        .map(drop)
     }
 
     async fn drop_held(&self, ctx: &WriteCtx, id: i64) -> StoreResult<crate::HeldBatch> {
-        self.sync_drop_held(ctx, id).await
+        self.held_transition(
+            ctx,
+            id,
+            &["held", "approved"],
+            "dropped",
+            "sync.drop",
+            Some("dropped"),
+        )
+        .await
+    }
+}
+
+impl SqliteStore {
+    /// Moves a batch from one of `from` to `to` (recording who decided, except for `applied`)
+    /// and its held outbox rows to `outbox_to`.
+    async fn held_transition(
+        &self,
+        ctx: &WriteCtx,
+        id: i64,
+        from: &[&str],
+        to: &str,
+        operation: &str,
+        outbox_to: Option<&str>,
+    ) -> StoreResult<HeldBatch> {
+        let now = self.now();
+        let now_s = timefmt::format(now);
+        let mut tx = self.begin().await?;
+        let before = held_in_state(&mut tx, id, from).await?;
+        if to == "applied" {
+            sqlx::query("UPDATE held_batches SET state = ? WHERE id = ?")
+                .bind(to)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        } else {
+            sqlx::query(
+                "UPDATE held_batches SET state = ?, decided_at = ?, decided_by = ? WHERE id = ?",
+            )
+            .bind(to)
+            .bind(&now_s)
+            .bind(&ctx.actor)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let mut rows: Vec<i64> = match outbox_to {
+            Some(state) => {
+                sqlx::query_scalar(
+                    "UPDATE outbox SET state = ?, finished = ? \
+                     WHERE held_batch_id = ? AND state = 'held' RETURNING id",
+                )
+                .bind(state)
+                .bind(&now_s)
+                .bind(id)
+                .fetch_all(&mut *tx)
+                .await?
+            }
+            None => vec![],
+        };
+        rows.sort_unstable();
+        note(
+            &mut tx,
+            ctx,
+            now,
+            "HeldBatch",
+            &id.to_string(),
+            operation,
+            json!({
+                "previous_state": before.state,
+                "source": before.source,
+                "removals": before.removals,
+                "outbox_ids": rows,
+            }),
+        )
+        .await?;
+        let after = held_tx(&mut tx, id).await?.ok_or(StoreError::NotFound)?;
+        tx.commit().await?;
+        Ok(after)
     }
 }

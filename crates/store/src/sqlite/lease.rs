@@ -2,13 +2,12 @@
 //! a SQLite database, so it always gets the lease; the same code path runs as on PostgreSQL.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use super::{SqliteStore, Tx};
 use crate::common::{
     LEASE_ACQUIRE, LEASE_CHECK, LEASE_RELEASE, LEASE_RENEW, fenced_error, lease, lease_until,
 };
-use crate::{DynStore, Fence, Lease, StoreResult, timefmt};
+use crate::{DynStore, Fence, StoreResult, timefmt};
 
 /// Fails with `Fenced` unless `f` holds inside `tx` (a `BEGIN IMMEDIATE` transaction: no
 /// other write, a takeover included, can commit until it ends).
@@ -27,55 +26,6 @@ pub(super) async fn check(tx: &mut Tx, f: &Fence, now: &str) -> StoreResult<()> 
 }
 
 impl SqliteStore {
-    pub(super) async fn lease_acquire(
-        &self,
-        name: &str,
-        holder: &str,
-        ttl: Duration,
-    ) -> StoreResult<Option<Lease>> {
-        let now = self.now();
-        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
-        let row: Option<(i64, String)> = sqlx::query_as(LEASE_ACQUIRE)
-            .bind(name)
-            .bind(holder)
-            .bind(lease_until(now, ttl))
-            .bind(timefmt::format(now))
-            .fetch_optional(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        row.map(|(epoch, exp)| lease(name, holder, epoch, &exp))
-            .transpose()
-    }
-
-    pub(super) async fn lease_renew(&self, f: &Fence, ttl: Duration) -> StoreResult<Lease> {
-        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
-        let row: Option<(String,)> = sqlx::query_as(LEASE_RENEW)
-            .bind(lease_until(self.now(), ttl))
-            .bind(&f.name)
-            .bind(&f.holder)
-            .bind(f.epoch)
-            .fetch_optional(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        match row {
-            Some((exp,)) => lease(&f.name, &f.holder, f.epoch, &exp),
-            None => Err(fenced_error(f)),
-        }
-    }
-
-    pub(super) async fn lease_release(&self, f: &Fence) -> StoreResult<()> {
-        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query(LEASE_RELEASE)
-            .bind(timefmt::format(self.now()))
-            .bind(&f.name)
-            .bind(&f.holder)
-            .bind(f.epoch)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
     pub(super) fn with_fence(&self, fence: Fence) -> DynStore {
         let mut s = self.clone();
         s.fences.push(Arc::new(fence));
@@ -93,19 +43,51 @@ impl crate::Leases for SqliteStore {
         holder: &str,
         ttl: std::time::Duration,
     ) -> StoreResult<Option<crate::Lease>> {
-        self.lease_acquire(name, holder, ttl).await
+        let now = self.now();
+        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
+        let row: Option<(i64, String)> = sqlx::query_as(LEASE_ACQUIRE)
+            .bind(name)
+            .bind(holder)
+            .bind(lease_until(now, ttl))
+            .bind(timefmt::format(now))
+            .fetch_optional(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        row.map(|(epoch, exp)| lease(name, holder, epoch, &exp))
+            .transpose()
     }
 
     async fn renew_lease(
         &self,
-        fence: &crate::Fence,
+        f: &crate::Fence,
         ttl: std::time::Duration,
     ) -> StoreResult<crate::Lease> {
-        self.lease_renew(fence, ttl).await
+        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
+        let row: Option<(String,)> = sqlx::query_as(LEASE_RENEW)
+            .bind(lease_until(self.now(), ttl))
+            .bind(&f.name)
+            .bind(&f.holder)
+            .bind(f.epoch)
+            .fetch_optional(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        match row {
+            Some((exp,)) => lease(&f.name, &f.holder, f.epoch, &exp),
+            None => Err(fenced_error(f)),
+        }
     }
 
-    async fn release_lease(&self, fence: &crate::Fence) -> StoreResult<()> {
-        self.lease_release(fence).await
+    async fn release_lease(&self, f: &crate::Fence) -> StoreResult<()> {
+        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query(LEASE_RELEASE)
+            .bind(timefmt::format(self.now()))
+            .bind(&f.name)
+            .bind(&f.holder)
+            .bind(f.epoch)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     fn fenced(&self, fence: crate::Fence) -> crate::DynStore {

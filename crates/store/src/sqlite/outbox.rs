@@ -1,7 +1,19 @@
 //! [`Outbox`](crate::Outbox) on SQLite.
 
+use super::SqliteStore;
+use super::sync::*;
 use super::*;
 use crate::Outbox;
+use crate::common::{self, OUTBOX_STATES, check_state, parse_time, resource_type};
+use crate::{
+    ClaimedEntity, FailedItem, OutboxItem, OutboxSummary, StoreError, StoreResult, WriteCtx,
+    timefmt,
+};
+use serde_json::json;
+use sqlx::Row;
+use std::collections::BTreeMap;
+use std::time::Duration;
+use time::OffsetDateTime;
 
 #[async_trait]
 impl Outbox for SqliteStore {
@@ -39,8 +51,7 @@ impl Outbox for SqliteStore {
         lease: Duration,
         limit: usize,
     ) -> StoreResult<Vec<crate::ClaimedEntity>> {
-        self.sync_claim_outbox(worker, now, lease, limit, false)
-            .await
+        self.claim_due(worker, now, lease, limit, false).await
     }
 
     async fn claim_outbox_newest(
@@ -50,8 +61,7 @@ impl Outbox for SqliteStore {
         lease: Duration,
         limit: usize,
     ) -> StoreResult<Vec<crate::ClaimedEntity>> {
-        self.sync_claim_outbox(worker, now, lease, limit, true)
-            .await
+        self.claim_due(worker, now, lease, limit, true).await
     }
 
     async fn renew_outbox_leases(
@@ -81,7 +91,39 @@ impl Outbox for SqliteStore {
         ids: &[i64],
         events: Vec<crate::AuditEntry>,
     ) -> StoreResult<()> {
-        self.sync_complete_outbox(ctx, ids, events).await
+        let now = self.now();
+        let mut tx = self.begin().await?;
+        for e in &events {
+            append_audit(&mut tx, ctx, now, e).await?;
+        }
+        let done: Vec<(i64, String, String)> = sqlx::query_as(
+            "UPDATE outbox SET state = 'done', lease_until = NULL, finished = ? \
+             WHERE id IN (SELECT value FROM json_each(?)) AND state = 'pending' \
+             RETURNING id, entity_type, entity_id",
+        )
+        .bind(timefmt::format(now))
+        .bind(ids_json(ids))
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut by_entity: BTreeMap<(String, String), Vec<i64>> = BTreeMap::new();
+        for (id, ty, eid) in done {
+            by_entity.entry((ty, eid)).or_default().push(id);
+        }
+        for ((ty, eid), mut ids) in by_entity {
+            ids.sort_unstable();
+            note(
+                &mut tx,
+                ctx,
+                now,
+                resource_type(&ty),
+                &eid,
+                "outbox.complete",
+                json!({"outbox_ids": ids}),
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn fail_outbox(
@@ -93,8 +135,45 @@ impl Outbox for SqliteStore {
         now: OffsetDateTime,
         policy: &crate::RetryPolicy,
     ) -> StoreResult<Vec<crate::FailedItem>> {
-        self.sync_fail_outbox(ctx, ids, error, transient, now, policy)
-            .await
+        let mut tx = self.begin().await?;
+        let rows: Vec<(i64, String, String, i64)> = sqlx::query_as(
+            "SELECT id, entity_type, entity_id, attempts FROM outbox \
+             WHERE id IN (SELECT value FROM json_each(?)) AND state = 'pending' ORDER BY id",
+        )
+        .bind(ids_json(ids))
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (id, ty, eid, attempts) in rows {
+            let d = common::fail_decision(id, attempts, error, transient, now, policy)?;
+            let (attempts, dead_reason, next) = (d.attempts, d.dead_reason.clone(), d.next);
+            sqlx::query(
+                "UPDATE outbox SET attempts = ?, last_error = ?, lease_until = NULL, \
+                 state = CASE WHEN ? IS NULL THEN state ELSE 'dead' END, \
+                 dead_reason = ?, finished = CASE WHEN ? IS NULL THEN NULL ELSE ? END, \
+                 next_attempt_at = COALESCE(?, next_attempt_at) WHERE id = ?",
+            )
+            .bind(attempts)
+            .bind(error)
+            .bind(&dead_reason)
+            .bind(&dead_reason)
+            .bind(&dead_reason)
+            .bind(timefmt::format(now))
+            .bind(next.map(timefmt::format))
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+            let entry = common::fail_entry(id, &ty, eid, &d, error, transient);
+            append_audit(&mut tx, ctx, self.now(), &entry).await?;
+            out.push(FailedItem {
+                id,
+                attempts,
+                next_attempt_at: next,
+                dead_reason,
+            });
+        }
+        tx.commit().await?;
+        Ok(out)
     }
 
     async fn defer_outbox(
@@ -104,19 +183,66 @@ impl Outbox for SqliteStore {
         reason: &str,
         until: OffsetDateTime,
     ) -> StoreResult<usize> {
-        self.sync_defer_outbox(ctx, ids, reason, until).await
+        let mut tx = self.begin().await?;
+        let n = sqlx::query(
+            "UPDATE outbox SET last_error = ?, lease_until = NULL, next_attempt_at = ? \
+             WHERE id IN (SELECT value FROM json_each(?)) AND state = 'pending'",
+        )
+        .bind(reason)
+        .bind(timefmt::format(until))
+        .bind(ids_json(ids))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let entry = common::defer_entry(ids, reason, until);
+        append_audit(&mut tx, ctx, self.now(), &entry).await?;
+        tx.commit().await?;
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
     }
 
     async fn outbox_summary(&self) -> StoreResult<crate::OutboxSummary> {
-        self.sync_outbox_summary().await
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT state, COUNT(*) FROM outbox GROUP BY state")
+                .fetch_all(&self.read)
+                .await?;
+        let oldest: Option<String> =
+            sqlx::query_scalar("SELECT MIN(created) FROM outbox WHERE state = 'pending'")
+                .fetch_one(&self.read)
+                .await?;
+        Ok(OutboxSummary {
+            by_state: rows.into_iter().collect(),
+            oldest_pending: oldest.as_deref().map(parse_time).transpose()?,
+        })
     }
 
     async fn deleted_entities(&self) -> StoreResult<Vec<(String, String)>> {
-        self.sync_deleted_entities().await
+        Ok(sqlx::query_as(
+            "SELECT DISTINCT entity_type, entity_id FROM outbox WHERE operation = 'delete' \
+             ORDER BY entity_type, entity_id",
+        )
+        .fetch_all(&self.read)
+        .await?)
     }
 
     async fn hold_outbox(&self, ctx: &WriteCtx, ids: &[i64], batch_id: i64) -> StoreResult<()> {
-        self.sync_hold_outbox(ctx, ids, batch_id).await
+        let now = self.now();
+        let mut tx = self.begin().await?;
+        held_tx(&mut tx, batch_id)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        let held = hold_tx(&mut tx, ids, batch_id).await?;
+        note(
+            &mut tx,
+            ctx,
+            now,
+            "HeldBatch",
+            &batch_id.to_string(),
+            "outbox.hold",
+            json!({"outbox_ids": held}),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn list_outbox(
@@ -124,14 +250,141 @@ impl Outbox for SqliteStore {
         state: Option<&str>,
         limit: i64,
     ) -> StoreResult<Vec<crate::OutboxEntry>> {
-        self.sync_list_outbox(state, limit).await
+        check_state(state, OUTBOX_STATES, "outbox")?;
+        let sql = format!(
+            "SELECT {ENTRY_COLS} FROM outbox WHERE (? IS NULL OR state = ?) ORDER BY id LIMIT ?"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(state)
+            .bind(state)
+            .bind(limit)
+            .fetch_all(&self.read)
+            .await?;
+        rows.iter().map(entry_row).collect()
     }
 
     async fn retry_outbox(&self, ctx: &WriteCtx, id: i64) -> StoreResult<crate::OutboxEntry> {
-        self.sync_retry_outbox(ctx, id).await
+        let now = self.now();
+        let mut tx = self.begin().await?;
+        let before = entry_tx(&mut tx, id).await?.ok_or(StoreError::NotFound)?;
+        if before.item.state != "dead" {
+            return Err(StoreError::Invalid(format!(
+                "outbox item {id} is {}, not dead",
+                before.item.state
+            )));
+        }
+        sqlx::query(
+            "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ?, \
+             lease_until = NULL, leased_by = NULL, dead_reason = NULL, finished = NULL WHERE id = ?",
+        )
+        .bind(timefmt::format(now))
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        note(
+            &mut tx,
+            ctx,
+            now,
+            "Outbox",
+            &id.to_string(),
+            "outbox.retry",
+            json!({"dead_reason": before.dead_reason, "attempts": before.item.attempts}),
+        )
+        .await?;
+        let after = entry_tx(&mut tx, id).await?.ok_or(StoreError::NotFound)?;
+        tx.commit().await?;
+        Ok(after)
     }
 
     async fn drop_outbox(&self, ctx: &WriteCtx, id: i64) -> StoreResult<crate::OutboxEntry> {
-        self.sync_drop_outbox(ctx, id).await
+        let now = self.now();
+        let mut tx = self.begin().await?;
+        let before = entry_tx(&mut tx, id).await?.ok_or(StoreError::NotFound)?;
+        if !["pending", "dead", "held"].contains(&before.item.state.as_str()) {
+            return Err(StoreError::Invalid(format!(
+                "outbox item {id} is {}, not pending, dead or held",
+                before.item.state
+            )));
+        }
+        sqlx::query(
+            "UPDATE outbox SET state = 'dropped', lease_until = NULL, finished = ? WHERE id = ?",
+        )
+        .bind(timefmt::format(now))
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        note(
+            &mut tx,
+            ctx,
+            now,
+            "Outbox",
+            &id.to_string(),
+            "outbox.drop",
+            json!({"previous_state": before.item.state}),
+        )
+        .await?;
+        let after = entry_tx(&mut tx, id).await?.ok_or(StoreError::NotFound)?;
+        tx.commit().await?;
+        Ok(after)
+    }
+}
+
+impl SqliteStore {
+    pub(super) async fn claim_due(
+        &self,
+        worker: &str,
+        now: OffsetDateTime,
+        lease: Duration,
+        limit: usize,
+        newest: bool,
+    ) -> StoreResult<Vec<ClaimedEntity>> {
+        let now_s = timefmt::format(now);
+        let until = timefmt::format(now + lease);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut tx = self.begin().await?;
+        let due: Vec<(String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT o.entity_type, o.entity_id FROM outbox o \
+             WHERE o.state = 'pending' AND o.next_attempt_at <= ? \
+               AND (o.lease_until IS NULL OR o.lease_until <= ?) \
+               AND NOT EXISTS (SELECT 1 FROM outbox l WHERE l.entity_type = o.entity_type \
+                   AND l.entity_id = o.entity_id AND l.state = 'pending' AND l.lease_until > ?) \
+             GROUP BY o.entity_type, o.entity_id ORDER BY {order} LIMIT ?",
+            order = if newest {
+                "MAX(o.id) DESC"
+            } else {
+                "MIN(o.id)"
+            }
+        )))
+        .bind(&now_s)
+        .bind(&now_s)
+        .bind(&now_s)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut out = Vec::with_capacity(due.len());
+        let sql = format!(
+            "UPDATE outbox SET lease_until = ?, leased_by = ? \
+             WHERE entity_type = ? AND entity_id = ? AND state = 'pending' \
+               AND (lease_until IS NULL OR lease_until <= ?) RETURNING {ITEM_COLS}"
+        );
+        for (entity_type, entity_id) in due {
+            let rows = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                .bind(&until)
+                .bind(worker)
+                .bind(&entity_type)
+                .bind(&entity_id)
+                .bind(&now_s)
+                .fetch_all(&mut *tx)
+                .await?;
+            let mut items = rows.iter().map(item_row).collect::<StoreResult<Vec<_>>>()?;
+            items.sort_by_key(|i| i.id);
+            out.push(ClaimedEntity {
+                entity_type,
+                entity_id,
+                items,
+            });
+        }
+        tx.commit().await?;
+        Ok(out)
     }
 }
