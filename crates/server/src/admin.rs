@@ -28,7 +28,7 @@ use futures::future::BoxFuture;
 use scim::ResourceKind;
 use serde::Deserialize;
 use serde_json::Value;
-use store::{AuditEvent, DynStore, HeldBatch, ListQuery, ReadOpts};
+use store::{AuditEvent, DynStore, HeldBatch, HeldState, ListQuery, OutboxState, ReadOpts};
 
 use crate::auth::TokenCache;
 use crate::state::Readiness;
@@ -410,7 +410,7 @@ struct HeldView {
     id: i64,
     created: String,
     source: String,
-    state: String,
+    state: HeldState,
     summary: String,
     affects: String,
 }
@@ -469,26 +469,26 @@ async fn overview_page(s: &AdminState) -> Result<OverviewPage, store::StoreError
     let last_pass = report(LAST_PASS_KEY).await?;
     let last_reconcile = report(LAST_RECONCILE_KEY).await?;
     let summary = store.outbox_summary().await?;
-    let pending_rows = store.list_outbox(Some("pending"), 200).await?;
+    let pending_rows = store.list_outbox(Some(OutboxState::Pending), 200).await?;
     let retrying = pending_rows
         .iter()
         .filter(|e| e.last_error.is_some())
         .map(|e| outbox_row(e, e.last_error.as_deref()))
         .collect();
-    let dead_rows = store.list_outbox(Some("dead"), 50).await?;
+    let dead_rows = store.list_outbox(Some(OutboxState::Dead), 50).await?;
     let dead = dead_rows
         .iter()
         .map(|e| outbox_row(e, e.dead_reason.as_deref().or(e.last_error.as_deref())))
         .collect();
     let mut held = Vec::new();
-    let mut batches = store.list_held(Some("held")).await?;
-    batches.extend(store.list_held(Some("approved")).await?);
+    let mut batches = store.list_held(Some(HeldState::Held)).await?;
+    batches.extend(store.list_held(Some(HeldState::Approved)).await?);
     for b in &batches {
         held.push(HeldView {
             id: b.id,
             created: store::timefmt::format(b.created),
             source: b.source.clone(),
-            state: b.state.clone(),
+            state: b.state,
             summary: b.summary.clone(),
             affects: s.source.held_affects(b).await,
         });
@@ -505,10 +505,18 @@ async fn overview_page(s: &AdminState) -> Result<OverviewPage, store::StoreError
         directory_source: s.source.directory_source().await,
         last_pass,
         last_reconcile,
-        pending: summary.by_state.get("pending").copied().unwrap_or(0) as usize,
+        pending: summary
+            .by_state
+            .get(&OutboxState::Pending)
+            .copied()
+            .unwrap_or(0) as usize,
         retrying,
         dead,
-        dead_total: summary.by_state.get("dead").copied().unwrap_or(0) as usize,
+        dead_total: summary
+            .by_state
+            .get(&OutboxState::Dead)
+            .copied()
+            .unwrap_or(0) as usize,
         oldest_pending: summary.oldest_pending.map(store::timefmt::format),
         held,
     })

@@ -244,7 +244,11 @@ pub trait Outbox: Send + Sync + fmt::Debug {
     async fn outbox_summary(&self) -> StoreResult<OutboxSummary>;
 
     /// Outbox rows in `state` (any state when `None`), oldest first, at most `limit`.
-    async fn list_outbox(&self, state: Option<&str>, limit: i64) -> StoreResult<Vec<OutboxEntry>>;
+    async fn list_outbox(
+        &self,
+        state: Option<OutboxState>,
+        limit: i64,
+    ) -> StoreResult<Vec<OutboxEntry>>;
 
     /// Moves a `dead` row back to `pending`, due now, attempts reset. `NotFound` if there is no
     /// such row; `Invalid` naming its state if it is not dead.
@@ -361,7 +365,7 @@ pub trait HeldBatches: Send + Sync + fmt::Debug {
     ) -> StoreResult<i64>;
 
     /// Held batches in `state` (all when `None`), oldest first.
-    async fn list_held(&self, state: Option<&str>) -> StoreResult<Vec<HeldBatch>>;
+    async fn list_held(&self, state: Option<HeldState>) -> StoreResult<Vec<HeldBatch>>;
 
     /// One held batch.
     async fn held_batch(&self, id: i64) -> StoreResult<Option<HeldBatch>>;

@@ -16,13 +16,10 @@ use crate::access::AccessState;
 use crate::audit::{AuditEvent, Checkpoint, GENESIS_HASH, link_error};
 use crate::sql_filter::{self, Bind, Dialect};
 use crate::{
-    AuditEntry, GroupRef, ListPage, ListQuery, MappingLink, MemberRef, MemberType, ReadOpts,
-    Resource, RetryPolicy, StoreError, StoreResult, TokenRecord, TokenScope, WriteCtx, backoff,
-    timefmt,
+    AuditEntry, GroupRef, HeldState, ListPage, ListQuery, MappingLink, MemberRef, MemberType,
+    ReadOpts, Resource, RetryPolicy, StoreError, StoreResult, TokenRecord, TokenScope, WriteCtx,
+    backoff, timefmt,
 };
-
-pub(crate) const OUTBOX_STATES: &[&str] = &["pending", "done", "dead", "held", "dropped"];
-pub(crate) const HELD_STATES: &[&str] = &["held", "approved", "applied", "dropped"];
 
 /// The table of a resource kind.
 pub(crate) fn table(kind: ResourceKind) -> &'static str {
@@ -65,19 +62,14 @@ pub(crate) fn opt_time(s: Option<String>) -> StoreResult<Option<OffsetDateTime>>
     s.as_deref().map(parse_time).transpose()
 }
 
-pub(crate) fn check_state(state: Option<&str>, allowed: &[&str], what: &str) -> StoreResult<()> {
-    match state {
-        Some(s) if !allowed.contains(&s) => Err(StoreError::Invalid(format!(
-            "unknown {what} state `{s}`; expected one of {}",
-            allowed.join(", ")
-        ))),
-        _ => Ok(()),
-    }
-}
-
 /// `NotFound`-free check that a state is one of `allowed`, naming it otherwise.
-pub(crate) fn held_state_error(id: i64, state: &str, allowed: &[&str]) -> Option<StoreError> {
+pub(crate) fn held_state_error(
+    id: i64,
+    state: HeldState,
+    allowed: &[HeldState],
+) -> Option<StoreError> {
     (!allowed.contains(&state)).then(|| {
+        let allowed: Vec<&str> = allowed.iter().map(|s| s.as_str()).collect();
         StoreError::Invalid(format!(
             "held batch {id} is {state}, not {}",
             allowed.join(" or ")

@@ -379,8 +379,8 @@ pub struct OutboxItem {
     pub detail: String,
     /// The audit event written in the same transaction.
     pub audit_seq: i64,
-    /// `pending`, `done` or `dead`.
-    pub state: String,
+    /// `pending`, `done`, `dead`, `held` or `dropped`.
+    pub state: OutboxState,
     /// Attempts so far.
     pub attempts: i64,
 }

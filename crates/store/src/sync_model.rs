@@ -250,7 +250,7 @@ pub struct HeldBatch {
     /// The held plan as the sync engine serialised it.
     pub plan: Value,
     /// `held`, `approved`, `applied` or `dropped`.
-    pub state: String,
+    pub state: crate::HeldState,
     /// When it was approved or dropped.
     pub decided_at: Option<OffsetDateTime>,
     /// Who approved or dropped it.
@@ -491,7 +491,7 @@ mod tests {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OutboxSummary {
     /// State → number of rows (states without rows are absent).
-    pub by_state: std::collections::BTreeMap<String, i64>,
+    pub by_state: std::collections::BTreeMap<crate::OutboxState, i64>,
     /// When the oldest `pending` row was written.
     pub oldest_pending: Option<OffsetDateTime>,
 }

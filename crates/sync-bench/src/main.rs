@@ -1271,7 +1271,7 @@ async fn bench_push_during_load(cli: &Cli, report: &mut Report) -> anyhow::Resul
         .outbox_summary()
         .await?
         .by_state
-        .get("pending")
+        .get(&store::OutboxState::Pending)
         .copied()
         .unwrap_or(0);
     let t0 = Instant::now();

@@ -39,7 +39,9 @@ use std::time::Duration;
 
 use futures::StreamExt as _;
 use serde_json::{Value, json};
-use store::{AuditEntry, ClaimedEntity, DynStore, HeldBatch, RetryPolicy, StoreError, WriteCtx};
+use store::{
+    AuditEntry, ClaimedEntity, DynStore, HeldBatch, HeldState, RetryPolicy, StoreError, WriteCtx,
+};
 use teamcity::{Client, TeamCityError};
 use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
@@ -1375,7 +1377,7 @@ impl Engine {
                     .await?,
             );
         }
-        let approved = self.store().list_held(Some("approved")).await?;
+        let approved = self.store().list_held(Some(HeldState::Approved)).await?;
         let untried = self.untried_approvals(&approved);
         if claimed.is_empty() && !untried {
             // Idle: index the cache now (after a reconcile or a whole pass), not when the
@@ -1726,14 +1728,14 @@ impl Engine {
             return Ok(waiting);
         }
         let mut approved: HashMap<String, i64> = HashMap::new();
-        for b in self.store().list_held(Some("approved")).await? {
+        for b in self.store().list_held(Some(HeldState::Approved)).await? {
             match read_batch(&b) {
                 Ok(steps) => approved.extend(steps.into_iter().map(|s| (s, b.id))),
                 Err(reason) => self.unreadable(&b, &reason).await?,
             }
         }
         let mut held: HashMap<String, i64> = HashMap::new();
-        for b in self.store().list_held(Some("held")).await? {
+        for b in self.store().list_held(Some(HeldState::Held)).await? {
             if let Ok(steps) = read_batch(&b) {
                 held.extend(steps.into_iter().map(|s| (s, b.id)));
             }
@@ -2005,7 +2007,7 @@ impl Engine {
     /// now, or the plan no longer wants it. A batch with a step that failed stays approved
     /// (retried with the next pass or reconcile).
     async fn finish_approved(&self, p: &Plan, outcomes: &[Outcome]) -> Result<(), EngineError> {
-        let approved = self.store().list_held(Some("approved")).await?;
+        let approved = self.store().list_held(Some(HeldState::Approved)).await?;
         if approved.is_empty() {
             return Ok(());
         }

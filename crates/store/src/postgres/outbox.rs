@@ -4,10 +4,10 @@ use super::PostgresStore;
 use super::sync::*;
 use super::*;
 use crate::Outbox;
-use crate::common::{self, OUTBOX_STATES, check_state, parse_time, resource_type};
+use crate::common::{self, parse_time, resource_type};
 use crate::{
-    ClaimedEntity, FailedItem, OutboxItem, OutboxSummary, StoreError, StoreResult, WriteCtx,
-    timefmt,
+    ClaimedEntity, FailedItem, OutboxItem, OutboxState, OutboxSummary, StoreError, StoreResult,
+    WriteCtx, timefmt,
 };
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -32,8 +32,6 @@ impl Outbox for PostgresStore {
         .await?;
         rows.iter().map(sync::item_row).collect()
     }
-
-    // ----- Sync bookkeeping: implemented in `postgres/sync.rs`. -----
 
     async fn claim_outbox(
         &self,
@@ -197,7 +195,10 @@ impl Outbox for PostgresStore {
                 .fetch_one(&self.pool)
                 .await?;
         Ok(OutboxSummary {
-            by_state: rows.into_iter().collect(),
+            by_state: rows
+                .into_iter()
+                .map(|(s, n)| Ok((OutboxState::from_db(&s)?, n)))
+                .collect::<StoreResult<_>>()?,
             oldest_pending: oldest.as_deref().map(parse_time).transpose()?,
         })
     }
@@ -234,10 +235,10 @@ impl Outbox for PostgresStore {
 
     async fn list_outbox(
         &self,
-        state: Option<&str>,
+        state: Option<OutboxState>,
         limit: i64,
     ) -> StoreResult<Vec<crate::OutboxEntry>> {
-        check_state(state, OUTBOX_STATES, "outbox")?;
+        let state = state.map(OutboxState::as_str);
         let sql = format!(
             "SELECT {ENTRY_COLS} FROM outbox WHERE ($1::text IS NULL OR state = $1) ORDER BY id LIMIT $2"
         );
@@ -253,7 +254,7 @@ impl Outbox for PostgresStore {
         let now = self.now();
         let mut tx = self.begin_write().await?;
         let before = entry_tx(&mut tx, id).await?.ok_or(StoreError::NotFound)?;
-        if before.item.state != "dead" {
+        if before.item.state != OutboxState::Dead {
             return Err(StoreError::Invalid(format!(
                 "outbox item {id} is {}, not dead",
                 before.item.state
@@ -286,7 +287,9 @@ impl Outbox for PostgresStore {
         let now = self.now();
         let mut tx = self.begin_write().await?;
         let before = entry_tx(&mut tx, id).await?.ok_or(StoreError::NotFound)?;
-        if !["pending", "dead", "held"].contains(&before.item.state.as_str()) {
+        if ![OutboxState::Pending, OutboxState::Dead, OutboxState::Held]
+            .contains(&before.item.state)
+        {
             return Err(StoreError::Invalid(format!(
                 "outbox item {id} is {}, not pending, dead or held",
                 before.item.state

@@ -20,6 +20,7 @@ use crate::{
     AuditEntry, HeldBatch, MappingLink, OutboxEntry, OutboxItem, StoreError, StoreResult, WriteCtx,
     timefmt,
 };
+use crate::{HeldState, OutboxState};
 
 /// The advisory lock key that serialises outbox claims across processes.
 pub(super) const CLAIM_LOCK: i64 = 0x7463_7363_696d_0001;
@@ -43,7 +44,7 @@ pub(super) fn item_row(r: &PgRow) -> StoreResult<OutboxItem> {
         operation: r.try_get("operation")?,
         detail: r.try_get("detail")?,
         audit_seq: r.try_get("audit_seq")?,
-        state: r.try_get("state")?,
+        state: OutboxState::from_db(r.try_get("state")?)?,
         attempts: r.try_get("attempts")?,
     })
 }
@@ -73,7 +74,7 @@ pub(super) fn held_row(r: &PgRow) -> StoreResult<HeldBatch> {
         summary: r.try_get("summary")?,
         removals: r.try_get("removals")?,
         plan: serde_json::from_str(&plan)?,
-        state: r.try_get("state")?,
+        state: HeldState::from_db(r.try_get("state")?)?,
         decided_at: opt_time(r.try_get("decided_at")?)?,
         decided_by: r.try_get("decided_by")?,
     })
@@ -212,10 +213,10 @@ pub(super) async fn hold_tx(tx: &mut Tx, ids: &[i64], batch_id: i64) -> StoreRes
 pub(super) async fn held_in_state(
     tx: &mut Tx,
     id: i64,
-    allowed: &[&str],
+    allowed: &[HeldState],
 ) -> StoreResult<HeldBatch> {
     let b = held_tx(tx, id, true).await?.ok_or(StoreError::NotFound)?;
-    match common::held_state_error(id, &b.state, allowed) {
+    match common::held_state_error(id, b.state, allowed) {
         Some(e) => Err(e),
         None => Ok(b),
     }

@@ -4,8 +4,9 @@ use super::sync::*;
 use super::*;
 use super::{SqliteStore, record};
 use crate::HeldBatches;
-use crate::common::{self, HELD_STATES, Record, check_state};
+use crate::common::{self, Record};
 use crate::{HeldBatch, StoreError, StoreResult, WriteCtx, timefmt};
+use crate::{HeldState, OutboxState};
 use serde_json::{Value, json};
 
 #[async_trait]
@@ -59,8 +60,8 @@ impl HeldBatches for SqliteStore {
         Ok(id)
     }
 
-    async fn list_held(&self, state: Option<&str>) -> StoreResult<Vec<crate::HeldBatch>> {
-        check_state(state, HELD_STATES, "held batch")?;
+    async fn list_held(&self, state: Option<HeldState>) -> StoreResult<Vec<crate::HeldBatch>> {
+        let state = state.map(HeldState::as_str);
         let sql = format!(
             "SELECT {HELD_COLS} FROM held_batches WHERE (? IS NULL OR state = ?) ORDER BY id"
         );
@@ -82,18 +83,25 @@ impl HeldBatches for SqliteStore {
     }
 
     async fn approve_held(&self, ctx: &WriteCtx, id: i64) -> StoreResult<crate::HeldBatch> {
-        self.held_transition(ctx, id, &["held"], "approved", "sync.approve", None)
-            .await
+        self.held_transition(
+            ctx,
+            id,
+            &[HeldState::Held],
+            HeldState::Approved,
+            "sync.approve",
+            None,
+        )
+        .await
     }
 
     async fn mark_held_applied(&self, ctx: &WriteCtx, id: i64) -> StoreResult<()> {
         self.held_transition(
             ctx,
             id,
-            &["approved"],
-            "applied",
+            &[HeldState::Approved],
+            HeldState::Applied,
             "sync.applied",
-            Some("done"),
+            Some(OutboxState::Done),
         )
         .await
         .map(drop)
@@ -103,10 +111,10 @@ impl HeldBatches for SqliteStore {
         self.held_transition(
             ctx,
             id,
-            &["held", "approved"],
-            "dropped",
+            &[HeldState::Held, HeldState::Approved],
+            HeldState::Dropped,
             "sync.drop",
-            Some("dropped"),
+            Some(OutboxState::Dropped),
         )
         .await
     }
@@ -119,18 +127,18 @@ impl SqliteStore {
         &self,
         ctx: &WriteCtx,
         id: i64,
-        from: &[&str],
-        to: &str,
+        from: &[HeldState],
+        to: HeldState,
         operation: &str,
-        outbox_to: Option<&str>,
+        outbox_to: Option<OutboxState>,
     ) -> StoreResult<HeldBatch> {
         let now = self.now();
         let now_s = timefmt::format(now);
         let mut tx = self.begin().await?;
         let before = held_in_state(&mut tx, id, from).await?;
-        if to == "applied" {
+        if to == HeldState::Applied {
             sqlx::query("UPDATE held_batches SET state = ? WHERE id = ?")
-                .bind(to)
+                .bind(to.as_str())
                 .bind(id)
                 .execute(&mut *tx)
                 .await?;
@@ -138,7 +146,7 @@ impl SqliteStore {
             sqlx::query(
                 "UPDATE held_batches SET state = ?, decided_at = ?, decided_by = ? WHERE id = ?",
             )
-            .bind(to)
+            .bind(to.as_str())
             .bind(&now_s)
             .bind(&ctx.actor)
             .bind(id)
@@ -151,7 +159,7 @@ impl SqliteStore {
                     "UPDATE outbox SET state = ?, finished = ? \
                      WHERE held_batch_id = ? AND state = 'held' RETURNING id",
                 )
-                .bind(state)
+                .bind(state.as_str())
                 .bind(&now_s)
                 .bind(id)
                 .fetch_all(&mut *tx)

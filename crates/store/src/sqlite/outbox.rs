@@ -4,13 +4,12 @@ use super::SqliteStore;
 use super::sync::*;
 use super::*;
 use crate::Outbox;
-use crate::common::{self, OUTBOX_STATES, check_state, parse_time, resource_type};
+use crate::common::{self, parse_time, resource_type};
 use crate::{
-    ClaimedEntity, FailedItem, OutboxItem, OutboxSummary, StoreError, StoreResult, WriteCtx,
-    timefmt,
+    ClaimedEntity, FailedItem, OutboxItem, OutboxState, OutboxSummary, StoreError, StoreResult,
+    WriteCtx, timefmt,
 };
 use serde_json::json;
-use sqlx::Row;
 use std::collections::BTreeMap;
 use std::time::Duration;
 use time::OffsetDateTime;
@@ -26,23 +25,8 @@ impl Outbox for SqliteStore {
         .bind(limit)
         .fetch_all(&self.read)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(OutboxItem {
-                    id: r.try_get("id")?,
-                    entity_type: r.try_get("entity_type")?,
-                    entity_id: r.try_get("entity_id")?,
-                    operation: r.try_get("operation")?,
-                    detail: r.try_get("detail")?,
-                    audit_seq: r.try_get("audit_seq")?,
-                    state: r.try_get("state")?,
-                    attempts: r.try_get("attempts")?,
-                })
-            })
-            .collect()
+        rows.iter().map(item_row).collect()
     }
-
-    // ----- Sync bookkeeping: implemented in `sqlite/sync.rs`. -----
 
     async fn claim_outbox(
         &self,
@@ -210,7 +194,10 @@ impl Outbox for SqliteStore {
                 .fetch_one(&self.read)
                 .await?;
         Ok(OutboxSummary {
-            by_state: rows.into_iter().collect(),
+            by_state: rows
+                .into_iter()
+                .map(|(s, n)| Ok((OutboxState::from_db(&s)?, n)))
+                .collect::<StoreResult<_>>()?,
             oldest_pending: oldest.as_deref().map(parse_time).transpose()?,
         })
     }
@@ -247,10 +234,10 @@ impl Outbox for SqliteStore {
 
     async fn list_outbox(
         &self,
-        state: Option<&str>,
+        state: Option<OutboxState>,
         limit: i64,
     ) -> StoreResult<Vec<crate::OutboxEntry>> {
-        check_state(state, OUTBOX_STATES, "outbox")?;
+        let state = state.map(OutboxState::as_str);
         let sql = format!(
             "SELECT {ENTRY_COLS} FROM outbox WHERE (? IS NULL OR state = ?) ORDER BY id LIMIT ?"
         );
@@ -267,7 +254,7 @@ impl Outbox for SqliteStore {
         let now = self.now();
         let mut tx = self.begin().await?;
         let before = entry_tx(&mut tx, id).await?.ok_or(StoreError::NotFound)?;
-        if before.item.state != "dead" {
+        if before.item.state != OutboxState::Dead {
             return Err(StoreError::Invalid(format!(
                 "outbox item {id} is {}, not dead",
                 before.item.state
@@ -300,7 +287,9 @@ impl Outbox for SqliteStore {
         let now = self.now();
         let mut tx = self.begin().await?;
         let before = entry_tx(&mut tx, id).await?.ok_or(StoreError::NotFound)?;
-        if !["pending", "dead", "held"].contains(&before.item.state.as_str()) {
+        if ![OutboxState::Pending, OutboxState::Dead, OutboxState::Held]
+            .contains(&before.item.state)
+        {
             return Err(StoreError::Invalid(format!(
                 "outbox item {id} is {}, not pending, dead or held",
                 before.item.state

@@ -17,6 +17,7 @@ use crate::{
     AuditEntry, HeldBatch, MappingLink, OutboxEntry, OutboxItem, StoreError, StoreResult, WriteCtx,
     timefmt,
 };
+use crate::{HeldState, OutboxState};
 
 pub(super) const ITEM_COLS: &str =
     "id, entity_type, entity_id, operation, detail, audit_seq, state, attempts";
@@ -37,7 +38,7 @@ pub(super) fn item_row(r: &SqliteRow) -> StoreResult<OutboxItem> {
         operation: r.try_get("operation")?,
         detail: r.try_get("detail")?,
         audit_seq: r.try_get("audit_seq")?,
-        state: r.try_get("state")?,
+        state: OutboxState::from_db(r.try_get("state")?)?,
         attempts: r.try_get("attempts")?,
     })
 }
@@ -67,7 +68,7 @@ pub(super) fn held_row(r: &SqliteRow) -> StoreResult<HeldBatch> {
         summary: r.try_get("summary")?,
         removals: r.try_get("removals")?,
         plan: serde_json::from_str(&plan)?,
-        state: r.try_get("state")?,
+        state: HeldState::from_db(r.try_get("state")?)?,
         decided_at: opt_time(r.try_get("decided_at")?)?,
         decided_by: r.try_get("decided_by")?,
     })
@@ -191,10 +192,10 @@ pub(super) async fn hold_tx(tx: &mut Tx, ids: &[i64], batch_id: i64) -> StoreRes
 pub(super) async fn held_in_state(
     tx: &mut Tx,
     id: i64,
-    allowed: &[&str],
+    allowed: &[HeldState],
 ) -> StoreResult<HeldBatch> {
     let b = held_tx(tx, id).await?.ok_or(StoreError::NotFound)?;
-    match common::held_state_error(id, &b.state, allowed) {
+    match common::held_state_error(id, b.state, allowed) {
         Some(e) => Err(e),
         None => Ok(b),
     }
