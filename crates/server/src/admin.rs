@@ -28,7 +28,10 @@ use futures::future::BoxFuture;
 use scim::ResourceKind;
 use serde::Deserialize;
 use serde_json::Value;
-use store::{AuditEvent, DynStore, HeldBatch, HeldState, ListQuery, OutboxState, ReadOpts};
+use store::{
+    AuditEvent, AuditLog, DynStore, HeldBatch, HeldState, ListQuery, Mappings, OutboxState,
+    ReadOpts, Resources,
+};
 
 use crate::auth::TokenCache;
 use crate::state::Readiness;
@@ -655,8 +658,8 @@ async fn person(State(s): State<AdminState>, Path(id): Path<String>) -> Response
         .map(|g| (g.value.clone(), g.display.clone()))
         .collect();
     let access = s.source.person(&id).await;
-    let subject = Subject::user(&s.store, &id).await;
-    let events = match recent_matching(&s.store, None, None, None, |e| subject.matches(e)).await {
+    let subject = Subject::user(&*s.store, &id).await;
+    let events = match recent_matching(&*s.store, None, None, None, |e| subject.matches(e)).await {
         Ok((rows, _)) => rows.into_iter().take(20).collect(),
         Err(e) => return failed("people", e),
     };
@@ -801,7 +804,7 @@ struct Subject {
 
 impl Subject {
     /// A user: its SCIM id and its TeamCity user id, as resources and as group members.
-    async fn user(store: &DynStore, scim_id: &str) -> Subject {
+    async fn user(store: &dyn Mappings, scim_id: &str) -> Subject {
         let mut s = Subject {
             ids: BTreeSet::from([scim_id.to_owned(), format!("user:new:{scim_id}")]),
             member_ids: BTreeSet::from([format!("new:{scim_id}")]),
@@ -816,7 +819,7 @@ impl Subject {
 
     /// A group: its SCIM id and its TeamCity key, as resources and as the group of a
     /// membership change.
-    async fn group(store: &DynStore, scim_id: &str) -> Subject {
+    async fn group(store: &dyn Mappings, scim_id: &str) -> Subject {
         let mut s = Subject {
             ids: BTreeSet::from([scim_id.to_owned()]),
             ..Subject::default()
@@ -859,7 +862,7 @@ impl Subject {
 }
 
 /// Looks a user up by SCIM id or userName.
-async fn find(store: &DynStore, kind: ResourceKind, text: &str) -> Option<String> {
+async fn find(store: &dyn Resources, kind: ResourceKind, text: &str) -> Option<String> {
     if let Ok(Some(r)) = store.get(kind, text, ReadOpts::default()).await {
         return Some(r.id);
     }
@@ -886,7 +889,7 @@ async fn find(store: &DynStore, kind: ResourceKind, text: &str) -> Option<String
 /// most [`AUDIT_SCAN`] events. Returns the rows and, when there may be more, the seq to
 /// continue before.
 async fn recent_matching(
-    store: &DynStore,
+    store: &dyn AuditLog,
     before: Option<i64>,
     since: Option<&str>,
     until: Option<&str>,
@@ -956,14 +959,14 @@ async fn audit(State(s): State<AdminState>, Query(q): Query<AuditQuery>) -> Resp
     // Both given: the events about that user in that group.
     let mut subjects: Vec<Subject> = Vec::new();
     if !q.user.trim().is_empty() {
-        match find(&s.store, ResourceKind::User, q.user.trim()).await {
-            Some(id) => subjects.push(Subject::user(&s.store, &id).await),
+        match find(&*s.store, ResourceKind::User, q.user.trim()).await {
+            Some(id) => subjects.push(Subject::user(&*s.store, &id).await),
             None => problem = Some(format!("No user has SCIM id or userName {:?}.", q.user)),
         }
     }
     if !q.group.trim().is_empty() {
-        match find(&s.store, ResourceKind::Group, q.group.trim()).await {
-            Some(id) => subjects.push(Subject::group(&s.store, &id).await),
+        match find(&*s.store, ResourceKind::Group, q.group.trim()).await {
+            Some(id) => subjects.push(Subject::group(&*s.store, &id).await),
             None => {
                 problem = Some(format!(
                     "No group has SCIM id or displayName {:?}.",
@@ -976,7 +979,15 @@ async fn audit(State(s): State<AdminState>, Query(q): Query<AuditQuery>) -> Resp
         (Vec::new(), None)
     } else {
         let keep = |e: &AuditEvent| subjects.iter().all(|s| s.matches(e));
-        match recent_matching(&s.store, q.before, since.as_deref(), until.as_deref(), keep).await {
+        match recent_matching(
+            &*s.store,
+            q.before,
+            since.as_deref(),
+            until.as_deref(),
+            keep,
+        )
+        .await
+        {
             Ok(r) => r,
             Err(e) => return failed("audit", e),
         }

@@ -185,7 +185,7 @@ pub trait Outbox: Send + Sync + fmt::Debug {
         lease: std::time::Duration,
     ) -> StoreResult<usize>;
 
-    /// [`Store::claim_outbox`], the most recently written entities first (by their newest due
+    /// [`Outbox::claim_outbox`], the most recently written entities first (by their newest due
     /// row): the worker takes a share of each pass this way, so a push made during a long
     /// backlog (a first load) is not applied after all of it.
     async fn claim_outbox_newest(
@@ -274,7 +274,7 @@ pub trait Mappings: Send + Sync + fmt::Debug {
     ) -> StoreResult<bool>;
 
     /// Upserts many links in one transaction; returns how many changed. Each change is audited
-    /// like [`Store::upsert_mapping`].
+    /// like [`Mappings::upsert_mapping`].
     async fn upsert_mappings(
         &self,
         ctx: &WriteCtx,
@@ -283,7 +283,7 @@ pub trait Mappings: Send + Sync + fmt::Debug {
     ) -> StoreResult<usize>;
 
     /// Appends `entries` to the audit trail and upserts `links` (each change audited like
-    /// [`Store::upsert_mapping`]), all in one transaction: the sync engine's group commit of
+    /// [`Mappings::upsert_mapping`]), all in one transaction: the sync engine's group commit of
     /// the actions it applied concurrently.
     async fn record_applied(
         &self,
@@ -352,7 +352,7 @@ pub trait AuditLog: Send + Sync + fmt::Debug {
 #[async_trait]
 pub trait HeldBatches: Send + Sync + fmt::Debug {
     /// Records a held batch (`source`: `outbox` or `reconcile`; audited as `sync.held`) and, in
-    /// the same transaction, parks `outbox_ids` in it as [`Store::hold_outbox`] does. Returns
+    /// the same transaction, parks `outbox_ids` in it as [`Outbox::hold_outbox`] does. Returns
     /// the batch id.
     async fn create_held(
         &self,
@@ -451,7 +451,7 @@ pub trait Directory: Send + Sync + fmt::Debug {
     ///   those users only (not its other members).
     ///
     /// Ids that name nothing (deleted resources) are left out. Users and groups come in
-    /// creation order, members ordered by id, as in [`Store::directory`].
+    /// creation order, members ordered by id, as in [`Directory::directory`].
     async fn directory_of(
         &self,
         users: &[String],
@@ -478,7 +478,7 @@ pub trait TableCopy: Send + Sync + fmt::Debug {
     /// transaction, without audit events: the copied trail is the record.
     async fn copy_in(&self, table: &copy::CopyTable, rows: &copy::Rows) -> StoreResult<()>;
 
-    /// After the last [`Store::copy_in`]: moves id sequences and the audit chain's head past
+    /// After the last [`TableCopy::copy_in`]: moves id sequences and the audit chain's head past
     /// the copied rows, so the next write continues them.
     async fn copy_finish(&self) -> StoreResult<()>;
 }

@@ -832,7 +832,7 @@ pub(crate) fn lease_until(now: time::OffsetDateTime, ttl: std::time::Duration) -
 /// A membership row: `(group_id, member_id, member_type, display)`.
 pub(crate) type MemberRow = (String, String, String, Option<String>);
 
-/// The users a scoped directory read loads ([`crate::Store::directory_of`]): those asked for,
+/// The users a scoped directory read loads ([`crate::Directory::directory_of`]): those asked for,
 /// and the user members of the groups asked for (`full`: their membership rows). Sorted, no
 /// duplicates.
 pub(crate) fn scoped_user_ids(users: &[String], full: &[MemberRow]) -> Vec<String> {

@@ -136,11 +136,11 @@ impl WriteCtx {
     }
 }
 
-/// One write of a batch ([`Store::write_batch`]); each is audited and enqueued exactly as the
+/// One write of a batch ([`Resources::write_batch`]); each is audited and enqueued exactly as the
 /// single-resource command it mirrors.
 #[derive(Debug, Clone)]
 pub enum BatchOp {
-    /// [`Store::create`], with the id chosen by the caller (so later ops can name it).
+    /// [`Resources::create`], with the id chosen by the caller (so later ops can name it).
     Create {
         /// Users or groups.
         kind: ResourceKind,
@@ -151,7 +151,7 @@ pub enum BatchOp {
         /// A group's first members.
         members: Option<Vec<NewMember>>,
     },
-    /// [`Store::replace`] of the attributes at any version; a group's members are kept.
+    /// [`Resources::replace`] of the attributes at any version; a group's members are kept.
     Replace {
         /// Users or groups.
         kind: ResourceKind,
@@ -160,16 +160,16 @@ pub enum BatchOp {
         /// Its new attributes.
         attrs: Value,
     },
-    /// [`Store::update_members`].
+    /// [`Resources::update_members`].
     Members {
         /// The group.
         id: String,
         /// The changes, in order.
         changes: Vec<MembershipChange>,
     },
-    /// An audit event of its own ([`Store::audit`]), e.g. what a whole batch did.
+    /// An audit event of its own ([`AuditLog::audit`]), e.g. what a whole batch did.
     Audit(AuditEntry),
-    /// [`Store::delete`] at any version.
+    /// [`Resources::delete`] at any version.
     Delete {
         /// Users or groups.
         kind: ResourceKind,
@@ -387,8 +387,8 @@ pub struct OutboxItem {
 
 pub use audit::{AuditEvent, Checkpoint};
 
-/// The proof that a writer holds a lease ([`Store::acquire_lease`]): every write made through
-/// [`Store::fenced`] checks, inside its own transaction, that the lease `name` is still held by
+/// The proof that a writer holds a lease ([`Leases::acquire_lease`]): every write made through
+/// [`Leases::fenced`] checks, inside its own transaction, that the lease `name` is still held by
 /// `holder` at `epoch` and has not run out.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Fence {
@@ -422,40 +422,25 @@ impl WriteCtx {
     }
 }
 
-/// The backend-neutral store: every capability at once. Implemented for whatever implements all
-/// of them (both backends do); a caller that needs only some takes those instead, e.g.
-/// `&dyn Resources` or `Arc<dyn Outbox>` (an `Arc<dyn Store>` converts to either). Every
-/// mutating method of every capability is one transaction that also appends its audit event
-/// (and, for resource writes, its outbox row).
-pub trait Store:
-    Resources
-    + Tokens
-    + Outbox
-    + Mappings
-    + AuditLog
-    + HeldBatches
-    + Leases
-    + SyncState
-    + Directory
-    + TableCopy
-    + 'static
-{
+/// Declares [`Store`] as every capability at once, with its blanket impl (one list of them).
+macro_rules! store_of {
+    ($(#[$doc:meta])* $($cap:ident),+ $(,)?) => {
+        $(#[$doc])*
+        pub trait Store: $($cap +)+ 'static {}
+
+        impl<T: $($cap +)+ 'static> Store for T {}
+    };
 }
 
-impl<T> Store for T where
-    T: Resources
-        + Tokens
-        + Outbox
-        + Mappings
-        + AuditLog
-        + HeldBatches
-        + Leases
-        + SyncState
-        + Directory
-        + TableCopy
-        + 'static
-{
-}
+store_of!(
+    /// The backend-neutral store: every capability at once. Implemented for whatever implements all
+    /// of them (both backends do); a caller that needs only some takes those instead, e.g.
+    /// `&dyn Resources` or `Arc<dyn Outbox>` (an `Arc<dyn Store>` converts to either). Every
+    /// mutating method of every capability is one transaction that also appends its audit event
+    /// (and, for resource writes, its outbox row).
+    Resources, Tokens, Outbox, Mappings, AuditLog, HeldBatches, Leases, SyncState, Directory,
+    TableCopy,
+);
 
 /// A shared store handle.
 pub type DynStore = Arc<dyn Store>;

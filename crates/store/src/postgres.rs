@@ -57,7 +57,7 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 10;
 pub struct PostgresStore {
     pool: PgPool,
     clock: Arc<dyn Clock>,
-    /// Set on a [`Store::fenced`] view: every write transaction checks them first.
+    /// Set on a [`Leases::fenced`] view: every write transaction checks them first.
     fences: Vec<Arc<crate::Fence>>,
 }
 

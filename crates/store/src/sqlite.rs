@@ -41,11 +41,11 @@ pub struct SqliteStore {
     read: SqlitePool,
     write: SqlitePool,
     clock: Arc<dyn Clock>,
-    /// Bumped after every committed resource write (see [`Store::resource_generation`]). Only
+    /// Bumped after every committed resource write (see [`Resources::resource_generation`]). Only
     /// this process writes SCIM resources to its SQLite file (the CLI's commands touch tokens,
     /// the outbox and the audit trail), which is what makes a process-local counter enough.
     generation: Arc<std::sync::atomic::AtomicU64>,
-    /// Set on a [`Store::fenced`] view: every write transaction checks them first.
+    /// Set on a [`Leases::fenced`] view: every write transaction checks them first.
     fences: Vec<Arc<crate::Fence>>,
     /// The group-commit writer of SCIM resource commands (see `group_commit`); `None` on a
     /// fenced view and inside the writer itself (they write directly).

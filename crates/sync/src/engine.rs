@@ -27,7 +27,7 @@
 //! [`SYNC_LEASE`] (taken when free or expired, renewed at a third of its time), and each
 //! reconcile also takes the [`store::RECONCILE_LEASE`] (so a `reconcile --apply` from the CLI
 //! never runs beside it). Every store write of a pass or a reconcile goes through
-//! [`store::Store::fenced`]: it checks the leases inside its own transaction, so a replica that
+//! [`store::Leases::fenced`]: it checks the leases inside its own transaction, so a replica that
 //! lost its lease (paused, partitioned, expired) writes nothing more and its pass stops; a
 //! heartbeat renews the leases (and the claimed outbox rows' leases) during long passes. A
 //! replica that gains the lease reads TeamCity again before applying anything.
@@ -358,7 +358,9 @@ fn entry(
 }
 
 /// The directory as the sync engine sees it: one consistent read of the store.
-pub async fn read_directory(store: &DynStore) -> Result<Directory, StoreError> {
+pub async fn read_directory<S: store::Directory + ?Sized>(
+    store: &S,
+) -> Result<Directory, StoreError> {
     let snap = store.directory().await?;
     Ok(Directory {
         users: snap.users,
@@ -368,8 +370,8 @@ pub async fn read_directory(store: &DynStore) -> Result<Directory, StoreError> {
 
 /// The directory and the desired state as they would be computed now, writing nothing (no
 /// pins persisted, no alerts audited): for read-only views.
-pub async fn desired_unrecorded(
-    store: &DynStore,
+pub async fn desired_unrecorded<S: store::Directory + store::SyncState + ?Sized>(
+    store: &S,
     policy: &Policy,
 ) -> Result<(Directory, Desired), StoreError> {
     let dir = read_directory(store).await?;
@@ -849,13 +851,13 @@ impl Engine {
 
     /// The directory as the sync engine sees it.
     pub async fn directory(&self) -> Result<Directory, EngineError> {
-        Ok(read_directory(&self.store()).await?)
+        Ok(read_directory(&*self.store()).await?)
     }
 
     /// [`Engine::plan_full`] for read-only views: writes nothing to the store.
     pub async fn preview(&self) -> Result<(Plan, ActualState, usize), EngineError> {
         let (actual, reads) = self.read_actual().await?;
-        let (_, d) = desired_unrecorded(&self.store(), &self.policy).await?;
+        let (_, d) = desired_unrecorded(&*self.store(), &self.policy).await?;
         let mut p = plan(&d, &actual, &self.plan_options());
         self.settle_orphans(&mut p).await?;
         Ok((p, actual, reads))
@@ -1514,7 +1516,7 @@ impl Engine {
     }
 
     /// The desired state of what the claimed rows touch, and the scope a pass plans, reading
-    /// only that part of the directory ([`store::Store::directory_of`]); `None` when the pass
+    /// only that part of the directory ([`store::Directory::directory_of`]); `None` when the pass
     /// must plan the whole directory. Persists new pins and audits new alerts.
     ///
     /// - A user row: that user (all its groups, as context: its memberships and roles).
@@ -1640,7 +1642,7 @@ impl Engine {
     }
 
     /// Releases rows without counting an attempt, due again at `until` (see
-    /// [`store::Store::defer_outbox`]).
+    /// [`store::Outbox::defer_outbox`]).
     async fn defer(
         &self,
         ids: &[i64],

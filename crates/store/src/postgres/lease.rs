@@ -1,4 +1,4 @@
-//! Leases and fenced writes on PostgreSQL (see [`crate::Store::acquire_lease`]).
+//! Leases and fenced writes on PostgreSQL (see [`crate::Leases::acquire_lease`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,7 +34,7 @@ impl PostgresStore {
     }
 }
 
-/// [`crate::Store::watch_outbox`]: a task that `LISTEN`s on [`super::OUTBOX_CHANNEL`] and
+/// [`crate::Outbox::watch_outbox`]: a task that `LISTEN`s on [`super::OUTBOX_CHANNEL`] and
 /// wakes `wake` on every notification, reconnecting (after a pause) whenever the connection
 /// drops. Notifications sent while it is away are lost: the worker polls as well.
 pub(super) fn spawn_outbox_listener(pool: sqlx::PgPool, wake: Arc<tokio::sync::Notify>) {

@@ -387,7 +387,7 @@ fn bind_all<'q>(
 }
 
 impl PostgresStore {
-    /// [`Store::update`] with the version check optional (`None`: membership changes only,
+    /// [`Resources::update`] with the version check optional (`None`: membership changes only,
     /// which commute).
     async fn update_at(
         &self,
@@ -572,7 +572,7 @@ async fn touch(
     Ok(())
 }
 
-/// [`Store::update`] inside `tx`. Returns whether anything changed (nothing: no version bump,
+/// [`Resources::update`] inside `tx`. Returns whether anything changed (nothing: no version bump,
 /// no audit noise, nothing for TeamCity).
 #[allow(clippy::too_many_arguments)]
 async fn update_in(
@@ -631,7 +631,7 @@ async fn update_in(
     Ok(true)
 }
 
-/// [`Store::create`] inside `tx`, with the id chosen by the caller.
+/// [`Resources::create`] inside `tx`, with the id chosen by the caller.
 async fn create_in(
     tx: &mut Tx,
     ctx: &WriteCtx,
@@ -699,7 +699,7 @@ async fn create_in(
     Ok(())
 }
 
-/// [`Store::replace`] inside `tx`.
+/// [`Resources::replace`] inside `tx`.
 #[allow(clippy::too_many_arguments)]
 async fn replace_in(
     tx: &mut Tx,
@@ -749,7 +749,7 @@ async fn replace_in(
     Ok(())
 }
 
-/// [`Store::delete`] inside `tx`.
+/// [`Resources::delete`] inside `tx`.
 async fn delete_in(
     tx: &mut Tx,
     ctx: &WriteCtx,

@@ -1,4 +1,4 @@
-//! Leases and fenced writes on SQLite (see [`crate::Store::acquire_lease`]). One process writes
+//! Leases and fenced writes on SQLite (see [`crate::Leases::acquire_lease`]). One process writes
 //! a SQLite database, so it always gets the lease; the same code path runs as on PostgreSQL.
 
 use std::sync::Arc;

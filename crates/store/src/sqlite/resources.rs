@@ -247,7 +247,7 @@ impl Resources for SqliteStore {
 }
 
 impl SqliteStore {
-    /// [`Store::update`] with the version check optional (`None`: membership changes only,
+    /// [`Resources::update`] with the version check optional (`None`: membership changes only,
     /// which commute).
     async fn update_at(
         &self,
@@ -347,7 +347,7 @@ impl SqliteStore {
         Ok(true)
     }
 
-    /// [`Store::create`] inside `tx`, with the id chosen by the caller.
+    /// [`Resources::create`] inside `tx`, with the id chosen by the caller.
     pub(super) async fn create_in(
         tx: &mut Tx,
         ctx: &WriteCtx,
@@ -415,7 +415,7 @@ impl SqliteStore {
         Ok(())
     }
 
-    /// [`Store::replace`] inside `tx`.
+    /// [`Resources::replace`] inside `tx`.
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn replace_in(
         tx: &mut Tx,
@@ -465,7 +465,7 @@ impl SqliteStore {
         Ok(())
     }
 
-    /// [`Store::delete`] inside `tx`.
+    /// [`Resources::delete`] inside `tx`.
     pub(super) async fn delete_in(
         tx: &mut Tx,
         ctx: &WriteCtx,
