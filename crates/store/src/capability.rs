@@ -10,7 +10,13 @@ use scim::ResourceKind;
 use serde_json::Value;
 use time::OffsetDateTime;
 
-use crate::*;
+use crate::copy;
+use crate::{
+    AuditEntry, AuditEvent, BatchOp, Checkpoint, ClaimedEntity, DirectorySnapshot, DynStore,
+    FailedItem, Fence, HeldBatch, HeldState, Lease, ListPage, ListQuery, Mapping, MappingLink,
+    MembershipChange, NewMember, OutboxEntry, OutboxItem, OutboxState, OutboxSummary, ReadOpts,
+    Resource, RetryPolicy, StoreResult, TokenRecord, TokenScope, WriteCtx,
+};
 
 /// The SCIM resources: every write is one transaction with its audit event and outbox row.
 #[async_trait]
@@ -407,7 +413,7 @@ pub trait Leases: Send + Sync + fmt::Debug {
     /// This store, with every write transaction checking first — in the same transaction —
     /// that `fence` still holds (holder, epoch, not expired; on PostgreSQL the lease row is
     /// share-locked until commit, so a takeover waits for the write or the write sees the
-    /// takeover). A write whose fence no longer holds fails with [`StoreError::Fenced`] and
+    /// takeover). A write whose fence no longer holds fails with [`StoreError::Fenced`](crate::StoreError::Fenced) and
     /// writes nothing. Reads are not checked. Fencing a fenced view adds a fence: every one is
     /// checked.
     fn fenced(&self, fence: Fence) -> DynStore;

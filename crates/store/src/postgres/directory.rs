@@ -1,5 +1,7 @@
 //! [`Directory`](crate::Directory) on PostgreSQL.
 
+use std::collections::HashMap;
+
 use super::PostgresStore;
 use super::*;
 use crate::Directory;
@@ -8,7 +10,6 @@ use crate::{
     DirectorySnapshot, MemberRef, StoreResult,
     sync_model::{GroupDoc, UserDoc},
 };
-use std::collections::HashMap;
 
 #[async_trait]
 impl Directory for PostgresStore {

@@ -1,5 +1,7 @@
 //! [`HeldBatches`](crate::HeldBatches) on PostgreSQL.
 
+use serde_json::{Value, json};
+
 use super::sync::*;
 use super::*;
 use super::{PostgresStore, record};
@@ -7,7 +9,6 @@ use crate::HeldBatches;
 use crate::common::{self, Record};
 use crate::{HeldBatch, StoreError, StoreResult, WriteCtx, timefmt};
 use crate::{HeldState, OutboxState};
-use serde_json::{Value, json};
 
 #[async_trait]
 impl HeldBatches for PostgresStore {

@@ -1,13 +1,14 @@
 //! [`Mappings`](crate::Mappings) on PostgreSQL.
 
+use scim::ResourceKind;
+use serde_json::json;
+
 use super::PostgresStore;
 use super::sync::*;
 use super::*;
 use crate::Mappings;
 use crate::common::{self, entity, parse_time};
 use crate::{Mapping, StoreResult, WriteCtx};
-use scim::ResourceKind;
-use serde_json::json;
 
 #[async_trait]
 impl Mappings for PostgresStore {

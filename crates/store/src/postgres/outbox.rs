@@ -1,5 +1,11 @@
 //! [`Outbox`](crate::Outbox) on PostgreSQL.
 
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::json;
+use time::OffsetDateTime;
+
 use super::PostgresStore;
 use super::sync::*;
 use super::*;
@@ -9,10 +15,9 @@ use crate::{
     ClaimedEntity, FailedItem, OutboxItem, OutboxState, OutboxSummary, StoreError, StoreResult,
     WriteCtx, timefmt,
 };
-use serde_json::json;
-use std::collections::BTreeMap;
-use std::time::Duration;
-use time::OffsetDateTime;
+
+/// The advisory lock key that serialises outbox claims across processes.
+const CLAIM_LOCK: i64 = 0x7463_7363_696d_0001;
 
 #[async_trait]
 impl Outbox for PostgresStore {

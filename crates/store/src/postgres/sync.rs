@@ -22,9 +22,6 @@ use crate::{
 };
 use crate::{HeldState, OutboxState};
 
-/// The advisory lock key that serialises outbox claims across processes.
-pub(super) const CLAIM_LOCK: i64 = 0x7463_7363_696d_0001;
-
 pub(super) const ITEM_COLS: &str =
     "id, entity_type, entity_id, operation, detail, audit_seq, state, attempts";
 pub(super) const ENTRY_COLS: &str = "id, entity_type, entity_id, operation, detail, audit_seq, state, attempts, \

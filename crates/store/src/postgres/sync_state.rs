@@ -1,11 +1,12 @@
 //! [`SyncState`](crate::SyncState) on PostgreSQL.
 
+use serde_json::json;
+
 use super::PostgresStore;
 use super::sync::*;
 use super::*;
 use crate::SyncState;
 use crate::{StoreResult, WriteCtx, timefmt};
-use serde_json::json;
 
 #[async_trait]
 impl SyncState for PostgresStore {

@@ -1,5 +1,9 @@
 //! [`Directory`](crate::Directory) on SQLite.
 
+use std::collections::HashMap;
+
+use serde_json::Value;
+
 use super::SqliteStore;
 use super::*;
 use crate::Directory;
@@ -8,8 +12,6 @@ use crate::{
     DirectorySnapshot, MemberRef, StoreError, StoreResult,
     sync_model::{GroupDoc, UserDoc},
 };
-use serde_json::Value;
-use std::collections::HashMap;
 
 /// The queries of `directory_of`, each an indexed lookup per id (checked
 /// with `EXPLAIN QUERY PLAN` in the tests below). Id lists are one JSON array.

@@ -1,5 +1,11 @@
 //! [`Outbox`](crate::Outbox) on SQLite.
 
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::json;
+use time::OffsetDateTime;
+
 use super::SqliteStore;
 use super::sync::*;
 use super::*;
@@ -9,10 +15,6 @@ use crate::{
     ClaimedEntity, FailedItem, OutboxItem, OutboxState, OutboxSummary, StoreError, StoreResult,
     WriteCtx, timefmt,
 };
-use serde_json::json;
-use std::collections::BTreeMap;
-use std::time::Duration;
-use time::OffsetDateTime;
 
 #[async_trait]
 impl Outbox for SqliteStore {

@@ -1,11 +1,12 @@
 //! [`SyncState`](crate::SyncState) on SQLite.
 
+use serde_json::json;
+
 use super::SqliteStore;
 use super::sync::*;
 use super::*;
 use crate::SyncState;
 use crate::{StoreError, StoreResult, WriteCtx, timefmt};
-use serde_json::json;
 
 #[async_trait]
 impl SyncState for SqliteStore {
