@@ -17,7 +17,7 @@ use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, 
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use store::{AuditEntry, AuditEvent, DynStore, WriteCtx};
+use store::{AuditEntry, AuditEvent, AuditLog, DynStore, WriteCtx};
 
 /// The operation of a signed-head event.
 pub const HEAD_OPERATION: &str = "audit.head";
@@ -293,7 +293,7 @@ fn parse_head(e: &AuditEvent) -> Option<Head> {
 
 /// Checks every signed head in the trail against `key` and the stored hashes. Reads the whole
 /// trail once, in pages.
-pub async fn verify(store: &DynStore, key: &VerifyingKey) -> Result<HeadReport, HeadError> {
+pub async fn verify(store: &dyn AuditLog, key: &VerifyingKey) -> Result<HeadReport, HeadError> {
     let id = key_id(key);
     let checkpoint = store.audit_checkpoint().await?;
     let mut hashes: std::collections::HashMap<i64, String> = std::collections::HashMap::new();

@@ -19,7 +19,7 @@ use futures::future::BoxFuture;
 use hmac::{Hmac, KeyInit, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
-use store::{AuditEvent, DynStore};
+use store::{AuditEvent, DynStore, SyncState};
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 
@@ -566,7 +566,7 @@ pub fn position_key(name: &str) -> String {
 }
 
 /// A sink's position: the last `seq` it accepted (0 before the first).
-pub async fn position(store: &DynStore, name: &str) -> Result<i64, store::StoreError> {
+pub async fn position(store: &dyn SyncState, name: &str) -> Result<i64, store::StoreError> {
     Ok(store
         .sync_state_get(&position_key(name))
         .await?
@@ -623,7 +623,7 @@ pub async fn run(
             }
             final_round = true;
         }
-        let pos = match position(&store, &name).await {
+        let pos = match position(&*store, &name).await {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(sink = %name, error = %e, "audit sink: cannot read its position");

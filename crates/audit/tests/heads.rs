@@ -102,7 +102,7 @@ async fn a_rewritten_trail_passes_the_chain_check_and_fails_the_signed_heads() {
     assert_eq!(signer.sign("audit").await.expect("sign"), Some(10));
     writes(&d.store, 9, 2).await; // 12, 13
 
-    let r = heads::verify(&d.store, &public).await.expect("verify");
+    let r = heads::verify(&*d.store, &public).await.expect("verify");
     assert_eq!(r.problem, None, "{r:?}");
     assert_eq!(r.verified, 2);
     assert_eq!(r.newest.as_ref().map(|n| n.0), Some(10));
@@ -115,7 +115,7 @@ async fn a_rewritten_trail_passes_the_chain_check_and_fails_the_signed_heads() {
         chain.is_ok(),
         "a consistent rewrite passes the chain check: {chain:?}"
     );
-    let r = heads::verify(&d.store, &public).await.expect("verify");
+    let r = heads::verify(&*d.store, &public).await.expect("verify");
     match r.problem {
         Some(HeadProblem::Rewritten {
             signed_seq,
@@ -143,7 +143,7 @@ async fn a_rewritten_trail_passes_the_chain_check_and_fails_the_signed_heads() {
     writes(&d.store, 3, 1).await; // 5
     signer.sign("audit").await.expect("sign"); // covers 5, event 6
     rewrite_from(&d, 5).await;
-    let r = heads::verify(&d.store, &public).await.expect("verify");
+    let r = heads::verify(&*d.store, &public).await.expect("verify");
     assert!(
         matches!(
             r.problem,
@@ -170,7 +170,7 @@ async fn forged_heads_and_foreign_keys_are_reported() {
         .await
         .expect("sign");
 
-    let r = heads::verify(&d.store, &other_public)
+    let r = heads::verify(&*d.store, &other_public)
         .await
         .expect("verify");
     assert_eq!(r.problem, Some(HeadProblem::NoSignedHead { other_keys: 1 }));
@@ -197,7 +197,7 @@ async fn forged_heads_and_foreign_keys_are_reported() {
         )
         .await
         .expect("append");
-    let r = heads::verify(&d.store, &public).await.expect("verify");
+    let r = heads::verify(&*d.store, &public).await.expect("verify");
     assert_eq!(r.problem, Some(HeadProblem::BadSignature { head_event: 4 }));
 }
 

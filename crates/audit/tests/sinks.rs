@@ -177,7 +177,7 @@ async fn syslog_gets_every_event_in_order_and_catches_up_after_an_outage_and_a_r
     let n = head(&d.store).await;
     assert_eq!(n, 13);
     assert!(
-        audit::sinks::position(&d.store, &cfg.name())
+        audit::sinks::position(&*d.store, &cfg.name())
             .await
             .expect("pos")
             < n,
@@ -197,7 +197,7 @@ async fn syslog_gets_every_event_in_order_and_catches_up_after_an_outage_and_a_r
     let repeats = check_complete(&got.lock().unwrap(), n);
     assert_eq!(repeats, 0, "nothing was written into the closed connection");
     assert_eq!(
-        audit::sinks::position(&d.store, &cfg.name())
+        audit::sinks::position(&*d.store, &cfg.name())
             .await
             .expect("pos"),
         n
@@ -256,11 +256,13 @@ async fn syslog_over_tls_checks_the_receiver_certificate() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(check_complete(&got.lock().unwrap(), 4), 0);
     assert_eq!(
-        audit::sinks::position(&d.store, "trusted").await.unwrap(),
+        audit::sinks::position(&*d.store, "trusted").await.unwrap(),
         4
     );
     assert_eq!(
-        audit::sinks::position(&d.store, "untrusted").await.unwrap(),
+        audit::sinks::position(&*d.store, "untrusted")
+            .await
+            .unwrap(),
         0,
         "a receiver whose certificate is not trusted gets nothing"
     );
@@ -457,7 +459,7 @@ async fn a_stalled_sink_slows_neither_writes_nor_the_other_sinks() {
     })
     .await;
     assert_eq!(
-        audit::sinks::position(&d.store, &sinks[0].name())
+        audit::sinks::position(&*d.store, &sinks[0].name())
             .await
             .unwrap(),
         0,

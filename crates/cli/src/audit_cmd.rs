@@ -209,7 +209,7 @@ pub(crate) async fn verify(
         }
         return Ok(chain);
     };
-    let r = audit::heads::verify(store, key).await?;
+    let r = audit::heads::verify(&**store, key).await?;
     match &r.problem {
         None => {
             let (seq, time) = r.newest.clone().unwrap_or_default();
@@ -413,7 +413,7 @@ async fn clamp_to_sinks(
     let mut clamped = before;
     for sink in &cfg.audit.sinks {
         let name = sink.name();
-        let pos = audit::sinks::position(store, &name).await?;
+        let pos = audit::sinks::position(&**store, &name).await?;
         if let Some(next) = store.audit_events(pos, 1).await?.first()
             && let Some(t) = timefmt::parse(&next.time)
             && t < clamped

@@ -160,7 +160,7 @@ impl AdminSource for Dashboard {
 
     fn person<'a>(&'a self, scim_id: &'a str) -> BoxFuture<'a, Result<PersonView, String>> {
         Box::pin(async move {
-            let (dir, desired) = sync::desired_unrecorded(&self.store, &self.policy)
+            let (dir, desired) = sync::desired_unrecorded(&*self.store, &self.policy)
                 .await
                 .map_err(|e| format!("the directory could not be read: {e}"))?;
             let access = sync::explain::access(&dir, &self.policy, &desired, scim_id)
@@ -199,7 +199,7 @@ impl AdminSource for Dashboard {
 
     fn groups(&self) -> BoxFuture<'_, Result<Vec<GroupView>, String>> {
         Box::pin(async move {
-            let (dir, desired) = sync::desired_unrecorded(&self.store, &self.policy)
+            let (dir, desired) = sync::desired_unrecorded(&*self.store, &self.policy)
                 .await
                 .map_err(|e| format!("the directory could not be read: {e}"))?;
             let keys: std::collections::BTreeMap<String, String> = self

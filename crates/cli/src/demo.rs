@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use rand::RngCore;
 use serde_json::{Value, json};
-use store::{DynStore, SystemClock, WriteCtx};
+use store::{DynStore, OutboxState, SystemClock, WriteCtx};
 use sync::{Engine, EngineConfig};
 use teamcity_emulator::{EmulatorOptions, TokenRec};
 
@@ -147,7 +147,11 @@ impl Scim {
 
 async fn wait_synced(store: &DynStore) -> anyhow::Result<()> {
     for _ in 0..300 {
-        if store.list_outbox(Some("pending"), 1).await?.is_empty() {
+        if store
+            .list_outbox(Some(OutboxState::Pending), 1)
+            .await?
+            .is_empty()
+        {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

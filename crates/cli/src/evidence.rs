@@ -417,7 +417,7 @@ async fn held_batches(
                 &b.id.to_string(),
                 &timefmt::format(b.created),
                 &b.source,
-                &b.state,
+                b.state.as_str(),
                 &b.removals.to_string(),
                 &b.summary,
                 &b.decided_at.map(timefmt::format).unwrap_or_default(),

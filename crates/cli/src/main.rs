@@ -14,7 +14,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use rand::RngCore;
-use store::{DynStore, SystemClock, WriteCtx};
+use store::{DynStore, HeldState, SystemClock, WriteCtx};
 use time::OffsetDateTime;
 
 mod audit_cmd;
@@ -697,7 +697,6 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
 /// [`METRICS_UPKEEP_INTERVAL`]): outbox rows by state, the age of the oldest pending one, held
 /// batches waiting for approval, readiness.
 async fn refresh_gauges(store: DynStore, readiness: Option<server::Readiness>) {
-    const STATES: [&str; 5] = ["pending", "done", "dead", "held", "dropped"];
     let mut every = tokio::time::interval(METRICS_UPKEEP_INTERVAL);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -706,9 +705,10 @@ async fn refresh_gauges(store: DynStore, readiness: Option<server::Readiness>) {
         metrics::gauge!("teamcity_scim_ready").set(if ready { 1.0 } else { 0.0 });
         match store.outbox_summary().await {
             Ok(summary) => {
-                for state in STATES {
+                for state in store::OutboxState::ALL {
                     let n = summary.by_state.get(state).copied().unwrap_or(0);
-                    metrics::gauge!("teamcity_scim_outbox_items", "state" => state).set(n as f64);
+                    metrics::gauge!("teamcity_scim_outbox_items", "state" => state.as_str())
+                        .set(n as f64);
                 }
                 let age = summary.oldest_pending.map_or(0.0, |t| {
                     (OffsetDateTime::now_utc() - t).as_seconds_f64().max(0.0)
@@ -717,7 +717,7 @@ async fn refresh_gauges(store: DynStore, readiness: Option<server::Readiness>) {
             }
             Err(e) => tracing::warn!(error = %e, "cannot read the outbox for metrics"),
         }
-        match store.list_held(Some("held")).await {
+        match store.list_held(Some(HeldState::Held)).await {
             Ok(held) => {
                 metrics::gauge!("teamcity_scim_held_batches_waiting").set(held.len() as f64);
             }

@@ -6,7 +6,8 @@
 use std::io::Write;
 
 use clap::Subcommand;
-use store::{DynStore, HeldBatch, OutboxEntry, StoreError, WriteCtx};
+use clap::builder::TypedValueParser;
+use store::{DynStore, HeldBatch, HeldState, OutboxEntry, OutboxState, StoreError, WriteCtx};
 use time::OffsetDateTime;
 
 /// `teamcity-scim outbox ...`
@@ -15,8 +16,14 @@ pub(crate) enum OutboxCommand {
     /// List outbox items (oldest first).
     List {
         /// Only items in this state.
-        #[arg(long, value_parser = ["pending", "dead", "done", "held", "dropped"])]
-        state: Option<String>,
+        #[arg(
+            long,
+            value_parser = clap::builder::PossibleValuesParser::new(
+                ["pending", "dead", "done", "held", "dropped"]
+            )
+            .try_map(|s| s.parse::<OutboxState>())
+        )]
+        state: Option<OutboxState>,
         /// At most this many items.
         #[arg(long, default_value_t = 50)]
         limit: i64,
@@ -88,9 +95,7 @@ pub(crate) async fn outbox(
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
     match cmd {
-        OutboxCommand::List { state, limit } => {
-            outbox_list(store, state.as_deref(), limit, out).await
-        }
+        OutboxCommand::List { state, limit } => outbox_list(store, state, limit, out).await,
         OutboxCommand::Retry { id } => outbox_retry(store, id, out).await,
         OutboxCommand::Drop { id } => outbox_drop(store, id, out).await,
     }
@@ -99,7 +104,7 @@ pub(crate) async fn outbox(
 /// `outbox list`: a table of items.
 pub(crate) async fn outbox_list(
     store: &DynStore,
-    state: Option<&str>,
+    state: Option<OutboxState>,
     limit: i64,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
@@ -257,8 +262,8 @@ pub(crate) async fn held(store: &DynStore, all: bool, out: &mut dyn Write) -> an
     let batches: Vec<HeldBatch> = if all {
         store.list_held(None).await?
     } else {
-        let mut v = store.list_held(Some("held")).await?;
-        v.extend(store.list_held(Some("approved")).await?);
+        let mut v = store.list_held(Some(HeldState::Held)).await?;
+        v.extend(store.list_held(Some(HeldState::Approved)).await?);
         v.sort_by_key(|b| b.id);
         v
     };
@@ -286,11 +291,11 @@ pub(crate) async fn held(store: &DynStore, all: bool, out: &mut dyn Write) -> an
                 b.id
             )?,
         }
-        if b.state == "held" {
+        if b.state == HeldState::Held {
             writeln!(out, "       approve with: teamcity-scim approve {}", b.id)?;
         }
     }
-    if batches.iter().any(|b| b.state == "held") {
+    if batches.iter().any(|b| b.state == HeldState::Held) {
         writeln!(
             out,
             "Approve one with `teamcity-scim approve ID` after checking its summary."
@@ -425,7 +430,7 @@ mod tests {
         .await
         .unwrap();
         let (r, text) = run(|mut o| async {
-            let r = outbox_list(&s, Some("dead"), 50, &mut o).await;
+            let r = outbox_list(&s, Some(OutboxState::Dead), 50, &mut o).await;
             (r, o)
         })
         .await;
@@ -501,7 +506,10 @@ mod tests {
         .await;
         r.unwrap();
         assert!(text.contains("applies approved batches"), "{text}");
-        assert_eq!(s.held_batch(b).await.unwrap().unwrap().state, "approved");
+        assert_eq!(
+            s.held_batch(b).await.unwrap().unwrap().state,
+            HeldState::Approved
+        );
 
         let (r, _) = run(|mut o| async {
             let r = approve(&s, b, &mut o).await;
@@ -554,7 +562,10 @@ mod tests {
         .await;
         let e = r.unwrap_err().to_string();
         assert!(e.contains("approving it would apply nothing"), "{e}");
-        assert_eq!(s.held_batch(u).await.unwrap().unwrap().state, "held");
+        assert_eq!(
+            s.held_batch(u).await.unwrap().unwrap().state,
+            HeldState::Held
+        );
         let (r, text) = run(|mut o| async {
             let r = held_drop(&s, u, &mut o).await;
             (r, o)
@@ -562,6 +573,9 @@ mod tests {
         .await;
         r.unwrap();
         assert!(text.contains(&format!("Dropped held batch {u}")), "{text}");
-        assert_eq!(s.held_batch(u).await.unwrap().unwrap().state, "dropped");
+        assert_eq!(
+            s.held_batch(u).await.unwrap().unwrap().state,
+            HeldState::Dropped
+        );
     }
 }

@@ -3,7 +3,7 @@
 
 use std::io::Write;
 
-use store::DynStore;
+use store::{DynStore, OutboxState};
 
 use crate::config::Config;
 use crate::ops;
@@ -156,14 +156,14 @@ pub(crate) async fn status(cfg: &Config, out: &mut dyn Write) -> anyhow::Result<
                 }
             }
         }
-        let count = |state: &'static str| {
+        let count = |state: OutboxState| {
             let store = store.clone();
             async move { anyhow::Ok(store.list_outbox(Some(state), i64::MAX).await?) }
         };
-        let pending = count("pending").await?;
+        let pending = count(OutboxState::Pending).await?;
         let retrying = pending.iter().filter(|e| e.last_error.is_some()).count();
-        let dead = count("dead").await?;
-        let held = count("held").await?;
+        let dead = count(OutboxState::Dead).await?;
+        let held = count(OutboxState::Held).await?;
         writeln!(
             out,
             "outbox:     {} pending ({retrying} waiting to be retried), {} dead, {} held",

@@ -5,7 +5,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use anyhow::Context;
-use store::{DynStore, RetryPolicy};
+use store::{DynStore, HeldState, OutboxState, RetryPolicy};
 use sync::{Engine, EngineConfig, GuardLimits, Mode};
 
 use crate::config::{AdoptExisting, Config, Deprovision, SyncMode};
@@ -148,7 +148,7 @@ pub(crate) async fn plan(cfg: &Config, store: DynStore) -> anyhow::Result<bool> 
 async fn waiting_work(store: &DynStore) -> anyhow::Result<String> {
     use std::fmt::Write as _;
     let mut out = String::new();
-    let dead = store.list_outbox(Some("dead"), 100).await?;
+    let dead = store.list_outbox(Some(OutboxState::Dead), 100).await?;
     if !dead.is_empty() {
         let _ = writeln!(
             out,
@@ -168,7 +168,7 @@ async fn waiting_work(store: &DynStore) -> anyhow::Result<String> {
             );
         }
     }
-    let held = store.list_held(Some("held")).await?;
+    let held = store.list_held(Some(HeldState::Held)).await?;
     if !held.is_empty() {
         let _ = writeln!(
             out,

@@ -28,7 +28,10 @@ use futures::future::BoxFuture;
 use scim::ResourceKind;
 use serde::Deserialize;
 use serde_json::Value;
-use store::{AuditEvent, DynStore, HeldBatch, ListQuery, ReadOpts};
+use store::{
+    AuditEvent, AuditLog, DynStore, HeldBatch, HeldState, ListQuery, Mappings, OutboxState,
+    ReadOpts, Resources,
+};
 
 use crate::auth::TokenCache;
 use crate::state::Readiness;
@@ -410,7 +413,7 @@ struct HeldView {
     id: i64,
     created: String,
     source: String,
-    state: String,
+    state: HeldState,
     summary: String,
     affects: String,
 }
@@ -469,26 +472,26 @@ async fn overview_page(s: &AdminState) -> Result<OverviewPage, store::StoreError
     let last_pass = report(LAST_PASS_KEY).await?;
     let last_reconcile = report(LAST_RECONCILE_KEY).await?;
     let summary = store.outbox_summary().await?;
-    let pending_rows = store.list_outbox(Some("pending"), 200).await?;
+    let pending_rows = store.list_outbox(Some(OutboxState::Pending), 200).await?;
     let retrying = pending_rows
         .iter()
         .filter(|e| e.last_error.is_some())
         .map(|e| outbox_row(e, e.last_error.as_deref()))
         .collect();
-    let dead_rows = store.list_outbox(Some("dead"), 50).await?;
+    let dead_rows = store.list_outbox(Some(OutboxState::Dead), 50).await?;
     let dead = dead_rows
         .iter()
         .map(|e| outbox_row(e, e.dead_reason.as_deref().or(e.last_error.as_deref())))
         .collect();
     let mut held = Vec::new();
-    let mut batches = store.list_held(Some("held")).await?;
-    batches.extend(store.list_held(Some("approved")).await?);
+    let mut batches = store.list_held(Some(HeldState::Held)).await?;
+    batches.extend(store.list_held(Some(HeldState::Approved)).await?);
     for b in &batches {
         held.push(HeldView {
             id: b.id,
             created: store::timefmt::format(b.created),
             source: b.source.clone(),
-            state: b.state.clone(),
+            state: b.state,
             summary: b.summary.clone(),
             affects: s.source.held_affects(b).await,
         });
@@ -505,10 +508,18 @@ async fn overview_page(s: &AdminState) -> Result<OverviewPage, store::StoreError
         directory_source: s.source.directory_source().await,
         last_pass,
         last_reconcile,
-        pending: summary.by_state.get("pending").copied().unwrap_or(0) as usize,
+        pending: summary
+            .by_state
+            .get(&OutboxState::Pending)
+            .copied()
+            .unwrap_or(0) as usize,
         retrying,
         dead,
-        dead_total: summary.by_state.get("dead").copied().unwrap_or(0) as usize,
+        dead_total: summary
+            .by_state
+            .get(&OutboxState::Dead)
+            .copied()
+            .unwrap_or(0) as usize,
         oldest_pending: summary.oldest_pending.map(store::timefmt::format),
         held,
     })
@@ -647,8 +658,8 @@ async fn person(State(s): State<AdminState>, Path(id): Path<String>) -> Response
         .map(|g| (g.value.clone(), g.display.clone()))
         .collect();
     let access = s.source.person(&id).await;
-    let subject = Subject::user(&s.store, &id).await;
-    let events = match recent_matching(&s.store, None, None, None, |e| subject.matches(e)).await {
+    let subject = Subject::user(&*s.store, &id).await;
+    let events = match recent_matching(&*s.store, None, None, None, |e| subject.matches(e)).await {
         Ok((rows, _)) => rows.into_iter().take(20).collect(),
         Err(e) => return failed("people", e),
     };
@@ -793,7 +804,7 @@ struct Subject {
 
 impl Subject {
     /// A user: its SCIM id and its TeamCity user id, as resources and as group members.
-    async fn user(store: &DynStore, scim_id: &str) -> Subject {
+    async fn user(store: &dyn Mappings, scim_id: &str) -> Subject {
         let mut s = Subject {
             ids: BTreeSet::from([scim_id.to_owned(), format!("user:new:{scim_id}")]),
             member_ids: BTreeSet::from([format!("new:{scim_id}")]),
@@ -808,7 +819,7 @@ impl Subject {
 
     /// A group: its SCIM id and its TeamCity key, as resources and as the group of a
     /// membership change.
-    async fn group(store: &DynStore, scim_id: &str) -> Subject {
+    async fn group(store: &dyn Mappings, scim_id: &str) -> Subject {
         let mut s = Subject {
             ids: BTreeSet::from([scim_id.to_owned()]),
             ..Subject::default()
@@ -851,7 +862,7 @@ impl Subject {
 }
 
 /// Looks a user up by SCIM id or userName.
-async fn find(store: &DynStore, kind: ResourceKind, text: &str) -> Option<String> {
+async fn find(store: &dyn Resources, kind: ResourceKind, text: &str) -> Option<String> {
     if let Ok(Some(r)) = store.get(kind, text, ReadOpts::default()).await {
         return Some(r.id);
     }
@@ -878,7 +889,7 @@ async fn find(store: &DynStore, kind: ResourceKind, text: &str) -> Option<String
 /// most [`AUDIT_SCAN`] events. Returns the rows and, when there may be more, the seq to
 /// continue before.
 async fn recent_matching(
-    store: &DynStore,
+    store: &dyn AuditLog,
     before: Option<i64>,
     since: Option<&str>,
     until: Option<&str>,
@@ -948,14 +959,14 @@ async fn audit(State(s): State<AdminState>, Query(q): Query<AuditQuery>) -> Resp
     // Both given: the events about that user in that group.
     let mut subjects: Vec<Subject> = Vec::new();
     if !q.user.trim().is_empty() {
-        match find(&s.store, ResourceKind::User, q.user.trim()).await {
-            Some(id) => subjects.push(Subject::user(&s.store, &id).await),
+        match find(&*s.store, ResourceKind::User, q.user.trim()).await {
+            Some(id) => subjects.push(Subject::user(&*s.store, &id).await),
             None => problem = Some(format!("No user has SCIM id or userName {:?}.", q.user)),
         }
     }
     if !q.group.trim().is_empty() {
-        match find(&s.store, ResourceKind::Group, q.group.trim()).await {
-            Some(id) => subjects.push(Subject::group(&s.store, &id).await),
+        match find(&*s.store, ResourceKind::Group, q.group.trim()).await {
+            Some(id) => subjects.push(Subject::group(&*s.store, &id).await),
             None => {
                 problem = Some(format!(
                     "No group has SCIM id or displayName {:?}.",
@@ -968,7 +979,15 @@ async fn audit(State(s): State<AdminState>, Query(q): Query<AuditQuery>) -> Resp
         (Vec::new(), None)
     } else {
         let keep = |e: &AuditEvent| subjects.iter().all(|s| s.matches(e));
-        match recent_matching(&s.store, q.before, since.as_deref(), until.as_deref(), keep).await {
+        match recent_matching(
+            &*s.store,
+            q.before,
+            since.as_deref(),
+            until.as_deref(),
+            keep,
+        )
+        .await
+        {
             Ok(r) => r,
             Err(e) => return failed("audit", e),
         }

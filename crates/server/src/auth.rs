@@ -20,7 +20,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use scim::ScimError;
 use sha2::{Digest, Sha256};
-use store::{DynStore, TokenRecord, TokenScope};
+use store::{TokenRecord, TokenScope, Tokens};
 use subtle::ConstantTimeEq;
 use tokio::sync::RwLock;
 
@@ -129,7 +129,7 @@ impl FileTokens {
 /// The snapshot of valid token hashes of one [`TokenScope`].
 #[derive(Debug, Clone)]
 pub struct TokenCache {
-    store: DynStore,
+    store: Arc<dyn Tokens>,
     scope: TokenScope,
     snapshot: Arc<RwLock<Snapshot>>,
     file: Option<Arc<std::sync::Mutex<FileTokens>>>,
@@ -137,12 +137,12 @@ pub struct TokenCache {
 
 impl TokenCache {
     /// A cache of the SCIM tokens in `store`, loaded on first use.
-    pub fn new(store: DynStore) -> Self {
+    pub fn new(store: Arc<dyn Tokens>) -> Self {
         Self::for_scope(store, TokenScope::Scim)
     }
 
     /// A cache of the tokens of `scope` in `store`, loaded on first use.
-    pub fn for_scope(store: DynStore, scope: TokenScope) -> Self {
+    pub fn for_scope(store: Arc<dyn Tokens>, scope: TokenScope) -> Self {
         let stale = Instant::now()
             .checked_sub(REFRESH * 10)
             .unwrap_or_else(Instant::now);

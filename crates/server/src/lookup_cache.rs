@@ -2,7 +2,7 @@
 //! again on every sync cycle) kept as their serialized bodies until the next resource write.
 //!
 //! An entry is tagged with the store's resource generation read *before* the data was read
-//! ([`store::Store::resource_generation`]), and is served only while the generation read again
+//! ([`store::Resources::resource_generation`]), and is served only while the generation read again
 //! for the request is still the same, so an answer from the cache is never older than the last
 //! write committed before the request — by this process or, on PostgreSQL, by any replica (the
 //! generation is a row every resource write transaction moves on). A store that gives no

@@ -16,9 +16,9 @@ use crate::access::AccessState;
 use crate::audit::{AuditEvent, Checkpoint, GENESIS_HASH, link_error};
 use crate::sql_filter::{self, Bind, Dialect};
 use crate::{
-    AuditEntry, GroupRef, ListPage, ListQuery, MappingLink, MemberRef, MemberType, ReadOpts,
-    Resource, RetryPolicy, StoreError, StoreResult, TokenRecord, TokenScope, WriteCtx, backoff,
-    timefmt,
+    AuditEntry, GroupRef, HeldState, ListPage, ListQuery, MappingLink, MemberRef, MemberType,
+    ReadOpts, Resource, RetryPolicy, StoreError, StoreResult, TokenRecord, TokenScope, WriteCtx,
+    backoff, timefmt,
 };
 
 /// Which due entities an outbox claim takes first (the SQL is the same on both backends).
@@ -100,9 +100,6 @@ impl DueEntities {
     }
 }
 
-pub(crate) const OUTBOX_STATES: &[&str] = &["pending", "done", "dead", "held", "dropped"];
-pub(crate) const HELD_STATES: &[&str] = &["held", "approved", "applied", "dropped"];
-
 /// The table of a resource kind.
 pub(crate) fn table(kind: ResourceKind) -> &'static str {
     match kind {
@@ -144,19 +141,14 @@ pub(crate) fn opt_time(s: Option<String>) -> StoreResult<Option<OffsetDateTime>>
     s.as_deref().map(parse_time).transpose()
 }
 
-pub(crate) fn check_state(state: Option<&str>, allowed: &[&str], what: &str) -> StoreResult<()> {
-    match state {
-        Some(s) if !allowed.contains(&s) => Err(StoreError::Invalid(format!(
-            "unknown {what} state `{s}`; expected one of {}",
-            allowed.join(", ")
-        ))),
-        _ => Ok(()),
-    }
-}
-
 /// `NotFound`-free check that a state is one of `allowed`, naming it otherwise.
-pub(crate) fn held_state_error(id: i64, state: &str, allowed: &[&str]) -> Option<StoreError> {
+pub(crate) fn held_state_error(
+    id: i64,
+    state: HeldState,
+    allowed: &[HeldState],
+) -> Option<StoreError> {
     (!allowed.contains(&state)).then(|| {
+        let allowed: Vec<&str> = allowed.iter().map(|s| s.as_str()).collect();
         StoreError::Invalid(format!(
             "held batch {id} is {state}, not {}",
             allowed.join(" or ")
@@ -919,7 +911,7 @@ pub(crate) fn lease_until(now: time::OffsetDateTime, ttl: std::time::Duration) -
 /// A membership row: `(group_id, member_id, member_type, display)`.
 pub(crate) type MemberRow = (String, String, String, Option<String>);
 
-/// The users a scoped directory read loads ([`crate::Store::directory_of`]): those asked for,
+/// The users a scoped directory read loads ([`crate::Directory::directory_of`]): those asked for,
 /// and the user members of the groups asked for (`full`: their membership rows). Sorted, no
 /// duplicates.
 pub(crate) fn scoped_user_ids(users: &[String], full: &[MemberRow]) -> Vec<String> {

@@ -14,7 +14,7 @@ use time::OffsetDateTime;
 use crate::{MemberRef, OutboxItem};
 
 /// How transient failures are retried. The worker passes it to
-/// [`Store::fail_outbox`](crate::Store::fail_outbox).
+/// [`Outbox::fail_outbox`](crate::Outbox::fail_outbox).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
     /// The delay after the first failure (before jitter).
@@ -71,7 +71,7 @@ fn splitmix64(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
-/// The work for one entity, claimed under one lease by [`Store::claim_outbox`](crate::Store::claim_outbox).
+/// The work for one entity, claimed under one lease by [`Outbox::claim_outbox`](crate::Outbox::claim_outbox).
 ///
 /// Coalescing: the worker applies the entity's *current* desired state, so every pending,
 /// unleased row of the entity is claimed together — including rows still waiting out a backoff
@@ -141,7 +141,7 @@ pub struct OutboxEntry {
     pub finished: Option<OffsetDateTime>,
 }
 
-/// What [`Store::fail_outbox`](crate::Store::fail_outbox) did to one row.
+/// What [`Outbox::fail_outbox`](crate::Outbox::fail_outbox) did to one row.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FailedItem {
     /// Row id.
@@ -154,7 +154,7 @@ pub struct FailedItem {
     pub dead_reason: Option<String>,
 }
 
-/// A SCIM ↔ TeamCity link to store (see [`crate::Store::record_applied`]).
+/// A SCIM ↔ TeamCity link to store (see [`crate::Mappings::record_applied`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MappingLink {
     /// User or group.
@@ -250,7 +250,7 @@ pub struct HeldBatch {
     /// The held plan as the sync engine serialised it.
     pub plan: Value,
     /// `held`, `approved`, `applied` or `dropped`.
-    pub state: String,
+    pub state: crate::HeldState,
     /// When it was approved or dropped.
     pub decided_at: Option<OffsetDateTime>,
     /// Who approved or dropped it.
@@ -487,11 +487,11 @@ mod tests {
     }
 }
 
-/// Outbox rows by state (see [`crate::Store::outbox_summary`]).
+/// Outbox rows by state (see [`crate::Outbox::outbox_summary`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OutboxSummary {
     /// State → number of rows (states without rows are absent).
-    pub by_state: std::collections::BTreeMap<String, i64>,
+    pub by_state: std::collections::BTreeMap<crate::OutboxState, i64>,
     /// When the oldest `pending` row was written.
     pub oldest_pending: Option<OffsetDateTime>,
 }

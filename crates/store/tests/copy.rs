@@ -7,7 +7,9 @@ use std::sync::Arc;
 use scim::ResourceKind;
 use serde_json::json;
 use store::copy::{COPY_TABLES, copy_all};
-use store::{DynStore, FixedClock, MembershipChange, NewMember, ReadOpts, StoreError, WriteCtx};
+use store::{
+    DynStore, FixedClock, HeldState, MembershipChange, NewMember, ReadOpts, StoreError, WriteCtx,
+};
 use time::macros::datetime;
 
 mod common;
@@ -135,7 +137,14 @@ async fn a_deployment_copied_between_backends_is_the_same_and_keeps_working() {
                     .map(|m| m.teamcity_id),
                 Some("7".into())
             );
-            assert_eq!(dst.store.list_held(Some("held")).await.unwrap().len(), 1);
+            assert_eq!(
+                dst.store
+                    .list_held(Some(HeldState::Held))
+                    .await
+                    .unwrap()
+                    .len(),
+                1
+            );
             // The chain verifies, and the next write continues it (seq and hash).
             store::audit::verify_store(dst.store.as_ref(), None, 1000)
                 .await

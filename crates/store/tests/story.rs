@@ -9,8 +9,8 @@ use scim::{AttrPath, ResourceKind};
 use serde_json::{Value, json};
 use store::audit::{GENESIS_HASH, verify_chain};
 use store::{
-    DynStore, FixedClock, ListQuery, MemberType, MembershipChange, NewMember, ReadOpts, StoreError,
-    WriteCtx,
+    DynStore, FixedClock, ListQuery, MemberType, MembershipChange, NewMember, OutboxState,
+    ReadOpts, StoreError, WriteCtx,
 };
 use time::macros::datetime;
 
@@ -135,7 +135,7 @@ async fn every_write_records_one_audit_event_and_one_outbox_row_on(d: Db) {
     // Each outbox row points at the audit event written with it.
     for (o, e) in outbox.iter().zip(&events) {
         assert_eq!(o.audit_seq, e.seq);
-        assert_eq!(o.state, "pending");
+        assert_eq!(o.state, OutboxState::Pending);
     }
     assert!(
         events

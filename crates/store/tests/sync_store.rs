@@ -8,7 +8,10 @@ use std::time::Duration;
 use scim::ResourceKind;
 use serde_json::{Value, json};
 use store::audit::{GENESIS_HASH, verify_chain};
-use store::{AuditEntry, FixedClock, MemberType, NewMember, RetryPolicy, StoreError, WriteCtx};
+use store::{
+    AuditEntry, FixedClock, HeldState, MemberType, NewMember, OutboxState, RetryPolicy, StoreError,
+    WriteCtx,
+};
 use time::OffsetDateTime;
 use time::macros::datetime;
 
@@ -292,7 +295,7 @@ async fn transient_failures_back_off_then_dead_letter_after_max_attempts_on(d: D
             let delay = Duration::try_from(next - d.now()).unwrap();
             assert!(delay <= policy.cap, "{delay:?}");
             delays.push(delay);
-            assert_eq!(row.item.state, "pending");
+            assert_eq!(row.item.state, OutboxState::Pending);
             assert_eq!(row.next_attempt_at, next);
             // Not due a moment before its time.
             if delay > Duration::from_millis(1) {
@@ -309,7 +312,7 @@ async fn transient_failures_back_off_then_dead_letter_after_max_attempts_on(d: D
             }
         } else {
             assert_eq!(failed[0].next_attempt_at, None);
-            assert_eq!(row.item.state, "dead");
+            assert_eq!(row.item.state, OutboxState::Dead);
             assert_eq!(
                 row.dead_reason.as_deref(),
                 Some("gave up after 6 attempts: HTTP 503 from TeamCity")
@@ -343,7 +346,10 @@ async fn transient_failures_back_off_then_dead_letter_after_max_attempts_on(d: D
     );
     assert_eq!(ev[5].0, "outbox.dead");
     assert_eq!(
-        s.list_outbox(Some("dead"), 10).await.unwrap().len(),
+        s.list_outbox(Some(OutboxState::Dead), 10)
+            .await
+            .unwrap()
+            .len(),
         1,
         "listed by state"
     );
@@ -374,7 +380,7 @@ async fn a_permanent_failure_is_dead_at_once_with_its_reason_on(d: Db) {
         Some("permanent failure: HTTP 400: invalid username")
     );
     let row = d.state_of(failed[0].id).await;
-    assert_eq!(row.item.state, "dead");
+    assert_eq!(row.item.state, OutboxState::Dead);
     assert_eq!(row.dead_reason, failed[0].dead_reason);
     let ev = s.audit_events(d.last_seq().await - 1, 10).await.unwrap();
     assert_eq!(ev[0].operation, "outbox.dead");
@@ -417,7 +423,7 @@ async fn operators_retry_dead_items_and_drop_items_on(d: Db) {
     let before = d.last_seq().await;
     d.advance(Duration::from_secs(5));
     let retried = s.retry_outbox(&WriteCtx::cli(), u_id).await.unwrap();
-    assert_eq!(retried.item.state, "pending");
+    assert_eq!(retried.item.state, OutboxState::Pending);
     assert_eq!(retried.item.attempts, 0);
     assert_eq!(retried.next_attempt_at, d.now());
     assert_eq!(retried.dead_reason, None);
@@ -433,7 +439,7 @@ async fn operators_retry_dead_items_and_drop_items_on(d: Db) {
     assert_eq!(c.len(), 2);
 
     let dropped = s.drop_outbox(&WriteCtx::cli(), v_id).await.unwrap();
-    assert_eq!(dropped.item.state, "dropped");
+    assert_eq!(dropped.item.state, OutboxState::Dropped);
     assert_eq!(dropped.finished, Some(d.now()));
     match s.drop_outbox(&WriteCtx::cli(), v_id).await {
         Err(StoreError::Invalid(m)) => assert!(m.contains("is dropped"), "{m}"),
@@ -443,8 +449,8 @@ async fn operators_retry_dead_items_and_drop_items_on(d: Db) {
     s.complete_outbox(&WriteCtx::sync(), &[u_id, v_id], vec![])
         .await
         .unwrap();
-    assert_eq!(d.state_of(v_id).await.item.state, "dropped");
-    assert_eq!(d.state_of(u_id).await.item.state, "done");
+    assert_eq!(d.state_of(v_id).await.item.state, OutboxState::Dropped);
+    assert_eq!(d.state_of(u_id).await.item.state, OutboxState::Done);
 
     let ev = d.audit_after(before).await;
     let ops: Vec<&str> = ev.iter().map(|(op, _, _)| op.as_str()).collect();
@@ -452,10 +458,15 @@ async fn operators_retry_dead_items_and_drop_items_on(d: Db) {
     assert_eq!(ev[0].1, "cli");
     assert_eq!(ev[2].1, "sync");
 
-    assert!(matches!(
-        s.list_outbox(Some("nonsense"), 10).await,
-        Err(StoreError::Invalid(_))
-    ));
+    // An unknown state cannot be asked for: it does not parse (as the CLI's `--state` does).
+    let unknown = "nonsense".parse::<OutboxState>().unwrap_err();
+    assert!(
+        unknown
+            .to_string()
+            .contains("pending, done, dead, held, dropped"),
+        "{unknown}"
+    );
+    assert!(matches!(StoreError::from(unknown), StoreError::Invalid(_)));
 }
 
 both!(
@@ -504,7 +515,10 @@ async fn complete_records_the_worker_events_and_no_outbox_rows_on(d: Db) {
     );
     assert_eq!(ev[2].resource_type, "User");
     assert_eq!(d.outbox_count().await, before_outbox);
-    assert_eq!(d.state_of(c[0].items[0].id).await.item.state, "done");
+    assert_eq!(
+        d.state_of(c[0].items[0].id).await.item.state,
+        OutboxState::Done
+    );
 }
 
 both!(
@@ -530,7 +544,7 @@ async fn held_batches_round_trip_through_approval_on(d: Db) {
         .await
         .unwrap();
     let row = d.state_of(ids[0]).await;
-    assert_eq!(row.item.state, "held");
+    assert_eq!(row.item.state, OutboxState::Held);
     assert_eq!(row.held_batch_id, Some(id));
     assert_eq!(row.lease_until, None);
     // Held rows are not claimed.
@@ -541,16 +555,22 @@ async fn held_batches_round_trip_through_approval_on(d: Db) {
             .unwrap()
             .is_empty()
     );
-    assert_eq!(s.list_outbox(Some("held"), 10).await.unwrap().len(), 1);
+    assert_eq!(
+        s.list_outbox(Some(OutboxState::Held), 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
 
-    let held = s.list_held(Some("held")).await.unwrap();
+    let held = s.list_held(Some(HeldState::Held)).await.unwrap();
     assert_eq!(held.len(), 1);
     assert_eq!(held[0].id, id);
     assert_eq!(held[0].outbox_ids, ids);
     assert_eq!(held[0].plan, plan);
     assert_eq!(held[0].removals, 1);
     assert_eq!(held[0].source, "outbox");
-    assert_eq!(held[0].state, "held");
+    assert_eq!(held[0].state, HeldState::Held);
 
     // Not approved yet: cannot be marked applied.
     assert!(matches!(
@@ -562,7 +582,7 @@ async fn held_batches_round_trip_through_approval_on(d: Db) {
         request_id: None,
     };
     let approved = s.approve_held(&ops, id).await.unwrap();
-    assert_eq!(approved.state, "approved");
+    assert_eq!(approved.state, HeldState::Approved);
     assert_eq!(approved.decided_by.as_deref(), Some("cli:alice"));
     assert_eq!(approved.decided_at, Some(d.now()));
     match s.approve_held(&ops, id).await {
@@ -573,13 +593,16 @@ async fn held_batches_round_trip_through_approval_on(d: Db) {
         s.approve_held(&ops, 999).await,
         Err(StoreError::NotFound)
     ));
-    assert_eq!(s.list_held(Some("approved")).await.unwrap().len(), 1);
+    assert_eq!(
+        s.list_held(Some(HeldState::Approved)).await.unwrap().len(),
+        1
+    );
 
     s.mark_held_applied(&WriteCtx::sync(), id).await.unwrap();
     let b = s.held_batch(id).await.unwrap().unwrap();
-    assert_eq!(b.state, "applied");
+    assert_eq!(b.state, HeldState::Applied);
     assert_eq!(b.decided_by.as_deref(), Some("cli:alice"));
-    assert_eq!(d.state_of(ids[0]).await.item.state, "done");
+    assert_eq!(d.state_of(ids[0]).await.item.state, OutboxState::Done);
 
     // A reconcile batch holds no outbox rows; it can be dropped.
     let r = s
@@ -588,7 +611,7 @@ async fn held_batches_round_trip_through_approval_on(d: Db) {
         .unwrap();
     assert_eq!(
         s.drop_held(&WriteCtx::cli(), r).await.unwrap().state,
-        "dropped"
+        HeldState::Dropped
     );
     assert!(matches!(
         s.create_held(&WriteCtx::sync(), "magic", &[], "", 0, &json!(null))
@@ -638,7 +661,13 @@ async fn hold_outbox_parks_pending_rows_in_an_existing_batch_on(d: Db) {
     );
     // Dropping the batch drops its rows.
     s.drop_held(&WriteCtx::cli(), id).await.unwrap();
-    assert_eq!(s.list_outbox(Some("dropped"), 10).await.unwrap().len(), 2);
+    assert_eq!(
+        s.list_outbox(Some(OutboxState::Dropped), 10)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
 }
 
 both!(
@@ -1045,4 +1074,26 @@ async fn record_applied_appends_a_batch_in_one_chain_with_its_links_on(d: Db) {
     // Nothing at all: no transaction, no event.
     s.record_applied(&ctx, &[], &[]).await.unwrap();
     assert_eq!(d.last_seq().await, batch.last().unwrap().seq);
+}
+
+both!(
+    a_row_in_an_unknown_state_is_reported_not_guessed,
+    a_row_in_an_unknown_state_is_reported_not_guessed_on
+);
+async fn a_row_in_an_unknown_state_is_reported_not_guessed_on(d: Db) {
+    d.user("alice").await;
+    d.raw.exec("UPDATE outbox SET state = 'limbo'").await;
+    for r in [
+        d.store.list_outbox(None, 10).await.map(drop),
+        d.store.outbox_items(0, 10).await.map(drop),
+        d.store.outbox_summary().await.map(drop),
+    ] {
+        match r {
+            Err(StoreError::Other(e)) => {
+                let e = e.to_string();
+                assert!(e.contains("unknown outbox state `limbo`"), "{e}");
+            }
+            other => panic!("expected a corrupt-row error, got {other:?}"),
+        }
+    }
 }

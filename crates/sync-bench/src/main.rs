@@ -941,7 +941,7 @@ async fn bench_pull(cli: &Cli, report: &mut Report) -> anyhow::Result<()> {
 // ---- (E) one change in a large directory --------------------------------------------------
 
 /// Writes `users` users (ids `u-…`) and `groups` groups (ids `g-…`, user `i` in the groups
-/// `member_of(i)`) through [`store::Store::write_batch`], 1,000 resources per transaction (as
+/// `member_of(i)`) through [`store::Resources::write_batch`], 1,000 resources per transaction (as
 /// pull mode would; seeding is not measured). Returns the user and group ids.
 async fn seed_store_batched(
     store: &DynStore,
@@ -1317,7 +1317,7 @@ async fn bench_push_during_load(cli: &Cli, report: &mut Report) -> anyhow::Resul
         .outbox_summary()
         .await?
         .by_state
-        .get("pending")
+        .get(&store::OutboxState::Pending)
         .copied()
         .unwrap_or(0);
     let t0 = Instant::now();

@@ -27,7 +27,7 @@
 //! [`SYNC_LEASE`] (taken when free or expired, renewed at a third of its time), and each
 //! reconcile also takes the [`store::RECONCILE_LEASE`] (so a `reconcile --apply` from the CLI
 //! never runs beside it). Every store write of a pass or a reconcile goes through
-//! [`store::Store::fenced`]: it checks the leases inside its own transaction, so a replica that
+//! [`store::Leases::fenced`]: it checks the leases inside its own transaction, so a replica that
 //! lost its lease (paused, partitioned, expired) writes nothing more and its pass stops; a
 //! heartbeat renews the leases (and the claimed outbox rows' leases) during long passes. A
 //! replica that gains the lease reads TeamCity again before applying anything.
@@ -39,7 +39,9 @@ use std::time::Duration;
 
 use futures::StreamExt as _;
 use serde_json::{Value, json};
-use store::{AuditEntry, ClaimedEntity, DynStore, HeldBatch, RetryPolicy, StoreError, WriteCtx};
+use store::{
+    AuditEntry, ClaimedEntity, DynStore, HeldBatch, HeldState, RetryPolicy, StoreError, WriteCtx,
+};
 use teamcity::{Client, TeamCityError};
 use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
@@ -356,7 +358,9 @@ fn entry(
 }
 
 /// The directory as the sync engine sees it: one consistent read of the store.
-pub async fn read_directory(store: &DynStore) -> Result<Directory, StoreError> {
+pub async fn read_directory<S: store::Directory + ?Sized>(
+    store: &S,
+) -> Result<Directory, StoreError> {
     let snap = store.directory().await?;
     Ok(Directory {
         users: snap.users,
@@ -366,8 +370,8 @@ pub async fn read_directory(store: &DynStore) -> Result<Directory, StoreError> {
 
 /// The directory and the desired state as they would be computed now, writing nothing (no
 /// pins persisted, no alerts audited): for read-only views.
-pub async fn desired_unrecorded(
-    store: &DynStore,
+pub async fn desired_unrecorded<S: store::Directory + store::SyncState + ?Sized>(
+    store: &S,
     policy: &Policy,
 ) -> Result<(Directory, Desired), StoreError> {
     let dir = read_directory(store).await?;
@@ -847,13 +851,13 @@ impl Engine {
 
     /// The directory as the sync engine sees it.
     pub async fn directory(&self) -> Result<Directory, EngineError> {
-        Ok(read_directory(&self.store()).await?)
+        Ok(read_directory(&*self.store()).await?)
     }
 
     /// [`Engine::plan_full`] for read-only views: writes nothing to the store.
     pub async fn preview(&self) -> Result<(Plan, ActualState, usize), EngineError> {
         let (actual, reads) = self.read_actual().await?;
-        let (_, d) = desired_unrecorded(&self.store(), &self.policy).await?;
+        let (_, d) = desired_unrecorded(&*self.store(), &self.policy).await?;
         let mut p = plan(&d, &actual, &self.plan_options());
         self.settle_orphans(&mut p).await?;
         Ok((p, actual, reads))
@@ -1388,7 +1392,7 @@ impl Engine {
                 );
             }
         }
-        let approved = self.store().list_held(Some("approved")).await?;
+        let approved = self.store().list_held(Some(HeldState::Approved)).await?;
         let untried = self.untried_approvals(&approved);
         if claimed.is_empty() && !untried {
             // Idle: index the cache now (after a reconcile or a whole pass), not when the
@@ -1532,7 +1536,7 @@ impl Engine {
     }
 
     /// The desired state of what the claimed rows touch, and the scope a pass plans, reading
-    /// only that part of the directory ([`store::Store::directory_of`]); `None` when the pass
+    /// only that part of the directory ([`store::Directory::directory_of`]); `None` when the pass
     /// must plan the whole directory. Persists new pins and audits new alerts.
     ///
     /// - A user row: that user (all its groups, as context: its memberships and roles).
@@ -1658,7 +1662,7 @@ impl Engine {
     }
 
     /// Releases rows without counting an attempt, due again at `until` (see
-    /// [`store::Store::defer_outbox`]).
+    /// [`store::Outbox::defer_outbox`]).
     async fn defer(
         &self,
         ids: &[i64],
@@ -1746,14 +1750,14 @@ impl Engine {
             return Ok(waiting);
         }
         let mut approved: HashMap<String, i64> = HashMap::new();
-        for b in self.store().list_held(Some("approved")).await? {
+        for b in self.store().list_held(Some(HeldState::Approved)).await? {
             match read_batch(&b) {
                 Ok(steps) => approved.extend(steps.into_iter().map(|s| (s, b.id))),
                 Err(reason) => self.unreadable(&b, &reason).await?,
             }
         }
         let mut held: HashMap<String, i64> = HashMap::new();
-        for b in self.store().list_held(Some("held")).await? {
+        for b in self.store().list_held(Some(HeldState::Held)).await? {
             if let Ok(steps) = read_batch(&b) {
                 held.extend(steps.into_iter().map(|s| (s, b.id)));
             }
@@ -2025,7 +2029,7 @@ impl Engine {
     /// now, or the plan no longer wants it. A batch with a step that failed stays approved
     /// (retried with the next pass or reconcile).
     async fn finish_approved(&self, p: &Plan, outcomes: &[Outcome]) -> Result<(), EngineError> {
-        let approved = self.store().list_held(Some("approved")).await?;
+        let approved = self.store().list_held(Some(HeldState::Approved)).await?;
         if approved.is_empty() {
             return Ok(());
         }

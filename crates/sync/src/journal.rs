@@ -5,7 +5,7 @@
 //! action's audit event before it goes on, exactly as with one transaction per event. The
 //! difference is that the events of lanes that finish at about the same time share one
 //! transaction: a single writer task takes whatever is queued (up to [`MAX_BATCH`]) and writes
-//! it with [`Store::record_applied`], then answers every waiter. While other lanes are still in
+//! it with [`Mappings::record_applied`], then answers every waiter. While other lanes are still in
 //! a TeamCity call it waits up to [`GATHER`] for their events first, so a transaction's fixed
 //! cost is shared by every lane that finishes within that window. With eight calls in flight,
 //! an initial load of 10,000 users needs about 1,500 transactions instead of 20,000, and
@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use store::{AuditEntry, DynStore, MappingLink, StoreError, WriteCtx};
+use store::{AuditEntry, MappingLink, Mappings, StoreError, WriteCtx};
 use tokio::sync::{mpsc, oneshot};
 
 /// Most events one transaction takes.
@@ -62,7 +62,7 @@ impl std::fmt::Debug for Item {
 
 impl Journal {
     /// Starts the writer task for `ctx`'s events.
-    pub(crate) fn start(store: DynStore, ctx: WriteCtx) -> Journal {
+    pub(crate) fn start(store: Arc<dyn Mappings>, ctx: WriteCtx) -> Journal {
         let (tx, mut rx) = mpsc::unbounded_channel::<Item>();
         let busy = Arc::new(AtomicUsize::new(0));
         let lanes = busy.clone();

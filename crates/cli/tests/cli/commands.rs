@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use store::WriteCtx;
+use store::{HeldState, OutboxState, WriteCtx};
 use sync::{Engine, EngineConfig, GuardLimits, Policy};
 use teamcity_emulator::{Fault, FaultAction};
 
@@ -159,7 +159,11 @@ async fn outbox_list_retry_drop_and_held_approve_commands() {
     let ann = env.user("ann").await;
     let bob = env.user("bob").await;
     e.drain().await.expect("drain");
-    let dead = env.store.list_outbox(Some("dead"), 10).await.expect("dead");
+    let dead = env
+        .store
+        .list_outbox(Some(OutboxState::Dead), 10)
+        .await
+        .expect("dead");
     assert_eq!(dead.len(), 2);
 
     let o = env.run(&["plan"]).await;
@@ -195,7 +199,7 @@ async fn outbox_list_retry_drop_and_held_approve_commands() {
     );
     assert!(
         env.store
-            .list_outbox(Some("dead"), 10)
+            .list_outbox(Some(OutboxState::Dead), 10)
             .await
             .expect("dead")
             .is_empty()
@@ -228,7 +232,11 @@ async fn outbox_list_retry_drop_and_held_approve_commands() {
     let o = env.run(&["held"]).await;
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
-    let held = env.store.list_held(Some("held")).await.expect("held");
+    let held = env
+        .store
+        .list_held(Some(HeldState::Held))
+        .await
+        .expect("held");
     assert_eq!(held.len(), 1, "{out}");
     assert!(
         out.contains(&held[0].id.to_string()) && out.contains("max_removals"),

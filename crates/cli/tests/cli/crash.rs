@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use store::WriteCtx;
+use store::{OutboxState, WriteCtx};
 
 use crate::support::{Env, POLICY, free_port, serve, signal, text, wait_up};
 
@@ -114,7 +114,7 @@ async fn sigkill_mid_sync_then_restart_converges() {
     let _ = child.wait();
     let pending = env
         .store
-        .list_outbox(Some("pending"), 100_000)
+        .list_outbox(Some(OutboxState::Pending), 100_000)
         .await
         .expect("outbox")
         .len();
@@ -131,7 +131,7 @@ async fn sigkill_mid_sync_then_restart_converges() {
     loop {
         let left = env
             .store
-            .list_outbox(Some("pending"), 1)
+            .list_outbox(Some(OutboxState::Pending), 1)
             .await
             .expect("outbox");
         if left.is_empty() {
@@ -151,9 +151,9 @@ async fn sigkill_mid_sync_then_restart_converges() {
 
     let all = env.store.list_outbox(None, 100_000).await.expect("outbox");
     assert!(
-        all.iter().all(|e| e.item.state == "done"),
+        all.iter().all(|e| e.item.state == OutboxState::Done),
         "{:?}",
-        all.iter().find(|e| e.item.state != "done")
+        all.iter().find(|e| e.item.state != OutboxState::Done)
     );
     let o = env.run(&["plan", "--exit-code"]).await;
     let (out, err) = text(&o);

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use store::WriteCtx;
+use store::{HeldState, OutboxState, WriteCtx};
 
 use crate::support::{Env, KillOnDrop, POLICY, TC_TOKEN, free_port, serve, signal, text, wait_up};
 
@@ -122,7 +122,7 @@ async fn serve_with_a_policy_that_does_not_match_teamcity_applies_nothing_and_sa
     .await;
     let rows = env.store.list_outbox(None, 100).await.expect("outbox");
     assert!(
-        rows.iter().all(|r| r.item.state == "pending"),
+        rows.iter().all(|r| r.item.state == OutboxState::Pending),
         "never dead: {rows:?}"
     );
     assert!(
@@ -379,7 +379,7 @@ async fn serve_on_an_empty_database_says_so_naming_the_file_and_removes_nothing(
     .expect("the other database");
     eventually(10, "the orphan removals are held", async || {
         !other
-            .list_held(Some("held"))
+            .list_held(Some(HeldState::Held))
             .await
             .expect("held")
             .is_empty()

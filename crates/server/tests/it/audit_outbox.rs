@@ -3,7 +3,7 @@
 
 use reqwest::Method;
 use serde_json::{Value, json};
-use store::{AuditEvent, OutboxItem};
+use store::{AuditEvent, OutboxItem, OutboxState};
 
 use crate::support::{GROUP_SCHEMA, Resp, Server, patch_op, user};
 
@@ -64,7 +64,7 @@ async fn check_one(
         ob.audit_seq, ev.seq,
         "{what}: outbox row points at its audit event"
     );
-    assert_eq!(ob.state, "pending", "{what}");
+    assert_eq!(ob.state, OutboxState::Pending, "{what}");
     r
 }
 

@@ -4,6 +4,7 @@ use sqlx::Row;
 use sqlx::postgres::PgRow;
 use time::OffsetDateTime;
 
+use super::sync::append_audit;
 use super::{PostgresStore, append_event};
 use crate::audit::{AuditEvent, Checkpoint};
 use crate::common::PruneReplay;
@@ -47,8 +48,25 @@ fn checkpoint_row(r: &PgRow) -> StoreResult<Checkpoint> {
     })
 }
 
-impl PostgresStore {
-    pub(super) async fn audit_log_range(
+#[async_trait::async_trait]
+impl crate::AuditLog for PostgresStore {
+    async fn audit_events(&self, after: i64, limit: i64) -> StoreResult<Vec<AuditEvent>> {
+        self.audit_range(None, None, after, limit).await
+    }
+
+    async fn audit_recent(&self, before: Option<i64>, limit: i64) -> StoreResult<Vec<AuditEvent>> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {EVENT_COLS} FROM audit_events WHERE ($1::bigint IS NULL OR seq < $1) \
+             ORDER BY seq DESC LIMIT $2"
+        )))
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(event_row).collect()
+    }
+
+    async fn audit_range(
         &self,
         since: Option<OffsetDateTime>,
         until: Option<OffsetDateTime>,
@@ -71,23 +89,7 @@ impl PostgresStore {
         rows.iter().map(event_row).collect()
     }
 
-    pub(super) async fn audit_log_recent(
-        &self,
-        before: Option<i64>,
-        limit: i64,
-    ) -> StoreResult<Vec<AuditEvent>> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {EVENT_COLS} FROM audit_events WHERE ($1::bigint IS NULL OR seq < $1) \
-             ORDER BY seq DESC LIMIT $2"
-        )))
-        .bind(before)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(event_row).collect()
-    }
-
-    pub(super) async fn audit_log_checkpoint(&self) -> StoreResult<Option<Checkpoint>> {
+    async fn audit_checkpoint(&self) -> StoreResult<Option<crate::Checkpoint>> {
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {CHECKPOINT_COLS} FROM audit_checkpoints ORDER BY id DESC LIMIT 1"
         )))
@@ -96,12 +98,12 @@ impl PostgresStore {
         row.as_ref().map(checkpoint_row).transpose()
     }
 
-    pub(super) async fn audit_log_prune(
+    async fn prune_audit(
         &self,
         ctx: &WriteCtx,
         before: OffsetDateTime,
         key: &[u8],
-    ) -> StoreResult<Option<Checkpoint>> {
+    ) -> StoreResult<Option<crate::Checkpoint>> {
         let now = self.now();
         let mut tx = self.begin_write().await?;
         let prev = sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -161,5 +163,13 @@ impl PostgresStore {
         .await?;
         tx.commit().await?;
         Ok(Some(cp))
+    }
+
+    async fn audit(&self, ctx: &WriteCtx, entry: crate::AuditEntry) -> StoreResult<i64> {
+        let now = self.now();
+        let mut tx = self.begin_write().await?;
+        let seq = append_audit(&mut tx, ctx, now, &entry).await?;
+        tx.commit().await?;
+        Ok(seq)
     }
 }

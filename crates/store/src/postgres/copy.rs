@@ -6,7 +6,7 @@ use sqlx::{AssertSqlSafe, Row, TypeInfo, ValueRef};
 
 use super::PostgresStore;
 use crate::StoreResult;
-use crate::copy::{COPY_TABLES, Cell, CopyTable, Rows};
+use crate::copy::{COPY_TABLES, Cell, Rows};
 
 /// Tables whose id column is a sequence, and that column.
 const SERIALS: &[(&str, &str)] = &[
@@ -17,8 +17,9 @@ const SERIALS: &[(&str, &str)] = &[
     ("audit_checkpoints", "id"),
 ];
 
-impl PostgresStore {
-    pub(super) async fn copy_count_rows(&self, table: &CopyTable) -> StoreResult<i64> {
+#[async_trait::async_trait]
+impl crate::TableCopy for PostgresStore {
+    async fn copy_count(&self, table: &crate::copy::CopyTable) -> StoreResult<i64> {
         let n: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
             "SELECT COUNT(*) FROM {}",
             table.name
@@ -28,12 +29,12 @@ impl PostgresStore {
         Ok(n)
     }
 
-    pub(super) async fn copy_rows_out(
+    async fn copy_out(
         &self,
-        table: &CopyTable,
+        table: &crate::copy::CopyTable,
         offset: i64,
         limit: i64,
-    ) -> StoreResult<Rows> {
+    ) -> StoreResult<crate::copy::Rows> {
         let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT * FROM {} ORDER BY {} LIMIT $1 OFFSET $2",
             table.name, table.order
@@ -71,7 +72,11 @@ impl PostgresStore {
         Ok(out)
     }
 
-    pub(super) async fn copy_rows_in(&self, table: &CopyTable, rows: &Rows) -> StoreResult<()> {
+    async fn copy_in(
+        &self,
+        table: &crate::copy::CopyTable,
+        rows: &crate::copy::Rows,
+    ) -> StoreResult<()> {
         if rows.rows.is_empty() {
             return Ok(());
         }
@@ -111,7 +116,7 @@ impl PostgresStore {
         Ok(())
     }
 
-    pub(super) async fn copy_rows_finish(&self) -> StoreResult<()> {
+    async fn copy_finish(&self) -> StoreResult<()> {
         let mut tx = self.begin_write().await?;
         for (table, column) in SERIALS {
             debug_assert!(COPY_TABLES.iter().any(|t| t.name == *table));

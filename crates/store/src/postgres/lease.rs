@@ -1,4 +1,4 @@
-//! Leases and fenced writes on PostgreSQL (see [`crate::Store::acquire_lease`]).
+//! Leases and fenced writes on PostgreSQL (see [`crate::Leases::acquire_lease`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,7 +7,7 @@ use super::{PostgresStore, Tx};
 use crate::common::{
     LEASE_ACQUIRE, LEASE_CHECK, LEASE_RELEASE, LEASE_RENEW, fenced_error, lease, lease_until,
 };
-use crate::{DynStore, Fence, Lease, StoreResult, timefmt};
+use crate::{DynStore, Fence, StoreResult, timefmt};
 
 /// Fails with `Fenced` unless `f` holds inside `tx`. The lease row is share-locked until `tx`
 /// ends: a takeover (an UPDATE of that row) waits for this write, or this check sees it.
@@ -27,49 +27,6 @@ pub(super) async fn check(tx: &mut Tx, f: &Fence, now: &str) -> StoreResult<()> 
 }
 
 impl PostgresStore {
-    pub(super) async fn lease_acquire(
-        &self,
-        name: &str,
-        holder: &str,
-        ttl: Duration,
-    ) -> StoreResult<Option<Lease>> {
-        let now = self.now();
-        let row: Option<(i64, String)> = sqlx::query_as(LEASE_ACQUIRE)
-            .bind(name)
-            .bind(holder)
-            .bind(lease_until(now, ttl))
-            .bind(timefmt::format(now))
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|(epoch, exp)| lease(name, holder, epoch, &exp))
-            .transpose()
-    }
-
-    pub(super) async fn lease_renew(&self, f: &Fence, ttl: Duration) -> StoreResult<Lease> {
-        let row: Option<(String,)> = sqlx::query_as(LEASE_RENEW)
-            .bind(lease_until(self.now(), ttl))
-            .bind(&f.name)
-            .bind(&f.holder)
-            .bind(f.epoch)
-            .fetch_optional(&self.pool)
-            .await?;
-        match row {
-            Some((exp,)) => lease(&f.name, &f.holder, f.epoch, &exp),
-            None => Err(fenced_error(f)),
-        }
-    }
-
-    pub(super) async fn lease_release(&self, f: &Fence) -> StoreResult<()> {
-        sqlx::query(LEASE_RELEASE)
-            .bind(timefmt::format(self.now()))
-            .bind(&f.name)
-            .bind(&f.holder)
-            .bind(f.epoch)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
     pub(super) fn with_fence(&self, fence: Fence) -> DynStore {
         let mut s = self.clone();
         s.fences.push(Arc::new(fence));
@@ -79,7 +36,7 @@ impl PostgresStore {
     }
 }
 
-/// [`crate::Store::watch_outbox`]: a task that `LISTEN`s on [`super::OUTBOX_CHANNEL`] and
+/// [`crate::Outbox::watch_outbox`]: a task that `LISTEN`s on [`super::OUTBOX_CHANNEL`] and
 /// wakes `wake` on every notification, reconnecting (after a pause) whenever the connection
 /// drops. Notifications sent while it is away are lost: the worker polls as well.
 pub(super) fn spawn_outbox_listener(pool: sqlx::PgPool, wake: Arc<tokio::sync::Notify>) {
@@ -113,4 +70,54 @@ pub(super) fn spawn_outbox_listener(pool: sqlx::PgPool, wake: Arc<tokio::sync::N
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     });
+}
+
+#[async_trait::async_trait]
+impl crate::Leases for PostgresStore {
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> StoreResult<Option<crate::Lease>> {
+        let now = self.now();
+        let row: Option<(i64, String)> = sqlx::query_as(LEASE_ACQUIRE)
+            .bind(name)
+            .bind(holder)
+            .bind(lease_until(now, ttl))
+            .bind(timefmt::format(now))
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|(epoch, exp)| lease(name, holder, epoch, &exp))
+            .transpose()
+    }
+
+    async fn renew_lease(&self, f: &crate::Fence, ttl: Duration) -> StoreResult<crate::Lease> {
+        let row: Option<(String,)> = sqlx::query_as(LEASE_RENEW)
+            .bind(lease_until(self.now(), ttl))
+            .bind(&f.name)
+            .bind(&f.holder)
+            .bind(f.epoch)
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some((exp,)) => lease(&f.name, &f.holder, f.epoch, &exp),
+            None => Err(fenced_error(f)),
+        }
+    }
+
+    async fn release_lease(&self, f: &crate::Fence) -> StoreResult<()> {
+        sqlx::query(LEASE_RELEASE)
+            .bind(timefmt::format(self.now()))
+            .bind(&f.name)
+            .bind(&f.holder)
+            .bind(f.epoch)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    fn fenced(&self, fence: crate::Fence) -> crate::DynStore {
+        self.with_fence(fence)
+    }
 }

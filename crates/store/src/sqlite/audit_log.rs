@@ -4,6 +4,7 @@ use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
 use time::OffsetDateTime;
 
+use super::sync::append_audit;
 use super::{SqliteStore, append_event};
 use crate::audit::{AuditEvent, Checkpoint};
 use crate::common::PruneReplay;
@@ -47,8 +48,26 @@ fn checkpoint_row(r: &SqliteRow) -> StoreResult<Checkpoint> {
 const CHECKPOINT_COLS: &str =
     "id, created, last_seq, last_hash, last_time, pruned, total_pruned, snapshot, signature";
 
-impl SqliteStore {
-    pub(super) async fn audit_log_range(
+#[async_trait::async_trait]
+impl crate::AuditLog for SqliteStore {
+    async fn audit_events(&self, after: i64, limit: i64) -> StoreResult<Vec<AuditEvent>> {
+        self.audit_range(None, None, after, limit).await
+    }
+
+    async fn audit_recent(&self, before: Option<i64>, limit: i64) -> StoreResult<Vec<AuditEvent>> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {EVENT_COLS} FROM audit_events WHERE (? IS NULL OR seq < ?) \
+             ORDER BY seq DESC LIMIT ?"
+        )))
+        .bind(before)
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter().map(event_row).collect()
+    }
+
+    async fn audit_range(
         &self,
         since: Option<OffsetDateTime>,
         until: Option<OffsetDateTime>,
@@ -71,24 +90,7 @@ impl SqliteStore {
         rows.iter().map(event_row).collect()
     }
 
-    pub(super) async fn audit_log_recent(
-        &self,
-        before: Option<i64>,
-        limit: i64,
-    ) -> StoreResult<Vec<AuditEvent>> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {EVENT_COLS} FROM audit_events WHERE (? IS NULL OR seq < ?) \
-             ORDER BY seq DESC LIMIT ?"
-        )))
-        .bind(before)
-        .bind(before)
-        .bind(limit)
-        .fetch_all(&self.read)
-        .await?;
-        rows.iter().map(event_row).collect()
-    }
-
-    pub(super) async fn audit_log_checkpoint(&self) -> StoreResult<Option<Checkpoint>> {
+    async fn audit_checkpoint(&self) -> StoreResult<Option<crate::Checkpoint>> {
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {CHECKPOINT_COLS} FROM audit_checkpoints ORDER BY id DESC LIMIT 1"
         )))
@@ -97,12 +99,12 @@ impl SqliteStore {
         row.as_ref().map(checkpoint_row).transpose()
     }
 
-    pub(super) async fn audit_log_prune(
+    async fn prune_audit(
         &self,
         ctx: &WriteCtx,
         before: OffsetDateTime,
         key: &[u8],
-    ) -> StoreResult<Option<Checkpoint>> {
+    ) -> StoreResult<Option<crate::Checkpoint>> {
         let now = self.now();
         let mut tx = self.begin().await?;
         let prev = sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -163,5 +165,13 @@ impl SqliteStore {
         .await?;
         tx.commit().await?;
         Ok(Some(cp))
+    }
+
+    async fn audit(&self, ctx: &WriteCtx, entry: crate::AuditEntry) -> StoreResult<i64> {
+        let now = self.now();
+        let mut tx = self.begin().await?;
+        let seq = append_audit(&mut tx, ctx, now, &entry).await?;
+        tx.commit().await?;
+        Ok(seq)
     }
 }

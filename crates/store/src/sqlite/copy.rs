@@ -4,10 +4,11 @@ use sqlx::{AssertSqlSafe, Row, TypeInfo, ValueRef};
 
 use super::SqliteStore;
 use crate::StoreResult;
-use crate::copy::{Cell, CopyTable, Rows};
+use crate::copy::{Cell, Rows};
 
-impl SqliteStore {
-    pub(super) async fn copy_count_rows(&self, table: &CopyTable) -> StoreResult<i64> {
+#[async_trait::async_trait]
+impl crate::TableCopy for SqliteStore {
+    async fn copy_count(&self, table: &crate::copy::CopyTable) -> StoreResult<i64> {
         let n: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
             "SELECT COUNT(*) FROM {}",
             table.name
@@ -17,12 +18,12 @@ impl SqliteStore {
         Ok(n)
     }
 
-    pub(super) async fn copy_rows_out(
+    async fn copy_out(
         &self,
-        table: &CopyTable,
+        table: &crate::copy::CopyTable,
         offset: i64,
         limit: i64,
-    ) -> StoreResult<Rows> {
+    ) -> StoreResult<crate::copy::Rows> {
         let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT * FROM {} ORDER BY {} LIMIT ? OFFSET ?",
             table.name, table.order
@@ -59,7 +60,11 @@ impl SqliteStore {
         Ok(out)
     }
 
-    pub(super) async fn copy_rows_in(&self, table: &CopyTable, rows: &Rows) -> StoreResult<()> {
+    async fn copy_in(
+        &self,
+        table: &crate::copy::CopyTable,
+        rows: &crate::copy::Rows,
+    ) -> StoreResult<()> {
         if rows.rows.is_empty() {
             return Ok(());
         }
@@ -83,6 +88,13 @@ impl SqliteStore {
             q.execute(&mut *tx).await?;
         }
         tx.commit().await?;
+        Ok(())
+    }
+
+    async fn copy_finish(&self) -> StoreResult<()> {
+        // AUTOINCREMENT keeps its counters in sqlite_sequence, which explicit ids move on; the
+        // next audit seq is read from the trail itself.
+        self.written();
         Ok(())
     }
 }

@@ -1,14 +1,13 @@
-//! Leases and fenced writes on SQLite (see [`crate::Store::acquire_lease`]). One process writes
+//! Leases and fenced writes on SQLite (see [`crate::Leases::acquire_lease`]). One process writes
 //! a SQLite database, so it always gets the lease; the same code path runs as on PostgreSQL.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use super::{SqliteStore, Tx};
 use crate::common::{
     LEASE_ACQUIRE, LEASE_CHECK, LEASE_RELEASE, LEASE_RENEW, fenced_error, lease, lease_until,
 };
-use crate::{DynStore, Fence, Lease, StoreResult, timefmt};
+use crate::{DynStore, Fence, StoreResult, timefmt};
 
 /// Fails with `Fenced` unless `f` holds inside `tx` (a `BEGIN IMMEDIATE` transaction: no
 /// other write, a takeover included, can commit until it ends).
@@ -27,12 +26,23 @@ pub(super) async fn check(tx: &mut Tx, f: &Fence, now: &str) -> StoreResult<()> 
 }
 
 impl SqliteStore {
-    pub(super) async fn lease_acquire(
+    pub(super) fn with_fence(&self, fence: Fence) -> DynStore {
+        let mut s = self.clone();
+        s.fences.push(Arc::new(fence));
+        // Fenced writes go straight to their own transaction (each checks the fence).
+        s.writer = None;
+        Arc::new(s)
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::Leases for SqliteStore {
+    async fn acquire_lease(
         &self,
         name: &str,
         holder: &str,
-        ttl: Duration,
-    ) -> StoreResult<Option<Lease>> {
+        ttl: std::time::Duration,
+    ) -> StoreResult<Option<crate::Lease>> {
         let now = self.now();
         let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
         let row: Option<(i64, String)> = sqlx::query_as(LEASE_ACQUIRE)
@@ -47,7 +57,11 @@ impl SqliteStore {
             .transpose()
     }
 
-    pub(super) async fn lease_renew(&self, f: &Fence, ttl: Duration) -> StoreResult<Lease> {
+    async fn renew_lease(
+        &self,
+        f: &crate::Fence,
+        ttl: std::time::Duration,
+    ) -> StoreResult<crate::Lease> {
         let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
         let row: Option<(String,)> = sqlx::query_as(LEASE_RENEW)
             .bind(lease_until(self.now(), ttl))
@@ -63,7 +77,7 @@ impl SqliteStore {
         }
     }
 
-    pub(super) async fn lease_release(&self, f: &Fence) -> StoreResult<()> {
+    async fn release_lease(&self, f: &crate::Fence) -> StoreResult<()> {
         let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query(LEASE_RELEASE)
             .bind(timefmt::format(self.now()))
@@ -76,11 +90,7 @@ impl SqliteStore {
         Ok(())
     }
 
-    pub(super) fn with_fence(&self, fence: Fence) -> DynStore {
-        let mut s = self.clone();
-        s.fences.push(Arc::new(fence));
-        // Fenced writes go straight to their own transaction (each checks the fence).
-        s.writer = None;
-        Arc::new(s)
+    fn fenced(&self, fence: crate::Fence) -> crate::DynStore {
+        self.with_fence(fence)
     }
 }

@@ -2,7 +2,7 @@
 //! audited, listed, and applied only after approval.
 
 use serde_json::json;
-use store::WriteCtx;
+use store::{HeldState, WriteCtx};
 use sync::{EngineConfig, GuardLimits, group_key};
 
 use crate::support::{POLICY, World, cfg};
@@ -56,7 +56,11 @@ async fn big_removal_is_held_until_approved() {
             "u{n} kept until approval"
         );
     }
-    let held = w.store.list_held(Some("held")).await.expect("held");
+    let held = w
+        .store
+        .list_held(Some(HeldState::Held))
+        .await
+        .expect("held");
     assert_eq!(held.len(), 1, "{held:?}");
     assert_eq!(held[0].removals, 5);
     assert!(
@@ -69,7 +73,14 @@ async fn big_removal_is_held_until_approved() {
 
     // Held again by the next reconcile? No: the same batch is not held twice.
     w.engine.reconcile(false).await.expect("reconcile");
-    assert_eq!(w.store.list_held(Some("held")).await.expect("h").len(), 1);
+    assert_eq!(
+        w.store
+            .list_held(Some(HeldState::Held))
+            .await
+            .expect("h")
+            .len(),
+        1
+    );
 
     w.store
         .approve_held(&WriteCtx::cli(), held[0].id)
@@ -88,7 +99,7 @@ async fn big_removal_is_held_until_approved() {
     }
     assert!(w.tc_user("u0").expect("u0").groups.contains(&key));
     let all = w.store.list_held(None).await.expect("held");
-    assert_eq!(all[0].state, "applied");
+    assert_eq!(all[0].state, HeldState::Applied);
     let (p, _, _) = w.engine.plan_full().await.expect("plan");
     assert!(p.is_empty(), "{p:?}");
 }

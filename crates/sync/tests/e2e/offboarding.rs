@@ -10,6 +10,7 @@ use sync::{
 };
 
 use crate::support::{TC_TOKEN, World, cfg};
+use store::OutboxState;
 
 /// Issues a real TeamCity token for `user_id` through the emulator's REST API; returns its value.
 async fn issue_token(w: &World, user_id: u64, name: &str) -> String {
@@ -134,7 +135,7 @@ async fn an_older_teamcity_without_logout_is_noted_not_a_failure() {
         u.properties.get(USER_DEACTIVATED).map(String::as_str),
         Some("true")
     );
-    assert!(w.rows("dead").await.is_empty());
+    assert!(w.rows(OutboxState::Dead).await.is_empty());
     let ended = w.audit_ops("end_sessions").await;
     assert_eq!(ended.len(), 1);
     assert_eq!(ended[0].outcome, "success");
@@ -188,7 +189,7 @@ async fn adopt_existing_by_username_takes_over_the_user_visibly() {
     let adopted = w.audit_ops("adopt_user").await;
     assert_eq!(adopted.len(), 1);
     assert_eq!(adopted[0].outcome, "success");
-    assert!(w.rows("dead").await.is_empty());
+    assert!(w.rows(OutboxState::Dead).await.is_empty());
 }
 
 #[tokio::test]

@@ -10,6 +10,7 @@ use sync::{EngineConfig, GROUP_MARKER, GuardLimits, USER_MARKER};
 use teamcity_emulator::FaultAction;
 
 use crate::support::{World, cfg};
+use store::OutboxState;
 
 const POLICY: &str = r#"
 [[groups]]
@@ -122,14 +123,14 @@ async fn outage_during_1000_changes(fault: FaultAction) {
     worker.await.expect("worker");
 
     // Nothing lost: every row done.
-    assert!(w.rows("dead").await.is_empty());
-    assert!(w.rows("held").await.is_empty());
+    assert!(w.rows(OutboxState::Dead).await.is_empty());
+    assert!(w.rows(OutboxState::Held).await.is_empty());
     let all = w.store.outbox_items(0, 1_000_000).await.expect("rows");
     assert!(all.len() >= 500, "{}", all.len());
     assert!(
-        all.iter().all(|r| r.state == "done"),
+        all.iter().all(|r| r.state == OutboxState::Done),
         "{:?}",
-        all.iter().find(|r| r.state != "done")
+        all.iter().find(|r| r.state != OutboxState::Done)
     );
     // Equal to the desired state: a fresh plan is empty.
     let fresh = w.engine_with(POLICY, cfg());

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use serde_json::json;
-use store::WriteCtx;
+use store::{OutboxState, WriteCtx};
 use sync::{DEFAULTS_GROUP_KEY, Deprovision, EngineConfig, group_key};
 use teamcity_emulator::{Fault, FaultAction};
 
@@ -25,7 +25,7 @@ async fn coalesces_every_pending_row_of_an_entity_into_one_pass() {
     let r = w.engine.run_once().await.expect("pass");
     assert_eq!(r.outbox_rows, 6, "all six rows in one claim: {r:?}");
     assert_eq!(w.pending().await, 0);
-    assert_eq!(w.rows("done").await.len(), 6);
+    assert_eq!(w.rows(OutboxState::Done).await.len(), 6);
     let c = w.emu.counters();
     assert_eq!(c.get("POST /app/rest/users"), Some(&1), "{c:?}");
     assert!(
@@ -67,7 +67,7 @@ async fn transient_failure_is_retried_with_backoff() {
     w.create_user("ann", None).await;
     let r = w.engine.run_once().await.expect("pass");
     assert!(r.transient_stop, "{r:?}");
-    let rows = w.rows("pending").await;
+    let rows = w.rows(OutboxState::Pending).await;
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].item.attempts, 1);
     assert!(
@@ -87,8 +87,8 @@ async fn transient_failure_is_retried_with_backoff() {
     assert_eq!(r.outbox_rows, 0, "the row waits out its backoff: {r:?}");
 
     w.drain_until_idle(&w.engine, Duration::from_secs(10)).await;
-    assert_eq!(w.rows("done").await.len(), 1);
-    assert_eq!(w.rows("dead").await.len(), 0);
+    assert_eq!(w.rows(OutboxState::Done).await.len(), 1);
+    assert_eq!(w.rows(OutboxState::Dead).await.len(), 0);
     assert_eq!(
         w.emu.counters().get("POST /app/rest/users"),
         Some(&3),
@@ -122,7 +122,7 @@ async fn permanent_failure_is_dead_with_reason_then_retry_and_drop() {
     let bob = w.create_user("bob", None).await;
     let r = w.drain().await;
     assert!(r.failed >= 1, "{r:?}");
-    let dead = w.rows("dead").await;
+    let dead = w.rows(OutboxState::Dead).await;
     assert_eq!(dead.len(), 1, "{dead:?}");
     // Both creates run in the same wave, concurrently: the refused one is whichever reached
     // TeamCity first.
@@ -153,10 +153,10 @@ async fn permanent_failure_is_dead_with_reason_then_retry_and_drop() {
         .retry_outbox(&WriteCtx::cli(), dead[0].item.id)
         .await
         .expect("retry");
-    assert_eq!(again.item.state, "pending");
+    assert_eq!(again.item.state, OutboxState::Pending);
     w.drain().await;
     assert!(w.tc_user(failed).is_some());
-    assert!(w.rows("dead").await.is_empty());
+    assert!(w.rows(OutboxState::Dead).await.is_empty());
 
     // outbox drop: a dropped row is never applied.
     w.emu.inject_fault(Fault {
@@ -175,16 +175,16 @@ async fn permanent_failure_is_dead_with_reason_then_retry_and_drop() {
     )
     .await;
     w.drain().await;
-    let dead = w.rows("dead").await;
+    let dead = w.rows(OutboxState::Dead).await;
     assert_eq!(dead.len(), 1, "{dead:?}");
     let dropped = w
         .store
         .drop_outbox(&WriteCtx::cli(), dead[0].item.id)
         .await
         .expect("drop");
-    assert_eq!(dropped.item.state, "dropped");
-    assert!(w.rows("dead").await.is_empty());
-    assert_eq!(w.rows("dropped").await.len(), 1);
+    assert_eq!(dropped.item.state, OutboxState::Dropped);
+    assert!(w.rows(OutboxState::Dead).await.is_empty());
+    assert_eq!(w.rows(OutboxState::Dropped).await.len(), 1);
 }
 
 #[tokio::test]

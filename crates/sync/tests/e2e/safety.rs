@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use store::{OutboxEntry, WriteCtx};
+use store::{HeldState, OutboxEntry, OutboxState, WriteCtx};
 use sync::{Action, EngineConfig, GuardLimits, USER_DEACTIVATED, group_key};
 use teamcity_emulator::{Fault, FaultAction, State, UserRec};
 
@@ -114,7 +114,7 @@ async fn rename_with_permanent_create_failure_keeps_the_old_group() {
     let dead: Vec<OutboxEntry> = rows_of(&w, "group", &dev)
         .await
         .into_iter()
-        .filter(|r| r.item.state == "dead")
+        .filter(|r| r.item.state == OutboxState::Dead)
         .collect();
     assert_eq!(dead.len(), 1, "the group's row is dead: {dead:?}");
     let reason = dead[0].dead_reason.clone().unwrap_or_default();
@@ -149,7 +149,7 @@ async fn rename_with_permanent_create_failure_keeps_the_old_group() {
     assert_eq!(g.name, "Platform");
     assert_eq!(g.roles, dev_roles);
     assert_eq!(members(&s, &new_key), member_ids);
-    assert!(w.rows("dead").await.is_empty());
+    assert!(w.rows(OutboxState::Dead).await.is_empty());
 }
 
 // ---- 2 ------------------------------------------------------------------------------------
@@ -187,7 +187,10 @@ async fn deactivation_with_a_permanent_failure_is_retried_until_complete() {
         u.groups
     );
     let rows = rows_of(&w, "user", &ann).await;
-    let dead: Vec<&OutboxEntry> = rows.iter().filter(|r| r.item.state == "dead").collect();
+    let dead: Vec<&OutboxEntry> = rows
+        .iter()
+        .filter(|r| r.item.state == OutboxState::Dead)
+        .collect();
     assert_eq!(dead.len(), 1, "ann's row is dead: {rows:?}");
     let reason = dead[0].dead_reason.clone().unwrap_or_default();
     assert!(reason.contains("reset_password"), "{reason}");
@@ -202,7 +205,7 @@ async fn deactivation_with_a_permanent_failure_is_retried_until_complete() {
     assert_eq!(u.password_changes, before.password_changes + 1);
     assert_eq!(deactivated(&u), Some("true"));
     assert!(u.tokens.is_empty() && u.groups.is_empty());
-    assert!(w.rows("dead").await.is_empty());
+    assert!(w.rows(OutboxState::Dead).await.is_empty());
 }
 
 // ---- 3 ------------------------------------------------------------------------------------
@@ -305,7 +308,7 @@ async fn an_empty_database_never_strips_anyone() {
             text.contains("[awaits approval: the directory does not know user"),
             "`plan` shows the orphan removals awaiting approval: {text}"
         );
-        let held = fresh.list_held(Some("held")).await.expect("held");
+        let held = fresh.list_held(Some(HeldState::Held)).await.expect("held");
         assert!(
             !held.is_empty(),
             "max_removals {max_removals}: the removals wait in a held batch"
@@ -356,7 +359,11 @@ async fn mass_deactivation_is_held_with_tokens_and_passwords() {
     }
     w.drain().await;
     untouched(&w, "held");
-    let held = w.store.list_held(Some("held")).await.expect("held");
+    let held = w
+        .store
+        .list_held(Some(HeldState::Held))
+        .await
+        .expect("held");
     assert_eq!(held.len(), 1, "{held:?}");
     for (n, id) in ids.iter().enumerate().skip(1) {
         let rows: Vec<OutboxEntry> = rows_of(&w, "user", id)
@@ -367,7 +374,8 @@ async fn mass_deactivation_is_held_with_tokens_and_passwords() {
         assert!(!rows.is_empty(), "u{n} has a row for its deactivation");
         for r in &rows {
             assert_eq!(
-                r.item.state, "held",
+                r.item.state,
+                OutboxState::Held,
                 "u{n}'s deactivation row waits with the batch: {r:?}"
             );
             assert_eq!(r.held_batch_id, Some(held[0].id), "{r:?}");
@@ -390,7 +398,7 @@ async fn mass_deactivation_is_held_with_tokens_and_passwords() {
     untouched(&w, "re-sent");
     let all = w.store.list_held(None).await.expect("held");
     assert_eq!(all.len(), 1, "no second batch: {all:?}");
-    assert_eq!(all[0].state, "held");
+    assert_eq!(all[0].state, HeldState::Held);
 
     w.store
         .approve_held(&WriteCtx::cli(), held[0].id)
@@ -410,7 +418,7 @@ async fn mass_deactivation_is_held_with_tokens_and_passwords() {
     assert_eq!(deactivated(&u0), None);
     assert_eq!(
         w.store.list_held(None).await.expect("held")[0].state,
-        "applied"
+        HeldState::Applied
     );
 }
 
@@ -579,7 +587,7 @@ async fn a_startup_read_error_dead_letters_nothing() {
     if let Err(e) = engine.drain().await {
         eprintln!("drain while TeamCity cannot be read: {e}");
     }
-    let dead = w.rows("dead").await;
+    let dead = w.rows(OutboxState::Dead).await;
     assert!(
         dead.is_empty(),
         "a read error before any action dead-letters the rows: {dead:?}"
@@ -590,7 +598,7 @@ async fn a_startup_read_error_dead_letters_nothing() {
     w.drain_until_idle(&engine, Duration::from_secs(10)).await;
     assert!(w.tc_user("ann").is_some() && w.tc_user("bob").is_some());
     assert!(w.tc_group("Developers").is_some());
-    assert!(w.rows("dead").await.is_empty());
+    assert!(w.rows(OutboxState::Dead).await.is_empty());
 }
 
 // ---- 9 ------------------------------------------------------------------------------------
@@ -609,7 +617,10 @@ async fn a_username_taken_by_an_unmanaged_user_is_a_visible_conflict() {
     w.drain().await;
 
     let rows = rows_of(&w, "user", &carol).await;
-    let dead: Vec<&OutboxEntry> = rows.iter().filter(|r| r.item.state == "dead").collect();
+    let dead: Vec<&OutboxEntry> = rows
+        .iter()
+        .filter(|r| r.item.state == OutboxState::Dead)
+        .collect();
     assert_eq!(
         dead.len(),
         1,
@@ -670,7 +681,8 @@ async fn an_unreadable_held_batch_is_never_approved_as_empty() {
         .expect("batch")
         .expect("exists");
     assert_ne!(
-        batch.state, "applied",
+        batch.state,
+        store::HeldState::Applied,
         "a batch whose plan cannot be read is marked applied without applying anything"
     );
     let events = w.store.audit_events(0, 1_000_000).await.expect("audit");
@@ -705,9 +717,9 @@ async fn a_403_on_every_write_dead_letters_nothing_and_readiness_says_why() {
     w.create_user("bob", None).await;
     w.drain().await;
     assert!(
-        w.rows("dead").await.is_empty(),
+        w.rows(OutboxState::Dead).await.is_empty(),
         "{:?}",
-        w.rows("dead").await
+        w.rows(OutboxState::Dead).await
     );
     assert_eq!(w.pending().await, 2, "the rows wait");
     let reason = w.engine.health().not_ready().expect("not ready");

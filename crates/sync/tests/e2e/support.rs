@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{Value, json};
-use store::{DynStore, RetryPolicy};
+use store::{DynStore, OutboxState, RetryPolicy};
 use sync::{Engine, EngineConfig, GuardLimits, Policy};
 use teamcity_emulator::{Emulator, EmulatorOptions, Fault, FaultAction, GroupRec, UserRec};
 use tokio::sync::oneshot;
@@ -302,14 +302,14 @@ impl World {
     /// Pending outbox rows.
     pub(crate) async fn pending(&self) -> usize {
         self.store
-            .list_outbox(Some("pending"), 1_000_000)
+            .list_outbox(Some(OutboxState::Pending), 1_000_000)
             .await
             .expect("outbox")
             .len()
     }
 
     /// Rows in a state.
-    pub(crate) async fn rows(&self, state: &str) -> Vec<store::OutboxEntry> {
+    pub(crate) async fn rows(&self, state: OutboxState) -> Vec<store::OutboxEntry> {
         self.store
             .list_outbox(Some(state), 1_000_000)
             .await

@@ -1,0 +1,882 @@
+//! [`Resources`](crate::Resources) on PostgreSQL.
+
+use super::*;
+use crate::Resources;
+
+const USER_COLS: &str = "t.id, t.created, t.last_modified, t.version, t.data";
+const GROUPS_OF_USER: &str = "(SELECT json_agg(json_build_object('value', g.id, 'display', g.display_name) \
+     ORDER BY g.id)::text FROM group_members m JOIN groups g ON g.id = m.group_id WHERE m.member_id = t.id)";
+
+#[async_trait]
+impl Resources for PostgresStore {
+    async fn create(
+        &self,
+        ctx: &WriteCtx,
+        kind: ResourceKind,
+        attrs: Value,
+        members: Option<Vec<NewMember>>,
+    ) -> StoreResult<Resource> {
+        let op = gc::Op::Create {
+            kind,
+            id: uuid::Uuid::new_v4().to_string(),
+            attrs,
+            members,
+        };
+        gc::write(self, self.writer.as_ref(), ctx, op)
+            .await?
+            .ok_or(StoreError::NotFound)
+    }
+
+    async fn replace(
+        &self,
+        ctx: &WriteCtx,
+        kind: ResourceKind,
+        id: &str,
+        expected_version: Option<i64>,
+        attrs: Value,
+        members: Option<Vec<NewMember>>,
+    ) -> StoreResult<Resource> {
+        let op = gc::Op::Replace {
+            kind,
+            id: id.to_owned(),
+            expected: expected_version,
+            attrs,
+            members,
+        };
+        gc::write(self, self.writer.as_ref(), ctx, op)
+            .await?
+            .ok_or(StoreError::NotFound)
+    }
+
+    async fn update(
+        &self,
+        ctx: &WriteCtx,
+        kind: ResourceKind,
+        id: &str,
+        expected_version: i64,
+        attrs: Option<Value>,
+        members: &[MembershipChange],
+    ) -> StoreResult<Resource> {
+        self.update_at(ctx, kind, id, Some(expected_version), attrs, members)
+            .await
+    }
+
+    async fn update_members(
+        &self,
+        ctx: &WriteCtx,
+        id: &str,
+        members: &[MembershipChange],
+    ) -> StoreResult<Resource> {
+        self.update_at(ctx, ResourceKind::Group, id, None, None, members)
+            .await
+    }
+
+    async fn delete(
+        &self,
+        ctx: &WriteCtx,
+        kind: ResourceKind,
+        id: &str,
+        expected_version: Option<i64>,
+    ) -> StoreResult<()> {
+        let op = gc::Op::Delete {
+            kind,
+            id: id.to_owned(),
+            expected: expected_version,
+        };
+        gc::write(self, self.writer.as_ref(), ctx, op)
+            .await
+            .map(|_| ())
+    }
+
+    async fn write_batch(
+        &self,
+        ctx: &WriteCtx,
+        ops: &[BatchOp],
+        state: Option<(&str, &str)>,
+    ) -> StoreResult<()> {
+        let now = self.now();
+        let mut tx = self.begin_write().await?;
+        for op in ops {
+            match op {
+                BatchOp::Create {
+                    kind,
+                    id,
+                    attrs,
+                    members,
+                } => create_in(&mut tx, ctx, now, *kind, id, attrs, members.as_deref()).await?,
+                BatchOp::Replace { kind, id, attrs } => {
+                    replace_in(&mut tx, ctx, now, *kind, id, None, attrs, None).await?
+                }
+                BatchOp::Members { id, changes } => update_in(
+                    &mut tx,
+                    ctx,
+                    now,
+                    ResourceKind::Group,
+                    id,
+                    None,
+                    None,
+                    changes,
+                )
+                .await
+                .map(|_| ())?,
+                BatchOp::Delete { kind, id } => {
+                    delete_in(&mut tx, ctx, now, *kind, id, None).await?
+                }
+                BatchOp::Audit(entry) => sync::append_audit(&mut tx, ctx, now, entry)
+                    .await
+                    .map(|_| ())?,
+            }
+        }
+        if let Some((key, value)) = state {
+            sqlx::query(
+                "INSERT INTO sync_state (key, value) VALUES ($1, $2) \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            )
+            .bind(key)
+            .bind(value)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn get(
+        &self,
+        kind: ResourceKind,
+        id: &str,
+        read: ReadOpts,
+    ) -> StoreResult<Option<Resource>> {
+        let sql = format!("{} WHERE t.id = $1", select_sql(kind, read));
+        let Some(row) = sqlx::query(AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let mut r = row_to_resource(kind, &row, kind == ResourceKind::User && read.groups)?;
+        if kind == ResourceKind::Group && read.members {
+            r.members = Some(load_members(&self.pool, id).await?);
+        }
+        Ok(Some(r))
+    }
+
+    async fn member_count(&self, group_id: &str) -> StoreResult<usize> {
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM group_members WHERE group_id = $1")
+            .bind(group_id)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(usize::try_from(n).unwrap_or(0))
+    }
+
+    async fn member_count_exceeds(&self, group_id: &str, n: usize) -> StoreResult<bool> {
+        let (c,): (i64,) = sqlx::query_as(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM group_members WHERE group_id = $1 LIMIT $2) x",
+        )
+        .bind(group_id)
+        .bind(i64::try_from(n.saturating_add(1)).unwrap_or(i64::MAX))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(usize::try_from(c).unwrap_or(0) > n)
+    }
+
+    async fn list(&self, kind: ResourceKind, q: &ListQuery) -> StoreResult<ListPage> {
+        self.list_query(kind, q).await
+    }
+
+    async fn resource_generation(&self) -> StoreResult<Option<u64>> {
+        let (g,): (i64,) = sqlx::query_as("SELECT resource_gen FROM audit_head WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(Some(g as u64))
+    }
+}
+
+/// A unique violation on a name column is the uniqueness conflict (a second line of defence:
+/// [`check_unique`] runs first under the head lock).
+fn map_unique(kind: ResourceKind, e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Database(d) if d.is_unique_violation() => common::name_conflict(kind),
+        _ => e.into(),
+    }
+}
+
+async fn check_unique(
+    tx: &mut Tx,
+    kind: ResourceKind,
+    ix: &Indexed,
+    except_id: Option<&str>,
+) -> StoreResult<()> {
+    let sql = match kind {
+        ResourceKind::User => "SELECT id FROM users WHERE user_name_ci = $1",
+        ResourceKind::Group => "SELECT id FROM groups WHERE display_name_ci = $1",
+    };
+    let found: Option<(String,)> = sqlx::query_as(sql)
+        .bind(&ix.name_ci)
+        .fetch_optional(&mut **tx)
+        .await?;
+    match found {
+        Some((id,)) if Some(id.as_str()) != except_id => Err(common::name_conflict(kind)),
+        _ => Ok(()),
+    }
+}
+
+/// Resolves a member's type, checking that it exists.
+async fn resolve_member(tx: &mut Tx, group_id: &str, m: &NewMember) -> StoreResult<MemberType> {
+    for t in common::member_candidates(m.ty) {
+        if t == MemberType::Group && m.value == group_id {
+            return Err(common::self_member_error());
+        }
+        // Share-locked until commit: a concurrent delete of the member waits for this
+        // transaction (and then removes the membership it added), never the other way round.
+        let sql = match t {
+            MemberType::User => "SELECT 1 FROM users WHERE id = $1 FOR SHARE",
+            MemberType::Group => "SELECT 1 FROM groups WHERE id = $1 FOR SHARE",
+        };
+        if sqlx::query(sql)
+            .bind(&m.value)
+            .fetch_optional(&mut **tx)
+            .await?
+            .is_some()
+        {
+            return Ok(t);
+        }
+    }
+    Err(common::missing_member_error(&m.value))
+}
+
+/// Applies one membership change; returns the ids added and removed.
+async fn apply_members(
+    tx: &mut Tx,
+    group_id: &str,
+    change: &MembershipChange,
+    added: &mut Vec<String>,
+    removed: &mut Vec<String>,
+) -> StoreResult<()> {
+    match change {
+        MembershipChange::Add(list) => add_members(tx, group_id, list, added).await?,
+        MembershipChange::Remove(ids) => {
+            for id in ids {
+                let r =
+                    sqlx::query("DELETE FROM group_members WHERE group_id = $1 AND member_id = $2")
+                        .bind(group_id)
+                        .bind(id)
+                        .execute(&mut **tx)
+                        .await?;
+                if r.rows_affected() > 0 {
+                    removed.push(id.clone());
+                }
+            }
+        }
+        MembershipChange::RemoveAll | MembershipChange::ReplaceAll(_) => {
+            let keep: Vec<&str> = match change {
+                MembershipChange::ReplaceAll(list) => {
+                    list.iter().map(|m| m.value.as_str()).collect()
+                }
+                _ => vec![],
+            };
+            // The order SQLite returns them in (its primary key order).
+            let current: Vec<(String,)> = sqlx::query_as(
+                "SELECT member_id FROM group_members WHERE group_id = $1 ORDER BY member_id",
+            )
+            .bind(group_id)
+            .fetch_all(&mut **tx)
+            .await?;
+            for (id,) in current {
+                if !keep.contains(&id.as_str()) {
+                    sqlx::query("DELETE FROM group_members WHERE group_id = $1 AND member_id = $2")
+                        .bind(group_id)
+                        .bind(&id)
+                        .execute(&mut **tx)
+                        .await?;
+                    removed.push(id);
+                }
+            }
+            if let MembershipChange::ReplaceAll(list) = change {
+                add_members(tx, group_id, list, added).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn add_members(
+    tx: &mut Tx,
+    group_id: &str,
+    list: &[NewMember],
+    added: &mut Vec<String>,
+) -> StoreResult<()> {
+    for m in list {
+        let ty = resolve_member(tx, group_id, m).await?;
+        let r = sqlx::query(
+            "INSERT INTO group_members (group_id, member_id, member_type, display) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+        )
+        .bind(group_id)
+        .bind(&m.value)
+        .bind(ty.as_str())
+        .bind(&m.display)
+        .execute(&mut **tx)
+        .await?;
+        if r.rows_affected() > 0 {
+            added.push(m.value.clone());
+        }
+    }
+    Ok(())
+}
+
+fn row_to_resource(kind: ResourceKind, row: &PgRow, with_groups: bool) -> StoreResult<Resource> {
+    let groups = if with_groups {
+        Some(common::groups_from_json(row.try_get("groups_json")?)?)
+    } else {
+        None
+    };
+    common::resource(
+        kind,
+        row.try_get("id")?,
+        row.try_get("data")?,
+        row.try_get("created")?,
+        row.try_get("last_modified")?,
+        row.try_get("version")?,
+        groups,
+    )
+}
+
+async fn load_members<'e, E>(exec: E, group_id: &str) -> StoreResult<Vec<MemberRef>>
+where
+    E: sqlx::Executor<'e, Database = Postgres>,
+{
+    let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
+        "SELECT m.member_id, m.member_type, m.display FROM group_members m \
+         WHERE m.group_id = $1 ORDER BY m.member_id",
+    )
+    .bind(group_id)
+    .fetch_all(exec)
+    .await?;
+    Ok(common::member_refs(rows))
+}
+
+fn select_sql(kind: ResourceKind, read: ReadOpts) -> String {
+    let groups = if kind == ResourceKind::User && read.groups {
+        format!(", {GROUPS_OF_USER} AS groups_json")
+    } else {
+        String::new()
+    };
+    format!("SELECT {USER_COLS}{groups} FROM {} t", table(kind))
+}
+
+fn bind_all<'q>(
+    mut q: sqlx::query::Query<'q, Postgres, PgArguments>,
+    binds: &'q [Bind],
+) -> sqlx::query::Query<'q, Postgres, PgArguments> {
+    for b in binds {
+        q = match b {
+            Bind::Text(s) => q.bind(s.as_str()),
+            Bind::Int(i) => q.bind(*i),
+        };
+    }
+    q
+}
+
+impl PostgresStore {
+    /// [`Resources::update`] with the version check optional (`None`: membership changes only,
+    /// which commute).
+    async fn update_at(
+        &self,
+        ctx: &WriteCtx,
+        kind: ResourceKind,
+        id: &str,
+        expected_version: Option<i64>,
+        attrs: Option<Value>,
+        members: &[MembershipChange],
+    ) -> StoreResult<Resource> {
+        let op = gc::Op::Update {
+            kind,
+            id: id.to_owned(),
+            expected: expected_version,
+            attrs,
+            members: members.to_vec(),
+        };
+        gc::write(self, self.writer.as_ref(), ctx, op)
+            .await?
+            .ok_or(StoreError::NotFound)
+    }
+
+    async fn list_query(&self, kind: ResourceKind, q: &ListQuery) -> StoreResult<ListPage> {
+        let plan = common::list_plan(kind, q, Dialect::Postgres);
+        let (where_sql, binds, read) = (&plan.where_sql, &plan.binds[..], plan.read);
+        if let Some(col) = plan.sql_sort {
+            let mut conn = self.pool.acquire().await?;
+            let mut resources = Vec::new();
+            let mut total = None;
+            if q.count > 0 {
+                let dir = if q.descending { "DESC" } else { "ASC" };
+                // Integers we computed: nothing to inject.
+                let sql = format!(
+                    "{}{where_sql} ORDER BY {col} {dir}, t.seq {dir} LIMIT {} OFFSET {}",
+                    select_sql(kind, read),
+                    q.count,
+                    q.offset
+                );
+                let rows = bind_all(sqlx::query(AssertSqlSafe(sql)), binds)
+                    .fetch_all(&mut *conn)
+                    .await?;
+                total = common::total_from_page(q, rows.len());
+                for row in &rows {
+                    let mut r = row_to_resource(kind, row, read.groups)?;
+                    if read.members {
+                        r.members = Some(load_members(&mut *conn, &r.id).await?);
+                    }
+                    resources.push(r);
+                }
+            }
+            let total = match total {
+                Some(t) => t,
+                None => {
+                    let count_sql = format!("SELECT COUNT(*) FROM {} t{where_sql}", table(kind));
+                    let n: i64 = bind_all(sqlx::query(AssertSqlSafe(count_sql)), binds)
+                        .fetch_one(&mut *conn)
+                        .await?
+                        .try_get(0)?;
+                    usize::try_from(n).unwrap_or(0)
+                }
+            };
+            return Ok(ListPage {
+                total,
+                resources: resources.into(),
+            });
+        }
+        // Inexact filter or a sort without a column: complete in memory over the candidates,
+        // read in one snapshot.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await?;
+        let sql = format!("{}{where_sql} ORDER BY t.seq", select_sql(kind, read));
+        let rows = bind_all(sqlx::query(AssertSqlSafe(sql)), binds)
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut candidates = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let mut r = row_to_resource(kind, row, read.groups)?;
+            if read.members {
+                r.members = Some(load_members(&mut *tx, &r.id).await?);
+            }
+            candidates.push(r);
+        }
+        tx.rollback().await?;
+        Ok(common::complete_in_memory(kind, q, candidates))
+    }
+}
+
+async fn read_one_tx(
+    tx: &mut Tx,
+    kind: ResourceKind,
+    id: &str,
+    read: ReadOpts,
+) -> StoreResult<Resource> {
+    let sql = format!("{} WHERE t.id = $1", select_sql(kind, read));
+    let row = sqlx::query(AssertSqlSafe(sql))
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    let row = row.ok_or(StoreError::NotFound)?;
+    let mut r = row_to_resource(kind, &row, kind == ResourceKind::User && read.groups)?;
+    if kind == ResourceKind::Group && read.members {
+        r.members = Some(load_members(&mut **tx, id).await?);
+    }
+    Ok(r)
+}
+
+/// The resource's version, its row locked until the transaction ends.
+async fn current_version(tx: &mut Tx, kind: ResourceKind, id: &str) -> StoreResult<i64> {
+    let sql = format!(
+        "SELECT version FROM {} WHERE id = $1 FOR UPDATE",
+        table(kind)
+    );
+    let v: Option<(i64,)> = sqlx::query_as(AssertSqlSafe(sql))
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    v.map(|(v,)| v).ok_or(StoreError::NotFound)
+}
+
+async fn write_attrs(
+    tx: &mut Tx,
+    kind: ResourceKind,
+    id: &str,
+    attrs: &Value,
+    now: &str,
+    version: i64,
+) -> StoreResult<()> {
+    let ix = indexed(kind, attrs)?;
+    check_unique(tx, kind, &ix, Some(id)).await?;
+    let data = attrs.to_string();
+    let q = match kind {
+        ResourceKind::User => sqlx::query(
+            "UPDATE users SET user_name = $1, user_name_ci = $2, external_id = $3, active = $4, \
+             last_modified = $5, version = $6, data = $7 WHERE id = $8",
+        )
+        .bind(&ix.name)
+        .bind(&ix.name_ci)
+        .bind(&ix.external_id)
+        .bind(i64::from(ix.active)),
+        ResourceKind::Group => sqlx::query(
+            "UPDATE groups SET display_name = $1, display_name_ci = $2, external_id = $3, \
+             last_modified = $4, version = $5, data = $6 WHERE id = $7",
+        )
+        .bind(&ix.name)
+        .bind(&ix.name_ci)
+        .bind(&ix.external_id),
+    };
+    q.bind(now)
+        .bind(version)
+        .bind(&data)
+        .bind(id)
+        .execute(&mut **tx)
+        .await
+        .map_err(|e| map_unique(kind, e))?;
+    Ok(())
+}
+
+async fn touch(
+    tx: &mut Tx,
+    kind: ResourceKind,
+    id: &str,
+    now: &str,
+    version: i64,
+) -> StoreResult<()> {
+    let sql = format!(
+        "UPDATE {} SET last_modified = $1, version = $2 WHERE id = $3",
+        table(kind)
+    );
+    sqlx::query(AssertSqlSafe(sql))
+        .bind(now)
+        .bind(version)
+        .bind(id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// [`Resources::update`] inside `tx`. Returns whether anything changed (nothing: no version bump,
+/// no audit noise, nothing for TeamCity).
+#[allow(clippy::too_many_arguments)]
+async fn update_in(
+    tx: &mut Tx,
+    ctx: &WriteCtx,
+    now: OffsetDateTime,
+    kind: ResourceKind,
+    id: &str,
+    expected_version: Option<i64>,
+    attrs: Option<&Value>,
+    members: &[MembershipChange],
+) -> StoreResult<bool> {
+    let ts = timefmt::format(now);
+    let version = current_version(tx, kind, id).await?;
+    if expected_version.is_some_and(|v| v != version) {
+        return Err(StoreError::PreconditionFailed);
+    }
+    let (mut added, mut removed) = (vec![], vec![]);
+    if kind == ResourceKind::Group {
+        for change in members {
+            apply_members(tx, id, change, &mut added, &mut removed).await?;
+        }
+    }
+    let attrs_changed = attrs.is_some();
+    let members_changed = !added.is_empty() || !removed.is_empty();
+    if !attrs_changed && !members_changed {
+        return Ok(false);
+    }
+    match attrs {
+        Some(a) => write_attrs(tx, kind, id, a, &ts, version + 1).await?,
+        None => touch(tx, kind, id, &ts, version + 1).await?,
+    }
+    let op = if attrs_changed { "upsert" } else { "members" };
+    record(
+        tx,
+        ctx,
+        now,
+        Record {
+            resource_type: kind.name(),
+            resource_id: id,
+            operation: "patch",
+            status: 200,
+            detail: json!({
+                "attributes_changed": attrs_changed,
+                "members_added": added.len(),
+                "members_removed": removed.len(),
+            }),
+            outbox: Some((
+                entity(kind),
+                op,
+                json!({"added": added, "removed": removed}),
+            )),
+        },
+    )
+    .await?;
+    Ok(true)
+}
+
+/// [`Resources::create`] inside `tx`, with the id chosen by the caller.
+async fn create_in(
+    tx: &mut Tx,
+    ctx: &WriteCtx,
+    now: OffsetDateTime,
+    kind: ResourceKind,
+    id: &str,
+    attrs: &Value,
+    members: Option<&[NewMember]>,
+) -> StoreResult<()> {
+    let ts = timefmt::format(now);
+    let ix = indexed(kind, attrs)?;
+    check_unique(tx, kind, &ix, None).await?;
+    let data = attrs.to_string();
+    let insert = match kind {
+        ResourceKind::User => sqlx::query(
+            "INSERT INTO users (id, user_name, user_name_ci, external_id, active, created, last_modified, version, data) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8)",
+        )
+        .bind(id)
+        .bind(&ix.name)
+        .bind(&ix.name_ci)
+        .bind(&ix.external_id)
+        .bind(i64::from(ix.active)),
+        ResourceKind::Group => sqlx::query(
+            "INSERT INTO groups (id, display_name, display_name_ci, external_id, created, last_modified, version, data) \
+             VALUES ($1, $2, $3, $4, $5, $6, 1, $7)",
+        )
+        .bind(id)
+        .bind(&ix.name)
+        .bind(&ix.name_ci)
+        .bind(&ix.external_id),
+    };
+    insert
+        .bind(&ts)
+        .bind(&ts)
+        .bind(&data)
+        .execute(&mut **tx)
+        .await
+        .map_err(|e| map_unique(kind, e))?;
+    let (mut added, mut removed) = (vec![], vec![]);
+    if let (ResourceKind::Group, Some(list)) = (kind, members) {
+        apply_members(
+            tx,
+            id,
+            &MembershipChange::Add(list.to_vec()),
+            &mut added,
+            &mut removed,
+        )
+        .await?;
+    }
+    record(
+        tx,
+        ctx,
+        now,
+        Record {
+            resource_type: kind.name(),
+            resource_id: id,
+            operation: "create",
+            status: 201,
+            detail: json!({"members_added": added.len()}),
+            outbox: Some((entity(kind), "upsert", json!({"added": added}))),
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// [`Resources::replace`] inside `tx`.
+#[allow(clippy::too_many_arguments)]
+async fn replace_in(
+    tx: &mut Tx,
+    ctx: &WriteCtx,
+    now: OffsetDateTime,
+    kind: ResourceKind,
+    id: &str,
+    expected_version: Option<i64>,
+    attrs: &Value,
+    members: Option<&[NewMember]>,
+) -> StoreResult<()> {
+    let ts = timefmt::format(now);
+    let version = current_version(tx, kind, id).await?;
+    if expected_version.is_some_and(|v| v != version) {
+        return Err(StoreError::PreconditionFailed);
+    }
+    write_attrs(tx, kind, id, attrs, &ts, version + 1).await?;
+    let (mut added, mut removed) = (vec![], vec![]);
+    if let (ResourceKind::Group, Some(list)) = (kind, members) {
+        apply_members(
+            tx,
+            id,
+            &MembershipChange::ReplaceAll(list.to_vec()),
+            &mut added,
+            &mut removed,
+        )
+        .await?;
+    }
+    record(
+        tx,
+        ctx,
+        now,
+        Record {
+            resource_type: kind.name(),
+            resource_id: id,
+            operation: "replace",
+            status: 200,
+            detail: json!({"members_added": added.len(), "members_removed": removed.len()}),
+            outbox: Some((
+                entity(kind),
+                "upsert",
+                json!({"added": added, "removed": removed}),
+            )),
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// [`Resources::delete`] inside `tx`.
+async fn delete_in(
+    tx: &mut Tx,
+    ctx: &WriteCtx,
+    now: OffsetDateTime,
+    kind: ResourceKind,
+    id: &str,
+    expected_version: Option<i64>,
+) -> StoreResult<()> {
+    let version = current_version(tx, kind, id).await?;
+    if expected_version.is_some_and(|v| v != version) {
+        return Err(StoreError::PreconditionFailed);
+    }
+    let affected: Vec<(String,)> =
+        sqlx::query_as("SELECT group_id FROM group_members WHERE member_id = $1 ORDER BY group_id")
+            .bind(id)
+            .fetch_all(&mut **tx)
+            .await?;
+    sqlx::query("DELETE FROM group_members WHERE member_id = $1 OR group_id = $1")
+        .bind(id)
+        .execute(&mut **tx)
+        .await?;
+    let sql = format!("DELETE FROM {} WHERE id = $1", table(kind));
+    sqlx::query(AssertSqlSafe(sql))
+        .bind(id)
+        .execute(&mut **tx)
+        .await?;
+    let groups: Vec<String> = affected.into_iter().map(|(g,)| g).collect();
+    // The groups it left changed too: their ETags must move.
+    let ts = timefmt::format(now);
+    for g in &groups {
+        sqlx::query("UPDATE groups SET version = version + 1, last_modified = $1 WHERE id = $2")
+            .bind(&ts)
+            .bind(g)
+            .execute(&mut **tx)
+            .await?;
+    }
+    record(
+        tx,
+        ctx,
+        now,
+        Record {
+            resource_type: kind.name(),
+            resource_id: id,
+            operation: "delete",
+            status: 204,
+            detail: json!({"left_groups": groups.len()}),
+            outbox: Some((entity(kind), "delete", json!({"groups": groups}))),
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// PostgreSQL's statements for the group-commit writer (`crate::group_commit`): a batch's
+/// transaction takes the audit chain head's lock first ([`PostgresStore::begin_write`]), so
+/// every row lock of the batch comes after it and batches of several replicas never deadlock.
+impl gc::Writer for PostgresStore {
+    type Tx = Tx;
+
+    fn begin(&self) -> impl std::future::Future<Output = StoreResult<Tx>> + Send {
+        self.begin_write()
+    }
+
+    async fn exec(tx: &mut Tx, sql: &'static str) -> StoreResult<()> {
+        sqlx::query(sql).execute(&mut **tx).await?;
+        Ok(())
+    }
+
+    async fn commit(tx: Tx) -> StoreResult<()> {
+        Ok(tx.commit().await?)
+    }
+
+    fn create_in<'a>(
+        tx: &'a mut Tx,
+        ctx: &'a WriteCtx,
+        now: OffsetDateTime,
+        kind: ResourceKind,
+        id: &'a str,
+        attrs: &'a Value,
+        members: Option<&'a [NewMember]>,
+    ) -> impl std::future::Future<Output = StoreResult<()>> + Send + 'a {
+        create_in(tx, ctx, now, kind, id, attrs, members)
+    }
+
+    fn replace_in<'a>(
+        tx: &'a mut Tx,
+        ctx: &'a WriteCtx,
+        now: OffsetDateTime,
+        kind: ResourceKind,
+        id: &'a str,
+        expected: Option<i64>,
+        attrs: &'a Value,
+        members: Option<&'a [NewMember]>,
+    ) -> impl std::future::Future<Output = StoreResult<()>> + Send + 'a {
+        replace_in(tx, ctx, now, kind, id, expected, attrs, members)
+    }
+
+    fn update_in<'a>(
+        tx: &'a mut Tx,
+        ctx: &'a WriteCtx,
+        now: OffsetDateTime,
+        kind: ResourceKind,
+        id: &'a str,
+        expected: Option<i64>,
+        attrs: Option<&'a Value>,
+        members: &'a [MembershipChange],
+    ) -> impl std::future::Future<Output = StoreResult<bool>> + Send + 'a {
+        update_in(tx, ctx, now, kind, id, expected, attrs, members)
+    }
+
+    fn delete_in<'a>(
+        tx: &'a mut Tx,
+        ctx: &'a WriteCtx,
+        now: OffsetDateTime,
+        kind: ResourceKind,
+        id: &'a str,
+        expected: Option<i64>,
+    ) -> impl std::future::Future<Output = StoreResult<()>> + Send + 'a {
+        delete_in(tx, ctx, now, kind, id, expected)
+    }
+
+    fn read_in<'a>(
+        &'a self,
+        tx: &'a mut Tx,
+        kind: ResourceKind,
+        id: &'a str,
+    ) -> impl std::future::Future<Output = StoreResult<Resource>> + Send + 'a {
+        read_one_tx(tx, kind, id, read_back(kind))
+    }
+
+    fn now(&self) -> OffsetDateTime {
+        PostgresStore::now(self)
+    }
+
+    /// The generation every replica's lookup cache reads lives in the database
+    /// (`audit_head.resource_gen`, moved by each write): nothing to do here.
+    fn written(&self) {}
+
+    fn stopped() -> StoreError {
+        StoreError::Unavailable("the PostgreSQL writer has stopped".into())
+    }
+}

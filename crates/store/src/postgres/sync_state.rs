@@ -1,0 +1,93 @@
+//! [`SyncState`](crate::SyncState) on PostgreSQL.
+
+use serde_json::json;
+
+use super::PostgresStore;
+use super::sync::*;
+use super::*;
+use crate::SyncState;
+use crate::{StoreResult, WriteCtx, timefmt};
+
+#[async_trait]
+impl SyncState for PostgresStore {
+    async fn pins(&self) -> StoreResult<std::collections::BTreeMap<String, String>> {
+        let rows: Vec<(String, String)> = sqlx::query_as("SELECT rule, group_id FROM policy_pins")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    async fn set_pin(&self, ctx: &WriteCtx, rule: &str, group_id: &str) -> StoreResult<()> {
+        let now = self.now();
+        let mut tx = self.begin_write().await?;
+        let prev: Option<String> =
+            sqlx::query_scalar("SELECT group_id FROM policy_pins WHERE rule = $1 FOR UPDATE")
+                .bind(rule)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if prev.as_deref() == Some(group_id) {
+            return Ok(());
+        }
+        sqlx::query(
+            "INSERT INTO policy_pins (rule, group_id, pinned_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (rule) DO UPDATE SET group_id = excluded.group_id, pinned_at = excluded.pinned_at",
+        )
+        .bind(rule)
+        .bind(group_id)
+        .bind(timefmt::format(now))
+        .execute(&mut *tx)
+        .await?;
+        note(
+            &mut tx,
+            ctx,
+            now,
+            "PolicyPin",
+            rule,
+            "policy.pin",
+            json!({"group_id": group_id, "previous": prev}),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn sync_state_get(&self, key: &str) -> StoreResult<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT value FROM sync_state WHERE key = $1")
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn sync_state_set(&self, key: &str, value: &str) -> StoreResult<()> {
+        // A transaction of its own, so a fenced view checks its fence in it.
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO sync_state (key, value) VALUES ($1, $2) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(key)
+        .bind(value)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn sync_state_increment(&self, key: &str) -> StoreResult<i64> {
+        // One statement: the conflicting row is locked, so concurrent increments never lose one.
+        let mut tx = self.begin().await?;
+        let v: String = sqlx::query_scalar(
+            "INSERT INTO sync_state (key, value) VALUES ($1, '1') \
+             ON CONFLICT (key) DO UPDATE SET value = CAST(CAST(sync_state.value AS BIGINT) + 1 AS TEXT) \
+             RETURNING value",
+        )
+        .bind(key)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        v.parse()
+            .map_err(|_| StoreError::Invalid(format!("sync_state {key} is not a number: {v}")))
+    }
+}
