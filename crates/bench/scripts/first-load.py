@@ -11,7 +11,12 @@ during the load, VmHWM, and VmRSS after 30 s idle).
 
     python3 crates/bench/scripts/first-load.py [--bin target/release/teamcity-scim]
         [--users 100000] [--groups N/10] [--latency-ms 5] [--concurrency 8]
-        [--connections 16] [--idle-seconds 30]
+        [--connections 16] [--idle-seconds 30] [--keep] [--rss-trace FILE]
+        [--env KEY=VALUE ...]
+
+--keep keeps the work directory (database, config, serve's stdout/stderr); --rss-trace writes
+the RSS samples; --env sets variables for serve (e.g. RUST_LOG=info,sync=debug, allocator
+settings).
 
 Targets (printed next to the figures; a missed target does not fail the run): RSS idle with
 100,000 users <= 64 MB, under the load <= 200 MB; calls <= 1.05 per user plus one per group;
@@ -265,6 +270,17 @@ def stop(proc):
             proc.wait()
 
 
+def rss_parts(pid):
+    """RssAnon / RssFile / RssShmem from /proc/PID/status, as text."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            text = f.read()
+    except OSError:
+        return "-"
+    parts = re.findall(r"^(RssAnon|RssFile|RssShmem):\s+(\d+) kB", text, re.M)
+    return ", ".join(f"{k[3:].lower()} {int(v) / 1024:.1f}" for k, v in parts)
+
+
 def mb(kb):
     return "-" if kb is None else f"{kb / 1024:.1f} MB"
 
@@ -282,6 +298,7 @@ def main():
     ap.add_argument("--timeout", type=float, default=3600.0,
                     help="longest wait for convergence after the last push, in seconds")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--rss-trace", help="write the RSS samples (seconds from the first push, MB) to this file")
     ap.add_argument("--env", action="append", default=[],
                     help="extra KEY=VALUE for serve's environment (repeatable)")
     args = ap.parse_args()
@@ -418,7 +435,12 @@ roles = []
         print(f"converged; {args.idle_seconds:.0f} s idle", file=sys.stderr)
         time.sleep(args.idle_seconds)
         rss_idle, hwm_end = rss_kb(serve_proc.pid)
+        idle_parts = rss_parts(serve_proc.pid)
         sampler.stop_flag.set()
+        if args.rss_trace:
+            with open(args.rss_trace, "w") as f:
+                for t, r in list(sampler.samples):
+                    f.write(f"{t - t0:.1f} {r / 1024:.1f}\n")
         idle_reads, idle_writes, _ = split_counters(emu.counters())
     finally:
         stop(serve_proc)
@@ -461,7 +483,7 @@ roles = []
         ("serve VmRSS peak under load (0.5 s samples)", mb(peak_load), "<= 200 MB",
          met(peak_load is not None and peak_load <= 200 * 1024)),
         ("serve VmHWM at convergence", mb(hwm_load), "", ""),
-        (f"serve VmRSS after {args.idle_seconds:.0f} s idle", mb(rss_idle), "<= 64 MB",
+        (f"serve VmRSS after {args.idle_seconds:.0f} s idle", f"{mb(rss_idle)} ({idle_parts})", "<= 64 MB",
          met(rss_idle is not None and rss_idle <= 64 * 1024)),
         ("TeamCity calls while idle", f"{idle_reads - reads} reads, {idle_writes - writes} writes"
          " (incl. the 2 count reads)", "", ""),
