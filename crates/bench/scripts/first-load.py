@@ -178,10 +178,14 @@ def user_body(i, rng):
     }
 
 
+def group_external_id(g):
+    return str(uuid.uuid5(uuid.NAMESPACE_DNS, f"tc-group-{g:05d}.contoso.example"))
+
+
 def group_body(g, member_ids, rng):
     return {
         "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"],
-        "externalId": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+        "externalId": group_external_id(g),
         "displayName": f"tc-group-{g:05d}",
         "members": [{"value": m} for m in member_ids],
     }
@@ -294,6 +298,11 @@ def main():
     ap.add_argument("--latency-ms", type=int, default=5)
     ap.add_argument("--concurrency", type=int, default=8, help="teamcity.max_concurrency")
     ap.add_argument("--connections", type=int, default=16, help="SCIM client connections")
+    ap.add_argument("--policy-group", default="tc-group-00000",
+                    help="displayName the one policy rule matches (PROJECT_VIEWER@p:_Root)")
+    ap.add_argument("--policy-match", choices=["displayName", "externalId"], default="displayName",
+                    help="match the rule's group by displayName (its first match is pinned by "
+                         "one whole pass) or by the externalId of --policy-group")
     ap.add_argument("--idle-seconds", type=float, default=30.0)
     ap.add_argument("--timeout", type=float, default=3600.0,
                     help="longest wait for convergence after the last push, in seconds")
@@ -325,6 +334,9 @@ def main():
         # 2. serve on a fresh SQLite file, one policy rule on one group.
         db_path = os.path.join(work, "scim.db")
         config_path = os.path.join(work, "config.toml")
+        m = re.fullmatch(r"tc-group-(\d+)", args.policy_group)
+        policy_value = (group_external_id(int(m.group(1))) if args.policy_match == "externalId" and m
+                        else args.policy_group)
         with open(config_path, "w") as f:
             f.write(f"""[database]
 url = "sqlite://{db_path}"
@@ -336,7 +348,7 @@ max_concurrency = {args.concurrency}
 
 [[policy.groups]]
 name = "viewers"
-match = {{ displayName = "tc-group-00000" }}
+match = {{ {args.policy_match} = "{policy_value}" }}
 roles = ["PROJECT_VIEWER@p:_Root"]
 
 [policy.defaults]
