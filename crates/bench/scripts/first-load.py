@@ -11,7 +11,8 @@ during the load, VmHWM, and VmRSS after 30 s idle).
 
     python3 crates/bench/scripts/first-load.py [--bin target/release/teamcity-scim]
         [--users 100000] [--groups N/10] [--latency-ms 5] [--concurrency 8]
-        [--connections 16] [--idle-seconds 30] [--keep] [--rss-trace FILE]
+        [--connections 16] [--policy-match displayName|externalId] [--idle-seconds 30]
+        [--keep] [--rss-trace FILE]
         [--env KEY=VALUE ...]
 
 --keep keeps the work directory (database, config, serve's stdout/stderr); --rss-trace writes
