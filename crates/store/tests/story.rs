@@ -241,6 +241,47 @@ async fn failed_writes_leave_nothing_behind_on(d: Db) {
     assert_eq!(counts(s).await, before);
 }
 
+both!(
+    the_resource_generation_moves_with_every_committed_resource_write,
+    the_resource_generation_moves_with_every_committed_resource_write_on
+);
+async fn the_resource_generation_moves_with_every_committed_resource_write_on(d: Db) {
+    let s = &d.store;
+    let at = || async {
+        s.resource_generation()
+            .await
+            .unwrap()
+            .expect("both backends count")
+    };
+    let g0 = at().await;
+    let a = s
+        .create(&ctx(), ResourceKind::User, user("gen-a"), None)
+        .await
+        .unwrap();
+    let g1 = at().await;
+    assert!(g1 > g0, "a create moves it: {g0} → {g1}");
+    // A write that fails (the name is taken) leaves nothing, the generation included.
+    assert!(
+        s.create(&ctx(), ResourceKind::User, user("gen-a"), None)
+            .await
+            .is_err()
+    );
+    assert_eq!(at().await, g1);
+    let g = s
+        .create(&ctx(), ResourceKind::Group, group("gen-g"), None)
+        .await
+        .unwrap();
+    s.update_members(&ctx(), &g.id, &[MembershipChange::Add(vec![member(&a.id)])])
+        .await
+        .unwrap();
+    let g2 = at().await;
+    assert!(g2 >= g1 + 2, "a group create and a membership: {g1} → {g2}");
+    s.delete(&ctx(), ResourceKind::User, &a.id, None)
+        .await
+        .unwrap();
+    assert!(at().await > g2, "a delete moves it");
+}
+
 both!(membership_is_rows, membership_is_rows_on);
 async fn membership_is_rows_on(d: Db) {
     let s = &d.store;
