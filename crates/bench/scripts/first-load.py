@@ -13,7 +13,12 @@ during the load, VmHWM, and VmRSS after 30 s idle).
         [--users 100000] [--groups N/10] [--latency-ms 5] [--concurrency 8]
         [--connections 16] [--policy-match displayName|externalId] [--idle-seconds 30]
         [--keep] [--rss-trace FILE]
-        [--env KEY=VALUE ...]
+        [--env KEY=VALUE ...] [--pg postgres://postgres@127.0.0.1:5432 [--replicas 2]]
+
+--pg runs `serve` on a new PostgreSQL database on that server (created and dropped by the
+script) instead of SQLite, with --replicas processes on it: the pushes are spread over them
+(connection i goes to replica i mod N), one of them applies to TeamCity at a time (the `sync`
+lease), and RSS is reported for the largest.
 
 --keep keeps the work directory (database, config, serve's stdout/stderr); --rss-trace writes
 the RSS samples; --env sets variables for serve (e.g. RUST_LOG=info,sync=debug, allocator
@@ -146,6 +151,19 @@ class RssSampler(threading.Thread):
         return max(vals) if vals else None
 
 
+class PgOutbox:
+    """The outbox read with psql from the PostgreSQL database."""
+
+    def __init__(self, url):
+        self.url = url
+
+    def counts(self):
+        out = subprocess.run(["psql", self.url, "-qtAF", "|", "-c",
+                              "SELECT state, count(*) FROM outbox GROUP BY state"],
+                             check=True, capture_output=True, text=True).stdout
+        return {k: int(v) for k, v in (line.split("|") for line in out.split() if "|" in line)}
+
+
 class Outbox:
     """The outbox read straight from the SQLite file, read-only."""
 
@@ -195,8 +213,8 @@ def group_body(g, member_ids, rng):
 class Pusher:
     """Sends POSTs from `connections` threads, each with its own keep-alive connection."""
 
-    def __init__(self, port, token, connections):
-        self.port, self.token, self.connections = port, token, connections
+    def __init__(self, ports, token, connections):
+        self.ports, self.token, self.connections = ports, token, connections
         self.errors = []
         self.retries = 0
 
@@ -206,8 +224,8 @@ class Pusher:
         next_i = [0]
         lock = threading.Lock()
 
-        def worker():
-            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        def worker(port):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
             headers = {"Authorization": "Bearer " + self.token,
                        "Content-Type": "application/scim+json",
                        "Accept": "application/scim+json"}
@@ -225,7 +243,7 @@ class Pusher:
                         text = r.read()
                     except (OSError, http.client.HTTPException) as e:
                         conn.close()
-                        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+                        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
                         if attempt == 4:
                             self.errors.append(f"POST {path} #{i}: {e}")
                         else:
@@ -244,7 +262,8 @@ class Pusher:
                     break
             conn.close()
 
-        threads = [threading.Thread(target=worker) for _ in range(self.connections)]
+        threads = [threading.Thread(target=worker, args=(self.ports[c % len(self.ports)],))
+                   for c in range(self.connections)]
         for t in threads:
             t.start()
         for t in threads:
@@ -308,6 +327,8 @@ def main():
     ap.add_argument("--timeout", type=float, default=3600.0,
                     help="longest wait for convergence after the last push, in seconds")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--pg", help="a PostgreSQL server URL (postgres://user@host:port): serve on a new database there")
+    ap.add_argument("--replicas", type=int, default=1, help="serve processes (with --pg)")
     ap.add_argument("--rss-trace", help="write the RSS samples (seconds from the first push, MB) to this file")
     ap.add_argument("--env", action="append", default=[],
                     help="extra KEY=VALUE for serve's environment (repeatable)")
@@ -319,8 +340,12 @@ def main():
     if not os.access(binary, os.X_OK):
         raise SystemExit(f"{binary} is not an executable (build: cargo build --release -p teamcity-scim)")
 
+    if args.replicas > 1 and not args.pg:
+        raise SystemExit("--replicas needs --pg (SQLite is one process)")
     work = tempfile.mkdtemp(prefix="first-load-")
     emu_proc = serve_proc = None
+    serve_procs = []
+    pg_db = None
     try:
         # 1. The emulator.
         tc_token = "bench-" + uuid.uuid4().hex
@@ -334,13 +359,19 @@ def main():
 
         # 2. serve on a fresh SQLite file, one policy rule on one group.
         db_path = os.path.join(work, "scim.db")
+        db_url = f"sqlite://{db_path}"
+        if args.pg:
+            pg_db = "first_load_" + uuid.uuid4().hex[:8]
+            subprocess.run(["psql", f"{args.pg}/postgres", "-qc", f"CREATE DATABASE {pg_db}"],
+                           check=True, capture_output=True)
+            db_url = f"{args.pg}/{pg_db}"
         config_path = os.path.join(work, "config.toml")
         m = re.fullmatch(r"tc-group-(\d+)", args.policy_group)
         policy_value = (group_external_id(int(m.group(1))) if args.policy_match == "externalId" and m
                         else args.policy_group)
         with open(config_path, "w") as f:
             f.write(f"""[database]
-url = "sqlite://{db_path}"
+url = "{db_url}"
 
 [teamcity]
 url = "http://127.0.0.1:{emu_port}"
@@ -355,23 +386,32 @@ roles = ["PROJECT_VIEWER@p:_Root"]
 [policy.defaults]
 roles = []
 """)
-        port = free_port()
-        env = dict(os.environ)
-        env.update({
-            "TEAMCITY_SCIM_SERVER__LISTEN": f"127.0.0.1:{port}",
-            "TEAMCITY_SCIM_ADMIN__LISTEN": "",
-            "TEAMCITY_SCIM_SERVER__RATE_LIMIT_PER_SECOND": "0",
-            "RUST_LOG": os.environ.get("RUST_LOG", "warn"),
-        })
-        for kv in args.env:
-            k, _, v = kv.partition("=")
-            env[k] = v
-        out_path = os.path.join(work, "serve.out")
-        serve_proc = subprocess.Popen([binary, "--config", config_path, "serve"],
-                                      stdout=open(out_path, "w"),
-                                      stderr=open(os.path.join(work, "serve.err"), "w"), env=env)
-        wait_http(port, "/healthz/live", "serve", serve_proc)
-        token = read_token(out_path, serve_proc)
+        ports = []
+        token = None
+        for r in range(max(1, args.replicas)):
+            port = free_port()
+            env = dict(os.environ)
+            env.update({
+                "TEAMCITY_SCIM_SERVER__LISTEN": f"127.0.0.1:{port}",
+                "TEAMCITY_SCIM_ADMIN__LISTEN": "",
+                "TEAMCITY_SCIM_SERVER__RATE_LIMIT_PER_SECOND": "0",
+                "RUST_LOG": os.environ.get("RUST_LOG", "warn"),
+            })
+            for kv in args.env:
+                k, _, v = kv.partition("=")
+                env[k] = v
+            out_path = os.path.join(work, f"serve{r}.out")
+            proc = subprocess.Popen([binary, "--config", config_path, "serve"],
+                                    stdout=open(out_path, "w"),
+                                    stderr=open(os.path.join(work, f"serve{r}.err"), "w"), env=env)
+            serve_procs.append(proc)
+            wait_http(port, "/healthz/live", "serve", proc)
+            if token is None:
+                # The first process on an empty database prints the initial token; the
+                # others share it through the database.
+                token = read_token(out_path, proc)
+            ports.append(port)
+        serve_proc = serve_procs[0]
         time.sleep(1.0)  # let the startup checks (policy against TeamCity) finish
         startup_reads, startup_writes, _ = split_counters(emu.counters())
         rss_start, _ = rss_kb(serve_proc.pid)
@@ -384,11 +424,13 @@ roles = []
             for g in rng.sample(range(n_groups), per_user):
                 memberships[g].append(i)
 
-        sampler = RssSampler(serve_proc.pid)
-        sampler.start()
-        outbox = Outbox(db_path)
+        samplers = [RssSampler(p.pid) for p in serve_procs]
+        for smp in samplers:
+            smp.start()
+        sampler = samplers[0]
+        outbox = PgOutbox(db_url) if args.pg else Outbox(db_path)
         emu.reset_counters()
-        pusher = Pusher(port, token, args.connections)
+        pusher = Pusher(ports, token, args.connections)
 
         # 3. The push: users, then groups with their members.
         t0 = time.monotonic()
@@ -413,8 +455,9 @@ roles = []
         # 4. Convergence: nothing pending in the outbox (polled every 0.2 s).
         last_report = 0.0
         while True:
-            if serve_proc.poll() is not None:
-                raise SystemExit(f"serve exited with {serve_proc.returncode} during the load")
+            for p in serve_procs:
+                if p.poll() is not None:
+                    raise SystemExit(f"serve exited with {p.returncode} during the load")
             counts = outbox.counts()
             now = time.monotonic()
             if counts.get("pending", 0) == 0:
@@ -427,8 +470,8 @@ roles = []
                 print(f"  {now - t0:6.1f} s: outbox {counts}", file=sys.stderr)
             time.sleep(0.2)
         counters = emu.counters()
-        peak_load = sampler.peak_between(t0, t_conv)
-        _, hwm_load = rss_kb(serve_proc.pid)
+        peak_load = max((smp.peak_between(t0, t_conv) or 0 for smp in samplers), default=None)
+        hwm_load = max((rss_kb(p.pid)[1] or 0 for p in serve_procs), default=None)
         reads, writes, by_route = split_counters(counters)
         # The emulator holds the users and groups (these reads come after the snapshot).
         tc_users = emu.get("/app/rest/users?fields=count")["count"]
@@ -447,17 +490,23 @@ roles = []
         # 5. Idle RSS.
         print(f"converged; {args.idle_seconds:.0f} s idle", file=sys.stderr)
         time.sleep(args.idle_seconds)
-        rss_idle, hwm_end = rss_kb(serve_proc.pid)
-        idle_parts = rss_parts(serve_proc.pid)
-        sampler.stop_flag.set()
+        idle = [(rss_kb(p.pid)[0] or 0, p.pid) for p in serve_procs]
+        rss_idle, idle_pid = max(idle)
+        idle_parts = rss_parts(idle_pid)
+        for smp in samplers:
+            smp.stop_flag.set()
         if args.rss_trace:
             with open(args.rss_trace, "w") as f:
                 for t, r in list(sampler.samples):
                     f.write(f"{t - t0:.1f} {r / 1024:.1f}\n")
         idle_reads, idle_writes, _ = split_counters(emu.counters())
     finally:
-        stop(serve_proc)
+        for p in serve_procs:
+            stop(p)
         stop(emu_proc)
+        if pg_db:
+            subprocess.run(["psql", f"{args.pg}/postgres", "-qc",
+                            f"DROP DATABASE IF EXISTS {pg_db} WITH (FORCE)"], capture_output=True)
         if args.keep:
             print(f"work directory kept: {work}", file=sys.stderr)
         else:
@@ -477,6 +526,7 @@ roles = []
     met = lambda ok: "met" if ok else "NOT met"
     rows = [
         ("users / groups / memberships", f"{n_users:,} / {n_groups:,} / {n_members:,}", "", ""),
+        ("database", ("PostgreSQL, %d replica(s)" % len(serve_procs)) if args.pg else "SQLite", "", ""),
         ("SCIM connections; TeamCity latency, concurrency",
          f"{args.connections}; {args.latency_ms} ms, {args.concurrency}", "", ""),
         ("push: POST /Users", f"{n_users / (t_users - t0):,.0f} users/s ({t_users - t0:.1f} s)", "", ""),
