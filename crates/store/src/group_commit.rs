@@ -145,6 +145,9 @@ pub(crate) trait Writer: Clone + Send + Sync + 'static {
 
     /// What the writer says when it has stopped.
     fn stopped() -> StoreError;
+
+    /// The writer task's queue; `None` on a fenced view and inside the writer itself.
+    fn queue(&self) -> Option<&mpsc::Sender<Job>>;
 }
 
 /// Sends `op` to the writer and waits for its answer.
@@ -324,15 +327,10 @@ pub(crate) async fn one<W: Writer>(
     }
 }
 
-/// Runs `op` through `writer` when there is one, else directly in a transaction of its own
-/// (a fenced view: its fence is checked in that transaction).
-pub(crate) async fn write<W: Writer>(
-    store: &W,
-    writer: Option<&mpsc::Sender<Job>>,
-    ctx: &WriteCtx,
-    op: Op,
-) -> StoreResult<Option<Resource>> {
-    if let Some(w) = writer {
+/// Runs `op` through the store's writer when it has one, else directly in a transaction of its
+/// own (a fenced view: its fence is checked in that transaction).
+async fn write<W: Writer>(store: &W, ctx: &WriteCtx, op: Op) -> StoreResult<Option<Resource>> {
+    if let Some(w) = store.queue() {
         return submit::<W>(w, ctx, op).await;
     }
     let (reply, _answer) = oneshot::channel();
@@ -348,4 +346,78 @@ pub(crate) async fn write<W: Writer>(
         store.written();
     }
     Ok(r)
+}
+
+/// [`crate::Resources::create`] for a backend.
+pub(crate) async fn create<W: Writer>(
+    store: &W,
+    ctx: &WriteCtx,
+    kind: ResourceKind,
+    attrs: Value,
+    members: Option<Vec<NewMember>>,
+) -> StoreResult<Resource> {
+    let id = uuid::Uuid::new_v4().to_string();
+    let op = Op::Create {
+        kind,
+        id,
+        attrs,
+        members,
+    };
+    write(store, ctx, op).await?.ok_or(StoreError::NotFound)
+}
+
+/// [`crate::Resources::replace`] for a backend.
+pub(crate) async fn replace<W: Writer>(
+    store: &W,
+    ctx: &WriteCtx,
+    kind: ResourceKind,
+    id: &str,
+    expected: Option<i64>,
+    attrs: Value,
+    members: Option<Vec<NewMember>>,
+) -> StoreResult<Resource> {
+    let id = id.to_owned();
+    let op = Op::Replace {
+        kind,
+        id,
+        expected,
+        attrs,
+        members,
+    };
+    write(store, ctx, op).await?.ok_or(StoreError::NotFound)
+}
+
+/// [`crate::Resources::update`] (a version to match) and [`crate::Resources::update_members`]
+/// (`expected` `None`: membership changes only, which commute) for a backend.
+pub(crate) async fn update<W: Writer>(
+    store: &W,
+    ctx: &WriteCtx,
+    kind: ResourceKind,
+    id: &str,
+    expected: Option<i64>,
+    attrs: Option<Value>,
+    members: &[MembershipChange],
+) -> StoreResult<Resource> {
+    let (id, members) = (id.to_owned(), members.to_vec());
+    let op = Op::Update {
+        kind,
+        id,
+        expected,
+        attrs,
+        members,
+    };
+    write(store, ctx, op).await?.ok_or(StoreError::NotFound)
+}
+
+/// [`crate::Resources::delete`] for a backend.
+pub(crate) async fn delete<W: Writer>(
+    store: &W,
+    ctx: &WriteCtx,
+    kind: ResourceKind,
+    id: &str,
+    expected: Option<i64>,
+) -> StoreResult<()> {
+    let id = id.to_owned();
+    let op = Op::Delete { kind, id, expected };
+    write(store, ctx, op).await.map(|_| ())
 }

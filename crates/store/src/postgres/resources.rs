@@ -16,15 +16,7 @@ impl Resources for PostgresStore {
         attrs: Value,
         members: Option<Vec<NewMember>>,
     ) -> StoreResult<Resource> {
-        let op = gc::Op::Create {
-            kind,
-            id: uuid::Uuid::new_v4().to_string(),
-            attrs,
-            members,
-        };
-        gc::write(self, self.writer.as_ref(), ctx, op)
-            .await?
-            .ok_or(StoreError::NotFound)
+        gc::create(self, ctx, kind, attrs, members).await
     }
 
     async fn replace(
@@ -36,16 +28,7 @@ impl Resources for PostgresStore {
         attrs: Value,
         members: Option<Vec<NewMember>>,
     ) -> StoreResult<Resource> {
-        let op = gc::Op::Replace {
-            kind,
-            id: id.to_owned(),
-            expected: expected_version,
-            attrs,
-            members,
-        };
-        gc::write(self, self.writer.as_ref(), ctx, op)
-            .await?
-            .ok_or(StoreError::NotFound)
+        gc::replace(self, ctx, kind, id, expected_version, attrs, members).await
     }
 
     async fn update(
@@ -57,8 +40,7 @@ impl Resources for PostgresStore {
         attrs: Option<Value>,
         members: &[MembershipChange],
     ) -> StoreResult<Resource> {
-        self.update_at(ctx, kind, id, Some(expected_version), attrs, members)
-            .await
+        gc::update(self, ctx, kind, id, Some(expected_version), attrs, members).await
     }
 
     async fn update_members(
@@ -67,8 +49,7 @@ impl Resources for PostgresStore {
         id: &str,
         members: &[MembershipChange],
     ) -> StoreResult<Resource> {
-        self.update_at(ctx, ResourceKind::Group, id, None, None, members)
-            .await
+        gc::update(self, ctx, ResourceKind::Group, id, None, None, members).await
     }
 
     async fn delete(
@@ -78,14 +59,7 @@ impl Resources for PostgresStore {
         id: &str,
         expected_version: Option<i64>,
     ) -> StoreResult<()> {
-        let op = gc::Op::Delete {
-            kind,
-            id: id.to_owned(),
-            expected: expected_version,
-        };
-        gc::write(self, self.writer.as_ref(), ctx, op)
-            .await
-            .map(|_| ())
+        gc::delete(self, ctx, kind, id, expected_version).await
     }
 
     async fn write_batch(
@@ -380,29 +354,6 @@ fn bind_all<'q>(
 }
 
 impl PostgresStore {
-    /// [`Resources::update`] with the version check optional (`None`: membership changes only,
-    /// which commute).
-    async fn update_at(
-        &self,
-        ctx: &WriteCtx,
-        kind: ResourceKind,
-        id: &str,
-        expected_version: Option<i64>,
-        attrs: Option<Value>,
-        members: &[MembershipChange],
-    ) -> StoreResult<Resource> {
-        let op = gc::Op::Update {
-            kind,
-            id: id.to_owned(),
-            expected: expected_version,
-            attrs,
-            members: members.to_vec(),
-        };
-        gc::write(self, self.writer.as_ref(), ctx, op)
-            .await?
-            .ok_or(StoreError::NotFound)
-    }
-
     async fn list_query(&self, kind: ResourceKind, q: &ListQuery) -> StoreResult<ListPage> {
         let plan = common::list_plan(kind, q, Dialect::Postgres);
         let (where_sql, binds, read) = (&plan.where_sql, &plan.binds[..], plan.read);
@@ -875,6 +826,10 @@ impl gc::Writer for PostgresStore {
     /// The generation every replica's lookup cache reads lives in the database
     /// (`audit_head.resource_gen`, moved by each write): nothing to do here.
     fn written(&self) {}
+
+    fn queue(&self) -> Option<&tokio::sync::mpsc::Sender<gc::Job>> {
+        self.writer.as_ref()
+    }
 
     fn stopped() -> StoreError {
         StoreError::Unavailable("the PostgreSQL writer has stopped".into())

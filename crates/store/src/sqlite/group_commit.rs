@@ -94,6 +94,10 @@ impl Writer for SqliteStore {
         SqliteStore::written(self)
     }
 
+    fn queue(&self) -> Option<&tokio::sync::mpsc::Sender<crate::group_commit::Job>> {
+        self.writer.as_ref()
+    }
+
     fn stopped() -> StoreError {
         StoreError::Unavailable("the SQLite writer has stopped".into())
     }

@@ -16,15 +16,7 @@ impl Resources for SqliteStore {
         attrs: Value,
         members: Option<Vec<NewMember>>,
     ) -> StoreResult<Resource> {
-        let op = gc::Op::Create {
-            kind,
-            id: uuid::Uuid::new_v4().to_string(),
-            attrs,
-            members,
-        };
-        gc::write(self, self.writer.as_ref(), ctx, op)
-            .await?
-            .ok_or(StoreError::NotFound)
+        gc::create(self, ctx, kind, attrs, members).await
     }
 
     async fn replace(
@@ -36,16 +28,7 @@ impl Resources for SqliteStore {
         attrs: Value,
         members: Option<Vec<NewMember>>,
     ) -> StoreResult<Resource> {
-        let op = gc::Op::Replace {
-            kind,
-            id: id.to_owned(),
-            expected: expected_version,
-            attrs,
-            members,
-        };
-        gc::write(self, self.writer.as_ref(), ctx, op)
-            .await?
-            .ok_or(StoreError::NotFound)
+        gc::replace(self, ctx, kind, id, expected_version, attrs, members).await
     }
 
     async fn update(
@@ -57,8 +40,7 @@ impl Resources for SqliteStore {
         attrs: Option<Value>,
         members: &[MembershipChange],
     ) -> StoreResult<Resource> {
-        self.update_at(ctx, kind, id, Some(expected_version), attrs, members)
-            .await
+        gc::update(self, ctx, kind, id, Some(expected_version), attrs, members).await
     }
 
     async fn update_members(
@@ -67,8 +49,7 @@ impl Resources for SqliteStore {
         id: &str,
         members: &[MembershipChange],
     ) -> StoreResult<Resource> {
-        self.update_at(ctx, ResourceKind::Group, id, None, None, members)
-            .await
+        gc::update(self, ctx, ResourceKind::Group, id, None, None, members).await
     }
 
     async fn delete(
@@ -78,14 +59,7 @@ impl Resources for SqliteStore {
         id: &str,
         expected_version: Option<i64>,
     ) -> StoreResult<()> {
-        let op = gc::Op::Delete {
-            kind,
-            id: id.to_owned(),
-            expected: expected_version,
-        };
-        gc::write(self, self.writer.as_ref(), ctx, op)
-            .await
-            .map(|_| ())
+        gc::delete(self, ctx, kind, id, expected_version).await
     }
 
     async fn write_batch(
@@ -198,29 +172,6 @@ impl Resources for SqliteStore {
 }
 
 impl SqliteStore {
-    /// [`Resources::update`] with the version check optional (`None`: membership changes only,
-    /// which commute).
-    async fn update_at(
-        &self,
-        ctx: &WriteCtx,
-        kind: ResourceKind,
-        id: &str,
-        expected_version: Option<i64>,
-        attrs: Option<Value>,
-        members: &[MembershipChange],
-    ) -> StoreResult<Resource> {
-        let op = gc::Op::Update {
-            kind,
-            id: id.to_owned(),
-            expected: expected_version,
-            attrs,
-            members: members.to_vec(),
-        };
-        gc::write(self, self.writer.as_ref(), ctx, op)
-            .await?
-            .ok_or(StoreError::NotFound)
-    }
-
     /// The update inside `tx`. Returns whether anything changed (nothing: no version bump, no
     /// audit noise, nothing for TeamCity).
     #[allow(clippy::too_many_arguments)]
