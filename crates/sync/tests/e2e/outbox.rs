@@ -370,3 +370,36 @@ async fn new_users_join_existing_groups_in_their_create_and_survive_a_group_dele
     assert!(p.actions.is_empty(), "converged: {:?}", p.actions);
     assert!(p.conflicts.is_empty(), "no conflict: {:?}", p.conflicts);
 }
+
+/// A deactivation of someone TeamCity has is not queued behind a first load's creations: the
+/// next pass takes it first, however many new users wait before it.
+#[tokio::test]
+async fn a_change_to_someone_teamcity_has_is_applied_before_a_backlog_of_creations() {
+    let w = World::start().await;
+    let ann = w.create_user("ann", None).await;
+    w.drain().await;
+    assert!(w.tc_user("ann").is_some());
+    // A first load arrives (20 new users), then ann leaves.
+    for n in 0..20 {
+        w.create_user(&format!("new{n}"), None).await;
+    }
+    w.set_active(&ann, false).await;
+    // Passes of 4 entities: one for people TeamCity has, one for the newest, two for the oldest.
+    let engine = w.engine_with(POLICY, EngineConfig { batch: 4, ..cfg() });
+    let r = engine.run_once().await.expect("pass");
+    assert_eq!(r.outbox_rows, 4, "{r:?}");
+    let gone = w.tc_user("ann").expect("ann stays, deactivated");
+    assert!(
+        gone.properties.contains_key(sync::USER_DEACTIVATED),
+        "ann was offboarded in the first pass: {gone:?}"
+    );
+    let created = (0..20)
+        .filter(|n| w.tc_user(&format!("new{n}")).is_some())
+        .count();
+    assert_eq!(
+        created, 3,
+        "the rest of the pass: the newest and the two oldest"
+    );
+    assert!(w.tc_user("new0").is_some() && w.tc_user("new1").is_some());
+    assert!(w.tc_user("new19").is_some(), "the newest creation");
+}
