@@ -932,17 +932,25 @@ pub(crate) fn scoped_group_ids(groups: &[String], memberships: &[MemberRow]) -> 
     ids.into_iter().map(str::to_owned).collect()
 }
 
-/// Assembles a scoped snapshot from its rows: `users` and `groups` as `(id, stored JSON)` in
-/// creation order; the groups asked for (`asked`) get their `full` membership rows, the others
+/// `(id, stored JSON)` rows parsed into their documents.
+pub(crate) fn parse_docs<T: serde::de::DeserializeOwned>(
+    rows: Vec<(String, String)>,
+) -> StoreResult<Vec<(String, T)>> {
+    rows.into_iter()
+        .map(|(id, data)| Ok((id, serde_json::from_str(&data)?)))
+        .collect()
+}
+
+/// Assembles a scoped snapshot from its rows: `users` and `groups` as `(id, stored document)`
+/// in creation order; the groups asked for (`asked`) get their `full` membership rows, the others
 /// the loaded users' `memberships` only.
 pub(crate) fn scoped_snapshot(
-    users: Vec<(String, String)>,
-    groups: Vec<(String, String)>,
+    users: Vec<(String, crate::sync_model::UserDoc)>,
+    groups: Vec<(String, crate::sync_model::GroupDoc)>,
     asked: &[String],
     full: Vec<MemberRow>,
     memberships: Vec<MemberRow>,
 ) -> StoreResult<crate::DirectorySnapshot> {
-    use crate::sync_model::{GroupDoc, UserDoc};
     let asked: std::collections::HashSet<&str> = asked.iter().map(String::as_str).collect();
     let mut rows: HashMap<String, std::collections::BTreeMap<String, (String, Option<String>)>> =
         HashMap::new();
@@ -956,11 +964,11 @@ pub(crate) fn scoped_snapshot(
     }
     let users = users
         .into_iter()
-        .map(|(id, data)| Ok(serde_json::from_str::<UserDoc>(&data)?.into_user(id)))
-        .collect::<StoreResult<Vec<_>>>()?;
+        .map(|(id, doc)| doc.into_user(id))
+        .collect();
     let groups = groups
         .into_iter()
-        .map(|(id, data)| {
+        .map(|(id, doc)| {
             let members = member_refs(
                 rows.remove(&id)
                     .unwrap_or_default()
@@ -968,8 +976,8 @@ pub(crate) fn scoped_snapshot(
                     .map(|(m, (ty, display))| (m, ty, display))
                     .collect(),
             );
-            Ok(serde_json::from_str::<GroupDoc>(&data)?.into_group(id, members))
+            doc.into_group(id, members)
         })
-        .collect::<StoreResult<Vec<_>>>()?;
+        .collect();
     Ok(crate::DirectorySnapshot { users, groups })
 }

@@ -95,6 +95,12 @@ impl Directory for PostgresStore {
                 .fetch_all(&mut *tx)
                 .await?;
         tx.rollback().await?;
-        common::scoped_snapshot(user_rows, group_rows, groups, full, memberships)
+        common::scoped_snapshot(
+            common::parse_docs(user_rows)?,
+            common::parse_docs(group_rows)?,
+            groups,
+            full,
+            memberships,
+        )
     }
 }

@@ -13,16 +13,24 @@ use crate::{
     sync_model::{GroupDoc, UserDoc},
 };
 
-/// The queries of `directory_of`, each an indexed lookup per id (checked
-/// with `EXPLAIN QUERY PLAN` in the tests below). Id lists are one JSON array.
-const SCOPED_MEMBERS_OF_GROUPS: &str = "SELECT group_id, member_id, member_type, display FROM group_members \
+/// The queries of `directory_of`, each an indexed lookup per id (checked with `EXPLAIN QUERY
+/// PLAN` in the tests below). Id lists are one JSON array. Each query returns ONE row, its rows
+/// as a JSON array: a pass reads thousands of rows, and each row sqlx hands over is a round
+/// trip to the connection's thread (measured: most of a group pass's time went to those).
+const SCOPED_MEMBERS_OF_GROUPS: &str = "SELECT coalesce(json_group_array(\
+     json_array(group_id, member_id, member_type, display)), '[]') FROM group_members \
      WHERE group_id IN (SELECT value FROM json_each(?))";
-const SCOPED_USERS: &str =
-    "SELECT id, data FROM users WHERE id IN (SELECT value FROM json_each(?)) ORDER BY seq";
-const SCOPED_GROUPS_OF_USERS: &str = "SELECT group_id, member_id, member_type, display FROM group_members \
+const SCOPED_USERS: &str = concat!(
+    "SELECT '[' || coalesce(group_concat('[' || json_quote(id) || ',' || data || ']', ",
+    "',' ORDER BY seq), '') || ']' FROM users WHERE id IN (SELECT value FROM json_each(?))"
+);
+const SCOPED_GROUPS_OF_USERS: &str = "SELECT coalesce(json_group_array(\
+     json_array(group_id, member_id, member_type, display)), '[]') FROM group_members \
      WHERE member_id IN (SELECT value FROM json_each(?))";
-const SCOPED_GROUPS: &str =
-    "SELECT id, data FROM groups WHERE id IN (SELECT value FROM json_each(?)) ORDER BY seq";
+const SCOPED_GROUPS: &str = concat!(
+    "SELECT '[' || coalesce(group_concat('[' || json_quote(id) || ',' || data || ']', ",
+    "',' ORDER BY seq), '') || ']' FROM groups WHERE id IN (SELECT value FROM json_each(?))"
+);
 
 /// The query that returns every row of a resource table as ONE row: a JSON array of
 /// `[id, data]` pairs in creation order, built by concatenating the stored JSON text.
@@ -96,25 +104,30 @@ impl Directory for SqliteStore {
         let list = |ids: &[String]| Value::from(ids.to_vec()).to_string();
         // One read transaction: in WAL mode the four queries see the same snapshot.
         let mut tx = self.read.begin().await?;
-        let full: Vec<common::MemberRow> = sqlx::query_as(SCOPED_MEMBERS_OF_GROUPS)
+        let rows = |json: String| serde_json::from_str::<Vec<common::MemberRow>>(&json);
+        let full: String = sqlx::query_scalar(SCOPED_MEMBERS_OF_GROUPS)
             .bind(list(groups))
-            .fetch_all(&mut *tx)
+            .fetch_one(&mut *tx)
             .await?;
+        let full = rows(full)?;
         let user_ids = common::scoped_user_ids(users, &full);
-        let user_rows: Vec<(String, String)> = sqlx::query_as(SCOPED_USERS)
+        let user_rows: String = sqlx::query_scalar(SCOPED_USERS)
             .bind(list(&user_ids))
-            .fetch_all(&mut *tx)
+            .fetch_one(&mut *tx)
             .await?;
+        let user_rows: Vec<(String, UserDoc)> = serde_json::from_str(&user_rows)?;
         let loaded: Vec<String> = user_rows.iter().map(|(id, _)| id.clone()).collect();
-        let memberships: Vec<common::MemberRow> = sqlx::query_as(SCOPED_GROUPS_OF_USERS)
+        let memberships: String = sqlx::query_scalar(SCOPED_GROUPS_OF_USERS)
             .bind(list(&loaded))
-            .fetch_all(&mut *tx)
+            .fetch_one(&mut *tx)
             .await?;
+        let memberships = rows(memberships)?;
         let group_ids = common::scoped_group_ids(groups, &memberships);
-        let group_rows: Vec<(String, String)> = sqlx::query_as(SCOPED_GROUPS)
+        let group_rows: String = sqlx::query_scalar(SCOPED_GROUPS)
             .bind(list(&group_ids))
-            .fetch_all(&mut *tx)
+            .fetch_one(&mut *tx)
             .await?;
+        let group_rows: Vec<(String, GroupDoc)> = serde_json::from_str(&group_rows)?;
         tx.rollback().await?;
         common::scoped_snapshot(user_rows, group_rows, groups, full, memberships)
     }
