@@ -193,6 +193,9 @@ pub struct PassReport {
     /// The drift a reconcile found, rendered as `plan` renders it (reconcile only; empty when
     /// TeamCity already matched).
     pub drift: String,
+    /// Outbox passes that planned the whole directory because a scoped plan could not cover
+    /// what their rows touch (see `scoped_desired`); a first load should have none.
+    pub whole_passes: usize,
 }
 
 impl PassReport {
@@ -206,6 +209,7 @@ impl PassReport {
         self.transient_stop |= r.transient_stop;
         self.reads += r.reads;
         self.drift.push_str(&r.drift);
+        self.whole_passes += r.whole_passes;
     }
 }
 
@@ -1478,6 +1482,7 @@ impl Engine {
             }
             None => {
                 drop(cache);
+                report.whole_passes = 1;
                 let d = self.desired().await?;
                 let mut cache = self.cache.lock().await;
                 let fresh = match cache.as_mut() {
@@ -1622,7 +1627,9 @@ impl Engine {
             users: snap.users,
             groups: snap.groups.into_iter().map(dir_group).collect(),
         };
-        let pins = self.store().pins().await?;
+        let stored = self.store().pins().await?;
+        let mut pins = stored.clone();
+        self.pin_first_matches(&dir, &mut pins).await?;
         if crate::desired::unpinned_match(&dir, &self.policy, &pins) {
             return Ok(None);
         }
@@ -1640,8 +1647,54 @@ impl Engine {
                 ..DesiredOptions::default()
             },
         );
-        self.record_desired(&d, &pins).await?;
+        self.record_desired(&d, &stored).await?;
         Ok(Some((d, scope)))
+    }
+
+    /// Pins (in `pins`, persisted with the pass's desired state) the `displayName` rules not
+    /// pinned yet whose name a group of the partial directory `dir` has, when that group is the
+    /// only one in the whole directory with the name — an indexed lookup
+    /// (`displayName eq`, at most two rows) instead of planning the whole directory to find out.
+    /// A rule whose name more than one group has stays unpinned (the whole pass that follows
+    /// raises the ambiguity alert).
+    async fn pin_first_matches(
+        &self,
+        dir: &Directory,
+        pins: &mut crate::policy::Pins,
+    ) -> Result<(), EngineError> {
+        for rule in &self.policy.groups {
+            let crate::policy::Match::DisplayName(name) = &rule.matcher else {
+                continue;
+            };
+            let key = rule.pin_key().unwrap_or_default();
+            if pins.contains_key(&key) {
+                continue;
+            }
+            let Some(group) = dir.groups.iter().find(|g| g.display_name == *name) else {
+                continue;
+            };
+            let query = store::ListQuery {
+                filter: Some(scim::filter::Filter::Compare {
+                    path: scim::AttrPath::simple("displayName"),
+                    op: scim::filter::CompareOp::Eq,
+                    value: Value::String(name.clone()),
+                }),
+                count: 2,
+                ..store::ListQuery::default()
+            };
+            // `eq` on displayName ignores case: keep the exact matches, as the rule does.
+            let page = self.store().list(scim::ResourceKind::Group, &query).await?;
+            let exact: Vec<&str> = page
+                .resources
+                .iter()
+                .filter(|r| r.attrs.get("displayName").and_then(Value::as_str) == Some(name))
+                .map(|r| r.id.as_str())
+                .collect();
+            if page.total <= 2 && exact == [group.id.as_str()] {
+                pins.insert(key, group.id.clone());
+            }
+        }
+        Ok(())
     }
 
     /// Readiness after a run that stopped early: TeamCity unavailable, or the bridge

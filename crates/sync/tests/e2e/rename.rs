@@ -185,3 +185,37 @@ roles = ["PROJECT_DEVELOPER@p:Mobile"]
     w.engine.reconcile(false).await.expect("reconcile");
     assert_eq!(w.audit_ops("policy.alert").await.len(), 1);
 }
+
+#[tokio::test]
+async fn a_display_name_rule_is_pinned_by_a_scoped_pass_without_planning_the_whole_directory() {
+    let policy = r#"
+[[groups]]
+name = "mobile"
+match = { displayName = "Mobile" }
+roles = ["PROJECT_DEVELOPER@p:Mobile"]
+"#;
+    let w = World::with(policy, cfg()).await;
+    let ann = w.create_user("ann", None).await;
+    let bob = w.create_user("bob", None).await;
+    let other = w.create_group("Mobile Platform", None, &[&bob]).await;
+    let r = w.drain().await;
+    assert_eq!(r.whole_passes, 0, "no rule matched yet: {r:?}");
+
+    // The first group the rule matches arrives: the pass asks the store whether the name is
+    // unique (it is) and pins it, instead of reading and planning the whole directory.
+    let mobile = w.create_group("Mobile", None, &[&ann]).await;
+    let r = w.drain().await;
+    assert_eq!(r.whole_passes, 0, "{r:?}");
+    assert_eq!(
+        w.store.pins().await.expect("pins").get("mobile"),
+        Some(&mobile)
+    );
+    let g = w.tc_group("Mobile").expect("group");
+    assert_eq!(g.roles, roles(&["PROJECT_DEVELOPER@p:Mobile"]));
+    assert!(w.tc_user("ann").expect("ann").groups.contains(&g.key));
+    let s = w.emu.snapshot();
+    assert!(
+        s.groups[&group_key(&other, 0)].roles.is_empty(),
+        "a name that only starts like the rule's is not matched"
+    );
+}
