@@ -467,12 +467,18 @@ pub trait Directory: Send + Sync + fmt::Debug {
     /// - every other group those users are in, with its attributes and its memberships among
     ///   those users only (not its other members).
     ///
+    /// With `context` (`Some`), the user members of `groups` not in `users`, and the users
+    /// `context`, are loaded as users only: no other group of theirs, none of their other
+    /// memberships (a pass that plans a group whole needs its members, not everything each
+    /// member is in).
+    ///
     /// Ids that name nothing (deleted resources) are left out. Users and groups come in
     /// creation order, members ordered by id, as in [`Directory::directory`].
     async fn directory_of(
         &self,
         users: &[String],
         groups: &[String],
+        context: Option<&[String]>,
     ) -> StoreResult<DirectorySnapshot>;
 }
 

@@ -911,17 +911,37 @@ pub(crate) fn lease_until(now: time::OffsetDateTime, ttl: std::time::Duration) -
 /// A membership row: `(group_id, member_id, member_type, display)`.
 pub(crate) type MemberRow = (String, String, String, Option<String>);
 
-/// The users a scoped directory read loads ([`crate::Directory::directory_of`]): those asked for,
-/// and the user members of the groups asked for (`full`: their membership rows). Sorted, no
-/// duplicates.
-pub(crate) fn scoped_user_ids(users: &[String], full: &[MemberRow]) -> Vec<String> {
-    let mut ids: std::collections::BTreeSet<&str> = users.iter().map(String::as_str).collect();
-    ids.extend(
-        full.iter()
-            .filter(|(_, _, ty, _)| MemberType::parse(ty) != Some(MemberType::Group))
-            .map(|(_, m, _, _)| m.as_str()),
-    );
-    ids.into_iter().map(str::to_owned).collect()
+/// The users a scoped directory read loads ([`crate::Directory::directory_of`]): all of them,
+/// and those of them whose memberships are loaded too — `users`, and the user members of the
+/// groups asked for (`full`: their membership rows) unless `context` says they are context,
+/// as the ids in `context` are. Sorted, no duplicates.
+pub(crate) fn scoped_user_ids(
+    users: &[String],
+    full: &[MemberRow],
+    context: Option<&[String]>,
+) -> (Vec<String>, Vec<String>) {
+    let mut whole: std::collections::BTreeSet<&str> = users.iter().map(String::as_str).collect();
+    let members = full
+        .iter()
+        .filter(|(_, _, ty, _)| MemberType::parse(ty) != Some(MemberType::Group))
+        .map(|(_, m, _, _)| m.as_str());
+    let mut all = whole.clone();
+    match context {
+        None => whole.extend(members),
+        Some(ctx) => all.extend(members.chain(ctx.iter().map(String::as_str))),
+    }
+    all.extend(whole.iter().copied());
+    let own = |s: std::collections::BTreeSet<&str>| s.into_iter().map(str::to_owned).collect();
+    (own(all), own(whole))
+}
+
+/// The ids among `whole` that a scoped read found (`rows`: the users it loaded, by id).
+pub(crate) fn loaded<T>(rows: &[(String, T)], whole: &[String]) -> Vec<String> {
+    let whole: std::collections::HashSet<&str> = whole.iter().map(String::as_str).collect();
+    rows.iter()
+        .filter(|(id, _)| whole.contains(id.as_str()))
+        .map(|(id, _)| id.clone())
+        .collect()
 }
 
 /// The groups a scoped directory read loads: those asked for, and those the loaded users are

@@ -872,7 +872,7 @@ async fn scoped_directory_read_has_the_named_users_their_groups_and_the_named_gr
 
     // One user: that user, and each of its groups with its attributes but only that user as
     // member (not Devs' other members, not Ops' other member).
-    let snap = d.store.directory_of(&ids(&[&a]), &[]).await.unwrap();
+    let snap = d.store.directory_of(&ids(&[&a]), &[], None).await.unwrap();
     assert_eq!(snap.users.iter().map(|u| &u.id).collect::<Vec<_>>(), [&a]);
     assert_eq!(snap.users[0].user_name, "a");
     assert_eq!(
@@ -886,7 +886,11 @@ async fn scoped_directory_read_has_the_named_users_their_groups_and_the_named_gr
 
     // One group: all its members (the nested group too), its user members as users, and the
     // other groups of those users with their memberships among them.
-    let snap = d.store.directory_of(&[], &ids(&[&devs])).await.unwrap();
+    let snap = d
+        .store
+        .directory_of(&[], &ids(&[&devs]), None)
+        .await
+        .unwrap();
     assert_eq!(
         snap.users.iter().map(|u| &u.id).collect::<Vec<_>>(),
         [&a, &b, &c]
@@ -896,6 +900,25 @@ async fn scoped_directory_read_has_the_named_users_their_groups_and_the_named_gr
     assert_eq!(members(&snap, &other), [c.as_str()]);
     assert_eq!(members(&snap, &inner), [b.as_str()]);
     assert_eq!(snap.groups.len(), 4);
+
+    // The same group with its members as context: the members are loaded as users, none of
+    // their other groups; users asked whole (c) and context ids (e, not a member) too.
+    let snap = d
+        .store
+        .directory_of(&ids(&[&c]), &ids(&[&devs]), Some(&ids(&[&e])))
+        .await
+        .unwrap();
+    assert_eq!(
+        snap.users.iter().map(|u| &u.id).collect::<Vec<_>>(),
+        [&a, &b, &c, &e]
+    );
+    assert_eq!(members(&snap, &devs), sorted(vec![&a, &b, &c, &inner]));
+    assert_eq!(
+        snap.groups.iter().map(|g| &g.id).collect::<Vec<_>>(),
+        [&devs, &other],
+        "only c's other group; not a's Ops, b's Inner or e's Ops"
+    );
+    assert_eq!(members(&snap, &other), [c.as_str()]);
 
     // Users and groups together; ids that name nothing (deleted) are left out.
     d.store
@@ -907,6 +930,7 @@ async fn scoped_directory_read_has_the_named_users_their_groups_and_the_named_gr
         .directory_of(
             &[e.clone(), c.clone(), "nobody".into()],
             &[ops.clone(), "no-group".into()],
+            None,
         )
         .await
         .unwrap();
@@ -919,14 +943,18 @@ async fn scoped_directory_read_has_the_named_users_their_groups_and_the_named_gr
     assert_eq!(members(&snap, &devs), [a.as_str()]);
 
     // Nothing asked: nothing read.
-    let snap = d.store.directory_of(&[], &[]).await.unwrap();
+    let snap = d.store.directory_of(&[], &[], None).await.unwrap();
     assert!(snap.users.is_empty() && snap.groups.is_empty());
 
     // The same users and groups as the full snapshot says.
     let full = d.store.directory().await.unwrap();
     let scoped = d
         .store
-        .directory_of(&ids(&[&a, &b, &e]), &ids(&[&inner, &devs, &ops, &other]))
+        .directory_of(
+            &ids(&[&a, &b, &e]),
+            &ids(&[&inner, &devs, &ops, &other]),
+            None,
+        )
         .await
         .unwrap();
     assert_eq!(scoped, full);

@@ -1563,6 +1563,8 @@ impl Engine {
         claimed: &[ClaimedEntity],
     ) -> Result<Option<(Desired, Scope)>, EngineError> {
         let mut users: BTreeSet<String> = BTreeSet::new();
+        // Members of groups planned whole: context members where they can be.
+        let mut members: BTreeSet<String> = BTreeSet::new();
         let mut whole: BTreeSet<String> = BTreeSet::new();
         let mut members_only: BTreeSet<String> = BTreeSet::new();
         let mut group_deleted = false;
@@ -1578,7 +1580,7 @@ impl Engine {
                         match (item.operation.as_str(), lists) {
                             ("members", Some(ids)) => users.extend(ids),
                             ("upsert", Some(ids)) => {
-                                users.extend(ids);
+                                members.extend(ids);
                                 only_members = false;
                             }
                             ("delete", _) => {
@@ -1618,11 +1620,19 @@ impl Engine {
             whole.extend(members_only.difference(&held).cloned());
             // Every member TeamCity has of a group planned whole is planned too (it may be
             // leaving the group, or lose access with it).
-            users.extend(cached.member_scim_ids(&whole));
+            members.extend(cached.member_scim_ids(&whole));
+            // Without caps, a member TeamCity holds (once, not deactivated) is planned as a
+            // context member: only its membership of the groups planned whole, so neither its
+            // other groups nor their members are read. Others are planned whole.
+            members = cached.split_members(&mut users, members, !self.policy.caps.is_empty());
         }
-        let users: Vec<String> = users.into_iter().collect();
+        let context: Vec<String> = members.iter().cloned().collect();
+        let ids: Vec<String> = users.iter().cloned().collect();
         let groups: Vec<String> = whole.iter().cloned().collect();
-        let snap = self.store().directory_of(&users, &groups).await?;
+        let snap = self
+            .store()
+            .directory_of(&ids, &groups, Some(&context))
+            .await?;
         let dir = Directory {
             users: snap.users,
             groups: snap.groups.into_iter().map(dir_group).collect(),
@@ -1633,11 +1643,7 @@ impl Engine {
         if crate::desired::unpinned_match(&dir, &self.policy, &pins) {
             return Ok(None);
         }
-        let mut scope = Scope {
-            users: users.into_iter().collect(),
-            groups: whole,
-        };
-        scope.users.extend(dir.users.iter().map(|u| u.id.clone()));
+        let scope = crate::scope::scope_for(users, whole, &dir, &members);
         let d = desired(
             &dir,
             &self.policy,

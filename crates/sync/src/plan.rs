@@ -271,10 +271,17 @@ struct GroupTarget {
 /// What a scoped plan ([`plan_in`]) may change: an outbox pass plans the objects its rows
 /// name (and what they affect), nothing else.
 ///
-/// - Every user of the desired state is planned whole (fields, every membership, direct roles,
-///   activation). A TeamCity user whose SCIM id is in [`Scope::users`] but not in the desired
-///   state is an orphan (a SCIM DELETE: stripped or deleted, held unless the store recorded
-///   the delete). Any other TeamCity user is left alone: neither managed here nor an orphan.
+/// - Every user of the desired state in [`Scope::users`] is planned whole (fields, every
+///   membership, direct roles, activation). A TeamCity user whose SCIM id is in
+///   [`Scope::users`] but not in the desired state is an orphan (a SCIM DELETE: stripped or
+///   deleted, held unless the store recorded the delete). Any other TeamCity user is left
+///   alone: neither managed here nor an orphan.
+/// - A user of the desired state not in [`Scope::users`] is a *context member*: a member of a
+///   group planned whole, read without its other groups. Only its membership of the groups
+///   planned whole is planned (joins, leaves); nothing else of it — not its fields, other
+///   groups, roles or activation, and it is not created when TeamCity lacks it (its own pass
+///   creates it, with every group). A desired state holds context members only where the
+///   policy has no caps (a cap depends on every group of the user).
 /// - A desired group whose marker is in [`Scope::groups`] is planned whole: created, renamed
 ///   (a swap, with every member), its roles made right, its leftover generations deleted; a
 ///   TeamCity group with such a marker that the desired state lacks is an orphan. Any other
@@ -309,6 +316,7 @@ pub fn plan_in(
 ) -> Plan {
     let user_in_scope =
         |s: &str| scope.is_none_or(|sc| sc.users.contains(s)) || desired.users.contains_key(s);
+    let context_member = |s: &str| scope.is_some_and(|sc| !sc.users.contains(s));
     let group_in_scope = |m: &str| scope.is_none_or(|sc| sc.groups.contains(m));
     let mut out = Out::default();
 
@@ -356,7 +364,7 @@ pub fn plan_in(
         }
     }
     for d in desired.users.values() {
-        if refs.contains_key(d.scim_id.as_str()) || !d.active {
+        if refs.contains_key(d.scim_id.as_str()) || !d.active || context_member(&d.scim_id) {
             continue;
         }
         if let Some(h) = by_username.get(d.username.as_str()) {
@@ -406,7 +414,9 @@ pub fn plan_in(
         .chain(adopted.iter().map(|(s, a)| (*s, a)))
         .collect();
     for d in desired.users.values() {
-        if let Some(a) = managed_users.get(d.scim_id.as_str()) {
+        if let Some(a) = managed_users.get(d.scim_id.as_str())
+            && !context_member(&d.scim_id)
+        {
             update_fields(&mut out, d, a, &by_username);
         }
     }
@@ -595,11 +605,52 @@ pub fn plan_in(
         .map(|t| t.key.as_str())
         .collect();
 
+    // The TeamCity groups (every generation) of the groups planned whole: all a context
+    // member may join or leave.
+    let scoped_keys: BTreeSet<&str> = actual
+        .groups
+        .iter()
+        .filter(|g| g.marker.as_deref().is_some_and(group_in_scope))
+        .map(|g| g.key.as_str())
+        .chain(
+            targets
+                .iter()
+                .filter(|(m, _)| group_in_scope(m))
+                .map(|(_, t)| t.key.as_str()),
+        )
+        .collect();
+
     // ---- memberships, direct roles, (de)activation ----
     for d in desired.users.values() {
         let Some(r) = refs.get(d.scim_id.as_str()) else {
             continue;
         };
+        if context_member(&d.scim_id) {
+            if let UserRef::Id(_) = r {
+                let keys: BTreeSet<&str> = if d.active {
+                    wanted
+                        .get(d.scim_id.as_str())
+                        .into_iter()
+                        .flatten()
+                        .copied()
+                        .filter(|k| scoped_keys.contains(k))
+                        .collect()
+                } else {
+                    BTreeSet::new()
+                };
+                let a = managed_users[d.scim_id.as_str()];
+                sync_user(
+                    &mut out,
+                    a,
+                    &keys,
+                    &a.roles,
+                    &created_keys,
+                    &going,
+                    Leave::Managed(&scoped_keys),
+                );
+            }
+            continue;
+        }
         let keys = if d.active {
             wanted.get(d.scim_id.as_str()).cloned().unwrap_or_default()
         } else {

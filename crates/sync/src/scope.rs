@@ -235,6 +235,38 @@ impl Cached {
             .collect()
     }
 
+    /// Splits `members` (SCIM ids of members of groups planned whole, in the directory or in
+    /// TeamCity) into those planned whole, added to `users`, and the *context members* it
+    /// returns ([`crate::plan::Scope`]): without caps (`capped` false), a member TeamCity holds
+    /// exactly once, not marked deactivated, is planned only in the groups planned whole, so
+    /// neither its other groups nor their members need reading. The others are planned whole
+    /// (created, reactivated, their duplicates settled, their caps applied), which needs all
+    /// their groups.
+    pub fn split_members(
+        &mut self,
+        users: &mut BTreeSet<String>,
+        members: BTreeSet<String>,
+        capped: bool,
+    ) -> BTreeSet<String> {
+        let Cached { state, index } = self;
+        let ix: &Index = index.get_or_insert_with(|| Index::build(state));
+        let (context, whole): (BTreeSet<String>, BTreeSet<String>) = members
+            .into_iter()
+            .filter(|m| !users.contains(m))
+            .partition(|m| {
+                !capped
+                    && ix.by_scim.get(m).is_some_and(|found| {
+                        found.len() == 1
+                            && found
+                                .iter()
+                                .filter_map(|id| ix.user_at.get(id))
+                                .all(|&at| !state.users[at].deactivated)
+                    })
+            });
+        users.extend(whole);
+        context
+    }
+
     /// Puts a part back after its pass: its users and groups replace theirs in the cache
     /// (users and groups the pass created are added, those it deleted removed, a deleted
     /// group's key taken off every member). The index follows.
@@ -292,6 +324,30 @@ impl Cached {
             }
         }
     }
+}
+
+/// The scope of a pass that read `dir` for `users` (planned whole), the groups `groups`
+/// (planned whole) and the `context` members ([`Cached::split_members`]; the store also reads
+/// the groups' members beyond `users` as context). A context member the directory no longer
+/// has, or has inactive, is planned whole: it loses every access whatever its groups are.
+pub fn scope_for(
+    users: BTreeSet<String>,
+    groups: BTreeSet<String>,
+    dir: &crate::model::Directory,
+    context: &BTreeSet<String>,
+) -> Scope {
+    let mut scope = Scope { users, groups };
+    scope
+        .users
+        .extend(dir.users.iter().filter(|u| !u.active).map(|u| u.id.clone()));
+    let read: BTreeSet<&str> = dir.users.iter().map(|u| u.id.as_str()).collect();
+    scope.users.extend(
+        context
+            .iter()
+            .filter(|c| !read.contains(c.as_str()))
+            .cloned(),
+    );
+    scope
 }
 
 #[cfg(test)]

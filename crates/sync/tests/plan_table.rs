@@ -1104,13 +1104,24 @@ allowed_roles = ["PROJECT_VIEWER"]
 
 // ---- scoped plans (an outbox pass) ----------------------------------------------
 
-/// What `Store::directory_of(users, groups)` returns from `dir`: the users named and the
-/// user members of the groups named; the groups named with all their members; every other
-/// group of those users with their memberships among them only.
-fn part_of(dir: &Directory, users: &BTreeSet<String>, groups: &BTreeSet<String>) -> Directory {
-    let mut load: BTreeSet<&str> = users.iter().map(String::as_str).collect();
+/// What `Store::directory_of(users, groups, context)` returns from `dir`: the users named and
+/// the user members of the groups named (with `context`, those beyond `users` and the users
+/// `context` read as users only); the groups named with all their members; every other group
+/// of the users read whole with its memberships among them only.
+fn part_of(
+    dir: &Directory,
+    users: &BTreeSet<String>,
+    groups: &BTreeSet<String>,
+    context: Option<&BTreeSet<String>>,
+) -> Directory {
+    let mut whole: BTreeSet<&str> = users.iter().map(String::as_str).collect();
+    let mut load = whole.clone();
     for g in dir.groups.iter().filter(|g| groups.contains(&g.id)) {
         load.extend(g.members.iter().map(String::as_str));
+    }
+    match context {
+        None => whole = load.clone(),
+        Some(c) => load.extend(c.iter().map(String::as_str)),
     }
     let users: Vec<_> = dir
         .users
@@ -1118,7 +1129,6 @@ fn part_of(dir: &Directory, users: &BTreeSet<String>, groups: &BTreeSet<String>)
         .filter(|u| load.contains(u.id.as_str()))
         .cloned()
         .collect();
-    let loaded: BTreeSet<&str> = users.iter().map(|u| u.id.as_str()).collect();
     let groups = dir
         .groups
         .iter()
@@ -1129,7 +1139,7 @@ fn part_of(dir: &Directory, users: &BTreeSet<String>, groups: &BTreeSet<String>)
             let members: Vec<String> = g
                 .members
                 .iter()
-                .filter(|m| loaded.contains(m.as_str()))
+                .filter(|m| whole.contains(m.as_str()))
                 .cloned()
                 .collect();
             (!members.is_empty()).then(|| DirGroup {
@@ -1142,7 +1152,9 @@ fn part_of(dir: &Directory, users: &BTreeSet<String>, groups: &BTreeSet<String>)
 }
 
 /// The scoped plan an outbox pass makes for rows naming `users` and `groups` planned whole,
-/// against the part of `actual` it takes out of the cache, as the engine builds it.
+/// against the part of `actual` it takes out of the cache, as the engine builds it: with
+/// `context`, the groups' members are context members where they can be (the engine's way),
+/// else every member is planned whole.
 fn scoped_plan(
     dir: &Directory,
     policy: &Policy,
@@ -1150,28 +1162,45 @@ fn scoped_plan(
     opts: PlanOptions,
     users: &[&str],
     groups: &[&str],
+    context: bool,
 ) -> (Plan, ActualState) {
     let groups: BTreeSet<String> = groups.iter().map(|g| (*g).to_owned()).collect();
     let mut named: BTreeSet<String> = users.iter().map(|u| (*u).to_owned()).collect();
     let mut cached = sync::scope::Cached::from(actual.clone());
-    named.extend(cached.member_scim_ids(&groups));
-    let part_dir = part_of(dir, &named, &groups);
+    // The members an upsert row lists (the directory's), and those TeamCity has.
+    let mut members: BTreeSet<String> = dir
+        .groups
+        .iter()
+        .filter(|g| groups.contains(&g.id))
+        .flat_map(|g| g.members.iter().cloned())
+        .collect();
+    members.extend(cached.member_scim_ids(&groups));
+    let (part_dir, scope) = if context {
+        let ctx = cached.split_members(&mut named, members, !policy.caps.is_empty());
+        let part_dir = part_of(dir, &named, &groups, Some(&ctx));
+        let scope = sync::scope::scope_for(named, groups.clone(), &part_dir, &ctx);
+        (part_dir, scope)
+    } else {
+        named.extend(members);
+        let part_dir = part_of(dir, &named, &groups, None);
+        let mut scope = sync::plan::Scope {
+            users: named,
+            groups: groups.clone(),
+        };
+        scope
+            .users
+            .extend(part_dir.users.iter().map(|u| u.id.clone()));
+        (part_dir, scope)
+    };
     let d = desired(
         &part_dir,
         policy,
         &Pins::new(),
         &DesiredOptions {
-            partial: Some(groups.clone()),
+            partial: Some(groups),
             ..DesiredOptions::default()
         },
     );
-    let mut scope = sync::plan::Scope {
-        users: named,
-        groups,
-    };
-    scope
-        .users
-        .extend(part_dir.users.iter().map(|u| u.id.clone()));
     let part = cached.extract(&d, &scope);
     let p = sync::plan::plan_in(&d, &part.actual, &opts, Some(&scope));
     (p, part.actual)
@@ -1379,22 +1408,26 @@ allowed_roles = ["PROJECT_VIEWER@p:_Root", "PROJECT_DEVELOPER@p:Backend"]
             !whole.actions.is_empty() || !whole.conflicts.is_empty(),
             "case {case}: a change"
         );
-        let (scoped, part) = scoped_plan(&after, &policy, &actual, opts, users, groups);
-        assert_eq!(scoped.actions, whole.actions, "case {case}: steps");
-        assert_eq!(scoped.deps, whole.deps, "case {case}: prerequisites");
-        assert_eq!(scoped.orphans, whole.orphans, "case {case}: orphans");
-        assert_eq!(scoped.conflicts, whole.conflicts, "case {case}: conflicts");
-        assert_eq!(
-            guard::losses(&scoped.actions, &part),
-            guard::losses(&whole.actions, &actual),
-            "case {case}: the guard counts the same losses"
-        );
-        assert!(
-            part.users.len() < actual.users.len() || users.len() + groups.len() > 1,
-            "case {case}: the part is smaller than the whole ({} of {} users)",
-            part.users.len(),
-            actual.users.len()
-        );
+        for context in [false, true] {
+            let case = format!("{case} (context members: {context})");
+            let (scoped, part) =
+                scoped_plan(&after, &policy, &actual, opts, users, groups, context);
+            assert_eq!(scoped.actions, whole.actions, "case {case}: steps");
+            assert_eq!(scoped.deps, whole.deps, "case {case}: prerequisites");
+            assert_eq!(scoped.orphans, whole.orphans, "case {case}: orphans");
+            assert_eq!(scoped.conflicts, whole.conflicts, "case {case}: conflicts");
+            assert_eq!(
+                guard::losses(&scoped.actions, &part),
+                guard::losses(&whole.actions, &actual),
+                "case {case}: the guard counts the same losses"
+            );
+            assert!(
+                part.users.len() < actual.users.len() || users.len() + groups.len() > 1,
+                "case {case}: the part is smaller than the whole ({} of {} users)",
+                part.users.len(),
+                actual.users.len()
+            );
+        }
     }
 }
 
@@ -1422,7 +1455,7 @@ fn a_scoped_plan_leaves_drift_and_unknown_objects_to_the_reconcile() {
     let dir = with(base_dir(), |d| {
         d.users[0].display_name = Some("Annie".into())
     });
-    let (p, _) = scoped_plan(&dir, &policy, &actual, strip(), &["u1"], &[]);
+    let (p, _) = scoped_plan(&dir, &policy, &actual, strip(), &["u1"], &[], true);
     assert_eq!(p.actions.len(), 1, "{:?}", p.actions);
     assert!(matches!(&p.actions[0], Action::UpdateUser { user: 2, .. }));
     assert!(p.orphans.is_empty() && p.reports.is_empty());
@@ -1432,5 +1465,62 @@ fn a_scoped_plan_leaves_drift_and_unknown_objects_to_the_reconcile() {
         whole.actions.len() > 3 && whole.orphans.len() >= 2,
         "{:?}",
         whole.actions
+    );
+}
+
+/// A pass creating a group plans its members as context members: each joins the new group
+/// (in its create call) and nothing else of theirs is planned or read — drift in their other
+/// groups waits for the reconcile — while a member planned whole (context off) is repaired
+/// everywhere, and a member the directory deactivated is planned whole (offboarded).
+#[test]
+fn a_new_groups_members_are_planned_only_in_that_group() {
+    let policy = pol(POLICY);
+    let mut actual = converged();
+    // Drift: Bob (id 3) was taken out of Devs by hand.
+    let bob = actual.users.iter_mut().find(|u| u.id == 3).expect("bob");
+    assert!(bob.groups.remove(&k("g1")));
+    let dir = with(base_dir(), |d| {
+        d.groups.push(group("g3", "QA", None, &["u1", "u2"]))
+    });
+
+    let (p, part) = scoped_plan(&dir, &policy, &actual, strip(), &[], &["g3"], true);
+    assert_eq!(p.actions.len(), 1, "{:#?}", p.actions);
+    match &p.actions[0] {
+        Action::CreateGroup { key, members, .. } => {
+            assert_eq!(key, &k("g3"));
+            assert_eq!(members, &vec![id(2), id(3)]);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(part.users.iter().any(|u| u.id == 3));
+
+    // Members planned whole: Bob's drift in Devs is repaired by the same pass.
+    let (p, _) = scoped_plan(&dir, &policy, &actual, strip(), &[], &["g3"], false);
+    assert!(
+        p.actions.iter().any(|a| matches!(
+            a,
+            Action::AddToGroup { user: UserRef::Id(3), group } if *group == k("g1")
+        )),
+        "{:#?}",
+        p.actions
+    );
+
+    // A member the directory deactivated is offboarded whole, not left in its other groups.
+    let dir = with(dir, |d| d.users[0].active = false);
+    let (p, _) = scoped_plan(&dir, &policy, &actual, strip(), &[], &["g3"], true);
+    assert!(
+        p.actions
+            .iter()
+            .any(|a| matches!(a, Action::SetDeactivated { user: 2 })),
+        "{:#?}",
+        p.actions
+    );
+    assert!(
+        p.actions.iter().any(|a| matches!(
+            a,
+            Action::RemoveFromGroup { user: 2, group } if *group == k("g1")
+        )),
+        "{:#?}",
+        p.actions
     );
 }

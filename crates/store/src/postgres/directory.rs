@@ -61,6 +61,7 @@ impl Directory for PostgresStore {
         &self,
         users: &[String],
         groups: &[String],
+        context: Option<&[String]>,
     ) -> StoreResult<crate::DirectorySnapshot> {
         // One snapshot for the four queries; each looks its rows up by primary key or index.
         let mut tx = self
@@ -74,18 +75,18 @@ impl Directory for PostgresStore {
         .bind(groups)
         .fetch_all(&mut *tx)
         .await?;
-        let user_ids = common::scoped_user_ids(users, &full);
+        let (user_ids, whole) = common::scoped_user_ids(users, &full, context);
         let user_rows: Vec<(String, String)> =
             sqlx::query_as("SELECT id, data FROM users WHERE id = ANY($1) ORDER BY seq")
                 .bind(&user_ids)
                 .fetch_all(&mut *tx)
                 .await?;
-        let loaded: Vec<String> = user_rows.iter().map(|(id, _)| id.clone()).collect();
+        let whole = common::loaded(&user_rows, &whole);
         let memberships: Vec<common::MemberRow> = sqlx::query_as(
             "SELECT group_id, member_id, member_type, display FROM group_members \
              WHERE member_id = ANY($1)",
         )
-        .bind(&loaded)
+        .bind(&whole)
         .fetch_all(&mut *tx)
         .await?;
         let group_ids = common::scoped_group_ids(groups, &memberships);

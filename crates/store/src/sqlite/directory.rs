@@ -100,6 +100,7 @@ impl Directory for SqliteStore {
         &self,
         users: &[String],
         groups: &[String],
+        context: Option<&[String]>,
     ) -> StoreResult<crate::DirectorySnapshot> {
         let list = |ids: &[String]| Value::from(ids.to_vec()).to_string();
         // One read transaction: in WAL mode the four queries see the same snapshot.
@@ -110,15 +111,15 @@ impl Directory for SqliteStore {
             .fetch_one(&mut *tx)
             .await?;
         let full = rows(full)?;
-        let user_ids = common::scoped_user_ids(users, &full);
+        let (user_ids, whole) = common::scoped_user_ids(users, &full, context);
         let user_rows: String = sqlx::query_scalar(SCOPED_USERS)
             .bind(list(&user_ids))
             .fetch_one(&mut *tx)
             .await?;
         let user_rows: Vec<(String, UserDoc)> = serde_json::from_str(&user_rows)?;
-        let loaded: Vec<String> = user_rows.iter().map(|(id, _)| id.clone()).collect();
+        let whole = common::loaded(&user_rows, &whole);
         let memberships: String = sqlx::query_scalar(SCOPED_GROUPS_OF_USERS)
-            .bind(list(&loaded))
+            .bind(list(&whole))
             .fetch_one(&mut *tx)
             .await?;
         let memberships = rows(memberships)?;
