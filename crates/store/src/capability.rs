@@ -321,7 +321,17 @@ pub trait Mappings: Send + Sync + fmt::Debug {
     async fn mappings(&self, kind: ResourceKind) -> StoreResult<Vec<Mapping>>;
 
     /// One link.
-    async fn mapping(&self, kind: ResourceKind, scim_id: &str) -> StoreResult<Option<Mapping>>;
+    async fn mapping(&self, kind: ResourceKind, scim_id: &str) -> StoreResult<Option<Mapping>> {
+        Ok(self.mappings_of(kind, &[scim_id.to_owned()]).await?.pop())
+    }
+
+    /// The links of these SCIM ids (those that have one), ordered by SCIM id: one indexed
+    /// query, whatever the number of links stored.
+    async fn mappings_of(
+        &self,
+        kind: ResourceKind,
+        scim_ids: &[String],
+    ) -> StoreResult<Vec<Mapping>>;
 }
 
 /// The hash-chained audit trail: appending, reading, retention (prune with a signed

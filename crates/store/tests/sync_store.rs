@@ -716,6 +716,26 @@ async fn mappings_upsert_read_and_delete_with_audit_on(d: Db) {
     let groups = s.mappings(ResourceKind::Group).await.unwrap();
     assert_eq!(groups.len(), 1);
     assert_eq!(groups[0].teamcity_id, "SCIM_u1");
+    // The links of some ids: of that kind only, ordered, ids without a link left out.
+    let some = s
+        .mappings_of(
+            ResourceKind::User,
+            &["u1".into(), "nobody".into(), "u0".into()],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        some.iter()
+            .map(|m| (m.scim_id.as_str(), m.teamcity_id.as_str()))
+            .collect::<Vec<_>>(),
+        [("u0", "3"), ("u1", "17")]
+    );
+    assert!(
+        s.mappings_of(ResourceKind::User, &[])
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     assert!(
         s.delete_mapping(&ctx, ResourceKind::User, "u1")

@@ -621,10 +621,6 @@ struct Run {
     forbidden: BTreeMap<usize, String>,
 }
 
-/// Up to this many SCIM ids, [`Engine::record_mappings`] reads their links one by one instead
-/// of every link.
-const MAPPING_LOOKUPS: usize = 64;
-
 /// The least number of distinct objects that must all have been refused with a 403 (and nothing
 /// accepted) before a pass calls it the bridge's own lack of permissions, not the objects'.
 const FORBIDDEN_EVERYWHERE: usize = 2;
@@ -2511,17 +2507,14 @@ impl Engine {
             (scim::ResourceKind::User, users),
             (scim::ResourceKind::Group, groups),
         ] {
-            // A pass touching a few entities reads their links one by one (indexed), not
-            // every link of the directory.
+            // A pass reads the links of the entities it touched (one indexed query), not every
+            // link of the directory.
             let have = match only {
-                Some(ids) if ids.len() <= MAPPING_LOOKUPS => {
-                    let mut have = Vec::with_capacity(ids.len());
-                    for id in ids {
-                        have.extend(self.store().mapping(kind, id).await?);
-                    }
-                    have
+                Some(ids) => {
+                    let ids: Vec<String> = ids.iter().cloned().collect();
+                    self.store().mappings_of(kind, &ids).await?
                 }
-                _ => self.store().mappings(kind).await?,
+                None => self.store().mappings(kind).await?,
             };
             let known: std::collections::HashMap<&str, (&str, &str)> = have
                 .iter()

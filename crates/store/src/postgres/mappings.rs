@@ -94,12 +94,15 @@ impl Mappings for PostgresStore {
         self.load_mappings(kind, None).await
     }
 
-    async fn mapping(
+    async fn mappings_of(
         &self,
         kind: ResourceKind,
-        scim_id: &str,
-    ) -> StoreResult<Option<crate::Mapping>> {
-        Ok(self.load_mappings(kind, Some(scim_id)).await?.pop())
+        scim_ids: &[String],
+    ) -> StoreResult<Vec<crate::Mapping>> {
+        if scim_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.load_mappings(kind, Some(scim_ids)).await
     }
 }
 
@@ -107,14 +110,14 @@ impl PostgresStore {
     pub(super) async fn load_mappings(
         &self,
         kind: ResourceKind,
-        scim_id: Option<&str>,
+        scim_ids: Option<&[String]>,
     ) -> StoreResult<Vec<Mapping>> {
         let rows: Vec<(String, String, String, String)> = sqlx::query_as(
             "SELECT scim_id, teamcity_id, teamcity_name, updated FROM mappings \
-             WHERE kind = $1 AND ($2::text IS NULL OR scim_id = $2) ORDER BY scim_id",
+             WHERE kind = $1 AND ($2::text[] IS NULL OR scim_id = ANY($2)) ORDER BY scim_id",
         )
         .bind(entity(kind))
-        .bind(scim_id)
+        .bind(scim_ids)
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter()

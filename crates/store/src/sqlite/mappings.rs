@@ -94,12 +94,15 @@ impl Mappings for SqliteStore {
         self.load_mappings(kind, None).await
     }
 
-    async fn mapping(
+    async fn mappings_of(
         &self,
         kind: ResourceKind,
-        scim_id: &str,
-    ) -> StoreResult<Option<crate::Mapping>> {
-        Ok(self.load_mappings(kind, Some(scim_id)).await?.pop())
+        scim_ids: &[String],
+    ) -> StoreResult<Vec<crate::Mapping>> {
+        if scim_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.load_mappings(kind, Some(scim_ids)).await
     }
 }
 
@@ -107,19 +110,29 @@ impl SqliteStore {
     pub(super) async fn load_mappings(
         &self,
         kind: ResourceKind,
-        scim_id: Option<&str>,
+        scim_ids: Option<&[String]>,
     ) -> StoreResult<Vec<Mapping>> {
         // One row holding them all (a JSON array): a reconcile after an initial load reads
         // 11,000 links, and each row sqlx hands over is a round trip to the connection's thread.
-        let all: String = sqlx::query_scalar(
-            "SELECT json_group_array(json_array(scim_id, teamcity_id, teamcity_name, updated) \
-             ORDER BY scim_id) FROM mappings WHERE kind = ? AND (? IS NULL OR scim_id = ?)",
-        )
-        .bind(entity(kind))
-        .bind(scim_id)
-        .bind(scim_id)
-        .fetch_one(&self.read)
-        .await?;
+        const SELECT: &str = "SELECT coalesce(json_group_array(json_array(scim_id, teamcity_id, \
+             teamcity_name, updated) ORDER BY scim_id), '[]') FROM mappings WHERE kind = ?";
+        let all: String = match scim_ids {
+            None => {
+                sqlx::query_scalar(SELECT)
+                    .bind(entity(kind))
+                    .fetch_one(&self.read)
+                    .await?
+            }
+            Some(ids) => {
+                sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                    "{SELECT} AND scim_id IN (SELECT value FROM json_each(?))"
+                )))
+                .bind(entity(kind))
+                .bind(serde_json::Value::from(ids.to_vec()).to_string())
+                .fetch_one(&self.read)
+                .await?
+            }
+        };
         let rows: Vec<(String, String, String, String)> = serde_json::from_str(&all)?;
         rows.into_iter()
             .map(|(scim_id, teamcity_id, teamcity_name, updated)| {
