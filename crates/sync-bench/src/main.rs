@@ -36,6 +36,7 @@ use clap::{Parser, Subcommand};
 use rand::RngCore;
 use scim::ResourceKind;
 use serde_json::{Value, json};
+use sqlx::Connection as _;
 use store::{DynStore, NewMember, SystemClock, WriteCtx};
 use sync::{Engine, EngineConfig, PassReport, Policy};
 
@@ -123,6 +124,10 @@ struct Cli {
     /// `push-during-load`: seconds into the load when the probe push is made.
     #[arg(long, global = true, default_value_t = 3)]
     push_after_s: u64,
+    /// A PostgreSQL server (`postgres://user@host:port`): each benchmark's store is a new
+    /// database there, dropped at the end. Default: a SQLite file in a temporary directory.
+    #[arg(long, global = true)]
+    pg: Option<String>,
 }
 
 #[derive(Debug, Subcommand, Clone, Copy, PartialEq, Eq)]
@@ -231,9 +236,44 @@ fn tc_client(url: &str, concurrency: usize) -> anyhow::Result<teamcity::Client> 
     Ok(teamcity::Client::new(cfg)?)
 }
 
-async fn open_store(dir: &tempfile::TempDir) -> anyhow::Result<DynStore> {
-    let url = format!("sqlite://{}", dir.path().join("sync-bench.db").display());
+async fn open_store(dir: &tempfile::TempDir, cli: &Cli) -> anyhow::Result<DynStore> {
+    static DATABASES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let url = match &cli.pg {
+        None => format!("sqlite://{}", dir.path().join("sync-bench.db").display()),
+        Some(server) => {
+            let n = DATABASES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let name = format!("{}{n}", pg_prefix());
+            let mut admin = sqlx::postgres::PgConnection::connect(&format!("{server}/postgres")).await?;
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+                .execute(&mut admin)
+                .await?;
+            format!("{server}/{name}")
+        }
+    };
     Ok(store::open(&url, Arc::new(SystemClock)).await?)
+}
+
+/// The names of the databases this process creates with `--pg`.
+fn pg_prefix() -> String {
+    format!("sync_bench_{}_", std::process::id())
+}
+
+/// Drops the databases this process created with `--pg` (their pools may still be open).
+async fn drop_databases(server: &str) -> anyhow::Result<()> {
+    let mut admin = sqlx::postgres::PgConnection::connect(&format!("{server}/postgres")).await?;
+    let names: Vec<(String,)> =
+        sqlx::query_as("SELECT datname FROM pg_database WHERE starts_with(datname, $1)")
+            .bind(pg_prefix())
+            .fetch_all(&mut admin)
+            .await?;
+    for (name,) in names {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+        )))
+        .execute(&mut admin)
+        .await?;
+    }
+    Ok(())
 }
 
 fn engine(store: &DynStore, client: teamcity::Client) -> anyhow::Result<Engine> {
@@ -409,7 +449,7 @@ async fn bench_calls(cli: &Cli, report: &mut Report) -> anyhow::Result<()> {
     // Latency does not change the number of calls; keep the replay quick.
     let (tc_url, emu) = emulator(Duration::ZERO).await?;
     let dir = tempfile::tempdir()?;
-    let store = open_store(&dir).await?;
+    let store = open_store(&dir, cli).await?;
     let mut random = [0u8; 32];
     rand::rng().fill_bytes(&mut random);
     let token = server::generate_token(random);
@@ -615,7 +655,7 @@ async fn bench_reconcile(cli: &Cli, report: &mut Report) -> anyhow::Result<()> {
     let groups = cli.reconcile_groups.max(1);
     eprintln!("[reconcile] seeding {users} users, {groups} groups (3 per user) and TeamCity");
     let dir = tempfile::tempdir()?;
-    let store = open_store(&dir).await?;
+    let store = open_store(&dir, cli).await?;
     seed_store(&store, users, groups, |i| {
         let a = i % groups;
         let b = (i + groups / 3 + 1) % groups;
@@ -696,7 +736,7 @@ async fn bench_initial_load(cli: &Cli, report: &mut Report) -> anyhow::Result<()
         users * per_user
     );
     let dir = tempfile::tempdir()?;
-    let store = open_store(&dir).await?;
+    let store = open_store(&dir, cli).await?;
     // User i is in per_user groups spread over all groups.
     let stride = (groups / per_user.max(1)).max(1);
     seed_store(&store, users, groups, |i| {
@@ -832,7 +872,7 @@ async fn bench_pull(cli: &Cli, report: &mut Report) -> anyhow::Result<()> {
         }
     }
     let dir = tempfile::tempdir()?;
-    let store = open_store(&dir).await?;
+    let store = open_store(&dir, cli).await?;
     let secret = dir.path().join("graph-secret");
     std::fs::write(&secret, fake.client_secret())?;
     let scope: Vec<String> = (0..groups).map(|g| format!("00g-{g:04}")).collect();
@@ -1090,7 +1130,7 @@ async fn bench_one_change(cli: &Cli, report: &mut Report) -> anyhow::Result<()> 
         };
         eprintln!("[one-change] {users} users, {groups} groups");
         let dir = tempfile::tempdir()?;
-        let store = open_store(&dir).await?;
+        let store = open_store(&dir, cli).await?;
         let (uids, gids) = seed_store_batched(&store, users, groups, member_of).await?;
         complete_all(&store).await?;
         let (url, emu) = emulator(Duration::ZERO).await?;
@@ -1239,7 +1279,7 @@ async fn bench_push_during_load(cli: &Cli, report: &mut Report) -> anyhow::Resul
     let users = cli.push_load_users.max(10);
     let groups = (users / 10).max(5);
     let dir = tempfile::tempdir()?;
-    let store = open_store(&dir).await?;
+    let store = open_store(&dir, cli).await?;
     let latency = Duration::from_millis(cli.latency_ms);
     let (url, emu) = emulator(latency).await?;
     let ctx = WriteCtx::cli();
@@ -1461,12 +1501,20 @@ fn main() -> anyhow::Result<()> {
         if cli.command == Cmd::PushDuringLoad {
             bench_push_during_load(&cli, &mut report).await?;
         }
+        if let Some(server) = &cli.pg {
+            drop_databases(server).await?;
+        }
         anyhow::Ok(())
     })?;
     report.print();
     println!(
-        "\n(one process: engine, emulator, SCIM server and SQLite share {} runtime threads and this machine's cores)",
-        cli.threads
+        "\n(one process: engine, emulator, SCIM server and the store's client share {} runtime threads and this machine's cores; store: {})",
+        cli.threads,
+        if cli.pg.is_some() {
+            "PostgreSQL on this machine"
+        } else {
+            "SQLite"
+        }
     );
     if cli.check && !report.all_pass() {
         std::process::exit(1);
