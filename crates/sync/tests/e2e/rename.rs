@@ -125,19 +125,21 @@ impl Recorder for Alerts {
     }
 }
 
+/// One rule matching the group named "Mobile".
+const MOBILE_BY_NAME: &str = r#"
+[[groups]]
+name = "mobile"
+match = { displayName = "Mobile" }
+roles = ["PROJECT_DEVELOPER@p:Mobile"]
+"#;
+
 #[tokio::test(flavor = "current_thread")]
 async fn display_name_rule_is_pinned_and_a_rename_alerts_without_losing_access() {
     let recorder = Alerts::default();
     let count = recorder.0.clone();
     // The test runs on one thread, so a thread-local recorder sees the engine's metrics.
     let _guard = metrics::set_default_local_recorder(&recorder);
-    let policy = r#"
-[[groups]]
-name = "mobile"
-match = { displayName = "Mobile" }
-roles = ["PROJECT_DEVELOPER@p:Mobile"]
-"#;
-    let w = World::with(policy, cfg()).await;
+    let w = World::with(MOBILE_BY_NAME, cfg()).await;
     let ann = w.create_user("ann", None).await;
     let mobile = w.create_group("Mobile", None, &[&ann]).await;
     w.drain().await;
@@ -188,13 +190,7 @@ roles = ["PROJECT_DEVELOPER@p:Mobile"]
 
 #[tokio::test]
 async fn a_display_name_rule_is_pinned_by_a_scoped_pass_without_planning_the_whole_directory() {
-    let policy = r#"
-[[groups]]
-name = "mobile"
-match = { displayName = "Mobile" }
-roles = ["PROJECT_DEVELOPER@p:Mobile"]
-"#;
-    let w = World::with(policy, cfg()).await;
+    let w = World::with(MOBILE_BY_NAME, cfg()).await;
     let ann = w.create_user("ann", None).await;
     let bob = w.create_user("bob", None).await;
     let other = w.create_group("Mobile Platform", None, &[&bob]).await;
