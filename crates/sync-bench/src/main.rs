@@ -243,7 +243,8 @@ async fn open_store(dir: &tempfile::TempDir, cli: &Cli) -> anyhow::Result<DynSto
         Some(server) => {
             let n = DATABASES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let name = format!("{}{n}", pg_prefix());
-            let mut admin = sqlx::postgres::PgConnection::connect(&format!("{server}/postgres")).await?;
+            let mut admin =
+                sqlx::postgres::PgConnection::connect(&format!("{server}/postgres")).await?;
             sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
                 .execute(&mut admin)
                 .await?;

@@ -1070,7 +1070,7 @@ fn sync_user(
 ) {
     let user = UserRef::Id(a.id);
     for k in keys {
-        if !created_keys.contains(k) && !a.groups.contains(*k) {
+        if !created_keys.contains(k) && !a.groups.contains(k) {
             out.push(
                 JOIN,
                 Action::AddToGroup {
@@ -1091,15 +1091,15 @@ fn sync_user(
     }
     for k in &a.groups {
         let may_leave = match &leave {
-            Leave::Managed(managed) => managed.contains(k.as_str()),
+            Leave::Managed(managed) => managed.contains(k),
             Leave::All => true,
         };
-        if may_leave && !keys.contains(k.as_str()) && !going.contains(k) {
+        if may_leave && !keys.contains(k) && !going.contains(k) {
             out.push(
                 LEAVE,
                 Action::RemoveFromGroup {
                     user: a.id,
-                    group: k.clone(),
+                    group: k.to_owned(),
                 },
             );
         }

@@ -55,7 +55,7 @@ impl Index {
         }
         insert_into(&mut self.by_username, &u.username, u.id);
         for g in &u.groups {
-            self.members.entry(g.clone()).or_default().insert(u.id);
+            self.members.entry(g.to_owned()).or_default().insert(u.id);
         }
     }
 
@@ -227,7 +227,7 @@ impl Cached {
         for id in &users {
             if let Some(&at) = ix.user_at.get(id) {
                 let u = &state.users[at];
-                groups.extend(u.groups.iter().cloned());
+                groups.extend(u.groups.iter().map(str::to_owned));
                 part_users.push(u.clone());
             }
         }
