@@ -2173,8 +2173,11 @@ impl Engine {
         let tick = &tick;
         // Lanes await their audit write between calls (up to the journal's gathering window
         // and a commit): keep more lanes in flight than the client has permits, so no permit
-        // idles meanwhile. The client's semaphore bounds the calls in flight.
-        let width = self.client.max_concurrency().saturating_mul(3).max(1);
+        // idles meanwhile. The client's semaphore bounds the calls in flight. Eight per permit:
+        // a PostgreSQL commit (a WAL flush) takes longer than a 5 ms call, and with three per
+        // permit an initial load ran at 1.62–1.69 × its ideal there (1.24–1.33 × with eight;
+        // SQLite 1.12–1.14 × either way; docs/BENCHMARKS.md).
+        let width = self.client.max_concurrency().saturating_mul(8).max(1);
         let ctx = self.ctx(actor);
         let journal = crate::journal::Journal::start(self.store(), ctx.clone());
         let journal = &journal;
