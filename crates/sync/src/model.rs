@@ -815,7 +815,7 @@ mod tests {
     fn group_keys_stay_sorted_without_duplicates() {
         let mut keys: GroupKeys = ["K_B", "K_A", "K_B"].into();
         assert_eq!(keys.iter().collect::<Vec<_>>(), ["K_A", "K_B"]);
-        assert!(keys.insert("K_C".to_owned()));
+        assert!(keys.insert("K_C"));
         assert!(!keys.insert("K_A"), "there already");
         assert!(keys.contains("K_C") && !keys.contains("K_D"));
         assert!(keys.remove("K_A"));
