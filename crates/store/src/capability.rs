@@ -288,7 +288,14 @@ pub trait Mappings: Send + Sync + fmt::Debug {
         scim_id: &str,
         teamcity_id: &str,
         teamcity_name: &str,
-    ) -> StoreResult<bool>;
+    ) -> StoreResult<bool> {
+        let items = [(
+            scim_id.to_owned(),
+            teamcity_id.to_owned(),
+            teamcity_name.to_owned(),
+        )];
+        Ok(self.upsert_mappings(ctx, kind, &items).await? > 0)
+    }
 
     /// Upserts many links in one transaction; returns how many changed. Each change is audited
     /// like [`Mappings::upsert_mapping`].

@@ -12,22 +12,6 @@ use crate::{Mapping, StoreResult, WriteCtx};
 
 #[async_trait]
 impl Mappings for SqliteStore {
-    async fn upsert_mapping(
-        &self,
-        ctx: &WriteCtx,
-        kind: ResourceKind,
-        scim_id: &str,
-        teamcity_id: &str,
-        teamcity_name: &str,
-    ) -> StoreResult<bool> {
-        let items = [(
-            scim_id.to_owned(),
-            teamcity_id.to_owned(),
-            teamcity_name.to_owned(),
-        )];
-        Ok(self.upsert_mappings(ctx, kind, &items).await? > 0)
-    }
-
     async fn upsert_mappings(
         &self,
         ctx: &WriteCtx,
