@@ -34,7 +34,9 @@ use config::Config;
 
 /// mimalloc rather than the system allocator: a request allocates and frees hundreds of small
 /// objects, and glibc's malloc was a fifth of the server's CPU time under load
-/// (docs/BENCHMARKS.md).
+/// (docs/BENCHMARKS.md). Its `override` feature makes it `malloc` for the whole process, so
+/// SQLite's memory is in the same arenas, not in a glibc arena per connection thread that kept
+/// what a load had freed (`.cargo/config.toml` builds it to commit arenas on demand).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

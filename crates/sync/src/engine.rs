@@ -1241,7 +1241,7 @@ impl Engine {
         debug!(reads, elapsed = ?started.elapsed(), "reconcile: TeamCity read, desired state computed");
         *self.seen() = Some(counter);
         self.fresh().clear();
-        let actual = cache.insert(actual.into());
+        let actual = cache.insert(actual.into()).whole();
         self.notice_unknown_database(&d, actual);
         let mut report = PassReport {
             reads,
@@ -1278,7 +1278,7 @@ impl Engine {
             return Ok(report);
         }
         let mut cache = self.cache.lock().await;
-        let Some(actual) = cache.as_mut() else {
+        let Some(actual) = cache.as_mut().map(Cached::whole) else {
             report.transient_stop = true;
             return Ok(report);
         };
@@ -1289,7 +1289,7 @@ impl Engine {
         debug!(elapsed = ?started.elapsed(), "reconcile: applied");
         if exec.changed {
             *cache = None;
-        } else if let Some(actual) = cache.as_ref() {
+        } else if let Some(actual) = cache.as_mut().map(Cached::whole) {
             self.record_mappings(actual, None).await?;
         }
         drop(cache);
@@ -1481,7 +1481,7 @@ impl Engine {
                 report.whole_passes = 1;
                 let d = self.desired().await?;
                 let mut cache = self.cache.lock().await;
-                let fresh = match cache.as_mut() {
+                let fresh = match cache.as_mut().map(Cached::whole) {
                     Some(actual) => {
                         self.notice_unknown_database(&d, actual);
                         self.refresh_offboarded(&d, actual, None).await?
@@ -1497,7 +1497,7 @@ impl Engine {
                     report.transient_stop = true;
                     return Ok(report);
                 }
-                let Some(actual) = cache.as_mut() else {
+                let Some(actual) = cache.as_mut().map(Cached::whole) else {
                     return Ok(report);
                 };
                 let mut p = plan(&d, actual, &self.plan_options());
@@ -1512,7 +1512,7 @@ impl Engine {
                     .await?;
                 if exec.changed {
                     *cache = None;
-                } else if let Some(actual) = cache.as_ref() {
+                } else if let Some(actual) = cache.as_mut().map(Cached::whole) {
                     // Links of the objects this pass wrote to successfully (created ones are
                     // linked with their audit event already).
                     self.record_mappings(actual, Some(&touched(&claimed_entities, &exec)))

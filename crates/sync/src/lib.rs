@@ -14,6 +14,7 @@
 
 pub mod actual;
 pub mod apply;
+mod compact;
 pub mod desired;
 pub mod engine;
 pub mod explain;

@@ -1,167 +1,45 @@
 //! The worker's cached TeamCity state and the part of it an outbox pass works on.
 //!
 //! An outbox pass plans only what its rows touch ([`crate::plan::Scope`]). To cost O(change)
-//! it must not even look at the rest of the cache: [`Cached`] keeps, beside the state, an
-//! index (users by id, SCIM id and username, groups by key, members by group key) built once
-//! per cache load; [`Cached::extract`] copies out the objects a scoped plan needs, the pass
-//! plans and applies against that small [`ActualState`] (recording each accepted step in it),
-//! and [`Cached::write_back`] puts it back, keeping the index right.
+//! it must not even look at the rest of the cache: between passes [`Cached`] holds the state
+//! as a [`Compact`] (one small record per user, lookups by id, SCIM id and username, members
+//! by group), built once per cache load; [`Cached::extract`] copies out the objects a scoped
+//! plan needs, the pass plans and applies against that small [`ActualState`] (recording each
+//! accepted step in it), and [`Cached::write_back`] puts it back.
 //!
-//! Every other use of the cache goes through `DerefMut` to the whole [`ActualState`] (the
-//! reconcile, a whole pass): that drops the index, so it can never disagree with the state; the
-//! next scoped pass builds it again.
+//! The reconcile and a whole pass work on the whole [`ActualState`] ([`Cached::whole`]); the
+//! worker compacts it again when idle ([`Cached::warm`]).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
-use std::ops::{Deref, DerefMut};
+use std::collections::BTreeSet;
 
+use crate::compact::Compact;
 use crate::desired::Desired;
-use crate::model::{ActualGroup, ActualState, ActualUser};
+use crate::model::{ActualGroup, ActualState};
 use crate::plan::Scope;
 
-/// The cached TeamCity state with its index.
-#[derive(Debug, Clone, Default)]
+/// The cached TeamCity state: whole after a read or a whole pass, compact between passes.
+#[derive(Debug, Clone)]
 pub struct Cached {
-    state: ActualState,
-    index: Option<Index>,
+    repr: Repr,
 }
 
-#[derive(Debug, Clone, Default)]
-struct Index {
-    user_at: HashMap<u64, usize>,
-    by_scim: HashMap<Box<str>, Ids>,
-    by_username: HashMap<Box<str>, Ids>,
-    group_at: HashMap<String, usize>,
-    members: HashMap<String, HashSet<u64>>,
-    managed_users: usize,
+#[derive(Debug, Clone)]
+enum Repr {
+    Whole(ActualState),
+    Compact(Box<Compact>),
 }
 
-impl Index {
-    fn build(state: &ActualState) -> Index {
-        let mut ix = Index::default();
-        for (i, u) in state.users.iter().enumerate() {
-            ix.add_user(i, u);
-        }
-        for (i, g) in state.groups.iter().enumerate() {
-            ix.group_at.insert(g.key.clone(), i);
-        }
-        ix
-    }
-
-    fn add_user(&mut self, at: usize, u: &ActualUser) {
-        self.user_at.insert(u.id, at);
-        if let Some(s) = &u.scim_id {
-            insert_into(&mut self.by_scim, s, u.id);
-            self.managed_users += 1;
-        }
-        insert_into(&mut self.by_username, &u.username, u.id);
-        for g in &u.groups {
-            self.members.entry(g.to_owned()).or_default().insert(u.id);
-        }
-    }
-
-    fn remove_user(&mut self, u: &ActualUser) {
-        self.user_at.remove(&u.id);
-        if let Some(s) = &u.scim_id {
-            remove_from(&mut self.by_scim, s, u.id);
-            self.managed_users -= 1;
-        }
-        remove_from(&mut self.by_username, &u.username, u.id);
-        for g in &u.groups {
-            if let Some(m) = self.members.get_mut(g) {
-                m.remove(&u.id);
-                if m.is_empty() {
-                    self.members.remove(g);
-                }
-            }
-        }
-    }
-}
-
-/// The users under one key of an index (a SCIM id, a username): almost always one, kept
-/// inline — a set per key cost a tree node per user (about a fifth of the index at 100,000
-/// users).
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Ids {
-    One(u64),
-    Many(BTreeSet<u64>),
-}
-
-impl Ids {
-    fn len(&self) -> usize {
-        match self {
-            Ids::One(_) => 1,
-            Ids::Many(set) => set.len(),
-        }
-    }
-
-    fn iter(&self) -> impl Iterator<Item = u64> + '_ {
-        let (one, many) = match self {
-            Ids::One(id) => (Some(*id), None),
-            Ids::Many(set) => (None, Some(set.iter().copied())),
-        };
-        one.into_iter().chain(many.into_iter().flatten())
-    }
-}
-
-fn insert_into(map: &mut HashMap<Box<str>, Ids>, key: &str, id: u64) {
-    match map.get_mut(key) {
-        None => {
-            map.insert(key.into(), Ids::One(id));
-        }
-        Some(Ids::One(other)) if *other == id => {}
-        Some(ids @ Ids::One(_)) => {
-            let Ids::One(other) = *ids else { return };
-            *ids = Ids::Many([other, id].into());
-        }
-        Some(Ids::Many(set)) => {
-            set.insert(id);
-        }
-    }
-}
-
-fn remove_from(map: &mut HashMap<Box<str>, Ids>, key: &str, id: u64) {
-    let Some(ids) = map.get_mut(key) else { return };
-    match ids {
-        Ids::One(other) => {
-            if *other == id {
-                map.remove(key);
-            }
-        }
-        Ids::Many(set) => {
-            set.remove(&id);
-            match set.len() {
-                0 => {
-                    map.remove(key);
-                }
-                1 => {
-                    let last = set.iter().copied().next().unwrap_or(id);
-                    *ids = Ids::One(last);
-                }
-                _ => {}
-            }
-        }
-    }
-}
-
-impl Deref for Cached {
-    type Target = ActualState;
-    fn deref(&self) -> &ActualState {
-        &self.state
-    }
-}
-
-impl DerefMut for Cached {
-    /// Whole-state access may change anything: the index is dropped (built again when a scoped
-    /// pass needs it).
-    fn deref_mut(&mut self) -> &mut ActualState {
-        self.index = None;
-        &mut self.state
+impl Default for Cached {
+    fn default() -> Self {
+        ActualState::default().into()
     }
 }
 
 impl From<ActualState> for Cached {
     fn from(state: ActualState) -> Self {
-        Cached { state, index: None }
+        Cached {
+            repr: Repr::Whole(state),
+        }
     }
 }
 
@@ -177,27 +55,78 @@ pub struct Part {
 }
 
 impl Cached {
+    /// The whole state, to plan or change as a whole (a compact state is expanded first).
+    pub fn whole(&mut self) -> &mut ActualState {
+        if let Repr::Compact(c) = &mut self.repr {
+            let state = std::mem::take(&mut **c).into_state();
+            self.repr = Repr::Whole(state);
+        }
+        match &mut self.repr {
+            Repr::Whole(state) => state,
+            Repr::Compact(_) => unreachable!("expanded above"),
+        }
+    }
+
+    fn compact(&mut self) -> &mut Compact {
+        if let Repr::Whole(state) = &mut self.repr {
+            let mut c = Compact::from_state(std::mem::take(state));
+            c.shrink();
+            self.repr = Repr::Compact(Box::new(c));
+        }
+        match &mut self.repr {
+            Repr::Compact(c) => c,
+            Repr::Whole(_) => unreachable!("compacted above"),
+        }
+    }
+
+    /// Compacts the state if it is whole (once per cache load or whole pass; the worker does
+    /// it while idle).
+    pub fn warm(&mut self) {
+        self.compact();
+    }
+
+    /// Whether the state is held compactly.
+    pub fn is_compact(&self) -> bool {
+        matches!(self.repr, Repr::Compact(_))
+    }
+
+    /// The group with this key.
+    pub fn group(&self, key: &str) -> Option<&ActualGroup> {
+        match &self.repr {
+            Repr::Whole(state) => state.group(key),
+            Repr::Compact(c) => c.group(key),
+        }
+    }
+
+    /// Managed users.
+    pub fn managed_users(&self) -> usize {
+        match &self.repr {
+            Repr::Whole(state) => state.managed_users(),
+            Repr::Compact(c) => c.managed_users(),
+        }
+    }
+
+    fn groups(&self) -> &[ActualGroup] {
+        match &self.repr {
+            Repr::Whole(state) => &state.groups,
+            Repr::Compact(c) => &c.groups,
+        }
+    }
+
     /// Copies out what a plan of `desired` limited to `scope` needs: the TeamCity users of the
     /// users in scope (by SCIM id) and those holding their usernames; every member of the
     /// groups in scope (members added by hand carried by a rename swap; whoever a delete or a
     /// role removal costs access, for the guard); every group of those users; every group
     /// (all generations) of the desired groups; the groups holding the names of the groups in
-    /// scope. Costs what it copies (after the index is built once per cache load).
+    /// scope. Costs what it copies (after the state is compacted once per cache load).
     pub fn extract(&mut self, desired: &Desired, scope: &Scope) -> Part {
-        let Cached { state, index } = self;
-        let state: &ActualState = state;
-        let ix: &Index = index.get_or_insert_with(|| Index::build(state));
-        let mut users: BTreeSet<u64> = BTreeSet::new();
+        let c: &Compact = self.compact();
+        let mut slots: BTreeSet<u32> = BTreeSet::new();
         for s in scope.users.iter().chain(desired.users.keys()) {
-            users.extend(ix.by_scim.get(s.as_str()).into_iter().flat_map(Ids::iter));
+            slots.extend(c.slots_by_scim(s));
         }
         for d in desired.users.values() {
-            users.extend(
-                ix.by_username
-                    .get(d.username.as_str())
-                    .into_iter()
-                    .flat_map(Ids::iter),
-            );
+            slots.extend(c.slots_by_username(&d.username));
         }
         let mut markers: BTreeSet<&str> = scope.groups.iter().map(String::as_str).collect();
         markers.extend(desired.groups.keys().map(String::as_str));
@@ -209,56 +138,39 @@ impl Cached {
             .collect();
         // Groups are a tenth of the users at most: one look at each is cheap.
         let mut groups: BTreeSet<String> = BTreeSet::new();
-        for g in &state.groups {
+        for g in &c.groups {
             let marker = g.marker.as_deref();
             if marker.is_some_and(|m| markers.contains(m)) || names.contains(g.name.as_str()) {
                 groups.insert(g.key.clone());
             }
-        }
-        for g in &state.groups {
-            if g.marker
-                .as_deref()
-                .is_some_and(|m| scope.groups.contains(m))
-            {
-                users.extend(ix.members.get(&g.key).into_iter().flatten());
+            if marker.is_some_and(|m| scope.groups.contains(m)) {
+                slots.extend(c.members_of(&g.key));
             }
         }
-        let mut part_users = Vec::with_capacity(users.len());
-        for id in &users {
-            if let Some(&at) = ix.user_at.get(id) {
-                let u = &state.users[at];
-                groups.extend(u.groups.iter().map(str::to_owned));
-                part_users.push(u.clone());
-            }
+        let mut part_users: Vec<_> = slots.iter().filter_map(|&s| c.user(s)).collect();
+        part_users.sort_by_key(|u| u.id);
+        for u in &part_users {
+            groups.extend(u.groups.iter().map(str::to_owned));
         }
-        let part_groups: Vec<ActualGroup> = groups
-            .iter()
-            .filter_map(|k| ix.group_at.get(k).map(|&at| state.groups[at].clone()))
-            .collect();
+        let users: BTreeSet<u64> = part_users.iter().map(|u| u.id).collect();
+        let part_groups: Vec<ActualGroup> =
+            groups.iter().filter_map(|k| c.group(k).cloned()).collect();
         let groups: BTreeSet<String> = part_groups.iter().map(|g| g.key.clone()).collect();
         Part {
             actual: ActualState {
                 users: part_users,
                 groups: part_groups,
-                all_users_roles: state.all_users_roles.clone(),
-                read_failures: state
+                all_users_roles: c.all_users_roles.clone(),
+                read_failures: c
                     .read_failures
                     .iter()
                     .filter(|f| users.contains(&f.user))
                     .cloned()
                     .collect(),
             },
-            managed_users: ix.managed_users,
+            managed_users: c.managed_users(),
             users,
             groups,
-        }
-    }
-
-    /// Builds the index if the cache has none (once per cache load; the worker does it while
-    /// idle).
-    pub fn warm(&mut self) {
-        if self.index.is_none() {
-            self.index = Some(Index::build(&self.state));
         }
     }
 
@@ -267,8 +179,7 @@ impl Cached {
         if markers.is_empty() {
             return BTreeSet::new();
         }
-        self.state
-            .groups
+        self.groups()
             .iter()
             .filter_map(|g| g.marker.as_ref())
             .filter(|m| markers.contains(*m))
@@ -282,15 +193,12 @@ impl Cached {
         if markers.is_empty() {
             return BTreeSet::new();
         }
-        let Cached { state, index } = self;
-        let ix: &Index = index.get_or_insert_with(|| Index::build(state));
-        state
-            .groups
+        let c: &Compact = self.compact();
+        c.groups
             .iter()
             .filter(|g| g.marker.as_ref().is_some_and(|m| markers.contains(m)))
-            .flat_map(|g| ix.members.get(&g.key).into_iter().flatten())
-            .filter_map(|id| ix.user_at.get(id))
-            .filter_map(|&at| state.users[at].scim_id.clone())
+            .flat_map(|g| c.members_of(&g.key))
+            .filter_map(|s| c.scim_id(s))
             .collect()
     }
 
@@ -307,20 +215,19 @@ impl Cached {
         members: BTreeSet<String>,
         capped: bool,
     ) -> BTreeSet<String> {
-        let Cached { state, index } = self;
-        let ix: &Index = index.get_or_insert_with(|| Index::build(state));
+        let c: &Compact = self.compact();
         let (context, whole): (BTreeSet<String>, BTreeSet<String>) = members
             .into_iter()
             .filter(|m| !users.contains(m))
             .partition(|m| {
-                !capped
-                    && ix.by_scim.get(m.as_str()).is_some_and(|found| {
-                        found.len() == 1
-                            && found
-                                .iter()
-                                .filter_map(|id| ix.user_at.get(&id))
-                                .all(|&at| !state.users[at].deactivated)
-                    })
+                if capped {
+                    return false;
+                }
+                let mut found = c.slots_by_scim(m);
+                match (found.next(), found.next()) {
+                    (Some(slot), None) => !c.deactivated(slot),
+                    _ => false,
+                }
             });
         users.extend(whole);
         context
@@ -328,59 +235,28 @@ impl Cached {
 
     /// Puts a part back after its pass: its users and groups replace theirs in the cache
     /// (users and groups the pass created are added, those it deleted removed, a deleted
-    /// group's key taken off every member). The index follows.
+    /// group's key taken off every member).
     pub fn write_back(&mut self, part: Part) {
-        let Cached { state, index } = self;
-        let ix = index.get_or_insert_with(|| Index::build(state));
+        let c = self.compact();
         let after_users: BTreeSet<u64> = part.actual.users.iter().map(|u| u.id).collect();
         let after_groups: BTreeSet<String> =
             part.actual.groups.iter().map(|g| g.key.clone()).collect();
-        // Deleted users.
         for id in part.users.difference(&after_users) {
-            if let Some(at) = ix.user_at.get(id).copied() {
-                let gone = state.users.swap_remove(at);
-                ix.remove_user(&gone);
-                if let Some(moved) = state.users.get(at) {
-                    ix.user_at.insert(moved.id, at);
-                }
+            if let Some(slot) = c.slot_of(*id) {
+                c.remove_user(slot);
             }
         }
-        // Deleted groups: off every member, then out.
         for key in part.groups.difference(&after_groups) {
-            for id in ix.members.remove(key).unwrap_or_default() {
-                if let Some(&at) = ix.user_at.get(&id) {
-                    state.users[at].groups.remove(key);
-                }
-            }
-            if let Some(at) = ix.group_at.remove(key) {
-                state.groups.swap_remove(at);
-                if let Some(moved) = state.groups.get(at) {
-                    ix.group_at.insert(moved.key.clone(), at);
-                }
-            }
+            c.remove_group(key);
         }
         for g in part.actual.groups {
-            match ix.group_at.get(&g.key) {
-                Some(&at) => state.groups[at] = g,
-                None => {
-                    ix.group_at.insert(g.key.clone(), state.groups.len());
-                    state.groups.push(g);
-                }
-            }
+            c.put_group(g);
         }
         for u in part.actual.users {
-            match ix.user_at.get(&u.id).copied() {
-                Some(at) => {
-                    let old = std::mem::replace(&mut state.users[at], u);
-                    ix.remove_user(&old);
-                    ix.add_user(at, &state.users[at]);
-                }
-                None => {
-                    let at = state.users.len();
-                    ix.add_user(at, &u);
-                    state.users.push(u);
-                }
+            if let Some(slot) = c.slot_of(u.id) {
+                c.remove_user(slot);
             }
+            c.insert_user(u);
         }
     }
 }
@@ -410,11 +286,12 @@ pub fn scope_for(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use crate::model::{Action, UserRef};
+    use crate::model::{Action, ActualUser, UserRef};
 
-    fn user(id: u64, scim: Option<&str>, name: &str, groups: &[&str]) -> ActualUser {
+    /// A TeamCity user with these fields, the rest default.
+    pub(crate) fn user(id: u64, scim: Option<&str>, name: &str, groups: &[&str]) -> ActualUser {
         ActualUser {
             id,
             username: name.into(),
@@ -460,29 +337,6 @@ mod tests {
             active: true,
             roles: BTreeSet::new(),
         }
-    }
-
-    /// A key's ids stay inline while there is one, become a set with a second (two TeamCity
-    /// users folded to one username, say) and go back inline, then away, as they leave.
-    #[test]
-    fn index_keys_hold_one_id_inline_and_more_in_a_set() {
-        let mut map = HashMap::new();
-        insert_into(&mut map, "ann", 7);
-        insert_into(&mut map, "ann", 7);
-        assert_eq!(map.get("ann"), Some(&Ids::One(7)));
-        insert_into(&mut map, "ann", 9);
-        assert_eq!(map.get("ann"), Some(&Ids::Many([7, 9].into())));
-        assert_eq!(map["ann"].iter().collect::<Vec<_>>(), [7, 9]);
-        remove_from(&mut map, "ann", 7);
-        assert_eq!(map.get("ann"), Some(&Ids::One(9)));
-        remove_from(&mut map, "ann", 7);
-        assert_eq!(
-            map.get("ann"),
-            Some(&Ids::One(9)),
-            "another id: nothing removed"
-        );
-        remove_from(&mut map, "ann", 9);
-        assert!(map.is_empty());
     }
 
     /// Whatever a pass does to its part, the cache after write-back equals the whole state
@@ -541,26 +395,35 @@ mod tests {
             s.groups.sort_by(|a, b| a.key.cmp(&b.key));
             s
         };
-        assert_eq!(sort(&cached), sort(&whole));
-        let fresh = Index::build(&cached.state);
-        let ix = cached.index.as_ref().expect("index kept");
-        assert_eq!(ix.user_at, fresh.user_at);
-        assert_eq!(ix.by_scim, fresh.by_scim);
-        assert_eq!(ix.by_username, fresh.by_username);
-        assert_eq!(ix.group_at, fresh.group_at);
-        assert_eq!(ix.members, fresh.members);
-        assert_eq!(ix.managed_users, fresh.managed_users);
+        // The lookups of the compact state after write-back find what a fresh load finds.
+        let mut fresh = Cached::from(whole.clone());
+        let again = cached.extract(&desired, &scope);
+        let from_fresh = fresh.extract(&desired, &scope);
+        assert_eq!(sort(&again.actual), sort(&from_fresh.actual));
+        assert_eq!(again.managed_users, from_fresh.managed_users);
+        assert_eq!(sort(cached.whole()), sort(&whole));
     }
 
     #[test]
-    fn whole_state_access_drops_the_index() {
+    fn whole_access_expands_the_state_and_warm_compacts_it_again() {
         let mut cached = Cached::from(state());
+        assert!(!cached.is_compact());
         let _ = cached.extract(&Desired::default(), &Scope::default());
-        assert!(cached.index.is_some());
-        let _: &ActualState = &cached;
-        assert!(cached.index.is_some(), "reading keeps it");
-        let whole: &mut ActualState = &mut cached;
-        whole.users.clear();
-        assert!(cached.index.is_none(), "a whole-state change drops it");
+        assert!(cached.is_compact(), "a scoped pass compacts it");
+        assert_eq!(cached.group("K_G2").map(|g| g.name.as_str()), Some("Two"));
+        assert_eq!(cached.managed_users(), 3);
+        let whole: &mut ActualState = cached.whole();
+        whole.users.retain(|u| u.id != 2);
+        assert!(!cached.is_compact());
+        assert_eq!(cached.managed_users(), 2);
+        cached.warm();
+        assert!(cached.is_compact());
+        let mut expected = state();
+        expected.users.retain(|u| u.id != 2);
+        let sort = |s: &mut ActualState| s.users.sort_by_key(|u| u.id);
+        let mut got = cached.whole().clone();
+        sort(&mut got);
+        sort(&mut expected);
+        assert_eq!(got, expected);
     }
 }
