@@ -1395,7 +1395,7 @@ impl Engine {
         let approved = self.store().list_held(Some(HeldState::Approved)).await?;
         let untried = self.untried_approvals(&approved);
         if claimed.is_empty() && !untried {
-            // Idle: index the cache now (after a reconcile or a whole pass), not when the
+            // Idle: compact the cache now (after a reconcile or a whole pass), not when the
             // next push is waiting.
             if let Some(cached) = self.cache.lock().await.as_mut() {
                 cached.warm();

@@ -340,7 +340,7 @@ pub(crate) mod tests {
     }
 
     /// Whatever a pass does to its part, the cache after write-back equals the whole state
-    /// with the same steps recorded on it, and the index agrees with a fresh one.
+    /// with the same steps recorded on it, and its lookups agree with a fresh load.
     #[test]
     fn a_part_written_back_equals_the_steps_recorded_on_the_whole() {
         let mut desired = Desired::default();
