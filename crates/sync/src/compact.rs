@@ -141,6 +141,21 @@ impl Slim {
         self.flags & DEACTIVATED != 0
     }
 
+    /// The hash under which `by_id` holds this user.
+    fn id_hash(&self, hasher: &RandomState) -> u64 {
+        hasher.hash_one(self.id)
+    }
+
+    /// The hash under which `by_username` holds this user.
+    fn username_hash(&self, hasher: &RandomState) -> u64 {
+        hasher.hash_one(self.username())
+    }
+
+    /// The hash under which `by_scim` holds this user; `None` when unmanaged (not there).
+    fn scim_hash(&self, hasher: &RandomState) -> Option<u64> {
+        self.with_scim(|id| id.map(|id| hasher.hash_one(id)))
+    }
+
     fn to_actual(&self, keys: &Keys) -> ActualUser {
         ActualUser {
             id: self.id,
@@ -349,15 +364,16 @@ impl Compact {
             hasher,
             ..
         } = self;
-        let rehash_id = |&s: &u32| hasher.hash_one(slim_at(users, s).id);
-        by_id.insert_unique(hasher.hash_one(slim.id), slot, rehash_id);
-        let rehash_username = |&s: &u32| hasher.hash_one(slim_at(users, s).username());
-        by_username.insert_unique(hasher.hash_one(slim.username()), slot, rehash_username);
-        if let Some(hash) = slim.with_scim(|id| id.map(|id| hasher.hash_one(id))) {
-            let rehash_scim = |&s: &u32| {
-                slim_at(users, s).with_scim(|id| hasher.hash_one(id.unwrap_or_default()))
-            };
-            by_scim.insert_unique(hash, slot, rehash_scim);
+        by_id.insert_unique(slim.id_hash(hasher), slot, |&s| {
+            slim_at(users, s).id_hash(hasher)
+        });
+        by_username.insert_unique(slim.username_hash(hasher), slot, |&s| {
+            slim_at(users, s).username_hash(hasher)
+        });
+        if let Some(hash) = slim.scim_hash(hasher) {
+            by_scim.insert_unique(hash, slot, |&s| {
+                slim_at(users, s).scim_hash(hasher).unwrap_or_default()
+            });
             *managed_users += 1;
         }
         for &k in &slim.groups {
@@ -381,9 +397,9 @@ impl Compact {
                 entry.remove();
             }
         };
-        drop_slot(&mut self.by_id, hasher.hash_one(slim.id));
-        drop_slot(&mut self.by_username, hasher.hash_one(slim.username()));
-        if let Some(hash) = slim.with_scim(|id| id.map(|id| hasher.hash_one(id))) {
+        drop_slot(&mut self.by_id, slim.id_hash(hasher));
+        drop_slot(&mut self.by_username, slim.username_hash(hasher));
+        if let Some(hash) = slim.scim_hash(hasher) {
             drop_slot(&mut self.by_scim, hash);
             self.managed_users -= 1;
         }
@@ -439,11 +455,9 @@ impl Compact {
             ..
         } = self;
         users.shrink_to_fit();
-        by_id.shrink_to_fit(|&s| hasher.hash_one(slim_at(users, s).id));
-        by_username.shrink_to_fit(|&s| hasher.hash_one(slim_at(users, s).username()));
-        by_scim.shrink_to_fit(|&s| {
-            slim_at(users, s).with_scim(|id| hasher.hash_one(id.unwrap_or_default()))
-        });
+        by_id.shrink_to_fit(|&s| slim_at(users, s).id_hash(hasher));
+        by_username.shrink_to_fit(|&s| slim_at(users, s).username_hash(hasher));
+        by_scim.shrink_to_fit(|&s| slim_at(users, s).scim_hash(hasher).unwrap_or_default());
         self.free.shrink_to_fit();
         for m in self.members.values_mut() {
             m.shrink_to_fit();
