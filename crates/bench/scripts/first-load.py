@@ -44,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import uuid
 
 FIRST = ["Ada", "Alan", "Grace", "Edsger", "Barbara", "Donald", "Frances", "Ken", "Margaret",
@@ -82,6 +83,8 @@ def wait_http(port, path, what, proc, timeout=30.0):
 class Emulator:
     def __init__(self, port, token):
         self.port, self.token = port, token
+        self.probes = {}  # "GET <route>": probe requests sent
+        self.lock = threading.Lock()
 
     def get(self, path):
         c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
@@ -96,6 +99,19 @@ class Emulator:
 
     def counters(self):
         return self.get("/__emulator/counters")
+
+    def probe(self, path, route, accept="application/json"):
+        """(status, body) of GET /app/rest{path}; counted under `route` so that the load's
+        call figures can leave the probes out."""
+        with self.lock:
+            self.probes[route] = self.probes.get(route, 0) + 1
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        c.request("GET", "/app/rest" + path, headers={"Authorization": "Bearer " + self.token,
+                                                     "Accept": accept})
+        r = c.getresponse()
+        body = r.read()
+        c.close()
+        return r.status, body
 
     def reset_counters(self):
         c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
@@ -218,11 +234,14 @@ class Pusher:
         self.errors = []
         self.retries = 0
 
-    def run(self, path, bodies):
-        """POSTs every body; returns the created ids in order (None where it failed)."""
+    def run(self, path, bodies, hooks=None):
+        """POSTs every body; returns the created ids in order (None where it failed). `hooks`
+        maps an index to a function started in a thread of its own when that body is taken."""
         ids = [None] * len(bodies)
         next_i = [0]
         lock = threading.Lock()
+        hooks = dict(hooks or {})
+        started = []
 
         def worker(port):
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
@@ -233,6 +252,11 @@ class Pusher:
                 with lock:
                     i = next_i[0]
                     next_i[0] += 1
+                    hook = hooks.pop(i, None)
+                if hook is not None:
+                    t = threading.Thread(target=hook, daemon=True)
+                    t.start()
+                    started.append(t)
                 if i >= len(bodies) or len(self.errors) > 20:
                     break
                 data = json.dumps(bodies[i]).encode()
@@ -268,7 +292,140 @@ class Pusher:
             t.start()
         for t in threads:
             t.join()
+        for t in started:
+            t.join()
         return ids
+
+
+def scim_call(port, token, method, path, body):
+    """One SCIM request on a connection of its own: (status, parsed body or None)."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    c.request(method, "/scim/v2" + path, json.dumps(body).encode(),
+              {"Authorization": "Bearer " + token, "Content-Type": "application/scim+json",
+               "Accept": "application/scim+json"})
+    r = c.getresponse()
+    text = r.read()
+    c.close()
+    return r.status, (json.loads(text) if text else None)
+
+
+def quote_locator(value):
+    return urllib.parse.quote(value, safe="")
+
+
+class Probes:
+    """Pushes made during the load, each timed until TeamCity shows it: a deactivation of a
+    user TeamCity already has (until the bridge's deactivated marker is on it, i.e. the whole
+    offboarding done), an existing user added to an existing group (until TeamCity lists the
+    group among the user's), and a new user (until TeamCity has a user of that name). The
+    three are pushed at once; TeamCity is polled every 50 ms, and the polls are left out of
+    the load's call figures."""
+
+    GROUP = "probe-group"
+    PHASES = ("users", "groups")
+
+    def __init__(self, emu, port, token):
+        self.emu, self.port, self.token = emu, port, token
+        self.ids = {}
+        self.group_id = None
+        self.results = []  # (phase, what, seconds or None, pending rows at the push)
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def name(role, phase):
+        return f"probe.{role}.{phase}@contoso.example"
+
+    def setup(self, outbox, timeout=120.0):
+        """The users and the group TeamCity already has before the load; waits until synced."""
+        for phase in self.PHASES:
+            for role in ("leaver", "joiner"):
+                st, body = scim_call(self.port, self.token, "POST", "/Users", {
+                    "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+                    "userName": self.name(role, phase), "active": True})
+                if st != 201:
+                    raise SystemExit(f"probe setup: POST /Users {st} {body}")
+                self.ids[(role, phase)] = body["id"]
+        st, body = scim_call(self.port, self.token, "POST", "/Groups", {
+            "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"],
+            "displayName": self.GROUP, "members": []})
+        if st != 201:
+            raise SystemExit(f"probe setup: POST /Groups {st} {body}")
+        self.group_id = body["id"]
+        deadline = time.monotonic() + timeout
+        while outbox.counts().get("pending", 0):
+            if time.monotonic() > deadline:
+                raise SystemExit("the probes' users did not reach TeamCity")
+            time.sleep(0.2)
+        for phase in self.PHASES:
+            for role in ("leaver", "joiner"):
+                st, _ = self.emu.probe("/users/username:" + quote_locator(self.name(role, phase)),
+                                       "GET /app/rest/users/{u}")
+                if st != 200:
+                    raise SystemExit(f"probe setup: TeamCity has no {self.name(role, phase)}")
+
+    def wait(self, t0, check, limit=900.0):
+        while time.monotonic() - t0 < limit:
+            if check():
+                return time.monotonic() - t0
+            time.sleep(0.05)
+        return None
+
+    def run(self, phase, outbox):
+        """The three pushes of `phase`, timed (meant to run in a thread during the load)."""
+        pending = outbox.counts().get("pending", 0)
+        t0 = time.monotonic()
+
+        def deactivate():
+            st, body = scim_call(self.port, self.token, "PATCH", "/Users/" + self.ids[("leaver", phase)], {
+                "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+                "Operations": [{"op": "replace", "path": "active", "value": False}]})
+            if st != 200:
+                return f"PATCH {st} {body}"
+            loc = "/users/username:" + quote_locator(self.name("leaver", phase))
+            return self.wait(t0, lambda: self.emu.probe(
+                loc + "/properties/teamcity-scim.deactivated",
+                "GET /app/rest/users/{u}/properties/{name}", "text/plain") == (200, b"true"))
+
+        def join():
+            st, body = scim_call(self.port, self.token, "PATCH", "/Groups/" + self.group_id, {
+                "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+                "Operations": [{"op": "add", "path": "members",
+                                "value": [{"value": self.ids[("joiner", phase)]}]}]})
+            if st not in (200, 204):
+                return f"PATCH {st} {body}"
+            loc = "/users/username:" + quote_locator(self.name("joiner", phase)) + "/groups"
+
+            def has_group():
+                st, text = self.emu.probe(loc, "GET /app/rest/users/{u}/groups")
+                return st == 200 and any(g.get("name") == self.GROUP
+                                         for g in json.loads(text).get("group", []))
+            return self.wait(t0, has_group)
+
+        def create():
+            st, body = scim_call(self.port, self.token, "POST", "/Users", {
+                "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+                "userName": self.name("new", phase), "active": True})
+            if st != 201:
+                return f"POST {st} {body}"
+            loc = "/users/username:" + quote_locator(self.name("new", phase))
+            return self.wait(t0, lambda: self.emu.probe(loc, "GET /app/rest/users/{u}")[0] == 200)
+
+        def timed(what, f):
+            took = f()
+            shown = took if isinstance(took, str) else (
+                "NOT within 900 s" if took is None else f"{took:.2f} s")
+            print(f"  probe ({phase} push, {pending:,} rows pending): {what} reached TeamCity "
+                  f"after {shown}", file=sys.stderr)
+            with self.lock:
+                self.results.append((phase, what, took, pending))
+
+        threads = [threading.Thread(target=timed, args=(k, f))
+                   for k, f in (("a deactivation", deactivate), ("a membership", join),
+                                ("a new user", create))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
 
 
 def read_token(out_path, proc, timeout=30.0):
@@ -330,6 +487,9 @@ def main():
     ap.add_argument("--pg", help="a PostgreSQL server URL (postgres://user@host:port): serve on a new database there")
     ap.add_argument("--replicas", type=int, default=1, help="serve processes (with --pg)")
     ap.add_argument("--rss-trace", help="write the RSS samples (seconds from the first push, MB) to this file")
+    ap.add_argument("--probe-at", type=float, default=0.4,
+                    help="fraction of each push (users, then groups) at which the probes are pushed; "
+                         "0 for none")
     ap.add_argument("--env", action="append", default=[],
                     help="extra KEY=VALUE for serve's environment (repeatable)")
     args = ap.parse_args()
@@ -415,6 +575,11 @@ roles = []
         time.sleep(1.0)  # let the startup checks (policy against TeamCity) finish
         startup_reads, startup_writes, _ = split_counters(emu.counters())
         rss_start, _ = rss_kb(serve_proc.pid)
+        outbox = PgOutbox(db_url) if args.pg else Outbox(db_path)
+        probes = None
+        if args.probe_at > 0:
+            probes = Probes(emu, ports[-1], token)
+            probes.setup(outbox)
 
         # Bodies prepared before the clock starts.
         rng = random.Random(20261207)
@@ -428,13 +593,24 @@ roles = []
         for smp in samplers:
             smp.start()
         sampler = samplers[0]
-        outbox = PgOutbox(db_url) if args.pg else Outbox(db_path)
         emu.reset_counters()
+        emu.probes.clear()  # the setup's polls were before the reset
+        probe_threads = []
+
+        def probe_hook(phase):
+            def start():
+                t = threading.Thread(target=probes.run, args=(phase, outbox), daemon=True)
+                t.start()
+                probe_threads.append(t)
+            return start
+
+        def hooks(phase, n):
+            return {int(args.probe_at * n): probe_hook(phase)} if probes else {}
         pusher = Pusher(ports, token, args.connections)
 
         # 3. The push: users, then groups with their members.
         t0 = time.monotonic()
-        user_ids = pusher.run("/Users", users)
+        user_ids = pusher.run("/Users", users, hooks("users", n_users))
         t_users = time.monotonic()
         if pusher.errors:
             raise SystemExit("user push failed:\n  " + "\n  ".join(pusher.errors[:10]))
@@ -442,7 +618,7 @@ roles = []
         groups = [group_body(g, [user_ids[i] for i in memberships[g]], rng)
                   for g in range(n_groups)]
         t_groups0 = time.monotonic()
-        group_ids = pusher.run("/Groups", groups)
+        group_ids = pusher.run("/Groups", groups, hooks("groups", n_groups))
         t_last = time.monotonic()
         if pusher.errors:
             raise SystemExit("group push failed:\n  " + "\n  ".join(pusher.errors[:10]))
@@ -469,10 +645,17 @@ roles = []
                 last_report = now
                 print(f"  {now - t0:6.1f} s: outbox {counts}", file=sys.stderr)
             time.sleep(0.2)
+        for t in probe_threads:
+            t.join()
         counters = emu.counters()
         peak_load = max((smp.peak_between(t0, t_conv) or 0 for smp in samplers), default=None)
         hwm_load = max((rss_kb(p.pid)[1] or 0 for p in serve_procs), default=None)
         reads, writes, by_route = split_counters(counters)
+        # The probes' polls are not the load's calls.
+        probe_reads = sum(emu.probes.values())
+        for route, n in emu.probes.items():
+            by_route[route] = by_route.get(route, 0) - n
+        reads -= probe_reads
         # The emulator holds the users and groups (these reads come after the snapshot).
         tc_users = emu.get("/app/rest/users?fields=count")["count"]
         tc_groups = emu.get("/app/rest/userGroups?fields=count")["count"]
@@ -500,6 +683,7 @@ roles = []
                 for t, r in list(sampler.samples):
                     f.write(f"{t - t0:.1f} {r / 1024:.1f}\n")
         idle_reads, idle_writes, _ = split_counters(emu.counters())
+        idle_reads -= probe_reads
     finally:
         for p in serve_procs:
             stop(p)
@@ -552,6 +736,13 @@ roles = []
          " (incl. the 2 count reads)", "", ""),
         ("TeamCity after: users / groups", f"{tc_users:,} / {tc_groups:,}", "", ""),
     ]
+    for phase, what, took, pending in (probes.results if probes else []):
+        ok = isinstance(took, float) and took < 5
+        shown = took if isinstance(took, str) else ("not within 900 s" if took is None else f"{took:.2f} s")
+        rows.append((f"{what} pushed {args.probe_at:.0%} into the {phase} push reaches TeamCity",
+                     f"{shown} ({pending:,} rows pending at the push)", "< 5 s", met(ok)))
+        if isinstance(took, str):
+            errors.append(f"probe {what} ({phase}): {took}")
     print("| measurement | measured | target | |")
     print("|---|---|---|---|")
     for r in rows:

@@ -493,6 +493,78 @@ impl<'a> Record<'a> {
         }
     }
 
+    /// A resource created, with the members it was created with.
+    pub(crate) fn created(kind: ResourceKind, id: &'a str, added: Vec<String>) -> Self {
+        Record {
+            resource_type: kind.name(),
+            resource_id: id,
+            operation: "create",
+            status: 201,
+            detail: json!({"members_added": added.len()}),
+            outbox: Some((entity(kind), "upsert", json!({"added": added}))),
+        }
+    }
+
+    /// A resource replaced, with the members it gained and lost.
+    pub(crate) fn replaced(
+        kind: ResourceKind,
+        id: &'a str,
+        added: Vec<String>,
+        removed: Vec<String>,
+    ) -> Self {
+        Record {
+            resource_type: kind.name(),
+            resource_id: id,
+            operation: "replace",
+            status: 200,
+            detail: json!({"members_added": added.len(), "members_removed": removed.len()}),
+            outbox: Some((
+                entity(kind),
+                "upsert",
+                json!({"added": added, "removed": removed}),
+            )),
+        }
+    }
+
+    /// A resource patched: its attributes (`attrs_changed`), its members, or both.
+    pub(crate) fn patched(
+        kind: ResourceKind,
+        id: &'a str,
+        attrs_changed: bool,
+        added: Vec<String>,
+        removed: Vec<String>,
+    ) -> Self {
+        let op = if attrs_changed { "upsert" } else { "members" };
+        Record {
+            resource_type: kind.name(),
+            resource_id: id,
+            operation: "patch",
+            status: 200,
+            detail: json!({
+                "attributes_changed": attrs_changed,
+                "members_added": added.len(),
+                "members_removed": removed.len(),
+            }),
+            outbox: Some((
+                entity(kind),
+                op,
+                json!({"added": added, "removed": removed}),
+            )),
+        }
+    }
+
+    /// A resource deleted, with the groups it left.
+    pub(crate) fn deleted(kind: ResourceKind, id: &'a str, groups: Vec<String>) -> Self {
+        Record {
+            resource_type: kind.name(),
+            resource_id: id,
+            operation: "delete",
+            status: 204,
+            detail: json!({"left_groups": groups.len()}),
+            outbox: Some((entity(kind), "delete", json!({"groups": groups}))),
+        }
+    }
+
     /// The event part.
     pub(crate) fn event(&self) -> NewEvent<'a> {
         NewEvent {

@@ -11,7 +11,8 @@
 //!
 //! Each backend supplies the statements ([`Writer`]): SQLite's transaction is `BEGIN
 //! IMMEDIATE`; PostgreSQL's takes the audit chain head's row lock first, so a batch's row locks
-//! are all taken after it and batches of several replicas cannot deadlock through it.
+//! are all taken after it and batches of several replicas cannot deadlock through it, and
+//! appends the batch's audit events and outbox rows once at its end (`postgres::BatchTx`).
 
 use std::future::Future;
 
@@ -71,11 +72,14 @@ pub(crate) trait Writer: Clone + Send + Sync + 'static {
     /// Begins the batch's transaction (with the fence checks of a fenced view).
     fn begin(&self) -> impl Future<Output = StoreResult<Self::Tx>> + Send;
 
-    /// Runs one statement without results (the savepoint commands).
-    fn exec<'a>(
-        tx: &'a mut Self::Tx,
-        sql: &'static str,
-    ) -> impl Future<Output = StoreResult<()>> + Send + 'a;
+    /// Opens the savepoint one command runs in.
+    fn savepoint(tx: &mut Self::Tx) -> impl Future<Output = StoreResult<()>> + Send;
+
+    /// Keeps what the command did since its savepoint (releases it).
+    fn keep(tx: &mut Self::Tx) -> impl Future<Output = StoreResult<()>> + Send;
+
+    /// Undoes what the command did since its savepoint (rolls back to it and releases it).
+    fn undo(tx: &mut Self::Tx) -> impl Future<Output = StoreResult<()>> + Send;
 
     /// Commits the batch.
     fn commit(tx: Self::Tx) -> impl Future<Output = StoreResult<()>> + Send;
@@ -234,16 +238,15 @@ async fn batch<W: Writer>(store: &W, jobs: &[Job]) -> StoreResult<(Results, bool
             )));
             continue;
         }
-        W::exec(&mut tx, "SAVEPOINT scim_write").await?;
+        W::savepoint(&mut tx).await?;
         match one(store, &mut tx, job, now).await {
             Ok((r, changed)) => {
-                W::exec(&mut tx, "RELEASE SAVEPOINT scim_write").await?;
+                W::keep(&mut tx).await?;
                 any |= changed;
                 results.push(Ok(r));
             }
             Err(e) => {
-                W::exec(&mut tx, "ROLLBACK TO SAVEPOINT scim_write").await?;
-                W::exec(&mut tx, "RELEASE SAVEPOINT scim_write").await?;
+                W::undo(&mut tx).await?;
                 results.push(Err(e));
             }
         }

@@ -5,7 +5,8 @@
 //! gap-free seq in commit order. Every audited write takes that lock first. The SCIM resource
 //! commands of a process are queued to its group-commit writer (`crate::group_commit`), which
 //! runs what is waiting in one transaction — one head lock and one WAL flush for many writes,
-//! each in its own savepoint; row locks (`FOR UPDATE` on a resource read then written, `FOR
+//! each in its own savepoint, their audit events and outbox rows appended once at the end
+//! ([`BatchTx`]); row locks (`FOR UPDATE` on a resource read then written, `FOR
 //! SHARE` on a member being added) and unique indexes hold what SQLite's single writer gives,
 //! and since the head is always the first lock, replicas never deadlock through it. Outbox claims
 //! (not audited) skip rows another transaction holds (`FOR UPDATE SKIP LOCKED`) and are
@@ -27,8 +28,7 @@ use time::OffsetDateTime;
 
 use crate::audit::AuditEvent;
 use crate::common::{
-    self, Indexed, NewEvent, Record, TokenRow, chain_event, entity, indexed, read_back, table,
-    token_row,
+    self, Indexed, NewEvent, Record, TokenRow, chain_event, indexed, read_back, table, token_row,
 };
 use crate::sql_filter::{Bind, Dialect};
 use crate::{
@@ -251,6 +251,147 @@ async fn insert_events(tx: &mut Tx, events: &[AuditEvent]) -> StoreResult<()> {
         .execute(&mut **tx)
         .await?;
     Ok(())
+}
+
+/// An audited write transaction whose audit events and outbox rows are appended at its end,
+/// one statement each, instead of as each command records them: the chain head is locked and
+/// read once when it begins ([`BatchTx::begin`]), each recorded event is chained to it in
+/// memory, and [`BatchTx::commit`] inserts the events, moves the head (and the resource
+/// generation, when a resource changed), inserts the outbox rows, notifies, and commits. The
+/// group-commit writer's batches and `write_batch` run in one; every statement a command sends
+/// itself still runs in order inside it. A savepoint's rollback drops what was recorded since
+/// ([`BatchTx::savepoint`], [`BatchTx::undo`]).
+pub(crate) struct BatchTx {
+    tx: Tx,
+    head: (i64, String),
+    events: Vec<AuditEvent>,
+    outbox: Vec<PendingOutbox>,
+    /// What had been recorded when the open savepoint was taken.
+    saved: Option<(usize, usize, (i64, String))>,
+}
+
+/// An outbox row recorded in a [`BatchTx`], inserted at its end.
+struct PendingOutbox {
+    entity_type: String,
+    entity_id: String,
+    operation: String,
+    detail: String,
+    audit_seq: i64,
+    time: String,
+}
+
+impl BatchTx {
+    /// Begins the transaction: the chain head's row lock first (see
+    /// [`PostgresStore::begin_write`]), then the fences.
+    async fn begin(store: &PostgresStore) -> StoreResult<Self> {
+        let mut tx = store.pool.begin().await?;
+        let head: (i64, String) =
+            sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
+                .fetch_one(&mut *tx)
+                .await?;
+        store.check_fence(&mut tx).await?;
+        Ok(BatchTx {
+            tx,
+            head,
+            events: Vec::new(),
+            outbox: Vec::new(),
+            saved: None,
+        })
+    }
+
+    /// The transaction, for the commands' own statements.
+    fn tx(&mut self) -> &mut Tx {
+        &mut self.tx
+    }
+
+    /// Chains an event to the head (in memory until the commit).
+    fn event(&mut self, ctx: &WriteCtx, now: OffsetDateTime, n: NewEvent<'_>) -> i64 {
+        let ev = chain_event(ctx, now, n, self.head.clone());
+        self.head = (ev.seq, ev.hash.clone());
+        let seq = ev.seq;
+        self.events.push(ev);
+        seq
+    }
+
+    /// Records a command's event and outbox row (in memory until the commit).
+    fn record(&mut self, ctx: &WriteCtx, now: OffsetDateTime, r: Record<'_>) {
+        let seq = self.event(ctx, now, r.event());
+        if let Some((entity_type, op, detail)) = r.outbox {
+            self.outbox.push(PendingOutbox {
+                entity_type: entity_type.to_owned(),
+                entity_id: r.resource_id.to_owned(),
+                operation: op.to_owned(),
+                detail: detail.to_string(),
+                audit_seq: seq,
+                time: timefmt::format(now),
+            });
+        }
+    }
+
+    /// Opens the savepoint of one command (releasing the previous command's in the same round
+    /// trip).
+    async fn savepoint(&mut self) -> StoreResult<()> {
+        let sql = if self.saved.is_some() {
+            "RELEASE SAVEPOINT scim_write; SAVEPOINT scim_write"
+        } else {
+            "SAVEPOINT scim_write"
+        };
+        sqlx::raw_sql(sql).execute(&mut *self.tx).await?;
+        self.saved = Some((self.events.len(), self.outbox.len(), self.head.clone()));
+        Ok(())
+    }
+
+    /// Undoes what the command did since its savepoint, recorded events included.
+    async fn undo(&mut self) -> StoreResult<()> {
+        sqlx::raw_sql("ROLLBACK TO SAVEPOINT scim_write; RELEASE SAVEPOINT scim_write")
+            .execute(&mut *self.tx)
+            .await?;
+        if let Some((events, outbox, head)) = self.saved.take() {
+            self.events.truncate(events);
+            self.outbox.truncate(outbox);
+            self.head = head;
+        }
+        Ok(())
+    }
+
+    /// Appends what was recorded and commits.
+    async fn commit(mut self) -> StoreResult<()> {
+        insert_events(&mut self.tx, &self.events).await?;
+        if !self.outbox.is_empty() {
+            let col = |f: fn(&PendingOutbox) -> &str| {
+                self.outbox
+                    .iter()
+                    .map(|o| f(o).to_owned())
+                    .collect::<Vec<String>>()
+            };
+            sqlx::query(
+                "INSERT INTO outbox (entity_type, entity_id, operation, detail, audit_seq, created, \
+                 next_attempt_at, linked) \
+                 SELECT u.t, u.i, u.o, u.d, u.s, u.c, u.c, \
+                 CASE WHEN EXISTS (SELECT 1 FROM mappings WHERE kind = u.t AND scim_id = u.i) THEN 1 ELSE 0 END \
+                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[]) \
+                 WITH ORDINALITY AS u(t, i, o, d, s, c, n) ORDER BY u.n",
+            )
+            .bind(col(|o| &o.entity_type))
+            .bind(col(|o| &o.entity_id))
+            .bind(col(|o| &o.operation))
+            .bind(col(|o| &o.detail))
+            .bind(self.outbox.iter().map(|o| o.audit_seq).collect::<Vec<i64>>())
+            .bind(col(|o| &o.time))
+            .execute(&mut *self.tx)
+            .await?;
+            // A SCIM resource changed: every replica's lookup cache must see it, and every
+            // replica's worker may wake up now (delivered on commit).
+            sqlx::query("UPDATE audit_head SET resource_gen = resource_gen + 1 WHERE id = 1")
+                .execute(&mut *self.tx)
+                .await?;
+            sqlx::query("SELECT pg_notify($1, '')")
+                .bind(OUTBOX_CHANNEL)
+                .execute(&mut *self.tx)
+                .await?;
+        }
+        Ok(self.tx.commit().await?)
+    }
 }
 
 /// Appends the audit event (and the outbox row) inside `tx`.

@@ -13,9 +13,7 @@ use sqlx::{AssertSqlSafe, Row, Sqlite, SqlitePool, Transaction};
 use time::OffsetDateTime;
 
 use crate::audit::AuditEvent;
-use crate::common::{
-    self, NewEvent, Record, TokenRow, chain_event, entity, indexed, table, token_row,
-};
+use crate::common::{self, NewEvent, Record, TokenRow, chain_event, indexed, table, token_row};
 use crate::sql_filter::{Bind, Dialect};
 use crate::{
     BatchOp, Clock, ListPage, ListQuery, MemberRef, MemberType, MembershipChange, NewMember,

@@ -69,36 +69,31 @@ impl Resources for PostgresStore {
         state: Option<(&str, &str)>,
     ) -> StoreResult<()> {
         let now = self.now();
-        let mut tx = self.begin_write().await?;
+        let mut tx = BatchTx::begin(self).await?;
         for op in ops {
-            match op {
+            let record = match op {
                 BatchOp::Create {
                     kind,
                     id,
                     attrs,
                     members,
-                } => create_in(&mut tx, ctx, now, *kind, id, attrs, members.as_deref()).await?,
+                } => Some(create_in(tx.tx(), now, *kind, id, attrs, members.as_deref()).await?),
                 BatchOp::Replace { kind, id, attrs } => {
-                    replace_in(&mut tx, ctx, now, *kind, id, None, attrs, None).await?
+                    Some(replace_in(tx.tx(), now, *kind, id, None, attrs, None).await?)
                 }
-                BatchOp::Members { id, changes } => update_in(
-                    &mut tx,
-                    ctx,
-                    now,
-                    ResourceKind::Group,
-                    id,
-                    None,
-                    None,
-                    changes,
-                )
-                .await
-                .map(|_| ())?,
+                BatchOp::Members { id, changes } => {
+                    update_in(tx.tx(), now, ResourceKind::Group, id, None, None, changes).await?
+                }
                 BatchOp::Delete { kind, id } => {
-                    delete_in(&mut tx, ctx, now, *kind, id, None).await?
+                    Some(delete_in(tx.tx(), now, *kind, id, None).await?)
                 }
-                BatchOp::Audit(entry) => sync::append_audit(&mut tx, ctx, now, entry)
-                    .await
-                    .map(|_| ())?,
+                BatchOp::Audit(entry) => {
+                    tx.event(ctx, now, common::new_event(entry));
+                    None
+                }
+            };
+            if let Some(r) = record {
+                tx.record(ctx, now, r);
             }
         }
         if let Some((key, value)) = state {
@@ -108,11 +103,10 @@ impl Resources for PostgresStore {
             )
             .bind(key)
             .bind(value)
-            .execute(&mut *tx)
+            .execute(&mut **tx.tx())
             .await?;
         }
-        tx.commit().await?;
-        Ok(())
+        tx.commit().await
     }
 
     async fn get(
@@ -514,16 +508,15 @@ async fn touch(
 /// [`Resources::update`] inside `tx`. Returns whether anything changed (nothing: no version bump,
 /// no audit noise, nothing for TeamCity).
 #[allow(clippy::too_many_arguments)]
-async fn update_in(
+async fn update_in<'a>(
     tx: &mut Tx,
-    ctx: &WriteCtx,
     now: OffsetDateTime,
     kind: ResourceKind,
-    id: &str,
+    id: &'a str,
     expected_version: Option<i64>,
     attrs: Option<&Value>,
     members: &[MembershipChange],
-) -> StoreResult<bool> {
+) -> StoreResult<Option<Record<'a>>> {
     let ts = timefmt::format(now);
     let version = current_version(tx, kind, id).await?;
     if expected_version.is_some_and(|v| v != version) {
@@ -538,48 +531,30 @@ async fn update_in(
     let attrs_changed = attrs.is_some();
     let members_changed = !added.is_empty() || !removed.is_empty();
     if !attrs_changed && !members_changed {
-        return Ok(false);
+        return Ok(None);
     }
     match attrs {
         Some(a) => write_attrs(tx, kind, id, a, &ts, version + 1).await?,
         None => touch(tx, kind, id, &ts, version + 1).await?,
     }
-    let op = if attrs_changed { "upsert" } else { "members" };
-    record(
-        tx,
-        ctx,
-        now,
-        Record {
-            resource_type: kind.name(),
-            resource_id: id,
-            operation: "patch",
-            status: 200,
-            detail: json!({
-                "attributes_changed": attrs_changed,
-                "members_added": added.len(),
-                "members_removed": removed.len(),
-            }),
-            outbox: Some((
-                entity(kind),
-                op,
-                json!({"added": added, "removed": removed}),
-            )),
-        },
-    )
-    .await?;
-    Ok(true)
+    Ok(Some(Record::patched(
+        kind,
+        id,
+        attrs_changed,
+        added,
+        removed,
+    )))
 }
 
 /// [`Resources::create`] inside `tx`, with the id chosen by the caller.
-async fn create_in(
+async fn create_in<'a>(
     tx: &mut Tx,
-    ctx: &WriteCtx,
     now: OffsetDateTime,
     kind: ResourceKind,
-    id: &str,
+    id: &'a str,
     attrs: &Value,
     members: Option<&[NewMember]>,
-) -> StoreResult<()> {
+) -> StoreResult<Record<'a>> {
     let ts = timefmt::format(now);
     let ix = indexed(kind, attrs)?;
     check_unique(tx, kind, &ix, None).await?;
@@ -621,35 +596,20 @@ async fn create_in(
         )
         .await?;
     }
-    record(
-        tx,
-        ctx,
-        now,
-        Record {
-            resource_type: kind.name(),
-            resource_id: id,
-            operation: "create",
-            status: 201,
-            detail: json!({"members_added": added.len()}),
-            outbox: Some((entity(kind), "upsert", json!({"added": added}))),
-        },
-    )
-    .await?;
-    Ok(())
+    Ok(Record::created(kind, id, added))
 }
 
 /// [`Resources::replace`] inside `tx`.
 #[allow(clippy::too_many_arguments)]
-async fn replace_in(
+async fn replace_in<'a>(
     tx: &mut Tx,
-    ctx: &WriteCtx,
     now: OffsetDateTime,
     kind: ResourceKind,
-    id: &str,
+    id: &'a str,
     expected_version: Option<i64>,
     attrs: &Value,
     members: Option<&[NewMember]>,
-) -> StoreResult<()> {
+) -> StoreResult<Record<'a>> {
     let ts = timefmt::format(now);
     let version = current_version(tx, kind, id).await?;
     if expected_version.is_some_and(|v| v != version) {
@@ -667,36 +627,17 @@ async fn replace_in(
         )
         .await?;
     }
-    record(
-        tx,
-        ctx,
-        now,
-        Record {
-            resource_type: kind.name(),
-            resource_id: id,
-            operation: "replace",
-            status: 200,
-            detail: json!({"members_added": added.len(), "members_removed": removed.len()}),
-            outbox: Some((
-                entity(kind),
-                "upsert",
-                json!({"added": added, "removed": removed}),
-            )),
-        },
-    )
-    .await?;
-    Ok(())
+    Ok(Record::replaced(kind, id, added, removed))
 }
 
 /// [`Resources::delete`] inside `tx`.
-async fn delete_in(
+async fn delete_in<'a>(
     tx: &mut Tx,
-    ctx: &WriteCtx,
     now: OffsetDateTime,
     kind: ResourceKind,
-    id: &str,
+    id: &'a str,
     expected_version: Option<i64>,
-) -> StoreResult<()> {
+) -> StoreResult<Record<'a>> {
     let version = current_version(tx, kind, id).await?;
     if expected_version.is_some_and(|v| v != version) {
         return Err(StoreError::PreconditionFailed);
@@ -725,98 +666,106 @@ async fn delete_in(
             .execute(&mut **tx)
             .await?;
     }
-    record(
-        tx,
-        ctx,
-        now,
-        Record {
-            resource_type: kind.name(),
-            resource_id: id,
-            operation: "delete",
-            status: 204,
-            detail: json!({"left_groups": groups.len()}),
-            outbox: Some((entity(kind), "delete", json!({"groups": groups}))),
-        },
-    )
-    .await?;
-    Ok(())
+    Ok(Record::deleted(kind, id, groups))
 }
 
 /// PostgreSQL's statements for the group-commit writer (`crate::group_commit`): a batch's
 /// transaction takes the audit chain head's lock first ([`PostgresStore::begin_write`]), so
 /// every row lock of the batch comes after it and batches of several replicas never deadlock.
 impl gc::Writer for PostgresStore {
-    type Tx = Tx;
+    type Tx = BatchTx;
 
-    fn begin(&self) -> impl std::future::Future<Output = StoreResult<Tx>> + Send {
-        self.begin_write()
+    fn begin(&self) -> impl std::future::Future<Output = StoreResult<BatchTx>> + Send {
+        BatchTx::begin(self)
     }
 
-    async fn exec(tx: &mut Tx, sql: &'static str) -> StoreResult<()> {
-        sqlx::query(sql).execute(&mut **tx).await?;
+    async fn savepoint(tx: &mut BatchTx) -> StoreResult<()> {
+        tx.savepoint().await
+    }
+
+    /// Released with the next command's savepoint, or committed with the transaction: one
+    /// round trip fewer per command.
+    async fn keep(_tx: &mut BatchTx) -> StoreResult<()> {
         Ok(())
     }
 
-    async fn commit(tx: Tx) -> StoreResult<()> {
-        Ok(tx.commit().await?)
+    async fn undo(tx: &mut BatchTx) -> StoreResult<()> {
+        tx.undo().await
     }
 
-    fn create_in<'a>(
-        tx: &'a mut Tx,
-        ctx: &'a WriteCtx,
-        now: OffsetDateTime,
-        kind: ResourceKind,
-        id: &'a str,
-        attrs: &'a Value,
-        members: Option<&'a [NewMember]>,
-    ) -> impl std::future::Future<Output = StoreResult<()>> + Send + 'a {
-        create_in(tx, ctx, now, kind, id, attrs, members)
+    async fn commit(tx: BatchTx) -> StoreResult<()> {
+        tx.commit().await
     }
 
-    fn replace_in<'a>(
-        tx: &'a mut Tx,
-        ctx: &'a WriteCtx,
+    async fn create_in(
+        tx: &mut BatchTx,
+        ctx: &WriteCtx,
         now: OffsetDateTime,
         kind: ResourceKind,
-        id: &'a str,
+        id: &str,
+        attrs: &Value,
+        members: Option<&[NewMember]>,
+    ) -> StoreResult<()> {
+        let r = create_in(tx.tx(), now, kind, id, attrs, members).await?;
+        tx.record(ctx, now, r);
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn replace_in(
+        tx: &mut BatchTx,
+        ctx: &WriteCtx,
+        now: OffsetDateTime,
+        kind: ResourceKind,
+        id: &str,
         expected: Option<i64>,
-        attrs: &'a Value,
-        members: Option<&'a [NewMember]>,
-    ) -> impl std::future::Future<Output = StoreResult<()>> + Send + 'a {
-        replace_in(tx, ctx, now, kind, id, expected, attrs, members)
+        attrs: &Value,
+        members: Option<&[NewMember]>,
+    ) -> StoreResult<()> {
+        let r = replace_in(tx.tx(), now, kind, id, expected, attrs, members).await?;
+        tx.record(ctx, now, r);
+        Ok(())
     }
 
-    fn update_in<'a>(
-        tx: &'a mut Tx,
-        ctx: &'a WriteCtx,
+    #[allow(clippy::too_many_arguments)]
+    async fn update_in(
+        tx: &mut BatchTx,
+        ctx: &WriteCtx,
         now: OffsetDateTime,
         kind: ResourceKind,
-        id: &'a str,
+        id: &str,
         expected: Option<i64>,
-        attrs: Option<&'a Value>,
-        members: &'a [MembershipChange],
-    ) -> impl std::future::Future<Output = StoreResult<bool>> + Send + 'a {
-        update_in(tx, ctx, now, kind, id, expected, attrs, members)
+        attrs: Option<&Value>,
+        members: &[MembershipChange],
+    ) -> StoreResult<bool> {
+        let r = update_in(tx.tx(), now, kind, id, expected, attrs, members).await?;
+        let changed = r.is_some();
+        if let Some(r) = r {
+            tx.record(ctx, now, r);
+        }
+        Ok(changed)
     }
 
-    fn delete_in<'a>(
-        tx: &'a mut Tx,
-        ctx: &'a WriteCtx,
+    async fn delete_in(
+        tx: &mut BatchTx,
+        ctx: &WriteCtx,
         now: OffsetDateTime,
         kind: ResourceKind,
-        id: &'a str,
+        id: &str,
         expected: Option<i64>,
-    ) -> impl std::future::Future<Output = StoreResult<()>> + Send + 'a {
-        delete_in(tx, ctx, now, kind, id, expected)
+    ) -> StoreResult<()> {
+        let r = delete_in(tx.tx(), now, kind, id, expected).await?;
+        tx.record(ctx, now, r);
+        Ok(())
     }
 
     fn read_in<'a>(
         &'a self,
-        tx: &'a mut Tx,
+        tx: &'a mut BatchTx,
         kind: ResourceKind,
         id: &'a str,
     ) -> impl std::future::Future<Output = StoreResult<Resource>> + Send + 'a {
-        read_one_tx(tx, kind, id, read_back(kind))
+        read_one_tx(tx.tx(), kind, id, read_back(kind))
     }
 
     fn now(&self) -> OffsetDateTime {

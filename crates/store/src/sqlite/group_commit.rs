@@ -19,8 +19,27 @@ impl Writer for SqliteStore {
         SqliteStore::begin(self)
     }
 
-    async fn exec(tx: &mut Tx, sql: &'static str) -> StoreResult<()> {
-        sqlx::query(sql).execute(&mut **tx).await?;
+    async fn savepoint(tx: &mut Tx) -> StoreResult<()> {
+        sqlx::query("SAVEPOINT scim_write")
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    async fn keep(tx: &mut Tx) -> StoreResult<()> {
+        sqlx::query("RELEASE SAVEPOINT scim_write")
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    async fn undo(tx: &mut Tx) -> StoreResult<()> {
+        sqlx::query("ROLLBACK TO SAVEPOINT scim_write")
+            .execute(&mut **tx)
+            .await?;
+        sqlx::query("RELEASE SAVEPOINT scim_write")
+            .execute(&mut **tx)
+            .await?;
         Ok(())
     }
 

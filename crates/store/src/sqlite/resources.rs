@@ -205,27 +205,11 @@ impl SqliteStore {
             Some(a) => Self::write_attrs(tx, kind, id, a, &ts, version + 1).await?,
             None => Self::touch(tx, kind, id, &ts, version + 1).await?,
         }
-        let op = if attrs_changed { "upsert" } else { "members" };
         record(
             tx,
             ctx,
             now,
-            Record {
-                resource_type: kind.name(),
-                resource_id: id,
-                operation: "patch",
-                status: 200,
-                detail: json!({
-                    "attributes_changed": attrs_changed,
-                    "members_added": added.len(),
-                    "members_removed": removed.len(),
-                }),
-                outbox: Some((
-                    entity(kind),
-                    op,
-                    json!({"added": added, "removed": removed}),
-                )),
-            },
+            Record::patched(kind, id, attrs_changed, added, removed),
         )
         .await?;
         Ok(true)
@@ -282,20 +266,7 @@ impl SqliteStore {
             )
             .await?;
         }
-        record(
-            tx,
-            ctx,
-            now,
-            Record {
-                resource_type: kind.name(),
-                resource_id: id,
-                operation: "create",
-                status: 201,
-                detail: json!({"members_added": added.len()}),
-                outbox: Some((entity(kind), "upsert", json!({"added": added}))),
-            },
-        )
-        .await?;
+        record(tx, ctx, now, Record::created(kind, id, added)).await?;
         Ok(())
     }
 
@@ -328,24 +299,7 @@ impl SqliteStore {
             )
             .await?;
         }
-        record(
-            tx,
-            ctx,
-            now,
-            Record {
-                resource_type: kind.name(),
-                resource_id: id,
-                operation: "replace",
-                status: 200,
-                detail: json!({"members_added": added.len(), "members_removed": removed.len()}),
-                outbox: Some((
-                    entity(kind),
-                    "upsert",
-                    json!({"added": added, "removed": removed}),
-                )),
-            },
-        )
-        .await?;
+        record(tx, ctx, now, Record::replaced(kind, id, added, removed)).await?;
         Ok(())
     }
 
@@ -387,20 +341,7 @@ impl SqliteStore {
                 .execute(&mut **tx)
                 .await?;
         }
-        record(
-            tx,
-            ctx,
-            now,
-            Record {
-                resource_type: kind.name(),
-                resource_id: id,
-                operation: "delete",
-                status: 204,
-                detail: json!({"left_groups": groups.len()}),
-                outbox: Some((entity(kind), "delete", json!({"groups": groups}))),
-            },
-        )
-        .await?;
+        record(tx, ctx, now, Record::deleted(kind, id, groups)).await?;
         Ok(())
     }
 }
