@@ -114,11 +114,49 @@ pub struct EngineConfig {
     pub lease: Duration,
     /// Users per page when reading TeamCity.
     pub page_size: u64,
-    /// Most SCIM entities (their outbox rows coalesced) one worker pass takes: passes stay
-    /// short, so a push never waits long behind a large backlog (a first load).
+    /// SCIM entities (their outbox rows coalesced) a worker pass takes when work starts, and
+    /// the fewest a pass asks for: passes stay short, so a push never waits long behind a
+    /// large backlog (a first load).
     pub batch: usize,
+    /// Most entities a pass takes. While a backlog keeps passes full, each pass is sized from
+    /// the last one's time to take about [`EngineConfig::pass_target`] ([`next_pass_size`]):
+    /// its fixed costs (claims, bookkeeping, the start and end of its waves) are spread over
+    /// more work when passes are quick, and a push never waits long for the pass in progress.
+    pub max_batch: usize,
+    /// How long a full pass should take (see [`EngineConfig::max_batch`]).
+    pub pass_target: Duration,
     /// The database, as operators should read it (a resolved path), for messages.
     pub database: String,
+}
+
+/// Entities the pass after one of `size` asks for. A pass that found fewer than it asked for
+/// (the backlog is gone, or there never was one) leaves the next at `min`. After a full pass
+/// that `took` this long, the next is sized to take about `target` at the same rate — at most
+/// twice this one, within `min..=max`. `took` is `None` before the pass ran (only its claim is
+/// known).
+pub(crate) fn next_pass_size(
+    size: usize,
+    claimed: usize,
+    took: Option<Duration>,
+    target: Duration,
+    min: usize,
+    max: usize,
+) -> usize {
+    let (min, max) = (min.max(1), max.max(min.max(1)));
+    if claimed < size {
+        return min;
+    }
+    let Some(took) = took else {
+        return size.clamp(min, max);
+    };
+    let took = took.as_secs_f64().max(1e-6);
+    let at_rate = (size as f64 * target.as_secs_f64() / took).floor();
+    let next = if at_rate >= (2 * size) as f64 {
+        2 * size
+    } else {
+        at_rate as usize
+    };
+    next.clamp(min, max)
 }
 
 impl Default for EngineConfig {
@@ -137,6 +175,8 @@ impl Default for EngineConfig {
             lease: Duration::from_secs(60),
             page_size: 500,
             batch: 256,
+            max_batch: 1024,
+            pass_target: Duration::from_millis(500),
             database: "the database".into(),
         }
     }
@@ -323,6 +363,8 @@ pub struct Engine {
     database_checked: AtomicBool,
     /// Approved batches this engine has tried to apply at least once.
     approved_tried: std::sync::Mutex<BTreeSet<i64>>,
+    /// Entities the next pass asks for ([`next_pass_size`]).
+    pass_size: std::sync::atomic::AtomicUsize,
     /// Users read again since the cache was loaded (before their offboarding).
     fresh_users: std::sync::Mutex<HashSet<u64>>,
     /// Why the last run's writes were all refused (the bridge misconfigured), until a write
@@ -712,6 +754,7 @@ impl Engine {
             std::process::id(),
             rand::random::<u32>()
         );
+        let first_pass = cfg.batch.max(1);
         Engine {
             store,
             client,
@@ -730,6 +773,7 @@ impl Engine {
             remember_me_noted: AtomicBool::new(false),
             database_checked: AtomicBool::new(false),
             approved_tried: std::sync::Mutex::new(BTreeSet::new()),
+            pass_size: std::sync::atomic::AtomicUsize::new(first_pass),
             fresh_users: std::sync::Mutex::new(HashSet::new()),
             writes_refused: std::sync::Mutex::new(None),
             wake: Arc::new(tokio::sync::Notify::new()),
@@ -1368,7 +1412,7 @@ impl Engine {
         // creations of a first load. A quarter goes to the most recent pushes, the rest to the
         // oldest rows: a new push is applied within a pass or two once the IdP stops pushing,
         // and the backlog still drains oldest first.
-        let batch = self.cfg.batch.max(1);
+        let batch = self.pass_size.load(Ordering::Relaxed).max(1);
         let lane = batch.div_ceil(4);
         let mut claimed = self
             .store
@@ -1394,6 +1438,17 @@ impl Engine {
         }
         let approved = self.store().list_held(Some(HeldState::Approved)).await?;
         let untried = self.untried_approvals(&approved);
+        self.pass_size.store(
+            next_pass_size(
+                batch,
+                claimed.len(),
+                None,
+                self.cfg.pass_target,
+                self.cfg.batch,
+                self.cfg.max_batch,
+            ),
+            Ordering::Relaxed,
+        );
         if claimed.is_empty() && !untried {
             // Idle: compact the cache now (after a reconcile or a whole pass), not when the
             // next push is waiting.
@@ -1531,6 +1586,17 @@ impl Engine {
         if exec.stop.is_some() || !exec.stale.is_empty() {
             report.transient_stop = true;
         }
+        self.pass_size.store(
+            next_pass_size(
+                batch,
+                claimed.len(),
+                Some(started.elapsed()),
+                self.cfg.pass_target,
+                self.cfg.batch,
+                self.cfg.max_batch,
+            ),
+            Ordering::Relaxed,
+        );
         self.record_report(LAST_PASS_KEY, &report, started.elapsed())
             .await?;
         Ok(report)
@@ -2697,5 +2763,53 @@ impl Engine {
             warn!(error = %e, "could not release the sync lease; it runs out by itself");
         }
         info!("sync worker stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::next_pass_size;
+
+    #[test]
+    fn a_backlog_sizes_passes_to_the_target_time_and_a_short_pass_shrinks_them() {
+        let target = Duration::from_millis(500);
+        let ms = |n| Some(Duration::from_millis(n));
+        // (size asked, entities claimed, time taken) → next size, with min 256 and max 1,024.
+        let table: &[(usize, usize, Option<Duration>, usize, &str)] = &[
+            (256, 256, ms(250), 512, "full, half the target: twice"),
+            (
+                256,
+                256,
+                ms(320),
+                400,
+                "full, under the target: sized to it",
+            ),
+            (256, 256, ms(50), 512, "very quick: at most twice"),
+            (512, 512, ms(200), 1024, "never above the most"),
+            (1024, 1024, ms(1000), 512, "full and slow: sized down"),
+            (1024, 1024, ms(500), 1024, "on target: kept"),
+            (256, 256, ms(3000), 256, "never below the least"),
+            (
+                1024,
+                700,
+                ms(300),
+                256,
+                "the backlog is gone: back to the least",
+            ),
+            (1024, 0, None, 256, "idle: back to the least"),
+            (512, 512, None, 512, "claimed in full, not run yet: kept"),
+            (512, 512, ms(0), 1024, "no time at all: twice"),
+        ];
+        for &(size, claimed, took, want, why) in table {
+            assert_eq!(
+                next_pass_size(size, claimed, took, target, 256, 1024),
+                want,
+                "{why}: {size} asked, {claimed} claimed, {took:?}"
+            );
+        }
+        // A configuration whose most is below its least takes the least.
+        assert_eq!(next_pass_size(4, 4, ms(1), target, 4, 1), 4);
     }
 }

@@ -403,3 +403,40 @@ async fn a_change_to_someone_teamcity_has_is_applied_before_a_backlog_of_creatio
     assert!(w.tc_user("new0").is_some() && w.tc_user("new1").is_some());
     assert!(w.tc_user("new19").is_some(), "the newest creation");
 }
+
+/// A backlog grows passes: a full pass far quicker than the target asks for twice as many
+/// entities next time, up to the most; once the backlog is gone the next pass asks for the
+/// least again.
+#[tokio::test]
+async fn a_backlog_grows_passes_up_to_the_most_and_they_shrink_when_it_is_gone() {
+    let w = World::start().await;
+    for n in 0..40 {
+        w.create_user(&format!("u{n}"), None).await;
+    }
+    let engine = w.engine_with(
+        POLICY,
+        EngineConfig {
+            batch: 4,
+            max_batch: 16,
+            pass_target: std::time::Duration::from_secs(60),
+            ..cfg()
+        },
+    );
+    let mut rows = vec![];
+    for _ in 0..5 {
+        rows.push(engine.run_once().await.expect("pass").outbox_rows);
+    }
+    // 4 + 8 + 16 + 12 (what was left) = 40, then nothing.
+    assert_eq!(rows, [4, 8, 16, 12, 0]);
+    for n in 0..40 {
+        assert!(
+            w.tc_user(&format!("u{n}")).is_some(),
+            "u{n} reached TeamCity"
+        );
+    }
+    // A new push after the backlog: a pass of the least again (4 of 6).
+    for n in 40..46 {
+        w.create_user(&format!("u{n}"), None).await;
+    }
+    assert_eq!(engine.run_once().await.expect("pass").outbox_rows, 4);
+}
