@@ -109,7 +109,8 @@ pub(crate) trait Writer: Clone + Send + Sync + 'static {
         members: Option<&'a [NewMember]>,
     ) -> impl Future<Output = StoreResult<()>> + Send + 'a;
 
-    /// Updates a resource inside `tx`; whether anything changed.
+    /// Updates a resource inside `tx`; whether anything changed, and the resource as written
+    /// when the update read it back already (else the writer reads it: [`Writer::read_in`]).
     #[allow(clippy::too_many_arguments)]
     fn update_in<'a>(
         tx: &'a mut Self::Tx,
@@ -120,7 +121,7 @@ pub(crate) trait Writer: Clone + Send + Sync + 'static {
         expected: Option<i64>,
         attrs: Option<&'a Value>,
         members: &'a [MembershipChange],
-    ) -> impl Future<Output = StoreResult<bool>> + Send + 'a;
+    ) -> impl Future<Output = StoreResult<(bool, Option<Resource>)>> + Send + 'a;
 
     /// Deletes a resource inside `tx`.
     fn delete_in<'a>(
@@ -319,9 +320,13 @@ pub(crate) async fn one<W: Writer>(
             attrs,
             members,
         } => {
-            let changed =
+            let (changed, written) =
                 W::update_in(tx, ctx, now, *kind, id, *expected, attrs.as_ref(), members).await?;
-            Ok((Some(store.read_in(tx, *kind, id).await?), changed))
+            let r = match written {
+                Some(r) => r,
+                None => store.read_in(tx, *kind, id).await?,
+            };
+            Ok((Some(r), changed))
         }
         Op::Delete { kind, id, expected } => {
             W::delete_in(tx, ctx, now, *kind, id, *expected).await?;

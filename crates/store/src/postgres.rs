@@ -65,6 +65,42 @@ pub struct PostgresStore {
     /// The group-commit writer of SCIM resource commands (`crate::group_commit`); `None` on a
     /// fenced view and inside the writer itself (they write directly).
     writer: Option<tokio::sync::mpsc::Sender<gc::Job>>,
+    /// Concurrent reads of the resource generation, sharing round trips.
+    generation: Arc<GenerationReads>,
+}
+
+/// Reads of the resource generation (`audit_head.resource_gen`, which every resource write
+/// transaction moves), shared by concurrent callers without ever answering one of them with a
+/// value read before it asked. One read is in flight at a time; a caller that finds one in
+/// flight waits for it to end, and then takes the last value read if that read *started*
+/// after the caller asked (its query was sent later, so it sees every write committed before
+/// the caller asked), else reads again itself — and whoever waited behind that read takes its
+/// value in turn. Under load one round trip answers every lookup that arrived while the one
+/// before it was in flight, instead of one each.
+#[derive(Debug, Default)]
+struct GenerationReads {
+    /// Reads started so far; a read's number is taken before its query is sent.
+    started: std::sync::atomic::AtomicU64,
+    /// One read at a time; the last completed read: its number and the value it read.
+    last: tokio::sync::Mutex<(u64, i64)>,
+}
+
+impl GenerationReads {
+    /// The generation as of a moment after this call began.
+    async fn read(&self, pool: &PgPool) -> StoreResult<i64> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let asked = self.started.load(SeqCst);
+        let mut last = self.last.lock().await;
+        if last.0 > asked {
+            return Ok(last.1);
+        }
+        let n = self.started.fetch_add(1, SeqCst) + 1;
+        let (g,): (i64,) = sqlx::query_as("SELECT resource_gen FROM audit_head WHERE id = 1")
+            .fetch_one(pool)
+            .await?;
+        *last = (n, g);
+        Ok(g)
+    }
 }
 
 type Tx = Transaction<'static, Postgres>;
@@ -158,6 +194,7 @@ impl PostgresStore {
             clock,
             fences: Vec::new(),
             writer: None,
+            generation: Arc::default(),
         };
         store.writer = Some(gc::spawn(store.clone()));
         Ok(store)

@@ -371,3 +371,49 @@ async fn a_write_wakes_another_replica_and_still_does_after_its_listen_connectio
         .await
         .expect("woken by a write after the reconnect");
 }
+
+/// Concurrent reads of the resource generation share round trips, but none answers with a value
+/// read before it was asked: while eight readers keep reads in flight on one process, a write
+/// committed by another process is seen by every read asked after the write's commit.
+#[tokio::test]
+async fn a_generation_read_asked_after_a_write_sees_it_while_other_reads_are_in_flight() {
+    let Some((d, other)) = two_handles().await else {
+        return;
+    };
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for _ in 0..8 {
+        let (s, stop) = (d.store.clone(), stop.clone());
+        readers.push(tokio::spawn(async move {
+            let mut reads = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                s.resource_generation().await.unwrap();
+                reads += 1;
+            }
+            reads
+        }));
+    }
+    for i in 0..50 {
+        let before = d.store.resource_generation().await.unwrap().unwrap();
+        other
+            .create(
+                &WriteCtx::cli(),
+                ResourceKind::User,
+                user(&format!("g{i}")),
+                None,
+            )
+            .await
+            .unwrap();
+        let after = d.store.resource_generation().await.unwrap().unwrap();
+        assert!(
+            after > before,
+            "write {i}: read {after} after its commit, {before} before it"
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut reads = 0;
+    for r in readers {
+        reads += r.await.unwrap();
+    }
+    assert!(reads > 0, "the readers kept reads in flight");
+}

@@ -82,7 +82,9 @@ impl Resources for PostgresStore {
                     Some(replace_in(tx.tx(), now, *kind, id, None, attrs, None).await?)
                 }
                 BatchOp::Members { id, changes } => {
-                    update_in(tx.tx(), now, ResourceKind::Group, id, None, None, changes).await?
+                    update_in(tx.tx(), now, ResourceKind::Group, id, None, None, changes)
+                        .await?
+                        .0
                 }
                 BatchOp::Delete { kind, id } => {
                     Some(delete_in(tx.tx(), now, *kind, id, None).await?)
@@ -154,9 +156,7 @@ impl Resources for PostgresStore {
     }
 
     async fn resource_generation(&self) -> StoreResult<Option<u64>> {
-        let (g,): (i64,) = sqlx::query_as("SELECT resource_gen FROM audit_head WHERE id = 1")
-            .fetch_one(&self.pool)
-            .await?;
+        let g = self.generation.read(&self.pool).await?;
         Ok(Some(g as u64))
     }
 }
@@ -188,30 +188,6 @@ async fn check_unique(
         Some((id,)) if Some(id.as_str()) != except_id => Err(common::name_conflict(kind)),
         _ => Ok(()),
     }
-}
-
-/// Resolves a member's type, checking that it exists.
-async fn resolve_member(tx: &mut Tx, group_id: &str, m: &NewMember) -> StoreResult<MemberType> {
-    for t in common::member_candidates(m.ty) {
-        if t == MemberType::Group && m.value == group_id {
-            return Err(common::self_member_error());
-        }
-        // Share-locked until commit: a concurrent delete of the member waits for this
-        // transaction (and then removes the membership it added), never the other way round.
-        let sql = match t {
-            MemberType::User => "SELECT 1 FROM users WHERE id = $1 FOR SHARE",
-            MemberType::Group => "SELECT 1 FROM groups WHERE id = $1 FOR SHARE",
-        };
-        if sqlx::query(sql)
-            .bind(&m.value)
-            .fetch_optional(&mut **tx)
-            .await?
-            .is_some()
-        {
-            return Ok(t);
-        }
-    }
-    Err(common::missing_member_error(&m.value))
 }
 
 /// Applies one membership change; returns the ids added and removed.
@@ -269,6 +245,7 @@ async fn apply_members(
     Ok(())
 }
 
+/// Adds members (each checked to exist, see [`add_member`]); the ids added go to `added`.
 async fn add_members(
     tx: &mut Tx,
     group_id: &str,
@@ -276,22 +253,49 @@ async fn add_members(
     added: &mut Vec<String>,
 ) -> StoreResult<()> {
     for m in list {
-        let ty = resolve_member(tx, group_id, m).await?;
-        let r = sqlx::query(
-            "INSERT INTO group_members (group_id, member_id, member_type, display) \
-             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-        )
-        .bind(group_id)
-        .bind(&m.value)
-        .bind(ty.as_str())
-        .bind(&m.display)
-        .execute(&mut **tx)
-        .await?;
-        if r.rows_affected() > 0 {
+        if add_member(tx, group_id, m).await? {
             added.push(m.value.clone());
         }
     }
     Ok(())
+}
+
+/// Adds one member, in one round trip per candidate type: the member is found and share-locked
+/// until commit (a concurrent delete of the member waits for this transaction and then removes
+/// the membership it added, never the other way round), then its membership row is inserted
+/// unless it is there. Whether the membership is new; an error when no candidate type has the
+/// id, or when a group would contain itself.
+async fn add_member(tx: &mut Tx, group_id: &str, m: &NewMember) -> StoreResult<bool> {
+    for t in common::member_candidates(m.ty) {
+        if t == MemberType::Group && m.value == group_id {
+            return Err(common::self_member_error());
+        }
+        let sql = match t {
+            MemberType::User => {
+                "WITH m AS (SELECT id FROM users WHERE id = $2 FOR SHARE), \
+                 ins AS (INSERT INTO group_members (group_id, member_id, member_type, display) \
+                 SELECT $1, m.id, $3, $4 FROM m ON CONFLICT DO NOTHING RETURNING 1) \
+                 SELECT EXISTS (SELECT 1 FROM m), EXISTS (SELECT 1 FROM ins)"
+            }
+            MemberType::Group => {
+                "WITH m AS (SELECT id FROM groups WHERE id = $2 FOR SHARE), \
+                 ins AS (INSERT INTO group_members (group_id, member_id, member_type, display) \
+                 SELECT $1, m.id, $3, $4 FROM m ON CONFLICT DO NOTHING RETURNING 1) \
+                 SELECT EXISTS (SELECT 1 FROM m), EXISTS (SELECT 1 FROM ins)"
+            }
+        };
+        let (exists, inserted): (bool, bool) = sqlx::query_as(sql)
+            .bind(group_id)
+            .bind(&m.value)
+            .bind(t.as_str())
+            .bind(&m.display)
+            .fetch_one(&mut **tx)
+            .await?;
+        if exists {
+            return Ok(inserted);
+        }
+    }
+    Err(common::missing_member_error(&m.value))
 }
 
 fn row_to_resource(kind: ResourceKind, row: &PgRow, with_groups: bool) -> StoreResult<Resource> {
@@ -485,24 +489,30 @@ async fn write_attrs(
     Ok(())
 }
 
+/// Moves a resource's version and time; a group comes back as a write reads it back
+/// ([`read_back`]: its members are not read), in the same round trip.
 async fn touch(
     tx: &mut Tx,
     kind: ResourceKind,
     id: &str,
     now: &str,
     version: i64,
-) -> StoreResult<()> {
+) -> StoreResult<Option<Resource>> {
     let sql = format!(
-        "UPDATE {} SET last_modified = $1, version = $2 WHERE id = $3",
+        "UPDATE {} t SET last_modified = $1, version = $2 WHERE t.id = $3 RETURNING {USER_COLS}",
         table(kind)
     );
-    sqlx::query(AssertSqlSafe(sql))
+    let row = sqlx::query(AssertSqlSafe(sql))
         .bind(now)
         .bind(version)
         .bind(id)
-        .execute(&mut **tx)
+        .fetch_one(&mut **tx)
         .await?;
-    Ok(())
+    match kind {
+        ResourceKind::Group => Ok(Some(row_to_resource(kind, &row, false)?)),
+        // A user's read back carries its groups: read by the writer.
+        ResourceKind::User => Ok(None),
+    }
 }
 
 /// [`Resources::update`] inside `tx`. Returns whether anything changed (nothing: no version bump,
@@ -516,7 +526,7 @@ async fn update_in<'a>(
     expected_version: Option<i64>,
     attrs: Option<&Value>,
     members: &[MembershipChange],
-) -> StoreResult<Option<Record<'a>>> {
+) -> StoreResult<(Option<Record<'a>>, Option<Resource>)> {
     let ts = timefmt::format(now);
     let version = current_version(tx, kind, id).await?;
     if expected_version.is_some_and(|v| v != version) {
@@ -531,19 +541,17 @@ async fn update_in<'a>(
     let attrs_changed = attrs.is_some();
     let members_changed = !added.is_empty() || !removed.is_empty();
     if !attrs_changed && !members_changed {
-        return Ok(None);
+        return Ok((None, None));
     }
-    match attrs {
-        Some(a) => write_attrs(tx, kind, id, a, &ts, version + 1).await?,
+    let written = match attrs {
+        Some(a) => {
+            write_attrs(tx, kind, id, a, &ts, version + 1).await?;
+            None
+        }
         None => touch(tx, kind, id, &ts, version + 1).await?,
-    }
-    Ok(Some(Record::patched(
-        kind,
-        id,
-        attrs_changed,
-        added,
-        removed,
-    )))
+    };
+    let record = Record::patched(kind, id, attrs_changed, added, removed);
+    Ok((Some(record), written))
 }
 
 /// [`Resources::create`] inside `tx`, with the id chosen by the caller.
@@ -737,13 +745,13 @@ impl gc::Writer for PostgresStore {
         expected: Option<i64>,
         attrs: Option<&Value>,
         members: &[MembershipChange],
-    ) -> StoreResult<bool> {
-        let r = update_in(tx.tx(), now, kind, id, expected, attrs, members).await?;
-        let changed = r.is_some();
-        if let Some(r) = r {
+    ) -> StoreResult<(bool, Option<Resource>)> {
+        let (record, written) = update_in(tx.tx(), now, kind, id, expected, attrs, members).await?;
+        let changed = record.is_some();
+        if let Some(r) = record {
             tx.record(ctx, now, r);
         }
-        Ok(changed)
+        Ok((changed, written))
     }
 
     async fn delete_in(

@@ -81,8 +81,13 @@ impl Writer for SqliteStore {
         expected: Option<i64>,
         attrs: Option<&'a Value>,
         members: &'a [MembershipChange],
-    ) -> impl Future<Output = StoreResult<bool>> + Send + 'a {
-        SqliteStore::update_in(tx, ctx, now, kind, id, expected, attrs, members)
+    ) -> impl Future<Output = StoreResult<(bool, Option<Resource>)>> + Send + 'a {
+        // Read back by the writer (in-process reads cost little).
+        async move {
+            let changed =
+                SqliteStore::update_in(tx, ctx, now, kind, id, expected, attrs, members).await?;
+            Ok((changed, None))
+        }
     }
 
     fn delete_in<'a>(
