@@ -72,22 +72,21 @@ impl Writer for SqliteStore {
         SqliteStore::replace_in(tx, ctx, now, kind, id, expected, attrs, members)
     }
 
-    fn update_in<'a>(
-        tx: &'a mut Tx,
-        ctx: &'a WriteCtx,
+    /// The resource is read back by the writer (an in-process read costs little).
+    #[allow(clippy::too_many_arguments)]
+    async fn update_in(
+        tx: &mut Tx,
+        ctx: &WriteCtx,
         now: OffsetDateTime,
         kind: ResourceKind,
-        id: &'a str,
+        id: &str,
         expected: Option<i64>,
-        attrs: Option<&'a Value>,
-        members: &'a [MembershipChange],
-    ) -> impl Future<Output = StoreResult<(bool, Option<Resource>)>> + Send + 'a {
-        // Read back by the writer (in-process reads cost little).
-        async move {
-            let changed =
-                SqliteStore::update_in(tx, ctx, now, kind, id, expected, attrs, members).await?;
-            Ok((changed, None))
-        }
+        attrs: Option<&Value>,
+        members: &[MembershipChange],
+    ) -> StoreResult<(bool, Option<Resource>)> {
+        let changed =
+            SqliteStore::update_in(tx, ctx, now, kind, id, expected, attrs, members).await?;
+        Ok((changed, None))
     }
 
     fn delete_in<'a>(
