@@ -204,6 +204,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", default="target/release/teamcity-scim")
     ap.add_argument("--pg", default="postgres://postgres@127.0.0.1:5432")
+    ap.add_argument("--pg-params", default="",
+                    help="query parameters for each PostgreSQL database URL, e.g. max_connections=32")
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--users", type=int, default=10000)
     ap.add_argument("--only", default="sqlite,sqlite-nocache,pg1,pg1-nocache,pg2")
@@ -225,7 +227,8 @@ def main():
                 db = "bench_" + uuid.uuid4().hex[:8]
                 psql(args.pg, f"CREATE DATABASE {db}")
                 try:
-                    rows += measure(f"PostgreSQL, {n} replica(s){cache}", args.bin, f"{args.pg}/{db}", n, args, work, env)
+                    url = f"{args.pg}/{db}" + (f"?{args.pg_params}" if args.pg_params else "")
+                    rows += measure(f"PostgreSQL, {n} replica(s){cache}", args.bin, url, n, args, work, env)
                 finally:
                     psql(args.pg, f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
     finally:
