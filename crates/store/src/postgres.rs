@@ -196,6 +196,7 @@ impl PostgresStore {
             writer: None,
             generation: Arc::default(),
         };
+        warn_without_autovacuum(&store.pool, &shown).await;
         store.writer = Some(gc::spawn(store.clone()));
         Ok(store)
     }
@@ -228,6 +229,26 @@ impl PostgresStore {
 
     fn now(&self) -> OffsetDateTime {
         self.clock.now()
+    }
+}
+
+/// Says so when the server runs without autovacuum. Every write rewrites the audit chain's head
+/// row and the outbox rows change state as they are applied; without vacuuming, their dead
+/// versions pile up and every write and claim slows down (a 100,000-user first load went from
+/// hundreds of rows a second to tens: docs/BENCHMARKS.md).
+async fn warn_without_autovacuum(pool: &PgPool, shown: &str) {
+    let setting: Result<(String,), _> = sqlx::query_as("SELECT current_setting('autovacuum')")
+        .fetch_one(pool)
+        .await;
+    if let Ok((v,)) = setting
+        && v != "on"
+    {
+        tracing::warn!(
+            database = %shown,
+            "PostgreSQL runs with autovacuum off: the outbox and the audit chain head are \
+             rewritten on every write and slow down as their dead rows pile up; set \
+             `autovacuum = on` on the server (docs/OPERATIONS.md, High availability)"
+        );
     }
 }
 
