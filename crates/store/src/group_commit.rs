@@ -175,13 +175,18 @@ pub(crate) async fn submit<W: Writer>(
 
 /// Starts the writer task of `store`; the sender it returns is where commands are queued.
 pub(crate) fn spawn<W: Writer>(store: W) -> mpsc::Sender<Job> {
-    let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
+    let (tx, rx) = queue();
     tokio::spawn(run(store, rx));
     tx
 }
 
+/// The writer's queue.
+pub(crate) fn queue() -> (mpsc::Sender<Job>, mpsc::Receiver<Job>) {
+    mpsc::channel(4 * MAX_BATCH)
+}
+
 /// Runs the writer until every sender is gone.
-async fn run<W: Writer>(store: W, mut rx: mpsc::Receiver<Job>) {
+pub(crate) async fn run<W: Writer>(store: W, mut rx: mpsc::Receiver<Job>) {
     while let Some(first) = rx.recv().await {
         let mut jobs = vec![first];
         while jobs.len() < MAX_BATCH {

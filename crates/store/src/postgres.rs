@@ -176,7 +176,7 @@ impl PostgresStore {
         let pool = PgPoolOptions::new()
             .max_connections(size)
             .acquire_timeout(Duration::from_secs(10))
-            .connect_with(opts)
+            .connect_with(opts.clone())
             .await
             .map_err(|e| {
                 StoreError::Other(format!("cannot connect to PostgreSQL at `{shown}`: {e}").into())
@@ -197,8 +197,60 @@ impl PostgresStore {
             generation: Arc::default(),
         };
         warn_without_autovacuum(&store.pool, &shown).await;
-        store.writer = Some(gc::spawn(store.clone()));
+        store.writer = Some(store.spawn_writer(opts, &shown).await?);
         Ok(store)
+    }
+
+    /// Starts the group-commit writer on a thread and runtime of its own, with a connection of
+    /// its own: each batch is a run of round trips one after another, and on the shared runtime
+    /// every one of them waited for a worker busy with HTTP requests.
+    async fn spawn_writer(
+        &self,
+        opts: PgConnectOptions,
+        shown: &str,
+    ) -> StoreResult<tokio::sync::mpsc::Sender<gc::Job>> {
+        let (tx, rx) = gc::queue();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let (clock, generation) = (self.clock.clone(), self.generation.clone());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Other(format!("cannot start the writer: {e}").into()))?;
+        std::thread::Builder::new()
+            .name("pg-writer".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let pool = PgPoolOptions::new()
+                        .max_connections(1)
+                        .acquire_timeout(Duration::from_secs(10))
+                        .connect_with(opts)
+                        .await;
+                    match pool {
+                        Ok(pool) => {
+                            let _ = ready_tx.send(Ok(()));
+                            let writer = PostgresStore {
+                                pool,
+                                clock,
+                                fences: Vec::new(),
+                                writer: None,
+                                generation,
+                            };
+                            gc::run(writer, rx).await;
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                        }
+                    }
+                });
+            })
+            .map_err(|e| StoreError::Other(format!("cannot start the writer: {e}").into()))?;
+        match ready_rx.await {
+            Ok(Ok(())) => Ok(tx),
+            Ok(Err(e)) => Err(StoreError::Other(
+                format!("cannot connect to PostgreSQL at `{shown}`: {e}").into(),
+            )),
+            Err(_) => Err(StoreError::Other("the writer did not start".into())),
+        }
     }
 
     /// A transaction for writes that are not audited (outbox claims, sync state).
