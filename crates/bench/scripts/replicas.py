@@ -4,8 +4,8 @@ replicas, measured in one run on the same machine: filter lookups of names that 
 (what every IdP sends before a create: no cache can answer), repeated lookups of existing names
 with the lookup cache on and off, POST /Users, and membership PATCHes of one 5,000-member group
 from 32 concurrent writers. wrk with 32 connections in all, split evenly over the replicas
-(one wrk per replica, run at the same time), 10 s per measurement; the load generator shares
-the machine's cores with the servers and the database.
+(one wrk per replica, run at the same time), 10 s per measurement after 1 s of the same load
+unmeasured; the load generator shares the machine's cores with the servers and the database.
 
     python3 crates/bench/scripts/replicas.py [--bin target/release/teamcity-scim]
         [--pg postgres://postgres@127.0.0.1:5432] [--seconds 10] [--users 10000]
@@ -186,6 +186,10 @@ def measure(name, binary, db_url, n_replicas, args, work, env):
                                 f'local path = "/scim/v2/Groups/{group}"\n')
         for what in ["lookup-miss", "lookup-hit", "post", "member-add"]:
             script = (member_prefix if what == "member-add" else auth) + LUA[what]
+            if args.warmup > 0:
+                # Unmeasured, as scim-bench's warm-up: a fresh replica's first second opens
+                # its pool's connections and fills PostgreSQL's backend caches.
+                wrk_all(replicas, script, args.warmup, 32, work)
             rps, p50, p99, bad = wrk_all(replicas, script, args.seconds, 32, work)
             rows.append((name, what, rps, p50, p99, bad))
             print(f"{name:<22} {what:<12} {rps:>9.0f} req/s  p50 {p50:6.1f} ms  p99 {p99:6.1f} ms  non-2xx {bad}",
@@ -207,6 +211,8 @@ def main():
     ap.add_argument("--pg-params", default="",
                     help="query parameters for each PostgreSQL database URL, e.g. max_connections=32")
     ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="seconds of the same load, unmeasured, before each measurement")
     ap.add_argument("--users", type=int, default=10000)
     ap.add_argument("--only", default="sqlite,sqlite-nocache,pg1,pg1-nocache,pg2")
     args = ap.parse_args()

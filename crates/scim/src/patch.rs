@@ -351,6 +351,39 @@ fn display_path(p: &PatchPath) -> String {
     s
 }
 
+/// The membership changes of a Group PATCH whose every operation targets `members` (how IdPs
+/// add and remove members), found without the stored resource: such operations never read or
+/// write its attributes. `None` when any operation targets anything else; the caller then
+/// applies the PATCH to the stored resource with [`apply_patch`], which returns the same
+/// changes, or the same error, for these operations.
+pub fn member_changes_only(
+    kind: ResourceKind,
+    ops: &[PatchOperation],
+) -> Option<ScimResult<Vec<MemberChange>>> {
+    if kind != ResourceKind::Group || ops.is_empty() {
+        return None;
+    }
+    let mut filters = Vec::with_capacity(ops.len());
+    for op in ops {
+        match resolve_target(kind, op.path.as_ref()?) {
+            Ok(Target::Members(f)) => filters.push(f),
+            _ => return None,
+        }
+    }
+    let (mut root, mut members) = (Map::new(), Vec::new());
+    let mut ctx = Ctx {
+        kind,
+        root: &mut root,
+        members: &mut members,
+    };
+    for (i, (op, f)) in ops.iter().zip(filters).enumerate() {
+        if let Err(e) = ctx.apply_members(op.op, f, op.value.as_ref()) {
+            return Some(Err(at_op(e, i)));
+        }
+    }
+    Some(Ok(members))
+}
+
 /// Applies operations atomically: on any error nothing is returned but the error, and the input
 /// is untouched.
 pub fn apply_patch(

@@ -68,12 +68,18 @@ async fn current(
     id: &str,
     read: ReadOpts,
 ) -> ApiResult<store::Resource> {
-    state.store.get(kind, id, read).await?.ok_or_else(|| {
-        ApiError(ScimError::not_found(format!(
-            "{} `{id}` not found",
-            kind.name()
-        )))
-    })
+    state
+        .store
+        .get(kind, id, read)
+        .await?
+        .ok_or_else(|| not_found(kind, id))
+}
+
+fn not_found(kind: ResourceKind, id: &str) -> ApiError {
+    ApiError(ScimError::not_found(format!(
+        "{} `{id}` not found",
+        kind.name()
+    )))
 }
 
 /// `POST /{Users,Groups}`.
@@ -172,43 +178,63 @@ pub(crate) async fn patch(
     proj: &Projection,
 ) -> ApiResult<Reply> {
     let ops = scim::patch::parse_patch(kind, body)?;
+    // Members alone and no If-Match (how IdPs push membership): nothing of the stored group is
+    // needed, so it is not read; the changes go to the membership rows in the write.
+    let members_only = match if_match {
+        None => scim::patch::member_changes_only(kind, &ops).transpose()?,
+        Some(_) => None,
+    };
     let mut attempt = 0;
-    let r = loop {
-        attempt += 1;
-        let cur = current(state, kind, id, ReadOpts::default()).await?;
-        let pinned = expected_version(if_match, cur.version)?;
-        let outcome = scim::patch::apply_patch(kind, &cur.attrs, &ops)?;
-        let mut changes = Vec::with_capacity(outcome.members.len());
-        for c in outcome.members {
+    let r = if let Some(list) = members_only {
+        let mut changes = Vec::with_capacity(list.len());
+        for c in list {
             changes.push(membership_change(state, id, c).await?);
         }
-        let attrs = (outcome.attrs != cur.attrs).then_some(outcome.attrs);
-        // Membership changes alone commute: applied to the rows at whatever version the group
-        // has, so a burst of PATCHes to one group never retries, fails or loses a member. An
-        // If-Match still pins the version.
-        let written = if kind == ResourceKind::Group && attrs.is_none() && pinned.is_none() {
-            state.store.update_members(ctx, id, &changes).await
-        } else {
-            state
-                .store
-                .update(ctx, kind, id, cur.version, attrs, &changes)
-                .await
-        };
-        match written {
-            Ok(r) => break r,
-            Err(StoreError::PreconditionFailed) if pinned.is_none() && attempt < PATCH_ATTEMPTS => {
-                tokio::time::sleep(retry_pause()).await;
-                continue;
-            }
-            // Without If-Match the client set no precondition: 412 would be wrong.
-            Err(StoreError::PreconditionFailed) if pinned.is_none() => {
-                return Err(ApiError(ScimError::new(
-                    503,
-                    None,
-                    "the resource kept changing while this PATCH was applied; retry the request",
-                )));
-            }
+        match state.store.update_members(ctx, id, &changes).await {
+            Ok(r) => r,
+            Err(StoreError::NotFound) => return Err(not_found(kind, id)),
             Err(e) => return Err(e.into()),
+        }
+    } else {
+        loop {
+            attempt += 1;
+            let cur = current(state, kind, id, ReadOpts::default()).await?;
+            let pinned = expected_version(if_match, cur.version)?;
+            let outcome = scim::patch::apply_patch(kind, &cur.attrs, &ops)?;
+            let mut changes = Vec::with_capacity(outcome.members.len());
+            for c in outcome.members {
+                changes.push(membership_change(state, id, c).await?);
+            }
+            let attrs = (outcome.attrs != cur.attrs).then_some(outcome.attrs);
+            // Membership changes alone commute: applied to the rows at whatever version the group
+            // has, so a burst of PATCHes to one group never retries, fails or loses a member. An
+            // If-Match still pins the version.
+            let written = if kind == ResourceKind::Group && attrs.is_none() && pinned.is_none() {
+                state.store.update_members(ctx, id, &changes).await
+            } else {
+                state
+                    .store
+                    .update(ctx, kind, id, cur.version, attrs, &changes)
+                    .await
+            };
+            match written {
+                Ok(r) => break r,
+                Err(StoreError::PreconditionFailed)
+                    if pinned.is_none() && attempt < PATCH_ATTEMPTS =>
+                {
+                    tokio::time::sleep(retry_pause()).await;
+                    continue;
+                }
+                // Without If-Match the client set no precondition: 412 would be wrong.
+                Err(StoreError::PreconditionFailed) if pinned.is_none() => {
+                    return Err(ApiError(ScimError::new(
+                        503,
+                        None,
+                        "the resource kept changing while this PATCH was applied; retry the request",
+                    )));
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
     };
     // A group's PATCH response leaves out its members (Entra asks for this; a 50,000-member

@@ -5,9 +5,8 @@
 //! to one hash chain, so they run one after another; a flush costs far more than the statements
 //! of one write. So concurrent resource commands (create, replace, update, delete) are queued to
 //! one writer task per process, which runs whatever is waiting — up to [`MAX_BATCH`] — in one
-//! transaction, each command inside its own savepoint (a command that fails is rolled back alone
-//! and answered with its own error), commits once, and only then answers every command of the
-//! batch. A command alone in the queue is a batch of one: nothing waits for company.
+//! transaction (a command that fails is rolled back alone and answered with its own error: see
+//! [`batch`]), commits once, and only then answers every command of the batch. A command alone in the queue is a batch of one: nothing waits for company.
 //!
 //! Each backend supplies the statements ([`Writer`]): SQLite's transaction is `BEGIN
 //! IMMEDIATE`; PostgreSQL's takes the audit chain head's row lock first, so a batch's row locks
@@ -187,6 +186,7 @@ pub(crate) fn queue() -> (mpsc::Sender<Job>, mpsc::Receiver<Job>) {
 
 /// Runs the writer until every sender is gone.
 pub(crate) async fn run<W: Writer>(store: W, mut rx: mpsc::Receiver<Job>) {
+    let mut careful = 0u32;
     while let Some(first) = rx.recv().await {
         let mut jobs = vec![first];
         while jobs.len() < MAX_BATCH {
@@ -195,8 +195,15 @@ pub(crate) async fn run<W: Writer>(store: W, mut rx: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        let (results, changed) = match batch(&store, &jobs).await {
-            Ok(r) => r,
+        let (results, changed) = match batch(&store, &jobs, careful > 0).await {
+            Ok((results, changed, failed)) => {
+                careful = if failed {
+                    CAREFUL_BATCHES
+                } else {
+                    careful.saturating_sub(1)
+                };
+                (results, changed)
+            }
             Err(e) => {
                 // The commit (or the transaction around it) failed: nothing of the batch is
                 // there, and every command says so.
@@ -229,19 +236,64 @@ pub(crate) async fn run<W: Writer>(store: W, mut rx: mpsc::Receiver<Job>) {
 
 type Results = Vec<StoreResult<Option<Resource>>>;
 
-/// One transaction: each command in a savepoint, one commit.
-async fn batch<W: Writer>(store: &W, jobs: &[Job]) -> StoreResult<(Results, bool)> {
+/// Batches after one with a failing command run their commands in savepoints from the start
+/// (see [`batch`]): while commands keep failing (a burst of conflicting creates), no batch is
+/// run twice.
+const CAREFUL_BATCHES: u32 = 8;
+
+/// One transaction, one commit. Commands run one after another without savepoints — a
+/// savepoint costs a round trip per command, and almost every command succeeds. When one fails,
+/// what the batch did is rolled back and every command runs again, each in its own savepoint,
+/// so the one that fails is undone alone and answered with its own error (the others run on
+/// the same rows as the first time). A batch of one needs no second run: the transaction is
+/// rolled back and its command answered with the error. `careful` skips the first run. Returns
+/// the answers, whether anything changed, and whether a command failed.
+async fn batch<W: Writer>(
+    store: &W,
+    jobs: &[Job],
+    careful: bool,
+) -> StoreResult<(Results, bool, bool)> {
     let now = store.now();
+    if !careful || jobs.len() == 1 {
+        let mut tx = store.begin().await?;
+        let mut results = Vec::with_capacity(jobs.len());
+        let mut any = false;
+        let mut failed = false;
+        for job in jobs {
+            if job.reply.is_closed() {
+                results.push(Err(given_up()));
+                continue;
+            }
+            match one(store, &mut tx, job, now).await {
+                Ok((r, changed)) => {
+                    any |= changed;
+                    results.push(Ok(r));
+                }
+                Err(e) if jobs.len() == 1 => {
+                    drop(tx);
+                    return Ok((vec![Err(e)], false, true));
+                }
+                Err(_) => {
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        if !failed {
+            W::commit(tx).await?;
+            return Ok((results, any, false));
+        }
+        // Dropped: rolled back (sqlx sends the rollback before the connection's next use).
+        drop(tx);
+    }
     let mut tx = store.begin().await?;
     let mut results = Vec::with_capacity(jobs.len());
-    let mut any = false;
+    let (mut any, mut failed) = (false, false);
     for job in jobs {
         // The request gave up while it waited in the queue (its timeout, or the client went
         // away): it is not written, so no one is told "failed" about a write that then lands.
         if job.reply.is_closed() {
-            results.push(Err(StoreError::Unavailable(
-                "the request was given up before it was written".into(),
-            )));
+            results.push(Err(given_up()));
             continue;
         }
         W::savepoint(&mut tx).await?;
@@ -253,12 +305,17 @@ async fn batch<W: Writer>(store: &W, jobs: &[Job]) -> StoreResult<(Results, bool
             }
             Err(e) => {
                 W::undo(&mut tx).await?;
+                failed = true;
                 results.push(Err(e));
             }
         }
     }
     W::commit(tx).await?;
-    Ok((results, any))
+    Ok((results, any, failed))
+}
+
+fn given_up() -> StoreError {
+    StoreError::Unavailable("the request was given up before it was written".into())
 }
 
 /// One command inside `tx` — what it returns and whether it changed anything. Also the

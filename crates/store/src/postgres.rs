@@ -41,6 +41,7 @@ mod copy;
 mod directory;
 mod held;
 mod lease;
+mod lookups;
 mod mappings;
 mod outbox;
 mod resources;
@@ -67,6 +68,8 @@ pub struct PostgresStore {
     writer: Option<tokio::sync::mpsc::Sender<gc::Job>>,
     /// Concurrent reads of the resource generation, sharing round trips.
     generation: Arc<GenerationReads>,
+    /// Concurrent exact lookups, sharing statements (`None` inside the writer).
+    lookups: Option<lookups::Lookups>,
 }
 
 /// Reads of the resource generation (`audit_head.resource_gen`, which every resource write
@@ -173,9 +176,7 @@ impl PostgresStore {
             .map_err(|e| StoreError::Invalid(format!("invalid PostgreSQL URL `{shown}`: {e}")))?
             // The migrator's "already exists, skipping" notices are not news.
             .options([("client_min_messages", "warning")]);
-        let pool = PgPoolOptions::new()
-            .max_connections(size)
-            .acquire_timeout(Duration::from_secs(10))
+        let pool = pool_options(size)
             .connect_with(opts.clone())
             .await
             .map_err(|e| {
@@ -195,7 +196,9 @@ impl PostgresStore {
             fences: Vec::new(),
             writer: None,
             generation: Arc::default(),
+            lookups: None,
         };
+        store.lookups = Some(lookups::Lookups::spawn(store.pool.clone()));
         warn_without_autovacuum(&store.pool, &shown).await;
         store.writer = Some(store.spawn_writer(opts, &shown).await?);
         Ok(store)
@@ -220,11 +223,7 @@ impl PostgresStore {
             .name("pg-writer".into())
             .spawn(move || {
                 runtime.block_on(async move {
-                    let pool = PgPoolOptions::new()
-                        .max_connections(1)
-                        .acquire_timeout(Duration::from_secs(10))
-                        .connect_with(opts)
-                        .await;
+                    let pool = pool_options(1).connect_with(opts).await;
                     match pool {
                         Ok(pool) => {
                             let _ = ready_tx.send(Ok(()));
@@ -234,6 +233,7 @@ impl PostgresStore {
                                 fences: Vec::new(),
                                 writer: None,
                                 generation,
+                                lookups: None,
                             };
                             gc::run(writer, rx).await;
                         }
@@ -288,6 +288,24 @@ impl PostgresStore {
 /// row and the outbox rows change state as they are applied; without vacuuming, their dead
 /// versions pile up and every write and claim slows down (a 100,000-user first load went from
 /// hundreds of rows a second to tens: docs/BENCHMARKS.md).
+/// A pool of `size` connections. A connection idle for more than a second is pinged before it
+/// is handed out (one that died with its server is replaced, not failed on); one in steady use
+/// is not — sqlx's default pings every time, a round trip more for every query.
+fn pool_options(size: u32) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(size)
+        .acquire_timeout(Duration::from_secs(10))
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for > Duration::from_secs(1) {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
+}
+
 async fn warn_without_autovacuum(pool: &PgPool, shown: &str) {
     let setting: Result<(String,), _> = sqlx::query_as("SELECT current_setting('autovacuum')")
         .fetch_one(pool)

@@ -275,7 +275,10 @@ async fn forged_or_unkeyed_checkpoints_are_detected_on(d: Db) {
     for forge in [
         "UPDATE audit_checkpoints SET snapshot = '{\"users\":{},\"groups\":{}}'",
         "UPDATE audit_checkpoints SET last_seq = last_seq - 1",
-        "UPDATE audit_checkpoints SET signature = 'ab' || substr(signature, 3)",
+        // Two hex digits changed whatever they were (a signature that began with `ab` was
+        // left as it was: a forge that forged nothing, and a failure 1 run in 256).
+        "UPDATE audit_checkpoints SET signature = \
+         CASE WHEN substr(signature, 1, 2) = 'ab' THEN 'cd' ELSE 'ab' END || substr(signature, 3)",
     ] {
         let sql = "SELECT snapshot, last_seq, signature FROM audit_checkpoints";
         let before: (String, i64, String) = match &d.raw {

@@ -37,6 +37,7 @@ fn check(kind: ResourceKind, before: &Value, patch: &Value, want: Want) {
         before_text,
         "input modified"
     );
+    same_without_the_resource(kind, before, patch, &result);
     match want {
         Want::Attrs(expected) => {
             let out = result.unwrap_or_else(|e| panic!("{patch}: {e}"));
@@ -65,6 +66,104 @@ fn check(kind: ResourceKind, before: &Value, patch: &Value, want: Want) {
             }
         },
     }
+}
+
+/// Where [`member_changes_only`] answers a PATCH (without the stored resource), it answers
+/// what [`apply_patch`] does: the same member changes and unchanged attributes, or an error of
+/// the same type.
+fn same_without_the_resource(
+    kind: ResourceKind,
+    before: &Value,
+    patch: &Value,
+    result: &ScimResult<PatchOutcome>,
+) -> bool {
+    let Ok(ops) = parse_patch(kind, patch) else {
+        return false;
+    };
+    let Some(only) = member_changes_only(kind, &ops) else {
+        return false;
+    };
+    match (result, only) {
+        (Ok(out), Ok(changes)) => {
+            assert_eq!(out.members, changes, "{patch}");
+            assert_eq!(
+                out.attrs, *before,
+                "{patch}: a members-only PATCH changed attributes"
+            );
+        }
+        (Err(e), Err(only)) => assert_eq!(e.scim_type, only.scim_type, "{patch}"),
+        (Ok(_), Err(e)) => panic!("{patch}: only the members-only path failed: {e}"),
+        (Err(e), Ok(_)) => panic!("{patch}: only apply_patch failed: {e}"),
+    }
+    true
+}
+
+/// Which PATCHes the members-only path takes: every operation on `members`, in the shapes IdPs
+/// send; anything else goes through the stored resource.
+#[test]
+fn member_only_patches_are_answered_without_the_stored_resource() {
+    let cases = [
+        (
+            json!([{"op": "add", "path": "members", "value": [{"value": U1}]}]),
+            true,
+        ),
+        (
+            json!([{"op": "Add", "path": "members", "value": [{"value": U1}, {"value": U2}]}]),
+            true,
+        ),
+        (
+            json!([{"op": "remove", "path": format!("members[value eq \"{U1}\"]")}]),
+            true,
+        ),
+        (
+            json!([{"op": "remove", "path": "members", "value": [{"value": U1}]}]),
+            true,
+        ),
+        (
+            json!([{"op": "replace", "path": "members", "value": [{"value": U3}]}]),
+            true,
+        ),
+        (
+            json!([{"op": "add", "path": "members", "value": [{"value": U1}]},
+                   {"op": "remove", "path": format!("members[value eq \"{U2}\"]")}]),
+            true,
+        ),
+        (
+            json!([{"op": "add", "path": "members[value eq \"x\"]", "value": [{"value": U1}]}]),
+            true,
+        ),
+        (
+            json!([{"op": "add", "path": "members", "value": "not a list"}]),
+            true,
+        ),
+        (
+            json!([{"op": "replace", "path": "displayName", "value": "New"}]),
+            false,
+        ),
+        (
+            json!([{"op": "add", "path": "members", "value": [{"value": U1}]},
+                   {"op": "replace", "path": "displayName", "value": "New"}]),
+            false,
+        ),
+        (
+            json!([{"op": "add", "value": {"members": [{"value": U1}]}}]),
+            false,
+        ),
+    ];
+    for (ops, taken) in cases {
+        let patch = body(ops);
+        let result = parse_patch(ResourceKind::Group, &patch)
+            .and_then(|o| apply_patch(ResourceKind::Group, &group(), &o));
+        assert_eq!(
+            same_without_the_resource(ResourceKind::Group, &group(), &patch, &result),
+            taken,
+            "{patch}"
+        );
+    }
+    // Users have no members: never taken.
+    let patch = body(json!([{"op": "replace", "path": "displayName", "value": "x"}]));
+    let ops = parse_patch(ResourceKind::User, &patch).unwrap();
+    assert!(member_changes_only(ResourceKind::User, &ops).is_none());
 }
 
 fn user() -> Value {

@@ -356,7 +356,6 @@ impl PostgresStore {
         let plan = common::list_plan(kind, q, Dialect::Postgres);
         let (where_sql, binds, read) = (&plan.where_sql, &plan.binds[..], plan.read);
         if let Some(col) = plan.sql_sort {
-            let mut conn = self.pool.acquire().await?;
             let mut resources = Vec::new();
             let mut total = None;
             if q.count > 0 {
@@ -368,14 +367,24 @@ impl PostgresStore {
                     q.count,
                     q.offset
                 );
-                let rows = bind_all(sqlx::query(AssertSqlSafe(sql)), binds)
-                    .fetch_all(&mut *conn)
-                    .await?;
+                let rows = match (&self.lookups, binds) {
+                    // The lookup every IdP sends before a create: shared with its peers.
+                    (Some(lookups), [Bind::Text(value)])
+                        if !read.members && lookups::batchable(&sql) =>
+                    {
+                        lookups.fetch(sql, value.clone()).await?
+                    }
+                    _ => {
+                        bind_all(sqlx::query(AssertSqlSafe(sql)), binds)
+                            .fetch_all(&self.pool)
+                            .await?
+                    }
+                };
                 total = common::total_from_page(q, rows.len());
                 for row in &rows {
                     let mut r = row_to_resource(kind, row, read.groups)?;
                     if read.members {
-                        r.members = Some(load_members(&mut *conn, &r.id).await?);
+                        r.members = Some(load_members(&self.pool, &r.id).await?);
                     }
                     resources.push(r);
                 }
@@ -385,7 +394,7 @@ impl PostgresStore {
                 None => {
                     let count_sql = format!("SELECT COUNT(*) FROM {} t{where_sql}", table(kind));
                     let n: i64 = bind_all(sqlx::query(AssertSqlSafe(count_sql)), binds)
-                        .fetch_one(&mut *conn)
+                        .fetch_one(&self.pool)
                         .await?
                         .try_get(0)?;
                     usize::try_from(n).unwrap_or(0)
@@ -515,6 +524,67 @@ async fn touch(
     }
 }
 
+/// A PATCH that adds one member who is a user (how Okta and Entra push a membership), in one
+/// round trip: the group's row locked (as [`current_version`]), the version checked against
+/// `expected_version`, the user found and share-locked (as [`add_member`]), the membership
+/// inserted unless it is there, and, only when it was inserted, the group's version and time
+/// moved (as [`touch`]); the group comes back as a write reads it back. `None` when the member
+/// is not a user: the general path then tries the other types.
+async fn add_user_member<'a>(
+    tx: &mut Tx,
+    now: &str,
+    id: &'a str,
+    expected_version: Option<i64>,
+    m: &NewMember,
+) -> StoreResult<Option<(Option<Record<'a>>, Option<Resource>)>> {
+    let row = sqlx::query(
+        "WITH g AS (SELECT t.id, t.created, t.last_modified, t.version, t.data FROM groups t \
+           WHERE t.id = $1 FOR UPDATE), \
+         m AS (SELECT id FROM users WHERE id = $2 FOR SHARE), \
+         ins AS (INSERT INTO group_members (group_id, member_id, member_type, display) \
+           SELECT g.id, m.id, $3, $4 FROM g, m WHERE $6::bigint IS NULL OR g.version = $6 \
+           ON CONFLICT DO NOTHING RETURNING 1), \
+         up AS (UPDATE groups t SET last_modified = $5, version = t.version + 1 \
+           WHERE t.id = $1 AND EXISTS (SELECT 1 FROM ins) RETURNING t.last_modified, t.version) \
+         SELECT g.id, g.created, COALESCE(up.last_modified, g.last_modified) AS last_modified, \
+           COALESCE(up.version, g.version) AS version, g.data, g.version AS was, \
+           EXISTS (SELECT 1 FROM m) AS found, up.version IS NOT NULL AS added \
+         FROM g LEFT JOIN up ON true",
+    )
+    .bind(id)
+    .bind(&m.value)
+    .bind(MemberType::User.as_str())
+    .bind(&m.display)
+    .bind(now)
+    .bind(expected_version)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let row = row.ok_or(StoreError::NotFound)?;
+    let was: i64 = row.try_get("was")?;
+    if expected_version.is_some_and(|v| v != was) {
+        return Err(StoreError::PreconditionFailed);
+    }
+    if !row.try_get::<bool, _>("found")? {
+        return match m.ty {
+            Some(MemberType::User) => Err(common::missing_member_error(&m.value)),
+            _ => Ok(None),
+        };
+    }
+    let group = row_to_resource(ResourceKind::Group, &row, false)?;
+    if !row.try_get::<bool, _>("added")? {
+        // Already a member: nothing changed (no version bump, no audit noise).
+        return Ok(Some((None, Some(group))));
+    }
+    let record = Record::patched(
+        ResourceKind::Group,
+        id,
+        false,
+        vec![m.value.clone()],
+        vec![],
+    );
+    Ok(Some((Some(record), Some(group))))
+}
+
 /// [`Resources::update`] inside `tx`. Returns whether anything changed (nothing: no version bump,
 /// no audit noise, nothing for TeamCity).
 #[allow(clippy::too_many_arguments)]
@@ -528,6 +598,13 @@ async fn update_in<'a>(
     members: &[MembershipChange],
 ) -> StoreResult<(Option<Record<'a>>, Option<Resource>)> {
     let ts = timefmt::format(now);
+    if let (ResourceKind::Group, None, [MembershipChange::Add(list)]) = (kind, attrs, members)
+        && let [m] = list.as_slice()
+        && m.ty != Some(MemberType::Group)
+        && let Some(done) = add_user_member(tx, &ts, id, expected_version, m).await?
+    {
+        return Ok(done);
+    }
     let version = current_version(tx, kind, id).await?;
     if expected_version.is_some_and(|v| v != version) {
         return Err(StoreError::PreconditionFailed);
