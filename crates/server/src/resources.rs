@@ -34,6 +34,57 @@ fn retry_pause() -> std::time::Duration {
 /// Largest group whose members a PATCH response lists without being asked.
 pub(crate) const PATCH_INLINE_MEMBERS_MAX: usize = 100;
 
+/// How long a group counted above [`PATCH_INLINE_MEMBERS_MAX`] is taken to still be: the
+/// PATCHes of a burst to one group (how Okta pushes a group) are answered without counting its
+/// members each time.
+const LARGE_GROUP_FOR: std::time::Duration = std::time::Duration::from_secs(5);
+/// Most groups remembered as large (those seen longer ago are forgotten first).
+const LARGE_GROUPS_MAX: usize = 10_000;
+
+/// Groups lately counted above [`PATCH_INLINE_MEMBERS_MAX`] members. It only chooses the shape
+/// of a PATCH response: a group taken as large that has since shrunk is answered without its
+/// members (which any client may GET), and a group not remembered is counted. What a response
+/// lists is always read fresh.
+#[derive(Debug, Default)]
+pub(crate) struct LargeGroups {
+    seen: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+}
+
+impl LargeGroups {
+    /// Whether `id` was counted large within [`LARGE_GROUP_FOR`] before `now`.
+    fn recently(&self, id: &str, now: std::time::Instant) -> bool {
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.get(id)
+            .is_some_and(|at| now.saturating_duration_since(*at) < LARGE_GROUP_FOR)
+    }
+
+    /// `id` was counted large at `now`.
+    fn note(&self, id: &str, now: std::time::Instant) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() >= LARGE_GROUPS_MAX {
+            seen.retain(|_, at| now.saturating_duration_since(*at) < LARGE_GROUP_FOR);
+            if seen.len() >= LARGE_GROUPS_MAX {
+                seen.clear();
+            }
+        }
+        seen.insert(id.to_owned(), now);
+    }
+
+    /// Whether `id` has more than [`PATCH_INLINE_MEMBERS_MAX`] members: remembered, or counted.
+    async fn exceeds(&self, store: &store::DynStore, id: &str) -> store::StoreResult<bool> {
+        if self.recently(id, std::time::Instant::now()) {
+            return Ok(true);
+        }
+        let large = store
+            .member_count_exceeds(id, PATCH_INLINE_MEMBERS_MAX)
+            .await?;
+        if large {
+            self.note(id, std::time::Instant::now());
+        }
+        Ok(large)
+    }
+}
+
 fn read_opts(kind: ResourceKind, proj: &Projection) -> ReadOpts {
     ReadOpts {
         members: kind == ResourceKind::Group && proj.keeps("members"),
@@ -244,10 +295,8 @@ pub(crate) async fn patch(
     let mut patch_proj = proj.clone();
     if kind == ResourceKind::Group
         && !proj.requests("members")
-        && state
-            .store
-            .member_count_exceeds(id, PATCH_INLINE_MEMBERS_MAX)
-            .await?
+        && read_opts(kind, proj).members
+        && state.large_groups.exceeds(&state.store, id).await?
     {
         patch_proj.excluded.push(AttrPath::simple("members"));
     }
@@ -704,4 +753,34 @@ pub(crate) async fn search_all(state: &AppState, base: &str, p: &ListParams) -> 
         add_cursors(&mut body, offset, count, n, total, fp, now);
     }
     Ok(Reply::ok(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_group_counted_large_is_taken_as_large_for_a_few_seconds_only() {
+        let g = LargeGroups::default();
+        let t0 = std::time::Instant::now();
+        let at = |d: std::time::Duration| t0 + d;
+        let ms = std::time::Duration::from_millis;
+        assert!(!g.recently("a", t0), "never counted");
+        g.note("a", t0);
+        assert!(g.recently("a", t0));
+        assert!(!g.recently("b", t0));
+        assert!(g.recently("a", at(LARGE_GROUP_FOR - ms(1))));
+        assert!(
+            !g.recently("a", at(LARGE_GROUP_FOR)),
+            "counted again after {LARGE_GROUP_FOR:?}"
+        );
+        // Bounded: the stale are forgotten first, then everything.
+        for i in 0..LARGE_GROUPS_MAX - 1 {
+            g.note(&i.to_string(), t0);
+        }
+        let later = at(LARGE_GROUP_FOR + ms(1));
+        g.note("last", later);
+        assert!(g.recently("last", later));
+        assert_eq!(g.seen.lock().unwrap().len(), 1, "the stale were forgotten");
+    }
 }

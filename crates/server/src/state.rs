@@ -53,6 +53,8 @@ pub struct AppState {
     /// Pull mode: the directory comes from the IdP's API, and SCIM writes answer 405 with this
     /// reason (reads keep working).
     pub read_only: Option<std::sync::Arc<str>>,
+    /// Groups lately counted too large to list in a PATCH response.
+    pub(crate) large_groups: std::sync::Arc<crate::resources::LargeGroups>,
 }
 
 /// A check `/healthz/ready` asks: `None` when ready, else the reason.
@@ -77,6 +79,7 @@ impl AppState {
             lookups: std::sync::Arc::default(),
             readiness: None,
             read_only: None,
+            large_groups: std::sync::Arc::default(),
         }
     }
 }

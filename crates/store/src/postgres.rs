@@ -344,35 +344,50 @@ async fn append_event(
     Ok(ev)
 }
 
+/// The columns of `audit_events`, in the order [`bind_events`] binds them.
+const EVENT_COLS: &str = "seq, time, actor, request_id, resource_type, resource_id, operation, \
+     outcome, status, detail, prev_hash, hash";
+/// Events as rows: the arrays [`bind_events`] binds as `$1`–`$12`.
+const EVENT_ROWS: &str = "SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], \
+     $5::text[], $6::text[], $7::text[], $8::text[], $9::bigint[], $10::text[], $11::text[], $12::text[])";
+
+/// Binds `events` as twelve arrays, one per column ([`EVENT_COLS`]), as `$1`–`$12`.
+fn bind_events<'q>(
+    q: sqlx::query::Query<'q, Postgres, PgArguments>,
+    events: &[AuditEvent],
+) -> sqlx::query::Query<'q, Postgres, PgArguments> {
+    let col = |f: fn(&AuditEvent) -> String| events.iter().map(f).collect::<Vec<String>>();
+    let opt = |f: fn(&AuditEvent) -> Option<String>| {
+        events.iter().map(f).collect::<Vec<Option<String>>>()
+    };
+    q.bind(events.iter().map(|e| e.seq).collect::<Vec<i64>>())
+        .bind(col(|e| e.time.clone()))
+        .bind(col(|e| e.actor.clone()))
+        .bind(opt(|e| e.request_id.clone()))
+        .bind(col(|e| e.resource_type.clone()))
+        .bind(opt(|e| e.resource_id.clone()))
+        .bind(col(|e| e.operation.clone()))
+        .bind(col(|e| e.outcome.clone()))
+        .bind(
+            events
+                .iter()
+                .map(|e| e.status)
+                .collect::<Vec<Option<i64>>>(),
+        )
+        .bind(col(|e| e.detail.clone()))
+        .bind(col(|e| e.prev_hash.clone()))
+        .bind(col(|e| e.hash.clone()))
+}
+
 /// Inserts chained events (one statement, arrays unnested) and moves the head to the last.
 async fn insert_events(tx: &mut Tx, events: &[AuditEvent]) -> StoreResult<()> {
     let Some(last) = events.last() else {
         return Ok(());
     };
-    let col = |f: fn(&AuditEvent) -> String| events.iter().map(f).collect::<Vec<String>>();
-    let opt = |f: fn(&AuditEvent) -> Option<String>| {
-        events.iter().map(f).collect::<Vec<Option<String>>>()
-    };
-    sqlx::query(
-        "INSERT INTO audit_events (seq, time, actor, request_id, resource_type, resource_id, operation, \
-         outcome, status, detail, prev_hash, hash) \
-         SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
-         $7::text[], $8::text[], $9::bigint[], $10::text[], $11::text[], $12::text[])",
-    )
-    .bind(events.iter().map(|e| e.seq).collect::<Vec<i64>>())
-    .bind(col(|e| e.time.clone()))
-    .bind(col(|e| e.actor.clone()))
-    .bind(opt(|e| e.request_id.clone()))
-    .bind(col(|e| e.resource_type.clone()))
-    .bind(opt(|e| e.resource_id.clone()))
-    .bind(col(|e| e.operation.clone()))
-    .bind(col(|e| e.outcome.clone()))
-    .bind(events.iter().map(|e| e.status).collect::<Vec<Option<i64>>>())
-    .bind(col(|e| e.detail.clone()))
-    .bind(col(|e| e.prev_hash.clone()))
-    .bind(col(|e| e.hash.clone()))
-    .execute(&mut **tx)
-    .await?;
+    let sql = format!("INSERT INTO audit_events ({EVENT_COLS}) {EVENT_ROWS}");
+    bind_events(sqlx::query(AssertSqlSafe(sql)), events)
+        .execute(&mut **tx)
+        .await?;
     sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
         .bind(last.seq)
         .bind(&last.hash)
@@ -482,42 +497,52 @@ impl BatchTx {
         Ok(())
     }
 
-    /// Appends what was recorded and commits.
+    /// Appends what was recorded and commits: the events, the outbox rows (in the order they
+    /// were recorded), the chain head, the resource generation and the `NOTIFY` (when a resource
+    /// changed: every replica's lookup cache must see it, and every replica's worker may wake
+    /// up now; delivered on commit) in one statement, then the commit.
     async fn commit(mut self) -> StoreResult<()> {
-        insert_events(&mut self.tx, &self.events).await?;
-        if !self.outbox.is_empty() {
-            let col = |f: fn(&PendingOutbox) -> &str| {
-                self.outbox
-                    .iter()
-                    .map(|o| f(o).to_owned())
-                    .collect::<Vec<String>>()
-            };
-            sqlx::query(
-                "INSERT INTO outbox (entity_type, entity_id, operation, detail, audit_seq, created, \
-                 next_attempt_at, linked) \
-                 SELECT u.t, u.i, u.o, u.d, u.s, u.c, u.c, \
-                 CASE WHEN EXISTS (SELECT 1 FROM mappings WHERE kind = u.t AND scim_id = u.i) THEN 1 ELSE 0 END \
-                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[]) \
-                 WITH ORDINALITY AS u(t, i, o, d, s, c, n) ORDER BY u.n",
-            )
+        // Every outbox row was recorded with its event: no events, no rows.
+        let Some(last) = self.events.last() else {
+            return Ok(self.tx.commit().await?);
+        };
+        let sql = format!(
+            "WITH ev AS (INSERT INTO audit_events ({EVENT_COLS}) {EVENT_ROWS}), \
+             ob AS (INSERT INTO outbox (entity_type, entity_id, operation, detail, audit_seq, \
+               created, next_attempt_at, linked) \
+               SELECT u.t, u.i, u.o, u.d, u.s, u.c, u.c, \
+               CASE WHEN EXISTS (SELECT 1 FROM mappings WHERE kind = u.t AND scim_id = u.i) \
+               THEN 1 ELSE 0 END \
+               FROM UNNEST($13::text[], $14::text[], $15::text[], $16::text[], $17::bigint[], \
+               $18::text[]) WITH ORDINALITY AS u(t, i, o, d, s, c, n) ORDER BY u.n), \
+             hd AS (UPDATE audit_head SET seq = $19, hash = $20, \
+               resource_gen = resource_gen + $21 WHERE id = 1) \
+             SELECT pg_notify($22, '') WHERE $21 > 0"
+        );
+        let col = |f: fn(&PendingOutbox) -> &str| {
+            self.outbox
+                .iter()
+                .map(|o| f(o).to_owned())
+                .collect::<Vec<String>>()
+        };
+        bind_events(sqlx::query(AssertSqlSafe(sql)), &self.events)
             .bind(col(|o| &o.entity_type))
             .bind(col(|o| &o.entity_id))
             .bind(col(|o| &o.operation))
             .bind(col(|o| &o.detail))
-            .bind(self.outbox.iter().map(|o| o.audit_seq).collect::<Vec<i64>>())
+            .bind(
+                self.outbox
+                    .iter()
+                    .map(|o| o.audit_seq)
+                    .collect::<Vec<i64>>(),
+            )
             .bind(col(|o| &o.time))
+            .bind(last.seq)
+            .bind(&last.hash)
+            .bind(i64::from(!self.outbox.is_empty()))
+            .bind(OUTBOX_CHANNEL)
             .execute(&mut *self.tx)
             .await?;
-            // A SCIM resource changed: every replica's lookup cache must see it, and every
-            // replica's worker may wake up now (delivered on commit).
-            sqlx::query("UPDATE audit_head SET resource_gen = resource_gen + 1 WHERE id = 1")
-                .execute(&mut *self.tx)
-                .await?;
-            sqlx::query("SELECT pg_notify($1, '')")
-                .bind(OUTBOX_CHANNEL)
-                .execute(&mut *self.tx)
-                .await?;
-        }
         Ok(self.tx.commit().await?)
     }
 }
