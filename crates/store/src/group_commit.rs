@@ -6,7 +6,8 @@
 //! of one write. So concurrent resource commands (create, replace, update, delete) are queued to
 //! one writer task per process, which runs whatever is waiting — up to [`MAX_BATCH`] — in one
 //! transaction (a command that fails is rolled back alone and answered with its own error: see
-//! [`batch`]), commits once, and only then answers every command of the batch. A command alone in the queue is a batch of one: nothing waits for company.
+//! [`batch`]), commits once, and only then answers every command of the batch. A command alone
+//! in the queue is a batch of one: nothing waits for company.
 //!
 //! Each backend supplies the statements ([`Writer`]): SQLite's transaction is `BEGIN
 //! IMMEDIATE`; PostgreSQL's takes the audit chain head's row lock first, so a batch's row locks

@@ -419,8 +419,9 @@ async fn a_generation_read_asked_after_a_write_sees_it_while_other_reads_are_in_
 }
 
 /// Concurrent exact lookups share statements on PostgreSQL (`postgres::lookups`): each still
-/// gets exactly its own answer — names that exist and names that do not, in any case, and
-/// another filter shape (`externalId`) in the same burst — and a lookup asked after a write on
+/// gets exactly its own answer — names that exist and names that do not, in any case, another
+/// filter shape (`externalId`) in the same burst, and several rows for one value in their
+/// page's order (creation order, or `sortBy` descending) — and a lookup asked after a write on
 /// another replica sees it while other lookups are in flight.
 #[tokio::test]
 async fn concurrent_lookups_each_get_their_own_answer() {
@@ -441,11 +442,33 @@ async fn concurrent_lookups_each_get_their_own_answer() {
             .unwrap();
         ids.push(r.id);
     }
+    // Three users share each of three external ids ("s0".."s2"), created in this order.
+    let mut shared: Vec<Vec<String>> = vec![Vec::new(); 3];
+    for i in 0..9 {
+        let r = d
+            .store
+            .create(
+                &WriteCtx::cli(),
+                ResourceKind::User,
+                json!({"userName": format!("z{}", 9 - i), "externalId": format!("s{}", i % 3), "active": true}),
+                None,
+            )
+            .await
+            .unwrap();
+        shared[i % 3].push(r.id);
+    }
     let ids = Arc::new(ids);
+    let shared = Arc::new(shared);
     let lookup = |s: DynStore, text: String| async move {
+        let (text, sort) = match text.split_once(" sortBy ") {
+            Some((t, by)) => (t.to_owned(), Some(by.to_owned())),
+            None => (text, None),
+        };
         let q = store::ListQuery {
             filter: Some(scim::filter::parse(&text).unwrap()),
             count: 10,
+            sort_by: sort.map(|p| scim::path::AttrPath::simple(&p)),
+            descending: true,
             ..store::ListQuery::default()
         };
         let page = s.list(ResourceKind::User, &q).await.unwrap();
@@ -469,6 +492,25 @@ async fn concurrent_lookups_each_get_their_own_answer() {
                 let got = lookup(s, text.clone()).await;
                 let want: Vec<String> = ids.get(n).cloned().into_iter().collect();
                 assert_eq!(got, want, "{text}");
+            }));
+        }
+        for i in 0..30 {
+            let k = (i + round) % 3;
+            let (text, want) = if i % 2 == 0 {
+                // Creation order, descending.
+                let mut w = shared[k].clone();
+                w.reverse();
+                (format!("externalId eq \"s{k}\""), w)
+            } else {
+                // userName descending: z9, z8, … — creation order.
+                (
+                    format!("externalId eq \"s{k}\" sortBy userName"),
+                    shared[k].clone(),
+                )
+            };
+            let s = d.store.clone();
+            tasks.push(tokio::spawn(async move {
+                assert_eq!(lookup(s, text.clone()).await, want, "{text}");
             }));
         }
         // Meanwhile a name is written on the other replica: looked up after, it is there.

@@ -25,9 +25,11 @@ const WORKERS: usize = 2;
 /// Most lookups one statement carries.
 const MAX_BATCH: usize = 256;
 
-/// A lookup: a query of one text parameter (`$1`, once) and its value.
+/// A lookup: a query of one text parameter (`$1`, once), the order of its rows in terms of its
+/// columns as `x` (`x.lookup_sort ASC, …`), and its value.
 struct Lookup {
     sql: String,
+    order: String,
     value: String,
     reply: oneshot::Sender<StoreResult<Vec<PgRow>>>,
 }
@@ -55,12 +57,24 @@ impl Lookups {
         Lookups { queue }
     }
 
-    /// The rows of `sql` (whose one parameter is `$1`, appearing once) with `$1 = value`.
-    pub(crate) async fn fetch(&self, sql: String, value: String) -> StoreResult<Vec<PgRow>> {
+    /// The rows of `sql` (whose one parameter is `$1`, appearing once) with `$1 = value`, in
+    /// `sql`'s order, which `order` states over its columns (as `x.<column>`): a shared
+    /// statement sorts by lookup, then by `order`.
+    pub(crate) async fn fetch(
+        &self,
+        sql: String,
+        order: String,
+        value: String,
+    ) -> StoreResult<Vec<PgRow>> {
         let (reply, answer) = oneshot::channel();
         let stopped = || StoreError::Unavailable("the lookup workers have stopped".into());
         self.queue
-            .send(Lookup { sql, value, reply })
+            .send(Lookup {
+                sql,
+                order,
+                value,
+                reply,
+            })
             .await
             .map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
@@ -117,8 +131,9 @@ async fn run(pool: &PgPool, sql: &str, lookups: Vec<Lookup>) {
     }
     let joined = format!(
         "SELECT q.n AS lookup_n, x.* FROM UNNEST($1::text[]) WITH ORDINALITY AS q(v, n) \
-         CROSS JOIN LATERAL ({}) x ORDER BY q.n",
-        sql.replacen("$1", "q.v", 1)
+         CROSS JOIN LATERAL ({}) x ORDER BY q.n, {}",
+        sql.replacen("$1", "q.v", 1),
+        lookups[0].order
     );
     let values: Vec<&str> = lookups.iter().map(|l| l.value.as_str()).collect();
     match sqlx::query(AssertSqlSafe(joined))

@@ -330,12 +330,17 @@ where
 }
 
 fn select_sql(kind: ResourceKind, read: ReadOpts) -> String {
+    format!("{} FROM {} t", select_list(kind, read), table(kind))
+}
+
+/// `SELECT` and the columns a resource is read from (over the alias `t`).
+fn select_list(kind: ResourceKind, read: ReadOpts) -> String {
     let groups = if kind == ResourceKind::User && read.groups {
         format!(", {GROUPS_OF_USER} AS groups_json")
     } else {
         String::new()
     };
-    format!("SELECT {USER_COLS}{groups} FROM {} t", table(kind))
+    format!("SELECT {USER_COLS}{groups}")
 }
 
 fn bind_all<'q>(
@@ -368,11 +373,21 @@ impl PostgresStore {
                     q.offset
                 );
                 let rows = match (&self.lookups, binds) {
-                    // The lookup every IdP sends before a create: shared with its peers.
+                    // The lookup every IdP sends before a create: shared with its peers. The
+                    // page's order is carried out of the shared statement in two columns.
                     (Some(lookups), [Bind::Text(value)])
                         if !read.members && lookups::batchable(&sql) =>
                     {
-                        lookups.fetch(sql, value.clone()).await?
+                        let keyed = format!(
+                            "{}, {col} AS lookup_sort, t.seq AS lookup_seq FROM {} t{where_sql} \
+                             ORDER BY {col} {dir}, t.seq {dir} LIMIT {} OFFSET {}",
+                            select_list(kind, read),
+                            table(kind),
+                            q.count,
+                            q.offset
+                        );
+                        let order = format!("x.lookup_sort {dir}, x.lookup_seq {dir}");
+                        lookups.fetch(keyed, order, value.clone()).await?
                     }
                     _ => {
                         bind_all(sqlx::query(AssertSqlSafe(sql)), binds)
