@@ -368,27 +368,41 @@ impl PostgresStore {
             from = due.add_page(rows, page, limit);
         }
         let due = due.list;
-        let mut out = Vec::with_capacity(due.len());
+        // Every entity's due rows leased in one statement; rows another transaction holds are
+        // skipped (it is finishing them right now).
         let sql = format!(
             "UPDATE outbox SET lease_until = $1, leased_by = $2 WHERE id IN ( \
-               SELECT id FROM outbox WHERE entity_type = $3 AND entity_id = $4 AND state = 'pending' \
-               AND (lease_until IS NULL OR lease_until <= $5) FOR UPDATE SKIP LOCKED) \
+               SELECT o.id FROM outbox o \
+               JOIN UNNEST($3::text[], $4::text[]) AS e(t, i) \
+                 ON o.entity_type = e.t AND o.entity_id = e.i \
+               WHERE o.state = 'pending' AND (o.lease_until IS NULL OR o.lease_until <= $5) \
+               FOR UPDATE OF o SKIP LOCKED) \
              RETURNING {ITEM_COLS}"
         );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(&until)
+            .bind(worker)
+            .bind(due.iter().map(|(t, _)| t.clone()).collect::<Vec<String>>())
+            .bind(due.iter().map(|(_, i)| i.clone()).collect::<Vec<String>>())
+            .bind(&now_s)
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut by_entity: std::collections::HashMap<(String, String), Vec<OutboxItem>> =
+            std::collections::HashMap::with_capacity(due.len());
+        for row in &rows {
+            let item = item_row(row)?;
+            by_entity
+                .entry((item.entity_type.clone(), item.entity_id.clone()))
+                .or_default()
+                .push(item);
+        }
+        // In the order the lane chose them.
+        let mut out = Vec::with_capacity(due.len());
         for (entity_type, entity_id) in due {
-            let rows = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
-                .bind(&until)
-                .bind(worker)
-                .bind(&entity_type)
-                .bind(&entity_id)
-                .bind(&now_s)
-                .fetch_all(&mut *tx)
-                .await?;
-            let mut items = rows.iter().map(item_row).collect::<StoreResult<Vec<_>>>()?;
-            if items.is_empty() {
-                // Another transaction is finishing those rows right now.
+            let Some(mut items) = by_entity.remove(&(entity_type.clone(), entity_id.clone()))
+            else {
                 continue;
-            }
+            };
             items.sort_by_key(|i| i.id);
             out.push(ClaimedEntity {
                 entity_type,
