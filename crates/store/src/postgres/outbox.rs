@@ -10,7 +10,7 @@ use super::PostgresStore;
 use super::sync::*;
 use super::*;
 use crate::Outbox;
-use crate::common::{self, parse_time, resource_type};
+use crate::common::{self, Chain, Record, new_event, parse_time, resource_type};
 use crate::{
     ClaimedEntity, FailedItem, OutboxItem, OutboxState, OutboxSummary, StoreError, StoreResult,
     WriteCtx, timefmt,
@@ -100,8 +100,12 @@ impl Outbox for PostgresStore {
     ) -> StoreResult<()> {
         let now = self.now();
         let mut tx = self.begin_write().await?;
+        // The pass's events and one `outbox.complete` per entity, chained in memory and
+        // appended in one statement (three round trips per event before, under the head lock
+        // every SCIM write waits for).
+        let mut chain = Chain::new(ctx, now, chain_head(&mut tx).await?);
         for e in &events {
-            append_audit(&mut tx, ctx, now, e).await?;
+            chain.push(new_event(e));
         }
         let done: Vec<(i64, String, String)> = sqlx::query_as(
             "UPDATE outbox SET state = 'done', lease_until = NULL, finished = $1 \
@@ -117,17 +121,15 @@ impl Outbox for PostgresStore {
         }
         for ((ty, eid), mut ids) in by_entity {
             ids.sort_unstable();
-            note(
-                &mut tx,
-                ctx,
-                now,
+            let r = Record::note(
                 resource_type(&ty),
                 &eid,
                 "outbox.complete",
                 json!({"outbox_ids": ids}),
-            )
-            .await?;
+            );
+            chain.push(r.event());
         }
+        insert_events(&mut tx, &chain.events).await?;
         tx.commit().await?;
         Ok(())
     }
