@@ -255,38 +255,27 @@ async fn batch<W: Writer>(
     careful: bool,
 ) -> StoreResult<(Results, bool, bool)> {
     let now = store.now();
-    if !careful || jobs.len() == 1 {
-        let mut tx = store.begin().await?;
-        let mut results = Vec::with_capacity(jobs.len());
-        let mut any = false;
-        let mut failed = false;
-        for job in jobs {
-            if job.reply.is_closed() {
-                results.push(Err(given_up()));
-                continue;
-            }
-            match one(store, &mut tx, job, now).await {
-                Ok((r, changed)) => {
-                    any |= changed;
-                    results.push(Ok(r));
-                }
-                Err(e) if jobs.len() == 1 => {
-                    drop(tx);
-                    return Ok((vec![Err(e)], false, true));
-                }
-                Err(_) => {
-                    failed = true;
-                    break;
-                }
-            }
-        }
-        if !failed {
-            W::commit(tx).await?;
-            return Ok((results, any, false));
-        }
-        // Dropped: rolled back (sqlx sends the rollback before the connection's next use).
-        drop(tx);
+    if (!careful || jobs.len() == 1)
+        && let Some(done) = attempt(store, jobs, now, false).await?
+    {
+        return Ok(done);
     }
+    attempt(store, jobs, now, true)
+        .await?
+        .ok_or_else(|| StoreError::Other("a batch in savepoints did not finish".into()))
+}
+
+/// One run of `jobs` in one transaction. With `savepoints`, each command runs in its own, a
+/// failing one is undone alone, and the run always finishes (`Some`). Without, a failing command
+/// ends the run: the transaction is dropped (rolled back: sqlx sends the rollback before the
+/// connection's next use) and the run gives `None` — except for a batch of one, answered with
+/// its error.
+async fn attempt<W: Writer>(
+    store: &W,
+    jobs: &[Job],
+    now: OffsetDateTime,
+    savepoints: bool,
+) -> StoreResult<Option<(Results, bool, bool)>> {
     let mut tx = store.begin().await?;
     let mut results = Vec::with_capacity(jobs.len());
     let (mut any, mut failed) = (false, false);
@@ -297,22 +286,28 @@ async fn batch<W: Writer>(
             results.push(Err(given_up()));
             continue;
         }
-        W::savepoint(&mut tx).await?;
+        if savepoints {
+            W::savepoint(&mut tx).await?;
+        }
         match one(store, &mut tx, job, now).await {
             Ok((r, changed)) => {
-                W::keep(&mut tx).await?;
+                if savepoints {
+                    W::keep(&mut tx).await?;
+                }
                 any |= changed;
                 results.push(Ok(r));
             }
-            Err(e) => {
+            Err(e) if savepoints => {
                 W::undo(&mut tx).await?;
                 failed = true;
                 results.push(Err(e));
             }
+            Err(e) if jobs.len() == 1 => return Ok(Some((vec![Err(e)], false, true))),
+            Err(_) => return Ok(None),
         }
     }
     W::commit(tx).await?;
-    Ok((results, any, failed))
+    Ok(Some((results, any, failed)))
 }
 
 fn given_up() -> StoreError {

@@ -284,10 +284,6 @@ impl PostgresStore {
     }
 }
 
-/// Says so when the server runs without autovacuum. Every write rewrites the audit chain's head
-/// row and the outbox rows change state as they are applied; without vacuuming, their dead
-/// versions pile up and every write and claim slows down (a 100,000-user first load went from
-/// hundreds of rows a second to tens: docs/BENCHMARKS.md).
 /// A pool of `size` connections. A connection idle for more than a second is pinged before it
 /// is handed out (one that died with its server is replaced, not failed on); one in steady use
 /// is not — sqlx's default pings every time, a round trip more for every query.
@@ -306,6 +302,10 @@ fn pool_options(size: u32) -> PgPoolOptions {
         })
 }
 
+/// Says so when the server runs without autovacuum. Every write rewrites the audit chain's head
+/// row and the outbox rows change state as they are applied; without vacuuming, their dead
+/// versions pile up and every write and claim slows down (a 100,000-user first load went from
+/// hundreds of rows a second to tens: docs/BENCHMARKS.md).
 async fn warn_without_autovacuum(pool: &PgPool, shown: &str) {
     let setting: Result<(String,), _> = sqlx::query_as("SELECT current_setting('autovacuum')")
         .fetch_one(pool)
