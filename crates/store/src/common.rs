@@ -4,7 +4,7 @@
 //! list filters and sorts in memory, mapping diffs and the prune replay (with the checkpoint's
 //! signature) are written once here; the backends only read and write rows.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use scim::AttrPath;
 use scim::filter::{self, Filter};
@@ -17,8 +17,8 @@ use crate::audit::{AuditEvent, Checkpoint, GENESIS_HASH, link_error};
 use crate::sql_filter::{self, Bind, Dialect};
 use crate::{
     AuditEntry, GroupRef, HeldState, ListPage, ListQuery, MappingLink, MemberRef, MemberType,
-    ReadOpts, Resource, RetryPolicy, StoreError, StoreResult, TokenRecord, TokenScope, WriteCtx,
-    backoff, timefmt,
+    NewMember, ReadOpts, Resource, RetryPolicy, StoreError, StoreResult, TokenRecord, TokenScope,
+    WriteCtx, backoff, timefmt,
 };
 
 /// Which due entities an outbox claim takes first (the SQL is the same on both backends).
@@ -232,11 +232,81 @@ pub(crate) fn missing_member_error(value: &str) -> StoreError {
 }
 
 /// The types to try for a member, in order.
-pub(crate) fn member_candidates(ty: Option<MemberType>) -> Vec<MemberType> {
+fn member_candidates(ty: Option<MemberType>) -> &'static [MemberType] {
     match ty {
-        Some(t) => vec![t],
-        None => vec![MemberType::User, MemberType::Group],
+        Some(MemberType::User) => &[MemberType::User],
+        Some(MemberType::Group) => &[MemberType::Group],
+        None => &[MemberType::User, MemberType::Group],
     }
+}
+
+/// The ids of new members that may be users: what a backend looks up in its users table (in
+/// one statement) before [`resolve_members`].
+pub(crate) fn maybe_users(list: &[NewMember]) -> Vec<&str> {
+    list.iter()
+        .filter(|m| m.ty != Some(MemberType::Group))
+        .map(|m| m.value.as_str())
+        .collect()
+}
+
+/// The ids of new members that may be groups once `users` (the ids found among
+/// [`maybe_users`]) are known: a member without a type is a group only if it is no user.
+pub(crate) fn maybe_groups<'a>(list: &'a [NewMember], users: &HashSet<String>) -> Vec<&'a str> {
+    list.iter()
+        .filter(|m| match m.ty {
+            Some(MemberType::Group) => true,
+            Some(MemberType::User) => false,
+            None => !users.contains(&m.value),
+        })
+        .map(|m| m.value.as_str())
+        .collect()
+}
+
+/// A group's new members with their types, in the order given and each id once (its first
+/// mention, display included, as one insert after another would have kept), from the ids found
+/// in the users and groups tables. The error is the one the first failing member in the list
+/// gets: a group given as a member of itself, or a member that exists as none of its types.
+pub(crate) fn resolve_members<'a>(
+    group_id: &str,
+    list: &'a [NewMember],
+    users: &HashSet<String>,
+    groups: &HashSet<String>,
+) -> StoreResult<Vec<(&'a NewMember, MemberType)>> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::with_capacity(list.len());
+    'members: for m in list {
+        for &t in member_candidates(m.ty) {
+            if t == MemberType::Group && m.value == group_id {
+                return Err(self_member_error());
+            }
+            let found = match t {
+                MemberType::User => users,
+                MemberType::Group => groups,
+            };
+            if found.contains(&m.value) {
+                if seen.insert(m.value.as_str()) {
+                    out.push((m, t));
+                }
+                continue 'members;
+            }
+        }
+        return Err(missing_member_error(&m.value));
+    }
+    Ok(out)
+}
+
+/// The ids of `asked` (in its order, each once) that a statement reports it changed: the
+/// members added or removed, in the order a statement per id would have found them.
+pub(crate) fn in_order_of<'a>(
+    asked: impl IntoIterator<Item = &'a str>,
+    changed: &HashSet<String>,
+) -> Vec<String> {
+    let mut seen = HashSet::new();
+    asked
+        .into_iter()
+        .filter(|id| changed.contains(*id) && seen.insert(*id))
+        .map(str::to_owned)
+        .collect()
 }
 
 /// A user's groups from the JSON array (`[{value, display}]`) the read query aggregates.

@@ -757,6 +757,184 @@ async fn membership_updates_apply_at_any_version_on(d: Db) {
 }
 
 both!(
+    membership_changes_of_many_members_keep_their_order_and_first_mentions,
+    membership_changes_of_many_members_keep_their_order_and_first_mentions_on
+);
+/// Membership changes name many members at once (an IdP's group create, a PATCH with a list):
+/// what is added and removed is reported in the order the change names it, each id once, a
+/// member mentioned twice keeps its first mention, and a failing member fails the whole change
+/// with the first failure in the list.
+async fn membership_changes_of_many_members_keep_their_order_and_first_mentions_on(d: Db) {
+    let s = &d.store;
+    let mut ids = vec![];
+    for i in 0..300 {
+        ids.push(
+            s.create(
+                &ctx(),
+                ResourceKind::User,
+                user(&format!("many{i:03}")),
+                None,
+            )
+            .await
+            .unwrap()
+            .id,
+        );
+    }
+    let sub = s
+        .create(&ctx(), ResourceKind::Group, group("many-sub"), None)
+        .await
+        .unwrap();
+    let last_detail = || async {
+        let outbox = s.outbox_items(0, 100_000).await.unwrap();
+        serde_json::from_str::<Value>(&outbox.last().unwrap().detail).unwrap()
+    };
+    let with_display = |id: &str, display: &str| NewMember {
+        value: id.to_owned(),
+        ty: None,
+        display: Some(display.to_owned()),
+    };
+    // Created with its members in reverse order, one of them twice, and an untyped group.
+    let mut list: Vec<NewMember> = ids.iter().rev().map(|i| member(i)).collect();
+    list[0] = with_display(&ids[299], "first");
+    list.push(with_display(&ids[299], "second"));
+    list.push(member(&sub.id));
+    let g = s
+        .create(&ctx(), ResourceKind::Group, group("many"), Some(list))
+        .await
+        .unwrap();
+    let mut want_added: Vec<String> = ids.iter().rev().cloned().collect();
+    want_added.push(sub.id.clone());
+    let created = last_detail().await;
+    let added: Vec<String> = created["added"]
+        .as_array()
+        .map(|a| a.iter().map(|v| v.as_str().unwrap().to_owned()).collect())
+        .unwrap_or_else(|| panic!("a create names what it added: {created}"));
+    assert_eq!(added, want_added, "in the order given, each once");
+    let read = s
+        .get(
+            ResourceKind::Group,
+            &g.id,
+            ReadOpts {
+                members: true,
+                groups: false,
+            },
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let members = read.members.unwrap();
+    assert_eq!(members.len(), 301);
+    let m299 = members.iter().find(|m| m.value == ids[299]).unwrap();
+    assert_eq!(
+        m299.display.as_deref(),
+        Some("first"),
+        "the first mention is kept"
+    );
+    let msub = members.iter().find(|m| m.value == sub.id).unwrap();
+    assert_eq!(msub.ty, MemberType::Group, "an untyped id that is a group");
+
+    // The first failing member of the list is the one named; nothing of the change lands.
+    let (audit_before, outbox_before) = counts(s).await;
+    let typed_user_that_is_a_group = NewMember {
+        value: sub.id.clone(),
+        ty: Some(MemberType::User),
+        display: None,
+    };
+    for (change, named) in [
+        (vec![member("missing-1"), member("missing-2")], "missing-1"),
+        (
+            vec![
+                member(&ids[0]),
+                typed_user_that_is_a_group,
+                member("missing-3"),
+            ],
+            sub.id.as_str(),
+        ),
+    ] {
+        let e = s
+            .update_members(
+                &ctx(),
+                &g.id,
+                &[
+                    MembershipChange::Remove(vec![ids[5].clone()]),
+                    MembershipChange::Add(change),
+                ],
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, StoreError::Invalid(ref m) if m.contains(named)),
+            "{named}: {e:?}"
+        );
+    }
+    let e = s
+        .update_members(
+            &ctx(),
+            &g.id,
+            &[MembershipChange::Add(vec![
+                member(&ids[1]),
+                NewMember {
+                    value: g.id.clone(),
+                    ty: None,
+                    display: None,
+                },
+                member("missing-4"),
+            ])],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, StoreError::Invalid(ref m) if m.contains("itself")),
+        "{e:?}"
+    );
+    assert_eq!(counts(s).await, (audit_before, outbox_before));
+    assert_eq!(s.member_count(&g.id).await.unwrap(), 301);
+
+    // Removals in the order named, each once; ids not there are not reported.
+    s.update_members(
+        &ctx(),
+        &g.id,
+        &[MembershipChange::Remove(vec![
+            ids[7].clone(),
+            "absent".into(),
+            ids[3].clone(),
+            ids[7].clone(),
+            ids[250].clone(),
+        ])],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        last_detail().await,
+        json!({"added": [], "removed": [ids[7], ids[3], ids[250]]})
+    );
+    // A replacement removes the rest in id order and adds the new in the order given.
+    s.update_members(
+        &ctx(),
+        &g.id,
+        &[MembershipChange::ReplaceAll(vec![
+            member(&ids[9]),
+            member(&ids[7]),
+            member(&ids[3]),
+        ])],
+    )
+    .await
+    .unwrap();
+    let mut want_removed: Vec<String> = ids
+        .iter()
+        .filter(|i| ![&ids[9], &ids[7], &ids[3], &ids[250]].contains(i))
+        .cloned()
+        .chain([sub.id.clone()])
+        .collect();
+    want_removed.sort();
+    assert_eq!(
+        last_detail().await,
+        json!({"added": [ids[7], ids[3]], "removed": want_removed})
+    );
+    assert_eq!(s.member_count(&g.id).await.unwrap(), 3);
+}
+
+both!(
     a_batch_is_all_or_nothing_with_its_cursor,
     a_batch_is_all_or_nothing_with_its_cursor_on
 );

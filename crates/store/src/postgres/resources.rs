@@ -1,5 +1,7 @@
 //! [`Resources`](crate::Resources) on PostgreSQL.
 
+use std::collections::HashSet;
+
 use super::*;
 use crate::Resources;
 
@@ -190,7 +192,25 @@ async fn check_unique(
     }
 }
 
-/// Applies one membership change; returns the ids added and removed.
+/// The ids among `ids` that exist as resources of type `ty`, in one statement, share-locked
+/// until commit (in id order, so two such lookups never wait on each other in a cycle): a
+/// concurrent delete of a member waits for this transaction and then removes the membership it
+/// added, never the other way round.
+async fn existing(tx: &mut Tx, ty: MemberType, ids: &[&str]) -> StoreResult<HashSet<String>> {
+    if ids.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let sql = match ty {
+        MemberType::User => "SELECT id FROM users WHERE id = ANY($1) ORDER BY id FOR SHARE",
+        MemberType::Group => "SELECT id FROM groups WHERE id = ANY($1) ORDER BY id FOR SHARE",
+    };
+    let rows: Vec<(String,)> = sqlx::query_as(sql).bind(ids).fetch_all(&mut **tx).await?;
+    Ok(rows.into_iter().map(|(id,)| id).collect())
+}
+
+/// Applies one membership change, each in one or two statements whatever the number of
+/// members; the ids added and removed go to `added` and `removed`, in the order the change
+/// names them (a removal of all: in id order, as on SQLite).
 async fn apply_members(
     tx: &mut Tx,
     group_id: &str,
@@ -201,17 +221,16 @@ async fn apply_members(
     match change {
         MembershipChange::Add(list) => add_members(tx, group_id, list, added).await?,
         MembershipChange::Remove(ids) => {
-            for id in ids {
-                let r =
-                    sqlx::query("DELETE FROM group_members WHERE group_id = $1 AND member_id = $2")
-                        .bind(group_id)
-                        .bind(id)
-                        .execute(&mut **tx)
-                        .await?;
-                if r.rows_affected() > 0 {
-                    removed.push(id.clone());
-                }
-            }
+            let gone: Vec<(String,)> = sqlx::query_as(
+                "DELETE FROM group_members WHERE group_id = $1 AND member_id = ANY($2) \
+                 RETURNING member_id",
+            )
+            .bind(group_id)
+            .bind(ids)
+            .fetch_all(&mut **tx)
+            .await?;
+            let gone = gone.into_iter().map(|(id,)| id).collect();
+            removed.extend(common::in_order_of(ids.iter().map(String::as_str), &gone));
         }
         MembershipChange::RemoveAll | MembershipChange::ReplaceAll(_) => {
             let keep: Vec<&str> = match change {
@@ -220,23 +239,16 @@ async fn apply_members(
                 }
                 _ => vec![],
             };
-            // The order SQLite returns them in (its primary key order).
-            let current: Vec<(String,)> = sqlx::query_as(
-                "SELECT member_id FROM group_members WHERE group_id = $1 ORDER BY member_id",
+            let mut gone: Vec<(String,)> = sqlx::query_as(
+                "DELETE FROM group_members WHERE group_id = $1 AND NOT (member_id = ANY($2)) \
+                 RETURNING member_id",
             )
             .bind(group_id)
+            .bind(&keep)
             .fetch_all(&mut **tx)
             .await?;
-            for (id,) in current {
-                if !keep.contains(&id.as_str()) {
-                    sqlx::query("DELETE FROM group_members WHERE group_id = $1 AND member_id = $2")
-                        .bind(group_id)
-                        .bind(&id)
-                        .execute(&mut **tx)
-                        .await?;
-                    removed.push(id);
-                }
-            }
+            gone.sort_unstable();
+            removed.extend(gone.into_iter().map(|(id,)| id));
             if let MembershipChange::ReplaceAll(list) = change {
                 add_members(tx, group_id, list, added).await?;
             }
@@ -245,57 +257,38 @@ async fn apply_members(
     Ok(())
 }
 
-/// Adds members (each checked to exist, see [`add_member`]); the ids added go to `added`.
+/// Adds members, each checked to exist and share-locked ([`existing`], then
+/// [`common::resolve_members`]), in at most three statements: the users and the groups among
+/// them looked up, then the rows inserted unless there.
 async fn add_members(
     tx: &mut Tx,
     group_id: &str,
     list: &[NewMember],
     added: &mut Vec<String>,
 ) -> StoreResult<()> {
-    for m in list {
-        if add_member(tx, group_id, m).await? {
-            added.push(m.value.clone());
-        }
+    if list.is_empty() {
+        return Ok(());
     }
+    let users = existing(tx, MemberType::User, &common::maybe_users(list)).await?;
+    let groups = existing(tx, MemberType::Group, &common::maybe_groups(list, &users)).await?;
+    let rows = common::resolve_members(group_id, list, &users, &groups)?;
+    let ids: Vec<&str> = rows.iter().map(|(m, _)| m.value.as_str()).collect();
+    let types: Vec<&str> = rows.iter().map(|(_, t)| t.as_str()).collect();
+    let displays: Vec<Option<&str>> = rows.iter().map(|(m, _)| m.display.as_deref()).collect();
+    let inserted: Vec<(String,)> = sqlx::query_as(
+        "INSERT INTO group_members (group_id, member_id, member_type, display) \
+         SELECT $1, * FROM UNNEST($2::text[], $3::text[], $4::text[]) \
+         ON CONFLICT DO NOTHING RETURNING member_id",
+    )
+    .bind(group_id)
+    .bind(&ids)
+    .bind(&types)
+    .bind(&displays)
+    .fetch_all(&mut **tx)
+    .await?;
+    let inserted = inserted.into_iter().map(|(id,)| id).collect();
+    added.extend(common::in_order_of(ids.iter().copied(), &inserted));
     Ok(())
-}
-
-/// Adds one member, in one round trip per candidate type: the member is found and share-locked
-/// until commit (a concurrent delete of the member waits for this transaction and then removes
-/// the membership it added, never the other way round), then its membership row is inserted
-/// unless it is there. Whether the membership is new; an error when no candidate type has the
-/// id, or when a group would contain itself.
-async fn add_member(tx: &mut Tx, group_id: &str, m: &NewMember) -> StoreResult<bool> {
-    for t in common::member_candidates(m.ty) {
-        if t == MemberType::Group && m.value == group_id {
-            return Err(common::self_member_error());
-        }
-        let sql = match t {
-            MemberType::User => {
-                "WITH m AS (SELECT id FROM users WHERE id = $2 FOR SHARE), \
-                 ins AS (INSERT INTO group_members (group_id, member_id, member_type, display) \
-                 SELECT $1, m.id, $3, $4 FROM m ON CONFLICT DO NOTHING RETURNING 1) \
-                 SELECT EXISTS (SELECT 1 FROM m), EXISTS (SELECT 1 FROM ins)"
-            }
-            MemberType::Group => {
-                "WITH m AS (SELECT id FROM groups WHERE id = $2 FOR SHARE), \
-                 ins AS (INSERT INTO group_members (group_id, member_id, member_type, display) \
-                 SELECT $1, m.id, $3, $4 FROM m ON CONFLICT DO NOTHING RETURNING 1) \
-                 SELECT EXISTS (SELECT 1 FROM m), EXISTS (SELECT 1 FROM ins)"
-            }
-        };
-        let (exists, inserted): (bool, bool) = sqlx::query_as(sql)
-            .bind(group_id)
-            .bind(&m.value)
-            .bind(t.as_str())
-            .bind(&m.display)
-            .fetch_one(&mut **tx)
-            .await?;
-        if exists {
-            return Ok(inserted);
-        }
-    }
-    Err(common::missing_member_error(&m.value))
 }
 
 fn row_to_resource(kind: ResourceKind, row: &PgRow, with_groups: bool) -> StoreResult<Resource> {
@@ -541,7 +534,7 @@ async fn touch(
 
 /// A PATCH that adds one member who is a user (how Okta and Entra push a membership), in one
 /// round trip: the group's row locked (as [`current_version`]), the version checked against
-/// `expected_version`, the user found and share-locked (as [`add_member`]), the membership
+/// `expected_version`, the user found and share-locked (as [`existing`]), the membership
 /// inserted unless it is there, and, only when it was inserted, the group's version and time
 /// moved (as [`touch`]); the group comes back as a write reads it back. `None` when the member
 /// is not a user: the general path then tries the other types.

@@ -1,5 +1,7 @@
 //! [`Resources`](crate::Resources) on SQLite.
 
+use std::collections::HashSet;
+
 use super::*;
 use crate::Resources;
 
@@ -346,29 +348,25 @@ impl SqliteStore {
     }
 }
 
-/// Resolves a member's type, checking that it exists.
-async fn resolve_member(tx: &mut Tx, group_id: &str, m: &NewMember) -> StoreResult<MemberType> {
-    for t in common::member_candidates(m.ty) {
-        if t == MemberType::Group && m.value == group_id {
-            return Err(common::self_member_error());
-        }
-        let sql = match t {
-            MemberType::User => "SELECT 1 FROM users WHERE id = ?",
-            MemberType::Group => "SELECT 1 FROM groups WHERE id = ?",
-        };
-        if sqlx::query(sql)
-            .bind(&m.value)
-            .fetch_optional(&mut **tx)
-            .await?
-            .is_some()
-        {
-            return Ok(t);
-        }
+/// The ids among `ids` that exist as resources of type `ty`, in one statement.
+async fn existing(tx: &mut Tx, ty: MemberType, ids: &[&str]) -> StoreResult<HashSet<String>> {
+    if ids.is_empty() {
+        return Ok(HashSet::new());
     }
-    Err(common::missing_member_error(&m.value))
+    let sql = match ty {
+        MemberType::User => "SELECT id FROM users WHERE id IN (SELECT value FROM json_each(?))",
+        MemberType::Group => "SELECT id FROM groups WHERE id IN (SELECT value FROM json_each(?))",
+    };
+    let rows: Vec<(String,)> = sqlx::query_as(sql)
+        .bind(serde_json::to_string(ids)?)
+        .fetch_all(&mut **tx)
+        .await?;
+    Ok(rows.into_iter().map(|(id,)| id).collect())
 }
 
-/// Applies one membership change; returns the ids added and removed.
+/// Applies one membership change, each in one or two statements whatever the number of
+/// members; the ids added and removed go to `added` and `removed`, in the order the change
+/// names them (a removal of all: in id order).
 async fn apply_members(
     tx: &mut Tx,
     group_id: &str,
@@ -379,17 +377,16 @@ async fn apply_members(
     match change {
         MembershipChange::Add(list) => add_members(tx, group_id, list, added).await?,
         MembershipChange::Remove(ids) => {
-            for id in ids {
-                let r =
-                    sqlx::query("DELETE FROM group_members WHERE group_id = ? AND member_id = ?")
-                        .bind(group_id)
-                        .bind(id)
-                        .execute(&mut **tx)
-                        .await?;
-                if r.rows_affected() > 0 {
-                    removed.push(id.clone());
-                }
-            }
+            let gone: Vec<(String,)> = sqlx::query_as(
+                "DELETE FROM group_members WHERE group_id = ? \
+                 AND member_id IN (SELECT value FROM json_each(?)) RETURNING member_id",
+            )
+            .bind(group_id)
+            .bind(serde_json::to_string(ids)?)
+            .fetch_all(&mut **tx)
+            .await?;
+            let gone = gone.into_iter().map(|(id,)| id).collect();
+            removed.extend(common::in_order_of(ids.iter().map(String::as_str), &gone));
         }
         MembershipChange::RemoveAll | MembershipChange::ReplaceAll(_) => {
             let keep: Vec<&str> = match change {
@@ -398,21 +395,16 @@ async fn apply_members(
                 }
                 _ => vec![],
             };
-            let current: Vec<(String,)> =
-                sqlx::query_as("SELECT member_id FROM group_members WHERE group_id = ?")
-                    .bind(group_id)
-                    .fetch_all(&mut **tx)
-                    .await?;
-            for (id,) in current {
-                if !keep.contains(&id.as_str()) {
-                    sqlx::query("DELETE FROM group_members WHERE group_id = ? AND member_id = ?")
-                        .bind(group_id)
-                        .bind(&id)
-                        .execute(&mut **tx)
-                        .await?;
-                    removed.push(id);
-                }
-            }
+            let mut gone: Vec<(String,)> = sqlx::query_as(
+                "DELETE FROM group_members WHERE group_id = ? \
+                 AND member_id NOT IN (SELECT value FROM json_each(?)) RETURNING member_id",
+            )
+            .bind(group_id)
+            .bind(serde_json::to_string(&keep)?)
+            .fetch_all(&mut **tx)
+            .await?;
+            gone.sort_unstable();
+            removed.extend(gone.into_iter().map(|(id,)| id));
             if let MembershipChange::ReplaceAll(list) = change {
                 add_members(tx, group_id, list, added).await?;
             }
@@ -421,27 +413,34 @@ async fn apply_members(
     Ok(())
 }
 
+/// Adds members, each checked to exist (see [`common::resolve_members`]), in at most three
+/// statements: the users and the groups among them looked up, then the rows inserted.
 async fn add_members(
     tx: &mut Tx,
     group_id: &str,
     list: &[NewMember],
     added: &mut Vec<String>,
 ) -> StoreResult<()> {
-    for m in list {
-        let ty = resolve_member(tx, group_id, m).await?;
-        let r = sqlx::query(
-            "INSERT OR IGNORE INTO group_members (group_id, member_id, member_type, display) VALUES (?, ?, ?, ?)",
-        )
-        .bind(group_id)
-        .bind(&m.value)
-        .bind(ty.as_str())
-        .bind(&m.display)
-            .execute(&mut **tx)
-            .await?;
-        if r.rows_affected() > 0 {
-            added.push(m.value.clone());
-        }
+    if list.is_empty() {
+        return Ok(());
     }
+    let users = existing(tx, MemberType::User, &common::maybe_users(list)).await?;
+    let groups = existing(tx, MemberType::Group, &common::maybe_groups(list, &users)).await?;
+    let rows: Vec<(&str, &str, Option<&str>)> =
+        common::resolve_members(group_id, list, &users, &groups)?
+            .into_iter()
+            .map(|(m, t)| (m.value.as_str(), t.as_str(), m.display.as_deref()))
+            .collect();
+    let inserted: Vec<(String,)> = sqlx::query_as(
+        "INSERT OR IGNORE INTO group_members (group_id, member_id, member_type, display) \
+         SELECT ?, value ->> 0, value ->> 1, value ->> 2 FROM json_each(?) RETURNING member_id",
+    )
+    .bind(group_id)
+    .bind(serde_json::to_string(&rows)?)
+    .fetch_all(&mut **tx)
+    .await?;
+    let inserted = inserted.into_iter().map(|(id,)| id).collect();
+    added.extend(common::in_order_of(rows.iter().map(|r| r.0), &inserted));
     Ok(())
 }
 
