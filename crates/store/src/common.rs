@@ -728,6 +728,192 @@ impl<'c> Chain<'c> {
     }
 }
 
+/// What an audited write transaction records as its commands run, appended at its end in a
+/// statement or two (both backends' group-commit batches): each event is chained to the head
+/// in memory, each outbox row points at its event. A savepoint marks what was recorded, so a
+/// command undone drops what it recorded.
+pub(crate) struct Recorded {
+    head: (i64, String),
+    pub(crate) events: Vec<AuditEvent>,
+    pub(crate) outbox: Vec<PendingOutbox>,
+    /// What had been recorded when the open savepoint was taken.
+    saved: Option<(usize, usize, (i64, String))>,
+}
+
+/// An audited write transaction of either backend with what it recorded (see [`Recorded`]);
+/// each backend begins it (reading the chain head under its lock) and commits it (appending
+/// what was recorded) in its own SQL.
+pub(crate) struct BatchTx<DB: sqlx::Database> {
+    pub(crate) tx: sqlx::Transaction<'static, DB>,
+    pub(crate) rec: Recorded,
+}
+
+impl<DB: sqlx::Database> BatchTx<DB>
+where
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+{
+    /// The transaction, for the commands' own statements.
+    pub(crate) fn tx(&mut self) -> &mut sqlx::Transaction<'static, DB> {
+        &mut self.tx
+    }
+
+    /// Chains an event to the head (in memory until the commit).
+    pub(crate) fn event(&mut self, ctx: &WriteCtx, now: OffsetDateTime, n: NewEvent<'_>) -> i64 {
+        self.rec.event(ctx, now, n)
+    }
+
+    /// Records a command's event and outbox row (in memory until the commit).
+    pub(crate) fn record(&mut self, ctx: &WriteCtx, now: OffsetDateTime, r: Record<'_>) {
+        self.rec.record(ctx, now, r)
+    }
+
+    /// Opens the savepoint of one command.
+    pub(crate) async fn savepoint(&mut self) -> StoreResult<()> {
+        sqlx::raw_sql(self.rec.savepoint())
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(())
+    }
+
+    /// Undoes what the command did since its savepoint, recorded events included.
+    pub(crate) async fn undo(&mut self) -> StoreResult<()> {
+        sqlx::raw_sql(Recorded::UNDO).execute(&mut *self.tx).await?;
+        self.rec.restore();
+        Ok(())
+    }
+}
+
+/// An outbox row recorded in a [`Recorded`], inserted at the transaction's end.
+pub(crate) struct PendingOutbox {
+    pub(crate) entity_type: String,
+    pub(crate) entity_id: String,
+    pub(crate) operation: String,
+    pub(crate) detail: String,
+    pub(crate) audit_seq: i64,
+    pub(crate) time: String,
+}
+
+impl Recorded {
+    /// Nothing recorded yet; events chain from `head` (the chain head read under the
+    /// transaction's lock).
+    pub(crate) fn new(head: (i64, String)) -> Self {
+        Recorded {
+            head,
+            events: Vec::new(),
+            outbox: Vec::new(),
+            saved: None,
+        }
+    }
+
+    /// Chains an event to the head; its seq.
+    pub(crate) fn event(&mut self, ctx: &WriteCtx, now: OffsetDateTime, n: NewEvent<'_>) -> i64 {
+        let ev = chain_event(ctx, now, n, self.head.clone());
+        self.head = (ev.seq, ev.hash.clone());
+        let seq = ev.seq;
+        self.events.push(ev);
+        seq
+    }
+
+    /// Records a command's event and outbox row.
+    pub(crate) fn record(&mut self, ctx: &WriteCtx, now: OffsetDateTime, r: Record<'_>) {
+        let seq = self.event(ctx, now, r.event());
+        if let Some((entity_type, op, detail)) = r.outbox {
+            self.outbox.push(PendingOutbox {
+                entity_type: entity_type.to_owned(),
+                entity_id: r.resource_id.to_owned(),
+                operation: op.to_owned(),
+                detail: detail.to_string(),
+                audit_seq: seq,
+                time: timefmt::format(now),
+            });
+        }
+    }
+
+    /// Marks what is recorded now and gives the SQL that opens a command's savepoint (the
+    /// previous command's released in the same round trip: a kept command's savepoint stays
+    /// open until then or until the commit). Same SQL on both backends.
+    pub(crate) fn savepoint(&mut self) -> &'static str {
+        let had = self.saved.is_some();
+        self.saved = Some((self.events.len(), self.outbox.len(), self.head.clone()));
+        if had {
+            "RELEASE SAVEPOINT scim_write; SAVEPOINT scim_write"
+        } else {
+            "SAVEPOINT scim_write"
+        }
+    }
+
+    /// The SQL that undoes a command since its savepoint and closes it.
+    pub(crate) const UNDO: &'static str =
+        "ROLLBACK TO SAVEPOINT scim_write; RELEASE SAVEPOINT scim_write";
+
+    /// Drops what was recorded since the mark (its savepoint was rolled back: [`Self::UNDO`]).
+    pub(crate) fn restore(&mut self) {
+        if let Some((events, outbox, head)) = self.saved.take() {
+            self.events.truncate(events);
+            self.outbox.truncate(outbox);
+            self.head = head;
+        }
+    }
+}
+
+/// The rows one claim statement leased, grouped by entity in the order the lane chose the
+/// entities (`due`), each entity's rows oldest first; an entity none of whose rows were leased
+/// (another transaction holds them) is left out.
+pub(crate) fn claimed_in_order(
+    due: Vec<(String, String)>,
+    items: Vec<crate::OutboxItem>,
+) -> Vec<crate::ClaimedEntity> {
+    let mut by_entity: HashMap<(String, String), Vec<crate::OutboxItem>> =
+        HashMap::with_capacity(due.len());
+    for item in items {
+        by_entity
+            .entry((item.entity_type.clone(), item.entity_id.clone()))
+            .or_default()
+            .push(item);
+    }
+    let mut out = Vec::with_capacity(due.len());
+    for (entity_type, entity_id) in due {
+        let Some(mut items) = by_entity.remove(&(entity_type.clone(), entity_id.clone())) else {
+            continue;
+        };
+        items.sort_by_key(|i| i.id);
+        out.push(crate::ClaimedEntity {
+            entity_type,
+            entity_id,
+            items,
+        });
+    }
+    out
+}
+
+/// The events of a completed outbox pass chained onto `chain`: the pass's own `events`, then
+/// one `outbox.complete` per entity whose rows were marked done (`done`: id, entity type,
+/// entity id as the update returned them), naming its rows in id order, entities in order.
+pub(crate) fn chain_completion(
+    chain: &mut Chain<'_>,
+    events: &[AuditEntry],
+    done: Vec<(i64, String, String)>,
+) {
+    for e in events {
+        chain.push(new_event(e));
+    }
+    let mut by_entity: std::collections::BTreeMap<(String, String), Vec<i64>> =
+        std::collections::BTreeMap::new();
+    for (id, ty, eid) in done {
+        by_entity.entry((ty, eid)).or_default().push(id);
+    }
+    for ((ty, eid), mut ids) in by_entity {
+        ids.sort_unstable();
+        let r = Record::note(
+            resource_type(&ty),
+            &eid,
+            "outbox.complete",
+            json!({"outbox_ids": ids}),
+        );
+        chain.push(r.event());
+    }
+}
+
 // ----- Mappings -----
 
 /// The links of one kind that change, with their previous link, given the current links of

@@ -404,24 +404,7 @@ async fn insert_events(tx: &mut Tx, events: &[AuditEvent]) -> StoreResult<()> {
 /// group-commit writer's batches and `write_batch` run in one; every statement a command sends
 /// itself still runs in order inside it. A savepoint's rollback drops what was recorded since
 /// ([`BatchTx::savepoint`], [`BatchTx::undo`]).
-pub(crate) struct BatchTx {
-    tx: Tx,
-    head: (i64, String),
-    events: Vec<AuditEvent>,
-    outbox: Vec<PendingOutbox>,
-    /// What had been recorded when the open savepoint was taken.
-    saved: Option<(usize, usize, (i64, String))>,
-}
-
-/// An outbox row recorded in a [`BatchTx`], inserted at its end.
-struct PendingOutbox {
-    entity_type: String,
-    entity_id: String,
-    operation: String,
-    detail: String,
-    audit_seq: i64,
-    time: String,
-}
+pub(crate) type BatchTx = common::BatchTx<Postgres>;
 
 impl BatchTx {
     /// Begins the transaction: the chain head's row lock first (see
@@ -435,66 +418,8 @@ impl BatchTx {
         store.check_fence(&mut tx).await?;
         Ok(BatchTx {
             tx,
-            head,
-            events: Vec::new(),
-            outbox: Vec::new(),
-            saved: None,
+            rec: common::Recorded::new(head),
         })
-    }
-
-    /// The transaction, for the commands' own statements.
-    fn tx(&mut self) -> &mut Tx {
-        &mut self.tx
-    }
-
-    /// Chains an event to the head (in memory until the commit).
-    fn event(&mut self, ctx: &WriteCtx, now: OffsetDateTime, n: NewEvent<'_>) -> i64 {
-        let ev = chain_event(ctx, now, n, self.head.clone());
-        self.head = (ev.seq, ev.hash.clone());
-        let seq = ev.seq;
-        self.events.push(ev);
-        seq
-    }
-
-    /// Records a command's event and outbox row (in memory until the commit).
-    fn record(&mut self, ctx: &WriteCtx, now: OffsetDateTime, r: Record<'_>) {
-        let seq = self.event(ctx, now, r.event());
-        if let Some((entity_type, op, detail)) = r.outbox {
-            self.outbox.push(PendingOutbox {
-                entity_type: entity_type.to_owned(),
-                entity_id: r.resource_id.to_owned(),
-                operation: op.to_owned(),
-                detail: detail.to_string(),
-                audit_seq: seq,
-                time: timefmt::format(now),
-            });
-        }
-    }
-
-    /// Opens the savepoint of one command (releasing the previous command's in the same round
-    /// trip).
-    async fn savepoint(&mut self) -> StoreResult<()> {
-        let sql = if self.saved.is_some() {
-            "RELEASE SAVEPOINT scim_write; SAVEPOINT scim_write"
-        } else {
-            "SAVEPOINT scim_write"
-        };
-        sqlx::raw_sql(sql).execute(&mut *self.tx).await?;
-        self.saved = Some((self.events.len(), self.outbox.len(), self.head.clone()));
-        Ok(())
-    }
-
-    /// Undoes what the command did since its savepoint, recorded events included.
-    async fn undo(&mut self) -> StoreResult<()> {
-        sqlx::raw_sql("ROLLBACK TO SAVEPOINT scim_write; RELEASE SAVEPOINT scim_write")
-            .execute(&mut *self.tx)
-            .await?;
-        if let Some((events, outbox, head)) = self.saved.take() {
-            self.events.truncate(events);
-            self.outbox.truncate(outbox);
-            self.head = head;
-        }
-        Ok(())
     }
 
     /// Appends what was recorded and commits: the events, the outbox rows (in the order they
@@ -503,7 +428,8 @@ impl BatchTx {
     /// up now; delivered on commit) in one statement, then the commit.
     async fn commit(mut self) -> StoreResult<()> {
         // Every outbox row was recorded with its event: no events, no rows.
-        let Some(last) = self.events.last() else {
+        let (events, outbox) = (&self.rec.events, &self.rec.outbox);
+        let Some(last) = events.last() else {
             return Ok(self.tx.commit().await?);
         };
         let sql = format!(
@@ -519,27 +445,22 @@ impl BatchTx {
                resource_gen = resource_gen + $21 WHERE id = 1) \
              SELECT pg_notify($22, '') WHERE $21 > 0"
         );
-        let col = |f: fn(&PendingOutbox) -> &str| {
-            self.outbox
+        let col = |f: fn(&common::PendingOutbox) -> &str| {
+            outbox
                 .iter()
                 .map(|o| f(o).to_owned())
                 .collect::<Vec<String>>()
         };
-        bind_events(sqlx::query(AssertSqlSafe(sql)), &self.events)
+        bind_events(sqlx::query(AssertSqlSafe(sql)), events)
             .bind(col(|o| &o.entity_type))
             .bind(col(|o| &o.entity_id))
             .bind(col(|o| &o.operation))
             .bind(col(|o| &o.detail))
-            .bind(
-                self.outbox
-                    .iter()
-                    .map(|o| o.audit_seq)
-                    .collect::<Vec<i64>>(),
-            )
+            .bind(outbox.iter().map(|o| o.audit_seq).collect::<Vec<i64>>())
             .bind(col(|o| &o.time))
             .bind(last.seq)
             .bind(&last.hash)
-            .bind(i64::from(!self.outbox.is_empty()))
+            .bind(i64::from(!outbox.is_empty()))
             .bind(OUTBOX_CHANNEL)
             .execute(&mut *self.tx)
             .await?;

@@ -71,6 +71,9 @@ impl SqliteStore {
             .pragma("cache_size", "-4000")
             .pragma("temp_store", "memory");
         let write = SqlitePoolOptions::new()
+            // The one write connection is a local file's: sqlx's ping before every acquire
+            // would be a round trip to its thread per transaction.
+            .test_before_acquire(false)
             .max_connections(1)
             .min_connections(1)
             .idle_timeout(None)
@@ -218,6 +221,62 @@ async fn insert_events(tx: &mut Tx, events: &[AuditEvent]) -> StoreResult<()> {
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+/// An audited write transaction whose audit events and outbox rows are appended at its end,
+/// one statement each, instead of three statements per command (the chain head read, the
+/// event, the outbox row; each a round trip to the connection's thread): the head is read once
+/// when it begins (`BEGIN IMMEDIATE` holds the database's write lock, so no one else appends),
+/// each event is chained in memory ([`common::Recorded`]), and [`BatchTx::commit`] inserts them
+/// and the outbox rows in the order recorded, then commits. The group-commit writer's batches
+/// and `write_batch` run in one; a command's own statements run in order inside it.
+pub(crate) type BatchTx = common::BatchTx<Sqlite>;
+
+impl BatchTx {
+    /// Begins the transaction (fences checked) and reads the chain head.
+    async fn begin(store: &SqliteStore) -> StoreResult<Self> {
+        let mut tx = store.begin().await?;
+        let head = chain_head(&mut tx).await?;
+        Ok(BatchTx {
+            tx,
+            rec: common::Recorded::new(head),
+        })
+    }
+
+    /// Appends what was recorded (the events, then the outbox rows, each in one statement and
+    /// in the order recorded) and commits.
+    async fn commit(mut self) -> StoreResult<()> {
+        insert_events(&mut self.tx, &self.rec.events).await?;
+        if !self.rec.outbox.is_empty() {
+            let rows: Vec<Value> = self
+                .rec
+                .outbox
+                .iter()
+                .map(|o| {
+                    json!([
+                        o.entity_type,
+                        o.entity_id,
+                        o.operation,
+                        o.detail,
+                        o.audit_seq,
+                        o.time
+                    ])
+                })
+                .collect();
+            sqlx::query(
+                "INSERT INTO outbox (entity_type, entity_id, operation, detail, audit_seq, created, \
+                 next_attempt_at, linked) \
+                 SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>5, \
+                 CASE WHEN EXISTS (SELECT 1 FROM mappings m WHERE m.kind = value->>0 \
+                 AND m.scim_id = value->>1) THEN 1 ELSE 0 END \
+                 FROM json_each(?) ORDER BY key",
+            )
+            .bind(Value::Array(rows).to_string())
+            .execute(&mut *self.tx)
+            .await?;
+        }
+        Ok(self.tx.commit().await?)
+    }
 }
 
 /// Appends the audit event (and the outbox row) inside `tx`.

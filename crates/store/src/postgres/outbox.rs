@@ -1,6 +1,5 @@
 //! [`Outbox`](crate::Outbox) on PostgreSQL.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::json;
@@ -10,7 +9,7 @@ use super::PostgresStore;
 use super::sync::*;
 use super::*;
 use crate::Outbox;
-use crate::common::{self, Chain, Record, new_event, parse_time, resource_type};
+use crate::common::{self, Chain, parse_time};
 use crate::{
     ClaimedEntity, FailedItem, OutboxItem, OutboxState, OutboxSummary, StoreError, StoreResult,
     WriteCtx, timefmt,
@@ -103,10 +102,6 @@ impl Outbox for PostgresStore {
         // The pass's events and one `outbox.complete` per entity, chained in memory and
         // appended in one statement (three round trips per event before, under the head lock
         // every SCIM write waits for).
-        let mut chain = Chain::new(ctx, now, chain_head(&mut tx).await?);
-        for e in &events {
-            chain.push(new_event(e));
-        }
         let done: Vec<(i64, String, String)> = sqlx::query_as(
             "UPDATE outbox SET state = 'done', lease_until = NULL, finished = $1 \
              WHERE id = ANY($2) AND state = 'pending' RETURNING id, entity_type, entity_id",
@@ -115,20 +110,8 @@ impl Outbox for PostgresStore {
         .bind(ids)
         .fetch_all(&mut *tx)
         .await?;
-        let mut by_entity: BTreeMap<(String, String), Vec<i64>> = BTreeMap::new();
-        for (id, ty, eid) in done {
-            by_entity.entry((ty, eid)).or_default().push(id);
-        }
-        for ((ty, eid), mut ids) in by_entity {
-            ids.sort_unstable();
-            let r = Record::note(
-                resource_type(&ty),
-                &eid,
-                "outbox.complete",
-                json!({"outbox_ids": ids}),
-            );
-            chain.push(r.event());
-        }
+        let mut chain = Chain::new(ctx, now, chain_head(&mut tx).await?);
+        common::chain_completion(&mut chain, &events, done);
         insert_events(&mut tx, &chain.events).await?;
         tx.commit().await?;
         Ok(())
@@ -389,29 +372,8 @@ impl PostgresStore {
             .bind(&now_s)
             .fetch_all(&mut *tx)
             .await?;
-        let mut by_entity: std::collections::HashMap<(String, String), Vec<OutboxItem>> =
-            std::collections::HashMap::with_capacity(due.len());
-        for row in &rows {
-            let item = item_row(row)?;
-            by_entity
-                .entry((item.entity_type.clone(), item.entity_id.clone()))
-                .or_default()
-                .push(item);
-        }
-        // In the order the lane chose them.
-        let mut out = Vec::with_capacity(due.len());
-        for (entity_type, entity_id) in due {
-            let Some(mut items) = by_entity.remove(&(entity_type.clone(), entity_id.clone()))
-            else {
-                continue;
-            };
-            items.sort_by_key(|i| i.id);
-            out.push(ClaimedEntity {
-                entity_type,
-                entity_id,
-                items,
-            });
-        }
+        let items = rows.iter().map(item_row).collect::<StoreResult<Vec<_>>>()?;
+        let out = common::claimed_in_order(due, items);
         tx.commit().await?;
         Ok(out)
     }

@@ -1,5 +1,6 @@
 //! SQLite's statements for the group-commit writer (`crate::group_commit`): a batch is one
-//! `BEGIN IMMEDIATE` transaction on the one write connection.
+//! `BEGIN IMMEDIATE` transaction on the one write connection, its audit events and outbox rows
+//! appended at its end ([`BatchTx`]).
 
 use std::future::Future;
 
@@ -7,48 +8,37 @@ use scim::schema::ResourceKind;
 use serde_json::Value;
 use time::OffsetDateTime;
 
-use super::{SqliteStore, Tx};
+use super::{BatchTx, SqliteStore};
 use crate::common::read_back;
 use crate::group_commit::Writer;
 use crate::{MembershipChange, NewMember, Resource, StoreError, StoreResult, WriteCtx};
 
 impl Writer for SqliteStore {
-    type Tx = Tx;
+    type Tx = BatchTx;
 
-    fn begin(&self) -> impl Future<Output = StoreResult<Tx>> + Send {
-        SqliteStore::begin(self)
+    fn begin(&self) -> impl Future<Output = StoreResult<BatchTx>> + Send {
+        BatchTx::begin(self)
     }
 
-    async fn savepoint(tx: &mut Tx) -> StoreResult<()> {
-        sqlx::query("SAVEPOINT scim_write")
-            .execute(&mut **tx)
-            .await?;
+    async fn savepoint(tx: &mut BatchTx) -> StoreResult<()> {
+        tx.savepoint().await
+    }
+
+    /// Released with the next command's savepoint, or by the commit.
+    async fn keep(_tx: &mut BatchTx) -> StoreResult<()> {
         Ok(())
     }
 
-    async fn keep(tx: &mut Tx) -> StoreResult<()> {
-        sqlx::query("RELEASE SAVEPOINT scim_write")
-            .execute(&mut **tx)
-            .await?;
-        Ok(())
+    async fn undo(tx: &mut BatchTx) -> StoreResult<()> {
+        tx.undo().await
     }
 
-    async fn undo(tx: &mut Tx) -> StoreResult<()> {
-        sqlx::query("ROLLBACK TO SAVEPOINT scim_write")
-            .execute(&mut **tx)
-            .await?;
-        sqlx::query("RELEASE SAVEPOINT scim_write")
-            .execute(&mut **tx)
-            .await?;
-        Ok(())
-    }
-
-    async fn commit(tx: Tx) -> StoreResult<()> {
-        Ok(tx.commit().await?)
+    async fn commit(tx: BatchTx) -> StoreResult<()> {
+        tx.commit().await
     }
 
     fn create_in<'a>(
-        tx: &'a mut Tx,
+        tx: &'a mut BatchTx,
         ctx: &'a WriteCtx,
         now: OffsetDateTime,
         kind: ResourceKind,
@@ -60,7 +50,7 @@ impl Writer for SqliteStore {
     }
 
     fn replace_in<'a>(
-        tx: &'a mut Tx,
+        tx: &'a mut BatchTx,
         ctx: &'a WriteCtx,
         now: OffsetDateTime,
         kind: ResourceKind,
@@ -75,7 +65,7 @@ impl Writer for SqliteStore {
     /// The resource is read back by the writer (an in-process read costs little).
     #[allow(clippy::too_many_arguments)]
     async fn update_in(
-        tx: &mut Tx,
+        tx: &mut BatchTx,
         ctx: &WriteCtx,
         now: OffsetDateTime,
         kind: ResourceKind,
@@ -90,7 +80,7 @@ impl Writer for SqliteStore {
     }
 
     fn delete_in<'a>(
-        tx: &'a mut Tx,
+        tx: &'a mut BatchTx,
         ctx: &'a WriteCtx,
         now: OffsetDateTime,
         kind: ResourceKind,
@@ -102,11 +92,11 @@ impl Writer for SqliteStore {
 
     fn read_in<'a>(
         &'a self,
-        tx: &'a mut Tx,
+        tx: &'a mut BatchTx,
         kind: ResourceKind,
         id: &'a str,
     ) -> impl Future<Output = StoreResult<Resource>> + Send + 'a {
-        self.read_one_tx(tx, kind, id, read_back(kind))
+        self.read_one_tx(tx.tx(), kind, id, read_back(kind))
     }
 
     fn now(&self) -> OffsetDateTime {

@@ -1,6 +1,5 @@
 //! [`Outbox`](crate::Outbox) on SQLite.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::json;
@@ -10,7 +9,7 @@ use super::SqliteStore;
 use super::sync::*;
 use super::*;
 use crate::Outbox;
-use crate::common::{self, parse_time, resource_type};
+use crate::common::{self, parse_time};
 use crate::{
     ClaimedEntity, FailedItem, OutboxItem, OutboxState, OutboxSummary, StoreError, StoreResult,
     WriteCtx, timefmt,
@@ -92,9 +91,6 @@ impl Outbox for SqliteStore {
     ) -> StoreResult<()> {
         let now = self.now();
         let mut tx = self.begin().await?;
-        for e in &events {
-            append_audit(&mut tx, ctx, now, e).await?;
-        }
         let done: Vec<(i64, String, String)> = sqlx::query_as(
             "UPDATE outbox SET state = 'done', lease_until = NULL, finished = ? \
              WHERE id IN (SELECT value FROM json_each(?)) AND state = 'pending' \
@@ -104,23 +100,12 @@ impl Outbox for SqliteStore {
         .bind(ids_json(ids))
         .fetch_all(&mut *tx)
         .await?;
-        let mut by_entity: BTreeMap<(String, String), Vec<i64>> = BTreeMap::new();
-        for (id, ty, eid) in done {
-            by_entity.entry((ty, eid)).or_default().push(id);
-        }
-        for ((ty, eid), mut ids) in by_entity {
-            ids.sort_unstable();
-            note(
-                &mut tx,
-                ctx,
-                now,
-                resource_type(&ty),
-                &eid,
-                "outbox.complete",
-                json!({"outbox_ids": ids}),
-            )
-            .await?;
-        }
+        // The pass's events and one `outbox.complete` per entity, chained in memory and
+        // appended in one statement (two round trips to the connection's thread per event
+        // before, holding the one write connection every SCIM write waits for).
+        let mut chain = common::Chain::new(ctx, now, chain_head(&mut tx).await?);
+        common::chain_completion(&mut chain, &events, done);
+        insert_events(&mut tx, &chain.events).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -359,32 +344,31 @@ impl SqliteStore {
             from = due.add_page(rows, page, limit);
         }
         let due = due.list;
-        let mut out = Vec::with_capacity(due.len());
-        let sql = format!(
-            "UPDATE outbox SET lease_until = ?, leased_by = ? \
-             WHERE entity_type = ? AND entity_id = ? AND state = 'pending' \
-               AND (lease_until IS NULL OR lease_until <= ?) RETURNING {ITEM_COLS}"
-        );
-        for (entity_type, entity_id) in due {
-            let rows = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
-                .bind(&until)
-                .bind(worker)
-                .bind(&entity_type)
-                .bind(&entity_id)
-                .bind(&now_s)
-                .fetch_all(&mut *tx)
-                .await?;
-            let mut items = rows.iter().map(item_row).collect::<StoreResult<Vec<_>>>()?;
-            items.sort_by_key(|i| i.id);
-            out.push(ClaimedEntity {
-                entity_type,
-                entity_id,
-                items,
-            });
-        }
+        // Every entity's due rows leased in one statement (one per entity before: a round trip
+        // to the connection's thread each, holding the one write connection).
+        let sql = lease_sql();
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(&until)
+            .bind(worker)
+            .bind(&now_s)
+            .bind(serde_json::to_string(&due)?)
+            .fetch_all(&mut *tx)
+            .await?;
+        let items = rows.iter().map(item_row).collect::<StoreResult<Vec<_>>>()?;
+        let out = common::claimed_in_order(due, items);
         tx.commit().await?;
         Ok(out)
     }
+}
+
+/// Leases every due row of the chosen entities (bound as one JSON array of `[type, id]`).
+fn lease_sql() -> String {
+    format!(
+        "UPDATE outbox SET lease_until = ?, leased_by = ? \
+         WHERE state = 'pending' AND (lease_until IS NULL OR lease_until <= ?) \
+           AND (entity_type, entity_id) IN (SELECT value->>0, value->>1 FROM json_each(?)) \
+         RETURNING {ITEM_COLS}"
+    )
 }
 
 #[cfg(test)]
@@ -436,5 +420,28 @@ mod claim_plan_tests {
                 "{order:?}: {steps:?}"
             );
         }
+        // The lease of the chosen entities' rows: by entity, never a scan of the outbox.
+        let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "EXPLAIN QUERY PLAN {}",
+            super::lease_sql()
+        )))
+        .bind("2026-01-01T00:05:00Z")
+        .bind("worker")
+        .bind("2026-01-01T00:00:00Z")
+        .bind(r#"[["user","a"],["group","b"]]"#)
+        .fetch_all(&s.write)
+        .await
+        .unwrap();
+        let steps: Vec<&str> = plan.iter().map(|p| p.3.as_str()).collect();
+        assert!(
+            steps.iter().any(|s| s.starts_with(
+                "SEARCH outbox USING INDEX outbox_entity_state (entity_type=? AND entity_id=? AND state=?)"
+            )),
+            "{steps:?}"
+        );
+        assert!(
+            !steps.iter().any(|s| s.starts_with("SCAN outbox")),
+            "{steps:?}"
+        );
     }
 }

@@ -71,7 +71,7 @@ impl Resources for SqliteStore {
         state: Option<(&str, &str)>,
     ) -> StoreResult<()> {
         let now = self.now();
-        let mut tx = self.begin().await?;
+        let mut tx = BatchTx::begin(self).await?;
         for op in ops {
             match op {
                 BatchOp::Create {
@@ -100,9 +100,9 @@ impl Resources for SqliteStore {
                 BatchOp::Delete { kind, id } => {
                     Self::delete_in(&mut tx, ctx, now, *kind, id, None).await?
                 }
-                BatchOp::Audit(entry) => sync::append_audit(&mut tx, ctx, now, entry)
-                    .await
-                    .map(|_| ())?,
+                BatchOp::Audit(entry) => {
+                    tx.event(ctx, now, common::new_event(entry));
+                }
             }
         }
         if let Some((key, value)) = state {
@@ -112,7 +112,7 @@ impl Resources for SqliteStore {
             )
             .bind(key)
             .bind(value)
-            .execute(&mut *tx)
+            .execute(&mut **tx.tx())
             .await?;
         }
         tx.commit().await?;
@@ -178,7 +178,7 @@ impl SqliteStore {
     /// audit noise, nothing for TeamCity).
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn update_in(
-        tx: &mut Tx,
+        btx: &mut BatchTx,
         ctx: &WriteCtx,
         now: OffsetDateTime,
         kind: ResourceKind,
@@ -187,6 +187,7 @@ impl SqliteStore {
         attrs: Option<&Value>,
         members: &[MembershipChange],
     ) -> StoreResult<bool> {
+        let tx = btx.tx();
         let ts = timefmt::format(now);
         let version = Self::current_version(tx, kind, id).await?;
         if expected_version.is_some_and(|v| v != version) {
@@ -207,19 +208,17 @@ impl SqliteStore {
             Some(a) => Self::write_attrs(tx, kind, id, a, &ts, version + 1).await?,
             None => Self::touch(tx, kind, id, &ts, version + 1).await?,
         }
-        record(
-            tx,
+        btx.record(
             ctx,
             now,
             Record::patched(kind, id, attrs_changed, added, removed),
-        )
-        .await?;
+        );
         Ok(true)
     }
 
     /// [`Resources::create`] inside `tx`, with the id chosen by the caller.
     pub(super) async fn create_in(
-        tx: &mut Tx,
+        btx: &mut BatchTx,
         ctx: &WriteCtx,
         now: OffsetDateTime,
         kind: ResourceKind,
@@ -227,6 +226,7 @@ impl SqliteStore {
         attrs: &Value,
         members: Option<&[NewMember]>,
     ) -> StoreResult<()> {
+        let tx = btx.tx();
         let ts = timefmt::format(now);
         let ix = indexed(kind, attrs)?;
         // Uniqueness of the name is the `*_ci` unique index's (one statement fewer per write).
@@ -268,14 +268,14 @@ impl SqliteStore {
             )
             .await?;
         }
-        record(tx, ctx, now, Record::created(kind, id, added)).await?;
+        btx.record(ctx, now, Record::created(kind, id, added));
         Ok(())
     }
 
     /// [`Resources::replace`] inside `tx`.
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn replace_in(
-        tx: &mut Tx,
+        btx: &mut BatchTx,
         ctx: &WriteCtx,
         now: OffsetDateTime,
         kind: ResourceKind,
@@ -284,6 +284,7 @@ impl SqliteStore {
         attrs: &Value,
         members: Option<&[NewMember]>,
     ) -> StoreResult<()> {
+        let tx = btx.tx();
         let ts = timefmt::format(now);
         let version = Self::current_version(tx, kind, id).await?;
         if expected_version.is_some_and(|v| v != version) {
@@ -301,19 +302,20 @@ impl SqliteStore {
             )
             .await?;
         }
-        record(tx, ctx, now, Record::replaced(kind, id, added, removed)).await?;
+        btx.record(ctx, now, Record::replaced(kind, id, added, removed));
         Ok(())
     }
 
     /// [`Resources::delete`] inside `tx`.
     pub(super) async fn delete_in(
-        tx: &mut Tx,
+        btx: &mut BatchTx,
         ctx: &WriteCtx,
         now: OffsetDateTime,
         kind: ResourceKind,
         id: &str,
         expected_version: Option<i64>,
     ) -> StoreResult<()> {
+        let tx = btx.tx();
         let version = Self::current_version(tx, kind, id).await?;
         if expected_version.is_some_and(|v| v != version) {
             return Err(StoreError::PreconditionFailed);
@@ -343,7 +345,7 @@ impl SqliteStore {
                 .execute(&mut **tx)
                 .await?;
         }
-        record(tx, ctx, now, Record::deleted(kind, id, groups)).await?;
+        btx.record(ctx, now, Record::deleted(kind, id, groups));
         Ok(())
     }
 }
