@@ -331,23 +331,19 @@ pub(crate) async fn one<W: Writer>(
             members,
         } => {
             W::create_in(tx, ctx, now, *kind, id, attrs, members.as_deref()).await?;
-            let r = match kind {
-                // A new user is what was just written (no groups yet): no read back.
-                ResourceKind::User => {
-                    let ts = crate::common::parse_time(&crate::timefmt::format(now))?;
-                    Resource {
-                        kind: *kind,
-                        id: id.clone(),
-                        attrs: attrs.clone(),
-                        created: ts,
-                        last_modified: ts,
-                        version: 1,
-                        members: None,
-                        groups: Some(Vec::new()),
-                    }
-                }
-                // A group's members carry what the store resolved: read back.
-                ResourceKind::Group => store.read_in(tx, *kind, id).await?,
+            // What was just written is what a read back (`common::read_back`) would give: a
+            // new user is in no group yet, and a group's read back leaves its members out. No
+            // read, on either backend.
+            let ts = crate::common::parse_time(&crate::timefmt::format(now))?;
+            let r = Resource {
+                kind: *kind,
+                id: id.clone(),
+                attrs: attrs.clone(),
+                created: ts,
+                last_modified: ts,
+                version: 1,
+                members: None,
+                groups: (*kind == ResourceKind::User).then(Vec::new),
             };
             Ok((Some(r), true))
         }

@@ -1090,9 +1090,32 @@ async fn what_a_create_returns_is_what_a_read_gives_on(d: Db) {
         .unwrap_err();
     assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
     let g = s
-        .create(&ctx(), ResourceKind::Group, group("Team"), None)
+        .create(
+            &ctx(),
+            ResourceKind::Group,
+            json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"], "displayName": "Team",
+                   "externalId": "ext-1", "x": 2.25}),
+            Some(vec![member(&created.id)]),
+        )
         .await
         .unwrap();
+    let read = s
+        .get(
+            ResourceKind::Group,
+            &g.id,
+            ReadOpts {
+                members: false,
+                groups: false,
+            },
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(g.attrs, read.attrs);
+    assert_eq!(
+        (g.created, g.last_modified, g.version, g.members, g.groups),
+        (read.created, read.last_modified, read.version, None, None)
+    );
     s.create(&ctx(), ResourceKind::Group, group("Other"), None)
         .await
         .unwrap();
