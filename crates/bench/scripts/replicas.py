@@ -115,7 +115,9 @@ end
 local n = 0
 request = function()
   n = n + 1
-  local id = ids[(n * 7919 + math.random(#ids)) % #ids + 1]
+  -- 7919 is prime to the pool's size: every wrk (one per replica, each with this same
+  -- sequence) names each pool member once in every #ids requests.
+  local id = ids[(n * 7919) % #ids + 1]
   local body = '{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"add","path":"members","value":[{"value":"' .. id .. '"}]}]}'
   return wrk.format("PATCH", path, {["Authorization"] = auth, ["Content-Type"] = "application/scim+json"}, body)
 end
@@ -198,8 +200,15 @@ def measure(name, binary, db_url, n_replicas, args, work, env):
             rows.append((name, what, rps, p50, p99, bad))
             print(f"{name:<22} {what:<12} {rps:>9.0f} req/s  p50 {p50:6.1f} ms  p99 {p99:6.1f} ms  non-2xx {bad}",
                   file=sys.stderr)
-        # No member lost: every 200 added one of the pool (duplicates allowed).
+        # No member lost: every wrk named every pool member (duplicates allowed) when it sent at
+        # least as many requests as the pool has, and every answer was a 2xx; then the group
+        # must have them all.
         members = call(first.base, token, "GET", f"/Groups/{group}")["members"]
+        _, _, add_rps, _, _, add_bad = rows[-1]
+        per_wrk = add_rps * args.seconds / len(replicas)
+        if add_bad == 0 and per_wrk >= len(pool) and len(members) != 5000 + len(pool):
+            raise SystemExit(f"{name}: {5000 + len(pool) - len(members)} members lost in the burst "
+                             f"({len(members)} in the group, {5000 + len(pool)} expected)")
         rows.append((name, "seeding POST (16 threads)", seeded, 0, 0, 0))
         rows.append((name, "members after", len(members), 0, 0, 0))
     finally:
