@@ -377,13 +377,51 @@ impl Compact {
             *managed_users += 1;
         }
         for &k in &slim.groups {
-            let m = members.entry(k).or_default();
-            if let Err(at) = m.binary_search(&slot) {
-                m.insert(at, slot);
-            }
+            join(members, k, slot);
         }
         self.users[slot as usize] = Some(slim);
         slot
+    }
+
+    /// Puts back a user a pass took out of the state, or adds it when it is new. Its groups
+    /// become `u`'s plus those it had here that `held` says the pass did not hold (a member
+    /// taken out without its other groups keeps them). Only the memberships that changed are
+    /// touched: a member list may hold every user (the defaults group).
+    pub(crate) fn put_back(&mut self, mut u: ActualUser, held: impl Fn(&str) -> bool) {
+        let Some(slot) = self.slot_of(u.id) else {
+            self.insert_user(u);
+            return;
+        };
+        let old = slim_at(&self.users, slot);
+        u.groups.extend(
+            old.groups
+                .iter()
+                .map(|&k| self.keys.key(k))
+                .filter(|k| !held(k)),
+        );
+        let same_lookups =
+            old.username() == u.username && old.with_scim(|s| s == u.scim_id.as_deref());
+        if !same_lookups {
+            self.remove_user(slot);
+            self.insert_user(u);
+            return;
+        }
+        let before = old.groups.clone();
+        let slim = Slim::new(u, &mut self.keys, &self.hasher);
+        for &k in before
+            .iter()
+            .filter(|k| slim.groups.binary_search(k).is_err())
+        {
+            leave(&mut self.members, k, slot);
+        }
+        for &k in slim
+            .groups
+            .iter()
+            .filter(|k| before.binary_search(k).is_err())
+        {
+            join(&mut self.members, k, slot);
+        }
+        self.users[slot as usize] = Some(slim);
     }
 
     /// Takes the user in `slot` out (its slot is free for the next one).
@@ -403,15 +441,8 @@ impl Compact {
             drop_slot(&mut self.by_scim, hash);
             self.managed_users -= 1;
         }
-        for k in &slim.groups {
-            if let Some(m) = self.members.get_mut(k) {
-                if let Ok(at) = m.binary_search(&slot) {
-                    m.remove(at);
-                }
-                if m.is_empty() {
-                    self.members.remove(k);
-                }
-            }
+        for &k in &slim.groups {
+            leave(&mut self.members, k, slot);
         }
         self.free.push(slot);
     }
@@ -466,6 +497,26 @@ impl Compact {
 }
 
 /// The user a table entry points at (entries point only at occupied slots).
+/// Adds `slot` to the members of group number `k`.
+fn join(members: &mut HashMap<u32, Vec<u32>>, k: u32, slot: u32) {
+    let m = members.entry(k).or_default();
+    if let Err(at) = m.binary_search(&slot) {
+        m.insert(at, slot);
+    }
+}
+
+/// Takes `slot` off the members of group number `k`.
+fn leave(members: &mut HashMap<u32, Vec<u32>>, k: u32, slot: u32) {
+    if let Some(m) = members.get_mut(&k) {
+        if let Ok(at) = m.binary_search(&slot) {
+            m.remove(at);
+        }
+        if m.is_empty() {
+            members.remove(&k);
+        }
+    }
+}
+
 fn slim_at(users: &[Option<Slim>], slot: u32) -> &Slim {
     users[slot as usize]
         .as_ref()

@@ -1526,6 +1526,7 @@ impl Engine {
                         .await?;
                     if let Some(cached) = cache.as_mut() {
                         cached.write_back(part);
+                        debug!(elapsed = ?started.elapsed(), "scoped pass: part written back");
                     }
                 }
                 drop(cache);

@@ -264,6 +264,11 @@ impl GroupKeys {
         }
     }
 
+    /// Keeps the keys `keep` says yes to.
+    pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        self.0.retain(|k| keep(k));
+    }
+
     /// The keys in order.
     pub fn iter(&self) -> impl DoubleEndedIterator<Item = &str> + ExactSizeIterator + '_ {
         self.0.iter().map(|k| &**k)

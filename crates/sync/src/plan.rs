@@ -291,9 +291,11 @@ struct GroupTarget {
 ///   member).
 /// - No reports (the reconcile makes them).
 ///
-/// `actual` may be a part of TeamCity (see `sync::scope`) that holds every object in scope,
-/// every group of its users, the groups holding the names of the groups in scope, and the
-/// users holding the usernames of the users in scope.
+/// `actual` may be a part of TeamCity (see `sync::scope`) that holds every object in scope
+/// (a group planned whole with every member), every group of the users planned whole, the
+/// groups holding the names of the groups in scope, and the users holding the usernames of
+/// the users in scope. A context member may be held with only the part's groups: nothing
+/// here reads its others.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Scope {
     /// SCIM ids of users planned even when the directory no longer has them.

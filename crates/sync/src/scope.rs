@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 
 use crate::compact::Compact;
 use crate::desired::Desired;
-use crate::model::{ActualGroup, ActualState};
+use crate::model::{ActualGroup, ActualState, ActualUser};
 use crate::plan::Scope;
 
 /// The cached TeamCity state: whole after a read or a whole pass, compact between passes.
@@ -116,9 +116,12 @@ impl Cached {
     /// Copies out what a plan of `desired` limited to `scope` needs: the TeamCity users of the
     /// users in scope (by SCIM id) and those holding their usernames; every member of the
     /// groups in scope (members added by hand carried by a rename swap; whoever a delete or a
-    /// role removal costs access, for the guard); every group of those users; every group
-    /// (all generations) of the desired groups; the groups holding the names of the groups in
-    /// scope. Costs what it copies (after the state is compacted once per cache load).
+    /// role removal costs access, for the guard); every group (all generations) of the
+    /// desired groups; the groups holding the names of the groups in scope; every group of
+    /// the users planned whole. A user the plan reads only in the groups planned whole (a
+    /// context member, a member the pass leaves alone) comes with the part's groups only:
+    /// its other groups, and their records, stay in the cache. Costs what it copies (after
+    /// the state is compacted once per cache load).
     pub fn extract(&mut self, desired: &Desired, scope: &Scope) -> Part {
         let c: &Compact = self.compact();
         let mut slots: BTreeSet<u32> = BTreeSet::new();
@@ -149,13 +152,38 @@ impl Cached {
         }
         let mut part_users: Vec<_> = slots.iter().filter_map(|&s| c.user(s)).collect();
         part_users.sort_by_key(|u| u.id);
-        for u in &part_users {
+        // Who the plan reads only in the groups planned whole (`plan::Scope`): a context
+        // member (in the desired state, active, held once, not in scope) and a TeamCity user
+        // the pass leaves alone (a managed one the desired state lacks, an unmanaged one no
+        // user in scope could adopt). Anyone else is planned whole, with every group.
+        let adoptable: BTreeSet<&str> = desired
+            .users
+            .values()
+            .filter(|d| scope.users.contains(&d.scim_id))
+            .map(|d| d.username.as_str())
+            .collect();
+        let only_in_scope = |u: &ActualUser| match u.scim_id.as_deref() {
+            Some(s) => {
+                !scope.users.contains(s)
+                    && desired
+                        .users
+                        .get(s)
+                        .is_none_or(|d| d.active && c.slots_by_scim(s).nth(1).is_none())
+            }
+            None => !adoptable.contains(u.username.as_str()),
+        };
+        let read_whole: Vec<bool> = part_users.iter().map(|u| !only_in_scope(u)).collect();
+        for (u, _) in part_users.iter().zip(&read_whole).filter(|(_, w)| **w) {
             groups.extend(u.groups.iter().map(str::to_owned));
         }
         let users: BTreeSet<u64> = part_users.iter().map(|u| u.id).collect();
         let part_groups: Vec<ActualGroup> =
             groups.iter().filter_map(|k| c.group(k).cloned()).collect();
         let groups: BTreeSet<String> = part_groups.iter().map(|g| g.key.clone()).collect();
+        // The others come with the part's groups only; `write_back` gives the rest back.
+        for (u, _) in part_users.iter_mut().zip(&read_whole).filter(|(_, w)| !**w) {
+            u.groups.retain(|k| groups.contains(k));
+        }
         Part {
             actual: ActualState {
                 users: part_users,
@@ -235,7 +263,7 @@ impl Cached {
 
     /// Puts a part back after its pass: its users and groups replace theirs in the cache
     /// (users and groups the pass created are added, those it deleted removed, a deleted
-    /// group's key taken off every member).
+    /// group's key taken off every member). A user keeps the groups the part did not hold.
     pub fn write_back(&mut self, part: Part) {
         let c = self.compact();
         let after_users: BTreeSet<u64> = part.actual.users.iter().map(|u| u.id).collect();
@@ -253,10 +281,7 @@ impl Cached {
             c.put_group(g);
         }
         for u in part.actual.users {
-            if let Some(slot) = c.slot_of(u.id) {
-                c.remove_user(slot);
-            }
-            c.insert_user(u);
+            c.put_back(u, |k| part.groups.contains(k));
         }
     }
 }
@@ -381,6 +406,15 @@ pub(crate) mod tests {
                 groups: vec!["K_G2".into()],
             },
             Action::DeleteUser { user: 5 },
+            // Bob renamed: his lookups move.
+            Action::UpdateUser {
+                user: 2,
+                changes: vec![crate::model::FieldChange {
+                    field: crate::model::Field::Username,
+                    from: Some("bob".into()),
+                    to: Some("robert".into()),
+                }],
+            },
         ];
         let created = std::collections::BTreeMap::from([("new".to_owned(), 9)]);
         let mut part = part;
@@ -402,6 +436,57 @@ pub(crate) mod tests {
         assert_eq!(sort(&again.actual), sort(&from_fresh.actual));
         assert_eq!(again.managed_users, from_fresh.managed_users);
         assert_eq!(sort(cached.whole()), sort(&whole));
+    }
+
+    /// A pass planning group g2 reads its members as context members: with only the groups
+    /// the part holds (not g1), and their other groups survive the write-back.
+    #[test]
+    fn context_members_come_without_their_other_groups_and_keep_them_after_the_pass() {
+        let mut desired = Desired::default();
+        desired.users.insert("b".into(), desired_user("b", "bob"));
+        desired.users.insert("c".into(), desired_user("c", "cat"));
+        desired.groups.insert(
+            "g2".into(),
+            crate::desired::DesiredGroup {
+                marker: "g2".into(),
+                name: "Two".into(),
+                roles: BTreeSet::new(),
+                rules: vec![],
+                members: BTreeSet::from(["b".to_owned()]),
+                fixed_key: None,
+            },
+        );
+        let scope = Scope {
+            users: BTreeSet::new(),
+            groups: BTreeSet::from(["g2".to_owned()]),
+        };
+        let mut cached = Cached::from(state());
+        let mut part = cached.extract(&desired, &scope);
+        let keys: BTreeSet<&str> = part.actual.groups.iter().map(|g| g.key.as_str()).collect();
+        assert_eq!(keys, BTreeSet::from(["K_G2"]));
+        let bob = part.actual.users.iter().find(|u| u.id == 2).expect("bob");
+        assert_eq!(bob.groups.iter().collect::<Vec<_>>(), ["K_G2"]);
+
+        let steps = vec![
+            Action::RemoveFromGroup {
+                user: 4,
+                group: "K_G2".into(),
+            },
+            Action::RemoveFromGroup {
+                user: 2,
+                group: "K_G2".into(),
+            },
+        ];
+        let none = std::collections::BTreeMap::new();
+        part.actual.record_all(&steps, &none);
+        cached.write_back(part);
+        let mut whole = state();
+        whole.record_all(&steps, &none);
+        let mut got = cached.whole().clone();
+        got.users.sort_by_key(|u| u.id);
+        got.groups.sort_by(|a, b| a.key.cmp(&b.key));
+        whole.groups.sort_by(|a, b| a.key.cmp(&b.key));
+        assert_eq!(got, whole, "bob keeps K_G1");
     }
 
     #[test]

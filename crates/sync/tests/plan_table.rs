@@ -1421,6 +1421,12 @@ allowed_roles = ["PROJECT_VIEWER@p:_Root", "PROJECT_DEVELOPER@p:Backend"]
                 guard::losses(&whole.actions, &actual),
                 "case {case}: the guard counts the same losses"
             );
+            // The part is a state of its own: every group of its users is in it.
+            for u in &part.users {
+                for g in &u.groups {
+                    assert!(part.group(g).is_some(), "case {case}: {g} of {} held", u.id);
+                }
+            }
             assert!(
                 part.users.len() < actual.users.len() || users.len() + groups.len() > 1,
                 "case {case}: the part is smaller than the whole ({} of {} users)",
@@ -1493,6 +1499,16 @@ fn a_new_groups_members_are_planned_only_in_that_group() {
         other => panic!("{other:?}"),
     }
     assert!(part.users.iter().any(|u| u.id == 3));
+    // Nor are their other groups copied out of the cache: Devs and Ops are neither planned
+    // nor joined here, and a context member is read with only the groups the pass holds.
+    let keys: BTreeSet<&str> = part.groups.iter().map(|g| g.key.as_str()).collect();
+    assert!(
+        !keys.contains(k("g1").as_str()) && !keys.contains(k("g2").as_str()),
+        "{keys:?}"
+    );
+    for u in &part.users {
+        assert!(u.groups.iter().all(|g| keys.contains(g)), "{u:?} {keys:?}");
+    }
 
     // Members planned whole: Bob's drift in Devs is repaired by the same pass.
     let (p, _) = scoped_plan(&dir, &policy, &actual, strip(), &[], &["g3"], false);
