@@ -218,8 +218,46 @@ enum ConfigCommand {
     Check,
 }
 
+/// mimalloc's setting for how long it keeps memory it freed before returning it to the OS.
+const PURGE_DELAY: &str = "MIMALLOC_PURGE_DELAY";
+
+/// What a long-running command sets it to, in milliseconds.
+const PURGE_DELAY_MS: &str = "100";
+
+/// A long-running command returns freed memory to the OS within 0.1 s. mimalloc keeps it for
+/// 1 s by default, and under a steady load that was most of `serve`'s memory: a 30,000-user
+/// first load peaked at 157–209 MB with the default and 108–114 MB with 0.1 s, as fast
+/// (0 made the push half as fast: the memory went back and forth); docs/BENCHMARKS.md.
+/// mimalloc reads the setting from the environment when the process starts, so the process
+/// replaces itself with the same command and the setting (same PID, same arguments). An
+/// operator's own `MIMALLOC_PURGE_DELAY` is kept; if the replacement fails, the command runs
+/// with mimalloc's default.
+#[cfg(unix)]
+fn purge_freed_memory_promptly() {
+    use std::os::unix::process::CommandExt;
+    if std::env::var_os(PURGE_DELAY).is_some() {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let mut args = std::env::args_os();
+    let mut cmd = std::process::Command::new(exe);
+    if let Some(arg0) = args.next() {
+        cmd.arg0(arg0);
+    }
+    let error = cmd.args(args).env(PURGE_DELAY, PURGE_DELAY_MS).exec();
+    eprintln!(
+        "note: could not restart with {PURGE_DELAY}={PURGE_DELAY_MS} ({error}); freed memory goes back to the OS after 1 s"
+    );
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    #[cfg(unix)]
+    if matches!(cli.command, Command::Serve | Command::Demo { .. }) {
+        purge_freed_memory_promptly();
+    }
     let cfg = match config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod allocator;
 mod audit_stream;
 mod commands;
 mod crash;
