@@ -1692,10 +1692,17 @@ impl Engine {
         let context: Vec<String> = members.iter().cloned().collect();
         let ids: Vec<String> = users.iter().cloned().collect();
         let groups: Vec<String> = whole.iter().cloned().collect();
+        let started = std::time::Instant::now();
         let snap = self
             .store()
             .directory_of(&ids, &groups, Some(&context))
             .await?;
+        debug!(
+            users = snap.users.len(),
+            groups = snap.groups.len(),
+            elapsed = ?started.elapsed(),
+            "pass: directory read"
+        );
         let dir = Directory {
             users: snap.users,
             groups: snap.groups.into_iter().map(dir_group).collect(),
