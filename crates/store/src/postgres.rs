@@ -28,7 +28,7 @@ use time::OffsetDateTime;
 
 use crate::audit::AuditEvent;
 use crate::common::{
-    self, Indexed, NewEvent, Record, TokenRow, chain_event, indexed, read_back, table, token_row,
+    self, NewEvent, Record, TokenRow, chain_event, indexed, read_back, table, token_row,
 };
 use crate::sql_filter::{Bind, Dialect};
 use crate::{

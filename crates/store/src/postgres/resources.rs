@@ -163,35 +163,6 @@ impl Resources for PostgresStore {
     }
 }
 
-/// A unique violation on a name column is the uniqueness conflict (a second line of defence:
-/// [`check_unique`] runs first under the head lock).
-fn map_unique(kind: ResourceKind, e: sqlx::Error) -> StoreError {
-    match &e {
-        sqlx::Error::Database(d) if d.is_unique_violation() => common::name_conflict(kind),
-        _ => e.into(),
-    }
-}
-
-async fn check_unique(
-    tx: &mut Tx,
-    kind: ResourceKind,
-    ix: &Indexed,
-    except_id: Option<&str>,
-) -> StoreResult<()> {
-    let sql = match kind {
-        ResourceKind::User => "SELECT id FROM users WHERE user_name_ci = $1",
-        ResourceKind::Group => "SELECT id FROM groups WHERE display_name_ci = $1",
-    };
-    let found: Option<(String,)> = sqlx::query_as(sql)
-        .bind(&ix.name_ci)
-        .fetch_optional(&mut **tx)
-        .await?;
-    match found {
-        Some((id,)) if Some(id.as_str()) != except_id => Err(common::name_conflict(kind)),
-        _ => Ok(()),
-    }
-}
-
 /// The ids among `ids` that exist as resources of type `ty`, in one statement, share-locked
 /// until commit (in id order, so two such lookups never wait on each other in a cycle): a
 /// concurrent delete of a member waits for this transaction and then removes the membership it
@@ -477,7 +448,8 @@ async fn write_attrs(
     version: i64,
 ) -> StoreResult<()> {
     let ix = indexed(kind, attrs)?;
-    check_unique(tx, kind, &ix, Some(id)).await?;
+    // Uniqueness of the name is the `*_ci` unique index's (one statement fewer per write): a
+    // violation aborts the statement, and the command's savepoint takes the rest back.
     let data = attrs.to_string();
     let q = match kind {
         ResourceKind::User => sqlx::query(
@@ -502,7 +474,7 @@ async fn write_attrs(
         .bind(id)
         .execute(&mut **tx)
         .await
-        .map_err(|e| map_unique(kind, e))?;
+        .map_err(|e| common::name_taken(kind, e))?;
     Ok(())
 }
 
@@ -650,7 +622,7 @@ async fn create_in<'a>(
 ) -> StoreResult<Record<'a>> {
     let ts = timefmt::format(now);
     let ix = indexed(kind, attrs)?;
-    check_unique(tx, kind, &ix, None).await?;
+    // Uniqueness of the name is the `*_ci` unique index's, as in `write_attrs`.
     let data = attrs.to_string();
     let insert = match kind {
         ResourceKind::User => sqlx::query(
@@ -677,7 +649,7 @@ async fn create_in<'a>(
         .bind(&data)
         .execute(&mut **tx)
         .await
-        .map_err(|e| map_unique(kind, e))?;
+        .map_err(|e| common::name_taken(kind, e))?;
     let (mut added, mut removed) = (vec![], vec![]);
     if let (ResourceKind::Group, Some(list)) = (kind, members) {
         apply_members(
