@@ -469,6 +469,10 @@ pub trait SyncState: Send + Sync + fmt::Debug {
     /// new value: a counter every writer to TeamCity moves, so another process's writes are
     /// noticed.
     async fn sync_state_increment(&self, key: &str) -> StoreResult<i64>;
+
+    /// The time on the store's clock. The engine reads time only here, so the times it
+    /// compares with what the store wrote (rows due, leases, retries) are on the same clock.
+    fn now(&self) -> time::OffsetDateTime;
 }
 
 /// Consistent reads of the whole directory, or the part of it a sync pass touches.

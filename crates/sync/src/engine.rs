@@ -836,7 +836,7 @@ impl Engine {
                         }
                     }
                 }
-                let now = time::OffsetDateTime::now_utc();
+                let now = self.store.now();
                 if let Err(e) = self
                     .store
                     .renew_outbox_leases(&self.worker_id, now, self.cfg.lease)
@@ -1344,10 +1344,7 @@ impl Engine {
         }
         debug!(elapsed = ?started.elapsed(), "reconcile: mappings recorded");
         self.store()
-            .sync_state_set(
-                "last_reconcile",
-                &store::timefmt::format(time::OffsetDateTime::now_utc()),
-            )
+            .sync_state_set("last_reconcile", &store::timefmt::format(self.store.now()))
             .await?;
         self.record_report(LAST_RECONCILE_KEY, &report, started.elapsed())
             .await?;
@@ -1355,7 +1352,7 @@ impl Engine {
         metrics::gauge!("teamcity_scim_reconcile_drift_steps").set(report.planned as f64);
         if !report.transient_stop {
             metrics::gauge!("teamcity_scim_last_reconcile_success_timestamp_seconds")
-                .set(time::OffsetDateTime::now_utc().unix_timestamp() as f64);
+                .set(self.store.now().unix_timestamp() as f64);
         }
         Ok(report)
     }
@@ -1368,7 +1365,7 @@ impl Engine {
         took: Duration,
     ) -> Result<(), EngineError> {
         let summary = json!({
-            "time": store::timefmt::format(time::OffsetDateTime::now_utc()),
+            "time": store::timefmt::format(self.store.now()),
             "seconds": took.as_secs_f64(),
             "outbox_rows": r.outbox_rows,
             "reads": r.reads,
@@ -1406,7 +1403,7 @@ impl Engine {
         let started = std::time::Instant::now();
         let mut report = PassReport::default();
         self.notice_foreign_writes().await?;
-        let now = time::OffsetDateTime::now_utc();
+        let now = self.store.now();
         // Three lanes share a pass. A quarter goes to entities TeamCity already has: a change
         // to existing access (a deactivation, a membership) is never queued behind the
         // creations of a first load. A quarter goes to the most recent pushes, the rest to the

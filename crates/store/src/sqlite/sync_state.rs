@@ -10,6 +10,10 @@ use crate::{StoreError, StoreResult, WriteCtx, timefmt};
 
 #[async_trait]
 impl SyncState for SqliteStore {
+    fn now(&self) -> time::OffsetDateTime {
+        self.clock.now()
+    }
+
     async fn pins(&self) -> StoreResult<std::collections::BTreeMap<String, String>> {
         let rows: Vec<(String, String)> = sqlx::query_as("SELECT rule, group_id FROM policy_pins")
             .fetch_all(&self.read)

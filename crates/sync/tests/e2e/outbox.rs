@@ -440,3 +440,53 @@ async fn a_backlog_grows_passes_up_to_the_most_and_they_shrink_when_it_is_gone()
     }
     assert_eq!(engine.run_once().await.expect("pass").outbox_rows, 4);
 }
+
+/// The engine reads time through its store's clock: rows the store wrote at its time are due
+/// at that time, and the engine's claims, leases and retry times agree with it. A store whose
+/// clock is a day ahead of the machine's (a `FixedClock` in tests; in production both are the
+/// system clock) still has its rows applied.
+#[tokio::test]
+async fn the_engine_reads_time_through_the_stores_clock() {
+    teamcity::install_crypto_provider();
+    let (tc_url, emu) = teamcity_emulator::spawn(teamcity_emulator::EmulatorOptions {
+        token: crate::support::TC_TOKEN.into(),
+        projects: ["Backend", "Frontend", "Mobile"].map(String::from).to_vec(),
+        ..teamcity_emulator::EmulatorOptions::default()
+    })
+    .await
+    .expect("emulator");
+    let ahead = time::OffsetDateTime::now_utc() + time::Duration::days(1);
+    let store = store::open(
+        "sqlite::memory:",
+        std::sync::Arc::new(store::FixedClock::new(ahead)),
+    )
+    .await
+    .expect("store");
+    store
+        .create(
+            &WriteCtx::cli(),
+            scim::ResourceKind::User,
+            json!({"userName": "ann@example.com", "displayName": "Ann", "active": true}),
+            None,
+        )
+        .await
+        .expect("user");
+    let engine = sync::Engine::new(
+        store.clone(),
+        crate::support::client(&tc_url),
+        sync::Policy::from_toml(POLICY).expect("policy"),
+        cfg(),
+    );
+    engine.drain().await.expect("drain");
+    assert!(
+        emu.with_state(|s| s.users.values().any(|u| u.username == "ann@example.com")),
+        "the row written at the store's time is applied"
+    );
+    let stats = store.outbox_summary().await.expect("summary");
+    assert_eq!(stats.by_state.get(&OutboxState::Pending), None, "{stats:?}");
+    assert_eq!(
+        stats.by_state.get(&OutboxState::Done),
+        Some(&1),
+        "{stats:?}"
+    );
+}
