@@ -496,7 +496,6 @@ impl Compact {
     }
 }
 
-/// The user a table entry points at (entries point only at occupied slots).
 /// Adds `slot` to the members of group number `k`.
 fn join(members: &mut HashMap<u32, Vec<u32>>, k: u32, slot: u32) {
     let m = members.entry(k).or_default();
@@ -517,6 +516,7 @@ fn leave(members: &mut HashMap<u32, Vec<u32>>, k: u32, slot: u32) {
     }
 }
 
+/// The user a table entry points at (entries point only at occupied slots).
 fn slim_at(users: &[Option<Slim>], slot: u32) -> &Slim {
     users[slot as usize]
         .as_ref()
